@@ -1,0 +1,1 @@
+"""Benchmarks for dynamo_lite: reproducible measurements, one command each (see benchmarks/README.md)."""

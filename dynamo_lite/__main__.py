@@ -1,0 +1,40 @@
+"""``python -m dynamo_lite serve|prepare``
+
+serve    the embedded default: frontend + prefill + decode workers in one process (SmolLM2 on CPU)
+prepare  convert the default model once into the local cache (later starts take about a second)
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def prepare() -> int:
+    from dynamo_lite.model_files import resolve_model
+
+    files = resolve_model()
+    try:
+        from dynamo_lite.engines.reference.loader import ensure_weights
+    except ImportError:
+        print(f"tokenizer and config ready in {files.folder} (install torch for the weights)")
+        return 0
+    ensure_weights(files)
+    print(f"model ready in {files.folder}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and not argv[0].startswith("-") else "serve"
+    if command == "serve":
+        from dynamo_lite.serve import main as serve
+
+        return serve(argv)
+    if command == "prepare":
+        return prepare()
+    print(__doc__, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""``python -m dynamo_lite.clear_namespace --namespace NS``: remove every key of a namespace from etcd."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from dynamo_lite.runtime import keys
+from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from
+
+
+async def clear(args: argparse.Namespace) -> int:
+    settings = runtime_settings_from(args)
+    if not settings.etcd_endpoints:
+        print("error: --etcd-endpoints (or ETCD_ENDPOINTS) is required", file=sys.stderr)
+        return 1
+    from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery
+
+    discovery = await EtcdDiscovery.connect(settings.etcd_endpoints, settings.lease_ttl_s, settings.etcd_username,
+                                            settings.etcd_password, settings.connect_timeout_s)
+    try:
+        removed = await discovery.delete_prefix(keys.namespace_prefix(settings.root, settings.namespace))
+    finally:
+        await discovery.close()
+    print(f"removed {removed} keys from namespace {settings.namespace!r}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dynamo_lite.clear_namespace", description=__doc__)
+    add_runtime_args(p)
+    args = p.parse_args(argv)
+    args.nats_url = ""  # only discovery is touched
+    try:
+        return asyncio.run(clear(args))
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

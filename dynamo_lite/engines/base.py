@@ -1,0 +1,168 @@
+"""The engine interface and the token stream every engine hands back.
+
+An engine takes a ``GenerateRequest`` and yields ``GenerateChunk``s. Engines compute off the event loop (a
+thread or a device); they push tokens into a ``TokenStream`` from any thread, and the consumer takes *all* tokens
+that arrived since its last read in one chunk — that coalescing is what keeps per-token cost low downstream.
+Closing the generator (the caller went away) must free the request's batch slot and KV: engines do that in a
+``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, KvDescriptor
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """A snapshot for metrics and load reports."""
+
+    active_seqs: int = 0
+    queued: int = 0
+    kv_bytes_held: int = 0  # KV kept for transfer (prefill side), not yet pulled
+    kv_usage: float = 0.0  # fraction of the engine's KV capacity in use
+    last_batch_size: int = 0
+    total_tokens: int = 0
+    kv_transfers: int = 0
+    kv_transfer_bytes: int = 0
+    kv_transfer_seconds: float = 0.0
+    kv_recomputes: int = 0
+
+
+class Engine(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]: ...
+
+    def stats(self) -> EngineStats: ...
+
+    async def stop(self) -> None: ...
+
+
+class EngineError(Exception):
+    """A request the engine refuses (``status`` 400) or cannot serve now (503)."""
+
+    def __init__(self, message: str, status: int = 500, code: str = "engine_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class EngineUnavailable(RuntimeError):
+    """The chosen engine cannot run on this machine (its library is missing or unusable). The message is one
+    line that says what to install; the worker prints it and exits non-zero."""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine's library is not installed here; the message is one line saying what to install."""
+
+
+class TokenStream:
+    """Thread-safe producer/consumer of one request's output.
+
+    The producer (engine thread) calls ``push``/``finish``/``fail``; the consumer (event loop) iterates and gets
+    one ``GenerateChunk`` per wake-up carrying every token produced meanwhile.
+    """
+
+    __slots__ = ("_loop", "_loop_thread", "_lock", "_tokens", "_finish", "_kv", "_error", "_event", "_scheduled",
+                 "_cached", "_done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._loop_thread = threading.get_ident()  # created on the loop's thread
+        self._lock = threading.Lock()
+        self._tokens: list[int] = []
+        self._finish: str | None = None
+        self._kv: KvDescriptor | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+        self._scheduled = False
+        self._cached = 0
+        self._done = False
+
+    def _wake(self) -> None:
+        # Called with the lock held: schedule at most one wake-up per batch of pushes.
+        if not self._scheduled:
+            self._scheduled = True
+            if threading.get_ident() == self._loop_thread:
+                self._event.set()  # an engine running on the loop itself (the mocker): no self-pipe wake-up
+            else:
+                self._loop.call_soon_threadsafe(self._event.set)
+
+    def push(self, token_ids: list[int] | int) -> None:
+        with self._lock:
+            if isinstance(token_ids, int):
+                self._tokens.append(token_ids)
+            else:
+                self._tokens.extend(token_ids)
+            self._wake()
+
+    def finish(self, reason: str | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None) -> None:
+        """End the stream. A prefill that hands over to a decode worker ends with ``reason=None`` and ``kv``."""
+        with self._lock:
+            self._finish = reason
+            self._done = True
+            self._kv = kv
+            if cached_tokens is not None:
+                self._cached = cached_tokens
+            self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            self._error = error
+            self._wake()
+
+    def set_cached_tokens(self, n: int) -> None:
+        with self._lock:
+            self._cached = n
+
+    async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
+        while True:
+            await self._event.wait()
+            with self._lock:
+                self._event.clear()
+                self._scheduled = False
+                tokens, self._tokens = self._tokens, []
+                finish, kv, error, cached, done = self._finish, self._kv, self._error, self._cached, self._done
+            if error is not None:
+                raise error
+            if tokens or done:
+                yield GenerateChunk(token_ids=tokens, finish_reason=finish, kv=kv if done else None,
+                                    cached_tokens=cached)
+            if done:
+                return
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    """Everything an engine is built from: worker flags, then ``--extra-engine-args`` YAML merged on top
+    (``extra`` holds the merged YAML mapping; each engine validates the keys it knows)."""
+
+    mode: str = "agg"  # "prefill" | "decode" | "agg"
+    model_path: str | None = None  # None: the built-in default (SmolLM2)
+    served_model_name: str = ""
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0  # 0: leave the library default
+    max_batch_size: int = 16
+    max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)
+    max_seq_len: int = 4096
+    kv_block_size: int = 32
+    free_gpu_memory_fraction: float = 0.8
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    kv_failure_policy: str = "recompute"  # "recompute" | "fail"
+    kv_bind_host: str = "127.0.0.1"
+    kv_advertise_host: str = ""  # empty: kv_bind_host
+    kv_port: int = 0  # 0: any free port
+    kv_lease_s: float = 30.0
+    speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
+    extra: dict = field(default_factory=dict)
+    extra_source: str = ""  # file the extra args came from, for error messages

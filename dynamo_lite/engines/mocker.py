@@ -1,0 +1,197 @@
+"""The mocker: an engine that simulates timing, not math — for scale and overhead tests without a model.
+
+Continuous batching on the event loop: each step admits waiting requests (prefill time ∝ prompt tokens), then
+advances every active sequence by one token (step time grows with batch size and KV held). ``speedup_ratio``
+divides all simulated time; 0 removes it (pure framework overhead). Token ids are deterministic, inside the
+tokenizer's vocab, and never eos (generation ends at max_tokens). Its KV descriptor names the byte size a real
+model of this config would move, but carries no bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, TokenStream
+from dynamo_lite.model_files import ModelFiles, resolve_model
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class MockerTiming:
+    """Simulated cost model (seconds), before ``speedup_ratio``."""
+
+    prefill_base_s: float = 0.002
+    prefill_per_token_s: float = 0.00005
+    decode_base_s: float = 0.008
+    decode_per_seq_s: float = 0.0002
+    decode_per_kv_token_s: float = 0.0000005
+    kv_transfer_gbps: float = 0.0  # 0: KV transfer takes no simulated time
+
+    @classmethod
+    def from_extra(cls, extra: dict, source: str) -> MockerTiming:
+        timing = cls()
+        for key, value in extra.items():
+            if key in cls.__dataclass_fields__:
+                if not isinstance(value, int | float):
+                    raise ValueError(f"{source}: {key} must be a number, got {value!r}")
+                setattr(timing, key, float(value))
+        return timing
+
+
+class _Seq:
+    __slots__ = ("request", "stream", "generated", "target", "kv_tokens", "cancelled", "salt")
+
+    def __init__(self, request: GenerateRequest, stream: TokenStream) -> None:
+        self.request = request
+        self.stream = stream
+        self.generated = len(request.generated_ids)
+        self.target = request.sampling.max_tokens
+        self.kv_tokens = len(request.token_ids) + self.generated
+        self.cancelled = False
+        self.salt = (sum(request.token_ids[:64]) * 2654435761 + len(request.token_ids)) & 0xFFFFFFFF
+
+
+_MOCKER_KEYS = {"max_batch_size", "max_num_tokens", "max_seq_len", "speedup_ratio", "vocab_size",
+                *MockerTiming.__dataclass_fields__}
+
+
+class MockerEngine:
+    name = "mocker"
+
+    def __init__(self, settings: EngineSettings, model_files: ModelFiles) -> None:
+        for key in settings.extra:
+            if key not in _MOCKER_KEYS:
+                log.warning("%s: unknown mocker engine arg %r ignored", settings.extra_source or "engine args", key)
+        self.settings = settings
+        self.model_files = model_files
+        self.timing = MockerTiming.from_extra(settings.extra, settings.extra_source or "engine args")
+        self.speedup = float(settings.extra.get("speedup_ratio", settings.speedup_ratio))
+        self.max_batch = int(settings.extra.get("max_batch_size", settings.max_batch_size))
+        cfg = model_files.config
+        self.vocab = int(settings.extra.get("vocab_size", cfg.get("vocab_size") or 32000))
+        heads = int(cfg.get("num_attention_heads") or 8)
+        self.layers = int(cfg.get("num_hidden_layers") or 16)
+        self.kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        self.head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or 512) // heads)
+        self._eos = set(model_files.eos_token_ids)
+        self._waiting: deque[_Seq] = deque()
+        self._active: list[_Seq] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stats = EngineStats()
+
+    def kv_bytes(self, tokens: int) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * 2 * tokens  # bf16
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="mocker-engine")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.active_seqs, s.queued = len(self._active), len(self._waiting)
+        return s
+
+    def _token(self, seq: _Seq) -> int:
+        # Deterministic, in vocab, clear of the low special ids and of eos.
+        span = max(self.vocab - 256, 1)
+        tok = 256 + (seq.salt + seq.generated * 40503) % span
+        return tok + 1 if tok in self._eos else tok
+
+    async def _sleep(self, seconds: float) -> None:
+        if self.speedup > 0 and seconds > 0:
+            await asyncio.sleep(seconds / self.speedup)
+        else:
+            await asyncio.sleep(0)  # one step per loop turn: requests still join and leave a running batch
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._waiting and not self._active:
+                self._wake.clear()
+                await self._wake.wait()
+            admitted: list[_Seq] = []
+            while self._waiting and len(self._active) + len(admitted) < self.max_batch:
+                seq = self._waiting.popleft()
+                if not seq.cancelled:
+                    admitted.append(seq)
+            if admitted:
+                prompt = sum(len(s.request.token_ids) for s in admitted if s.request.kv is None)
+                await self._sleep(self.timing.prefill_base_s + prompt * self.timing.prefill_per_token_s)
+                self._active.extend(admitted)
+            if not self._active:
+                continue
+            kv = sum(s.kv_tokens for s in self._active)
+            t = self.timing
+            await self._sleep(t.decode_base_s + len(self._active) * t.decode_per_seq_s + kv * t.decode_per_kv_token_s)
+            still: list[_Seq] = []
+            for seq in self._active:
+                if seq.cancelled:
+                    continue
+                self._emit(seq)
+                if seq.generated < seq.target:
+                    still.append(seq)
+            self._active = still
+            self._stats.last_batch_size = len(still) or self._stats.last_batch_size
+
+    def _emit(self, seq: _Seq) -> None:
+        """One token for ``seq``; in prefill phase that token ends the request with a KV descriptor."""
+        tok = self._token(seq)
+        seq.generated += 1
+        seq.kv_tokens += 1
+        self._stats.total_tokens += 1
+        seq.stream.push(tok)
+        if seq.request.phase == Phase.PREFILL:
+            seq.target = seq.generated  # context-only: one token
+            if seq.request.sampling.max_tokens <= 1:
+                seq.stream.finish(FinishReason.LENGTH)
+            else:
+                n = len(seq.request.token_ids)
+                desc = KvDescriptor(transfer_id=uuid.uuid4().hex, engine="mocker", num_tokens=n,
+                                    nbytes=self.kv_bytes(n), num_layers=self.layers, num_kv_heads=self.kv_heads,
+                                    head_dim=self.head_dim, dtype="bfloat16", lease_s=self.settings.kv_lease_s)
+                seq.stream.finish(None, kv=desc)
+        elif seq.generated >= seq.target:
+            seq.stream.finish(FinishReason.LENGTH)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if request.sampling.max_tokens < 1:
+            raise EngineError("max_tokens must be at least 1", 400, "invalid_request")
+        if len(request.token_ids) + request.sampling.max_tokens > int(
+            self.settings.extra.get("max_seq_len", self.settings.max_seq_len)
+        ) and self.settings.max_seq_len > 0:
+            raise EngineError("prompt + max_tokens exceeds the engine's max_seq_len", 400, "context_length")
+        cached = 0
+        if request.phase == Phase.DECODE and request.kv is not None:
+            cached = request.kv.num_tokens
+            if self.timing.kv_transfer_gbps > 0:
+                await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
+            self._stats.kv_transfers += 1
+            self._stats.kv_transfer_bytes += request.kv.nbytes
+        seq = _Seq(request, TokenStream(asyncio.get_running_loop()))
+        if cached:
+            seq.stream.set_cached_tokens(cached)
+        if seq.generated >= seq.target:
+            yield GenerateChunk(finish_reason=FinishReason.LENGTH, cached_tokens=cached)
+            return
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            async for chunk in seq.stream:
+                yield chunk
+        finally:
+            seq.cancelled = True
+
+
+def build_engine(settings: EngineSettings) -> MockerEngine:
+    return MockerEngine(settings, resolve_model(settings.model_path))

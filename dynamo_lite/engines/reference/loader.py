@@ -1,0 +1,200 @@
+"""Reading a llama-family model (Llama, SmolLM, Mistral, Qwen2) from an HF-format folder into plain tensors.
+
+The engine never builds HF modules: it reads ``config.json`` into a ``LlamaConfig`` and the safetensors into a
+``LlamaWeights`` with the projections fused (q|k|v and gate|up), so each layer runs two matmuls fewer.
+A GGUF is first converted into a cached folder by ``dynamo_lite.model_files``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class LlamaConfig:
+    """The architecture facts the forward pass needs."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_dict(cls, cfg: dict) -> LlamaConfig:
+        model_type = str(cfg.get("model_type", "llama"))
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedModel(f"model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        # transformers 5 keeps rope settings in rope_parameters; 4.x used rope_theta + rope_scaling.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
+        rope_type = rope.get("rope_type") or rope.get("type") or "default"
+        if rope_type not in ("default", "linear", "llama3"):
+            raise UnsupportedModel(f"rope_type {rope_type!r} is not supported (default, linear, llama3)")
+        sliding = cfg.get("sliding_window")
+        if sliding and cfg.get("use_sliding_window", model_type == "mistral"):
+            log.warning("sliding_window=%s is ignored: attention runs over the full context", sliding)
+        qwen = model_type == "qwen2"
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            model_type=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qwen or attention_bias,  # Qwen2 always has q/k/v bias and no o bias
+            o_bias=attention_bias and not qwen,
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> LlamaConfig:
+        return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim  # times the element size
+
+
+@dataclass(slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    qkv: torch.Tensor  # [(heads + 2 kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, heads * head_dim]
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor  # [hidden, intermediate]
+    down_bias: torch.Tensor | None
+
+
+@dataclass(slots=True)
+class LlamaWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the embedding itself when tied
+
+
+def inverse_rope_frequencies(config: LlamaConfig) -> torch.Tensor:
+    """Per-pair inverse frequencies, computed exactly as transformers does (fp32 parity depends on it)."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / float(scaling["factor"])
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band between interpolated.
+    factor = float(scaling["factor"])
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights")
+    return files
+
+
+def load_weights(folder: Path, config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaWeights:
+    """Read every tensor of ``folder``'s safetensors, fuse the projections, cast to ``dtype`` on ``device``."""
+    from safetensors import safe_open
+
+    raw: dict[str, torch.Tensor] = {}
+    for path in _safetensors_files(Path(folder)):
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                raw[key.removeprefix("model.")] = f.get_tensor(key)
+
+    def take(key: str) -> torch.Tensor:
+        try:
+            t = raw.pop(key)
+        except KeyError:
+            raise UnsupportedModel(f"{folder}: weight {key!r} is missing") from None
+        return t.to(device=device, dtype=dtype).contiguous()
+
+    def maybe(key: str) -> torch.Tensor | None:
+        return take(key) if key in raw else None
+
+    def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
+        return None if any(t is None for t in ts) else torch.cat(ts, dim=0).contiguous()  # type: ignore[arg-type]
+
+    layers = []
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        q, k, v = take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"), take(
+            p + "self_attn.v_proj.weight"
+        )
+        qb, kb, vb = (maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv")
+        gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
+        gb, ub = maybe(p + "mlp.gate_proj.bias"), maybe(p + "mlp.up_proj.bias")
+        layers.append(
+            LayerWeights(
+                input_norm=take(p + "input_layernorm.weight"),
+                qkv=torch.cat([q, k, v], dim=0).contiguous(),
+                qkv_bias=cat(qb, kb, vb),
+                o=take(p + "self_attn.o_proj.weight"),
+                o_bias=maybe(p + "self_attn.o_proj.bias"),
+                post_norm=take(p + "post_attention_layernorm.weight"),
+                gate_up=torch.cat([gate, up], dim=0).contiguous(),
+                gate_up_bias=cat(gb, ub),
+                down=take(p + "mlp.down_proj.weight"),
+                down_bias=maybe(p + "mlp.down_proj.bias"),
+            )
+        )
+        del q, k, v, gate, up
+    embed = take("embed_tokens.weight")
+    head = raw.pop("lm_head.weight", None)
+    lm_head = embed if head is None or config.tie_word_embeddings else head.to(device=device, dtype=dtype)
+    norm = take("norm.weight")
+    rest = [k for k in raw if "rotary_emb" not in k]
+    if rest:
+        log.warning("%s: ignoring %d unused weights, e.g. %s", folder, len(rest), rest[:3])
+    return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head.contiguous())

@@ -1,0 +1,238 @@
+"""The llama forward pass in plain PyTorch, over a flat batch of tokens from many sequences.
+
+One engine step is one call of ``LlamaModel.forward``. All tokens of the step (one per decoding sequence, a chunk
+per prefilling one) are concatenated, so every matmul runs once per layer for the whole batch; only attention
+is split: decode tokens attend together (one SDPA over their slots' caches with a length mask), each prefill
+chunk attends alone (causal). K and V of every token are written straight into the preallocated slot cache
+with one indexed store per layer; nothing else of the cache is copied.
+
+The arithmetic follows transformers' llama step for step (RMSNorm in fp32, rotate-half RoPE with the same
+frequency table, SDPA), so fp32 greedy output matches ``generate`` token for token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from dynamo_lite.engines.reference.kv_cache import KvCache
+from dynamo_lite.engines.reference.loader import LlamaConfig, LlamaWeights, inverse_rope_frequencies
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """A run of ``length`` prompt tokens of the sequence in ``slot``, at positions ``start..start+length``."""
+
+    offset: int  # first row in the step's flat token batch
+    length: int
+    slot: int
+    start: int
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """The tensors one forward step needs, built once per step and shared by every layer.
+
+    Rows ``0..num_decode`` are decode tokens (one per sequence, ordered by slot); prefill chunks follow.
+    """
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slots: torch.Tensor  # [T] int64: the cache slot each token's K/V goes to
+    num_decode: int = 0
+    decode_lo: int = 0  # decode slots span lo..hi: attention runs over that range of the cache, with no copy
+    decode_hi: int = 0
+    decode_rows: torch.Tensor | None = None  # slot - lo of each decode token; None when slots are lo..hi exactly
+    decode_mask: torch.Tensor | None = None  # [span, 1, 1, max_len] bool: key j visible to the slot's query
+    decode_max_len: int = 0
+    prefills: list[PrefillChunk] = field(default_factory=list)
+    prefill_masks: list[torch.Tensor | None] = field(default_factory=list)  # None: causal from position 0
+    sample_rows: torch.Tensor | None = None  # [S] rows whose next-token logits are wanted
+
+
+def build_step(
+    decode: list[tuple[int, int, int]],
+    prefill: list[tuple[int, int, list[int]]],
+    sample_rows: list[int],
+    device: torch.device,
+) -> StepBatch:
+    """Assemble a step from ``decode`` = [(slot, position, token)] and ``prefill`` = [(slot, start, tokens)].
+
+    ``sample_rows`` are indexes into the flat batch (decode rows first, then each chunk's rows in order).
+    """
+    decode = sorted(decode)
+    ids: list[int] = [t for _, _, t in decode]
+    pos: list[int] = [p for _, p, _ in decode]
+    slots: list[int] = [s for s, _, _ in decode]
+    chunks: list[PrefillChunk] = []
+    for slot, start, tokens in prefill:
+        chunks.append(PrefillChunk(offset=len(ids), length=len(tokens), slot=slot, start=start))
+        ids.extend(tokens)
+        pos.extend(range(start, start + len(tokens)))
+        slots.extend([slot] * len(tokens))
+    cpu = torch.device("cpu")
+    batch = StepBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=cpu),
+        positions=torch.tensor(pos, dtype=torch.int64, device=cpu),
+        slots=torch.tensor(slots, dtype=torch.int64, device=cpu),
+        num_decode=len(decode),
+        prefills=chunks,
+        sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=cpu),
+    )
+    if decode:
+        lo, hi = decode[0][0], decode[-1][0] + 1
+        span = hi - lo
+        lengths = torch.ones(span, dtype=torch.int64)  # rows of slots not decoding see one (ignored) key
+        d_slots = torch.tensor([s for s, _, _ in decode], dtype=torch.int64)
+        lengths[d_slots - lo] = torch.tensor([p + 1 for _, p, _ in decode], dtype=torch.int64)
+        max_len = max(p for _, p, _ in decode) + 1
+        batch.decode_lo, batch.decode_hi, batch.decode_max_len = lo, hi, max_len
+        batch.decode_mask = (torch.arange(max_len)[None, :] < lengths[:, None]).view(span, 1, 1, max_len)
+        if span != len(decode):
+            batch.decode_rows = d_slots - lo
+    for chunk in chunks:
+        if chunk.start == 0:
+            batch.prefill_masks.append(None)
+        else:
+            total = chunk.start + chunk.length
+            batch.prefill_masks.append(torch.ones(chunk.length, total, dtype=torch.bool).tril(chunk.start))
+    if device.type != "cpu":
+        batch = _to_device(batch, device)
+    return batch
+
+
+def _to_device(batch: StepBatch, device: torch.device) -> StepBatch:
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device, non_blocking=True)
+
+    batch.input_ids, batch.positions, batch.slots = (
+        move(batch.input_ids),
+        move(batch.positions),
+        move(batch.slots),
+    )  # type: ignore[assignment]
+    batch.decode_rows, batch.decode_mask, batch.sample_rows = (
+        move(batch.decode_rows),
+        move(batch.decode_mask),
+        move(batch.sample_rows),
+    )
+    batch.prefill_masks = [move(m) for m in batch.prefill_masks]
+    return batch
+
+
+class LlamaModel:
+    """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows."""
+
+    def __init__(self, config: LlamaConfig, weights: LlamaWeights, max_seq_len: int) -> None:
+        self.config = config
+        self.weights = weights
+        self.device = weights.embed.device
+        self.dtype = weights.embed.dtype
+        self.scale = config.head_dim**-0.5
+        inv_freq = inverse_rope_frequencies(config)
+        # positions × inv_freq is one multiplication per entry, as in transformers' outer product.
+        freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        half = config.head_dim // 2
+        cos, sin = emb.cos(), emb.sin()
+        # rotate_half(x) * sin == roll(x, half) * [-sin_lo, sin_hi], exactly (sign flips are exact).
+        sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        self.cos = cos.to(device=self.device, dtype=self.dtype)
+        self.sin = sin_signed.to(device=self.device, dtype=self.dtype)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        var = xf.pow(2).mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(var + self.config.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def forward(self, batch: StepBatch, cache: KvCache) -> torch.Tensor:
+        """Run every layer over the step's tokens, storing their K/V in ``cache``; logits [S, vocab] (fp32)."""
+        cfg, w = self.config, self.weights
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        group = nh // nkv
+        half = hd // 2
+        q_dim, kv_dim = nh * hd, nkv * hd
+        num_tokens = batch.input_ids.shape[0]
+        nd = batch.num_decode
+
+        x = F.embedding(batch.input_ids, w.embed)
+        cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
+        sin = self.sin[batch.positions].unsqueeze(1)
+        attn = torch.empty(num_tokens, nh, hd, dtype=self.dtype, device=self.device)
+        store = cache.store_index(batch.slots, batch.positions)  # [T * kv_heads]
+
+        for li, layer in enumerate(w.layers):
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            # RoPE on q and k heads together, in place in the qkv buffer.
+            qk = qkv[:, : q_dim + kv_dim].view(num_tokens, nh + nkv, hd)
+            rotated = torch.roll(qk, half, dims=-1).mul_(sin)
+            qk.mul_(cos).add_(rotated)
+            q = qkv[:, :q_dim].view(num_tokens, nh, hd)
+            k = qkv[:, q_dim : q_dim + kv_dim].view(num_tokens, nkv, hd)
+            v = qkv[:, q_dim + kv_dim :].view(num_tokens, nkv, hd)
+            k_cache, v_cache = cache.layer(li)  # [slots, kv_heads, max_seq, D] each
+            k_cache.view(-1, hd).index_copy_(0, store, k.reshape(-1, hd))
+            v_cache.view(-1, hd).index_copy_(0, store, v.reshape(-1, hd))
+
+            if nd:
+                self._decode_attention(batch, q[:nd], k_cache, v_cache, attn[:nd], group)
+            for chunk, mask in zip(batch.prefills, batch.prefill_masks, strict=True):
+                rows = slice(chunk.offset, chunk.offset + chunk.length)
+                qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+                if mask is None:
+                    ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                else:
+                    end = chunk.start + chunk.length
+                    ks, vs = k_cache[chunk.slot, :, :end], v_cache[chunk.slot, :, :end]
+                out = F.scaled_dot_product_attention(
+                    qs,
+                    ks.unsqueeze(0),
+                    vs.unsqueeze(0),
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=self.scale,
+                    enable_gqa=True,
+                )
+                attn[rows] = out[0].transpose(0, 1)
+
+            x = x + F.linear(attn.view(num_tokens, q_dim), layer.o, layer.o_bias)
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+
+        x = x[batch.sample_rows]
+        x = self._rms_norm(x, w.norm)
+        return F.linear(x, w.lm_head).float()
+
+    def _decode_attention(
+        self,
+        batch: StepBatch,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        out: torch.Tensor,
+        group: int,
+    ) -> None:
+        """One SDPA for all decode tokens: the query heads sharing a kv head become that head's query rows,
+        so K/V are read in place from the cache (a view over the slot range), never repeated or gathered."""
+        lo, hi, length = batch.decode_lo, batch.decode_hi, batch.decode_max_len
+        nkv, hd = k_cache.shape[1], k_cache.shape[3]
+        span = hi - lo
+        if batch.decode_rows is None:
+            qd = q.reshape(span, nkv, group, hd)
+        else:
+            qd = q.new_zeros(span, nkv * group, hd)
+            qd[batch.decode_rows] = q
+            qd = qd.view(span, nkv, group, hd)
+        o = F.scaled_dot_product_attention(
+            qd,
+            k_cache[lo:hi, :, :length],
+            v_cache[lo:hi, :, :length],
+            attn_mask=batch.decode_mask,
+            scale=self.scale,
+        )
+        o = o.reshape(span, nkv * group, hd)
+        out.copy_(o if batch.decode_rows is None else o[batch.decode_rows])

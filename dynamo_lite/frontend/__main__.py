@@ -1,0 +1,77 @@
+"""``python -m dynamo_lite.frontend``: the OpenAI-compatible HTTP frontend with the in-process router.
+
+Finds workers through discovery (etcd), sends requests over the request plane (NATS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.policies import POLICIES
+from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from, setup_logging
+from dynamo_lite.runtime.registry import LiveView
+from dynamo_lite.runtime.runtime import Runtime
+
+log = logging.getLogger("dynamo_lite.frontend")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend", description=__doc__)
+    p.add_argument("--http-host", default="0.0.0.0")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--router-mode", default="round-robin", choices=sorted(POLICIES))
+    p.add_argument("--disagg-threshold", type=int, default=0,
+                   help="prompts shorter than this many tokens skip the prefill worker")
+    p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
+    p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a request may take in all")
+    p.add_argument("--first-token-timeout", type=float, default=300.0)
+    add_runtime_args(p)
+    return p.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    from dynamo_lite.frontend.app import create_app
+    from dynamo_lite.frontend.server import HttpServer
+
+    runtime = await Runtime.connect(runtime_settings_from(args), name="dynamo_lite-frontend")
+    view = LiveView(runtime)
+    await view.start()
+    router = Router(runtime, view, RouterSettings(mode=args.router_mode, disagg_threshold=args.disagg_threshold,
+                                                  first_frame_timeout_s=args.first_token_timeout))
+    settings = FrontendSettings(http_host=args.http_host, http_port=args.http_port,
+                                max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+                                first_token_timeout_s=args.first_token_timeout)
+    server = HttpServer(create_app(router, settings), settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    print(f"READY frontend http://{args.http_host}:{server.port}", flush=True)
+    await stop.wait()
+    await server.stop()
+    await view.stop()
+    await runtime.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        import uvloop
+
+        uvloop.run(run(args))
+    except ConnectionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The frontend's one dependency on the rest of the system: a ``Backend`` that knows the served models and
+produces token streams. The router implements it (``dynamo_lite.router``); tests use a fake."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard
+
+
+class Backend(Protocol):
+    """What the HTTP frontend calls. Everything network-facing stays behind it."""
+
+    def model_cards(self) -> list[ModelCard]:
+        """Models that currently have live workers for every role they need."""
+        ...
+
+    def health(self) -> dict:
+        """A JSON-able status, e.g. ``{"status": "healthy", "instances": {"prefill": [...], ...}}``;
+        ``status != "healthy"`` makes ``/health`` answer 503."""
+        ...
+
+    def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the request's output tokens (the prefill's first token included).
+
+        Raises ``dynamo_lite.protocol.StreamError`` (``ErrorInfo.status`` 503 when no worker can take it).
+        Closing the iterator (``aclose``) or cancelling its consumer cancels the work downstream.
+        """
+        ...

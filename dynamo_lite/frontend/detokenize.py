@@ -1,0 +1,109 @@
+"""Token ids → text, incrementally, and stop strings matched across chunk boundaries.
+
+Byte-level BPE splits one character over several tokens: a chunk's text is only released once it decodes to
+complete UTF-8. ``tokenizers.decoders.DecodeStream`` (tokenizers >= 0.21) does exactly that in Rust; the
+fallback keeps a prefix window like vLLM/TGI (decode the window with and without the new ids, emit the
+difference once it no longer ends in U+FFFD).
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+try:
+    from tokenizers.decoders import DecodeStream
+except ImportError:  # tokenizers < 0.21
+    DecodeStream = None
+
+
+class StreamDetokenizer:
+    """Rust ``DecodeStream``: one call per chunk, whatever its number of tokens."""
+
+    __slots__ = ("_tokenizer", "_stream")
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+
+    def step(self, token_ids: list[int]) -> str:
+        """Text completed by ``token_ids`` ("" while a character is still incomplete)."""
+        return self._stream.step(self._tokenizer, token_ids) or ""
+
+
+class WindowDetokenizer:
+    """Pure-Python fallback with a prefix offset window (vLLM's ``detokenize_incrementally``)."""
+
+    __slots__ = ("_tokenizer", "_skip", "_ids", "_read")
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []  # the window: ids[:_read] were emitted, the rest are pending
+        self._read = 0
+
+    def step(self, token_ids: list[int]) -> str:
+        ids = self._ids
+        ids.extend(token_ids)
+        decode = self._tokenizer.decode
+        # The window's first tokens give the text context (leading spaces, merges) the new ids decode against.
+        prefix = decode(ids[: self._read], skip_special_tokens=self._skip) if self._read else ""
+        full = decode(ids, skip_special_tokens=self._skip)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""
+        del ids[: self._read]
+        self._read = len(ids)
+        return full[len(prefix) :]
+
+
+def make_detokenizer(tokenizer: Tokenizer, skip_special_tokens: bool = True) -> StreamDetokenizer | WindowDetokenizer:
+    if DecodeStream is not None:
+        return StreamDetokenizer(tokenizer, skip_special_tokens)
+    return WindowDetokenizer(tokenizer, skip_special_tokens)
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text; the matched stop and everything after it are dropped.
+
+    Text that could be the start of a stop string is held back until the next chunk decides it.
+
+    >>> m = StopMatcher(["</s>"])
+    >>> m.feed("hello </"), m.feed("s> more")
+    (('hello ', False), ('', True))
+    """
+
+    __slots__ = ("_stops", "_pending")
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [s for s in stops if s]
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        buf = self._pending + text if self._pending else text
+        if not buf:
+            return "", False
+        hit = -1
+        for stop in self._stops:
+            i = buf.find(stop)
+            if i != -1 and (hit == -1 or i < hit):
+                hit = i
+        if hit != -1:
+            self._pending = ""
+            return buf[:hit], True
+        keep = len(buf)
+        for stop in self._stops:
+            # The earliest position where the rest of ``buf`` is a proper prefix of ``stop``.
+            first = stop[0]
+            i = buf.find(first, max(0, len(buf) - len(stop) + 1))
+            while i != -1 and i < keep:
+                if stop.startswith(buf[i:]):
+                    keep = i
+                    break
+                i = buf.find(first, i + 1)
+        self._pending = buf[keep:]
+        return buf[:keep], False
+
+    def flush(self) -> str:
+        """The held-back text, once the stream ended without a stop."""
+        out, self._pending = self._pending, ""
+        return out

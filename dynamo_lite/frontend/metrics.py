@@ -1,0 +1,80 @@
+"""Prometheus metrics of the frontend (``dynamo_lite_frontend_*``), in a registry of the app's own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "dynamo_lite_frontend_"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+class ModelMetrics:
+    """The metric children of one model, bound once (``labels()`` is too slow for the per-chunk path)."""
+
+    __slots__ = ("inflight", "ttft", "itl", "output_tokens", "input_tokens", "disconnects", "duration")
+
+    def __init__(self, m: FrontendMetrics, model: str) -> None:
+        self.inflight = m.inflight.labels(model)
+        self.ttft = m.ttft.labels(model)
+        self.itl = m.itl.labels(model)
+        self.output_tokens = m.output_tokens.labels(model)
+        self.input_tokens = m.input_tokens.labels(model)
+        self.disconnects = m.disconnects.labels(model)
+        self.duration = m.duration.labels(model)
+
+
+class FrontendMetrics:
+    """All frontend metrics. ``model`` labels only ever carry served model names (bounded cardinality)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            PREFIX + "requests", "Completion requests answered", ["model", "endpoint", "status"], registry=r
+        )
+        self.inflight = Gauge(PREFIX + "inflight_requests", "Requests being served", ["model"], registry=r)
+        self.ttft = Histogram(
+            PREFIX + "ttft_seconds", "Time to first token", ["model"], buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            PREFIX + "itl_seconds",
+            "Inter-token latency (gap between chunks divided by the chunk's tokens)",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.output_tokens = Counter(PREFIX + "output_tokens", "Generated tokens", ["model"], registry=r)
+        self.input_tokens = Counter(PREFIX + "input_tokens", "Prompt tokens", ["model"], registry=r)
+        self.disconnects = Counter(
+            PREFIX + "disconnects", "Clients that went away before their response was complete", ["model"],
+            registry=r,
+        )
+        self.errors = Counter(PREFIX + "errors", "Error responses and error events, by type", ["type"], registry=r)
+        self.duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Request duration, arrival to last byte",
+            ["model"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self._models: dict[str, ModelMetrics] = {}
+
+    def model(self, name: str) -> ModelMetrics:
+        mm = self._models.get(name)
+        if mm is None:
+            mm = self._models[name] = ModelMetrics(self, name)
+        return mm
+
+    def request_done(self, model: str, endpoint: str, status: int) -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
+
+    def error(self, error_type: str) -> None:
+        self.errors.labels(error_type).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

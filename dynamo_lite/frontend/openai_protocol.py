@@ -1,0 +1,79 @@
+"""OpenAI request bodies as pydantic models: strict types (``"5"`` is not an int), unknown fields allowed
+(clients such as genai-perf and aiperf send extensions), extensions under ``nvext`` or at the top level."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class NvExt(_Model):
+    """NVIDIA extensions (Dynamo/Triton style); the same fields are also accepted at the top level."""
+
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=-1)
+    greed_sampling: bool | None = None
+
+
+class ContentPart(_Model):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Model):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class _GenerationParams(_Model):
+    """Fields shared by chat and legacy completions."""
+
+    model: str
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    seed: int | None = Field(default=None, ge=_INT64_MIN, le=_INT64_MAX)
+    n: int | None = 1
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    # Accepted for compatibility; the engines don't apply them.
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    user: str | None = None
+    nvext: NvExt | None = None
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_GenerationParams):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None

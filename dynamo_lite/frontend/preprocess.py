@@ -1,0 +1,102 @@
+"""Per-model preprocessing: tokenizer and chat template, built once per ``ModelCard`` and cached."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from dynamo_lite.frontend.chat_template import ChatTemplate, ChatTemplateError
+from dynamo_lite.frontend.detokenize import StreamDetokenizer, WindowDetokenizer, make_detokenizer
+from dynamo_lite.frontend.errors import OpenAIError, bad_request
+from dynamo_lite.protocol import ModelCard
+
+
+class ModelPreprocessor:
+    """Everything the frontend needs to turn a request for one model into token ids and back."""
+
+    def __init__(self, card: ModelCard, *, tokenize_in_thread_chars: int = 8192) -> None:
+        self.card = card
+        self.tokenizer = Tokenizer.from_file(card.tokenizer_path)
+        self.vocab_size = card.vocab_size or self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self._thread_chars = tokenize_in_thread_chars
+        self._template: ChatTemplate | None = None
+        self._template_error = ""
+        if not card.chat_template:
+            self._template_error = f"model {card.served_name!r} has no chat template; use /v1/completions"
+        else:
+            try:
+                self._template = ChatTemplate(
+                    card.chat_template, bos_token=card.bos_token, eos_token=card.eos_token
+                )
+            except Exception as e:  # a broken template only breaks chat, not completions
+                self._template_error = f"model {card.served_name!r} has an invalid chat template: {e}"
+
+    def render_chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> str:
+        if self._template is None:
+            raise OpenAIError(500, self._template_error, code="chat_template_error")
+        try:
+            return self._template.render(
+                messages, add_generation_prompt=add_generation_prompt, tools=tools, extra=extra
+            )
+        except ChatTemplateError as e:
+            raise bad_request(str(e), param="messages", code="chat_template_error") from e
+
+    async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        if len(text) > self._thread_chars:
+            # tokenizers releases the GIL: a long prompt tokenizes beside the event loop, not on it.
+            enc = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        else:
+            enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids
+
+    def detokenizer(self) -> StreamDetokenizer | WindowDetokenizer:
+        return make_detokenizer(self.tokenizer, skip_special_tokens=True)
+
+
+class PreprocessorCache:
+    """``ModelPreprocessor`` per served model; rebuilt when the model's card changes.
+
+    Loading a tokenizer takes a while (tens of ms to seconds): it happens in a thread, once per card.
+    """
+
+    def __init__(self, *, tokenize_in_thread_chars: int = 8192) -> None:
+        self._thread_chars = tokenize_in_thread_chars
+        self._ready: dict[str, ModelPreprocessor] = {}
+        self._loading: dict[str, asyncio.Future[ModelPreprocessor]] = {}
+
+    async def get(self, card: ModelCard) -> ModelPreprocessor:
+        pre = self._ready.get(card.served_name)
+        if pre is not None and (pre.card is card or pre.card == card):
+            return pre
+        return await self._load(card)
+
+    async def _load(self, card: ModelCard) -> ModelPreprocessor:
+        pending = self._loading.get(card.served_name)
+        if pending is None or pending.done():
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(ModelPreprocessor, card, tokenize_in_thread_chars=self._thread_chars)
+            )
+            self._loading[card.served_name] = pending
+        try:
+            # shield: one client giving up must not cancel the load other requests wait for
+            pre = await asyncio.shield(pending)
+        except OpenAIError:
+            raise
+        except Exception as e:
+            raise OpenAIError(500, f"cannot load the tokenizer of {card.served_name!r}: {e}") from e
+        finally:
+            if pending.done() and self._loading.get(card.served_name) is pending:
+                del self._loading[card.served_name]
+        if pre.card != card:  # the card changed while this one was loading: load the new one
+            return await self._load(card)
+        self._ready[card.served_name] = pre
+        return pre

@@ -1,0 +1,30 @@
+"""Every knob of the HTTP frontend, with its default, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class FrontendSettings:
+    """Limits and timeouts of the OpenAI-compatible frontend.
+
+    >>> FrontendSettings(http_port=0, max_body_bytes=1 << 20)  # doctest: +ELLIPSIS
+    FrontendSettings(http_host='127.0.0.1', http_port=0, ...)
+    """
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    max_body_bytes: int = 10 * 1024 * 1024
+    first_token_timeout_s: float = 300.0  # request accepted → first token (prefill + queueing)
+    request_timeout_s: float = 1800.0  # whole request, first byte to last
+    keep_alive_timeout_s: float = 30.0  # idle keep-alive connections
+    shutdown_timeout_s: float = 5.0  # graceful shutdown: wait this long for in-flight requests
+    backlog: int = 2048
+    # Prompts longer than this (characters) are tokenized in a worker thread (tokenizers releases the GIL), so
+    # a 100k-character prompt doesn't stall every other stream on the event loop.
+    tokenize_in_thread_chars: int = 8192
+    completions_default_max_tokens: int = 16  # OpenAI's default for the legacy /v1/completions
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    model_owner: str = "dynamo_lite"

@@ -1,0 +1,30 @@
+"""Every knob of the KV transfer in one place, with its default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_HEADER_BYTES = 4096
+"""Upper bound on one control message (claim/fetch/reply); anything longer is refused unread."""
+
+
+@dataclass(slots=True)
+class KvTransferConfig:
+    """Limits, timeouts and endpoints of the KV transfer, shared by the exporter and the importer.
+
+    >>> KvTransferConfig(bind_host="10.0.0.5", lease_s=10.0)  # a prefill worker reachable on one interface
+    """
+
+    bind_host: str = "127.0.0.1"
+    advertise_host: str = ""  # what descriptors name as the host; "" -> bind_host
+    port: int = 0  # 0 -> a free port
+    lease_s: float = 30.0  # how long an unpulled hold lives
+    use_shm: bool = True  # exporter: back holds by POSIX shm; importer: map it when host_id matches
+    pull_timeout_s: float = 10.0  # a whole pull, bytes included; exporter: a claimed hold lives at least this
+    connect_timeout_s: float = 2.0  # connect plus the exporter's answer to a claim
+    max_held_bytes: int = 8 << 30  # refuse new holds beyond this (KvCapacityError)
+    max_transfer_bytes: int = 4 << 30  # refuse (either side) any single transfer above this
+    # Socket buffers for the TCP path. Setting them switches off the kernel's autotuning, so they are only
+    # applied when the kernel lets them be this large (net.core.[rw]mem_max); 0 leaves autotuning alone.
+    socket_buffer_bytes: int = 4 << 20
+    verify_shm: bool = True  # check the checksum on the shm path too (TCP is always checked)

@@ -1,0 +1,248 @@
+"""The shapes everything passes around: wire messages and the handful of interfaces.
+
+Wire messages are msgspec Structs encoded as msgpack (``array_like`` keeps them compact). Every message that
+crosses a process boundary is decoded with a typed decoder, so a malformed or oversized message is rejected at
+the edge. Never pickle.
+
+Interfaces (each has several backends, each testable in-process):
+
+- ``Discovery``      — where instances and model cards live (etcd, memory): ``dynamo_lite.runtime.discovery``
+- ``RequestPlane``   — how a request reaches an instance and its stream comes back (NATS, in-process)
+- ``Engine``         — what produces tokens (torch, mocker, trtllm): ``dynamo_lite.engines``
+- ``KvTransport``    — how KV bytes move from a prefill to a decode worker (shm, TCP): ``dynamo_lite.kv``
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol, TypeVar
+
+import msgspec
+
+WIRE_VERSION = 1
+MAX_WIRE_MESSAGE_BYTES = 8 * 1024 * 1024
+"""Hard upper bound on any wire message we decode (requests carry token ids, never KV bytes)."""
+
+
+class Phase(enum.IntEnum):
+    """What a worker is asked to do with a request."""
+
+    AGGREGATED = 0  # prefill + decode on one worker
+    PREFILL = 1  # context-only: compute the prompt's KV, return the first token and a KV descriptor
+    DECODE = 2  # continue from a KV descriptor (or recompute) and stream the rest
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"  # eos or a stop token/string
+    LENGTH = "length"  # max_tokens or context length
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, forbid_unknown_fields=True):
+    """Base of every wire message: compact, typed, no cycles."""
+
+
+class SamplingOptions(_Wire):
+    """Per-request sampling and stop conditions, as the engines understand them."""
+
+    max_tokens: int = 16
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+
+
+class KvDescriptor(_Wire):
+    """Metadata of a prompt's KV held by a prefill worker: where and what it is (never the bytes).
+
+    ``opaque`` carries engine-specific state (TensorRT-LLM's disaggregated params) untouched.
+    """
+
+    transfer_id: str
+    engine: str  # "torch" | "mocker" | "trtllm"
+    num_tokens: int
+    nbytes: int
+    secret: str = ""  # per-transfer token the KV server checks before sending bytes
+    host: str = ""  # TCP endpoint of the prefill worker's KV server
+    port: int = 0
+    host_id: str = ""  # machine identity: equal host_id means shared memory is usable
+    shm_name: str = ""
+    num_layers: int = 0
+    num_kv_heads: int = 0
+    head_dim: int = 0
+    dtype: str = ""
+    lease_s: float = 30.0
+    opaque: bytes = b""
+
+
+class GenerateRequest(_Wire):
+    """Frontend (or decode worker) → worker: one generation request."""
+
+    request_id: str
+    model: str
+    token_ids: list[int]
+    sampling: SamplingOptions
+    phase: Phase = Phase.AGGREGATED
+    kv: KvDescriptor | None = None
+    # Tokens already produced for this request (the prefill's first token, or a migrated stream's output);
+    # the worker continues after them and counts them against max_tokens.
+    generated_ids: list[int] = []
+    # decode_first: the decode worker runs the prefill on a prefill worker itself
+    remote_prefill: bool = False
+    version: int = WIRE_VERSION
+
+
+class GenerateChunk(_Wire):
+    """Worker → frontend: new token ids since the last chunk (several when coalesced)."""
+
+    token_ids: list[int] = []
+    finish_reason: str | None = None
+    kv: KvDescriptor | None = None  # set on a prefill result
+    cached_tokens: int = 0  # prompt tokens that were not recomputed (KV imported or prefix-cached)
+
+
+class ErrorInfo(_Wire):
+    """A failure carried on a stream: ``status`` follows HTTP semantics (400, 429, 503, 500...)."""
+
+    status: int
+    message: str
+    code: str = "internal_error"
+
+
+class FrameKind(enum.IntEnum):
+    DATA = 0
+    END = 1
+    ERROR = 2
+
+
+class Frame(_Wire):
+    """One message of a reply stream. ``seq`` lets the receiver detect loss or reordering."""
+
+    seq: int
+    kind: FrameKind
+    payload: bytes = b""
+
+
+class InstanceInfo(_Wire):
+    """What discovery stores per live instance (under the instance's lease)."""
+
+    instance_id: str
+    namespace: str
+    component: str  # "prefill" | "decode" | "agg" — also the instance's role
+    endpoint: str
+    address: str  # request-plane address (NATS subject or in-process name)
+    model: str
+    host: str = ""
+    metrics_port: int = 0
+    disaggregation_strategy: str = "prefill_first"
+    version: int = WIRE_VERSION
+
+
+class ModelCard(_Wire):
+    """What the frontend needs to preprocess for a served model."""
+
+    served_name: str
+    model_path: str
+    tokenizer_path: str  # a tokenizer.json the frontend can read
+    chat_template: str = ""
+    context_length: int = 4096
+    role: str = "agg"
+    eos_token_ids: list[int] = []
+    bos_token: str = ""
+    eos_token: str = ""
+    vocab_size: int = 0
+    version: int = WIRE_VERSION
+
+
+class WireError(ValueError):
+    """A wire message was malformed, of the wrong type, or too large."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+T = TypeVar("T")
+
+
+def decode(data: bytes, kind: type[T]) -> T:
+    """Decode ``data`` as ``kind``; raises ``WireError`` on anything unexpected."""
+    if len(data) > MAX_WIRE_MESSAGE_BYTES:
+        raise WireError(f"{kind.__name__}: message of {len(data)} bytes exceeds {MAX_WIRE_MESSAGE_BYTES}")
+    dec = _decoders.get(kind)
+    if dec is None:
+        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    try:
+        return dec.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise WireError(f"{kind.__name__}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Interfaces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StreamError(Exception):
+    """A reply stream ended with an error (remote ``ErrorInfo``, timeout, lost instance)."""
+
+    def __init__(self, info: ErrorInfo) -> None:
+        super().__init__(f"{info.status} {info.code}: {info.message}")
+        self.info = info
+
+
+Handler = Callable[[bytes], AsyncIterator[bytes]]
+"""A served endpoint: takes the request payload, yields reply payloads. Raising ``StreamError`` sends an error
+frame; being cancelled (the caller went away) must free everything the request holds."""
+
+
+class Served(Protocol):
+    async def stop(self, drain_s: float = 0.0) -> None: ...
+
+
+class RequestPlane(Protocol):
+    """Point-to-point streaming RPC to one instance address."""
+
+    async def serve(self, address: str, handler: Handler) -> Served: ...
+
+    def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+        """Send ``payload`` to ``address`` and iterate its reply payloads. Closing the iterator early (or
+        cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class DiscoveryEvent(msgspec.Struct, frozen=True):
+    key: str
+    value: bytes | None  # None: deleted (or its lease expired)
+    revision: int = 0  # store revision of this change; lets a watcher drop stale events after a re-list
+
+
+class Discovery(Protocol):
+    """A key-value view with leases: everything a process writes lives under its own lease."""
+
+    async def put(self, key: str, value: bytes) -> None: ...
+
+    async def delete(self, key: str) -> None: ...
+
+    async def get_prefix(self, prefix: str) -> list[DiscoveryEvent]: ...
+
+    def watch_prefix(self, prefix: str) -> AsyncIterator[DiscoveryEvent]:
+        """Changes under ``prefix`` from now on; raises ``ConnectionError`` if the watch breaks."""
+        ...
+
+    async def delete_prefix(self, prefix: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+

@@ -1,0 +1,164 @@
+"""The in-process router: picks instances per role and runs the disaggregation.
+
+prefill_first (default): prefill worker (context-only, max_tokens=1) → first token + KV descriptor → decode
+worker continues from it. decode_first: the decode worker is asked directly and runs the prefill itself.
+Conditional: prompts shorter than ``disagg_threshold`` go straight to a decode worker, which prefills locally.
+If the prefill worker fails, the decode worker prefills locally (the request still completes).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from dynamo_lite.protocol import (
+    ErrorInfo,
+    GenerateChunk,
+    GenerateRequest,
+    InstanceInfo,
+    ModelCard,
+    Phase,
+    StreamError,
+    decode,
+    encode,
+)
+from dynamo_lite.router.policies import Policy, make_policy
+from dynamo_lite.runtime.registry import LiveView
+from dynamo_lite.runtime.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+PREFILL, DECODE, AGG = "prefill", "decode", "agg"
+
+
+@dataclass(slots=True)
+class RouterSettings:
+    mode: str = "round-robin"
+    disagg_threshold: int = 0  # prompts shorter than this skip the prefill worker (0: always disaggregate)
+    first_frame_timeout_s: float = 60.0
+    prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
+
+
+class Router:
+    """Implements the frontend's ``Backend``: model cards, health, and ``generate``."""
+
+    def __init__(self, runtime: Runtime, view: LiveView, settings: RouterSettings) -> None:
+        self.runtime = runtime
+        self.view = view
+        self.settings = settings
+        self._policies: dict[str, Policy] = {role: make_policy(settings.mode) for role in (PREFILL, DECODE, AGG)}
+
+    # ---- what is servable ---------------------------------------------------------------------------------
+    def _roles_missing(self, model: str) -> list[str]:
+        """Roles a request for ``model`` needs that have no live instance."""
+        if self.view.instances_of(AGG, model):
+            return []
+        missing = [r for r in (PREFILL, DECODE) if not self.view.instances_of(r, model)]
+        decoders = self.view.instances_of(DECODE, model)
+        if decoders and PREFILL in missing and self.settings.disagg_threshold < 0:
+            missing.remove(PREFILL)  # decode-only serving was asked for explicitly
+        return missing
+
+    def model_cards(self) -> list[ModelCard]:
+        out: list[ModelCard] = []
+        for model, per_instance in sorted(self.view.cards.items()):
+            if per_instance and not self._roles_missing(model):
+                out.append(next(iter(per_instance.values())))
+        return out
+
+    def known_model(self, model: str) -> bool:
+        return bool(self.view.cards.get(model))
+
+    def model_card(self, model: str) -> ModelCard | None:
+        """The card of ``model`` if any live instance registered it (servable or not: missing roles → 503)."""
+        per_instance = self.view.cards.get(model)
+        return next(iter(per_instance.values())) if per_instance else None
+
+    def health(self) -> dict:
+        by_role: dict[str, list[str]] = {PREFILL: [], DECODE: [], AGG: []}
+        for info in self.view.instances.values():
+            by_role.setdefault(info.component, []).append(info.instance_id)
+        models = {m: ("ready" if not self._roles_missing(m) else f"missing {','.join(self._roles_missing(m))}")
+                  for m in self.view.cards}
+        healthy = any(v == "ready" for v in models.values())
+        return {"status": "healthy" if healthy else "unhealthy", "instances": by_role, "models": models}
+
+    # ---- picking --------------------------------------------------------------------------------------------
+    def _pick(self, role: str, model: str, request_id: str, exclude: set[str] = frozenset()) -> InstanceInfo:  # type: ignore[assignment]
+        candidates = [i for i in self.view.instances_of(role, model) if i.instance_id not in exclude]
+        if not candidates:
+            raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
+        return self._policies[role].pick(candidates, request_id)
+
+    async def _stream(self, instance: InstanceInfo, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        payloads = self.runtime.request_plane.stream(
+            instance.address, encode(request), first_timeout=self.settings.first_frame_timeout_s
+        )
+        async with aclosing(payloads):
+            async for payload in payloads:
+                yield decode(payload, GenerateChunk)
+
+    # ---- the request's path ---------------------------------------------------------------------------------
+    async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if not self.known_model(model):
+            raise StreamError(ErrorInfo(404, f"model {model!r} not found", "model_not_found"))
+        if self.view.instances_of(AGG, model):
+            agg = self._pick(AGG, model, request.request_id)
+            async with aclosing(self._stream(agg, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        decoder = self._pick(DECODE, model, request.request_id)
+        if decoder.disaggregation_strategy == "decode_first":
+            remote = GenerateRequest(request.request_id, model, request.token_ids, request.sampling,
+                                     Phase.DECODE, remote_prefill=True)
+            async with aclosing(self._stream(decoder, remote)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+            return
+        first = None
+        if len(request.token_ids) >= self.settings.disagg_threshold:
+            first = None
+            async with aclosing(self.prefill(model, request)) as chunks:
+                async for chunk in chunks:
+                    first = chunk
+            if first is not None:
+                yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
+                if first.finish_reason is not None:
+                    return
+        follow = GenerateRequest(
+            request.request_id, model, request.token_ids, request.sampling, Phase.DECODE,
+            kv=first.kv if first else None, generated_ids=list(first.token_ids) if first else [],
+        )
+        async with aclosing(self._stream(decoder, follow)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def prefill(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Run the context-only phase on a prefill worker; yields its one result chunk.
+
+        Yields nothing if every try failed with a worker fault: the decode worker then prefills locally.
+        Client errors (4xx) propagate.
+        """
+        ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, Phase.PREFILL)
+        tried: set[str] = set()
+        for attempt in range(1 + self.settings.prefill_retries):
+            try:
+                prefill = self._pick(PREFILL, model, request.request_id, tried)
+            except StreamError:
+                if attempt == 0 and not self.view.instances_of(PREFILL, model):
+                    raise
+                return
+            tried.add(prefill.instance_id)
+            try:
+                async with aclosing(self._stream(prefill, ask)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+            except StreamError as e:
+                if e.info.status < 500:
+                    raise
+                log.warning("prefill on %s failed (%s); %s", prefill.instance_id, e,
+                            "retrying" if attempt < self.settings.prefill_retries else "decode prefills locally")

@@ -1,0 +1,41 @@
+"""Command-line flags every process shares (namespace, etcd, NATS), read once into ``RuntimeSettings``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from dynamo_lite.runtime.config import DEFAULT_NAMESPACE, RuntimeSettings
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("runtime (discovery and request plane)")
+    g.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", DEFAULT_NAMESPACE))
+    g.add_argument("--etcd-endpoints", default=os.environ.get("ETCD_ENDPOINTS", ""),
+                   help="host:port[,host:port]; empty: in-memory discovery (single process)")
+    g.add_argument("--nats-url", default=os.environ.get("NATS_SERVER", os.environ.get("NATS_URL", "")),
+                   help="nats://host:port; empty: in-process request plane (single process)")
+    g.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
+    g.add_argument("--etcd-username", default=os.environ.get("ETCD_USERNAME", ""))
+    g.add_argument("--etcd-password", default=os.environ.get("ETCD_PASSWORD", ""))
+    g.add_argument("--nats-user", default=os.environ.get("NATS_USER", ""))
+    g.add_argument("--nats-password", default=os.environ.get("NATS_PASSWORD", ""))
+    g.add_argument("--nats-token", default=os.environ.get("NATS_TOKEN", ""))
+    g.add_argument("--nats-tls-ca", default=os.environ.get("NATS_TLS_CA", ""))
+    g.add_argument("--nats-tls-cert", default=os.environ.get("NATS_TLS_CERT", ""))
+    g.add_argument("--nats-tls-key", default=os.environ.get("NATS_TLS_KEY", ""))
+    parser.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+
+
+def runtime_settings_from(args: argparse.Namespace) -> RuntimeSettings:
+    return RuntimeSettings(
+        namespace=args.namespace, etcd_endpoints=args.etcd_endpoints, nats_url=args.nats_url,
+        lease_ttl_s=args.lease_ttl, etcd_username=args.etcd_username, etcd_password=args.etcd_password,
+        nats_user=args.nats_user, nats_password=args.nats_password, nats_token=args.nats_token,
+        nats_tls_ca=args.nats_tls_ca, nats_tls_cert=args.nats_tls_cert, nats_tls_key=args.nats_tls_key,
+    )
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

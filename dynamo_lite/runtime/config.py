@@ -1,0 +1,42 @@
+"""Runtime settings: read once at the edge (CLI/env), passed down. Defaults live here and nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_NAMESPACE = "dynamo"
+DEFAULT_ROOT = "dynamo_lite"
+
+
+@dataclass(slots=True)
+class RuntimeSettings:
+    """How a process meets the others: discovery (etcd or memory) and the request plane (NATS or in-process)."""
+
+    namespace: str = DEFAULT_NAMESPACE
+    etcd_endpoints: str = ""  # "host:port[,host:port]"; empty: in-memory discovery (one process)
+    nats_url: str = ""  # "nats://host:port[,...]"; empty: in-process request plane (one process)
+    lease_ttl_s: int = 10
+    root: str = DEFAULT_ROOT
+    etcd_username: str = ""
+    etcd_password: str = ""
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_token: str = ""
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
+    connect_timeout_s: float = 5.0
+    heartbeat_interval_s: float = 0.5  # request plane: how often a serving instance says it is alive
+    heartbeat_timeout_s: float = 2.0  # a stream whose instance was silent this long fails (never a hang)
+
+    @property
+    def distributed(self) -> bool:
+        return bool(self.etcd_endpoints or self.nats_url)
+
+
+@dataclass(slots=True)
+class StreamTimeouts:
+    """Timeouts of one reply stream on the request plane."""
+
+    first_frame_s: float = 30.0  # request sent → first frame (prefill of a long prompt on CPU is slow)
+    idle_s: float = 0.0  # 0: no inter-frame limit beyond instance liveness

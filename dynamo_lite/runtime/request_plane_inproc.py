@@ -1,0 +1,70 @@
+"""In-process request plane: the NATS plane's semantics without a network (embedded mode, unit tests).
+
+The handler's generator runs in the caller's task; closing the caller's iterator closes the handler's, which is
+exactly what a cancel message does over NATS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from dynamo_lite.protocol import ErrorInfo, Handler, StreamError
+from dynamo_lite.runtime.streams import error_info_for
+
+
+class _InProcServed:
+    def __init__(self, plane: InProcRequestPlane, address: str) -> None:
+        self._plane = plane
+        self._address = address
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def stop(self, drain_s: float = 0.0) -> None:
+        self._plane._handlers.pop(self._address, None)
+        if drain_s > 0 and self.inflight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), drain_s)
+            except TimeoutError:
+                pass
+
+
+class InProcRequestPlane:
+    """A ``RequestPlane`` whose addresses live in this process."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, tuple[Handler, _InProcServed]] = {}
+
+    async def serve(self, address: str, handler: Handler) -> _InProcServed:
+        served = _InProcServed(self, address)
+        self._handlers[address] = (handler, served)
+        return served
+
+    async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+        entry = self._handlers.get(address)
+        if entry is None:
+            raise StreamError(ErrorInfo(503, f"no instance serves {address}", "instance_unavailable"))
+        handler, served = entry
+        served.inflight += 1
+        served._idle.clear()
+        gen = handler(payload)
+        try:
+            while True:
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    return
+                except StreamError:
+                    raise
+                except Exception as e:  # noqa: BLE001 — the remote side's failure, as NATS would carry it
+                    raise StreamError(error_info_for(e)) from e
+                yield item
+        finally:
+            await gen.aclose()
+            served.inflight -= 1
+            if not served.inflight:
+                served._idle.set()
+
+    async def close(self) -> None:
+        self._handlers.clear()

@@ -1,0 +1,322 @@
+"""NATS request plane (nats-py): a subject per instance, replies as sequence-numbered frames on an inbox.
+
+Request:   PUB {address} reply={inbox}.{n}        payload = the request bytes
+Reply:     PUB {inbox}.{n}  Frame(seq, DATA|END|ERROR, payload)   — ended by END or ERROR
+Cancel:    PUB {address}.cancel  payload = {inbox}.{n}   — the server cancels that handler task
+Liveness:  PUB dlhb.{address} every heartbeat interval — a stream whose instance falls silent fails (503)
+           instead of hanging; a request to an address nobody serves fails at once (NATS "no responders").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections import deque
+from collections.abc import AsyncIterator
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+
+from dynamo_lite.protocol import (
+    ErrorInfo,
+    Frame,
+    FrameKind,
+    Handler,
+    StreamError,
+    WireError,
+    decode,
+    encode,
+)
+from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.streams import error_info_for
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_PREFIX = "dlhb."
+
+
+class _ReplyStream:
+    """Client side of one reply stream: frames in arrival order, or a failure."""
+
+    __slots__ = ("address", "started", "got_first", "_frames", "_waiter", "_error")
+
+    def __init__(self, address: str, now: float) -> None:
+        self.address = address
+        self.started = now
+        self.got_first = False
+        self._frames: deque[Frame] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: StreamError | None = None
+
+    def put(self, frame: Frame) -> None:
+        self.got_first = True
+        self._frames.append(frame)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def fail(self, info: ErrorInfo) -> None:
+        if self._error is None:
+            self._error = StreamError(info)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> Frame:
+        while not self._frames:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+        return self._frames.popleft()
+
+
+class _NatsServed:
+    """Server side of one address: a task per request, cancellable, drainable."""
+
+    def __init__(self, plane: NatsRequestPlane, address: str, handler: Handler) -> None:
+        self._plane = plane
+        self._address = address
+        self._handler = handler
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._subs: list = []
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        nc = self._plane.nc
+        self._subs.append(await nc.subscribe(self._address, cb=self._on_request))
+        self._subs.append(await nc.subscribe(self._address + ".cancel", cb=self._on_cancel))
+        self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
+
+    @property
+    def inflight(self) -> int:
+        return len(self._tasks)
+
+    async def _beat(self) -> None:
+        subject = HEARTBEAT_PREFIX + self._address
+        interval = self._plane.settings.heartbeat_interval_s
+        while True:
+            if self._plane.nc.is_connected:
+                try:
+                    await self._plane.nc.publish(subject, b"")
+                except Exception:  # noqa: BLE001 — reconnecting; the next beat will do
+                    pass
+            await asyncio.sleep(interval)
+
+    async def _on_request(self, msg: Msg) -> None:
+        if not msg.reply:
+            return
+        self._tasks[msg.reply] = asyncio.create_task(self._run(msg.reply, msg.data))
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        task = self._tasks.get(msg.data.decode(errors="replace"))
+        if task is not None:
+            task.cancel()
+
+    async def _run(self, reply: str, payload: bytes) -> None:
+        publish = self._plane.nc.publish
+        seq = 0
+        gen = self._handler(payload)
+        try:
+            async for item in gen:
+                await publish(reply, encode(Frame(seq, FrameKind.DATA, item)))
+                seq += 1
+            await publish(reply, encode(Frame(seq, FrameKind.END)))
+        except asyncio.CancelledError:
+            pass  # the caller went away (cancel message or shutdown): nobody to answer
+        except Exception as e:  # noqa: BLE001 — every failure travels as an ERROR frame, never silence
+            try:
+                await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(error_info_for(e)))))
+            except Exception:  # noqa: BLE001 — NATS is down; the caller's liveness check ends the stream
+                pass
+        finally:
+            await gen.aclose()
+            self._tasks.pop(reply, None)
+
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Stop taking requests; let in-flight ones finish for up to ``drain_s``; cancel the rest."""
+        for sub in self._subs[:1]:
+            await _unsubscribe_quietly(sub)
+        if drain_s > 0 and self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=drain_s)
+        for task in list(self._tasks.values()):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=2.0)
+        for sub in self._subs[1:]:
+            await _unsubscribe_quietly(sub)
+        if self._heartbeat:
+            self._heartbeat.cancel()
+
+
+async def _unsubscribe_quietly(sub) -> None:  # noqa: ANN001
+    try:
+        await sub.unsubscribe()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _tls_context(settings: RuntimeSettings) -> ssl.SSLContext | None:
+    if not (settings.nats_tls_ca or settings.nats_tls_cert):
+        return None
+    ctx = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+    if settings.nats_tls_cert:
+        ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key or None)
+    return ctx
+
+
+class NatsRequestPlane:
+    """A ``RequestPlane`` over NATS. Use ``await NatsRequestPlane.connect(settings)``."""
+
+    def __init__(self, nc: NatsClient, settings: RuntimeSettings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self._inbox = nc.new_inbox()
+        self._streams: dict[str, _ReplyStream] = {}
+        self._last_seen: dict[str, float] = {}
+        self._ids = itertools.count()
+        self._served: list[_NatsServed] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list = []
+
+    @classmethod
+    async def connect(cls, settings: RuntimeSettings, name: str = "dynamo_lite") -> NatsRequestPlane:
+        kwargs: dict = {
+            "servers": [s.strip() for s in settings.nats_url.split(",") if s.strip()],
+            "name": name,
+            "connect_timeout": settings.connect_timeout_s,
+            "allow_reconnect": True,
+            "max_reconnect_attempts": -1,
+            "reconnect_time_wait": 0.5,
+            "ping_interval": 5,
+            "max_outstanding_pings": 3,
+            "error_cb": _log_error,
+            "disconnected_cb": _log_disconnected,
+            "reconnected_cb": _log_reconnected,
+        }
+        if settings.nats_user:
+            kwargs.update(user=settings.nats_user, password=settings.nats_password)
+        if settings.nats_token:
+            kwargs["token"] = settings.nats_token
+        tls = _tls_context(settings)
+        if tls is not None:
+            kwargs["tls"] = tls
+        try:
+            nc = await asyncio.wait_for(nats.connect(**kwargs), settings.connect_timeout_s + 1)
+        except Exception as e:  # noqa: BLE001
+            raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e}") from e
+        self = cls(nc, settings)
+        self._subs.append(await nc.subscribe(self._inbox + ".*", cb=self._on_reply))
+        self._subs.append(await nc.subscribe(HEARTBEAT_PREFIX + ">", cb=self._on_heartbeat))
+        self._tasks.append(asyncio.create_task(self._monitor(), name="nats-stream-monitor"))
+        return self
+
+    # ---- server side -------------------------------------------------------------------------------------
+    async def serve(self, address: str, handler: Handler) -> _NatsServed:
+        served = _NatsServed(self, address, handler)
+        await served.start()
+        self._served.append(served)
+        return served
+
+    # ---- client side -------------------------------------------------------------------------------------
+    async def _on_reply(self, msg: Msg) -> None:
+        stream = self._streams.get(msg.subject)
+        if stream is None:
+            return  # a late frame of a stream we already left
+        if msg.headers and msg.headers.get("Status") == "503":
+            stream.fail(ErrorInfo(503, f"no instance serves {stream.address}", "instance_unavailable"))
+            return
+        try:
+            stream.put(decode(msg.data, Frame))
+        except WireError as e:
+            stream.fail(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame"))
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        self._last_seen[msg.subject[len(HEARTBEAT_PREFIX) :]] = asyncio.get_running_loop().time()
+
+    async def _monitor(self) -> None:
+        """Fail streams whose instance went silent or whose first frame is overdue (never a hang)."""
+        interval = self.settings.heartbeat_interval_s / 2
+        silence = self.settings.heartbeat_timeout_s
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for stream in list(self._streams.values()):
+                seen = max(self._last_seen.get(stream.address, 0.0), stream.started)
+                if now - seen > silence:
+                    stream.fail(ErrorInfo(503, f"instance {stream.address} stopped responding",
+                                          "instance_lost"))
+                elif not self.nc.is_connected and now - stream.started > silence:
+                    stream.fail(ErrorInfo(503, "request plane disconnected", "request_plane_down"))
+
+    def instance_alive(self, address: str) -> bool:
+        seen = self._last_seen.get(address)
+        return seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
+
+    async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+        if not self.nc.is_connected:
+            raise StreamError(ErrorInfo(503, "request plane (NATS) is not connected", "request_plane_down"))
+        if len(payload) > self.nc.max_payload:
+            raise StreamError(ErrorInfo(413, f"request of {len(payload)} bytes exceeds the NATS max payload "
+                                        f"{self.nc.max_payload}", "request_too_large"))
+        loop = asyncio.get_running_loop()
+        reply = f"{self._inbox}.{next(self._ids)}"
+        stream = _ReplyStream(address, loop.time())
+        self._streams[reply] = stream
+        finished = False
+        expected = 0
+        try:
+            await self.nc.publish(address, payload, reply=reply)
+            while True:
+                try:
+                    frame = await asyncio.wait_for(stream.get(), first_timeout) if not stream.got_first \
+                        else await stream.get()
+                except TimeoutError:
+                    raise StreamError(ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s",
+                                                "timeout")) from None
+                if frame.seq != expected:
+                    raise StreamError(ErrorInfo(502, f"frame {frame.seq} from {address}, expected {expected}",
+                                                "frame_lost"))
+                expected += 1
+                if frame.kind == FrameKind.DATA:
+                    yield frame.payload
+                elif frame.kind == FrameKind.END:
+                    finished = True
+                    return
+                else:
+                    finished = True
+                    raise StreamError(decode(frame.payload, ErrorInfo))
+        finally:
+            self._streams.pop(reply, None)
+            if not finished and self.nc.is_connected:
+                try:
+                    await self.nc.publish(address + ".cancel", reply.encode())
+                except Exception:  # noqa: BLE001 — the instance cleans up via its own liveness paths
+                    pass
+
+    async def close(self) -> None:
+        for served in self._served:
+            await served.stop()
+        for task in self._tasks:
+            task.cancel()
+        for sub in self._subs:
+            await _unsubscribe_quietly(sub)
+        try:
+            await asyncio.wait_for(self.nc.close(), 3.0)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+async def _log_error(e: Exception) -> None:
+    log.warning("NATS: %s", e)
+
+
+async def _log_disconnected() -> None:
+    log.warning("NATS disconnected; reconnecting")
+
+
+async def _log_reconnected() -> None:
+    log.warning("NATS reconnected")

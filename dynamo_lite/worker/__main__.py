@@ -1,0 +1,107 @@
+"""``python -m dynamo_lite.worker --mode prefill|decode|agg --engine torch|mocker|trtllm ...``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from dynamo_lite.engines import ENGINES
+from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
+from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from, setup_logging
+from dynamo_lite.worker.worker import Worker, WorkerSettings
+
+log = logging.getLogger("dynamo_lite.worker")
+
+
+def parse_args(argv: list[str] | None = None) -> WorkerSettings:
+    p = argparse.ArgumentParser(prog="python -m dynamo_lite.worker", description=__doc__)
+    p.add_argument("--mode", "--disaggregation-mode", dest="mode", default="agg",
+                   choices=["prefill", "decode", "agg"])
+    p.add_argument("--engine", default="torch", choices=ENGINES)
+    p.add_argument("--model-path", "--model", dest="model_path", default=None,
+                   help="HF folder or .gguf file; default: the built-in SmolLM2")
+    p.add_argument("--served-model-name", default="")
+    p.add_argument("--disaggregation-strategy", default="prefill_first", choices=["prefill_first", "decode_first"])
+    p.add_argument("--extra-engine-args", default="", help="YAML merged on top of the engine flags")
+    p.add_argument("--endpoint", default="generate")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here (0: any free port)")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--advertise-host", default="")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--max-inflight", type=int, default=1024)
+    e = p.add_argument_group("engine")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--max-batch-size", type=int, default=16)
+    e.add_argument("--max-num-tokens", type=int, default=512)
+    e.add_argument("--max-seq-len", type=int, default=4096)
+    e.add_argument("--kv-block-size", type=int, default=32)
+    e.add_argument("--free-gpu-memory-fraction", type=float, default=0.8)
+    e.add_argument("--tensor-parallel-size", type=int, default=1)
+    e.add_argument("--expert-parallel-size", type=int, default=1)
+    e.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"])
+    e.add_argument("--kv-bind-host", default="127.0.0.1", help="interface the KV transfer server binds to")
+    e.add_argument("--kv-advertise-host", default="")
+    e.add_argument("--kv-port", type=int, default=0)
+    e.add_argument("--kv-lease", type=float, default=30.0, help="seconds unpulled KV is held")
+    e.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated time (0: none)")
+    add_runtime_args(p)
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    extra: dict = {}
+    if args.extra_engine_args:
+        from dynamo_lite.engines.engine_args import load_engine_args_yaml
+
+        extra = load_engine_args_yaml(args.extra_engine_args)
+    engine = EngineSettings(
+        mode=args.mode, model_path=args.model_path, served_model_name=args.served_model_name, dtype=args.dtype,
+        device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
+        free_gpu_memory_fraction=args.free_gpu_memory_fraction, tensor_parallel_size=args.tensor_parallel_size,
+        expert_parallel_size=args.expert_parallel_size, kv_failure_policy=args.kv_failure_policy,
+        kv_bind_host=args.kv_bind_host, kv_advertise_host=args.kv_advertise_host, kv_port=args.kv_port,
+        kv_lease_s=args.kv_lease, speedup_ratio=args.speedup_ratio, extra=extra,
+        extra_source=args.extra_engine_args,
+    )
+    return WorkerSettings(
+        mode=args.mode, engine=args.engine, disaggregation_strategy=args.disaggregation_strategy,
+        endpoint=args.endpoint, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+        advertise_host=args.advertise_host, drain_timeout_s=args.drain_timeout, max_inflight=args.max_inflight,
+        engine_settings=engine, runtime=runtime_settings_from(args),
+    )
+
+
+async def run(settings: WorkerSettings) -> None:
+    worker = Worker(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await worker.start()
+    print(f"READY worker {worker.instance_id} mode={settings.mode} metrics_port={worker.metrics_port}", flush=True)
+    await stop.wait()
+    log.info("draining (up to %.0fs)", settings.drain_timeout_s)
+    await worker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_args(argv)
+        import uvloop
+
+        uvloop.run(run(settings))
+    except EngineUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConnectionError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""A worker: one engine behind one request-plane endpoint, registered under its lease.
+
+start: engine up → connect runtime → serve the endpoint → register (instance + model card) → metrics.
+stop (SIGTERM): deregister first (routers stop picking us), finish in-flight requests within the grace period,
+cancel the rest, stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from dynamo_lite.engines import build_engine
+from dynamo_lite.engines.base import Engine, EngineSettings
+from dynamo_lite.protocol import (
+    ErrorInfo,
+    GenerateChunk,
+    GenerateRequest,
+    InstanceInfo,
+    ModelCard,
+    Phase,
+    Served,
+    StreamError,
+    decode,
+    encode,
+)
+from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.runtime import keys
+from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.registry import LiveView, deregister, register
+from dynamo_lite.runtime.runtime import Runtime
+from dynamo_lite.worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+_PHASE_OF_MODE = {"prefill": Phase.PREFILL, "decode": Phase.DECODE, "agg": Phase.AGGREGATED}
+
+
+@dataclass(slots=True)
+class WorkerSettings:
+    mode: str = "agg"  # "prefill" | "decode" | "agg"
+    engine: str = "mocker"
+    disaggregation_strategy: str = "prefill_first"  # or "decode_first"
+    endpoint: str = "generate"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None  # None: no metrics server; 0: any free port
+    advertise_host: str = ""
+    drain_timeout_s: float = 30.0
+    max_inflight: int = 1024  # beyond this, requests are refused with 503 (bounded queue)
+    engine_settings: EngineSettings = field(default_factory=EngineSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, engine: Engine | None = None) -> None:
+        if settings.mode not in _PHASE_OF_MODE:
+            raise ValueError(f"--mode must be prefill, decode or agg, not {settings.mode!r}")
+        settings.engine_settings.mode = settings.mode
+        self.settings = settings
+        self.engine = engine or build_engine(settings.engine, settings.engine_settings)
+        self.runtime: Runtime | None = None
+        self.info: InstanceInfo | None = None
+        self.card: ModelCard | None = None
+        self.metrics: WorkerMetrics | None = None
+        self.metrics_port = 0
+        self._served: Served | None = None
+        self._prefill_router: Router | None = None
+        self._view: LiveView | None = None
+        self._metrics_server = None
+        self.inflight = 0
+
+    @property
+    def instance_id(self) -> str:
+        return self.runtime.instance_id if self.runtime else ""
+
+    def model_card(self) -> ModelCard:
+        files = self.engine.model_files  # type: ignore[attr-defined]
+        special = files.special_tokens
+        served = self.settings.engine_settings.served_model_name or files.folder.name
+        return ModelCard(
+            served_name=served, model_path=str(self.settings.engine_settings.model_path or files.folder),
+            tokenizer_path=str(files.tokenizer_json), chat_template=files.chat_template,
+            context_length=min(files.context_length, self.settings.engine_settings.max_seq_len or 1 << 30),
+            role=self.settings.mode, eos_token_ids=files.eos_token_ids, bos_token=special.get("bos_token", ""),
+            eos_token=special.get("eos_token", ""), vocab_size=files.vocab_size,
+        )
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.engine.start()
+        self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.mode}")
+        self.card = self.model_card()
+        labels = {"model": self.card.served_name, "role": s.mode, "instance": self.runtime.instance_id}
+        self.metrics = WorkerMetrics(self.engine.stats, labels)
+        if s.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        if s.mode == "decode" and s.disaggregation_strategy == "decode_first":
+            self._view = LiveView(self.runtime)
+            await self._view.start()
+            self._prefill_router = Router(self.runtime, self._view, RouterSettings())
+        address = keys.request_address(s.runtime.namespace, s.mode, s.endpoint, self.runtime.instance_id)
+        self._served = await self.runtime.request_plane.serve(address, self.handle)
+        self.info = InstanceInfo(
+            instance_id=self.runtime.instance_id, namespace=s.runtime.namespace, component=s.mode,
+            endpoint=s.endpoint, address=address, model=self.card.served_name,
+            host=s.advertise_host or socket.gethostname(), metrics_port=self.metrics_port,
+            disaggregation_strategy=s.disaggregation_strategy,
+        )
+        await register(self.runtime, self.info, self.card)
+        log.info("worker %s (%s, %s) serving %s at %s", self.runtime.instance_id, s.mode, s.engine,
+                 self.card.served_name, address)
+
+    async def handle(self, payload: bytes) -> AsyncIterator[bytes]:
+        """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
+        request = decode(payload, GenerateRequest)
+        phase_name = request.phase.name.lower()
+        if self.inflight >= self.settings.max_inflight:
+            assert self.metrics is not None
+            self.metrics.observe(phase_name, "overloaded", 0.0)
+            raise StreamError(ErrorInfo(503, "worker queue is full", "overloaded"))
+        self.inflight += 1
+        started = time.monotonic()
+        status = "cancelled"
+        try:
+            async with aclosing(self._generate(request)) as chunks:
+                async for chunk in chunks:
+                    yield encode(chunk)
+            status = "ok"
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            self.inflight -= 1
+            assert self.metrics is not None
+            self.metrics.observe(phase_name, status, time.monotonic() - started)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if request.remote_prefill and self._prefill_router is not None:
+            # decode_first: we were asked directly; run the prefill on a prefill worker ourselves.
+            first = None
+            async with aclosing(self._prefill_router.prefill(request.model, request)) as results:
+                async for chunk in results:
+                    first = chunk
+            if first is not None:
+                yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
+                if first.finish_reason is not None:
+                    return
+                request = GenerateRequest(request.request_id, request.model, request.token_ids, request.sampling,
+                                          Phase.DECODE, kv=first.kv, generated_ids=list(first.token_ids))
+        async with aclosing(self.engine.generate(request)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def stop(self, drain_s: float | None = None) -> None:
+        """Deregister, drain in-flight work for up to ``drain_s``, then shut everything down."""
+        drain = self.settings.drain_timeout_s if drain_s is None else drain_s
+        if self.runtime and self.info and self.card:
+            try:
+                await asyncio.wait_for(deregister(self.runtime, self.info, self.card), 3.0)
+            except Exception as e:  # noqa: BLE001 — discovery down: our lease expires by itself
+                log.warning("deregister failed: %s", e)
+        if self._served:
+            await self._served.stop(drain)
+        if self._view:
+            await self._view.stop()
+        await self.engine.stop()
+        if self.runtime:
+            await self.runtime.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()

@@ -1,0 +1,213 @@
+"""Fixtures that start real services (etcd, nats-server) and real dynamo_lite processes on loopback.
+
+Every process is started with its own free port and data dir, and killed by PID afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class Proc:
+    """A child process we own: started with a log file, stopped by PID."""
+
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    port: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.alive():
+            self.popen.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        return self.popen.returncode
+
+
+def spawn(name: str, cmd: list[str], tmp: Path, env: dict | None = None) -> Proc:
+    log_path = tmp / f"{name}.log"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    with open(log_path, "wb") as out:
+        popen = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+    return Proc(name, popen, log_path)
+
+
+def _etcd_binary() -> str | None:
+    return shutil.which("etcd")
+
+
+def _nats_binary() -> str | None:
+    return shutil.which("nats-server")
+
+
+needs_services = pytest.mark.skipif(
+    not (_etcd_binary() and _nats_binary()),
+    reason="etcd and nats-server binaries are needed (apt-get install etcd-server nats-server)",
+)
+
+
+def start_etcd(tmp: Path, name: str = "etcd", port: int | None = None, peer_port: int | None = None) -> Proc:
+    port = port or free_port()
+    peer = peer_port or free_port()
+    data = tmp / f"{name}-data"
+    cmd = [
+        _etcd_binary() or "etcd", "--name", name, "--data-dir", str(data),
+        "--listen-client-urls", f"http://127.0.0.1:{port}", "--advertise-client-urls", f"http://127.0.0.1:{port}",
+        "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+        "--initial-cluster", f"{name}=http://127.0.0.1:{peer}",
+    ]
+    proc = spawn(name, cmd, tmp, {"ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")})
+    proc.port = port
+    proc.extra["peer_port"] = peer
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+                return b"true" in r.read()
+        except OSError:
+            return False
+
+    wait_until(healthy, 15, what=f"etcd on {port}")
+    return proc
+
+
+def start_nats(tmp: Path, name: str = "nats", port: int | None = None, extra_args: list[str] | None = None) -> Proc:
+    port = port or free_port()
+    proc = spawn(name, [_nats_binary() or "nats-server", "-a", "127.0.0.1", "-p", str(port), *(extra_args or [])],
+                 tmp)
+    proc.port = port
+
+    def listening() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    wait_until(listening, 10, what=f"nats-server on {port}")
+    return proc
+
+
+@dataclass
+class Services:
+    etcd: Proc
+    nats: Proc
+    tmp: Path
+
+    @property
+    def etcd_endpoints(self) -> str:
+        return f"127.0.0.1:{self.etcd.port}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats.port}"
+
+    def runtime_args(self, namespace: str) -> list[str]:
+        return ["--namespace", namespace, "--etcd-endpoints", self.etcd_endpoints, "--nats-url", self.nats_url]
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    """A fresh etcd and nats-server for one test."""
+    if not (_etcd_binary() and _nats_binary()):
+        pytest.skip("etcd and nats-server binaries are needed (apt-get install etcd-server nats-server)")
+    etcd = start_etcd(tmp_path)
+    nats = start_nats(tmp_path)
+    try:
+        yield Services(etcd, nats, tmp_path)
+    finally:
+        for p in (nats, etcd):
+            p.kill()
+            p.popen.wait(5)
+
+
+def start_worker(services: Services, namespace: str, mode: str, *args: str, engine: str = "mocker",
+                 name: str | None = None, ready_timeout: float = 60.0) -> Proc:
+    name = name or f"worker-{mode}-{free_port()}"
+    cmd = [sys.executable, "-m", "dynamo_lite.worker", "--mode", mode, "--engine", engine,
+           "--metrics-port", "0", *services.runtime_args(namespace), *args]
+    proc = spawn(name, cmd, services.tmp)
+
+    def ready() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"{name} exited early:\n{proc.log()[-3000:]}")
+        return "READY worker" in proc.log()
+
+    wait_until(ready, ready_timeout, what=f"{name} ready")
+    line = next(ln for ln in proc.log().splitlines() if ln.startswith("READY worker"))
+    parts = dict(p.split("=", 1) for p in line.split()[3:])
+    proc.extra["instance_id"] = line.split()[2]
+    proc.port = int(parts["metrics_port"])
+    return proc
+
+
+def start_frontend(services: Services, namespace: str, *args: str, ready_timeout: float = 30.0) -> Proc:
+    port = free_port()
+    cmd = [sys.executable, "-m", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
+           *services.runtime_args(namespace), *args]
+    proc = spawn(f"frontend-{port}", cmd, services.tmp)
+    proc.port = port
+
+    def live() -> bool:
+        if not proc.alive():
+            raise RuntimeError(f"frontend exited early:\n{proc.log()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/live", timeout=0.5) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    wait_until(live, ready_timeout, what="frontend /live")
+    return proc
