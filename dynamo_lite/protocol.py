@@ -103,7 +103,8 @@ class GenerateChunk(_Wire):
     token_ids: list[int] = []
     finish_reason: str | None = None
     kv: KvDescriptor | None = None  # set on a prefill result
-    cached_tokens: int = 0  # prompt tokens that were not recomputed (KV imported or prefix-cached)
+    cached_tokens: int = 0  # prompt tokens served from a prefix cache (an engine may count imported KV; the
+    # router reports only what no worker computed for this request)
 
 
 class ErrorInfo(_Wire):

@@ -211,3 +211,87 @@ def start_frontend(services: Services, namespace: str, *args: str, ready_timeout
 
     wait_until(live, ready_timeout, what="frontend /live")
     return proc
+
+
+# ---- for tests that kill and restart services and processes (runtime, router, worker) ----------------------
+# Test modules can't ``from conftest import ...`` reliably (several conftest.py files share that module
+# name), so the helpers above reach them through these fixtures.
+
+
+@dataclass
+class Launcher:
+    """Starts etcd, nats-server, Python scripts and workers in one tmp dir; kills what is left at teardown."""
+
+    tmp: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    def _own(self, proc: Proc) -> Proc:
+        self.procs.append(proc)
+        return proc
+
+    def etcd(self, name: str = "etcd", port: int | None = None, peer_port: int | None = None) -> Proc:
+        """Same name (data dir) and ports as an earlier one: a restart that keeps the data."""
+        return self._own(start_etcd(self.tmp, name, port, peer_port))
+
+    def nats(self, name: str = "nats", port: int | None = None) -> Proc:
+        return self._own(start_nats(self.tmp, name, port))
+
+    def python(self, name: str, script: str, *args: str, ready: str = "READY", timeout: float = 30.0) -> Proc:
+        """Run ``script`` (source text) in a fresh interpreter; wait until its output shows ``ready``."""
+        path = self.tmp / f"{name}.py"
+        path.write_text(script)
+        proc = self._own(spawn(name, [sys.executable, str(path), *args], self.tmp))
+
+        def started() -> bool:
+            if not proc.alive():
+                raise RuntimeError(f"{name} exited early:\n{proc.log()[-3000:]}")
+            return ready in proc.log()
+
+        wait_until(started, timeout, what=f"{name} ready")
+        return proc
+
+    def worker(self, services: Services, namespace: str, mode: str, *args: str) -> Proc:
+        return self._own(start_worker(services, namespace, mode, *args))
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            try:
+                proc.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+@pytest.fixture
+def launcher(tmp_path: Path) -> Iterator[Launcher]:
+    if not (_etcd_binary() and _nats_binary()):
+        pytest.skip("etcd and nats-server binaries are needed (apt-get install etcd-server nats-server)")
+    launch = Launcher(tmp_path)
+    try:
+        yield launch
+    finally:
+        launch.close()
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """One nats-server for a test module (tests that kill NATS start their own with ``launcher``)."""
+    if not _nats_binary():
+        pytest.skip("nats-server binary is needed (apt-get install nats-server)")
+    launch = Launcher(tmp_path_factory.mktemp("nats"))
+    try:
+        yield launch.nats()
+    finally:
+        launch.close()
+
+
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """One etcd for a test module (tests that kill etcd start their own with ``launcher``)."""
+    if not _etcd_binary():
+        pytest.skip("etcd binary is needed (apt-get install etcd-server)")
+    launch = Launcher(tmp_path_factory.mktemp("etcd"))
+    try:
+        yield launch.etcd()
+    finally:
+        launch.close()

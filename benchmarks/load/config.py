@@ -52,7 +52,7 @@ class BenchmarkConfig:
     model: str = "SmolLM2-135M-Instruct"
     endpoint_type: EndpointType = "chat"
     endpoint: str | None = None  # path override, e.g. "/v1/chat/completions"
-    streaming: bool = True
+    streaming: bool = False  # genai-perf's default; --streaming turns it on
     # Load shape: closed loop at ``concurrency``, or Poisson arrivals at ``request_rate`` (open loop).
     concurrency: int = 1
     request_rate: float | None = None
@@ -66,7 +66,7 @@ class BenchmarkConfig:
     output_tokens_mean: int | None = None  # None: don't send max_tokens
     output_tokens_stddev: float = 0.0
     chat_template_overhead: int | None = None  # tokens the server's chat template adds; None: measure it
-    num_dataset_entries: int | None = None  # distinct prompts, cycled; None: one per request (cap 2000)
+    num_dataset_entries: int | None = None  # distinct prompts, cycled; None: one per request (up to 10k)
     random_seed: int = 0
     extra_inputs: dict[str, Any] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
@@ -105,7 +105,10 @@ class BenchmarkConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data for reports; header values are redacted (they may hold credentials)."""
+        out = dataclasses.asdict(self)
+        out["headers"] = {k: "<redacted>" for k in self.headers}
+        return out
 
 
 def _goodput_key(key: str) -> str:
@@ -116,7 +119,7 @@ def _goodput_key(key: str) -> str:
 
 
 def parse_extra_input(item: str) -> tuple[str, Any]:
-    """``KEY:VALUE`` → (key, value); VALUE is JSON when it parses (``true``, ``64``, ``{...}``), else a string."""
+    """``KEY:VALUE`` → (key, value); VALUE is JSON when it parses (``true``, ``64``, ``{...}``), else text."""
     key, sep, raw = item.partition(":")
     if not sep or not key:
         raise ValueError(f"--extra-inputs expects KEY:VALUE, got {item!r}")

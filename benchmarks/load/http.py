@@ -15,7 +15,7 @@ import socket
 import ssl as ssl_module
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 from .config import Limits, Timeouts
@@ -104,6 +104,41 @@ class ChunkedDecoder:
 
     def feed(self, data: bytes) -> bytes:
         """Return the payload bytes in ``data`` (possibly empty); ``done`` turns true at the last chunk."""
+        out: list[bytes] = []
+        pos = 0
+        if self._state == _SIZE and not self._buf:
+            # Fast path: reads that hold whole chunks (a server writes one SSE event per chunk).
+            n = len(data)
+            eol = data.find(b"\r\n")
+            if 0 < eol < 9 and data.endswith(b"\r\n"):
+                try:
+                    size = int(data[:eol], 16)
+                except ValueError:
+                    size = -1
+                if size > 0 and eol + 4 + size == n:
+                    return data[eol + 2 : n - 2]  # exactly one chunk: the most common read
+            while True:
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                try:
+                    size = int(data[pos:eol], 16)
+                except ValueError:
+                    break  # chunk extensions, or garbage: the general path decides
+                end = eol + 2 + size
+                if size == 0 or end + 2 > n or data[end : end + 2] != b"\r\n":
+                    break
+                out.append(data[eol + 2 : end])
+                pos = end + 2
+            if pos == n:
+                return out[0] if len(out) == 1 else b"".join(out)
+        rest = self._feed(data[pos:] if pos else data)
+        if not out:
+            return rest
+        out.append(rest)
+        return b"".join(out)
+
+    def _feed(self, data: bytes) -> bytes:
         buf = self._buf + data if self._buf else data
         self._buf = b""
         n = len(buf)
@@ -161,7 +196,6 @@ class ChunkedDecoder:
         if not out:
             return b""
         return out[0] if len(out) == 1 else b"".join(out)
-
 
 
 def _parse_head(head: bytes) -> tuple[int, bool, bool, int | None]:
@@ -232,8 +266,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports don't subclass it
         sock = transport.get_extra_info("socket")
         if sock is not None:
             # Without it small request writes can wait on delayed ACKs (~40 ms stalls).
@@ -245,11 +278,12 @@ class HttpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         t = perf_counter()
         try:
-            if self._state == _CHUNKED:  # the hot path: one SSE read after another
-                payload = self._chunked.feed(data)
+            if self._state == _CHUNKED and self._ok:  # the hot path: one SSE read after another
+                chunked = self._chunked
+                payload = chunked.feed(data)
                 if payload:
-                    self._deliver(payload, t)
-                if self._chunked.done:
+                    self._sink.on_body(payload, t)  # type: ignore[union-attr]
+                if chunked._state == _DONE:
                     self._finish(t)
             elif self._state == _HEAD:
                 self._on_head_bytes(data, t)
@@ -427,5 +461,3 @@ class ConnectionPool:
             conn.close()
         self._open.clear()
         self._idle.clear()
-
-

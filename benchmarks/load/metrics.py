@@ -125,11 +125,11 @@ def request_metrics(records: Sequence[RequestRecord]) -> dict[str, Stats]:
         ],
         "output_sequence_length": [float(r.output_tokens) for r in ok],
         "chunks_per_request": [float(len(r.chunk_times)) for r in ok if r.chunk_times],
-        "tokens_per_chunk": [float(n) for r in ok if r.chunk_times and r.chunk_tokens for n in r.chunk_tokens],
+        "tokens_per_chunk": [float(n) for r in ok if r.chunk_times for n in r.chunk_tokens or ()],
         "output_token_throughput_per_request": [
             r.output_tokens / r.latency for r in ok if r.latency > 0 and r.output_tokens
         ],
-        "client_queue_delay_ms": [(r.start - r.scheduled) * ms for r in records if r.scheduled is not None],
+        "client_queue_delay_ms": [r.queue_delay * ms for r in records if r.queue_delay is not None],
     }
     out: dict[str, Stats] = {}
     for name, values in series.items():

@@ -34,19 +34,6 @@ def build_payload(cfg: BenchmarkConfig, prompt: str, max_tokens: int | None) -> 
     return body
 
 
-def _chunk_text(choice: dict[str, Any], chat: bool) -> str | None:
-    if not chat:
-        return choice.get("text")
-    delta = choice.get("delta")
-    if not delta:
-        return None
-    content = delta.get("content")
-    reasoning = delta.get("reasoning_content")  # reasoning models (gpt-oss) stream thoughts here
-    if content and reasoning:
-        return reasoning + content
-    return content or reasoning
-
-
 def _read_usage(rec: RequestRecord, usage: dict[str, Any]) -> None:
     prompt = usage.get("prompt_tokens")
     completion = usage.get("completion_tokens")
@@ -67,8 +54,12 @@ class StreamRecorder:
         self._chat = chat
 
     def on_body(self, data: bytes, t: float) -> None:
+        self._handle(self._sse.feed(data), t)
+
+    def _handle(self, payloads: list[bytes], t: float) -> None:
+        # The per-chunk hot path: keep it flat (no helper calls per event).
         rec = self._rec
-        for payload in self._sse.feed(data):
+        for payload in payloads:
             try:
                 obj = orjson.loads(payload)
             except orjson.JSONDecodeError:
@@ -77,7 +68,7 @@ class StreamRecorder:
                 else:
                     rec.fail("bad_event", payload[:_ERROR_DETAIL_CHARS].decode("utf-8", "replace"))
                 continue
-            if not isinstance(obj, dict):
+            if type(obj) is not dict:
                 rec.fail("bad_event", payload[:_ERROR_DETAIL_CHARS].decode("utf-8", "replace"))
                 continue
             if rec.first_response is None:
@@ -85,7 +76,15 @@ class StreamRecorder:
             choices = obj.get("choices")
             if choices:
                 choice = choices[0]
-                text = _chunk_text(choice, self._chat)
+                if self._chat:
+                    delta = choice.get("delta")
+                    text = delta.get("content") if delta else None
+                    if (
+                        delta and "reasoning_content" in delta
+                    ):  # reasoning models (gpt-oss) stream thoughts here
+                        text = (delta["reasoning_content"] or "") + (text or "")
+                else:
+                    text = choice.get("text")
                 if text:
                     rec.chunk_times.append(t)
                     rec.chunk_texts.append(text)
@@ -95,15 +94,12 @@ class StreamRecorder:
             usage = obj.get("usage")
             if usage:
                 _read_usage(rec, usage)
-            error = obj.get("error")
-            if error:
-                rec.fail("stream_error", orjson.dumps(error).decode()[:_ERROR_DETAIL_CHARS])
+            if "error" in obj and obj["error"]:
+                rec.fail("stream_error", orjson.dumps(obj["error"]).decode()[:_ERROR_DETAIL_CHARS])
 
     def finish(self) -> None:
-        """Called when the body ended; an event left without its blank line still counts."""
-        pending = self._sse.pending
-        if pending.strip():
-            self.on_body(b"\n\n", self._rec.end)
+        """Called when the body ended: an event left without its blank line still counts."""
+        self._handle(self._sse.end(), self._rec.end)
 
 
 class BodyRecorder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+from collections.abc import AsyncIterator
 from time import perf_counter
 from typing import TextIO
 
@@ -70,7 +71,7 @@ class Progress:
             self._draw()
 
     @contextlib.asynccontextmanager
-    async def running(self):  # type: ignore[no-untyped-def]
+    async def running(self) -> AsyncIterator[Progress]:
         self._t0 = perf_counter()
         if not self.enabled:
             yield self

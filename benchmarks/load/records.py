@@ -65,6 +65,11 @@ class RequestRecord:
         return (self.latency - ttft) / (n - 1)
 
     @property
+    def queue_delay(self) -> float | None:
+        """Open loop: how late the request went out (timers may fire a bit early: that counts as 0)."""
+        return None if self.scheduled is None else max(0.0, self.start - self.scheduled)
+
+    @property
     def chunk_gaps(self) -> list[float]:
         times = self.chunk_times
         return [b - a for a, b in zip(times, times[1:], strict=False)]

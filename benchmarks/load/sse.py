@@ -17,6 +17,15 @@ class SseParser:
         self._pending_cr = False  # the last read ended in CR: it may be the first half of a CRLF
 
     def feed(self, data: bytes) -> list[bytes]:
+        if (
+            not self._buf
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == len(data) - 2
+            and data.endswith(b"\n\n")
+            and not self._pending_cr
+            and b"\r" not in data
+        ):
+            return [data[6:-2]]  # fast path: exactly one single-line event, as OpenAI servers send them
         if self._pending_cr:
             data = b"\r" + data
             self._pending_cr = False
@@ -49,6 +58,12 @@ class SseParser:
                 events.append(b"\n".join(data_lines))
         self._buf = buf[pos:] if pos else buf
         return events
+
+    def end(self) -> list[bytes]:
+        """At the end of the stream: the events a final CR or a missing blank line left undelivered."""
+        if self._pending_cr or self._buf:
+            return self.feed(b"\n")
+        return []
 
     @property
     def pending(self) -> bytes:

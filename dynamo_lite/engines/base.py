@@ -56,11 +56,6 @@ class EngineError(Exception):
 
 
 class EngineUnavailable(RuntimeError):
-    """The chosen engine cannot run on this machine (its library is missing or unusable). The message is one
-    line that says what to install; the worker prints it and exits non-zero."""
-
-
-class EngineUnavailable(RuntimeError):
     """The engine's library is not installed here; the message is one line saying what to install."""
 
 
@@ -71,11 +66,29 @@ class TokenStream:
     one ``GenerateChunk`` per wake-up carrying every token produced meanwhile.
     """
 
-    __slots__ = ("_loop", "_loop_thread", "_lock", "_tokens", "_finish", "_kv", "_error", "_event", "_scheduled",
-                 "_cached", "_done")
+    __slots__ = (
+        "_loop",
+        "_loop_thread",
+        "_lock",
+        "_tokens",
+        "_finish",
+        "_kv",
+        "_error",
+        "_event",
+        "_scheduled",
+        "_cached",
+        "_done",
+        "_min_interval",
+        "_last_yield",
+    )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, min_interval_s: float = 0.0) -> None:
         self._loop = loop
+        # Like TensorRT-LLM's stream_interval: after a chunk goes out, the next one waits this long so that
+        # tokens produced meanwhile travel together (fewer NATS messages and SSE events per token). The
+        # first token and the final chunk are never held back.
+        self._min_interval = min_interval_s
+        self._last_yield = 0.0
         self._loop_thread = threading.get_ident()  # created on the loop's thread
         self._lock = threading.Lock()
         self._tokens: list[int] = []
@@ -104,7 +117,9 @@ class TokenStream:
                 self._tokens.extend(token_ids)
             self._wake()
 
-    def finish(self, reason: str | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None) -> None:
+    def finish(
+        self, reason: str | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
+    ) -> None:
         """End the stream. A prefill that hands over to a decode worker ends with ``reason=None`` and ``kv``."""
         with self._lock:
             self._finish = reason
@@ -126,16 +141,29 @@ class TokenStream:
     async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
         while True:
             await self._event.wait()
+            if self._min_interval and not self._done:
+                wait = self._last_yield + self._min_interval - self._loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             with self._lock:
                 self._event.clear()
                 self._scheduled = False
                 tokens, self._tokens = self._tokens, []
-                finish, kv, error, cached, done = self._finish, self._kv, self._error, self._cached, self._done
+                finish, kv, error, cached, done = (
+                    self._finish,
+                    self._kv,
+                    self._error,
+                    self._cached,
+                    self._done,
+                )
             if error is not None:
                 raise error
             if tokens or done:
-                yield GenerateChunk(token_ids=tokens, finish_reason=finish, kv=kv if done else None,
-                                    cached_tokens=cached)
+                if self._min_interval:
+                    self._last_yield = self._loop.time()
+                yield GenerateChunk(
+                    token_ids=tokens, finish_reason=finish, kv=kv if done else None, cached_tokens=cached
+                )
             if done:
                 return
 
@@ -163,6 +191,7 @@ class EngineSettings:
     kv_advertise_host: str = ""  # empty: kv_bind_host
     kv_port: int = 0  # 0: any free port
     kv_lease_s: float = 30.0
+    stream_interval_s: float = 0.0  # coalesce tokens produced within this interval into one chunk
     speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
     extra: dict = field(default_factory=dict)
     extra_source: str = ""  # file the extra args came from, for error messages

@@ -58,8 +58,14 @@ class _Seq:
         self.salt = (sum(request.token_ids[:64]) * 2654435761 + len(request.token_ids)) & 0xFFFFFFFF
 
 
-_MOCKER_KEYS = {"max_batch_size", "max_num_tokens", "max_seq_len", "speedup_ratio", "vocab_size",
-                *MockerTiming.__dataclass_fields__}
+_MOCKER_KEYS = {
+    "max_batch_size",
+    "max_num_tokens",
+    "max_seq_len",
+    "speedup_ratio",
+    "vocab_size",
+    *MockerTiming.__dataclass_fields__,
+}
 
 
 class MockerEngine:
@@ -68,7 +74,9 @@ class MockerEngine:
     def __init__(self, settings: EngineSettings, model_files: ModelFiles) -> None:
         for key in settings.extra:
             if key not in _MOCKER_KEYS:
-                log.warning("%s: unknown mocker engine arg %r ignored", settings.extra_source or "engine args", key)
+                log.warning(
+                    "%s: unknown mocker engine arg %r ignored", settings.extra_source or "engine args", key
+                )
         self.settings = settings
         self.model_files = model_files
         self.timing = MockerTiming.from_extra(settings.extra, settings.extra_source or "engine args")
@@ -85,6 +93,7 @@ class MockerEngine:
         self._active: list[_Seq] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
         self._stats = EngineStats()
 
     def kv_bytes(self, tokens: int) -> int:
@@ -94,9 +103,15 @@ class MockerEngine:
         self._task = asyncio.create_task(self._loop(), name="mocker-engine")
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        # Whoever still reads a stream gets an error, not a hang: nothing will ever advance it again.
+        for seq in [*self._waiting, *self._active]:
+            seq.stream.fail(EngineError("engine stopped", 503, "engine_stopped"))
+        self._waiting.clear()
+        self._active.clear()
 
     def stats(self) -> EngineStats:
         s = self._stats
@@ -126,14 +141,16 @@ class MockerEngine:
                 if not seq.cancelled:
                     admitted.append(seq)
             if admitted:
+                self._active.extend(admitted)  # before the prefill time, so that stop() sees them too
                 prompt = sum(len(s.request.token_ids) for s in admitted if s.request.kv is None)
                 await self._sleep(self.timing.prefill_base_s + prompt * self.timing.prefill_per_token_s)
-                self._active.extend(admitted)
             if not self._active:
                 continue
             kv = sum(s.kv_tokens for s in self._active)
             t = self.timing
-            await self._sleep(t.decode_base_s + len(self._active) * t.decode_per_seq_s + kv * t.decode_per_kv_token_s)
+            await self._sleep(
+                t.decode_base_s + len(self._active) * t.decode_per_seq_s + kv * t.decode_per_kv_token_s
+            )
             still: list[_Seq] = []
             for seq in self._active:
                 if seq.cancelled:
@@ -157,19 +174,31 @@ class MockerEngine:
                 seq.stream.finish(FinishReason.LENGTH)
             else:
                 n = len(seq.request.token_ids)
-                desc = KvDescriptor(transfer_id=uuid.uuid4().hex, engine="mocker", num_tokens=n,
-                                    nbytes=self.kv_bytes(n), num_layers=self.layers, num_kv_heads=self.kv_heads,
-                                    head_dim=self.head_dim, dtype="bfloat16", lease_s=self.settings.kv_lease_s)
+                desc = KvDescriptor(
+                    transfer_id=uuid.uuid4().hex,
+                    engine="mocker",
+                    num_tokens=n,
+                    nbytes=self.kv_bytes(n),
+                    num_layers=self.layers,
+                    num_kv_heads=self.kv_heads,
+                    head_dim=self.head_dim,
+                    dtype="bfloat16",
+                    lease_s=self.settings.kv_lease_s,
+                )
                 seq.stream.finish(None, kv=desc)
         elif seq.generated >= seq.target:
             seq.stream.finish(FinishReason.LENGTH)
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self._stopped:
+            raise EngineError("engine stopped", 503, "engine_stopped")
         if request.sampling.max_tokens < 1:
             raise EngineError("max_tokens must be at least 1", 400, "invalid_request")
-        if len(request.token_ids) + request.sampling.max_tokens > int(
-            self.settings.extra.get("max_seq_len", self.settings.max_seq_len)
-        ) and self.settings.max_seq_len > 0:
+        if (
+            len(request.token_ids) + request.sampling.max_tokens
+            > int(self.settings.extra.get("max_seq_len", self.settings.max_seq_len))
+            and self.settings.max_seq_len > 0
+        ):
             raise EngineError("prompt + max_tokens exceeds the engine's max_seq_len", 400, "context_length")
         cached = 0
         if request.phase == Phase.DECODE and request.kv is not None:
@@ -178,7 +207,7 @@ class MockerEngine:
                 await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
-        seq = _Seq(request, TokenStream(asyncio.get_running_loop()))
+        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.settings.stream_interval_s))
         if cached:
             seq.stream.set_cached_tokens(cached)
         if seq.generated >= seq.target:

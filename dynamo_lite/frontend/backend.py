@@ -10,7 +10,12 @@ from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard
 
 
 class Backend(Protocol):
-    """What the HTTP frontend calls. Everything network-facing stays behind it."""
+    """What the HTTP frontend calls. Everything network-facing stays behind it.
+
+    Optionally a backend also has ``model_card(model) -> ModelCard | None``: the card of a model that is
+    known but not servable right now (a role has no live worker). Its requests then reach ``generate``, which
+    answers 503, instead of the frontend answering 404 for a model it cannot see in ``model_cards()``.
+    """
 
     def model_cards(self) -> list[ModelCard]:
         """Models that currently have live workers for every role they need."""

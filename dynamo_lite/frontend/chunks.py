@@ -8,7 +8,8 @@ import orjson
 DONE = b"data: [DONE]\n\n"
 _NULL_FINISH = b',"logprobs":null,"finish_reason":null}]}\n\n'
 _FINISH = {
-    reason: b',"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n" for reason in ("stop", "length")
+    reason: b',"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+    for reason in ("stop", "length")
 }
 
 

@@ -1,5 +1,5 @@
-"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` for every failure the frontend
-answers, its own routing and validation errors included."""
+"""Errors in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}`` for every failure the
+frontend answers, its own routing and validation errors included."""
 
 from __future__ import annotations
 
@@ -40,7 +40,9 @@ def error_type(status: int) -> str:
 class OpenAIError(Exception):
     """A failure to answer as ``status`` with an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -78,20 +80,32 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
     return OpenAIError(500, "internal server error", code="internal_error")
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def _field_path(loc: tuple | list) -> str:
+    """``("prompt", "list[int]", 1)`` → ``"prompt.1"``: pydantic's union-member tags are not fields."""
+    return ".".join(
+        str(x) for x in loc if x != "body" and not (isinstance(x, str) and ("[" in x or x in _UNION_TAGS))
+    )
+
+
 def validation_error(errors: list | tuple) -> OpenAIError:
     """A 400 from pydantic's error list; ``param`` names the first offending field."""
     if not errors:
         return bad_request("invalid request")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return bad_request(f"request body is not valid JSON: {first.get('ctx', {}).get('error', '')}".rstrip(": "))
-    parts = []
-    for err in errors[:3]:
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    param = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
-    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-    return bad_request("; ".join(parts) + more, param=param)
+        detail = first.get("ctx", {}).get("error", "")
+        return bad_request(
+            f"request body is not valid JSON: {detail}" if detail else "request body is not valid JSON"
+        )
+    messages: dict[str, str] = {}  # one message per field (a union reports every member's failure)
+    for err in errors:
+        messages.setdefault(_field_path(err.get("loc", ())), str(err.get("msg")))
+    parts = [f"{loc}: {msg}" if loc else msg for loc, msg in list(messages.items())[:3]]
+    more = f" (and {len(messages) - 3} more)" if len(messages) > 3 else ""
+    return bad_request("; ".join(parts) + more, param=_field_path(first.get("loc", ())) or None)
 
 
 def install_error_handlers(app: FastAPI, on_error=None) -> None:

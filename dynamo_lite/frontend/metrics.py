@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 
 PREFIX = "dynamo_lite_frontend_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -11,6 +15,58 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+
+class LoopHistogramChild:
+    """One label set of a ``LoopHistogram``: a bisect and two adds per observation, no lock."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last slot is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self._bounds, value)] += 1
+        self.sum += value
+
+
+class LoopHistogram:
+    """A histogram for the per-chunk path, updated from the event loop thread only.
+
+    prometheus-client's ``Histogram.observe`` takes a lock per bucket and costs ~1 us; observed once per SSE
+    chunk that is a noticeable share of the chunk's budget. Exposed through the registry like any histogram.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...], registry
+    ) -> None:
+        self._name = name
+        self._doc = documentation
+        self._labelnames = labelnames
+        self._bounds = tuple(sorted(buckets))
+        self._children: dict[tuple[str, ...], LoopHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> LoopHistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = LoopHistogramChild(self._bounds)
+        return child
+
+    def describe(self) -> list[Metric]:
+        return [HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self._bounds, float("inf")), child.counts, strict=True):
+                cumulative += count
+                buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
 
 
 class ModelMetrics:
@@ -41,9 +97,9 @@ class FrontendMetrics:
         self.ttft = Histogram(
             PREFIX + "ttft_seconds", "Time to first token", ["model"], buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.itl = Histogram(
+        self.itl = LoopHistogram(
             PREFIX + "itl_seconds",
-            "Inter-token latency (gap between chunks divided by the chunk's tokens)",
+            "Inter-token latency (gap between chunks divided by the chunk's tokens; one sample per chunk)",
             ["model"],
             buckets=_ITL_BUCKETS,
             registry=r,
@@ -51,10 +107,14 @@ class FrontendMetrics:
         self.output_tokens = Counter(PREFIX + "output_tokens", "Generated tokens", ["model"], registry=r)
         self.input_tokens = Counter(PREFIX + "input_tokens", "Prompt tokens", ["model"], registry=r)
         self.disconnects = Counter(
-            PREFIX + "disconnects", "Clients that went away before their response was complete", ["model"],
+            PREFIX + "disconnects",
+            "Clients that went away before their response was complete",
+            ["model"],
             registry=r,
         )
-        self.errors = Counter(PREFIX + "errors", "Error responses and error events, by type", ["type"], registry=r)
+        self.errors = Counter(
+            PREFIX + "errors", "Error responses and error events, by type", ["type"], registry=r
+        )
         self.duration = Histogram(
             PREFIX + "request_duration_seconds",
             "Request duration, arrival to last byte",

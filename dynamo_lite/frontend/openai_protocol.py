@@ -69,6 +69,7 @@ class ChatCompletionRequest(_GenerationParams):
     tool_choice: Any = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_GenerationParams):

@@ -8,18 +8,21 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from dynamo_lite.frontend.chat_template import ChatTemplate, ChatTemplateError
-from dynamo_lite.frontend.detokenize import StreamDetokenizer, WindowDetokenizer, make_detokenizer
+from dynamo_lite.frontend.detokenize import Detokenizer, make_detokenizer, token_text_table
 from dynamo_lite.frontend.errors import OpenAIError, bad_request
+from dynamo_lite.frontend.fast_bpe import FastBpeEncoder
 from dynamo_lite.protocol import ModelCard
 
 
 class ModelPreprocessor:
     """Everything the frontend needs to turn a request for one model into token ids and back."""
 
-    def __init__(self, card: ModelCard, *, tokenize_in_thread_chars: int = 8192) -> None:
+    def __init__(self, card: ModelCard, *, tokenize_in_thread_chars: int = 2048) -> None:
         self.card = card
         self.tokenizer = Tokenizer.from_file(card.tokenizer_path)
         self.vocab_size = card.vocab_size or self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self._token_texts = token_text_table(self.tokenizer, skip_special_tokens=True)
+        self._fast = FastBpeEncoder.try_build(card.tokenizer_path, self.tokenizer)
         self._thread_chars = tokenize_in_thread_chars
         self._template: ChatTemplate | None = None
         self._template_error = ""
@@ -51,6 +54,10 @@ class ModelPreprocessor:
             raise bad_request(str(e), param="messages", code="chat_template_error") from e
 
     async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        if self._fast is not None and not add_special_tokens:
+            if len(text) > self._thread_chars:
+                return await asyncio.to_thread(self._fast.encode, text)
+            return self._fast.encode(text)
         if len(text) > self._thread_chars:
             # tokenizers releases the GIL: a long prompt tokenizes beside the event loop, not on it.
             enc = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
@@ -58,8 +65,8 @@ class ModelPreprocessor:
             enc = self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids
 
-    def detokenizer(self) -> StreamDetokenizer | WindowDetokenizer:
-        return make_detokenizer(self.tokenizer, skip_special_tokens=True)
+    def detokenizer(self) -> Detokenizer:
+        return make_detokenizer(self.tokenizer, skip_special_tokens=True, texts=self._token_texts)
 
 
 class PreprocessorCache:
@@ -68,7 +75,7 @@ class PreprocessorCache:
     Loading a tokenizer takes a while (tens of ms to seconds): it happens in a thread, once per card.
     """
 
-    def __init__(self, *, tokenize_in_thread_chars: int = 8192) -> None:
+    def __init__(self, *, tokenize_in_thread_chars: int = 2048) -> None:
         self._thread_chars = tokenize_in_thread_chars
         self._ready: dict[str, ModelPreprocessor] = {}
         self._loading: dict[str, asyncio.Future[ModelPreprocessor]] = {}

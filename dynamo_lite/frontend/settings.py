@@ -21,9 +21,9 @@ class FrontendSettings:
     keep_alive_timeout_s: float = 30.0  # idle keep-alive connections
     shutdown_timeout_s: float = 5.0  # graceful shutdown: wait this long for in-flight requests
     backlog: int = 2048
-    # Prompts longer than this (characters) are tokenized in a worker thread (tokenizers releases the GIL), so
-    # a 100k-character prompt doesn't stall every other stream on the event loop.
-    tokenize_in_thread_chars: int = 8192
+    # Prompts longer than this (characters) are tokenized in a worker thread (tokenizers releases the GIL):
+    # byte-level BPE costs ~0.5-1 us per character, and a long prompt must not stall every stream on the loop.
+    tokenize_in_thread_chars: int = 2048
     completions_default_max_tokens: int = 16  # OpenAI's default for the legacy /v1/completions
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256

@@ -58,6 +58,8 @@ class WatchedResponse(Response):
     def __init__(self, producer: Producer) -> None:  # no Response.__init__: nothing to render
         self._producer = producer
         self.background = None
+        self.status_code = 200  # what it normally answers; the producer decides
+        self.raw_headers: list[tuple[bytes, bytes]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(send)

@@ -24,7 +24,10 @@ class KvTransferConfig:
     connect_timeout_s: float = 2.0  # connect plus the exporter's answer to a claim
     max_held_bytes: int = 8 << 30  # refuse new holds beyond this (KvCapacityError)
     max_transfer_bytes: int = 4 << 30  # refuse (either side) any single transfer above this
+    max_connections: int = 256  # exporter: concurrent importer connections; more are closed at once
     # Socket buffers for the TCP path. Setting them switches off the kernel's autotuning, so they are only
     # applied when the kernel lets them be this large (net.core.[rw]mem_max); 0 leaves autotuning alone.
     socket_buffer_bytes: int = 4 << 20
-    verify_shm: bool = True  # check the checksum on the shm path too (TCP is always checked)
+    # Checksum the shm path too (TCP is always checked). None: only when xxhash is installed (xxh3 costs
+    # ~10 ms per 94 MB; zlib's crc32, the fallback, ~30 ms: half the 60 ms handoff budget).
+    verify_shm: bool | None = None

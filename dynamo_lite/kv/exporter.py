@@ -30,21 +30,19 @@ from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.errors import KvCapacityError, KvTransferError
 from dynamo_lite.kv.layout import KvLayout, as_tensor, host_id
-from dynamo_lite.kv.shm import ShmSegment
+from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
-from dynamo_lite.protocol import KvDescriptor, WireError
+from dynamo_lite.protocol import WIRE_VERSION, KvDescriptor, WireError
 
 log = logging.getLogger(__name__)
-
-MAX_CONNECTIONS = 256
 
 
 @dataclass(slots=True, eq=False)
 class KvHold:
     """Memory for one sequence's KV, owned by the exporter until it is freed.
 
-    ``buffer`` is a writable view of ``layout.nbytes`` (a POSIX shm segment when ``use_shm``, else a
-    bytearray): the engine writes the KV straight into it, in ``layout.shape`` order.
+    ``buffer`` is a writable view of ``layout.nbytes`` (a POSIX shm segment when ``use_shm``, else private
+    anonymous memory): the engine writes the KV straight into it, in ``layout.shape`` order.
     """
 
     transfer_id: str
@@ -52,15 +50,19 @@ class KvHold:
     layout: KvLayout
     buffer: memoryview
     shm_name: str = ""
-    _owner: Any = field(default=None, repr=False)  # the mmap or bytearray behind ``buffer``
+    _owner: Any = field(default=None, repr=False)  # the mmap behind ``buffer``
 
     def tensor(self) -> Any:
         """A writable torch view of ``layout.shape`` over the hold's memory."""
+        if self._owner is None:
+            raise KvTransferError(f"transfer {self.transfer_id} is freed")
         return as_tensor(self._owner, self.layout)
 
 
 @dataclass(slots=True)
 class ExporterStats:
+    """Counters since start (for the worker's metrics)."""
+
     transfers: int = 0  # holds served to an importer
     bytes: int = 0
     seconds: float = 0.0  # summed from claim to done/sent
@@ -88,9 +90,8 @@ class _Entry:
     checksum_algo: str = ""
     checksum: int = 0
     claimed_at: float = 0.0
-    view: memoryview | None = (
-        None  # taken at claim: the bytes stay valid for the handler even if freed meanwhile
-    )
+    # Taken at claim: the bytes stay valid for the serving task even if the hold is freed meanwhile.
+    view: memoryview | None = None
 
 
 class KvExporter:
@@ -180,7 +181,7 @@ class KvExporter:
                 owner: Any = segment.mapping
                 buffer = segment.buffer
             else:
-                owner = bytearray(nbytes)
+                owner = anonymous(nbytes)
                 buffer = memoryview(owner)
         except BaseException:
             with self._lock:
@@ -197,15 +198,15 @@ class KvExporter:
         the engine thread), restart its lease and describe it for the importer."""
         if self._listener is None:
             raise KvTransferError("KvExporter.publish before start()")
+        self._published_entry(hold)  # fail fast, before hashing, if it is already gone
         algo = ck.SUPPORTED[0]
-        value = ck.checksum(hold.buffer, algo)
+        try:
+            value = ck.checksum(hold.buffer, algo)
+        except ValueError as e:  # freed (expired/released) while we hashed: its view was released
+            raise KvTransferError(f"transfer {hold.transfer_id} is not held (expired or released)") from e
         secret = secrets.token_urlsafe(24)
         with self._lock:
-            entry = self._entries.get(hold.transfer_id)
-            if entry is None or entry.hold is not hold:
-                raise KvTransferError(f"transfer {hold.transfer_id} is not held (expired or released)")
-            if entry.state is not _State.ALLOCATED:
-                raise KvTransferError(f"transfer {hold.transfer_id} is already published")
+            entry = self._published_entry(hold)
             entry.state = _State.PUBLISHED
             entry.secret = secret.encode()
             entry.checksum_algo, entry.checksum = algo, value
@@ -221,6 +222,14 @@ class KvExporter:
             lease_s=self.config.lease_s,
             **hold.layout.descriptor_fields(),
         )
+
+    def _published_entry(self, hold: KvHold) -> _Entry:
+        entry = self._entries.get(hold.transfer_id)
+        if entry is None or entry.hold is not hold:
+            raise KvTransferError(f"transfer {hold.transfer_id} is not held (expired or released)")
+        if entry.state is not _State.ALLOCATED:
+            raise KvTransferError(f"transfer {hold.transfer_id} is already published")
+        return entry
 
     def release(self, transfer_id: str) -> bool:
         """Free a hold now (request cancelled or failed). False if it was already gone."""
@@ -263,12 +272,14 @@ class KvExporter:
                 s.released += 1
             elif reason == "failed":
                 s.failed += 1
-        entry.hold._owner = None  # a KvHold the engine keeps must not keep the memory alive
+        owner, entry.hold._owner = entry.hold._owner, None  # a KvHold the engine keeps must not pin memory
         if entry.segment is not None:
             entry.segment.close()
         else:
-            with suppress(BufferError):  # a view the engine still exports keeps the bytearray alive
+            with suppress(BufferError):  # a view the engine still exports keeps the memory alive
                 entry.hold.buffer.release()
+        bury(owner)
+        del owner
         log.debug("KV transfer %s freed (%s)", tid, reason)
         return True
 
@@ -280,8 +291,11 @@ class KvExporter:
             with self._lock:
                 expired = [tid for tid, e in self._entries.items() if e.deadline <= now]
             for tid in expired:
-                if self._free(tid, "expired"):
-                    log.info("KV transfer %s expired unpulled", tid)
+                try:
+                    if self._free(tid, "expired"):
+                        log.info("KV transfer %s expired unpulled", tid)
+                except Exception:  # one bad free must not stop expiring the rest
+                    log.exception("KV transfer %s: freeing failed", tid)
 
     # ---- serving importers ------------------------------------------------------------------------------
 
@@ -289,8 +303,13 @@ class KvExporter:
         loop = asyncio.get_running_loop()
         assert self._listener is not None
         while True:
-            conn, _ = await loop.sock_accept(self._listener)
-            if len(self._connections) >= MAX_CONNECTIONS:
+            try:
+                conn, _ = await loop.sock_accept(self._listener)
+            except OSError as e:  # e.g. out of file descriptors: keep serving once some are closed
+                log.warning("KV exporter accept failed: %s", e)
+                await asyncio.sleep(0.1)
+                continue
+            if len(self._connections) >= self.config.max_connections:
                 conn.close()
                 continue
             conn.setblocking(False)
@@ -326,7 +345,9 @@ class KvExporter:
         now = time.monotonic()
         with self._lock:
             entry = self._entries.get(req.transfer_id)
-            if req.op not in (KvOp.CLAIM, KvOp.FETCH):
+            if req.version != WIRE_VERSION:
+                status, msg = KvStatus.BAD_REQUEST, f"wire version {req.version}, expected {WIRE_VERSION}"
+            elif req.op not in (KvOp.CLAIM, KvOp.FETCH):
                 status, msg = KvStatus.BAD_REQUEST, f"unexpected {req.op.name}"
             elif entry is None or entry.state is _State.ALLOCATED or entry.deadline <= now:
                 status, msg = KvStatus.UNKNOWN, "unknown transfer (never published, freed, or lease expired)"
@@ -379,13 +400,18 @@ class KvExporter:
                     await loop.sock_sendall(conn, entry.view)
                     reason = "served"
                     return
-            reason = "expired"
-            async with asyncio.timeout(max(0.0, entry.deadline - time.monotonic())):
-                done = await recv_message(loop, conn, KvRequest)
+            try:
+                async with asyncio.timeout(max(0.0, entry.deadline - time.monotonic())):
+                    done = await recv_message(loop, conn, KvRequest)
+            except TimeoutError:
+                reason = "expired"
+                log.warning("KV transfer %s: the importer never said done", req.transfer_id)
+                return
             reason = "served" if done.op is KvOp.DONE else "failed"
         except TimeoutError:
-            what = "importer's done" if reason == "expired" else "send"
-            log.warning("KV transfer %s: timed out waiting for the %s", req.transfer_id, what)
+            log.warning("KV transfer %s: sending timed out", req.transfer_id)
+        except (ConnectionError, OSError, WireError) as e:
+            log.info("KV transfer %s: importer went away (%s)", req.transfer_id, e)
         finally:
             entry.view = None
             self._free(req.transfer_id, reason, nbytes, "shm" if req.op is KvOp.CLAIM else "tcp")

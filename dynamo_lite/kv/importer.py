@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import socket
 import time
 from contextlib import suppress
@@ -23,7 +22,7 @@ from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.errors import KvPullError
 from dynamo_lite.kv.layout import KvLayout, as_tensor, host_id
-from dynamo_lite.kv.shm import ShmSegment
+from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
 from dynamo_lite.protocol import KvDescriptor, WireError
 
@@ -74,9 +73,9 @@ class KvPulled:
 
     def close(self) -> None:
         """Unmap and tell the exporter we are done (shm). Idempotent; callable from any thread."""
-        if self._owner is None:
+        owner, self._owner = self._owner, None
+        if owner is None:
             return
-        self._owner = None
         sock, self._sock = self._sock, None
         if sock is not None:
             with suppress(OSError):  # the socket is idle and empty: this tiny send never blocks
@@ -87,6 +86,7 @@ class KvPulled:
         if self._segment is not None:
             self._segment.close()
             self._segment = None
+        bury(owner)
 
     def __enter__(self) -> KvPulled:
         return self
@@ -145,9 +145,10 @@ async def _pull_shm(
     sock: socket.socket | None = None
     try:
         sock = await _connect(desc, cfg)
-        offered = list(ck.SUPPORTED) if cfg.verify_shm else []
+        verify = ck.FAST if cfg.verify_shm is None else cfg.verify_shm
+        offered = list(ck.SUPPORTED) if verify else []
         reply = await _request(sock, KvRequest(KvOp.CLAIM, desc.transfer_id, desc.secret, offered), desc, cfg)
-        if cfg.verify_shm:
+        if verify:
             await _verify(segment.buffer, reply, desc)
         elapsed = time.perf_counter() - started
         return KvPulled(layout, segment.mapping, "shm", elapsed, segment, sock)
@@ -165,7 +166,7 @@ async def _pull_tcp(desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout,
         offered = list(ck.SUPPORTED)
         reply = await _request(sock, KvRequest(KvOp.FETCH, desc.transfer_id, desc.secret, offered), desc, cfg)
         hasher = _hasher(reply)
-        buf = _anonymous(desc.nbytes)
+        buf = anonymous(desc.nbytes)
         view = memoryview(buf)
         got = 0
         while got < desc.nbytes:
@@ -180,12 +181,6 @@ async def _pull_tcp(desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout,
         return KvPulled(layout, buf, "tcp", time.perf_counter() - started)
     finally:
         sock.close()
-
-
-def _anonymous(nbytes: int) -> mmap.mmap:
-    # Fresh zero pages mapped up front: no 94 MB memset (bytearray) and no page fault per 4 KiB mid-receive.
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, nbytes, flags=flags)
 
 
 async def _connect(desc: KvDescriptor, cfg: KvTransferConfig) -> socket.socket:

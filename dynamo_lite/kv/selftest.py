@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--lease", type=float, default=30.0)
     p.add_argument("--no-shm", action="store_true", help="TCP only")
+    p.add_argument(
+        "--socket-buffer", type=int, default=KvTransferConfig().socket_buffer_bytes, help="0: autotune"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--count", type=int, default=1, help="export: holds to publish at start")
     # SmolLM2-135M's KV shape by default.

@@ -1,11 +1,13 @@
-"""Named POSIX shared-memory segments, without ``multiprocessing.shared_memory``'s ownership surprises.
+"""Memory for KV in transit: named POSIX shared-memory segments, and private anonymous buffers.
 
-The exporter *creates* a segment and registers it with multiprocessing's resource tracker, so that if the
-prefill process dies (even by SIGKILL) the tracker unlinks it. The importer only *attaches*: it never
-registers (that is the bug that makes ``SharedMemory`` unlink segments it does not own when a reader exits).
+Shared segments avoid ``multiprocessing.shared_memory``'s ownership surprises. The exporter *creates* a
+segment and registers it with multiprocessing's resource tracker, so that if the prefill process dies (even
+by SIGKILL) the tracker unlinks it. The importer only *attaches* and never registers (registering is what
+makes ``SharedMemory`` unlink, at a reader's exit, segments the reader does not own).
 
 Memory is released by reference counting, never by ``mmap.close()``: a view or tensor someone still holds
-keeps the mapping valid after ``unlink``, so freeing can never leave a dangling pointer.
+keeps the mapping valid after ``unlink``, so freeing can never leave a dangling pointer. The last reference is
+dropped on a reaper thread: unmapping 94 MB takes 2-10 ms (with the GIL released), off the event loop.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from __future__ import annotations
 import _posixshmem
 import mmap
 import os
+import queue
 import re
 import secrets
+import threading
 from multiprocessing import resource_tracker
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,200}")
@@ -85,15 +89,50 @@ class ShmSegment:
 
     def close(self) -> None:
         """Drop this object's hold on the memory, and unlink the name if we created it. Idempotent."""
-        if self._mm is None:
+        mm, self._mm = self._mm, None
+        if mm is None:
             return
-        self._mm = None
         try:
             self.buffer.release()
         except BufferError:
             pass  # someone's view is still exported: the memory goes when they let go
         if self.owner:
             unlink(self.name)
+        bury(mm)
+
+
+def anonymous(nbytes: int) -> mmap.mmap:
+    """Private zeroed memory, backed by transparent huge pages where the kernel allows them
+    (``enabled=madvise`` is common): 2 MiB page faults (~45 for 94 MB instead of ~23k) and a near-free unmap.
+    Unlike ``bytearray(n)``, nothing is memset up front."""
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # THP off or unsupported: 4 KiB pages, same semantics
+    return buf
+
+
+_graveyard: queue.SimpleQueue[object] = queue.SimpleQueue()
+_reaper_lock = threading.Lock()
+_reaper: threading.Thread | None = None
+
+
+def bury(obj: object) -> None:
+    """Hand over (what is usually) the last reference to a mapping; the reaper thread drops it."""
+    global _reaper
+    with _reaper_lock:
+        if _reaper is None:
+            _reaper = threading.Thread(target=_reap, name="kv-unmap", daemon=True)
+            _reaper.start()
+    _graveyard.put(obj)
+
+
+def _reap() -> None:
+    while True:
+        obj = _graveyard.get()
+        del obj  # munmap happens here when this was the last reference
 
 
 def unlink(name: str) -> bool:
@@ -112,6 +151,8 @@ def unlink(name: str) -> bool:
 
 def exists(name: str) -> bool:
     """Whether a segment of that name exists (tests and diagnostics)."""
+    if not valid_name(name):
+        return False
     try:
         fd = _posixshmem.shm_open("/" + name, os.O_RDONLY, mode=0o600)
     except FileNotFoundError:

@@ -134,6 +134,10 @@ class Router:
         )
         async with aclosing(self._stream(decoder, follow)) as chunks:
             async for chunk in chunks:
+                if first is not None:
+                    # Imported KV was computed for this request, not reused: only the prefill's prefix-cache
+                    # hits count as cached prompt tokens.
+                    chunk.cached_tokens = first.cached_tokens
                 yield chunk
 
     async def prefill(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:

@@ -118,19 +118,25 @@ class LiveView:
 
     async def _run(self) -> None:
         backoff = 0.2
+        resync_s = self.runtime.settings.discovery_resync_s or None
         while True:
             watch = self.runtime.discovery.watch_prefix(self._prefix)
-            first = asyncio.ensure_future(watch.__anext__())  # establish the watch before listing
+            pending = asyncio.ensure_future(watch.__anext__())  # establish the watch before listing
             try:
                 await asyncio.sleep(0.01)
                 await self._resync()
                 self._ready.set()
                 backoff = 0.2
-                event = await first
                 while True:
-                    if self._apply(event):
+                    done, _ = await asyncio.wait({pending}, timeout=resync_s)
+                    if not done:
+                        # The watch may have been created on the server only after the first list (nothing
+                        # tells us when): a list taken now repairs what it missed. Applied between events.
+                        await self._resync()
+                        continue
+                    if self._apply(pending.result()):
                         self._notify()
-                    event = await watch.__anext__()
+                    pending = asyncio.ensure_future(watch.__anext__())
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — etcd restart or network blip: re-list and re-watch
@@ -138,9 +144,9 @@ class LiveView:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
             finally:
-                if not first.done():
-                    first.cancel()
-                await asyncio.gather(first, return_exceptions=True)
+                if not pending.done():
+                    pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
                 try:
                     await watch.aclose()
                 except RuntimeError:  # still running after a cancel: it is being torn down anyway

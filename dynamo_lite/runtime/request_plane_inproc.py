@@ -1,7 +1,7 @@
 """In-process request plane: the NATS plane's semantics without a network (embedded mode, unit tests).
 
-The handler's generator runs in the caller's task; closing the caller's iterator closes the handler's, which is
-exactly what a cancel message does over NATS.
+The handler's generator runs in the caller's task; closing the caller's iterator closes the handler's, which
+is exactly what a cancel message does over NATS.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ class _InProcServed:
         self._plane = plane
         self._address = address
         self.inflight = 0
+        self.stopped = False
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -28,6 +29,19 @@ class _InProcServed:
                 await asyncio.wait_for(self._idle.wait(), drain_s)
             except TimeoutError:
                 pass
+        self.stopped = True  # streams still running past the drain end at their next item, as over NATS
+
+
+async def _first_item(gen: AsyncIterator[bytes], address: str, first_timeout: float) -> bytes:
+    """Same contract as NATS: a handler that never answers fails the stream (504), never hangs it."""
+    timer = asyncio.timeout(first_timeout)
+    try:
+        async with timer:
+            return await gen.__anext__()
+    except TimeoutError:
+        if not timer.expired():
+            raise  # the handler's own TimeoutError: a handler failure like any other
+    raise StreamError(ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s", "timeout"))
 
 
 class InProcRequestPlane:
@@ -49,16 +63,20 @@ class InProcRequestPlane:
         served.inflight += 1
         served._idle.clear()
         gen = handler(payload)
+        first = True
         try:
             while True:
                 try:
-                    item = await gen.__anext__()
+                    item = await (_first_item(gen, address, first_timeout) if first else gen.__anext__())
+                    first = False
                 except StopAsyncIteration:
                     return
                 except StreamError:
                     raise
                 except Exception as e:  # noqa: BLE001 — the remote side's failure, as NATS would carry it
                     raise StreamError(error_info_for(e)) from e
+                if served.stopped:
+                    raise StreamError(ErrorInfo(503, f"{address} stopped", "instance_stopped"))
                 yield item
         finally:
             await gen.aclose()

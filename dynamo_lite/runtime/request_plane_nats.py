@@ -10,6 +10,7 @@ Liveness:  PUB dlhb.{address} every heartbeat interval — a stream whose instan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import ssl
@@ -83,11 +84,14 @@ class _NatsServed:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._subs: list = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         nc = self._plane.nc
         self._subs.append(await nc.subscribe(self._address, cb=self._on_request))
         self._subs.append(await nc.subscribe(self._address + ".cancel", cb=self._on_cancel))
+        # Until the server has our SUB, a request here gets "no responders"; serving means routable.
+        await _sync_with_server(nc, self._plane.settings.connect_timeout_s)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
 
     @property
@@ -125,7 +129,11 @@ class _NatsServed:
                 seq += 1
             await publish(reply, encode(Frame(seq, FrameKind.END)))
         except asyncio.CancelledError:
-            pass  # the caller went away (cancel message or shutdown): nobody to answer
+            if self._stopping:  # shut down past the drain: the caller is still there and hears it at once
+                with contextlib.suppress(Exception):
+                    info = ErrorInfo(503, f"{self._address} stopped", "instance_stopped")
+                    await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(info))))
+            # else the caller went away (cancel message): nobody to answer
         except Exception as e:  # noqa: BLE001 — every failure travels as an ERROR frame, never silence
             try:
                 await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(error_info_for(e)))))
@@ -139,8 +147,12 @@ class _NatsServed:
         """Stop taking requests; let in-flight ones finish for up to ``drain_s``; cancel the rest."""
         for sub in self._subs[:1]:
             await _unsubscribe_quietly(sub)
+        if self._plane.nc.is_connected:
+            with contextlib.suppress(Exception):  # once the server has our UNSUB, new requests get a fast 503
+                await _sync_with_server(self._plane.nc, 1.0)
         if drain_s > 0 and self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=drain_s)
+        self._stopping = True
         for task in list(self._tasks.values()):
             task.cancel()
         if self._tasks:
@@ -149,6 +161,16 @@ class _NatsServed:
             await _unsubscribe_quietly(sub)
         if self._heartbeat:
             self._heartbeat.cancel()
+
+
+async def _sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
+    """Return once the server has processed every command we sent before (SUB, UNSUB).
+
+    nats-py writes a flush's PING straight to the socket, ahead of commands still in its buffer, so one PONG
+    does not cover them; by the time it arrives the buffer has been written, and a second PING/PONG does.
+    """
+    await nc.flush(timeout=flush_timeout_s)
+    await nc.flush(timeout=flush_timeout_s)
 
 
 async def _unsubscribe_quietly(sub) -> None:  # noqa: ANN001
@@ -206,7 +228,7 @@ class NatsRequestPlane:
         try:
             nc = await asyncio.wait_for(nats.connect(**kwargs), settings.connect_timeout_s + 1)
         except Exception as e:  # noqa: BLE001
-            raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e}") from e
+            raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
         self = cls(nc, settings)
         self._subs.append(await nc.subscribe(self._inbox + ".*", cb=self._on_reply))
         self._subs.append(await nc.subscribe(HEARTBEAT_PREFIX + ">", cb=self._on_heartbeat))

@@ -10,10 +10,13 @@ import sys
 
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
+from dynamo_lite.model_files import ModelNotFound
 from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from, setup_logging
 from dynamo_lite.worker.worker import Worker, WorkerSettings
 
 log = logging.getLogger("dynamo_lite.worker")
+
+STREAM_INTERVAL_MS = 5.0
 
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     e.add_argument("--kv-advertise-host", default="")
     e.add_argument("--kv-port", type=int, default=0)
     e.add_argument("--kv-lease", type=float, default=30.0, help="seconds unpulled KV is held")
+    e.add_argument("--stream-interval-ms", type=float, default=STREAM_INTERVAL_MS,
+                   help="coalesce tokens produced within this many ms into one message (0: every step)")
     e.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated time (0: none)")
     add_runtime_args(p)
     args = p.parse_args(argv)
@@ -64,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         free_gpu_memory_fraction=args.free_gpu_memory_fraction, tensor_parallel_size=args.tensor_parallel_size,
         expert_parallel_size=args.expert_parallel_size, kv_failure_policy=args.kv_failure_policy,
         kv_bind_host=args.kv_bind_host, kv_advertise_host=args.kv_advertise_host, kv_port=args.kv_port,
-        kv_lease_s=args.kv_lease, speedup_ratio=args.speedup_ratio, extra=extra,
+        kv_lease_s=args.kv_lease, stream_interval_s=args.stream_interval_ms / 1000, speedup_ratio=args.speedup_ratio, extra=extra,
         extra_source=args.extra_engine_args,
     )
     return WorkerSettings(
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     except EngineUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ConnectionError, ValueError) as e:
+    except (ConnectionError, ValueError, ModelNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

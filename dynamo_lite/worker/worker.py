@@ -81,7 +81,7 @@ class Worker:
     def model_card(self) -> ModelCard:
         files = self.engine.model_files  # type: ignore[attr-defined]
         special = files.special_tokens
-        served = self.settings.engine_settings.served_model_name or files.folder.name
+        served = self.settings.engine_settings.served_model_name or files.default_served_name
         return ModelCard(
             served_name=served, model_path=str(self.settings.engine_settings.model_path or files.folder),
             tokenizer_path=str(files.tokenizer_json), chat_template=files.chat_template,

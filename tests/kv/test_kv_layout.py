@@ -19,7 +19,8 @@ def test_smollm2_layout_math() -> None:
 
 
 @pytest.mark.parametrize(
-    "args", [(30, 3, 64, "int8", 4), (0, 3, 64, "float32", 4), (30, 3, 64, "float32", 0), (30, -1, 64, "float16", 4)]
+    "args",
+    [(30, 3, 64, "int8", 4), (0, 3, 64, "float32", 4), (30, 3, 64, "float32", 0), (30, -1, 64, "float16", 4)],
 )
 def test_bad_layouts_refused(args: tuple) -> None:
     with pytest.raises(ValueError):

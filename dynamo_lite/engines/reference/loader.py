@@ -15,6 +15,10 @@ from pathlib import Path
 
 import torch
 
+from dynamo_lite.model_files import ensure_weights
+
+__all__ = ["LlamaConfig", "LlamaWeights", "UnsupportedModel", "ensure_weights", "load_weights"]
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -144,7 +148,7 @@ def _safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_weights(folder: Path, config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaWeights:
-    """Read every tensor of ``folder``'s safetensors, fuse the projections, cast to ``dtype`` on ``device``."""
+    """Read ``folder``'s safetensors, fuse the projections, cast to ``dtype`` on ``device``."""
     from safetensors import safe_open
 
     raw: dict[str, torch.Tensor] = {}
@@ -169,8 +173,10 @@ def load_weights(folder: Path, config: LlamaConfig, dtype: torch.dtype, device: 
     layers = []
     for i in range(config.num_layers):
         p = f"layers.{i}."
-        q, k, v = take(p + "self_attn.q_proj.weight"), take(p + "self_attn.k_proj.weight"), take(
-            p + "self_attn.v_proj.weight"
+        q, k, v = (
+            take(p + "self_attn.q_proj.weight"),
+            take(p + "self_attn.k_proj.weight"),
+            take(p + "self_attn.v_proj.weight"),
         )
         qb, kb, vb = (maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv")
         gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")

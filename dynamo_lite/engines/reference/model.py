@@ -1,10 +1,10 @@
 """The llama forward pass in plain PyTorch, over a flat batch of tokens from many sequences.
 
-One engine step is one call of ``LlamaModel.forward``. All tokens of the step (one per decoding sequence, a chunk
-per prefilling one) are concatenated, so every matmul runs once per layer for the whole batch; only attention
-is split: decode tokens attend together (one SDPA over their slots' caches with a length mask), each prefill
-chunk attends alone (causal). K and V of every token are written straight into the preallocated slot cache
-with one indexed store per layer; nothing else of the cache is copied.
+One engine step is one call of ``LlamaModel.forward``. All tokens of the step (one per decoding sequence, a
+chunk per prefilling one) are concatenated, so every matmul runs once per layer for the whole batch; only
+attention is split: decode tokens attend together (one SDPA over their slots' caches with a length mask),
+each prefill chunk attends alone (causal). K and V of every token are written straight into the preallocated
+slot cache with one indexed store per layer; nothing else of the cache is copied.
 
 The arithmetic follows transformers' llama step for step (RMSNorm in fp32, rotate-half RoPE with the same
 frequency table, SDPA), so fp32 greedy output matches ``generate`` token for token.
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_lite.engines.reference.kv_cache import KvCache
+from dynamo_lite.engines.reference.linear import LinearFn, make_linear
 from dynamo_lite.engines.reference.loader import LlamaConfig, LlamaWeights, inverse_rope_frequencies
 
 
@@ -44,8 +45,10 @@ class StepBatch:
     num_decode: int = 0
     decode_lo: int = 0  # decode slots span lo..hi: attention runs over that range of the cache, with no copy
     decode_hi: int = 0
-    decode_rows: torch.Tensor | None = None  # slot - lo of each decode token; None when slots are lo..hi exactly
-    decode_mask: torch.Tensor | None = None  # [span, 1, 1, max_len] bool: key j visible to the slot's query
+    decode_rows: torch.Tensor | None = (
+        None  # slot - lo of each decode token; None when slots are lo..hi exactly
+    )
+    decode_mask: torch.Tensor | None = None  # [span, 1, 1, max_len] bool (key j visible); None: all see all
     decode_max_len: int = 0
     prefills: list[PrefillChunk] = field(default_factory=list)
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)  # None: causal from position 0
@@ -84,14 +87,15 @@ def build_step(
     if decode:
         lo, hi = decode[0][0], decode[-1][0] + 1
         span = hi - lo
-        lengths = torch.ones(span, dtype=torch.int64)  # rows of slots not decoding see one (ignored) key
-        d_slots = torch.tensor([s for s, _, _ in decode], dtype=torch.int64)
-        lengths[d_slots - lo] = torch.tensor([p + 1 for _, p, _ in decode], dtype=torch.int64)
         max_len = max(p for _, p, _ in decode) + 1
         batch.decode_lo, batch.decode_hi, batch.decode_max_len = lo, hi, max_len
-        batch.decode_mask = (torch.arange(max_len)[None, :] < lengths[:, None]).view(span, 1, 1, max_len)
+        d_slots = torch.tensor([s for s, _, _ in decode], dtype=torch.int64)
         if span != len(decode):
             batch.decode_rows = d_slots - lo
+        if span != len(decode) or any(p + 1 != max_len for _, p, _ in decode):
+            lengths = torch.ones(span, dtype=torch.int64)  # rows of slots not decoding see one (ignored) key
+            lengths[d_slots - lo] = torch.tensor([p + 1 for _, p, _ in decode], dtype=torch.int64)
+            batch.decode_mask = (torch.arange(max_len)[None, :] < lengths[:, None]).view(span, 1, 1, max_len)
     for chunk in chunks:
         if chunk.start == 0:
             batch.prefill_masks.append(None)
@@ -121,6 +125,14 @@ def _to_device(batch: StepBatch, device: torch.device) -> StepBatch:
     return batch
 
 
+@dataclass(slots=True)
+class _LayerOps:
+    qkv: LinearFn
+    o: LinearFn
+    gate_up: LinearFn
+    down: LinearFn
+
+
 class LlamaModel:
     """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows."""
 
@@ -140,72 +152,90 @@ class LlamaModel:
         sin_signed = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         self.cos = cos.to(device=self.device, dtype=self.dtype)
         self.sin = sin_signed.to(device=self.device, dtype=self.dtype)
+        self._layers = [
+            _LayerOps(
+                make_linear(lw.qkv, lw.qkv_bias),
+                make_linear(lw.o, lw.o_bias),
+                make_linear(lw.gate_up, lw.gate_up_bias),
+                make_linear(lw.down, lw.down_bias),
+            )
+            for lw in weights.layers
+        ]
+        self._lm_head = make_linear(weights.lm_head)
+        self._norm_shape = (config.hidden_size,)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        var = xf.pow(2).mean(-1, keepdim=True)
-        xf = xf * torch.rsqrt(var + self.config.rms_norm_eps)
-        return weight * xf.to(x.dtype)
+        # One fused op; in fp32 it is bit-identical to transformers' pow/mean/rsqrt sequence.
+        return F.rms_norm(x, self._norm_shape, weight, self.config.rms_norm_eps)
 
     def forward(self, batch: StepBatch, cache: KvCache) -> torch.Tensor:
-        """Run every layer over the step's tokens, storing their K/V in ``cache``; logits [S, vocab] (fp32)."""
+        """Run every layer over the step's tokens, storing their K/V in ``cache``; fp32 logits [S, vocab]."""
         cfg, w = self.config, self.weights
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        group = nh // nkv
         half = hd // 2
         q_dim, kv_dim = nh * hd, nkv * hd
         num_tokens = batch.input_ids.shape[0]
         nd = batch.num_decode
+        decode_only = nd == num_tokens
 
         x = F.embedding(batch.input_ids, w.embed)
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
         sin = self.sin[batch.positions].unsqueeze(1)
-        attn = torch.empty(num_tokens, nh, hd, dtype=self.dtype, device=self.device)
-        store = cache.store_index(batch.slots, batch.positions)  # [T * kv_heads]
+        store = cache.store_index(batch.slots, batch.positions)  # K and V rows of every token, all kv heads
+        decode_mask = None
+        if batch.decode_mask is not None:  # additive, built once per step rather than per layer by SDPA
+            decode_mask = torch.zeros(batch.decode_mask.shape, dtype=self.dtype, device=self.device)
+            decode_mask.masked_fill_(~batch.decode_mask, float("-inf"))
+        attn = None if decode_only else torch.empty(num_tokens, q_dim, dtype=self.dtype, device=self.device)
 
-        for li, layer in enumerate(w.layers):
+        for layer, ops, (k_cache, v_cache), rows in zip(
+            w.layers, self._layers, cache.layers, cache.layer_rows, strict=True
+        ):
             h = self._rms_norm(x, layer.input_norm)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = ops.qkv(h)
             # RoPE on q and k heads together, in place in the qkv buffer.
             qk = qkv[:, : q_dim + kv_dim].view(num_tokens, nh + nkv, hd)
             rotated = torch.roll(qk, half, dims=-1).mul_(sin)
             qk.mul_(cos).add_(rotated)
+            rows.index_copy_(0, store, qkv[:, q_dim:].reshape(-1, hd))  # K and V in one indexed store
             q = qkv[:, :q_dim].view(num_tokens, nh, hd)
-            k = qkv[:, q_dim : q_dim + kv_dim].view(num_tokens, nkv, hd)
-            v = qkv[:, q_dim + kv_dim :].view(num_tokens, nkv, hd)
-            k_cache, v_cache = cache.layer(li)  # [slots, kv_heads, max_seq, D] each
-            k_cache.view(-1, hd).index_copy_(0, store, k.reshape(-1, hd))
-            v_cache.view(-1, hd).index_copy_(0, store, v.reshape(-1, hd))
 
-            if nd:
-                self._decode_attention(batch, q[:nd], k_cache, v_cache, attn[:nd], group)
-            for chunk, mask in zip(batch.prefills, batch.prefill_masks, strict=True):
-                rows = slice(chunk.offset, chunk.offset + chunk.length)
-                qs = q[rows].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-                if mask is None:
-                    ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                else:
-                    end = chunk.start + chunk.length
-                    ks, vs = k_cache[chunk.slot, :, :end], v_cache[chunk.slot, :, :end]
-                out = F.scaled_dot_product_attention(
-                    qs,
-                    ks.unsqueeze(0),
-                    vs.unsqueeze(0),
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    scale=self.scale,
-                    enable_gqa=True,
-                )
-                attn[rows] = out[0].transpose(0, 1)
+            if decode_only:
+                out = self._decode_attention(batch, q, k_cache, v_cache, decode_mask)
+            else:
+                assert attn is not None
+                if nd:
+                    attn[:nd] = self._decode_attention(batch, q[:nd], k_cache, v_cache, decode_mask)
+                k = qkv[:, q_dim : q_dim + kv_dim].view(num_tokens, nkv, hd)
+                v = qkv[:, q_dim + kv_dim :].view(num_tokens, nkv, hd)
+                for chunk, mask in zip(batch.prefills, batch.prefill_masks, strict=True):
+                    sl = slice(chunk.offset, chunk.offset + chunk.length)
+                    qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+                    if mask is None:
+                        ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
+                    else:
+                        end = chunk.start + chunk.length
+                        ks, vs = k_cache[chunk.slot, :, :end], v_cache[chunk.slot, :, :end]
+                    o = F.scaled_dot_product_attention(
+                        qs,
+                        ks.unsqueeze(0),
+                        vs.unsqueeze(0),
+                        attn_mask=mask,
+                        is_causal=mask is None,
+                        scale=self.scale,
+                        enable_gqa=True,
+                    )
+                    attn[sl] = o[0].transpose(0, 1).reshape(chunk.length, q_dim)
+                out = attn
 
-            x = x + F.linear(attn.view(num_tokens, q_dim), layer.o, layer.o_bias)
+            x = x + ops.o(out)
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = F.linear(h, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = ops.gate_up(h).chunk(2, dim=-1)
+            x = x + ops.down(F.silu(gate).mul_(up))
 
         x = x[batch.sample_rows]
         x = self._rms_norm(x, w.norm)
-        return F.linear(x, w.lm_head).float()
+        return self._lm_head(x).float()
 
     def _decode_attention(
         self,
@@ -213,26 +243,23 @@ class LlamaModel:
         q: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        out: torch.Tensor,
-        group: int,
-    ) -> None:
-        """One SDPA for all decode tokens: the query heads sharing a kv head become that head's query rows,
-        so K/V are read in place from the cache (a view over the slot range), never repeated or gathered."""
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One SDPA for all decode tokens, ``[nd, heads * head_dim]``. The query heads sharing a kv head
+        become that head's query rows, so K/V are read in place from the cache (a view over the slot range),
+        never repeated or gathered."""
         lo, hi, length = batch.decode_lo, batch.decode_hi, batch.decode_max_len
-        nkv, hd = k_cache.shape[1], k_cache.shape[3]
+        nd, nh, hd = q.shape
+        nkv = k_cache.shape[1]
         span = hi - lo
         if batch.decode_rows is None:
-            qd = q.reshape(span, nkv, group, hd)
+            qd = q.reshape(span, nkv, nh // nkv, hd)
         else:
-            qd = q.new_zeros(span, nkv * group, hd)
+            qd = q.new_zeros(span, nh, hd)
             qd[batch.decode_rows] = q
-            qd = qd.view(span, nkv, group, hd)
+            qd = qd.view(span, nkv, nh // nkv, hd)
         o = F.scaled_dot_product_attention(
-            qd,
-            k_cache[lo:hi, :, :length],
-            v_cache[lo:hi, :, :length],
-            attn_mask=batch.decode_mask,
-            scale=self.scale,
+            qd, k_cache[lo:hi, :, :length], v_cache[lo:hi, :, :length], attn_mask=mask, scale=self.scale
         )
-        o = o.reshape(span, nkv * group, hd)
-        out.copy_(o if batch.decode_rows is None else o[batch.decode_rows])
+        o = o.reshape(span, nh * hd)
+        return o if batch.decode_rows is None else o[batch.decode_rows]

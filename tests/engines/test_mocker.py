@@ -1,0 +1,155 @@
+"""The mocker engine: deterministic in-vocab tokens, max_tokens, the prefill/decode handoff, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+
+from dynamo_lite.engines.base import EngineError, EngineSettings
+from dynamo_lite.engines.mocker import MockerEngine
+from dynamo_lite.model_files import ModelFiles, resolve_model
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Phase,
+    SamplingOptions,
+)
+
+PROMPT = list(range(1000, 1040))
+
+
+@pytest.fixture(scope="module")
+def model_files() -> ModelFiles:
+    return resolve_model(None)
+
+
+@pytest.fixture
+async def engine(model_files: ModelFiles):
+    eng = MockerEngine(EngineSettings(speedup_ratio=0, served_model_name="mock"), model_files)
+    await eng.start()
+    try:
+        yield eng
+    finally:
+        await eng.stop()
+
+
+def request(
+    max_tokens: int = 8, phase: Phase = Phase.AGGREGATED, prompt: list[int] = PROMPT, **kw: object
+) -> GenerateRequest:
+    return GenerateRequest("r1", "mock", list(prompt), SamplingOptions(max_tokens=max_tokens), phase, **kw)
+
+
+async def collect(engine: MockerEngine, req: GenerateRequest) -> list[GenerateChunk]:
+    async with aclosing(engine.generate(req)) as chunks:
+        return [c async for c in chunks]
+
+
+def tokens(chunks: list[GenerateChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+async def test_tokens_are_deterministic_in_vocab_and_never_eos(
+    engine: MockerEngine, model_files: ModelFiles
+) -> None:
+    first = tokens(await collect(engine, request(max_tokens=50)))
+    again = tokens(await collect(engine, request(max_tokens=50)))
+    other = tokens(await collect(engine, request(max_tokens=50, prompt=[7, 8, 9])))
+    assert first == again
+    assert first != other
+    vocab = model_files.config["vocab_size"]
+    for tok in first + other:
+        assert 0 <= tok < vocab
+        assert tok not in model_files.eos_token_ids
+
+
+@pytest.mark.parametrize("max_tokens", [1, 2, 17])
+async def test_max_tokens_is_respected(engine: MockerEngine, max_tokens: int) -> None:
+    chunks = await collect(engine, request(max_tokens=max_tokens))
+    assert len(tokens(chunks)) == max_tokens
+    assert chunks[-1].finish_reason == FinishReason.LENGTH
+    assert all(c.finish_reason is None for c in chunks[:-1])
+    assert engine.stats().active_seqs == 0
+
+
+async def test_prefill_returns_one_token_and_a_kv_descriptor(engine: MockerEngine) -> None:
+    chunks = await collect(engine, request(max_tokens=10, phase=Phase.PREFILL))
+    assert len(tokens(chunks)) == 1
+    last = chunks[-1]
+    assert last.finish_reason is None  # handed over to a decode worker, not finished
+    kv = last.kv
+    assert isinstance(kv, KvDescriptor)
+    assert kv.engine == "mocker" and kv.num_tokens == len(PROMPT) and kv.transfer_id
+    # SmolLM2-135M: 30 layers x (K,V) x 3 kv heads x 64 head_dim x 2 bytes (bf16) per token
+    assert (kv.num_layers, kv.num_kv_heads, kv.head_dim) == (30, 3, 64)
+    assert kv.nbytes == 30 * 2 * 3 * 64 * 2 * len(PROMPT)
+
+
+async def test_prefill_of_a_one_token_request_finishes_without_kv(engine: MockerEngine) -> None:
+    chunks = await collect(engine, request(max_tokens=1, phase=Phase.PREFILL))
+    assert len(tokens(chunks)) == 1
+    assert chunks[-1].finish_reason == FinishReason.LENGTH and chunks[-1].kv is None
+
+
+async def test_decode_continues_from_the_prefill(engine: MockerEngine) -> None:
+    prefill = await collect(engine, request(max_tokens=6, phase=Phase.PREFILL))
+    first, kv = tokens(prefill), prefill[-1].kv
+    decode = await collect(engine, request(max_tokens=6, phase=Phase.DECODE, kv=kv, generated_ids=first))
+    assert len(first) + len(tokens(decode)) == 6
+    assert all(c.cached_tokens == len(PROMPT) for c in decode)
+    stats = engine.stats()
+    assert stats.kv_transfers == 1 and stats.kv_transfer_bytes == kv.nbytes
+    # The same sequence as an aggregated run: the decode worker picks up exactly where the prefill stopped.
+    assert first + tokens(decode) == tokens(await collect(engine, request(max_tokens=6)))
+
+
+async def test_closing_the_stream_frees_the_sequence(model_files: ModelFiles) -> None:
+    eng = MockerEngine(EngineSettings(speedup_ratio=1.0), model_files)  # ~8 ms per step: a long request
+    await eng.start()
+    try:
+        gen = eng.generate(request(max_tokens=2000))
+        got = await asyncio.wait_for(gen.__anext__(), 2.0)
+        assert got.token_ids
+        assert eng.stats().active_seqs == 1
+        await gen.aclose()
+        for _ in range(100):
+            if eng.stats().active_seqs == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert eng.stats().active_seqs == 0
+        assert eng.stats().queued == 0
+    finally:
+        await eng.stop()
+
+
+async def test_stop_ends_open_streams_with_an_error(model_files: ModelFiles) -> None:
+    eng = MockerEngine(EngineSettings(speedup_ratio=1.0), model_files)
+    await eng.start()
+    gen = eng.generate(request(max_tokens=2000))
+    await asyncio.wait_for(gen.__anext__(), 2.0)
+    await eng.stop()
+    with pytest.raises(EngineError) as err:
+        async with aclosing(gen):
+            await asyncio.wait_for(gen.__anext__(), 2.0)  # an error, not a hang
+    assert err.value.status == 503
+
+
+@pytest.mark.parametrize(
+    ("max_tokens", "prompt_len", "code"), [(0, 4, "invalid_request"), (10, 4090, "context_length")]
+)
+async def test_invalid_requests_are_refused(
+    engine: MockerEngine, max_tokens: int, prompt_len: int, code: str
+) -> None:
+    with pytest.raises(EngineError) as err:
+        await collect(engine, request(max_tokens=max_tokens, prompt=[300] * prompt_len))
+    assert err.value.status == 400 and err.value.code == code
+
+
+async def test_batches_concurrent_requests(engine: MockerEngine) -> None:
+    results = await asyncio.gather(*(collect(engine, request(max_tokens=20)) for _ in range(8)))
+    assert all(len(tokens(r)) == 20 for r in results)
+    assert engine.stats().total_tokens == 8 * 20
+    assert engine.stats().active_seqs == 0

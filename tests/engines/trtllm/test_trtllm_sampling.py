@@ -1,0 +1,45 @@
+"""``SamplingOptions`` → TensorRT-LLM ``SamplingParams`` keyword arguments."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import pytest
+
+from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
+from dynamo_lite.protocol import SamplingOptions
+
+
+def test_greedy_is_top_k_1_without_temperature() -> None:
+    kw = sampling_kwargs(SamplingOptions(temperature=0.0, top_p=0.5, top_k=40), max_tokens=5)
+    assert kw == {"max_tokens": 5, "detokenize": False, "ignore_eos": False, "top_k": 1}
+
+
+def test_sampling_options_map_and_offs_are_left_out() -> None:
+    kw = sampling_kwargs(SamplingOptions(temperature=0.7, top_p=1.0, top_k=0), max_tokens=9)
+    assert kw == {"max_tokens": 9, "detokenize": False, "ignore_eos": False, "temperature": 0.7}
+    kw = sampling_kwargs(SamplingOptions(temperature=0.7, top_p=0.9, top_k=50, seed=3), max_tokens=9)
+    assert (kw["temperature"], kw["top_p"], kw["top_k"], kw["seed"]) == (0.7, 0.9, 50, 3)
+
+
+def test_stop_conditions() -> None:
+    options = SamplingOptions(min_tokens=500, ignore_eos=True, stop_token_ids=[200002, 199999])
+    kw = sampling_kwargs(options, max_tokens=2000)
+    assert (kw["min_tokens"], kw["ignore_eos"], kw["stop_token_ids"]) == (500, True, [200002, 199999])
+    assert sampling_kwargs(options, max_tokens=1)["min_tokens"] == 1  # never above max_tokens (prefill)
+    assert "min_tokens" not in sampling_kwargs(SamplingOptions(), max_tokens=3)
+    assert "stop_token_ids" not in sampling_kwargs(SamplingOptions(), max_tokens=3)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        SamplingOptions(),
+        SamplingOptions(temperature=0.0),
+        SamplingOptions(temperature=1.3, top_p=0.2, top_k=5, seed=1, min_tokens=2, stop_token_ids=[3]),
+    ],
+)
+def test_kwargs_are_accepted_by_sampling_params(standin: ModuleType, options: SamplingOptions) -> None:
+    params = standin.SamplingParams(**sampling_kwargs(options, max_tokens=4))
+    assert params.max_tokens == 4
+    assert params.detokenize is False

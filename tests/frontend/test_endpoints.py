@@ -1,0 +1,146 @@
+"""Client disconnects cancel the work downstream; model listing, health, readiness, metrics; the socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import httpx
+import openai
+import pytest
+from tokenizers import Tokenizer
+
+from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app, serve_http
+
+from .conftest import MODEL, FakeBackend
+
+HI = [{"role": "user", "content": "Hi"}]
+CHAT = "/v1/chat/completions"
+
+
+async def test_client_disconnect_mid_stream_cancels_the_backend(
+    server: HttpServer, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    backend.say(tokenizer, "a b c", finish=None)
+    backend.forever = True
+    backend.chunk_delay_s = 0.01
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+        async with http.stream("POST", CHAT, json={"model": MODEL, "messages": HI, "stream": True}) as r:
+            events = 0
+            async for line in r.aiter_lines():
+                events += line.startswith("data: ")
+                if events == 3:
+                    break
+    # leaving the block closes the connection
+    async with asyncio.timeout(2):
+        await backend.cancel_event.wait()
+    assert backend.cancelled == 1 and backend.completed == 0
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+        metrics = (await http.get("/metrics")).text
+    assert f'dynamo_lite_frontend_disconnects_total{{model="{MODEL}"}} 1.0' in metrics
+    assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_before_first_token_cancels_the_backend(
+    server: HttpServer, backend: FakeBackend, tokenizer: Tokenizer, stream: bool
+) -> None:
+    backend.say(tokenizer, "late")
+    backend.first_delay_s = 30  # a long prefill
+    async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
+        request = asyncio.create_task(
+            http.post(CHAT, json={"model": MODEL, "messages": HI, "stream": stream})
+        )
+        async with asyncio.timeout(5):
+            await backend.request_event.wait()
+        request.cancel()  # the client gives up: its connection closes
+        with pytest.raises(asyncio.CancelledError):
+            await request
+    async with asyncio.timeout(2):
+        await backend.cancel_event.wait()
+    assert backend.cancelled == 1
+
+
+async def test_models_list_and_retrieve(client: openai.AsyncOpenAI, http: httpx.AsyncClient, card) -> None:
+    models = await client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].object == "model" and models.data[0].owned_by == "dynamo_lite"
+    m = await client.models.retrieve(MODEL)
+    assert m.id == MODEL
+    r = await http.get("/v1/models/missing")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_health_live_ready(http: httpx.AsyncClient, backend: FakeBackend) -> None:
+    r = await http.get("/health")
+    assert (
+        r.status_code == 200
+        and r.json()["status"] == "healthy"
+        and r.json()["instances"]["agg"] == ["fake-1"]
+    )
+    assert (await http.get("/live")).status_code == 200
+    r = await http.get("/ready")
+    assert r.status_code == 200 and r.json()["models"] == [MODEL]
+    backend.healthy = False
+    assert (await http.get("/health")).status_code == 503
+    backend.cards = []
+    assert (await http.get("/ready")).status_code == 503
+    assert (await http.get("/live")).status_code == 200
+    assert (await http.get("/v1/models")).json()["data"] == []
+
+
+async def test_metrics_count_requests_tokens_and_errors(
+    client: openai.AsyncOpenAI, http: httpx.AsyncClient, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    ids = backend.say(tokenizer, "Hello there", per_chunk=1)
+    r1 = await client.chat.completions.create(model=MODEL, messages=HI)
+    stream = await client.chat.completions.create(model=MODEL, messages=HI, stream=True)
+    [c async for c in stream]
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="nope", messages=HI)
+    text = (await http.get("/metrics")).text
+    p = "dynamo_lite_frontend_"
+    assert f'{p}requests_total{{endpoint="chat",model="{MODEL}",status="200"}} 2.0' in text
+    assert f'{p}requests_total{{endpoint="chat",model="",status="404"}} 1.0' in text
+    assert f'{p}errors_total{{type="not_found_error"}} 1.0' in text
+    assert f'{p}output_tokens_total{{model="{MODEL}"}} {2.0 * (len(ids) + 1)}' in text
+    assert f'{p}input_tokens_total{{model="{MODEL}"}} {2.0 * r1.usage.prompt_tokens}' in text
+    assert f'{p}ttft_seconds_count{{model="{MODEL}"}} 2.0' in text
+    assert f'{p}itl_seconds_count{{model="{MODEL}"}} {2.0 * len(ids)}' in text
+    assert f'{p}request_duration_seconds_count{{model="{MODEL}"}} 2.0' in text
+
+
+async def test_apps_have_their_own_metrics_registry(backend: FakeBackend) -> None:
+    a, b = create_app(backend), create_app(backend)
+    assert a.state.metrics.registry is not b.state.metrics.registry
+
+
+async def test_accepted_sockets_have_tcp_nodelay(server: HttpServer, http: httpx.AsyncClient) -> None:
+    assert (await http.get("/live")).status_code == 200
+    conns = server._server.server_state.connections
+    assert conns
+    for proto in conns:
+        sock = proto.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+async def test_serve_http_stops_on_cancel(backend: FakeBackend) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = FrontendSettings(http_port=port, shutdown_timeout_s=1)
+    task = asyncio.create_task(serve_http(create_app(backend, settings), settings))
+    async with httpx.AsyncClient(timeout=5) as http:
+        for _ in range(200):
+            try:
+                r = await http.get(f"http://127.0.0.1:{port}/live")
+                break
+            except httpx.ConnectError:
+                await asyncio.sleep(0.02)
+        assert r.status_code == 200
+        task.cancel()
+        async with asyncio.timeout(5):
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"http://127.0.0.1:{port}/live")

@@ -1,0 +1,277 @@
+"""The router's disaggregation paths with real mocker workers on the in-process runtime (embedded mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+
+import pytest
+
+from dynamo_lite.engines.base import EngineSettings
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, SamplingOptions, StreamError
+from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.registry import LiveView
+from dynamo_lite.runtime.runtime import Runtime
+from dynamo_lite.worker.worker import Worker, WorkerSettings
+
+MODEL = "mock-model"
+PROMPT = list(range(500, 540))
+KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # SmolLM2-135M in bf16, as the mocker reports it
+
+_namespaces = itertools.count()
+
+
+async def until(predicate, within: float = 2.0) -> None:  # noqa: ANN001
+    """Poll state owned by another task or process (no event to wait on); fail after ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+class Cluster:
+    """Workers and a router sharing one namespace of the process's in-memory discovery and request plane."""
+
+    def __init__(self) -> None:
+        self.ns = f"router-{next(_namespaces)}"
+        self.workers: list[Worker] = []
+        self.runtime: Runtime | None = None
+        self.view: LiveView | None = None
+        self.router: Router | None = None
+
+    async def worker(
+        self,
+        mode: str,
+        *,
+        strategy: str = "prefill_first",
+        model: str = MODEL,
+        speedup: float = 0.0,
+        max_inflight: int = 1024,
+        timing: dict | None = None,
+    ) -> Worker:
+        settings = WorkerSettings(
+            mode=mode,
+            engine="mocker",
+            disaggregation_strategy=strategy,
+            max_inflight=max_inflight,
+            engine_settings=EngineSettings(
+                speedup_ratio=speedup, served_model_name=model, extra=timing or {}
+            ),
+            runtime=RuntimeSettings(namespace=self.ns),
+        )
+        w = Worker(settings)
+        await w.start()
+        self.workers.append(w)
+        if self.view is not None:
+            await until(lambda: w.instance_id in self.view.instances)
+        return w
+
+    async def start_router(self, settings: RouterSettings | None = None) -> Router:
+        self.runtime = await Runtime.connect(RuntimeSettings(namespace=self.ns))
+        self.view = LiveView(self.runtime)
+        await self.view.start()
+        self.router = Router(self.runtime, self.view, settings or RouterSettings())
+        return self.router
+
+    async def stop_worker(self, w: Worker) -> None:
+        await w.stop(drain_s=0)
+        self.workers.remove(w)
+        await until(lambda: w.instance_id not in self.view.instances)  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        if self.view:
+            await self.view.stop()
+        for w in self.workers:
+            await w.stop(drain_s=0)
+        if self.runtime:
+            await self.runtime.close()
+
+
+@pytest.fixture
+async def cluster() -> AsyncIterator[Cluster]:
+    c = Cluster()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+def req(
+    max_tokens: int = 10, prompt: list[int] = PROMPT, model: str = MODEL, rid: str = "req-1"
+) -> GenerateRequest:
+    return GenerateRequest(rid, model, list(prompt), SamplingOptions(max_tokens=max_tokens))
+
+
+async def run(router: Router, request: GenerateRequest, model: str = MODEL) -> list[GenerateChunk]:
+    async with aclosing(router.generate(model, request)) as chunks:
+        return [c async for c in chunks]
+
+
+def ntokens(chunks: list[GenerateChunk]) -> int:
+    return sum(len(c.token_ids) for c in chunks)
+
+
+async def test_prefill_first_hands_the_kv_to_the_decode_worker(cluster: Cluster) -> None:
+    prefill, decode = await cluster.worker("prefill"), await cluster.worker("decode")
+    router = await cluster.start_router()
+    chunks = await run(router, req(max_tokens=10))
+    assert ntokens(chunks) == 10
+    # The prefill's first token comes first; its KV descriptor never reaches the client.
+    assert len(chunks[0].token_ids) == 1 and chunks[0].kv is None
+    assert chunks[-1].finish_reason == "length"
+    assert [c.finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    # The prefill worker made exactly the first token; the decode worker imported its KV and made the rest.
+    p, d = prefill.engine.stats(), decode.engine.stats()
+    assert p.total_tokens == 1 and d.total_tokens == 9
+    assert d.kv_transfers == 1 and d.kv_transfer_bytes == KV_BYTES_PER_TOKEN * len(PROMPT)
+    # Usage: KV imported from this request's own prefill is not a cache hit; the mocker has no prefix cache.
+    assert all(c.cached_tokens == 0 for c in chunks)
+    # The very same tokens as one aggregated run of the same request.
+    agg_engine = decode.engine
+    async with aclosing(agg_engine.generate(req(max_tokens=10))) as direct:
+        assert [t for c in chunks for t in c.token_ids] == [
+            t for c in [x async for x in direct] for t in c.token_ids
+        ]
+
+
+async def test_one_token_request_never_reaches_the_decode_worker(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router()
+    chunks = await run(router, req(max_tokens=1))
+    assert ntokens(chunks) == 1 and chunks[-1].finish_reason == "length"
+    assert decode.engine.stats().total_tokens == 0 and decode.inflight == 0
+
+
+async def test_round_robin_spreads_over_decode_workers(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    d1, d2 = await cluster.worker("decode"), await cluster.worker("decode")
+    router = await cluster.start_router()
+    results = [await run(router, req(max_tokens=4, rid=f"r{i}")) for i in range(4)]
+    assert all(ntokens(r) == 4 for r in results)
+    assert (d1.engine.stats().kv_transfers, d2.engine.stats().kv_transfers) == (2, 2)
+
+
+async def test_decode_first_runs_the_prefill_from_the_decode_worker(cluster: Cluster) -> None:
+    prefill = await cluster.worker("prefill")
+    decode = await cluster.worker("decode", strategy="decode_first")
+    router = await cluster.start_router()
+    chunks = await run(router, req(max_tokens=7))
+    assert ntokens(chunks) == 7 and chunks[-1].finish_reason == "length"
+    assert prefill.engine.stats().total_tokens == 1
+    assert decode.engine.stats().kv_transfers == 1 and decode.engine.stats().total_tokens == 6
+
+
+async def test_conditional_disaggregation_skips_the_prefill_worker_for_short_prompts(
+    cluster: Cluster,
+) -> None:
+    prefill, decode = await cluster.worker("prefill"), await cluster.worker("decode")
+    router = await cluster.start_router(RouterSettings(disagg_threshold=100))
+    assert ntokens(await run(router, req(max_tokens=5, prompt=PROMPT))) == 5  # 40 tokens < 100: local prefill
+    assert prefill.engine.stats().total_tokens == 0 and decode.engine.stats().kv_transfers == 0
+    assert ntokens(await run(router, req(max_tokens=5, prompt=list(range(300, 450))))) == 5
+    assert prefill.engine.stats().total_tokens == 1 and decode.engine.stats().kv_transfers == 1
+
+
+async def test_aggregated_worker_serves_alone(cluster: Cluster) -> None:
+    agg = await cluster.worker("agg")
+    router = await cluster.start_router()
+    assert ntokens(await run(router, req(max_tokens=6))) == 6
+    assert agg.engine.stats().total_tokens == 6
+    assert [card.served_name for card in router.model_cards()] == [MODEL]
+
+
+async def test_missing_decode_role_is_503(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    router = await cluster.start_router()
+    with pytest.raises(StreamError) as err:
+        await run(router, req())
+    assert err.value.info.status == 503
+    assert router.model_cards() == []
+    assert router.health()["status"] == "unhealthy"
+
+
+async def test_unknown_model_is_404(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    await cluster.worker("decode")
+    router = await cluster.start_router()
+    with pytest.raises(StreamError) as err:
+        await run(router, req(model="no-such-model"), model="no-such-model")
+    assert err.value.info.status == 404 and err.value.info.code == "model_not_found"
+
+
+async def test_overloaded_prefill_worker_falls_back_to_local_prefill(cluster: Cluster) -> None:
+    prefill = await cluster.worker("prefill", max_inflight=0)  # refuses everything with 503
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router()
+    chunks = await run(router, req(max_tokens=8))
+    assert ntokens(chunks) == 8 and chunks[-1].finish_reason == "length"
+    assert prefill.engine.stats().total_tokens == 0
+    assert decode.engine.stats().kv_transfers == 0 and decode.engine.stats().total_tokens == 8
+
+
+async def test_dead_but_registered_prefill_worker_is_retried_elsewhere_then_skipped(cluster: Cluster) -> None:
+    dead = await cluster.worker("prefill")
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router()
+    await dead._served.stop()  # type: ignore[union-attr]  # the process is gone, its lease not yet expired
+    assert ntokens(await run(router, req(max_tokens=5))) == 5  # local prefill
+    assert decode.engine.stats().kv_transfers == 0
+    alive = await cluster.worker("prefill")
+    for i in range(2):  # whichever the policy picks first, the request lands on the live prefill worker
+        assert ntokens(await run(router, req(max_tokens=5, rid=f"r{i}"))) == 5
+    assert alive.engine.stats().total_tokens == 2
+    assert decode.engine.stats().kv_transfers == 2
+
+
+async def test_prefill_worker_stopped_mid_request_falls_back_to_local_prefill(cluster: Cluster) -> None:
+    prefill = await cluster.worker("prefill", speedup=1.0, timing={"prefill_base_s": 5.0})  # a slow prefill
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router()
+    pending = asyncio.create_task(run(router, req(max_tokens=6)))
+    await until(lambda: prefill.inflight == 1)
+    await cluster.stop_worker(prefill)  # no drain: its in-flight prefill fails with 503
+    chunks = await asyncio.wait_for(pending, 2.0)
+    assert ntokens(chunks) == 6 and chunks[-1].finish_reason == "length"
+    assert decode.engine.stats().kv_transfers == 0 and decode.engine.stats().total_tokens == 6
+
+
+async def test_client_errors_from_the_prefill_worker_are_not_retried(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router()
+    with pytest.raises(StreamError) as err:
+        await run(router, req(max_tokens=10_000))  # prompt + max_tokens beyond max_seq_len
+    assert err.value.info.status == 400 and err.value.info.code == "context_length"
+    assert decode.engine.stats().total_tokens == 0
+
+
+async def test_model_cards_list_only_servable_models(cluster: Cluster) -> None:
+    router = await cluster.start_router()
+    assert router.model_cards() == []
+    prefill = await cluster.worker("prefill")
+    assert router.model_cards() == [] and router.known_model(MODEL)  # known, but cannot be served yet
+    await cluster.worker("decode")
+    assert [c.served_name for c in router.model_cards()] == [MODEL]
+    assert router.health()["models"] == {MODEL: "ready"}
+    await cluster.worker("agg", model="other-model")
+    assert [c.served_name for c in router.model_cards()] == [MODEL, "other-model"]
+    await cluster.stop_worker(prefill)
+    assert [c.served_name for c in router.model_cards()] == ["other-model"]
+    assert router.health()["models"][MODEL] == "missing prefill"
+
+
+async def test_closing_the_stream_cancels_the_decode_request(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    decode = await cluster.worker("decode", speedup=1.0)  # ~8 ms per token: a long stream
+    router = await cluster.start_router()
+    gen = router.generate(MODEL, req(max_tokens=2000))
+    got = 0
+    async for chunk in gen:
+        got += len(chunk.token_ids)
+        if got >= 3:
+            break
+    await gen.aclose()
+    await until(lambda: decode.engine.stats().active_seqs == 0 and decode.inflight == 0, within=1.0)

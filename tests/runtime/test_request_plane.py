@@ -1,0 +1,306 @@
+"""Both request planes, one contract: ordered streams, errors with their status, cancellation, fast 503s."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import pytest
+
+from dynamo_lite.engines.base import EngineError
+from dynamo_lite.protocol import ErrorInfo, RequestPlane, StreamError
+from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.request_plane_inproc import InProcRequestPlane
+from dynamo_lite.runtime.request_plane_nats import NatsRequestPlane
+
+if TYPE_CHECKING:
+    from conftest import Launcher, Proc
+
+HEARTBEAT = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0}
+
+
+@dataclass
+class Planes:
+    server: RequestPlane
+    client: RequestPlane
+
+
+@pytest.fixture(params=["inproc", "nats"])
+async def planes(request: pytest.FixtureRequest) -> AsyncIterator[Planes]:
+    if request.param == "inproc":
+        plane = InProcRequestPlane()
+        yield Planes(plane, plane)
+        await plane.close()
+        return
+    port = request.getfixturevalue("nats_server").port
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{port}", **HEARTBEAT)
+    server = await NatsRequestPlane.connect(settings, name="test-server")
+    # The client has its own connection, like a frontend.
+    client = await NatsRequestPlane.connect(settings, name="test-client")
+    yield Planes(server, client)
+    await client.close()
+    await server.close()
+
+
+_next = iter(range(1_000_000))
+
+
+def address() -> str:
+    return f"test.plane.generate.{next(_next)}"
+
+
+async def collect(
+    plane: RequestPlane, addr: str, payload: bytes = b"", first_timeout: float = 5.0
+) -> list[bytes]:
+    async with aclosing(plane.stream(addr, payload, first_timeout=first_timeout)) as stream:
+        return [item async for item in stream]
+
+
+async def test_stream_arrives_complete_and_in_order(planes: Planes) -> None:
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        for i in range(int(payload)):
+            yield b"%d" % i
+
+    addr = address()
+    await planes.server.serve(addr, handler)
+    assert await collect(planes.client, addr, b"300") == [b"%d" % i for i in range(300)]
+    assert await collect(planes.client, addr, b"0") == []
+    # Concurrent streams to one address stay separate.
+    results = await asyncio.gather(*(collect(planes.client, addr, b"%d" % n) for n in (5, 50, 20)))
+    assert [len(r) for r in results] == [5, 50, 20]
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "code"),
+    [
+        (StreamError(ErrorInfo(429, "slow down", "rate_limited")), 429, "rate_limited"),
+        (EngineError("prompt too long", 400, "context_length"), 400, "context_length"),
+        (RuntimeError("boom"), 500, "internal_error"),
+    ],
+)
+async def test_handler_errors_reach_the_client_with_their_status(
+    planes: Planes, exc: Exception, status: int, code: str
+) -> None:
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        yield b"first"
+        raise exc
+
+    addr = address()
+    await planes.server.serve(addr, handler)
+    got: list[bytes] = []
+    with pytest.raises(StreamError) as err:
+        async with aclosing(planes.client.stream(addr, b"", first_timeout=5.0)) as stream:
+            async for item in stream:
+                got.append(item)
+    assert got == [b"first"]
+    assert (err.value.info.status, err.value.info.code) == (status, code)
+
+
+def endless(started: asyncio.Event, finished: asyncio.Event):  # noqa: ANN201
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        started.set()
+        try:
+            i = 0
+            while True:
+                yield b"%d" % i
+                i += 1
+                await asyncio.sleep(0.005)
+        finally:
+            finished.set()  # where a real handler frees its batch slot and KV
+
+    return handler
+
+
+async def test_closing_the_client_stream_cancels_the_handler(planes: Planes) -> None:
+    started, finished = asyncio.Event(), asyncio.Event()
+    addr = address()
+    served = await planes.server.serve(addr, endless(started, finished))
+    stream = planes.client.stream(addr, b"", first_timeout=5.0)
+    assert [await stream.__anext__() for _ in range(3)] == [b"0", b"1", b"2"]
+    await stream.aclose()
+    await asyncio.wait_for(finished.wait(), 1.0)
+    await asyncio.sleep(0.05)
+    assert served.inflight == 0  # type: ignore[attr-defined]
+
+
+async def test_cancelling_the_consumer_task_cancels_the_handler(planes: Planes) -> None:
+    started, finished = asyncio.Event(), asyncio.Event()
+    addr = address()
+    await planes.server.serve(addr, endless(started, finished))
+    consumer = asyncio.create_task(collect(planes.client, addr))
+    await asyncio.wait_for(started.wait(), 2.0)
+    await asyncio.sleep(0.05)
+    consumer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consumer
+    await asyncio.wait_for(finished.wait(), 1.0)
+
+
+async def test_unknown_address_fails_fast_with_503(planes: Planes) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(StreamError) as err:
+        await collect(planes.client, address(), first_timeout=30.0)
+    assert err.value.info.status == 503
+    assert time.monotonic() - t0 < 1.0
+
+
+async def test_silent_handler_fails_with_504_after_first_timeout(planes: Planes) -> None:
+    finished = asyncio.Event()
+
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        try:
+            await asyncio.sleep(30)
+            yield b"too late"
+        finally:
+            finished.set()
+
+    addr = address()
+    await planes.server.serve(addr, handler)
+    t0 = time.monotonic()
+    with pytest.raises(StreamError) as err:
+        await collect(planes.client, addr, first_timeout=0.3)
+    assert err.value.info.status == 504
+    assert time.monotonic() - t0 < 1.5
+    await asyncio.wait_for(finished.wait(), 1.0)  # and the handler was told to stop
+
+
+async def test_stop_drains_in_flight_streams_and_refuses_new_ones(planes: Planes) -> None:
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        for i in range(10):
+            await asyncio.sleep(0.02)
+            yield b"%d" % i
+
+    addr = address()
+    served = await planes.server.serve(addr, handler)
+    in_flight = asyncio.create_task(collect(planes.client, addr))
+    await asyncio.sleep(0.05)
+    await served.stop(drain_s=5.0)
+    assert len(await asyncio.wait_for(in_flight, 2.0)) == 10
+    with pytest.raises(StreamError) as err:
+        await collect(planes.client, addr)
+    assert err.value.info.status == 503
+
+
+async def test_stop_past_the_drain_ends_open_streams_with_503(planes: Planes) -> None:
+    started, finished = asyncio.Event(), asyncio.Event()
+    addr = address()
+    served = await planes.server.serve(addr, endless(started, finished))
+    in_flight = asyncio.create_task(collect(planes.client, addr))
+    await asyncio.wait_for(started.wait(), 2.0)
+    await served.stop(drain_s=0.1)
+    stopped = time.monotonic()
+    with pytest.raises(StreamError) as err:
+        await asyncio.wait_for(in_flight, 3.0)
+    assert err.value.info.status == 503 and err.value.info.code == "instance_stopped"
+    assert time.monotonic() - stopped < 0.5  # told at once, not found out by a liveness timeout
+    await asyncio.wait_for(finished.wait(), 1.0)
+
+
+# ---- NATS only: what a network adds ---------------------------------------------------------------------
+
+
+async def test_nats_request_over_max_payload_is_refused_with_413(nats_server: Proc) -> None:
+    plane = await NatsRequestPlane.connect(RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}"))
+    try:
+        with pytest.raises(StreamError) as err:
+            await collect(plane, address(), b"x" * (plane.nc.max_payload + 1))
+        assert err.value.info.status == 413
+    finally:
+        await plane.close()
+
+
+SERVER_SCRIPT = """
+import asyncio, sys
+from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.request_plane_nats import NatsRequestPlane
+
+async def handler(payload):
+    i = 0
+    while True:
+        yield b"%d" % i
+        i += 1
+        await asyncio.sleep(0.02)
+
+async def main():
+    settings = RuntimeSettings(nats_url=sys.argv[1], heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0)
+    plane = await NatsRequestPlane.connect(settings)
+    await plane.serve(sys.argv[2], handler)
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def test_nats_stream_fails_with_503_when_the_instance_process_dies(
+    nats_server: Proc, launcher: Launcher
+) -> None:
+    url, addr = f"nats://127.0.0.1:{nats_server.port}", address()
+    proc = await asyncio.to_thread(launcher.python, "plane-server", SERVER_SCRIPT, url, addr)
+    settings = RuntimeSettings(nats_url=url, **HEARTBEAT)
+    client = await NatsRequestPlane.connect(settings)
+    try:
+        got: list[bytes] = []
+        with pytest.raises(StreamError) as err:
+            async with aclosing(client.stream(addr, b"", first_timeout=5.0)) as stream:
+                async for item in stream:
+                    got.append(item)
+                    if len(got) == 5:
+                        proc.kill()  # SIGKILL: no goodbye, no error frame
+                        killed = time.monotonic()
+        elapsed = time.monotonic() - killed
+        assert got[:5] == [b"0", b"1", b"2", b"3", b"4"]
+        assert err.value.info.status == 503 and err.value.info.code == "instance_lost"
+        assert elapsed < settings.heartbeat_timeout_s + 1.0
+        assert not client.instance_alive(addr)
+    finally:
+        await client.close()
+
+
+async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Launcher) -> None:
+    nats = await asyncio.to_thread(launcher.nats)
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats.port}", **HEARTBEAT)
+    server, client = await NatsRequestPlane.connect(settings), await NatsRequestPlane.connect(settings)
+    try:
+        started, finished = asyncio.Event(), asyncio.Event()
+        addr = address()
+        await server.serve(addr, endless(started, finished))
+        in_flight = asyncio.create_task(collect(client, addr))
+        await asyncio.wait_for(started.wait(), 2.0)
+        nats.kill()
+        nats.popen.wait(5)
+        killed = time.monotonic()
+        # A stream open when NATS died ends with 503, within the liveness bound.
+        with pytest.raises(StreamError) as err:
+            await asyncio.wait_for(in_flight, settings.heartbeat_timeout_s + 2.0)
+        assert err.value.info.status == 503
+        assert time.monotonic() - killed < settings.heartbeat_timeout_s + 1.0
+        # A new request while NATS is down fails at once.
+        t0 = time.monotonic()
+        with pytest.raises(StreamError) as err:
+            await collect(client, addr, first_timeout=30.0)
+        assert err.value.info.status == 503 and err.value.info.code == "request_plane_down"
+        assert time.monotonic() - t0 < 0.5
+        # NATS back on the same port: both sides reconnect by themselves and the address is served again.
+        await asyncio.to_thread(launcher.nats, "nats", nats.port)
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                got = await collect_some(client, addr, 3)
+                break
+            except StreamError as e:
+                assert e.info.status == 503 and time.monotonic() < deadline, e
+                await asyncio.sleep(0.1)
+        assert got == [b"0", b"1", b"2"]
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def collect_some(plane: RequestPlane, addr: str, n: int) -> list[bytes]:
+    async with aclosing(plane.stream(addr, b"", first_timeout=2.0)) as stream:
+        return [await stream.__anext__() for _ in range(n)]
