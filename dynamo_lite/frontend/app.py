@@ -6,6 +6,7 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/model
 
 from __future__ import annotations
 
+import hmac
 import re
 import time
 import uuid
@@ -77,8 +78,28 @@ def create_app(
     app.state.settings = settings
     install_error_handlers(app, on_error=lambda err: metrics.error(err.type))
 
+    expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
+
+    def refuse(request: Request, rid: str) -> Response | None:
+        """401 without the API key, 429 when the in-flight bound is reached: before any body is read."""
+        if expected_auth:
+            given = (request.headers.get("authorization") or "").encode()
+            if not hmac.compare_digest(given, expected_auth):
+                err = OpenAIError(401, "invalid or missing API key", code="invalid_api_key")
+                metrics.error(err.type)
+                return err.response({"x-request-id": rid, "www-authenticate": "Bearer"})
+        if settings.max_inflight and service.active >= settings.max_inflight:
+            err = OpenAIError(429, f"too many requests in flight ({settings.max_inflight}); retry later",
+                              code="too_many_requests")
+            metrics.error(err.type)
+            return err.response({"x-request-id": rid, "retry-after": str(settings.retry_after_s)})
+        return None
+
     async def completion(request: Request, endpoint: str, schema: type[BaseModel]) -> Response:
         rid = request_id_of(request)
+        refused = refuse(request, rid)
+        if refused is not None:
+            return refused
         parsed = None
         try:
             body = await read_body(request, settings.max_body_bytes)
@@ -114,14 +135,20 @@ def create_app(
         }
 
     @app.get("/v1/models")
-    async def list_models() -> Response:
+    async def list_models(request: Request) -> Response:
+        refused = refuse(request, "") if expected_auth else None
+        if refused is not None:
+            return refused
         seen: dict[str, dict] = {}
         for card in backend.model_cards():
             seen.setdefault(card.served_name, model_entry(card))
         return _json({"object": "list", "data": list(seen.values())})
 
     @app.get("/v1/models/{model:path}")
-    async def get_model(model: str) -> Response:
+    async def get_model(model: str, request: Request) -> Response:
+        refused = refuse(request, "") if expected_auth else None
+        if refused is not None:
+            return refused
         return _json(model_entry(service.find_card(model)))
 
     @app.get("/health")

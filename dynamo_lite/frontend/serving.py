@@ -174,6 +174,7 @@ class CompletionService:
         self._settings = settings
         self._metrics = metrics
         self._models = PreprocessorCache(tokenize_in_thread_chars=settings.tokenize_in_thread_chars)
+        self.active = 0  # requests between accepted and their last byte (the in-flight bound counts these)
 
     # -- preprocessing ---------------------------------------------------------------------------------------
 
@@ -315,10 +316,14 @@ class CompletionService:
         rid = (b"x-request-id", request_id.encode())
 
         async def produce(ex: Exchange) -> None:
-            if p.stream:
-                await self._stream(p, ex, rid)
-            else:
-                await self._complete(p, ex, rid)
+            self.active += 1
+            try:
+                if p.stream:
+                    await self._stream(p, ex, rid)
+                else:
+                    await self._complete(p, ex, rid)
+            finally:
+                self.active -= 1
 
         return WatchedResponse(produce)
 

@@ -8,7 +8,7 @@ The bytes never pass the frontend or NATS. See ``exporter`` and ``importer`` for
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.errors import KvCapacityError, KvPullError, KvTransferError
 from dynamo_lite.kv.exporter import ExporterStats, KvExporter, KvHold
-from dynamo_lite.kv.importer import KvPulled, pull_kv
+from dynamo_lite.kv.importer import KvPulled, pull_kv, release_kv
 from dynamo_lite.kv.layout import KvLayout, host_id
 
 __all__ = [
@@ -23,4 +23,5 @@ __all__ = [
     "KvTransferError",
     "host_id",
     "pull_kv",
+    "release_kv",
 ]

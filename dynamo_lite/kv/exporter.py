@@ -328,6 +328,9 @@ class KvExporter:
                 with self._lock:
                     self._stats.rejected += 1
                 return
+            if req.op is KvOp.RELEASE:
+                await loop.sock_sendall(conn, frame(self._release_remote(req)))
+                return
             entry, reply = self._claim(req)
             if entry is None:
                 await loop.sock_sendall(conn, frame(reply))
@@ -339,6 +342,20 @@ class KvExporter:
             log.exception("KV transfer connection failed")
         finally:
             conn.close()
+
+    def _release_remote(self, req: KvRequest) -> KvReply:
+        """A RELEASE from whoever holds the descriptor (its secret): free an unclaimed hold at once."""
+        with self._lock:
+            entry = self._entries.get(req.transfer_id)
+            if entry is None:
+                return KvReply(KvStatus.UNKNOWN, message="unknown transfer")
+            if not hmac.compare_digest(entry.secret, req.secret.encode()):
+                self._stats.rejected += 1
+                return KvReply(KvStatus.DENIED, message="bad secret")
+            if entry.state is _State.CLAIMED:
+                return KvReply(KvStatus.CLAIMED, message="being pulled; freed when done")
+        self._free(req.transfer_id, "released")
+        return KvReply(KvStatus.OK)
 
     def _claim(self, req: KvRequest) -> tuple[_Entry | None, KvReply]:
         """Check a CLAIM/FETCH and mark the hold claimed, so it can be pulled once only."""

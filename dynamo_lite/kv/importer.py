@@ -130,6 +130,30 @@ async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None) ->
         raise KvPullError(f"KV pull of {desc.transfer_id} from {desc.host}:{desc.port} failed: {e}") from e
 
 
+async def release_kv(desc: KvDescriptor, config: KvTransferConfig | None = None) -> bool:
+    """Tell the exporter nobody will pull ``desc``: it frees the hold now instead of at lease expiry.
+
+    Best effort (the lease frees it anyway): returns whether the exporter freed it.
+    """
+    cfg = config or KvTransferConfig()
+    if not desc.host or not 0 < desc.port < 65536:
+        return False
+    loop = asyncio.get_running_loop()
+    try:
+        sock = await _connect(desc, cfg)
+    except KvPullError:
+        return False
+    try:
+        async with asyncio.timeout(cfg.connect_timeout_s):
+            await loop.sock_sendall(sock, frame(KvRequest(KvOp.RELEASE, desc.transfer_id, desc.secret)))
+            reply = await recv_message(loop, sock, KvReply)
+        return reply.status is KvStatus.OK
+    except (TimeoutError, OSError, WireError):
+        return False
+    finally:
+        sock.close()
+
+
 def _attach(desc: KvDescriptor) -> ShmSegment | None:
     try:
         return ShmSegment.attach(desc.shm_name, desc.nbytes)

@@ -5,6 +5,7 @@ One connection carries one transfer. The importer sends a ``KvRequest``; the exp
 - ``CLAIM`` (shared memory): the importer has mapped the segment and asks for permission to read it. The
   connection stays open while it copies; ``DONE`` (or the connection closing) lets the exporter free it.
 - ``FETCH`` (TCP): the exporter answers, then streams exactly ``nbytes`` raw bytes and frees the hold.
+- ``RELEASE``: nobody will pull it (the request was cancelled between prefill and decode): free it now.
 
 Each message is a 4-byte big-endian length and a msgpack body, at most ``MAX_HEADER_BYTES``.
 """
@@ -27,6 +28,7 @@ class KvOp(enum.IntEnum):
     CLAIM = 1
     FETCH = 2
     DONE = 3
+    RELEASE = 4
 
 
 class KvStatus(enum.IntEnum):

@@ -8,6 +8,7 @@ If the prefill worker fails, the decode worker prefills locally (the request sti
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -18,6 +19,7 @@ from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
     InstanceInfo,
+    KvDescriptor,
     ModelCard,
     Phase,
     StreamError,
@@ -31,6 +33,8 @@ from dynamo_lite.runtime.runtime import Runtime
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE, AGG = "prefill", "decode", "agg"
+# Failures of the worker itself (it died, vanished, or broke the stream): the request can move elsewhere.
+_MIGRATABLE = frozenset({"instance_lost", "instance_unavailable", "frame_lost", "request_plane_down"})
 
 
 @dataclass(slots=True)
@@ -39,6 +43,7 @@ class RouterSettings:
     disagg_threshold: int = 0  # prompts shorter than this skip the prefill worker (0: always disaggregate)
     first_frame_timeout_s: float = 60.0
     prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
+    migration_limit: int = 0  # times a request may move to another worker when its worker dies mid-stream
 
 
 class Router:
@@ -49,6 +54,8 @@ class Router:
         self.view = view
         self.settings = settings
         self._policies: dict[str, Policy] = {role: make_policy(settings.mode) for role in (PREFILL, DECODE, AGG)}
+        self._background: set[asyncio.Task] = set()
+        self.migrations = 0
 
     # ---- what is servable ---------------------------------------------------------------------------------
     def _roles_missing(self, model: str) -> list[str]:
@@ -105,8 +112,7 @@ class Router:
         if not self.known_model(model):
             raise StreamError(ErrorInfo(404, f"model {model!r} not found", "model_not_found"))
         if self.view.instances_of(AGG, model):
-            agg = self._pick(AGG, model, request.request_id)
-            async with aclosing(self._stream(agg, request)) as chunks:
+            async with aclosing(self._continue(AGG, model, request, None)) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
@@ -120,25 +126,76 @@ class Router:
             return
         first = None
         if len(request.token_ids) >= self.settings.disagg_threshold:
-            first = None
             async with aclosing(self.prefill(model, request)) as chunks:
                 async for chunk in chunks:
                     first = chunk
             if first is not None:
-                yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
                 if first.finish_reason is not None:
+                    yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
                     return
-        follow = GenerateRequest(
-            request.request_id, model, request.token_ids, request.sampling, Phase.DECODE,
-            kv=first.kv if first else None, generated_ids=list(first.token_ids) if first else [],
-        )
-        async with aclosing(self._stream(decoder, follow)) as chunks:
+                try:
+                    yield GenerateChunk(first.token_ids, None, None, first.cached_tokens)
+                except BaseException:
+                    self._release_unpulled(first.kv)  # the client left before any decode worker saw the KV
+                    raise
+        async with aclosing(self._continue(DECODE, model, request, first, decoder)) as chunks:
             async for chunk in chunks:
-                if first is not None:
-                    # Imported KV was computed for this request, not reused: only the prefill's prefix-cache
-                    # hits count as cached prompt tokens.
-                    chunk.cached_tokens = first.cached_tokens
                 yield chunk
+
+    async def _continue(self, role: str, model: str, request: GenerateRequest, first: GenerateChunk | None,
+                        instance: InstanceInfo | None = None) -> AsyncIterator[GenerateChunk]:
+        """Generate on a ``role`` worker after ``first`` (the prefill's result, if any); if the worker dies
+        mid-stream, continue on another one from the prompt plus every token already sent (up to
+        ``migration_limit`` times). The client sees one uninterrupted stream."""
+        generated = list(first.token_ids) if first else []
+        kv = first.kv if first else None
+        cached = first.cached_tokens if first else None
+        phase = Phase.DECODE if (role == DECODE or generated) else Phase.AGGREGATED
+        tried: set[str] = set()
+        migrations = 0
+        while True:
+            if instance is None:
+                instance = self._pick(role, model, request.request_id, tried)
+            ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, phase, kv=kv,
+                                  generated_ids=list(generated))
+            started = False
+            try:
+                async with aclosing(self._stream(instance, ask)) as chunks:
+                    async for chunk in chunks:
+                        started = True
+                        generated.extend(chunk.token_ids)
+                        if cached is not None:
+                            # Imported KV was computed for this request, not reused: only the prefill's
+                            # prefix-cache hits count as cached prompt tokens.
+                            chunk.cached_tokens = cached
+                        yield chunk
+                return
+            except StreamError as e:
+                if not started:
+                    self._release_unpulled(kv)
+                if e.info.code not in _MIGRATABLE or migrations >= self.settings.migration_limit:
+                    raise
+                migrations += 1
+                self.migrations += 1
+                log.warning("request %s: %s worker %s failed (%s); migrating with %d tokens (%d/%d)",
+                            request.request_id, role, instance.instance_id, e, len(generated), migrations,
+                            self.settings.migration_limit)
+                tried.add(instance.instance_id)
+                instance, kv, phase = None, None, Phase.DECODE  # the new worker recomputes prompt + tokens
+            except BaseException:
+                if not started:
+                    self._release_unpulled(kv)
+                raise
+
+    def _release_unpulled(self, kv: KvDescriptor | None) -> None:
+        """Free KV that no decode worker will pull now, instead of leaving it to the lease."""
+        if kv is None or kv.engine != "torch" or not kv.port:
+            return
+        from dynamo_lite.kv.importer import release_kv
+
+        task = asyncio.get_running_loop().create_task(release_kv(kv))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def prefill(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Run the context-only phase on a prefill worker; yields its one result chunk.

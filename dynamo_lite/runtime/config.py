@@ -26,8 +26,8 @@ class RuntimeSettings:
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
     connect_timeout_s: float = 5.0
-    heartbeat_interval_s: float = 0.5  # request plane: how often a serving instance says it is alive
-    heartbeat_timeout_s: float = 2.0  # a stream whose instance was silent this long fails (never a hang)
+    heartbeat_interval_s: float = 0.25  # request plane: how often a serving instance says it is alive
+    heartbeat_timeout_s: float = 1.25  # a stream whose instance was silent this long fails (never a hang)
     discovery_resync_s: float = 10.0  # a live view re-lists this often, repairing any change its watch missed
 
     @property

@@ -17,7 +17,7 @@ from dynamo_lite.kv import shm
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.errors import KvCapacityError, KvPullError, KvTransferError
 from dynamo_lite.kv.exporter import KvExporter
-from dynamo_lite.kv.importer import pull_kv
+from dynamo_lite.kv.importer import pull_kv, release_kv
 from dynamo_lite.kv.layout import KvLayout
 from dynamo_lite.kv.selftest import pattern
 from dynamo_lite.protocol import KvDescriptor
@@ -328,3 +328,22 @@ async def test_binds_to_the_configured_interface_only(make_exporter: MakeExporte
     exporter = await make_exporter(bind_host="127.0.0.1", advertise_host="kv.example")
     assert exporter._listener.getsockname()[0] == "127.0.0.1"
     assert publish(exporter).host == "kv.example"
+
+
+async def test_release_by_descriptor_frees_an_unpulled_hold() -> None:
+    cfg = KvTransferConfig(lease_s=30.0)
+    exporter = KvExporter(cfg)
+    await exporter.start()
+    try:
+        hold = exporter.allocate(KvLayout(2, 2, 8, "float32", 16), "r1")
+        desc = exporter.publish(hold)
+        assert exporter.held_bytes == desc.nbytes
+        wrong = msgspec.structs.replace(desc, secret="nope")
+        assert not await release_kv(wrong, cfg)
+        assert exporter.held_bytes == desc.nbytes
+        assert await release_kv(desc, cfg)
+        assert exporter.held_bytes == 0 and exporter.stats.released == 1
+        with pytest.raises(KvPullError):
+            await pull_kv(desc, cfg)
+    finally:
+        await exporter.stop()

@@ -154,6 +154,16 @@ async def test_round_robin_spreads_over_decode_workers(cluster: Cluster) -> None
     assert (d1.engine.stats().kv_transfers, d2.engine.stats().kv_transfers) == (2, 2)
 
 
+async def test_random_mode_picks_only_live_workers(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    gone, live = await cluster.worker("decode"), await cluster.worker("decode")
+    router = await cluster.start_router(RouterSettings(mode="random"))
+    await cluster.stop_worker(gone)
+    for i in range(10):
+        assert ntokens(await run(router, req(max_tokens=3, rid=f"r{i}"))) == 3
+    assert live.engine.stats().kv_transfers == 10
+
+
 async def test_decode_first_runs_the_prefill_from_the_decode_worker(cluster: Cluster) -> None:
     prefill = await cluster.worker("prefill")
     decode = await cluster.worker("decode", strategy="decode_first")
