@@ -61,6 +61,29 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """The OpenAPI document, with the request bodies our routes parse by hand (pydantic models) described."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title="dynamo_lite", version="1", description="OpenAI-compatible API", routes=app.routes)
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in _BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(
     backend: Backend, settings: FrontendSettings | None = None, *, metrics: FrontendMetrics | None = None
 ) -> FastAPI:
@@ -73,7 +96,8 @@ def create_app(
     metrics = metrics if metrics is not None else FrontendMetrics()
     service = CompletionService(backend, settings, metrics)
     started = int(time.time())
-    app = FastAPI(title="dynamo_lite", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="dynamo_lite", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.metrics = metrics
     app.state.settings = settings
     install_error_handlers(app, on_error=lambda err: metrics.error(err.type))
