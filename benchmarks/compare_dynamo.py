@@ -6,7 +6,7 @@
 Dynamo is installed into its own venv (``~/.cache/dynamo_lite/dynamo-1.6.1-venv``, reused when present) from
 PyPI without its unreachable ``aisimulate`` dependency, and gets a model folder made from our cached SmolLM2
 files (shared/notes/anchor-dynamo.md). Both systems run their mocker engine at zero simulated time
-(``--speedup-ratio 0`` on both: Dynamo's help says "Use 0 for infinite speedup (no simulation delays)").
+(dynamo_lite: ``--speedup-ratio 0``; Dynamo: ``--speedup-ratio 1e6``, see DYNAMO_SPEEDUP for why not its 0).
 
 Per setup and round the two systems alternate (Dynamo, dynamo_lite, Dynamo, ...); each run starts its
 servers fresh (and its own etcd + nats-server on free loopback ports where the setup uses them), measures
@@ -37,7 +37,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.load import Summary
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file, not only as ``python -m benchmarks.compare_dynamo``
@@ -65,6 +68,10 @@ DYNAMO_DEPS = (
     "uvloop>=0.21",
 )
 LOOPBACK = "127.0.0.1"
+# Dynamo's mocker at zero engine time. Its help says --speedup-ratio 0 means "infinite speedup (no simulation
+# delays)", yet measured here 0 gives ~88 req/s with an ~8 ms inter-token gap and idle CPUs, while 1e4 and 1e6
+# give ~460-480 req/s CPU-bound: a huge finite ratio is the fastest it goes (simulated steps become µs).
+DYNAMO_SPEEDUP = 1e6
 
 
 # ---- what is compared ----
@@ -184,7 +191,7 @@ def dynamo_commands(
     model_name: str,
     ports: Ports,
     run_dir: Path,
-    speedup_ratio: float = 0.0,
+    speedup_ratio: float = DYNAMO_SPEEDUP,
     request_plane: str = "tcp",
     log_level: str = "warn",
 ) -> list[ProcSpec]:
@@ -210,9 +217,15 @@ def dynamo_commands(
 
 
 def dynamo_lite_commands(
-    setup: Setup, python: str, ports: Ports, namespace: str, log_level: str = "WARNING"
+    setup: Setup,
+    python: str,
+    ports: Ports,
+    namespace: str,
+    log_level: str = "WARNING",
+    stream_interval_ms: float | None = None,
 ) -> list[ProcSpec]:
-    """dynamo_lite: the embedded mode without services; frontend + worker processes over etcd + NATS."""
+    """dynamo_lite: the embedded mode without services; frontend + worker processes over etcd + NATS.
+    ``stream_interval_ms`` sets the workers' token coalescing window (None: their default)."""
     env = {"HF_HUB_OFFLINE": "1"}
     engine = "--engine mocker --speedup-ratio 0".split()
     http = f"--http-host {LOOPBACK} --http-port {ports.http}".split()
@@ -232,6 +245,8 @@ def dynamo_lite_commands(
     specs = [ProcSpec("frontend", frontend, env)]
     for mode in ["agg"] if setup.topology == "agg" else ["prefill", "decode"]:
         argv = [python, "-m", "dynamo_lite.worker", "--mode", mode, *engine, *runtime]
+        if stream_interval_ms is not None:
+            argv += ["--stream-interval-ms", f"{stream_interval_ms:g}"]
         specs.append(ProcSpec("worker" if mode == "agg" else mode, argv, env))
     return specs
 
@@ -441,24 +456,11 @@ def wait_services(ports: Ports, timeout_s: float) -> None:
 
 
 # ---- one measured run ----
-METRICS = (
-    "req_s",
-    "tok_s",
-    "ttft_p50_ms",
-    "ttft_p99_ms",
-    "itl_p50_ms",
-    "tokens_per_chunk",
-    "frontend_cpu_pct",
-    "frontend_cpu_us_per_req",
-    "servers_cpu_pct",
-    "servers_cpu_us_per_req",
-    "client_cpu_pct",
-)
 # Which way is better, for the "where dynamo_lite loses" line: +1 higher is better, -1 lower is better.
 BETTER = {"req_s": 1, "tok_s": 1, "ttft_p50_ms": -1, "ttft_p99_ms": -1, "frontend_cpu_us_per_req": -1}
 
 
-def run_metrics(summary: Any, roles: dict[str, int]) -> dict[str, float]:
+def run_metrics(summary: Summary, roles: dict[str, int]) -> dict[str, float]:
     """The comparison's numbers from a ``benchmarks.load`` Summary; ``roles`` maps role → server PID."""
     m = summary.metrics
     completed = max(summary.completed, 1)
@@ -484,6 +486,7 @@ def run_metrics(summary: Any, roles: dict[str, int]) -> dict[str, float]:
         "servers_cpu_pct": sum(cpu(p) for p in roles.values()),
         "servers_cpu_us_per_req": 1e6 * sum(cpu_s(p) for p in roles.values()) / completed,
         "client_cpu_pct": summary.client_cpu.percent if summary.client_cpu else float("nan"),
+        "errors": float(summary.errors),
     }
     for role, pid in roles.items():
         out[f"cpu_pct.{role}"] = cpu(pid)
@@ -497,6 +500,7 @@ class Workload:
     warmup: int = 100
     c1_request_count: int = 1000
     c1_warmup: int = 20
+    max_seconds: float | None = 15.0  # measured window cap, so a slow run stays bounded in time
     input_tokens: int = 200
     output_tokens: int = 64
 
@@ -517,10 +521,11 @@ class Context:
     tokenizer: str
     dynamo_python: str | None
     dynamo_model_dir: Path | None
-    dynamo_speedup: float = 0.0
+    dynamo_speedup: float = DYNAMO_SPEEDUP
     dynamo_request_plane: str = "tcp"
     dynamo_log: str = "warn"
     lite_log: str = "WARNING"
+    lite_stream_interval_ms: float | None = None
     timeouts: Timeouts = field(default_factory=Timeouts)
 
 
@@ -538,7 +543,10 @@ def build_specs(ctx: Context, system: str, setup: Setup, ports: Ports, run_dir: 
             ctx.dynamo_request_plane,
             ctx.dynamo_log,
         )
-    return dynamo_lite_commands(setup, sys.executable, ports, f"bench{ports.http}", ctx.lite_log)
+    namespace = f"bench{ports.http}"
+    return dynamo_lite_commands(
+        setup, sys.executable, ports, namespace, ctx.lite_log, ctx.lite_stream_interval_ms
+    )
 
 
 def run_once(
@@ -578,6 +586,7 @@ def run_once(
             concurrency=concurrency,
             request_count=request_count or count,
             warmup_request_count=warmup,
+            measurement_seconds=ctx.workload.max_seconds,
             input_tokens_mean=ctx.workload.input_tokens,
             output_tokens_mean=ctx.workload.output_tokens,
             extra_inputs={"ignore_eos": True},
@@ -586,9 +595,11 @@ def run_once(
             progress=False,
         )
         finish = during(stack.pids) if during else None
-        result = run_benchmark_sync(cfg)
-        if finish:
-            finish()
+        try:
+            result = run_benchmark_sync(cfg)
+        finally:
+            if finish:
+                finish()
         stack.check_alive()
         metrics = run_metrics(result.summary, stack.pids)
         summary = result.summary
@@ -686,7 +697,7 @@ def format_table(setups: Sequence[Setup], summaries: dict[str, dict[str, Any]]) 
 
 
 # ---- py-spy ----
-def top_frames(raw: str, n: int = 15) -> dict[str, list[tuple[str, int, float]]]:
+def top_frames(raw: str, n: int = 15) -> dict[str, Any]:
     """py-spy ``-f raw`` (collapsed stacks, ``f1;f2;...;leaf COUNT``) → top ``n`` functions by self and by
     inclusive samples, as (frame, samples, % of all samples). Line numbers are dropped: a function's lines add
     up.
@@ -708,7 +719,7 @@ def top_frames(raw: str, n: int = 15) -> dict[str, list[tuple[str, int, float]]]
     def top(c: Counter[str]) -> list[tuple[str, int, float]]:
         return [(f, k, 100.0 * k / total) for f, k in c.most_common(n)] if total else []
 
-    return {"self": top(self_counts), "inclusive": top(incl_counts), "total_samples": total}  # type: ignore[dict-item]
+    return {"self": top(self_counts), "inclusive": top(incl_counts), "total_samples": total}
 
 
 def _strip_line(frame: str) -> str:
@@ -719,7 +730,9 @@ def _strip_line(frame: str) -> str:
     return frame
 
 
-def pyspy_during(out: Path, role: str, delay_s: float, duration_s: int, rate: int):  # noqa: ANN201
+def pyspy_during(
+    out: Path, role: str, delay_s: float, duration_s: int, rate: int
+) -> Callable[[dict[str, int]], Callable[[], None]]:
     """A ``during`` hook for ``run_once``: py-spy records ``role``'s process, ``delay_s`` into the load."""
 
     def start(pids: dict[str, int]) -> Callable[[], None]:
@@ -781,12 +794,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--request-count", type=int, default=2000)
     p.add_argument("--warmup-request-count", type=int, default=100)
     p.add_argument("--c1-request-count", type=int, default=1000, help="measured requests of the agg_c1 setup")
+    p.add_argument(
+        "--max-seconds", type=float, default=15.0, help="stop a run's measurement after this long (0: no cap)"
+    )
     p.add_argument("--input-tokens", type=int, default=200)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--artifact-dir", default="", help="default: artifacts/compare_dynamo-<timestamp>")
     p.add_argument("--dynamo-venv", default=str(CACHE_DIR / f"dynamo-{DYNAMO_VERSION}-venv"))
     p.add_argument(
-        "--dynamo-speedup-ratio", type=float, default=0.0, help="Dynamo mocker; 0: no simulated time"
+        "--dynamo-speedup-ratio",
+        type=float,
+        default=DYNAMO_SPEEDUP,
+        help="Dynamo's mocker divides simulated time by this (its 0, 'infinite', is slower here: see README)",
     )
     p.add_argument(
         "--dynamo-request-plane",
@@ -796,6 +815,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--dynamo-log", default="warn", help="DYN_LOG for Dynamo (info logs every request)")
     p.add_argument("--lite-log", default="WARNING", help="--log-level for dynamo_lite")
+    p.add_argument(
+        "--lite-stream-interval-ms",
+        type=float,
+        default=None,
+        help="dynamo_lite workers' --stream-interval-ms in the etcd + NATS setups (0: one message per step)",
+    )
     p.add_argument(
         "--profile",
         default="",
@@ -833,6 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.request_count,
             args.warmup_request_count,
             args.c1_request_count,
+            max_seconds=args.max_seconds or None,
             input_tokens=args.input_tokens,
             output_tokens=args.output_tokens,
         ),
@@ -844,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dynamo_request_plane=args.dynamo_request_plane,
         dynamo_log=args.dynamo_log,
         lite_log=args.lite_log,
+        lite_stream_interval_ms=args.lite_stream_interval_ms,
     )
     report: dict[str, Any] = {
         "config": {**vars(args), "workload": dataclasses.asdict(ctx.workload)},

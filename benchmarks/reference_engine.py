@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the engine package sets; must precede torch
 
 from dynamo_lite.engines.base import EngineSettings  # noqa: E402
 from dynamo_lite.engines.reference import build_engine  # noqa: E402
@@ -184,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     model_name = model_path or "smollm2"
-    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, model {model_name}")
+    print(
+        f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, model {model_name}"
+    )
     rows = [asyncio.run(run_dtype(args, dtype, model_path)) for dtype in args.dtypes]
     header = [f"prefill {n} tok/s" for n in args.prefill_lengths]
     header += [f"decode ms/tok @{c}" for c in args.concurrency]

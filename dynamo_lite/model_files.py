@@ -179,13 +179,22 @@ def ensure_weights(files: ModelFiles) -> ModelFiles:
     """Make sure ``files.folder`` holds safetensors weights, converting the GGUF once if needed.
 
     The GGUF is dequantized by transformers (fp32; ~20 s and ~1 GB RSS for SmolLM2-135M) and saved next to the
-    tokenizer files; the write is atomic, so a crash or a concurrent converter never leaves half a file.
+    tokenizer files. Converters are serialized by a file lock (two engines of one process, or two workers,
+    starting together convert once) and the weights appear atomically, so nobody reads half a file.
     """
     if files.weights_ready:
         return files
     if files.gguf_path is None:
         raise ModelNotFound(f"{files.folder}: no *.safetensors weights (and no GGUF to convert them from)")
-    _convert_gguf_weights(files.gguf_path, files.folder)
+    import fcntl
+
+    with open(files.folder / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not files.weights_ready:  # someone else may have finished while we waited
+                _convert_gguf_weights(files.gguf_path, files.folder)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return files
 
 
@@ -207,6 +216,7 @@ def _convert_gguf_weights(gguf: Path, folder: Path) -> None:
             os.replace(tmp / "generation_config.json", folder / "generation_config.json")
         # Weights last: their presence is what marks the folder complete.
         for src in sorted(tmp.glob("*.safetensors*")):
+            os.chmod(src, 0o644)  # save_pretrained leaves 0600; other users of the cache may read it
             os.replace(src, folder / src.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -107,6 +107,33 @@ class GenerateChunk(_Wire):
     # router reports only what no worker computed for this request)
 
 
+class LoadReport(_Wire):
+    """Worker → routers, periodically: how busy an instance is. Routers drop reports older than a TTL."""
+
+    instance_id: str
+    active_seqs: int = 0
+    queued: int = 0
+    kv_usage: float = 0.0  # fraction of the KV cache in use
+    inflight: int = 0  # requests the worker is handling (all phases)
+    max_batch_size: int = 0
+    version: int = WIRE_VERSION
+
+
+class KvEventKind(enum.IntEnum):
+    STORED = 0  # blocks now cached on the instance
+    REMOVED = 1  # blocks evicted
+    CLEARED = 2  # everything gone (restart, reset)
+
+
+class KvEvent(_Wire):
+    """Engine → routers: changes of an instance's prefix cache, as chained block hashes."""
+
+    instance_id: str
+    kind: KvEventKind
+    block_hashes: list[int] = []
+    version: int = WIRE_VERSION
+
+
 class ErrorInfo(_Wire):
     """A failure carried on a stream: ``status`` follows HTTP semantics (400, 429, 503, 500...)."""
 
@@ -220,7 +247,22 @@ class RequestPlane(Protocol):
         cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``."""
         ...
 
+    async def publish(self, subject: str, payload: bytes) -> None:
+        """Fire-and-forget event (load reports, KV cache events): delivered to current subscribers."""
+        ...
+
+    async def subscribe(self, prefix: str, callback: EventCallback) -> Subscription:
+        """Call ``callback(subject, payload)`` for every event whose subject starts with ``prefix``."""
+        ...
+
     async def close(self) -> None: ...
+
+
+EventCallback = Callable[[str, bytes], None]
+
+
+class Subscription(Protocol):
+    async def unsubscribe(self) -> None: ...
 
 
 class DiscoveryEvent(msgspec.Struct, frozen=True):

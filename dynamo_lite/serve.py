@@ -17,6 +17,7 @@ from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.policies import MODES
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -33,7 +34,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="disagg: 1 prefill + 1 decode worker; agg: 1 worker")
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--router-mode", default="round-robin")
+    p.add_argument("--router-mode", default="round-robin", choices=MODES)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores split evenly)")
@@ -66,6 +67,7 @@ async def run(args: argparse.Namespace) -> None:
     view = LiveView(runtime)
     await view.start()
     router = Router(runtime, view, RouterSettings(mode=args.router_mode))
+    await router.start()
     settings = FrontendSettings(http_host=args.http_host, http_port=args.http_port)
     server = HttpServer(create_app(router, settings), settings)
     stop = asyncio.Event()
@@ -85,6 +87,9 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: spinning OpenMP threads steal the core from the other worker and the event loop
+    # (measured +20-40% decode throughput on 2 cores).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     p = argparse.ArgumentParser(prog="python -m dynamo_lite serve", description=__doc__)
     add_serve_args(p)
     args = p.parse_args(argv)

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, TokenStream
+from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
 
@@ -64,6 +65,8 @@ _MOCKER_KEYS = {
     "max_seq_len",
     "speedup_ratio",
     "vocab_size",
+    "enable_prefix_caching",
+    "num_cache_blocks",
     *MockerTiming.__dataclass_fields__,
 }
 
@@ -95,6 +98,33 @@ class MockerEngine:
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
         self._stats = EngineStats()
+        # Prefix caching, simulated: prefill time is charged only for prompt blocks not already cached.
+        self.block_size = max(1, settings.kv_block_size)
+        self.cache_blocks = int(settings.extra.get("num_cache_blocks", 65536))
+        self.prefix_cache = (
+            PrefixCacheIndex(self.cache_blocks) if settings.extra.get("enable_prefix_caching", True) else None
+        )
+
+    @property
+    def on_kv_event(self) -> KvEventSink | None:
+        return self.prefix_cache.sink if self.prefix_cache else None
+
+    @on_kv_event.setter
+    def on_kv_event(self, sink: KvEventSink | None) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.sink = sink
+
+    def _uncached_prompt_tokens(self, seq: _Seq) -> int:
+        """Prompt tokens this sequence must compute; stores its blocks in the simulated prefix cache."""
+        n = len(seq.request.token_ids)
+        if self.prefix_cache is None:
+            return n
+        hashes = block_hashes(seq.request.token_ids, self.block_size)
+        cached = self.prefix_cache.cached_prefix(hashes) * self.block_size
+        self.prefix_cache.store(hashes)
+        if cached:
+            seq.stream.set_cached_tokens(cached)
+        return n - cached
 
     def kv_bytes(self, tokens: int) -> int:
         return self.layers * 2 * self.kv_heads * self.head_dim * 2 * tokens  # bf16
@@ -116,6 +146,8 @@ class MockerEngine:
     def stats(self) -> EngineStats:
         s = self._stats
         s.active_seqs, s.queued = len(self._active), len(self._waiting)
+        capacity = self.cache_blocks * self.block_size
+        s.kv_usage = min(1.0, sum(q.kv_tokens for q in self._active) / capacity) if capacity else 0.0
         return s
 
     def _token(self, seq: _Seq) -> int:
@@ -142,7 +174,7 @@ class MockerEngine:
                     admitted.append(seq)
             if admitted:
                 self._active.extend(admitted)  # before the prefill time, so that stop() sees them too
-                prompt = sum(len(s.request.token_ids) for s in admitted if s.request.kv is None)
+                prompt = sum(self._uncached_prompt_tokens(s) for s in admitted if s.request.kv is None)
                 await self._sleep(self.timing.prefill_base_s + prompt * self.timing.prefill_per_token_s)
             if not self._active:
                 continue

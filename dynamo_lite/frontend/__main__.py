@@ -14,8 +14,8 @@ import sys
 
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router, RouterSettings
-from dynamo_lite.router.policies import POLICIES
-from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from, setup_logging
+from dynamo_lite.router.policies import MODES
+from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
@@ -26,12 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend", description=__doc__)
     p.add_argument("--http-host", default="0.0.0.0")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--router-mode", default="round-robin", choices=sorted(POLICIES))
+    p.add_argument("--router-mode", default="round-robin", choices=MODES)
     p.add_argument("--disagg-threshold", type=int, default=0,
                    help="prompts shorter than this many tokens skip the prefill worker")
     p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a request may take in all")
     p.add_argument("--first-token-timeout", type=float, default=300.0)
+    p.add_argument("--kv-block-size", type=int, default=32, help="kv router: tokens per hashed block")
+    p.add_argument("--kv-load-weight", type=float, default=4.0,
+                   help="kv router: cost of one unit of load, in uncached prompt blocks")
     p.add_argument("--migration-limit", type=int, default=0,
                    help="times a stream may move to another worker when its worker dies mid-stream")
     p.add_argument("--max-inflight", type=int, default=4096, help="429 beyond this many requests in flight")
@@ -50,7 +53,10 @@ async def run(args: argparse.Namespace) -> None:
     await view.start()
     router = Router(runtime, view, RouterSettings(mode=args.router_mode, disagg_threshold=args.disagg_threshold,
                                                   first_frame_timeout_s=args.first_token_timeout,
-                                                  migration_limit=args.migration_limit))
+                                                  migration_limit=args.migration_limit,
+                                                  kv_block_size=args.kv_block_size,
+                                                  kv_load_weight=args.kv_load_weight))
+    await router.start()
     settings = FrontendSettings(http_host=args.http_host, http_port=args.http_port,
                                 max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                                 first_token_timeout_s=args.first_token_timeout, max_inflight=args.max_inflight,
@@ -64,6 +70,7 @@ async def run(args: argparse.Namespace) -> None:
     print(f"READY frontend http://{args.http_host}:{server.port}", flush=True)
     await stop.wait()
     await server.stop()
+    await router.stop()
     await view.stop()
     await runtime.close()
 
@@ -71,6 +78,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.log_level)
+    raise_fd_limit()
     try:
         import uvloop
 

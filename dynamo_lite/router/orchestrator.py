@@ -26,6 +26,8 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
+from dynamo_lite.router.kv_index import KvIndex
+from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy, make_policy
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -44,6 +46,10 @@ class RouterSettings:
     first_frame_timeout_s: float = 60.0
     prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
     migration_limit: int = 0  # times a request may move to another worker when its worker dies mid-stream
+    kv_block_size: int = 32  # tokens per hashed block in kv mode (match the engines' block size)
+    kv_load_weight: float = 4.0  # kv mode: one unit of load costs as much as this many uncached blocks
+    kv_approx_ttl_s: float = 120.0  # kv mode without engine events: how long a routed prefix counts as cached
+    load_report_ttl_s: float = 2.0  # load reports older than this are ignored
 
 
 class Router:
@@ -53,9 +59,37 @@ class Router:
         self.runtime = runtime
         self.view = view
         self.settings = settings
-        self._policies: dict[str, Policy] = {role: make_policy(settings.mode) for role in (PREFILL, DECODE, AGG)}
+        self.load = LoadTracker(settings.load_report_ttl_s)
+        self.kv_index = KvIndex(settings.kv_approx_ttl_s)
+        # kv mode: the prefill (or aggregated) pick follows the cache; the decode pick follows load.
+        decode_mode = "least-loaded" if settings.mode == "kv" else settings.mode
+        self._policies: dict[str, Policy] = {
+            role: make_policy(decode_mode if role == DECODE else settings.mode, self.load, self.kv_index,
+                              settings.kv_block_size, settings.kv_load_weight)
+            for role in (PREFILL, DECODE, AGG)
+        }
+        self._subscribed = False
         self._background: set[asyncio.Task] = set()
         self.migrations = 0
+
+    async def start(self) -> None:
+        """Subscribe to worker load reports and KV events (only the policies that use them need this)."""
+        if self.settings.mode in ("least-loaded", "kv") and not self._subscribed:
+            ns = self.runtime.settings.namespace
+            await self.load.start(self.runtime.request_plane, ns)
+            await self.kv_index.start(self.runtime.request_plane, ns)
+            self.view.on_change.append(self._forget_gone_instances)
+            self._subscribed = True
+
+    async def stop(self) -> None:
+        if self._subscribed:
+            await self.load.stop()
+            await self.kv_index.stop()
+
+    def _forget_gone_instances(self) -> None:
+        for iid in list(self.kv_index._blocks):
+            if iid not in self.view.instances:
+                self.kv_index.remove_instance(iid)
 
     # ---- what is servable ---------------------------------------------------------------------------------
     def _roles_missing(self, model: str) -> list[str]:
@@ -93,19 +127,24 @@ class Router:
         return {"status": "healthy" if healthy else "unhealthy", "instances": by_role, "models": models}
 
     # ---- picking --------------------------------------------------------------------------------------------
-    def _pick(self, role: str, model: str, request_id: str, exclude: set[str] = frozenset()) -> InstanceInfo:  # type: ignore[assignment]
+    def _pick(self, role: str, model: str, request: GenerateRequest,
+              exclude: frozenset[str] | set[str] = frozenset()) -> InstanceInfo:
         candidates = [i for i in self.view.instances_of(role, model) if i.instance_id not in exclude]
         if not candidates:
             raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
-        return self._policies[role].pick(candidates, request_id)
+        return self._policies[role].pick(candidates, request)
 
     async def _stream(self, instance: InstanceInfo, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         payloads = self.runtime.request_plane.stream(
             instance.address, encode(request), first_timeout=self.settings.first_frame_timeout_s
         )
-        async with aclosing(payloads):
-            async for payload in payloads:
-                yield decode(payload, GenerateChunk)
+        self.load.started(instance.instance_id)
+        try:
+            async with aclosing(payloads):
+                async for payload in payloads:
+                    yield decode(payload, GenerateChunk)
+        finally:
+            self.load.finished(instance.instance_id)
 
     # ---- the request's path ---------------------------------------------------------------------------------
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -116,7 +155,7 @@ class Router:
                 async for chunk in chunks:
                     yield chunk
             return
-        decoder = self._pick(DECODE, model, request.request_id)
+        decoder = self._pick(DECODE, model, request)
         if decoder.disaggregation_strategy == "decode_first":
             remote = GenerateRequest(request.request_id, model, request.token_ids, request.sampling,
                                      Phase.DECODE, remote_prefill=True)
@@ -155,7 +194,7 @@ class Router:
         migrations = 0
         while True:
             if instance is None:
-                instance = self._pick(role, model, request.request_id, tried)
+                instance = self._pick(role, model, request, tried)
             ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, phase, kv=kv,
                                   generated_ids=list(generated))
             started = False
@@ -207,7 +246,7 @@ class Router:
         tried: set[str] = set()
         for attempt in range(1 + self.settings.prefill_retries):
             try:
-                prefill = self._pick(PREFILL, model, request.request_id, tried)
+                prefill = self._pick(PREFILL, model, request, tried)
             except StreamError:
                 if attempt == 0 and not self.view.instances_of(PREFILL, model):
                     raise

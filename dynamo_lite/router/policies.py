@@ -1,15 +1,22 @@
-"""Instance selection policies: given the live instances of one role, pick one."""
+"""Instance selection policies: given the live instances of one role and the request, pick one."""
 
 from __future__ import annotations
 
 import random
 from typing import Protocol
 
-from dynamo_lite.protocol import InstanceInfo
+from dynamo_lite.kv.blocks import block_hashes
+from dynamo_lite.protocol import GenerateRequest, InstanceInfo
+from dynamo_lite.router.kv_index import KvIndex
+from dynamo_lite.router.load import LoadTracker
 
 
 class Policy(Protocol):
-    def pick(self, instances: list[InstanceInfo], request_id: str) -> InstanceInfo: ...
+    def pick(self, instances: list[InstanceInfo], request: GenerateRequest) -> InstanceInfo: ...
+
+
+def _ordered(instances: list[InstanceInfo]) -> list[InstanceInfo]:
+    return sorted(instances, key=lambda i: i.instance_id) if len(instances) > 1 else instances
 
 
 class RoundRobin:
@@ -18,8 +25,8 @@ class RoundRobin:
     def __init__(self) -> None:
         self._next = 0
 
-    def pick(self, instances: list[InstanceInfo], request_id: str) -> InstanceInfo:
-        ordered = sorted(instances, key=lambda i: i.instance_id) if len(instances) > 1 else instances
+    def pick(self, instances: list[InstanceInfo], request: GenerateRequest) -> InstanceInfo:
+        ordered = _ordered(instances)
         choice = ordered[self._next % len(ordered)]
         self._next += 1
         return choice
@@ -29,15 +36,60 @@ class Random:
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def pick(self, instances: list[InstanceInfo], request_id: str) -> InstanceInfo:
+    def pick(self, instances: list[InstanceInfo], request: GenerateRequest) -> InstanceInfo:
         return self._rng.choice(instances)
 
 
-POLICIES = {"round-robin": RoundRobin, "random": Random}
+class LeastLoaded:
+    """The instance with the lowest load score (in-flight, queued, KV usage); ties go round-robin."""
+
+    def __init__(self, load: LoadTracker) -> None:
+        self._load = load
+        self._tie = RoundRobin()
+
+    def pick(self, instances: list[InstanceInfo], request: GenerateRequest) -> InstanceInfo:
+        scores = [(self._load.score(i.instance_id), i) for i in instances]
+        best = min(s for s, _ in scores)
+        return self._tie.pick([i for s, i in scores if s == best], request)
 
 
-def make_policy(mode: str) -> Policy:
-    try:
-        return POLICIES[mode]()
-    except KeyError:
-        raise ValueError(f"unknown router mode {mode!r}; choose from {', '.join(POLICIES)}") from None
+class KvAware:
+    """Weighs the prefill work an instance would save (leading prompt blocks it already caches) against its
+    load: cost = uncached prompt blocks + ``load_weight`` × load score. The lowest cost wins."""
+
+    def __init__(self, load: LoadTracker, index: KvIndex, block_size: int, load_weight: float = 4.0) -> None:
+        self._load = load
+        self._index = index
+        self.block_size = block_size
+        self.load_weight = load_weight
+        self._tie = RoundRobin()
+
+    def pick(self, instances: list[InstanceInfo], request: GenerateRequest) -> InstanceInfo:
+        hashes = block_hashes(request.token_ids, self.block_size)
+        total = len(request.token_ids) / self.block_size
+        costs = []
+        for inst in instances:
+            cached = self._index.overlap(inst.instance_id, hashes)
+            costs.append((total - cached + self.load_weight * self._load.score(inst.instance_id), inst))
+        best = min(c for c, _ in costs)
+        choice = self._tie.pick([i for c, i in costs if c == best], request)
+        self._index.routed(choice.instance_id, hashes)
+        return choice
+
+
+MODES = ("round-robin", "random", "least-loaded", "kv")
+POLICIES = MODES  # kept for the CLI's choices
+
+
+def make_policy(mode: str, load: LoadTracker | None = None, index: KvIndex | None = None,
+                block_size: int = 32, load_weight: float = 4.0) -> Policy:
+    if mode == "round-robin":
+        return RoundRobin()
+    if mode == "random":
+        return Random()
+    load = load or LoadTracker()
+    if mode == "least-loaded":
+        return LeastLoaded(load)
+    if mode == "kv":
+        return KvAware(load, index or KvIndex(), block_size, load_weight)
+    raise ValueError(f"unknown router mode {mode!r}; choose from {', '.join(MODES)}")

@@ -39,3 +39,15 @@ def runtime_settings_from(args: argparse.Namespace) -> RuntimeSettings:
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def raise_fd_limit() -> None:
+    """Thousands of concurrent streams need thousands of sockets: lift the soft fd limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass

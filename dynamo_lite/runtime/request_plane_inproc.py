@@ -9,8 +9,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from dynamo_lite.protocol import ErrorInfo, Handler, StreamError
+from dynamo_lite.protocol import ErrorInfo, EventCallback, Handler, StreamError
 from dynamo_lite.runtime.streams import error_info_for
+
+
+class _InProcSubscription:
+    def __init__(self, subscribers: list, entry: tuple) -> None:
+        self._subscribers = subscribers
+        self._entry = entry
+
+    async def unsubscribe(self) -> None:
+        if self._entry in self._subscribers:
+            self._subscribers.remove(self._entry)
 
 
 class _InProcServed:
@@ -49,6 +59,17 @@ class InProcRequestPlane:
 
     def __init__(self) -> None:
         self._handlers: dict[str, tuple[Handler, _InProcServed]] = {}
+        self._subscribers: list[tuple[str, EventCallback]] = []
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        for prefix, callback in list(self._subscribers):
+            if subject.startswith(prefix):
+                callback(subject, payload)
+
+    async def subscribe(self, prefix: str, callback: EventCallback) -> _InProcSubscription:
+        entry = (prefix, callback)
+        self._subscribers.append(entry)
+        return _InProcSubscription(self._subscribers, entry)
 
     async def serve(self, address: str, handler: Handler) -> _InProcServed:
         served = _InProcServed(self, address)

@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 
 from dynamo_lite.protocol import (
     ErrorInfo,
+    EventCallback,
     Frame,
     FrameKind,
     Handler,
@@ -72,6 +73,14 @@ class _ReplyStream:
             await self._waiter
             self._waiter = None
         return self._frames.popleft()
+
+
+class _NatsEventSubscription:
+    def __init__(self, sub) -> None:  # noqa: ANN001
+        self._sub = sub
+
+    async def unsubscribe(self) -> None:
+        await _unsubscribe_quietly(self._sub)
 
 
 class _NatsServed:
@@ -241,6 +250,20 @@ class NatsRequestPlane:
         await served.start()
         self._served.append(served)
         return served
+
+    # ---- events --------------------------------------------------------------------------------------------
+    async def publish(self, subject: str, payload: bytes) -> None:
+        if self.nc.is_connected:
+            await self.nc.publish(subject, payload)
+
+    async def subscribe(self, prefix: str, callback: EventCallback) -> _NatsEventSubscription:
+        async def on_msg(msg: Msg) -> None:
+            callback(msg.subject, msg.data)
+
+        # NATS subjects are dot-separated tokens: "a.b." + ">" matches everything below "a.b".
+        sub = await self.nc.subscribe(prefix.rstrip(".") + ".>", cb=on_msg)
+        await _sync_with_server(self.nc, self.settings.connect_timeout_s)
+        return _NatsEventSubscription(sub)
 
     # ---- client side -------------------------------------------------------------------------------------
     async def _on_reply(self, msg: Msg) -> None:

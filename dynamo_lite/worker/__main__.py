@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import ModelNotFound
-from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from, setup_logging
+from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.worker.worker import Worker, WorkerSettings
 
 log = logging.getLogger("dynamo_lite.worker")
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     add_runtime_args(p)
     args = p.parse_args(argv)
     setup_logging(args.log_level)
+    raise_fd_limit()
     extra: dict = {}
     if args.extra_engine_args:
         from dynamo_lite.engines.engine_args import load_engine_args_yaml
@@ -94,6 +96,9 @@ async def run(settings: WorkerSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads: spinning OpenMP threads steal the core from the other worker and the event loop
+    # (measured +20-40% decode throughput on 2 cores).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         settings = parse_args(argv)
         import uvloop

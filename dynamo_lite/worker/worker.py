@@ -11,6 +11,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
     InstanceInfo,
+    KvEvent,
+    LoadReport,
     ModelCard,
     Phase,
     Served,
@@ -29,6 +32,8 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
+from dynamo_lite.router.kv_index import kv_events_subject
+from dynamo_lite.router.load import load_subject
 from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.config import RuntimeSettings
@@ -52,6 +57,7 @@ class WorkerSettings:
     advertise_host: str = ""
     drain_timeout_s: float = 30.0
     max_inflight: int = 1024  # beyond this, requests are refused with 503 (bounded queue)
+    load_report_interval_s: float = 0.5
     engine_settings: EngineSettings = field(default_factory=EngineSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
@@ -73,6 +79,9 @@ class Worker:
         self._view: LiveView | None = None
         self._metrics_server = None
         self.inflight = 0
+        self._reporter: asyncio.Task[None] | None = None
+        # (KvEventKind, block hashes) appended by the engine (any thread), published by the reporter task
+        self._kv_events: deque[tuple[int, list[int]]] = deque()
 
     @property
     def instance_id(self) -> str:
@@ -115,8 +124,34 @@ class Worker:
             disaggregation_strategy=s.disaggregation_strategy,
         )
         await register(self.runtime, self.info, self.card)
+        self._reporter = asyncio.create_task(self._report_load(), name="load-reports")
+        if hasattr(self.engine, "on_kv_event"):
+            self.engine.on_kv_event = self._kv_events.append  # type: ignore[attr-defined]
         log.info("worker %s (%s, %s) serving %s at %s", self.runtime.instance_id, s.mode, s.engine,
                  self.card.served_name, address)
+
+    async def _report_load(self) -> None:
+        """Publish a ``LoadReport`` (and pending KV cache events) for the routers, periodically."""
+        assert self.runtime is not None
+        plane, ns, iid = self.runtime.request_plane, self.settings.runtime.namespace, self.runtime.instance_id
+        load_at, events_at = load_subject(ns, iid), kv_events_subject(ns, iid)
+        interval = self.settings.load_report_interval_s
+        next_report = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                while self._kv_events:
+                    kind, hashes = self._kv_events.popleft()
+                    await plane.publish(events_at, encode(KvEvent(iid, kind, hashes)))
+                if loop.time() >= next_report:
+                    s = self.engine.stats()
+                    report = LoadReport(iid, s.active_seqs, s.queued, s.kv_usage, self.inflight,
+                                        self.settings.engine_settings.max_batch_size)
+                    await plane.publish(load_at, encode(report))
+                    next_report = loop.time() + interval
+            except Exception as e:  # noqa: BLE001 — the request plane is reconnecting: report later
+                log.debug("load report failed: %s", e)
+            await asyncio.sleep(min(interval, 0.05))
 
     async def handle(self, payload: bytes) -> AsyncIterator[bytes]:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
@@ -169,6 +204,8 @@ class Worker:
                 log.warning("deregister failed: %s", e)
         if self._served:
             await self._served.stop(drain)
+        if self._reporter:
+            self._reporter.cancel()
         if self._view:
             await self._view.stop()
         await self.engine.stop()

@@ -38,9 +38,9 @@ from dynamo_lite.engines.reference.scheduler import (
     stop_reason,
     suppressed_ids,
 )
-from dynamo_lite.kv import KvExporter, KvLayout, KvPullError, KvTransferError, pull_kv
+from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.model_files import ModelFiles, ensure_weights
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, Phase
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class TorchEngine:
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
         self._started = False
+        self._failure: BaseException | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -136,8 +137,8 @@ class TorchEngine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream ``request``'s tokens; a PREFILL request yields exactly one chunk (its first token + KV)."""
-        if not self._started:
-            raise EngineError("engine is not started", status=503, code="engine_not_ready")
+        if not self._started or self._failure is not None:
+            raise EngineError("engine is not running", status=503, code="engine_not_ready")
         self._validate(request)
         opts = request.sampling
         generated = list(request.generated_ids)
@@ -196,7 +197,8 @@ class TorchEngine:
                 status=400,
                 code="context_length_exceeded",
             )
-        if min(request.token_ids) < 0 or max(request.token_ids) >= cfg.vocab_size:
+        ids = [*request.token_ids, *request.generated_ids]
+        if min(ids) < 0 or max(ids) >= cfg.vocab_size:
             raise EngineError(f"token ids outside the vocabulary (0..{cfg.vocab_size - 1})", status=400)
         if request.phase is Phase.PREFILL and self.exporter is None:
             raise EngineError("prefill-phase request sent to a worker not in prefill mode", status=400)
@@ -247,8 +249,13 @@ class TorchEngine:
             ready.set_exception(e)
             return
         ready.set_result(None)
-        with torch.inference_mode():
-            self._run()
+        try:
+            with torch.inference_mode():
+                self._run()
+        except BaseException as e:  # a bug, not a request's fault: fail everything rather than hang
+            log.exception("torch engine thread died")
+            self._failure = e
+            self._fail_all(EngineError(f"engine failed: {e}", status=503, code="engine_failed"))
 
     def _load(self) -> None:
         started = time.perf_counter()
@@ -305,10 +312,22 @@ class TorchEngine:
             if plan.num_tokens:
                 self._step(plan)
             self._update_gauges()
+        self._fail_all(EngineError("engine stopped", status=503, code="engine_stopped"))
+
+    def _fail_all(self, error: EngineError) -> None:
+        sched = self._scheduler
+        assert sched is not None
+        while True:  # requests still in the inbox, too
+            try:
+                kind, seq = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                sched.add(seq)
         for seq in [*sched.running, *sched.waiting]:
             sched.remove(seq)
             self._close_pulled(seq)
-            seq.stream.fail(EngineError("engine stopped", status=503, code="engine_stopped"))
+            seq.stream.fail(error)
         self._update_gauges()
 
     def _drain(self, block: bool) -> bool:
@@ -393,20 +412,23 @@ class TorchEngine:
         self._stats.total_tokens += 1
         reason = stop_reason(seq, token, self.eos_ids, self.max_seq_len)
         if seq.phase is Phase.PREFILL:
-            if reason is None:
-                self._export(seq, token)
-            else:
+            desc = self._export(seq) if reason is None else None  # reads the slot: before it is freed
+            self._scheduler.remove(seq)
+            if reason is not None:
                 seq.stream.push(token)
                 seq.stream.finish(reason)
-            self._scheduler.remove(seq)
+            elif desc is not None:
+                seq.stream.push(token)
+                seq.stream.finish(_HANDOFF, kv=desc)
             return
         seq.stream.push(token)
         if reason is not None:
             self._scheduler.remove(seq)
             seq.stream.finish(reason, cached_tokens=seq.cached_tokens)
 
-    def _export(self, seq: Sequence, token: int) -> None:
-        """Copy the computed prompt KV into an exporter hold and finish the stream with its descriptor."""
+    def _export(self, seq: Sequence) -> KvDescriptor | None:
+        """Copy the computed prompt KV into an exporter hold and publish it; None (stream failed, or nobody
+        listens any more) when that is not possible."""
         assert self.exporter is not None and self._cache is not None
         started = time.perf_counter()
         cfg = self.model_config
@@ -416,14 +438,14 @@ class TorchEngine:
             seq.transfer_id = hold.transfer_id
             self._cache.read(seq.slot, seq.num_computed, hold.tensor())
             desc = self.exporter.publish(hold)
-        except KvTransferError as e:
+        except Exception as e:  # KvCapacityError, or the OS refusing shared memory
             if seq.transfer_id:
                 self.exporter.release(seq.transfer_id)
-            seq.stream.fail(EngineError(f"KV export failed: {e}", status=503, code="kv_capacity"))
-            return
+            code = "kv_capacity" if isinstance(e, KvCapacityError) else "kv_export_failed"
+            seq.stream.fail(EngineError(f"KV export failed: {e}", status=503, code=code))
+            return None
         if seq.abandoned:  # the consumer left while we exported: nobody will ever pull this
             self.exporter.release(hold.transfer_id)
-            return
+            return None
         self._count_transfer(layout.nbytes, time.perf_counter() - started)
-        seq.stream.push(token)
-        seq.stream.finish(_HANDOFF, kv=desc)
+        return desc

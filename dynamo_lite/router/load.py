@@ -1,0 +1,65 @@
+"""The router's view of instance load: worker load reports (fresh ones only) plus its own in-flight counts."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from dynamo_lite.protocol import LoadReport, RequestPlane, Subscription, WireError, decode
+
+
+def load_subject(namespace: str, instance_id: str = "") -> str:
+    return f"dlload.{namespace}.{instance_id}"
+
+
+class LoadTracker:
+    """Keeps the latest ``LoadReport`` per instance and drops those older than ``ttl_s``."""
+
+    def __init__(self, ttl_s: float = 2.0) -> None:
+        self.ttl_s = ttl_s
+        self._reports: dict[str, tuple[LoadReport, float]] = {}
+        self.local_inflight: defaultdict[str, int] = defaultdict(int)  # what this router has sent and not seen end
+        self._sub: Subscription | None = None
+
+    async def start(self, plane: RequestPlane, namespace: str) -> None:
+        self._sub = await plane.subscribe(load_subject(namespace), self._on_report)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    def _on_report(self, subject: str, payload: bytes) -> None:
+        try:
+            report = decode(payload, LoadReport)
+        except WireError:
+            return
+        self._reports[report.instance_id] = (report, time.monotonic())
+
+    def report(self, instance_id: str) -> LoadReport | None:
+        entry = self._reports.get(instance_id)
+        if entry is None:
+            return None
+        report, at = entry
+        if time.monotonic() - at > self.ttl_s:
+            del self._reports[instance_id]  # stale: the instance may be gone or wedged
+            return None
+        return report
+
+    def score(self, instance_id: str) -> float:
+        """Lower is less loaded: requests in flight (ours, or as reported by the worker if it says more —
+        other frontends send to it too), queued requests, and KV usage as a tie-breaker."""
+        local = self.local_inflight.get(instance_id, 0)
+        report = self.report(instance_id)
+        if report is None:
+            return float(local)
+        return max(local, report.inflight) + report.queued + report.kv_usage
+
+    def started(self, instance_id: str) -> None:
+        self.local_inflight[instance_id] += 1
+
+    def finished(self, instance_id: str) -> None:
+        left = self.local_inflight[instance_id] - 1
+        if left > 0:
+            self.local_inflight[instance_id] = left
+        else:
+            self.local_inflight.pop(instance_id, None)
