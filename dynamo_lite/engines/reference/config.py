@@ -36,6 +36,9 @@ class ReferenceConfig:
     max_seq_len: int = 4096  # prompt + generated, per sequence (the cache's length per slot)
     kv_failure_policy: str = "recompute"
     warmup: bool = True  # run one short forward in start(): the first one is several times slower
+    # Fault injection for tests: wait this long before pulling a prefill's KV (so a test can kill the prefill
+    # worker in between). Never set in production configs.
+    fault_kv_pull_delay_s: float = 0.0
     kv: KvTransferConfig | None = None  # None: built from the kv_* settings
 
     def kv_config(self) -> KvTransferConfig:
@@ -59,6 +62,7 @@ SCHEMA: Schema = {
     "kv_lease_s": float,
     "kv_pull_timeout_s": float,
     "kv_use_shm": bool,
+    "fault_kv_pull_delay_s": float,
 }
 
 
@@ -91,6 +95,7 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         max_seq_len=pick("max_seq_len", settings.max_seq_len),
         kv_failure_policy=pick("kv_failure_policy", settings.kv_failure_policy),
         warmup=pick("warmup", True),
+        fault_kv_pull_delay_s=float(pick("fault_kv_pull_delay_s", 0.0)),
     )
     defaults = KvTransferConfig()
     cfg.kv = KvTransferConfig(

@@ -224,6 +224,8 @@ class TorchEngine:
             # The last known token is always fed again to get its logits, so at most len - 1 positions import.
             if not 0 < desc.num_tokens < len(seq.tokens):
                 raise KvPullError(f"KV of {desc.num_tokens} tokens for a sequence of {len(seq.tokens)}")
+            if self.config.fault_kv_pull_delay_s:
+                await asyncio.sleep(self.config.fault_kv_pull_delay_s)
             pulled = await pull_kv(desc, self._kv_config)
         except KvPullError as e:
             if self.config.kv_failure_policy == "fail":
