@@ -78,6 +78,11 @@ class KvDescriptor(_Wire):
     dtype: str = ""
     lease_s: float = 30.0
     opaque: bytes = b""
+    # CUDA IPC (``dynamo_lite.kv.cuda_ipc``): the exporter's device pool and the hold's range in it, and the
+    # GPU it lives on (uuid: indexes differ between processes with different CUDA_VISIBLE_DEVICES).
+    cuda_ipc: bytes = b""
+    device_index: int = -1
+    gpu_uuid: str = ""
 
 
 class GenerateRequest(_Wire):

@@ -31,3 +31,7 @@ class KvTransferConfig:
     # Checksum the shm path too (TCP is always checked). None: only when xxhash is installed (xxh3 costs
     # ~10 ms per 94 MB; zlib's crc32, the fallback, ~30 ms: half the 60 ms handoff budget).
     verify_shm: bool | None = None
+    # CUDA holds (an engine on a GPU): the exporter keeps KV in one device pool of this size and importers on
+    # this host open it by CUDA IPC; off, or pool full, or IPC impossible: host staging, then TCP.
+    use_cuda_ipc: bool = True
+    cuda_pool_bytes: int = 2 << 30

@@ -6,6 +6,9 @@
 >>> hold.tensor()[:] = kv                                                     # fill it in place
 >>> desc = exporter.publish(hold)  # -> travels to the decode worker inside the prefill result
 
+On a GPU engine, ``use_cuda_pool(pool)`` makes holds device memory (a ``CudaKvPool`` range, shared by CUDA IPC
+with importers on this host; see ``cuda_ipc``); a full pool falls back to host memory.
+
 A hold is freed exactly once: when its importer is done, when it is released (request cancelled), when its
 lease expires (importer never came, or died), or at ``stop()``. ``held_bytes`` is what a gauge should show.
 """
@@ -28,6 +31,7 @@ from typing import Any
 
 from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
+from dynamo_lite.kv.cuda_ipc import CudaKvPool, encode_ref
 from dynamo_lite.kv.errors import KvCapacityError, KvTransferError
 from dynamo_lite.kv.layout import KvLayout, as_tensor, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
@@ -42,7 +46,8 @@ class KvHold:
     """Memory for one sequence's KV, owned by the exporter until it is freed.
 
     ``buffer`` is a writable view of ``layout.nbytes`` (a POSIX shm segment when ``use_shm``, else private
-    anonymous memory): the engine writes the KV straight into it, in ``layout.shape`` order.
+    anonymous memory): the engine writes the KV straight into it, in ``layout.shape`` order. A CUDA hold
+    (``cuda_offset >= 0``) has an empty ``buffer``: write through ``tensor()``, a device view.
     """
 
     transfer_id: str
@@ -50,12 +55,21 @@ class KvHold:
     layout: KvLayout
     buffer: memoryview
     shm_name: str = ""
-    _owner: Any = field(default=None, repr=False)  # the mmap behind ``buffer``
+    _owner: Any = field(default=None, repr=False)  # the mmap behind ``buffer``; the CudaKvPool of a CUDA hold
+    cuda_offset: int = -1  # the hold's range in the pool, for a CUDA hold
+
+    @property
+    def on_device(self) -> bool:
+        return self.cuda_offset >= 0
 
     def tensor(self) -> Any:
-        """A writable torch view of ``layout.shape`` over the hold's memory."""
+        """A writable torch view of ``layout.shape`` over the hold's memory (on the pool's GPU for a CUDA
+        hold)."""
         if self._owner is None:
             raise KvTransferError(f"transfer {self.transfer_id} is freed")
+        if self.on_device:
+            dtype = getattr(__import__("torch"), self.layout.dtype)
+            return self._owner.view(self.cuda_offset, self.layout.nbytes, dtype, self.layout.shape)
         return as_tensor(self._owner, self.layout)
 
 
@@ -72,6 +86,7 @@ class ExporterStats:
     released: int = 0  # cancelled by the engine
     failed: int = 0  # a send broke off
     rejected: int = 0  # requests refused: unknown id, bad secret, double claim, malformed
+    cuda_transfers: int = 0  # CUDA holds read by IPC (staged ones count as shm, fetched ones as tcp)
 
 
 class _State(enum.Enum):
@@ -110,6 +125,15 @@ class KvExporter:
         self._port = 0
         self._tasks: set[asyncio.Task] = set()
         self._connections: set[asyncio.Task] = set()
+        self._pool: CudaKvPool | None = None
+
+    def use_cuda_pool(self, pool: CudaKvPool | None) -> None:
+        """Allocate holds in ``pool`` (device memory, CUDA IPC) from now on; None: host memory again."""
+        self._pool = pool
+
+    @property
+    def cuda_pool(self) -> CudaKvPool | None:
+        return self._pool
 
     # ---- lifecycle --------------------------------------------------------------------------------------
 
@@ -174,6 +198,16 @@ class KvExporter:
                 raise KvCapacityError(f"holding {held} bytes, {nbytes} more exceeds max_held_bytes={limit}")
             # Reserve before the (slow) allocation, so racing threads can't overshoot the limit.
             self._held_bytes += nbytes
+        pool = self._pool
+        offset = pool.alloc(nbytes) if pool is not None else None
+        if pool is not None and offset is not None:
+            tid = uuid.uuid4().hex
+            hold = KvHold(tid, request_id, layout, memoryview(b""), "", pool, offset)
+            with self._lock:
+                self._entries[tid] = _Entry(hold, None, time.monotonic() + cfg.lease_s)
+            return hold
+        if pool is not None:
+            log.debug("CUDA KV pool full: %d bytes held in host memory", nbytes)
         try:
             segment: ShmSegment | None = None
             if cfg.use_shm:
@@ -199,11 +233,23 @@ class KvExporter:
         if self._listener is None:
             raise KvTransferError("KvExporter.publish before start()")
         self._published_entry(hold)  # fail fast, before hashing, if it is already gone
-        algo = ck.SUPPORTED[0]
-        try:
-            value = ck.checksum(hold.buffer, algo)
-        except ValueError as e:  # freed (expired/released) while we hashed: its view was released
-            raise KvTransferError(f"transfer {hold.transfer_id} is not held (expired or released)") from e
+        cuda: dict[str, Any] = {}
+        if hold.on_device:
+            # No checksum: the bytes never leave this host's GPUs (staged or fetched copies are hashed then).
+            pool: CudaKvPool = hold._owner
+            pool.synchronize()  # the engine's writes must land before an importer can read
+            algo, value = "", 0
+            cuda = {
+                "cuda_ipc": encode_ref(pool.ref(hold.cuda_offset)),
+                "device_index": pool.device_index,
+                "gpu_uuid": pool.uuid,
+            }
+        else:
+            algo = ck.SUPPORTED[0]
+            try:
+                value = ck.checksum(hold.buffer, algo)
+            except ValueError as e:  # freed (expired/released) while we hashed: its view was released
+                raise KvTransferError(f"transfer {hold.transfer_id} is not held (expired or released)") from e
         secret = secrets.token_urlsafe(24)
         with self._lock:
             entry = self._published_entry(hold)
@@ -221,6 +267,7 @@ class KvExporter:
             shm_name=hold.shm_name,
             lease_s=self.config.lease_s,
             **hold.layout.descriptor_fields(),
+            **cuda,
         )
 
     def _published_entry(self, hold: KvHold) -> _Entry:
@@ -264,6 +311,8 @@ class KvExporter:
                 s.seconds += time.monotonic() - entry.claimed_at
                 if transport == "shm":
                     s.shm_transfers += 1
+                elif transport == "cuda_ipc":
+                    s.cuda_transfers += 1
                 else:
                     s.tcp_transfers += 1
             elif reason == "expired":
@@ -273,9 +322,13 @@ class KvExporter:
             elif reason == "failed":
                 s.failed += 1
         owner, entry.hold._owner = entry.hold._owner, None  # a KvHold the engine keeps must not pin memory
+        if entry.hold.on_device:
+            owner.release(entry.hold.cuda_offset)
+            owner = None
+            entry.view = None
         if entry.segment is not None:
             entry.segment.close()
-        else:
+        elif not entry.hold.on_device:
             with suppress(BufferError):  # a view the engine still exports keeps the memory alive
                 entry.hold.buffer.release()
         bury(owner)
@@ -364,7 +417,7 @@ class KvExporter:
             entry = self._entries.get(req.transfer_id)
             if req.version != WIRE_VERSION:
                 status, msg = KvStatus.BAD_REQUEST, f"wire version {req.version}, expected {WIRE_VERSION}"
-            elif req.op not in (KvOp.CLAIM, KvOp.FETCH):
+            elif req.op not in (KvOp.CLAIM, KvOp.FETCH, KvOp.STAGE):
                 status, msg = KvStatus.BAD_REQUEST, f"unexpected {req.op.name}"
             elif entry is None or entry.state is _State.ALLOCATED or entry.deadline <= now:
                 status, msg = KvStatus.UNKNOWN, "unknown transfer (never published, freed, or lease expired)"
@@ -372,12 +425,15 @@ class KvExporter:
                 status, msg = KvStatus.DENIED, "bad secret"
             elif entry.state is _State.CLAIMED:
                 status, msg = KvStatus.CLAIMED, "already claimed"
-            elif req.op is KvOp.CLAIM and entry.segment is None:
+            elif req.op is KvOp.CLAIM and entry.segment is None and not entry.hold.on_device:
                 status, msg = KvStatus.BAD_REQUEST, "not in shared memory: fetch it over TCP"
+            elif req.op is KvOp.STAGE and not entry.hold.on_device:
+                status, msg = KvStatus.BAD_REQUEST, "not in device memory: claim or fetch it"
             else:
                 entry.state = _State.CLAIMED
                 entry.claimed_at = now
-                entry.view = memoryview(entry.hold._owner)
+                # A CUDA hold gets its host view when staged (STAGE, FETCH); CLAIM reads the device directly.
+                entry.view = None if entry.hold.on_device else memoryview(entry.hold._owner)
                 entry.deadline = max(entry.deadline, now + self.config.pull_timeout_s)
                 nbytes = entry.hold.layout.nbytes
                 return entry, KvReply(KvStatus.OK, nbytes=nbytes)
@@ -408,7 +464,12 @@ class KvExporter:
         """
         reason = "failed"
         nbytes = entry.hold.layout.nbytes
+        transport = {KvOp.FETCH: "tcp", KvOp.STAGE: "shm"}.get(req.op, "shm")
+        if req.op is KvOp.CLAIM and entry.hold.on_device:
+            transport = "cuda_ipc"
         try:
+            if entry.hold.on_device and req.op in (KvOp.STAGE, KvOp.FETCH):
+                reply.shm_name = await self._stage(entry, shared=req.op is KvOp.STAGE)
             reply.checksum_algo, reply.checksum = await self._checksum_for(entry, req.checksums)
             async with asyncio.timeout(self.config.pull_timeout_s):
                 await loop.sock_sendall(conn, frame(reply))
@@ -431,4 +492,22 @@ class KvExporter:
             log.info("KV transfer %s: importer went away (%s)", req.transfer_id, e)
         finally:
             entry.view = None
-            self._free(req.transfer_id, reason, nbytes, "shm" if req.op is KvOp.CLAIM else "tcp")
+            self._free(req.transfer_id, reason, nbytes, transport)
+
+    async def _stage(self, entry: _Entry, shared: bool) -> str:
+        """Copy a CUDA hold into host memory (a new shm segment if ``shared``, else private memory for TCP),
+        off the event loop; returns the segment's name ("" for private memory)."""
+        hold = entry.hold
+        layout = hold.layout
+        segment = ShmSegment.create(layout.nbytes) if shared else None
+        owner: Any = segment.mapping if segment is not None else anonymous(layout.nbytes)
+        if segment is not None:
+            entry.segment = segment  # freed with the hold
+
+        def copy() -> None:
+            host = as_tensor(owner, layout)
+            host.copy_(hold.tensor())  # synchronous device-to-host copy
+
+        await asyncio.to_thread(copy)
+        entry.view = segment.buffer if segment is not None else memoryview(owner)
+        return segment.name if segment is not None else ""

@@ -6,6 +6,10 @@ One connection carries one transfer. The importer sends a ``KvRequest``; the exp
   connection stays open while it copies; ``DONE`` (or the connection closing) lets the exporter free it.
 - ``FETCH`` (TCP): the exporter answers, then streams exactly ``nbytes`` raw bytes and frees the hold.
 - ``RELEASE``: nobody will pull it (the request was cancelled between prefill and decode): free it now.
+- ``CLAIM`` of a CUDA hold: the importer has opened the exporter's device pool (``cuda_ipc``) and copies
+  from it; ``DONE`` once its copy has finished.
+- ``STAGE`` (a CUDA hold the importer can't open): the exporter copies it into a new shm segment, answers its
+  name, and frees both at ``DONE``, like ``CLAIM``.
 
 Each message is a 4-byte big-endian length and a msgpack body, at most ``MAX_HEADER_BYTES``.
 """
@@ -29,6 +33,7 @@ class KvOp(enum.IntEnum):
     FETCH = 2
     DONE = 3
     RELEASE = 4
+    STAGE = 5
 
 
 class KvStatus(enum.IntEnum):
@@ -57,6 +62,7 @@ class KvReply(_KvWire):
     nbytes: int = 0
     checksum_algo: str = ""
     checksum: int = 0
+    shm_name: str = ""  # STAGE: the segment the hold was staged into
 
 
 _LEN = struct.Struct(">I")
