@@ -60,7 +60,9 @@ class Cluster:
 
     def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
         out = open(os.path.join(self.tmp, f"{name}.log"), "wb")
-        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        p = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
         self.procs.append(p)
         return p
 
@@ -79,26 +81,84 @@ class Cluster:
 def start_cluster(mode: str, worker_configs: list[dict], model: str) -> Cluster:
     c = Cluster()
     etcd, peer, nats, http = free_port(), free_port(), free_port(), free_port()
-    c.spawn("etcd", ["etcd", "--name", "r", "--data-dir", os.path.join(c.tmp, "etcd"),
-                     "--listen-client-urls", f"http://127.0.0.1:{etcd}",
-                     "--advertise-client-urls", f"http://127.0.0.1:{etcd}",
-                     "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                     "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                     "--initial-cluster", f"r=http://127.0.0.1:{peer}"])
+    c.spawn(
+        "etcd",
+        [
+            "etcd",
+            "--name",
+            "r",
+            "--data-dir",
+            os.path.join(c.tmp, "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{etcd}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{etcd}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"r=http://127.0.0.1:{peer}",
+        ],
+    )
     c.spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(nats)])
-    wait_for(lambda: b"true" in urllib.request.urlopen(f"http://127.0.0.1:{etcd}/health", timeout=1).read(), 20,
-             "etcd")
-    rt = ["--namespace", "routing", "--etcd-endpoints", f"127.0.0.1:{etcd}", "--nats-url", f"nats://127.0.0.1:{nats}",
-          "--log-level", "WARNING"]
+    wait_for(
+        lambda: b"true" in urllib.request.urlopen(f"http://127.0.0.1:{etcd}/health", timeout=1).read(),
+        20,
+        "etcd",
+    )
+    rt = [
+        "--namespace",
+        "routing",
+        "--etcd-endpoints",
+        f"127.0.0.1:{etcd}",
+        "--nats-url",
+        f"nats://127.0.0.1:{nats}",
+        "--log-level",
+        "WARNING",
+    ]
     for i, cfg in enumerate(worker_configs):
         path = os.path.join(c.tmp, f"worker{i}.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f)
-        c.spawn(f"worker{i}", [sys.executable, "-m", "dynamo_lite.worker", "--mode", "agg", "--engine", "mocker",
-                               "--served-model-name", model, "--extra-engine-args", path, "--kv-block-size", "32",
-                               "--stream-interval-ms", "5", *rt])
-    c.spawn("frontend", [sys.executable, "-m", "dynamo_lite.frontend", "--http-host", "127.0.0.1",
-                         "--http-port", str(http), "--router-mode", mode, "--kv-block-size", "32", *rt])
+        c.spawn(
+            f"worker{i}",
+            [
+                sys.executable,
+                "-m",
+                "dynamo_lite.worker",
+                "--mode",
+                "agg",
+                "--engine",
+                "mocker",
+                "--served-model-name",
+                model,
+                "--extra-engine-args",
+                path,
+                "--kv-block-size",
+                "32",
+                "--stream-interval-ms",
+                "5",
+                *rt,
+            ],
+        )
+    c.spawn(
+        "frontend",
+        [
+            sys.executable,
+            "-m",
+            "dynamo_lite.frontend",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(http),
+            "--router-mode",
+            mode,
+            "--kv-block-size",
+            "32",
+            *rt,
+        ],
+    )
     c.url = f"http://127.0.0.1:{http}"
 
     def ready() -> bool:
@@ -109,9 +169,17 @@ def start_cluster(mode: str, worker_configs: list[dict], model: str) -> Cluster:
     return c
 
 
-async def chat(client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int) -> dict:
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
+async def chat(
+    client: httpx.AsyncClient, url: str, model: str, messages: list[dict], max_tokens: int
+) -> dict:
+    body = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft = None
     text = []
@@ -132,13 +200,34 @@ async def chat(client: httpx.AsyncClient, url: str, model: str, messages: list[d
 
 
 def words(rng: random.Random, n: int) -> str:
-    vocab = ["cache", "prefill", "decode", "token", "router", "worker", "latency", "stream", "batch", "kernel",
-             "tensor", "memory", "network", "request", "block", "hash", "model", "layer", "head", "queue"]
+    vocab = [
+        "cache",
+        "prefill",
+        "decode",
+        "token",
+        "router",
+        "worker",
+        "latency",
+        "stream",
+        "batch",
+        "kernel",
+        "tensor",
+        "memory",
+        "network",
+        "request",
+        "block",
+        "hash",
+        "model",
+        "layer",
+        "head",
+        "queue",
+    ]
     return " ".join(rng.choice(vocab) + str(rng.randint(0, 99)) for _ in range(n))
 
 
-async def multi_turn(url: str, model: str, conversations: int, turns: int, think_s: float,
-                     seed: int) -> list[dict]:
+async def multi_turn(
+    url: str, model: str, conversations: int, turns: int, think_s: float, seed: int
+) -> list[dict]:
     """Every conversation sends ``turns`` requests, each with the whole history so far, a user's think time
     (exponential, mean ``think_s``) apart — the offered load is the same whatever the router does."""
     results: list[dict] = []
@@ -209,10 +298,17 @@ def summarize(results: list[dict], seconds: float) -> dict:
 
 # Simulated engine: prefill is the expensive part (0.4 ms per uncached prompt token), so cache hits matter; the
 # cache holds 520 blocks of 32 tokens per worker: enough for half of the conversations' histories, not all.
-MULTI_TURN_WORKER = {"prefill_per_token_s": 0.0004, "decode_base_s": 0.004, "num_cache_blocks": 520,
-                     "speedup_ratio": 1.0, "max_batch_size": 64}
-SLOW_WORKERS = [{"prefill_per_token_s": 0.0001, "decode_base_s": 0.004, "speedup_ratio": 1.0},
-                {"prefill_per_token_s": 0.0001, "decode_base_s": 0.004, "speedup_ratio": 1 / 3}]
+MULTI_TURN_WORKER = {
+    "prefill_per_token_s": 0.0004,
+    "decode_base_s": 0.004,
+    "num_cache_blocks": 520,
+    "speedup_ratio": 1.0,
+    "max_batch_size": 64,
+}
+SLOW_WORKERS = [
+    {"prefill_per_token_s": 0.0001, "decode_base_s": 0.004, "speedup_ratio": 1.0},
+    {"prefill_per_token_s": 0.0001, "decode_base_s": 0.004, "speedup_ratio": 1 / 3},
+]
 
 
 def run_experiment(name: str, modes: list[str], workers: list[dict], workload, model: str) -> dict:  # noqa: ANN001
@@ -231,8 +327,11 @@ def run_experiment(name: str, modes: list[str], workers: list[dict], workload, m
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.routing", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.routing",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--experiment", choices=["kv", "slow", "all"], default="all")
     p.add_argument("--conversations", type=int, default=16)
     p.add_argument("--turns", type=int, default=12)
@@ -245,19 +344,30 @@ def main() -> int:
     report = {}
     if args.experiment in ("kv", "all"):
         report["multi_turn"] = run_experiment(
-            "multi-turn", ["round-robin", "kv"], [MULTI_TURN_WORKER, MULTI_TURN_WORKER],
+            "multi-turn",
+            ["round-robin", "kv"],
+            [MULTI_TURN_WORKER, MULTI_TURN_WORKER],
             lambda url: multi_turn(url, args.model, args.conversations, args.turns, args.think_s, seed=1),
-            args.model)
+            args.model,
+        )
         rr, kv = report["multi_turn"]["round-robin"], report["multi_turn"]["kv"]
-        print(f"kv vs round-robin: mean TTFT {rr['ttft_mean_ms'] / kv['ttft_mean_ms']:.2f}x lower, "
-              f"throughput {kv['req_per_s'] / rr['req_per_s']:.2f}x")
+        print(
+            f"kv vs round-robin: mean TTFT {rr['ttft_mean_ms'] / kv['ttft_mean_ms']:.2f}x lower, "
+            f"throughput {kv['req_per_s'] / rr['req_per_s']:.2f}x"
+        )
     if args.experiment in ("slow", "all"):
         report["slow_worker"] = run_experiment(
-            "slow", ["round-robin", "least-loaded"], SLOW_WORKERS,
-            lambda url: open_loop(url, args.model, args.rate, args.requests, seed=2), args.model)
+            "slow",
+            ["round-robin", "least-loaded"],
+            SLOW_WORKERS,
+            lambda url: open_loop(url, args.model, args.rate, args.requests, seed=2),
+            args.model,
+        )
         rr, ll = report["slow_worker"]["round-robin"], report["slow_worker"]["least-loaded"]
-        print(f"least-loaded vs round-robin (one worker 3x slower): p99 TTFT {rr['ttft_p99_ms']:.0f} -> "
-              f"{ll['ttft_p99_ms']:.0f} ms, throughput {ll['req_per_s'] / rr['req_per_s']:.2f}x")
+        print(
+            f"least-loaded vs round-robin (one worker 3x slower): p99 TTFT {rr['ttft_p99_ms']:.0f} -> "
+            f"{ll['ttft_p99_ms']:.0f} ms, throughput {ll['req_per_s'] / rr['req_per_s']:.2f}x"
+        )
     if args.output:
         with open(args.output, "w") as f:
             json.dump(report, f, indent=2)

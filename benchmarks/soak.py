@@ -93,16 +93,42 @@ def start_stack(args: argparse.Namespace) -> Stack:
     log = lambda name: open(os.path.join(st.tmp, f"{name}.log"), "wb")  # noqa: E731
     etcd, peer, nats, http = free_port(), free_port(), free_port(), free_port()
     st.procs["etcd"] = subprocess.Popen(
-        ["etcd", "--name", "soak", "--data-dir", os.path.join(st.tmp, "etcd"),
-         "--listen-client-urls", f"http://127.0.0.1:{etcd}", "--advertise-client-urls", f"http://127.0.0.1:{etcd}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls",
-         f"http://127.0.0.1:{peer}", "--initial-cluster", f"soak=http://127.0.0.1:{peer}"],
-        stdout=log("etcd"), stderr=subprocess.STDOUT)
-    st.procs["nats"] = subprocess.Popen(["nats-server", "-a", "127.0.0.1", "-p", str(nats)],
-                                        stdout=log("nats"), stderr=subprocess.STDOUT)
-    wait_for(lambda: b"true" in urllib.request.urlopen(f"http://127.0.0.1:{etcd}/health", timeout=1).read(),
-             20, "etcd")
-    rt = ["--namespace", "soak", "--etcd-endpoints", f"127.0.0.1:{etcd}", "--nats-url", f"nats://127.0.0.1:{nats}"]
+        [
+            "etcd",
+            "--name",
+            "soak",
+            "--data-dir",
+            os.path.join(st.tmp, "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{etcd}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{etcd}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"soak=http://127.0.0.1:{peer}",
+        ],
+        stdout=log("etcd"),
+        stderr=subprocess.STDOUT,
+    )
+    st.procs["nats"] = subprocess.Popen(
+        ["nats-server", "-a", "127.0.0.1", "-p", str(nats)], stdout=log("nats"), stderr=subprocess.STDOUT
+    )
+    wait_for(
+        lambda: b"true" in urllib.request.urlopen(f"http://127.0.0.1:{etcd}/health", timeout=1).read(),
+        20,
+        "etcd",
+    )
+    rt = [
+        "--namespace",
+        "soak",
+        "--etcd-endpoints",
+        f"127.0.0.1:{etcd}",
+        "--nats-url",
+        f"nats://127.0.0.1:{nats}",
+    ]
     engine = ["--engine", args.engine, "--served-model-name", args.model]
     if args.engine == "mocker":
         engine += ["--speedup-ratio", str(args.speedup_ratio)]
@@ -112,28 +138,71 @@ def start_stack(args: argparse.Namespace) -> Stack:
         port = free_port()
         st.worker_metrics.append(port)
         st.procs[mode] = subprocess.Popen(
-            [sys.executable, "-m", "dynamo_lite.worker", "--mode", mode, *engine, "--metrics-port", str(port), *rt,
-             "--log-level", "WARNING"], stdout=log(mode), stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "dynamo_lite.worker",
+                "--mode",
+                mode,
+                *engine,
+                "--metrics-port",
+                str(port),
+                *rt,
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log(mode),
+            stderr=subprocess.STDOUT,
+        )
     st.procs["frontend"] = subprocess.Popen(
-        [sys.executable, "-m", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port", str(http), *rt,
-         "--log-level", "WARNING"], stdout=log("frontend"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "dynamo_lite.frontend",
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(http),
+            *rt,
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=log("frontend"),
+        stderr=subprocess.STDOUT,
+    )
     st.url = f"http://127.0.0.1:{http}"
-    wait_for(lambda: args.model in urllib.request.urlopen(st.url + "/v1/models", timeout=1).read().decode(),
-             180, "model served")
+    wait_for(
+        lambda: args.model in urllib.request.urlopen(st.url + "/v1/models", timeout=1).read().decode(),
+        180,
+        "model served",
+    )
     return st
 
 
-async def client_loop(url: str, model: str, until: float, rng: random.Random, cancel_fraction: float,
-                      max_tokens: int, counts: Counter, samples: list[str]) -> None:
-    body = {"model": model, "max_tokens": max_tokens, "stream": True, "temperature": 0.7,
-            "stream_options": {"include_usage": True}}
+async def client_loop(
+    url: str,
+    model: str,
+    until: float,
+    rng: random.Random,
+    cancel_fraction: float,
+    max_tokens: int,
+    counts: Counter,
+    samples: list[str],
+) -> None:
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0.7,
+        "stream_options": {"include_usage": True},
+    }
     async with httpx.AsyncClient(timeout=120) as client:
         while time.monotonic() < until:
             question = f"Tell me fact number {rng.randint(1, 10_000)} about {rng.choice(['cats', 'rivers', 'CPUs'])}."
             payload = {**body, "messages": [{"role": "user", "content": question}]}
             cancel_after = rng.uniform(0.0, 2.0) if rng.random() < cancel_fraction else None
 
-            async def one() -> None:
+            async def one(payload: dict = payload) -> None:
                 async with client.stream("POST", url + "/v1/chat/completions", json=payload) as r:
                     if r.status_code != 200:
                         counts[f"http_{r.status_code}"] += 1
@@ -166,9 +235,21 @@ async def soak(args: argparse.Namespace, stack: Stack) -> dict:
     rng = random.Random(args.seed)
     start = time.monotonic()
     until = start + args.minutes * 60
-    clients = [asyncio.create_task(client_loop(stack.url, stack.model, until, random.Random(rng.random()),
-                                               args.cancel_fraction, args.max_tokens, counts, samples))
-               for _ in range(args.concurrency)]
+    clients = [
+        asyncio.create_task(
+            client_loop(
+                stack.url,
+                stack.model,
+                until,
+                random.Random(rng.random()),
+                args.cancel_fraction,
+                args.max_tokens,
+                counts,
+                samples,
+            )
+        )
+        for _ in range(args.concurrency)
+    ]
     while time.monotonic() < until:
         await asyncio.sleep(args.sample_s)
         row = {"t": round(time.monotonic() - start, 1), **{f"rss_{n}": rss_bytes(p) for n, p in pids.items()}}
@@ -190,16 +271,30 @@ async def soak(args: argparse.Namespace, stack: Stack) -> dict:
     growth = {}
     for name in pids:
         first, last = warm[0][f"rss_{name}"], series[-1][f"rss_{name}"]
-        growth[name] = {"rss_after_warmup_mb": round(first / 2**20, 1), "rss_end_mb": round(last / 2**20, 1),
-                        "growth_pct": round(100 * (last - first) / first, 2) if first else None}
+        growth[name] = {
+            "rss_after_warmup_mb": round(first / 2**20, 1),
+            "rss_end_mb": round(last / 2**20, 1),
+            "growth_pct": round(100 * (last - first) / first, 2) if first else None,
+        }
     errors = {k: v for k, v in counts.items() if k not in ("completed", "cancelled")}
-    return {"minutes": args.minutes, "engine": args.engine, "counts": dict(counts), "errors": errors,
-            "error_samples": samples[:10], "rss": growth, "final": final, "series": series}
+    return {
+        "minutes": args.minutes,
+        "engine": args.engine,
+        "counts": dict(counts),
+        "errors": errors,
+        "error_samples": samples[:10],
+        "rss": growth,
+        "final": final,
+        "series": series,
+    }
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.soak",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--engine", default="torch", choices=["torch", "mocker"])
     p.add_argument("--speedup-ratio", type=float, default=1.0)

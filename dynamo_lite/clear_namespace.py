@@ -17,8 +17,13 @@ async def clear(args: argparse.Namespace) -> int:
         return 1
     from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery
 
-    discovery = await EtcdDiscovery.connect(settings.etcd_endpoints, settings.lease_ttl_s, settings.etcd_username,
-                                            settings.etcd_password, settings.connect_timeout_s)
+    discovery = await EtcdDiscovery.connect(
+        settings.etcd_endpoints,
+        settings.lease_ttl_s,
+        settings.etcd_username,
+        settings.etcd_password,
+        settings.connect_timeout_s,
+    )
     try:
         removed = await discovery.delete_prefix(keys.namespace_prefix(settings.root, settings.namespace))
     finally:

@@ -30,8 +30,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", default="torch", choices=ENGINES)
     p.add_argument("--model-path", default=None, help="HF folder or .gguf; default: the built-in SmolLM2")
     p.add_argument("--served-model-name", default="")
-    p.add_argument("--topology", default="disagg", choices=["disagg", "agg"],
-                   help="disagg: 1 prefill + 1 decode worker; agg: 1 worker")
+    p.add_argument(
+        "--topology",
+        default="disagg",
+        choices=["disagg", "agg"],
+        help="disagg: 1 prefill + 1 decode worker; agg: 1 worker",
+    )
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--router-mode", default="round-robin", choices=MODES)
@@ -46,12 +50,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def worker_settings(args: argparse.Namespace, mode: str, threads: int) -> WorkerSettings:
     engine = EngineSettings(
-        mode=mode, model_path=args.model_path, served_model_name=args.served_model_name, dtype=args.dtype,
-        device=args.device, threads=threads, max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len,
+        mode=mode,
+        model_path=args.model_path,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        threads=threads,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
         speedup_ratio=args.speedup_ratio,
     )
-    return WorkerSettings(mode=mode, engine=args.engine, engine_settings=engine, runtime=RuntimeSettings(),
-                          drain_timeout_s=5.0)
+    return WorkerSettings(
+        mode=mode, engine=args.engine, engine_settings=engine, runtime=RuntimeSettings(), drain_timeout_s=5.0
+    )
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -76,8 +87,11 @@ async def run(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await server.start()
     model = workers[0].card.served_name if workers[0].card else "?"
-    print(f"READY serving {model} at http://{args.http_host}:{server.port}/v1 "
-          f"(embedded, {args.topology}, engine {args.engine})", flush=True)
+    print(
+        f"READY serving {model} at http://{args.http_host}:{server.port}/v1 "
+        f"(embedded, {args.topology}, engine {args.engine})",
+        flush=True,
+    )
     await stop.wait()
     await server.stop()
     for w in workers:
@@ -93,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite serve", description=__doc__)
     add_serve_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         import uvloop
 

@@ -103,10 +103,21 @@ def start_etcd(tmp: Path, name: str = "etcd", port: int | None = None, peer_port
     peer = peer_port or free_port()
     data = tmp / f"{name}-data"
     cmd = [
-        _etcd_binary() or "etcd", "--name", name, "--data-dir", str(data),
-        "--listen-client-urls", f"http://127.0.0.1:{port}", "--advertise-client-urls", f"http://127.0.0.1:{port}",
-        "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-        "--initial-cluster", f"{name}=http://127.0.0.1:{peer}",
+        _etcd_binary() or "etcd",
+        "--name",
+        name,
+        "--data-dir",
+        str(data),
+        "--listen-client-urls",
+        f"http://127.0.0.1:{port}",
+        "--advertise-client-urls",
+        f"http://127.0.0.1:{port}",
+        "--listen-peer-urls",
+        f"http://127.0.0.1:{peer}",
+        "--initial-advertise-peer-urls",
+        f"http://127.0.0.1:{peer}",
+        "--initial-cluster",
+        f"{name}=http://127.0.0.1:{peer}",
     ]
     proc = spawn(name, cmd, tmp, {"ETCD_UNSUPPORTED_ARCH": os.environ.get("ETCD_UNSUPPORTED_ARCH", "")})
     proc.port = port
@@ -123,10 +134,13 @@ def start_etcd(tmp: Path, name: str = "etcd", port: int | None = None, peer_port
     return proc
 
 
-def start_nats(tmp: Path, name: str = "nats", port: int | None = None, extra_args: list[str] | None = None) -> Proc:
+def start_nats(
+    tmp: Path, name: str = "nats", port: int | None = None, extra_args: list[str] | None = None
+) -> Proc:
     port = port or free_port()
-    proc = spawn(name, [_nats_binary() or "nats-server", "-a", "127.0.0.1", "-p", str(port), *(extra_args or [])],
-                 tmp)
+    proc = spawn(
+        name, [_nats_binary() or "nats-server", "-a", "127.0.0.1", "-p", str(port), *(extra_args or [])], tmp
+    )
     proc.port = port
 
     def listening() -> bool:
@@ -155,7 +169,14 @@ class Services:
         return f"nats://127.0.0.1:{self.nats.port}"
 
     def runtime_args(self, namespace: str) -> list[str]:
-        return ["--namespace", namespace, "--etcd-endpoints", self.etcd_endpoints, "--nats-url", self.nats_url]
+        return [
+            "--namespace",
+            namespace,
+            "--etcd-endpoints",
+            self.etcd_endpoints,
+            "--nats-url",
+            self.nats_url,
+        ]
 
 
 @pytest.fixture
@@ -173,11 +194,29 @@ def services(tmp_path: Path) -> Iterator[Services]:
             p.popen.wait(5)
 
 
-def start_worker(services: Services, namespace: str, mode: str, *args: str, engine: str = "mocker",
-                 name: str | None = None, ready_timeout: float = 60.0) -> Proc:
+def start_worker(
+    services: Services,
+    namespace: str,
+    mode: str,
+    *args: str,
+    engine: str = "mocker",
+    name: str | None = None,
+    ready_timeout: float = 60.0,
+) -> Proc:
     name = name or f"worker-{mode}-{free_port()}"
-    cmd = [sys.executable, "-m", "dynamo_lite.worker", "--mode", mode, "--engine", engine,
-           "--metrics-port", "0", *services.runtime_args(namespace), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynamo_lite.worker",
+        "--mode",
+        mode,
+        "--engine",
+        engine,
+        "--metrics-port",
+        "0",
+        *services.runtime_args(namespace),
+        *args,
+    ]
     proc = spawn(name, cmd, services.tmp)
 
     def ready() -> bool:
@@ -195,8 +234,17 @@ def start_worker(services: Services, namespace: str, mode: str, *args: str, engi
 
 def start_frontend(services: Services, namespace: str, *args: str, ready_timeout: float = 30.0) -> Proc:
     port = free_port()
-    cmd = [sys.executable, "-m", "dynamo_lite.frontend", "--http-host", "127.0.0.1", "--http-port", str(port),
-           *services.runtime_args(namespace), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynamo_lite.frontend",
+        "--http-host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        *services.runtime_args(namespace),
+        *args,
+    ]
     proc = spawn(f"frontend-{port}", cmd, services.tmp)
     proc.port = port
 

@@ -55,6 +55,24 @@ class EngineError(Exception):
         self.code = code
 
 
+class StreamPacing:
+    """How long a request's token stream waits between chunks, shared by all of an engine's streams.
+
+    The worker raises ``interval_s`` above its base when many streams are active, so that the messages per
+    second it sends stay bounded (a frontend reads every one): under load, chunks carry more tokens instead of
+    piling up as messages nobody can read in time.
+    """
+
+    __slots__ = ("interval_s", "base_s")
+
+    def __init__(self, base_s: float = 0.0) -> None:
+        self.base_s = base_s
+        self.interval_s = base_s
+
+    def adapt(self, active_streams: int, max_messages_per_s: float) -> None:
+        self.interval_s = max(self.base_s, active_streams / max_messages_per_s if max_messages_per_s else 0.0)
+
+
 class EngineUnavailable(RuntimeError):
     """The engine's library is not installed here; the message is one line saying what to install."""
 
@@ -78,16 +96,16 @@ class TokenStream:
         "_scheduled",
         "_cached",
         "_done",
-        "_min_interval",
+        "_pacing",
         "_last_yield",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, min_interval_s: float = 0.0) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, pacing: StreamPacing | None = None) -> None:
         self._loop = loop
-        # Like TensorRT-LLM's stream_interval: after a chunk goes out, the next one waits this long so that
-        # tokens produced meanwhile travel together (fewer NATS messages and SSE events per token). The
-        # first token and the final chunk are never held back.
-        self._min_interval = min_interval_s
+        # Like TensorRT-LLM's stream_interval: after a chunk goes out, the next one waits ``pacing.interval_s``
+        # so that tokens produced meanwhile travel together (fewer NATS messages and SSE events per token).
+        # The first token and the final chunk are never held back.
+        self._pacing = pacing
         self._last_yield = 0.0
         self._loop_thread = threading.get_ident()  # created on the loop's thread
         self._lock = threading.Lock()
@@ -141,8 +159,9 @@ class TokenStream:
     async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
         while True:
             await self._event.wait()
-            if self._min_interval and not self._done:
-                wait = self._last_yield + self._min_interval - self._loop.time()
+            interval = self._pacing.interval_s if self._pacing is not None else 0.0
+            if interval and not self._done:
+                wait = self._last_yield + interval - self._loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
             with self._lock:
@@ -159,7 +178,7 @@ class TokenStream:
             if error is not None:
                 raise error
             if tokens or done:
-                if self._min_interval:
+                if self._pacing is not None:
                     self._last_yield = self._loop.time()
                 yield GenerateChunk(
                     token_ids=tokens, finish_reason=finish, kv=kv if done else None, cached_tokens=cached
@@ -192,6 +211,7 @@ class EngineSettings:
     kv_port: int = 0  # 0: any free port
     kv_lease_s: float = 30.0
     stream_interval_s: float = 0.0  # coalesce tokens produced within this interval into one chunk
+    pacing: StreamPacing = field(default_factory=StreamPacing)  # the worker adapts it to the load
     speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
     extra: dict = field(default_factory=dict)
     extra_source: str = ""  # file the extra args came from, for error messages

@@ -239,7 +239,7 @@ class MockerEngine:
                 await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
-        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.settings.stream_interval_s))
+        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.settings.pacing))
         if cached:
             seq.stream.set_cached_tokens(cached)
         if seq.generated >= seq.target:

@@ -27,19 +27,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-host", default="0.0.0.0")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--router-mode", default="round-robin", choices=MODES)
-    p.add_argument("--disagg-threshold", type=int, default=0,
-                   help="prompts shorter than this many tokens skip the prefill worker")
+    p.add_argument(
+        "--disagg-threshold",
+        type=int,
+        default=0,
+        help="prompts shorter than this many tokens skip the prefill worker",
+    )
     p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a request may take in all")
     p.add_argument("--first-token-timeout", type=float, default=300.0)
     p.add_argument("--kv-block-size", type=int, default=32, help="kv router: tokens per hashed block")
-    p.add_argument("--kv-load-weight", type=float, default=4.0,
-                   help="kv router: cost of one unit of load, in uncached prompt blocks")
-    p.add_argument("--migration-limit", type=int, default=0,
-                   help="times a stream may move to another worker when its worker dies mid-stream")
+    p.add_argument(
+        "--kv-load-weight",
+        type=float,
+        default=4.0,
+        help="kv router: cost of one unit of load, in uncached prompt blocks",
+    )
+    p.add_argument(
+        "--migration-limit",
+        type=int,
+        default=0,
+        help="times a stream may move to another worker when its worker dies mid-stream",
+    )
     p.add_argument("--max-inflight", type=int, default=4096, help="429 beyond this many requests in flight")
-    p.add_argument("--api-key", default=os.environ.get("DYNAMO_LITE_API_KEY", ""),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (env DYNAMO_LITE_API_KEY)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("DYNAMO_LITE_API_KEY", ""),
+        help="require 'Authorization: Bearer KEY' on /v1/* (env DYNAMO_LITE_API_KEY)",
+    )
     add_runtime_args(p)
     return p.parse_args(argv)
 
@@ -51,16 +66,28 @@ async def run(args: argparse.Namespace) -> None:
     runtime = await Runtime.connect(runtime_settings_from(args), name="dynamo_lite-frontend")
     view = LiveView(runtime)
     await view.start()
-    router = Router(runtime, view, RouterSettings(mode=args.router_mode, disagg_threshold=args.disagg_threshold,
-                                                  first_frame_timeout_s=args.first_token_timeout,
-                                                  migration_limit=args.migration_limit,
-                                                  kv_block_size=args.kv_block_size,
-                                                  kv_load_weight=args.kv_load_weight))
+    router = Router(
+        runtime,
+        view,
+        RouterSettings(
+            mode=args.router_mode,
+            disagg_threshold=args.disagg_threshold,
+            first_frame_timeout_s=args.first_token_timeout,
+            migration_limit=args.migration_limit,
+            kv_block_size=args.kv_block_size,
+            kv_load_weight=args.kv_load_weight,
+        ),
+    )
     await router.start()
-    settings = FrontendSettings(http_host=args.http_host, http_port=args.http_port,
-                                max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
-                                first_token_timeout_s=args.first_token_timeout, max_inflight=args.max_inflight,
-                                api_key=args.api_key)
+    settings = FrontendSettings(
+        http_host=args.http_host,
+        http_port=args.http_port,
+        max_body_bytes=args.max_body_bytes,
+        request_timeout_s=args.request_timeout,
+        first_token_timeout_s=args.first_token_timeout,
+        max_inflight=args.max_inflight,
+        api_key=args.api_key,
+    )
     server = HttpServer(create_app(router, settings), settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -70,7 +70,9 @@ def _openapi(app: FastAPI) -> dict:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
 
-    schema = get_openapi(title="dynamo_lite", version="1", description="OpenAI-compatible API", routes=app.routes)
+    schema = get_openapi(
+        title="dynamo_lite", version="1", description="OpenAI-compatible API", routes=app.routes
+    )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     for path, model in _BODIES.items():
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -113,8 +115,11 @@ def create_app(
                 metrics.error(err.type)
                 return err.response({"x-request-id": rid, "www-authenticate": "Bearer"})
         if settings.max_inflight and service.active >= settings.max_inflight:
-            err = OpenAIError(429, f"too many requests in flight ({settings.max_inflight}); retry later",
-                              code="too_many_requests")
+            err = OpenAIError(
+                429,
+                f"too many requests in flight ({settings.max_inflight}); retry later",
+                code="too_many_requests",
+            )
             metrics.error(err.type)
             return err.response({"x-request-id": rid, "retry-after": str(settings.retry_after_s)})
         return None

@@ -31,7 +31,9 @@ _SELF_CHECK = [
 
 
 def _byte_decoder() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -63,7 +65,11 @@ class FastBpeEncoder:
             model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
             if spec.get("normalizer") or model.get("type") != "BPE" or model.get("dropout"):
                 return None
-            if pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) or pre.get("add_prefix_space"):
+            if (
+                pre.get("type") != "ByteLevel"
+                or not pre.get("use_regex", True)
+                or pre.get("add_prefix_space")
+            ):
                 return None
             vocab: dict[str, int] = model["vocab"]
             for merge in model.get("merges", []):
@@ -73,8 +79,9 @@ class FastBpeEncoder:
             decoder = _byte_decoder()
             ranks = {bytes(decoder[ch] for ch in token): i for token, i in vocab.items()}
             special = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
-            encoding = tiktoken.Encoding("dynamo_lite_bpe", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks,
-                                         special_tokens=special)
+            encoding = tiktoken.Encoding(
+                "dynamo_lite_bpe", pat_str=_GPT2_PATTERN, mergeable_ranks=ranks, special_tokens=special
+            )
         except (KeyError, ValueError, TypeError, OSError) as e:
             log.info("fast BPE not used for %s: %s", tokenizer_json, e)
             return None

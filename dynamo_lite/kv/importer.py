@@ -7,6 +7,11 @@
 Same host (equal ``host_id``, a ``shm_name``, ``use_shm``): map the exporter's segment, claim it over TCP with
 the secret, verify, and read it in place — the engine's copy into its cache is the only copy. Otherwise: fetch
 over TCP straight into one preallocated buffer, checksummed as it arrives.
+
+A CUDA hold (the descriptor has ``cuda_ipc``), pulled for a GPU ``device`` on the same host: open the
+exporter's pool by CUDA IPC and claim; ``write_into`` then copies device to device. Where IPC is impossible
+(no runtime, GPU not visible, no peer access) the exporter stages it into shared memory (``STAGE``); other
+hosts fetch it over TCP.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 
 from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
+from dynamo_lite.kv.cuda_ipc import CudaIpcUnavailable, CudaSource, open_source
 from dynamo_lite.kv.errors import KvPullError
 from dynamo_lite.kv.layout import KvLayout, as_tensor, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
@@ -35,7 +41,8 @@ _OFFLOAD_BYTES = 1 << 20  # hash buffers larger than this in a thread, not on th
 
 class KvPulled:
     """KV bytes that arrived. ``buffer`` is a read-only view of ``layout.nbytes`` in ``layout.shape`` order;
-    it is valid until ``close()``, which lets the exporter free its copy (shm)."""
+    it is valid until ``close()``, which lets the exporter free its copy (shm). A CUDA IPC pull
+    (``transport == "cuda_ipc"``) has no host buffer: use ``write_into``."""
 
     def __init__(
         self,
@@ -48,24 +55,46 @@ class KvPulled:
     ) -> None:
         self.layout = layout
         self.nbytes = layout.nbytes
-        self.transport = transport  # "shm" | "tcp"
+        self.transport = transport  # "shm" | "tcp" | "staged" | "cuda_ipc"
         self.seconds = seconds  # the pull itself, from connect to verified bytes
         self._owner = owner
         self._segment = segment
         self._sock = sock
-        self.buffer = memoryview(owner).toreadonly()
+        self._event: Any = None  # a CUDA copy in flight out of the exporter's pool
+        self.buffer: memoryview | None = None
+        if not isinstance(owner, CudaSource):
+            self.buffer = memoryview(owner).toreadonly()
+
+    @property
+    def on_device(self) -> bool:
+        return isinstance(self._owner, CudaSource)
 
     def tensor(self) -> Any:
         """A torch view of ``layout.shape`` over the bytes (no copy). Treat it as read-only; it stays valid
-        after ``close()`` for as long as it lives."""
+        after ``close()`` for as long as it lives. Not for a CUDA IPC pull (another process's memory)."""
         if self._owner is None:
             raise ValueError("KvPulled is closed")
+        if self.on_device:
+            raise ValueError("a CUDA IPC pull has no tensor of its own: use write_into")
         return as_tensor(self._owner, self.layout)
 
     def copy_into(self, dest: Any) -> None:
         """memcpy the bytes into ``dest``, any writable C-contiguous buffer of at least ``nbytes``."""
+        if self.buffer is None:
+            raise ValueError("a CUDA IPC pull has no host bytes: use write_into")
         out = memoryview(dest).cast("B")
         out[: self.nbytes] = self.buffer
+
+    def write_into(self, dest: Any) -> None:
+        """Copy the KV into the torch tensor ``dest`` of ``layout.shape`` (any device, any strides with a
+        dense last dimension; e.g. a cache slot). A CUDA IPC copy runs on ``dest``'s current stream;
+        ``close()`` waits for it before the exporter may reuse the memory."""
+        if self._owner is None:
+            raise ValueError("KvPulled is closed")
+        if isinstance(self._owner, CudaSource):
+            self._event = self._owner.copy_into(dest, self.layout.shape, self.layout.itemsize)
+        else:
+            dest.copy_(self.tensor())
 
     @property
     def closed(self) -> bool:
@@ -76,17 +105,24 @@ class KvPulled:
         owner, self._owner = self._owner, None
         if owner is None:
             return
+        event, self._event = self._event, None
+        if event is not None:
+            event.synchronize()  # the exporter reuses the range once we say DONE
+        if isinstance(owner, CudaSource):
+            owner.release()
         sock, self._sock = self._sock, None
         if sock is not None:
             with suppress(OSError):  # the socket is idle and empty: this tiny send never blocks
                 sock.send(frame(KvRequest(KvOp.DONE)))
             sock.close()
-        with suppress(BufferError):
-            self.buffer.release()
+        if self.buffer is not None:
+            with suppress(BufferError):
+                self.buffer.release()
         if self._segment is not None:
             self._segment.close()
             self._segment = None
-        bury(owner)
+        if not isinstance(owner, CudaSource):
+            bury(owner)
 
     def __enter__(self) -> KvPulled:
         return self
@@ -106,8 +142,12 @@ class KvPulled:
                 self.close()
 
 
-async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None) -> KvPulled:
-    """Pull the KV ``desc`` describes; raises ``KvPullError`` on any failure (within ``pull_timeout_s``)."""
+async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None, device: Any = None) -> KvPulled:
+    """Pull the KV ``desc`` describes; raises ``KvPullError`` on any failure (within ``pull_timeout_s``).
+
+    ``device`` (a torch device) is where the caller will copy the KV: a CUDA device lets a CUDA hold on this
+    host come by IPC, device to device.
+    """
     cfg = config or KvTransferConfig()
     try:
         layout = KvLayout.from_descriptor(desc)
@@ -118,11 +158,17 @@ async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None) ->
     if not desc.host or not 0 < desc.port < 65536:
         raise KvPullError(f"bad KV endpoint {desc.host!r}:{desc.port}")
     started = time.perf_counter()
-    segment = _attach(desc) if cfg.use_shm and desc.shm_name and desc.host_id == host_id() else None
+    same_host = desc.host_id == host_id()
+    source = _open_cuda(desc, device) if desc.cuda_ipc and same_host and cfg.use_cuda_ipc else None
+    segment = _attach(desc) if cfg.use_shm and desc.shm_name and same_host else None
     try:
         async with asyncio.timeout(cfg.pull_timeout_s):
+            if source is not None:
+                return await _pull_cuda(desc, cfg, layout, source, started)
             if segment is not None:
                 return await _pull_shm(desc, cfg, layout, segment, started)
+            if desc.cuda_ipc and same_host and cfg.use_shm:
+                return await _pull_staged(desc, cfg, layout, started)
             return await _pull_tcp(desc, cfg, layout, started)
     except TimeoutError as e:
         raise KvPullError(f"KV pull of {desc.transfer_id} timed out after {cfg.pull_timeout_s} s") from e
@@ -152,6 +198,56 @@ async def release_kv(desc: KvDescriptor, config: KvTransferConfig | None = None)
         return False
     finally:
         sock.close()
+
+
+def _open_cuda(desc: KvDescriptor, device: Any) -> CudaSource | None:
+    if device is None:
+        return None
+    try:
+        # The first pull from a prefill process maps its pool (a few ms, once); later ones find it open.
+        return open_source(desc.cuda_ipc, desc.gpu_uuid, desc.nbytes, device)
+    except CudaIpcUnavailable as e:
+        log.info("KV %s: no CUDA IPC (%s): staging through host memory", desc.transfer_id, e)
+        return None
+
+
+async def _pull_cuda(
+    desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout, source: CudaSource, started: float
+) -> KvPulled:
+    sock: socket.socket | None = None
+    try:
+        sock = await _connect(desc, cfg)
+        await _request(sock, KvRequest(KvOp.CLAIM, desc.transfer_id, desc.secret, []), desc, cfg)
+        return KvPulled(layout, source, "cuda_ipc", time.perf_counter() - started, sock=sock)
+    except BaseException:
+        if sock is not None:
+            sock.close()
+        source.release()
+        raise
+
+
+async def _pull_staged(
+    desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout, started: float
+) -> KvPulled:
+    """A CUDA hold we can't map: the exporter copies it into shm, we read it there (``STAGE``)."""
+    sock = await _connect(desc, cfg)
+    segment: ShmSegment | None = None
+    try:
+        verify = ck.FAST if cfg.verify_shm is None else cfg.verify_shm
+        offered = list(ck.SUPPORTED) if verify else []
+        reply = await _request(sock, KvRequest(KvOp.STAGE, desc.transfer_id, desc.secret, offered), desc, cfg)
+        try:
+            segment = ShmSegment.attach(reply.shm_name, desc.nbytes)
+        except (OSError, ValueError) as e:
+            raise KvPullError(f"KV transfer {desc.transfer_id}: staged segment not attachable: {e}") from e
+        if verify:
+            await _verify(segment.buffer, reply, desc)
+        return KvPulled(layout, segment.mapping, "staged", time.perf_counter() - started, segment, sock)
+    except BaseException:
+        sock.close()
+        if segment is not None:
+            segment.close()
+        raise
 
 
 def _attach(desc: KvDescriptor) -> ShmSegment | None:

@@ -18,7 +18,9 @@ class LoadTracker:
     def __init__(self, ttl_s: float = 2.0) -> None:
         self.ttl_s = ttl_s
         self._reports: dict[str, tuple[LoadReport, float]] = {}
-        self.local_inflight: defaultdict[str, int] = defaultdict(int)  # what this router has sent and not seen end
+        self.local_inflight: defaultdict[str, int] = defaultdict(
+            int
+        )  # what this router has sent and not seen end
         self._sub: Subscription | None = None
 
     async def start(self, plane: RequestPlane, namespace: str) -> None:

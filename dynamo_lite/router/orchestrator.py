@@ -64,8 +64,13 @@ class Router:
         # kv mode: the prefill (or aggregated) pick follows the cache; the decode pick follows load.
         decode_mode = "least-loaded" if settings.mode == "kv" else settings.mode
         self._policies: dict[str, Policy] = {
-            role: make_policy(decode_mode if role == DECODE else settings.mode, self.load, self.kv_index,
-                              settings.kv_block_size, settings.kv_load_weight)
+            role: make_policy(
+                decode_mode if role == DECODE else settings.mode,
+                self.load,
+                self.kv_index,
+                settings.kv_block_size,
+                settings.kv_load_weight,
+            )
             for role in (PREFILL, DECODE, AGG)
         }
         self._subscribed = False
@@ -121,14 +126,21 @@ class Router:
         by_role: dict[str, list[str]] = {PREFILL: [], DECODE: [], AGG: []}
         for info in self.view.instances.values():
             by_role.setdefault(info.component, []).append(info.instance_id)
-        models = {m: ("ready" if not self._roles_missing(m) else f"missing {','.join(self._roles_missing(m))}")
-                  for m in self.view.cards}
+        models = {
+            m: ("ready" if not self._roles_missing(m) else f"missing {','.join(self._roles_missing(m))}")
+            for m in self.view.cards
+        }
         healthy = any(v == "ready" for v in models.values())
         return {"status": "healthy" if healthy else "unhealthy", "instances": by_role, "models": models}
 
     # ---- picking --------------------------------------------------------------------------------------------
-    def _pick(self, role: str, model: str, request: GenerateRequest,
-              exclude: frozenset[str] | set[str] = frozenset()) -> InstanceInfo:
+    def _pick(
+        self,
+        role: str,
+        model: str,
+        request: GenerateRequest,
+        exclude: frozenset[str] | set[str] = frozenset(),
+    ) -> InstanceInfo:
         candidates = [i for i in self.view.instances_of(role, model) if i.instance_id not in exclude]
         if not candidates:
             raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
@@ -157,8 +169,14 @@ class Router:
             return
         decoder = self._pick(DECODE, model, request)
         if decoder.disaggregation_strategy == "decode_first":
-            remote = GenerateRequest(request.request_id, model, request.token_ids, request.sampling,
-                                     Phase.DECODE, remote_prefill=True)
+            remote = GenerateRequest(
+                request.request_id,
+                model,
+                request.token_ids,
+                request.sampling,
+                Phase.DECODE,
+                remote_prefill=True,
+            )
             async with aclosing(self._stream(decoder, remote)) as chunks:
                 async for chunk in chunks:
                     yield chunk
@@ -181,8 +199,14 @@ class Router:
             async for chunk in chunks:
                 yield chunk
 
-    async def _continue(self, role: str, model: str, request: GenerateRequest, first: GenerateChunk | None,
-                        instance: InstanceInfo | None = None) -> AsyncIterator[GenerateChunk]:
+    async def _continue(
+        self,
+        role: str,
+        model: str,
+        request: GenerateRequest,
+        first: GenerateChunk | None,
+        instance: InstanceInfo | None = None,
+    ) -> AsyncIterator[GenerateChunk]:
         """Generate on a ``role`` worker after ``first`` (the prefill's result, if any); if the worker dies
         mid-stream, continue on another one from the prompt plus every token already sent (up to
         ``migration_limit`` times). The client sees one uninterrupted stream."""
@@ -195,8 +219,15 @@ class Router:
         while True:
             if instance is None:
                 instance = self._pick(role, model, request, tried)
-            ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, phase, kv=kv,
-                                  generated_ids=list(generated))
+            ask = GenerateRequest(
+                request.request_id,
+                model,
+                request.token_ids,
+                request.sampling,
+                phase,
+                kv=kv,
+                generated_ids=list(generated),
+            )
             started = False
             try:
                 async with aclosing(self._stream(instance, ask)) as chunks:
@@ -216,9 +247,16 @@ class Router:
                     raise
                 migrations += 1
                 self.migrations += 1
-                log.warning("request %s: %s worker %s failed (%s); migrating with %d tokens (%d/%d)",
-                            request.request_id, role, instance.instance_id, e, len(generated), migrations,
-                            self.settings.migration_limit)
+                log.warning(
+                    "request %s: %s worker %s failed (%s); migrating with %d tokens (%d/%d)",
+                    request.request_id,
+                    role,
+                    instance.instance_id,
+                    e,
+                    len(generated),
+                    migrations,
+                    self.settings.migration_limit,
+                )
                 tried.add(instance.instance_id)
                 instance, kv, phase = None, None, Phase.DECODE  # the new worker recomputes prompt + tokens
             except BaseException:
@@ -260,5 +298,9 @@ class Router:
             except StreamError as e:
                 if e.info.status < 500:
                     raise
-                log.warning("prefill on %s failed (%s); %s", prefill.instance_id, e,
-                            "retrying" if attempt < self.settings.prefill_retries else "decode prefills locally")
+                log.warning(
+                    "prefill on %s failed (%s); %s",
+                    prefill.instance_id,
+                    e,
+                    "retrying" if attempt < self.settings.prefill_retries else "decode prefills locally",
+                )

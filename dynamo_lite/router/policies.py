@@ -81,8 +81,13 @@ MODES = ("round-robin", "random", "least-loaded", "kv")
 POLICIES = MODES  # kept for the CLI's choices
 
 
-def make_policy(mode: str, load: LoadTracker | None = None, index: KvIndex | None = None,
-                block_size: int = 32, load_weight: float = 4.0) -> Policy:
+def make_policy(
+    mode: str,
+    load: LoadTracker | None = None,
+    index: KvIndex | None = None,
+    block_size: int = 32,
+    load_weight: float = 4.0,
+) -> Policy:
     if mode == "round-robin":
         return RoundRobin()
     if mode == "random":

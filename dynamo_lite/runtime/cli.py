@@ -12,10 +12,16 @@ from dynamo_lite.runtime.config import DEFAULT_NAMESPACE, RuntimeSettings
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("runtime (discovery and request plane)")
     g.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", DEFAULT_NAMESPACE))
-    g.add_argument("--etcd-endpoints", default=os.environ.get("ETCD_ENDPOINTS", ""),
-                   help="host:port[,host:port]; empty: in-memory discovery (single process)")
-    g.add_argument("--nats-url", default=os.environ.get("NATS_SERVER", os.environ.get("NATS_URL", "")),
-                   help="nats://host:port; empty: in-process request plane (single process)")
+    g.add_argument(
+        "--etcd-endpoints",
+        default=os.environ.get("ETCD_ENDPOINTS", ""),
+        help="host:port[,host:port]; empty: in-memory discovery (single process)",
+    )
+    g.add_argument(
+        "--nats-url",
+        default=os.environ.get("NATS_SERVER", os.environ.get("NATS_URL", "")),
+        help="nats://host:port; empty: in-process request plane (single process)",
+    )
     g.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
     g.add_argument("--etcd-username", default=os.environ.get("ETCD_USERNAME", ""))
     g.add_argument("--etcd-password", default=os.environ.get("ETCD_PASSWORD", ""))
@@ -30,10 +36,18 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def runtime_settings_from(args: argparse.Namespace) -> RuntimeSettings:
     return RuntimeSettings(
-        namespace=args.namespace, etcd_endpoints=args.etcd_endpoints, nats_url=args.nats_url,
-        lease_ttl_s=args.lease_ttl, etcd_username=args.etcd_username, etcd_password=args.etcd_password,
-        nats_user=args.nats_user, nats_password=args.nats_password, nats_token=args.nats_token,
-        nats_tls_ca=args.nats_tls_ca, nats_tls_cert=args.nats_tls_cert, nats_tls_key=args.nats_tls_key,
+        namespace=args.namespace,
+        etcd_endpoints=args.etcd_endpoints,
+        nats_url=args.nats_url,
+        lease_ttl_s=args.lease_ttl,
+        etcd_username=args.etcd_username,
+        etcd_password=args.etcd_password,
+        nats_user=args.nats_user,
+        nats_password=args.nats_password,
+        nats_token=args.nats_token,
+        nats_tls_ca=args.nats_tls_ca,
+        nats_tls_cert=args.nats_tls_cert,
+        nats_tls_key=args.nats_tls_key,
     )
 
 

@@ -41,8 +41,14 @@ def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
 class EtcdDiscovery:
     """``Discovery`` on etcd v3. Use ``await EtcdDiscovery.connect(...)``."""
 
-    def __init__(self, endpoints: list[tuple[str, int]], ttl_s: int, username: str, password: str,
-                 call_timeout_s: float) -> None:
+    def __init__(
+        self,
+        endpoints: list[tuple[str, int]],
+        ttl_s: int,
+        username: str,
+        password: str,
+        call_timeout_s: float,
+    ) -> None:
         self._endpoints = endpoints
         self._endpoint_index = 0
         self._ttl_s = max(2, int(ttl_s))
@@ -57,8 +63,9 @@ class EtcdDiscovery:
         self.lease_renewals = 0  # how many times the lease was lost and re-granted
 
     @classmethod
-    async def connect(cls, endpoints: str, ttl_s: int = 10, username: str = "", password: str = "",
-                      timeout_s: float = 5.0) -> EtcdDiscovery:
+    async def connect(
+        cls, endpoints: str, ttl_s: int = 10, username: str = "", password: str = "", timeout_s: float = 5.0
+    ) -> EtcdDiscovery:
         self = cls(parse_endpoints(endpoints), ttl_s, username, password, timeout_s)
         await asyncio.wait_for(self._open(), timeout_s)
         self._keepalive_task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
@@ -72,8 +79,13 @@ class EtcdDiscovery:
         last: Exception | None = None
         for _ in range(len(self._endpoints)):
             host, port = self._endpoints[self._endpoint_index]
-            client = aetcd.Client(host=host, port=port, username=self._username, password=self._password,
-                                  timeout=self._call_timeout_s)
+            client = aetcd.Client(
+                host=host,
+                port=port,
+                username=self._username,
+                password=self._password,
+                timeout=self._call_timeout_s,
+            )
             try:
                 await client.connect()
                 self._lease = await client.lease(self._ttl_s)
@@ -93,8 +105,9 @@ class EtcdDiscovery:
             for key, value in self._own.items():
                 await self._client.put(key.encode(), value, lease=self._lease)
             self.lease_renewals += 1
-            log.warning("etcd lease was lost; re-registered %d keys under lease %x", len(self._own),
-                        self._lease.id)
+            log.warning(
+                "etcd lease was lost; re-registered %d keys under lease %x", len(self._own), self._lease.id
+            )
 
     async def _keepalive(self) -> None:
         interval = self._ttl_s / 3
@@ -118,8 +131,13 @@ class EtcdDiscovery:
         self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
         host, port = self._endpoints[self._endpoint_index]
         old, lease_id = self._client, self.lease_id
-        client = aetcd.Client(host=host, port=port, username=self._username, password=self._password,
-                              timeout=self._call_timeout_s)
+        client = aetcd.Client(
+            host=host,
+            port=port,
+            username=self._username,
+            password=self._password,
+            timeout=self._call_timeout_s,
+        )
         try:
             await client.connect()
         except Exception:  # noqa: BLE001

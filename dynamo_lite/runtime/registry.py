@@ -25,7 +25,9 @@ async def register(runtime: Runtime, info: InstanceInfo, card: ModelCard) -> Non
 
 async def deregister(runtime: Runtime, info: InstanceInfo, card: ModelCard) -> None:
     root, ns = runtime.settings.root, runtime.settings.namespace
-    await runtime.discovery.delete(keys.instance_key(root, ns, info.component, info.endpoint, info.instance_id))
+    await runtime.discovery.delete(
+        keys.instance_key(root, ns, info.component, info.endpoint, info.instance_id)
+    )
     await runtime.discovery.delete(keys.model_key(root, ns, card.served_name, info.instance_id))
 
 
@@ -153,5 +155,8 @@ class LiveView:
                     pass
 
     def instances_of(self, component: str, model: str | None = None) -> list[InstanceInfo]:
-        return [i for i in self.instances.values()
-                if i.component == component and (model is None or i.model == model)]
+        return [
+            i
+            for i in self.instances.values()
+            if i.component == component and (model is None or i.model == model)
+        ]

@@ -208,6 +208,7 @@ class NatsRequestPlane:
         self._streams: dict[str, _ReplyStream] = {}
         self._last_seen: dict[str, float] = {}
         self._ids = itertools.count()
+        self._loop_time = asyncio.get_running_loop().time
         self._served: list[_NatsServed] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list = []
@@ -275,6 +276,8 @@ class NatsRequestPlane:
             return
         try:
             stream.put(decode(msg.data, Frame))
+            # A frame is as good as a heartbeat: under heavy load heartbeats queue behind frames.
+            self._last_seen[stream.address] = self._loop_time()
         except WireError as e:
             stream.fail(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame"))
 
@@ -286,27 +289,41 @@ class NatsRequestPlane:
         interval = self.settings.heartbeat_interval_s / 2
         silence = self.settings.heartbeat_timeout_s
         loop = asyncio.get_running_loop()
+        woke = loop.time()
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
+            lag, woke = now - woke - interval, now
+            if lag > silence / 2:
+                # This process itself fell behind (a saturated event loop): heartbeats waiting in our socket
+                # buffer are not evidence of a dead instance. Judge again once we have caught up.
+                continue
             for stream in list(self._streams.values()):
                 seen = max(self._last_seen.get(stream.address, 0.0), stream.started)
                 if now - seen > silence:
-                    stream.fail(ErrorInfo(503, f"instance {stream.address} stopped responding",
-                                          "instance_lost"))
+                    stream.fail(
+                        ErrorInfo(503, f"instance {stream.address} stopped responding", "instance_lost")
+                    )
                 elif not self.nc.is_connected and now - stream.started > silence:
                     stream.fail(ErrorInfo(503, "request plane disconnected", "request_plane_down"))
 
     def instance_alive(self, address: str) -> bool:
         seen = self._last_seen.get(address)
-        return seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
+        return (
+            seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
+        )
 
     async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
         if not self.nc.is_connected:
             raise StreamError(ErrorInfo(503, "request plane (NATS) is not connected", "request_plane_down"))
         if len(payload) > self.nc.max_payload:
-            raise StreamError(ErrorInfo(413, f"request of {len(payload)} bytes exceeds the NATS max payload "
-                                        f"{self.nc.max_payload}", "request_too_large"))
+            raise StreamError(
+                ErrorInfo(
+                    413,
+                    f"request of {len(payload)} bytes exceeds the NATS max payload {self.nc.max_payload}",
+                    "request_too_large",
+                )
+            )
         loop = asyncio.get_running_loop()
         reply = f"{self._inbox}.{next(self._ids)}"
         stream = _ReplyStream(address, loop.time())
@@ -317,14 +334,19 @@ class NatsRequestPlane:
             await self.nc.publish(address, payload, reply=reply)
             while True:
                 try:
-                    frame = await asyncio.wait_for(stream.get(), first_timeout) if not stream.got_first \
+                    frame = (
+                        await asyncio.wait_for(stream.get(), first_timeout)
+                        if not stream.got_first
                         else await stream.get()
+                    )
                 except TimeoutError:
-                    raise StreamError(ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s",
-                                                "timeout")) from None
+                    raise StreamError(
+                        ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s", "timeout")
+                    ) from None
                 if frame.seq != expected:
-                    raise StreamError(ErrorInfo(502, f"frame {frame.seq} from {address}, expected {expected}",
-                                                "frame_lost"))
+                    raise StreamError(
+                        ErrorInfo(502, f"frame {frame.seq} from {address}, expected {expected}", "frame_lost")
+                    )
                 expected += 1
                 if frame.kind == FrameKind.DATA:
                     yield frame.payload

@@ -39,7 +39,10 @@ class Runtime:
             from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery
 
             discovery: Discovery = await EtcdDiscovery.connect(
-                settings.etcd_endpoints, settings.lease_ttl_s, settings.etcd_username, settings.etcd_password,
+                settings.etcd_endpoints,
+                settings.lease_ttl_s,
+                settings.etcd_username,
+                settings.etcd_password,
                 settings.connect_timeout_s,
             )
         else:

@@ -22,20 +22,36 @@ STREAM_INTERVAL_MS = 5.0
 
 def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite.worker", description=__doc__)
-    p.add_argument("--mode", "--disaggregation-mode", dest="mode", default="agg",
-                   choices=["prefill", "decode", "agg"])
+    p.add_argument(
+        "--mode", "--disaggregation-mode", dest="mode", default="agg", choices=["prefill", "decode", "agg"]
+    )
     p.add_argument("--engine", default="torch", choices=ENGINES)
-    p.add_argument("--model-path", "--model", dest="model_path", default=None,
-                   help="HF folder or .gguf file; default: the built-in SmolLM2")
+    p.add_argument(
+        "--model-path",
+        "--model",
+        dest="model_path",
+        default=None,
+        help="HF folder or .gguf file; default: the built-in SmolLM2",
+    )
     p.add_argument("--served-model-name", default="")
-    p.add_argument("--disaggregation-strategy", default="prefill_first", choices=["prefill_first", "decode_first"])
+    p.add_argument(
+        "--disaggregation-strategy", default="prefill_first", choices=["prefill_first", "decode_first"]
+    )
     p.add_argument("--extra-engine-args", default="", help="YAML merged on top of the engine flags")
     p.add_argument("--endpoint", default="generate")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here (0: any free port)")
     p.add_argument("--metrics-host", default="127.0.0.1")
     p.add_argument("--advertise-host", default="")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM"
+    )
     p.add_argument("--max-inflight", type=int, default=1024)
+    p.add_argument(
+        "--max-messages-per-s",
+        type=float,
+        default=20_000.0,
+        help="stream chunks per second to stay under: with many active streams, chunks carry more tokens",
+    )
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
     e.add_argument("--device", default="cpu")
@@ -52,8 +68,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     e.add_argument("--kv-advertise-host", default="")
     e.add_argument("--kv-port", type=int, default=0)
     e.add_argument("--kv-lease", type=float, default=30.0, help="seconds unpulled KV is held")
-    e.add_argument("--stream-interval-ms", type=float, default=STREAM_INTERVAL_MS,
-                   help="coalesce tokens produced within this many ms into one message (0: every step)")
+    e.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=STREAM_INTERVAL_MS,
+        help="coalesce tokens produced within this many ms into one message (0: every step)",
+    )
     e.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated time (0: none)")
     add_runtime_args(p)
     args = p.parse_args(argv)
@@ -65,20 +85,42 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
 
         extra = load_engine_args_yaml(args.extra_engine_args)
     engine = EngineSettings(
-        mode=args.mode, model_path=args.model_path, served_model_name=args.served_model_name, dtype=args.dtype,
-        device=args.device, threads=args.threads, max_batch_size=args.max_batch_size,
-        max_num_tokens=args.max_num_tokens, max_seq_len=args.max_seq_len, kv_block_size=args.kv_block_size,
-        free_gpu_memory_fraction=args.free_gpu_memory_fraction, tensor_parallel_size=args.tensor_parallel_size,
-        expert_parallel_size=args.expert_parallel_size, kv_failure_policy=args.kv_failure_policy,
-        kv_bind_host=args.kv_bind_host, kv_advertise_host=args.kv_advertise_host, kv_port=args.kv_port,
-        kv_lease_s=args.kv_lease, stream_interval_s=args.stream_interval_ms / 1000, speedup_ratio=args.speedup_ratio, extra=extra,
+        mode=args.mode,
+        model_path=args.model_path,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        max_batch_size=args.max_batch_size,
+        max_num_tokens=args.max_num_tokens,
+        max_seq_len=args.max_seq_len,
+        kv_block_size=args.kv_block_size,
+        free_gpu_memory_fraction=args.free_gpu_memory_fraction,
+        tensor_parallel_size=args.tensor_parallel_size,
+        expert_parallel_size=args.expert_parallel_size,
+        kv_failure_policy=args.kv_failure_policy,
+        kv_bind_host=args.kv_bind_host,
+        kv_advertise_host=args.kv_advertise_host,
+        kv_port=args.kv_port,
+        kv_lease_s=args.kv_lease,
+        stream_interval_s=args.stream_interval_ms / 1000,
+        speedup_ratio=args.speedup_ratio,
+        extra=extra,
         extra_source=args.extra_engine_args,
     )
     return WorkerSettings(
-        mode=args.mode, engine=args.engine, disaggregation_strategy=args.disaggregation_strategy,
-        endpoint=args.endpoint, metrics_host=args.metrics_host, metrics_port=args.metrics_port,
-        advertise_host=args.advertise_host, drain_timeout_s=args.drain_timeout, max_inflight=args.max_inflight,
-        engine_settings=engine, runtime=runtime_settings_from(args),
+        mode=args.mode,
+        engine=args.engine,
+        disaggregation_strategy=args.disaggregation_strategy,
+        endpoint=args.endpoint,
+        metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+        advertise_host=args.advertise_host,
+        drain_timeout_s=args.drain_timeout,
+        max_inflight=args.max_inflight,
+        max_messages_per_s=args.max_messages_per_s,
+        engine_settings=engine,
+        runtime=runtime_settings_from(args),
     )
 
 
@@ -89,7 +131,10 @@ async def run(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
-    print(f"READY worker {worker.instance_id} mode={settings.mode} metrics_port={worker.metrics_port}", flush=True)
+    print(
+        f"READY worker {worker.instance_id} mode={settings.mode} metrics_port={worker.metrics_port}",
+        flush=True,
+    )
     await stop.wait()
     log.info("draining (up to %.0fs)", settings.drain_timeout_s)
     await worker.stop()

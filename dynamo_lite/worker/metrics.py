@@ -43,16 +43,28 @@ class _EngineCollector(Collector):
 
 
 class WorkerMetrics:
-    def __init__(self, stats: Callable[[], EngineStats], labels: dict[str, str],
-                 registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        stats: Callable[[], EngineStats],
+        labels: dict[str, str],
+        registry: CollectorRegistry | None = None,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
         names = list(labels)
         self._labels = labels
-        self.requests = Counter("dynamo_lite_worker_requests", "Requests handled", [*names, "phase", "status"],
-                                registry=self.registry)
-        self.request_seconds = Histogram("dynamo_lite_worker_request_duration_seconds", "Request duration",
-                                         [*names, "phase"], registry=self.registry,
-                                         buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.requests = Counter(
+            "dynamo_lite_worker_requests",
+            "Requests handled",
+            [*names, "phase", "status"],
+            registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "dynamo_lite_worker_request_duration_seconds",
+            "Request duration",
+            [*names, "phase"],
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
         self.registry.register(_EngineCollector(stats, labels))
 
     def observe(self, phase: str, status: str, seconds: float) -> None:

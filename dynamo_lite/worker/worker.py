@@ -17,7 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from dynamo_lite.engines import build_engine
-from dynamo_lite.engines.base import Engine, EngineSettings
+from dynamo_lite.engines.base import Engine, EngineSettings, StreamPacing
 from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateChunk,
@@ -58,6 +58,7 @@ class WorkerSettings:
     drain_timeout_s: float = 30.0
     max_inflight: int = 1024  # beyond this, requests are refused with 503 (bounded queue)
     load_report_interval_s: float = 0.5
+    max_messages_per_s: float = 20_000.0  # stream chunks per second this worker aims to stay under
     engine_settings: EngineSettings = field(default_factory=EngineSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
@@ -67,6 +68,7 @@ class Worker:
         if settings.mode not in _PHASE_OF_MODE:
             raise ValueError(f"--mode must be prefill, decode or agg, not {settings.mode!r}")
         settings.engine_settings.mode = settings.mode
+        settings.engine_settings.pacing = StreamPacing(settings.engine_settings.stream_interval_s)
         self.settings = settings
         self.engine = engine or build_engine(settings.engine, settings.engine_settings)
         self.runtime: Runtime | None = None
@@ -92,11 +94,16 @@ class Worker:
         special = files.special_tokens
         served = self.settings.engine_settings.served_model_name or files.default_served_name
         return ModelCard(
-            served_name=served, model_path=str(self.settings.engine_settings.model_path or files.folder),
-            tokenizer_path=str(files.tokenizer_json), chat_template=files.chat_template,
+            served_name=served,
+            model_path=str(self.settings.engine_settings.model_path or files.folder),
+            tokenizer_path=str(files.tokenizer_json),
+            chat_template=files.chat_template,
             context_length=min(files.context_length, self.settings.engine_settings.max_seq_len or 1 << 30),
-            role=self.settings.mode, eos_token_ids=files.eos_token_ids, bos_token=special.get("bos_token", ""),
-            eos_token=special.get("eos_token", ""), vocab_size=files.vocab_size,
+            role=self.settings.mode,
+            eos_token_ids=files.eos_token_ids,
+            bos_token=special.get("bos_token", ""),
+            eos_token=special.get("eos_token", ""),
+            vocab_size=files.vocab_size,
         )
 
     async def start(self) -> None:
@@ -118,17 +125,28 @@ class Worker:
         address = keys.request_address(s.runtime.namespace, s.mode, s.endpoint, self.runtime.instance_id)
         self._served = await self.runtime.request_plane.serve(address, self.handle)
         self.info = InstanceInfo(
-            instance_id=self.runtime.instance_id, namespace=s.runtime.namespace, component=s.mode,
-            endpoint=s.endpoint, address=address, model=self.card.served_name,
-            host=s.advertise_host or socket.gethostname(), metrics_port=self.metrics_port,
+            instance_id=self.runtime.instance_id,
+            namespace=s.runtime.namespace,
+            component=s.mode,
+            endpoint=s.endpoint,
+            address=address,
+            model=self.card.served_name,
+            host=s.advertise_host or socket.gethostname(),
+            metrics_port=self.metrics_port,
             disaggregation_strategy=s.disaggregation_strategy,
         )
         await register(self.runtime, self.info, self.card)
         self._reporter = asyncio.create_task(self._report_load(), name="load-reports")
         if hasattr(self.engine, "on_kv_event"):
             self.engine.on_kv_event = self._kv_events.append  # type: ignore[attr-defined]
-        log.info("worker %s (%s, %s) serving %s at %s", self.runtime.instance_id, s.mode, s.engine,
-                 self.card.served_name, address)
+        log.info(
+            "worker %s (%s, %s) serving %s at %s",
+            self.runtime.instance_id,
+            s.mode,
+            s.engine,
+            self.card.served_name,
+            address,
+        )
 
     async def _report_load(self) -> None:
         """Publish a ``LoadReport`` (and pending KV cache events) for the routers, periodically."""
@@ -139,14 +157,22 @@ class Worker:
         next_report = 0.0
         loop = asyncio.get_running_loop()
         while True:
+            # Bound the messages per second this worker sends: many active streams → more tokens per chunk.
+            self.settings.engine_settings.pacing.adapt(self.inflight, self.settings.max_messages_per_s)
             try:
                 while self._kv_events:
                     kind, hashes = self._kv_events.popleft()
                     await plane.publish(events_at, encode(KvEvent(iid, kind, hashes)))
                 if loop.time() >= next_report:
                     s = self.engine.stats()
-                    report = LoadReport(iid, s.active_seqs, s.queued, s.kv_usage, self.inflight,
-                                        self.settings.engine_settings.max_batch_size)
+                    report = LoadReport(
+                        iid,
+                        s.active_seqs,
+                        s.queued,
+                        s.kv_usage,
+                        self.inflight,
+                        self.settings.engine_settings.max_batch_size,
+                    )
                     await plane.publish(load_at, encode(report))
                     next_report = loop.time() + interval
             except Exception as e:  # noqa: BLE001 — the request plane is reconnecting: report later
@@ -188,8 +214,15 @@ class Worker:
                 yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
                 if first.finish_reason is not None:
                     return
-                request = GenerateRequest(request.request_id, request.model, request.token_ids, request.sampling,
-                                          Phase.DECODE, kv=first.kv, generated_ids=list(first.token_ids))
+                request = GenerateRequest(
+                    request.request_id,
+                    request.model,
+                    request.token_ids,
+                    request.sampling,
+                    Phase.DECODE,
+                    kv=first.kv,
+                    generated_ids=list(first.token_ids),
+                )
         async with aclosing(self.engine.generate(request)) as chunks:
             async for chunk in chunks:
                 yield chunk

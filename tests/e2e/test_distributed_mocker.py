@@ -27,8 +27,11 @@ def metrics_text(port: int) -> str:
 def worker_requests(port: int, phase: str) -> float:
     total = 0.0
     for line in metrics_text(port).splitlines():
-        if line.startswith("dynamo_lite_worker_requests_total{") and f'phase="{phase}"' in line \
-                and 'status="ok"' in line:
+        if (
+            line.startswith("dynamo_lite_worker_requests_total{")
+            and f'phase="{phase}"' in line
+            and 'status="ok"' in line
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -70,8 +73,12 @@ def test_streaming_chat_through_separate_processes(services: Services, stack) ->
     wait_ready(frontend.port)
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{frontend.port}/v1", api_key="x", max_retries=0)
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Tell me about disaggregated serving."}],
-        max_tokens=24, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me about disaggregated serving."}],
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
     )
     text, usage, finish = "", None, None
     for chunk in stream:

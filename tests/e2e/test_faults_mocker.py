@@ -20,8 +20,14 @@ WORKER_ARGS = ("--served-model-name", MODEL, "--speedup-ratio", "1", "--lease-tt
 
 async def stream_chat(client: httpx.AsyncClient, url: str, max_tokens: int) -> dict:
     """One streaming chat; returns what the client saw: tokens (usage), text chunks, error, duration."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens,
-            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "go"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+    }
     seen = {"usage": None, "error": None, "chunks": 0, "done": False, "status": 0}
     started = time.monotonic()
     async with client.stream("POST", url, json=body) as r:
@@ -88,13 +94,15 @@ def test_decode_killed_mid_stream_migrates_every_request(services: Services, pro
             return await asyncio.gather(*streams)
 
     results = asyncio.run(run())
-    assert all(r["status"] == 200 and r["done"] and r["error"] is None for r in results), \
-        [r for r in results if r["error"]][:3]
+    assert all(r["status"] == 200 and r["done"] and r["error"] is None for r in results), [
+        r for r in results if r["error"]
+    ][:3]
     assert [r["usage"]["completion_tokens"] for r in results] == [150] * 64
 
 
-def test_decode_killed_without_migration_ends_streams_with_error_fast(services: Services,
-                                                                      procs_to_stop) -> None:
+def test_decode_killed_without_migration_ends_streams_with_error_fast(
+    services: Services, procs_to_stop
+) -> None:
     url, procs, decoders = start_stack(services, 1)
     procs_to_stop.extend(procs)
 

@@ -16,7 +16,12 @@ from tests.e2e.test_faults_mocker import MODEL, start_stack
 
 async def request_loop(url: str, until: float, results: list[tuple[float, int, int, float]]) -> None:
     """Non-streaming chats back to back; records (start, status, completion tokens, seconds)."""
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12, "ignore_eos": True}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 12,
+        "ignore_eos": True,
+    }
     async with httpx.AsyncClient(timeout=30) as client:
         while time.monotonic() < until:
             t0 = time.monotonic()
@@ -86,8 +91,9 @@ def test_etcd_restart_under_load_drops_nothing(services: Services, stack) -> Non
         return results
 
     results = asyncio.run(run())
-    assert results and all(status == 200 and tokens == 12 for _, status, tokens, _ in results), \
-        {(s, t) for _, s, t, _ in results}
+    assert results and all(status == 200 and tokens == 12 for _, status, tokens, _ in results), {
+        (s, t) for _, s, t, _ in results
+    }
     health = httpx.get(url.replace("/v1/chat/completions", "/health"), timeout=2).json()
     assert len(health["instances"]["prefill"]) == 1 and len(health["instances"]["decode"]) == 1
 
@@ -104,8 +110,13 @@ def test_500_client_aborts_leave_no_active_sequences(services: Services, stack) 
     rng = random.Random(7)
 
     async def one(client: httpx.AsyncClient, abort_after: float) -> None:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "go"}], "max_tokens": 60,
-                "stream": True, "ignore_eos": True}
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 60,
+            "stream": True,
+            "ignore_eos": True,
+        }
 
         async def consume() -> None:
             async with client.stream("POST", url, json=body) as r:
@@ -131,8 +142,11 @@ def test_500_client_aborts_leave_no_active_sequences(services: Services, stack) 
     asyncio.run(run())
 
     def idle() -> bool:
-        return all(_gauge_sum(w.port, "dynamo_lite_worker_active_seqs") == 0
-                   and _gauge_sum(w.port, "dynamo_lite_worker_queued_requests") == 0 for w in workers)
+        return all(
+            _gauge_sum(w.port, "dynamo_lite_worker_active_seqs") == 0
+            and _gauge_sum(w.port, "dynamo_lite_worker_queued_requests") == 0
+            for w in workers
+        )
 
     wait_until(idle, 10, what="every worker idle after 500 aborts")
     assert _gauge_sum(workers[0].port, "dynamo_lite_worker_kv_bytes_held") == 0

@@ -20,8 +20,18 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 MODEL = "SmolLM2-135M-Instruct"
-TORCH_ARGS = ("--engine", "torch", "--threads", "1", "--dtype", "float32", "--max-batch-size", "16",
-              "--lease-ttl", "3")
+TORCH_ARGS = (
+    "--engine",
+    "torch",
+    "--threads",
+    "1",
+    "--dtype",
+    "float32",
+    "--max-batch-size",
+    "16",
+    "--lease-ttl",
+    "3",
+)
 
 
 def model_files():
@@ -75,7 +85,7 @@ def hf_greedy(folder, prompts: list[list[int]], max_new: int) -> list[list[int]]
     with torch.inference_mode():
         for ids in prompts:
             gen = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False)
-            out.append(gen[0, len(ids):].tolist())
+            out.append(gen[0, len(ids) :].tolist())
     return out
 
 
@@ -85,12 +95,19 @@ def test_greedy_tokens_match_transformers_across_processes(stack) -> None:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(files.tokenizer_json))
-    texts = ["What is the capital of France?", "Write a haiku about memory.", "2 + 2 =",
-             "List three colors:", "Translate 'good morning' to French.", "The quick brown fox"]
+    texts = [
+        "What is the capital of France?",
+        "Write a haiku about memory.",
+        "2 + 2 =",
+        "List three colors:",
+        "Translate 'good morning' to French.",
+        "The quick brown fox",
+    ]
     prompts = [tok.encode(f"<|im_start|>user\n{t}<|im_end|>\n<|im_start|>assistant\n").ids for t in texts]
     rng = random.Random(3)
-    long_text = " ".join(rng.choice(["cache", "token", "river", "prefill", "decode", "paris", "graph"])
-                         for _ in range(2100))
+    long_text = " ".join(
+        rng.choice(["cache", "token", "river", "prefill", "decode", "paris", "graph"]) for _ in range(2100)
+    )
     prompts += [tok.encode(long_text).ids[:2000], tok.encode(long_text[::-1]).ids[:1900]]
     max_new = 12
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=300)
@@ -117,13 +134,19 @@ def test_16_concurrent_streams_are_batched(stack) -> None:
 
         async def one(i: int) -> str:
             stream = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": f"Name a fruit number {i}."}], max_tokens=24,
-                temperature=0, stream=True)
+                model=MODEL,
+                messages=[{"role": "user", "content": f"Name a fruit number {i}."}],
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+            )
             return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
         async def watch() -> None:
             while True:
-                seen_batch.extend(await asyncio.to_thread(metric_values, decode.port, "dynamo_lite_worker_batch_size"))
+                seen_batch.extend(
+                    await asyncio.to_thread(metric_values, decode.port, "dynamo_lite_worker_batch_size")
+                )
                 await asyncio.sleep(0.05)
 
         watcher = asyncio.create_task(watch())
@@ -143,8 +166,14 @@ def test_prefill_killed_before_pull_completes_by_recompute(stack) -> None:
     slow = tmp / "slow_pull.yaml"
     slow.write_text("fault_kv_pull_delay_s: 2.0\n")
     url, prefill, decode = launch(str(slow))
-    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": MODEL,
+        "prompt": "The capital of France is",
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     text, usage = [], None
     with httpx.Client(timeout=120) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
         for line in r.iter_lines():
@@ -167,8 +196,12 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
     rng = random.Random(11)
 
     async def one(client: httpx.AsyncClient, i: int, after: float) -> None:
-        body = {"model": MODEL, "prompt": f"Story {i}: once upon a time " * rng.randint(1, 40), "max_tokens": 40,
-                "stream": True}
+        body = {
+            "model": MODEL,
+            "prompt": f"Story {i}: once upon a time " * rng.randint(1, 40),
+            "max_tokens": 40,
+            "stream": True,
+        }
 
         async def consume() -> None:
             async with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -183,6 +216,7 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
     async def run() -> None:
         sem = asyncio.Semaphore(16)
         async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=32)) as client:
+
             async def bounded(i: int) -> None:
                 async with sem:
                     await one(client, i, rng.uniform(0.01, 1.5))
@@ -193,8 +227,11 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
     asyncio.run(run())
 
     def drained() -> bool:
-        return all(sum(metric_values(w.port, "dynamo_lite_worker_kv_bytes_held")) == 0
-                   and sum(metric_values(w.port, "dynamo_lite_worker_active_seqs")) == 0 for w in (prefill, decode))
+        return all(
+            sum(metric_values(w.port, "dynamo_lite_worker_kv_bytes_held")) == 0
+            and sum(metric_values(w.port, "dynamo_lite_worker_active_seqs")) == 0
+            for w in (prefill, decode)
+        )
 
     wait_until(drained, 10, what="KV held and active sequences back to 0")
     assert time.monotonic() - started < 240

@@ -23,12 +23,30 @@ def test_same_ids_as_tokenizers_on_varied_text(smollm2) -> None:
     fast = FastBpeEncoder.try_build(path, tok)
     assert fast is not None
     rng = random.Random(1234)
-    pieces = ["<|im_start|>", "<|im_end|>", "\n", "  ", "\t", "123", "4.5e-3", "é", "ß", "🙂", "中文", "'s", "'ll",
-              "https://example.org/a?b=c", "def f(x):\n    return x", "   \n\n  "]
+    pieces = [
+        "<|im_start|>",
+        "<|im_end|>",
+        "\n",
+        "  ",
+        "\t",
+        "123",
+        "4.5e-3",
+        "é",
+        "ß",
+        "🙂",
+        "中文",
+        "'s",
+        "'ll",
+        "https://example.org/a?b=c",
+        "def f(x):\n    return x",
+        "   \n\n  ",
+    ]
     texts = []
     for _ in range(400):
-        parts = [tok.decode([rng.randrange(tok.get_vocab_size())]) if rng.random() < 0.7 else rng.choice(pieces)
-                 for _ in range(rng.randint(0, 120))]
+        parts = [
+            tok.decode([rng.randrange(tok.get_vocab_size())]) if rng.random() < 0.7 else rng.choice(pieces)
+            for _ in range(rng.randint(0, 120))
+        ]
         texts.append(("" if rng.random() < 0.5 else " ").join(parts))
     for text in texts:
         assert fast.encode(text) == tok.encode(text, add_special_tokens=False).ids, text

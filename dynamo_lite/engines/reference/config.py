@@ -36,6 +36,8 @@ class ReferenceConfig:
     max_seq_len: int = 4096  # prompt + generated, per sequence (the cache's length per slot)
     kv_failure_policy: str = "recompute"
     warmup: bool = True  # run one short forward in start(): the first one is several times slower
+    free_gpu_memory_fraction: float = 0.8  # CUDA: the KV cache takes this share of what is free after loading
+    cuda_graphs: bool = True  # CUDA: replay decode-only steps from captured graphs
     # Fault injection for tests: wait this long before pulling a prefill's KV (so a test can kill the prefill
     # worker in between). Never set in production configs.
     fault_kv_pull_delay_s: float = 0.0
@@ -56,12 +58,16 @@ SCHEMA: Schema = {
     "max_seq_len": int,
     "kv_failure_policy": Choice(*KV_FAILURE_POLICIES),
     "warmup": bool,
+    "free_gpu_memory_fraction": float,
+    "cuda_graphs": bool,
     "kv_bind_host": str,
     "kv_advertise_host": str,
     "kv_port": int,
     "kv_lease_s": float,
     "kv_pull_timeout_s": float,
     "kv_use_shm": bool,
+    "kv_use_cuda_ipc": bool,
+    "kv_cuda_pool_bytes": int,
     "fault_kv_pull_delay_s": float,
 }
 
@@ -95,6 +101,8 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         max_seq_len=pick("max_seq_len", settings.max_seq_len),
         kv_failure_policy=pick("kv_failure_policy", settings.kv_failure_policy),
         warmup=pick("warmup", True),
+        free_gpu_memory_fraction=float(pick("free_gpu_memory_fraction", settings.free_gpu_memory_fraction)),
+        cuda_graphs=pick("cuda_graphs", True),
         fault_kv_pull_delay_s=float(pick("fault_kv_pull_delay_s", 0.0)),
     )
     defaults = KvTransferConfig()
@@ -105,6 +113,8 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         lease_s=float(pick("kv_lease_s", settings.kv_lease_s)),
         pull_timeout_s=float(pick("kv_pull_timeout_s", defaults.pull_timeout_s)),
         use_shm=pick("kv_use_shm", defaults.use_shm),
+        use_cuda_ipc=pick("kv_use_cuda_ipc", defaults.use_cuda_ipc),
+        cuda_pool_bytes=pick("kv_cuda_pool_bytes", defaults.cuda_pool_bytes),
     )
     return validate(cfg, source)
 
@@ -131,4 +141,7 @@ def validate(cfg: ReferenceConfig, source: str = "engine settings") -> Reference
     if cfg.max_seq_len < 2:
         raise bad("max_seq_len must be at least 2")
     cfg.warmup = bool(cfg.warmup)
+    cfg.cuda_graphs = bool(cfg.cuda_graphs)
+    if not 0.0 < float(cfg.free_gpu_memory_fraction) <= 1.0:
+        raise bad(f"free_gpu_memory_fraction must be in (0, 1], got {cfg.free_gpu_memory_fraction}")
     return cfg

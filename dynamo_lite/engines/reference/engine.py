@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 
-from dynamo_lite.engines.base import EngineError, EngineStats, TokenStream
+from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
+from dynamo_lite.engines.reference import decode_attention
 from dynamo_lite.engines.reference.config import ReferenceConfig
+from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.loader import LlamaConfig, load_weights
 from dynamo_lite.engines.reference.model import LlamaModel, build_step
@@ -39,6 +41,7 @@ from dynamo_lite.engines.reference.scheduler import (
     suppressed_ids,
 )
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
+from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles, ensure_weights
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
 
@@ -46,6 +49,9 @@ log = logging.getLogger(__name__)
 
 _HANDOFF = "kv_handoff"  # internal finish reason of a prefill that exported its KV; never leaves generate()
 _STOP_TIMEOUT_S = 30.0  # how long stop() waits for the engine thread to finish its step
+# Largest relative error of the Triton decode attention (checked at load) against the SDPA reference that
+# we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
+_DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
 class TorchEngine:
@@ -62,12 +68,15 @@ class TorchEngine:
         self.eos_ids = frozenset(model_files.eos_token_ids)
         self.max_seq_len = min(config.max_seq_len, self.model_config.max_position_embeddings)
         self.exporter: KvExporter | None = None
+        self.pacing: StreamPacing | None = None  # the worker's (adapted to the load); None: every step
         self._kv_config = config.kv_config()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._model: LlamaModel | None = None
         self._cache: KvCache | None = None
         self._scheduler: Scheduler | None = None
+        self._graphs: DecodeGraphs | None = None
+        self._pool: CudaKvPool | None = None
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
         self._started = False
@@ -104,6 +113,11 @@ class TorchEngine:
             self._thread = None
         if self.exporter is not None:
             await self.exporter.stop()
+        if self._pool is not None:  # after the exporter freed every hold
+            if self.exporter is not None:
+                self.exporter.use_cuda_pool(None)
+            self._pool.close()
+            self._pool = None
         self._started = False
 
     def stats(self) -> EngineStats:
@@ -145,7 +159,7 @@ class TorchEngine:
         if len(generated) >= opts.max_tokens:
             yield GenerateChunk(finish_reason=FinishReason.LENGTH.value)
             return
-        stream = TokenStream(asyncio.get_running_loop())
+        stream = TokenStream(asyncio.get_running_loop(), self.pacing)
         seq = Sequence(
             request_id=request.request_id,
             phase=request.phase,
@@ -226,7 +240,7 @@ class TorchEngine:
                 raise KvPullError(f"KV of {desc.num_tokens} tokens for a sequence of {len(seq.tokens)}")
             if self.config.fault_kv_pull_delay_s:
                 await asyncio.sleep(self.config.fault_kv_pull_delay_s)
-            pulled = await pull_kv(desc, self._kv_config)
+            pulled = await pull_kv(desc, self._kv_config, self.device if self.device.type == "cuda" else None)
         except KvPullError as e:
             if self.config.kv_failure_policy == "fail":
                 raise EngineError(f"KV import failed: {e}", status=503, code="kv_transfer_failed") from e
@@ -242,6 +256,9 @@ class TorchEngine:
         try:
             if self.config.threads:
                 torch.set_num_threads(self.config.threads)
+            if self.device.type == "cuda":
+                # Graph capture and "current stream" calls follow this thread's device, not the tensors'.
+                torch.cuda.set_device(self.device)
             with torch.inference_mode():
                 self._load()
                 if self.config.warmup:
@@ -263,17 +280,28 @@ class TorchEngine:
         started = time.perf_counter()
         files = ensure_weights(self.model_files)
         weights = load_weights(files.folder, self.model_config, self.dtype, self.device)
-        self._model = LlamaModel(self.model_config, weights, self.max_seq_len)
+        self._model = LlamaModel(self.model_config, weights, self.max_seq_len, self._decode_attention())
         cfg = self.model_config
+        if self.exporter is not None and self.device.type == "cuda" and self._kv_config.use_cuda_ipc:
+            self._make_pool()
+        use_graphs = (
+            self.device.type == "cuda"
+            and self.config.cuda_graphs
+            and self._model.decode_attention is not None
+        )
         self._cache = KvCache(
             cfg.num_layers,
             cfg.num_kv_heads,
             cfg.head_dim,
-            self.config.max_batch_size,
+            self._cache_slots(extra=1 if use_graphs else 0),
             self.max_seq_len,
             self.dtype,
             self.device,
         )
+        if use_graphs:  # a slot never given out: padded graph rows write there
+            self._graphs = DecodeGraphs(
+                self._model, self._cache, self._cache.allocate(), self._cache.free_slots
+            )
         self._scheduler = Scheduler(self._cache, self.config.max_num_tokens)
         log.info(
             "torch engine: %s loaded in %.1f s (%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
@@ -281,10 +309,63 @@ class TorchEngine:
             time.perf_counter() - started,
             self.config.dtype,
             self.device,
-            self.config.max_batch_size,
+            self._cache.free_slots,
             self.max_seq_len,
             self._cache.nbytes / 2**20,
         )
+
+    def _decode_attention(self) -> Any:
+        """The Triton decode attention on CUDA, if it runs here and agrees with the reference; else None
+        (SDPA over the slot range, and no CUDA graphs)."""
+        cfg = self.model_config
+        if not decode_attention.triton_supported(self.dtype, cfg.head_dim, self.device):
+            if self.device.type == "cuda":
+                log.warning("Triton decode attention unavailable: SDPA decode, no CUDA graphs")
+            return None
+        try:
+            error = decode_attention.self_check(
+                self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device
+            )
+        except Exception as e:
+            log.warning("Triton decode attention failed (%s): SDPA decode, no CUDA graphs", e)
+            return None
+        if not error <= _DECODE_ATTENTION_TOLERANCE[self.dtype]:
+            log.warning("Triton decode attention is off by %.2e: SDPA decode, no CUDA graphs", error)
+            return None
+        return decode_attention.decode_attention_triton
+
+    def _make_pool(self) -> None:
+        assert self.exporter is not None
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        try:
+            self._pool = CudaKvPool(index, self._kv_config.cuda_pool_bytes)
+        except Exception as e:  # no runtime, out of memory: holds stay in host memory
+            log.warning("no CUDA KV pool (%s): KV handoff through host memory", e)
+            return
+        self.exporter.use_cuda_pool(self._pool)
+
+    def _cache_slots(self, extra: int) -> int:
+        """Slots of ``max_seq_len`` tokens: ``max_batch_size`` (+ ``extra``), and on CUDA no more than
+        ``free_gpu_memory_fraction`` of the memory free now (weights and pool already allocated) holds."""
+        wanted = self.config.max_batch_size + extra
+        if self.device.type != "cuda":
+            return wanted
+        cfg = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        slot_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.max_seq_len * itemsize
+        free, _ = torch.cuda.mem_get_info(self.device)
+        fits = int(free * self.config.free_gpu_memory_fraction) // slot_bytes
+        if fits < 1 + extra:
+            raise EngineError(
+                f"KV cache: {self.config.free_gpu_memory_fraction:.0%} of {free / 2**30:.1f} GiB free holds no "
+                f"slot of {self.max_seq_len} tokens ({slot_bytes / 2**20:.0f} MiB each)",
+                status=503,
+            )
+        if fits < wanted:
+            log.warning(
+                "KV cache: memory for %d of %d sequences (max_batch_size)", fits - extra, wanted - extra
+            )
+        return min(wanted, fits)
 
     def _warmup(self) -> None:
         """One short prefill and decode step in slot 0; the first forward is several times slower."""
@@ -293,9 +374,26 @@ class TorchEngine:
         try:
             ids = list(range(1, 9))
             self._model.forward(build_step([], [(slot, 0, ids)], [len(ids) - 1], self.device), self._cache)
-            self._model.forward(build_step([(slot, len(ids), 1)], [], [0], self.device), self._cache)
+            eager = self._model.forward(build_step([(slot, len(ids), 1)], [], [0], self.device), self._cache)
+            if self._graphs is not None:
+                self._capture_graphs(slot, len(ids), eager)
         finally:
             self._cache.free(slot)
+
+    def _capture_graphs(self, slot: int, position: int, eager: torch.Tensor) -> None:
+        """Capture the decode graphs and check one replay against the eager step it replaces."""
+        assert self._graphs is not None
+        try:
+            self._graphs.capture()
+            replayed = self._graphs.run([(slot, position, 1)])
+            error = float((replayed - eager).norm() / eager.norm())
+        except Exception as e:
+            log.warning("CUDA graph capture failed (%s): eager decode", e)
+            self._graphs = None
+            return
+        if not error < 1e-3:
+            log.warning("CUDA graph replay differs from the eager step by %.2e: eager decode", error)
+            self._graphs = None
 
     def _run(self) -> None:
         sched = self._scheduler
@@ -370,9 +468,9 @@ class TorchEngine:
             return
         assert self._cache is not None
         try:
-            src = seq.pulled.tensor()
-            self._cache.write(seq.slot, src)
-            seq.num_computed = src.shape[3]
+            n = seq.pulled.layout.num_tokens
+            seq.pulled.write_into(self._cache.data[:, :, seq.slot, :, :n])  # device to device for CUDA IPC
+            seq.num_computed = n
         except Exception as e:  # closed under us, or bytes that don't fit: recompute instead
             log.warning("request %s: KV copy-in failed (%s); recomputing", seq.request_id, e)
             seq.num_computed, seq.cached_tokens = 0, 0
@@ -384,13 +482,17 @@ class TorchEngine:
     def _step(self, plan: StepPlan) -> None:
         assert self._model is not None and self._cache is not None and self._scheduler is not None
         try:
-            batch = build_step(
-                [(s.slot, s.num_computed, s.tokens[-1]) for s in plan.decode],
-                [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill],
-                plan.sample_rows,
-                self.device,
-            )
-            logits = self._model.forward(batch, self._cache)
+            decode = [(s.slot, s.num_computed, s.tokens[-1]) for s in plan.decode]
+            if self._graphs is not None and not plan.prefill and len(decode) <= self._graphs.max_batch:
+                logits = self._graphs.run(decode)  # rows in plan.decode order, as plan.sample
+            else:
+                batch = build_step(
+                    decode,
+                    [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill],
+                    plan.sample_rows,
+                    self.device,
+                )
+                logits = self._model.forward(batch, self._cache)
             samplers = [s.sampler for s in plan.sample]
             tokens = sample_batch(logits, samplers, [suppressed_ids(s, self.eos_ids) for s in plan.sample])
         except Exception as e:

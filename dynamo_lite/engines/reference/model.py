@@ -12,6 +12,7 @@ frequency table, SDPA), so fp32 greedy output matches ``generate`` token for tok
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -125,6 +126,13 @@ def _to_device(batch: StepBatch, device: torch.device) -> StepBatch:
     return batch
 
 
+DecodeAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+]
+"""``(q [B, heads, D], k_cache, v_cache, slots [B], lens [B], scale) -> [B, heads * D]``: see
+``decode_attention``."""
+
+
 @dataclass(slots=True)
 class _LayerOps:
     qkv: LinearFn
@@ -134,10 +142,22 @@ class _LayerOps:
 
 
 class LlamaModel:
-    """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows."""
+    """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows.
 
-    def __init__(self, config: LlamaConfig, weights: LlamaWeights, max_seq_len: int) -> None:
+    ``decode_attention`` (optional) replaces the SDPA over a slot range for decode tokens: each token then
+    attends to its own slot up to its own length, and ``decode_forward`` (a decode-only step with shapes fixed
+    by the batch size, for CUDA graphs) becomes available.
+    """
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        weights: LlamaWeights,
+        max_seq_len: int,
+        decode_attention: DecodeAttention | None = None,
+    ) -> None:
         self.config = config
+        self.decode_attention = decode_attention
         self.weights = weights
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
@@ -187,6 +207,8 @@ class LlamaModel:
             decode_mask = torch.zeros(batch.decode_mask.shape, dtype=self.dtype, device=self.device)
             decode_mask.masked_fill_(~batch.decode_mask, float("-inf"))
         attn = None if decode_only else torch.empty(num_tokens, q_dim, dtype=self.dtype, device=self.device)
+        decode_fn = self.decode_attention if nd else None
+        d_slots, d_lens = batch.slots[:nd], batch.positions[:nd] + 1
 
         for layer, ops, (k_cache, v_cache), rows in zip(
             w.layers, self._layers, cache.layers, cache.layer_rows, strict=True
@@ -200,12 +222,16 @@ class LlamaModel:
             rows.index_copy_(0, store, qkv[:, q_dim:].reshape(-1, hd))  # K and V in one indexed store
             q = qkv[:, :q_dim].view(num_tokens, nh, hd)
 
+            if decode_fn is not None:
+                decoded = decode_fn(q[:nd], k_cache, v_cache, d_slots, d_lens, self.scale)
+            elif nd:
+                decoded = self._decode_attention(batch, q[:nd], k_cache, v_cache, decode_mask)
             if decode_only:
-                out = self._decode_attention(batch, q, k_cache, v_cache, decode_mask)
+                out = decoded
             else:
                 assert attn is not None
                 if nd:
-                    attn[:nd] = self._decode_attention(batch, q[:nd], k_cache, v_cache, decode_mask)
+                    attn[:nd] = decoded
                 k = qkv[:, q_dim : q_dim + kv_dim].view(num_tokens, nkv, hd)
                 v = qkv[:, q_dim + kv_dim :].view(num_tokens, nkv, hd)
                 for chunk, mask in zip(batch.prefills, batch.prefill_masks, strict=True):
@@ -234,6 +260,41 @@ class LlamaModel:
             x = x + ops.down(F.silu(gate).mul_(up))
 
         x = x[batch.sample_rows]
+        x = self._rms_norm(x, w.norm)
+        return self._lm_head(x).float()
+
+    def decode_forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, cache: KvCache
+    ) -> torch.Tensor:
+        """One decode token per row (``[B]`` each, on the device): store its K/V at ``positions`` of its slot,
+        attend up to it, return fp32 logits ``[B, vocab]``. No host syncs and no shape depends on the data, so
+        a CUDA graph can capture it. Needs ``decode_attention``."""
+        assert self.decode_attention is not None, "decode_forward needs a decode_attention"
+        cfg, w = self.config, self.weights
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        half = hd // 2
+        q_dim, kv_dim = nh * hd, nkv * hd
+        num_tokens = input_ids.shape[0]
+        x = F.embedding(input_ids, w.embed)
+        cos = self.cos[positions].unsqueeze(1)
+        sin = self.sin[positions].unsqueeze(1)
+        store = cache.store_index(slots, positions)
+        lens = positions + 1
+        for layer, ops, (k_cache, v_cache), rows in zip(
+            w.layers, self._layers, cache.layers, cache.layer_rows, strict=True
+        ):
+            h = self._rms_norm(x, layer.input_norm)
+            qkv = ops.qkv(h)
+            qk = qkv[:, : q_dim + kv_dim].view(num_tokens, nh + nkv, hd)
+            rotated = torch.roll(qk, half, dims=-1).mul_(sin)
+            qk.mul_(cos).add_(rotated)
+            rows.index_copy_(0, store, qkv[:, q_dim:].reshape(-1, hd))
+            q = qkv[:, :q_dim].view(num_tokens, nh, hd)
+            out = self.decode_attention(q, k_cache, v_cache, slots, lens, self.scale)
+            x = x + ops.o(out)
+            h = self._rms_norm(x, layer.post_norm)
+            gate, up = ops.gate_up(h).chunk(2, dim=-1)
+            x = x + ops.down(F.silu(gate).mul_(up))
         x = self._rms_norm(x, w.norm)
         return self._lm_head(x).float()
 
