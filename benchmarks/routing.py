@@ -17,106 +17,28 @@ import asyncio
 import json
 import os
 import random
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 import yaml
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if check():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(what)
+from benchmarks.local_stack import LocalStack, free_port, wait_for
 
 
 @dataclass
-class Cluster:
+class Cluster(LocalStack):
     """etcd + nats-server + workers + frontend, all ours, stopped by PID."""
 
-    tmp: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="dl-routing-"))
-    procs: list[subprocess.Popen] = field(default_factory=list)
     url: str = ""
-
-    def spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        out = open(os.path.join(self.tmp, f"{name}.log"), "wb")
-        p = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
-        self.procs.append(p)
-        return p
-
-    def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def start_cluster(mode: str, worker_configs: list[dict], model: str) -> Cluster:
     c = Cluster()
-    etcd, peer, nats, http = free_port(), free_port(), free_port(), free_port()
-    c.spawn(
-        "etcd",
-        [
-            "etcd",
-            "--name",
-            "r",
-            "--data-dir",
-            os.path.join(c.tmp, "etcd"),
-            "--listen-client-urls",
-            f"http://127.0.0.1:{etcd}",
-            "--advertise-client-urls",
-            f"http://127.0.0.1:{etcd}",
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"r=http://127.0.0.1:{peer}",
-        ],
-    )
-    c.spawn("nats", ["nats-server", "-a", "127.0.0.1", "-p", str(nats)])
-    wait_for(
-        lambda: b"true" in urllib.request.urlopen(f"http://127.0.0.1:{etcd}/health", timeout=1).read(),
-        20,
-        "etcd",
-    )
-    rt = [
-        "--namespace",
-        "routing",
-        "--etcd-endpoints",
-        f"127.0.0.1:{etcd}",
-        "--nats-url",
-        f"nats://127.0.0.1:{nats}",
-        "--log-level",
-        "WARNING",
-    ]
+    rt = ["--namespace", "routing", *c.start_services(), "--log-level", "WARNING"]
     for i, cfg in enumerate(worker_configs):
         path = os.path.join(c.tmp, f"worker{i}.yaml")
         with open(path, "w") as f:
@@ -142,6 +64,7 @@ def start_cluster(mode: str, worker_configs: list[dict], model: str) -> Cluster:
                 *rt,
             ],
         )
+    http = free_port()
     c.spawn(
         "frontend",
         [

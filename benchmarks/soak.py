@@ -15,14 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections import Counter
@@ -31,11 +25,7 @@ from pathlib import Path
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from benchmarks.local_stack import LocalStack, free_port, wait_for
 
 
 def rss_bytes(pid: int) -> int:
@@ -55,80 +45,17 @@ def metric_sum(port: int, name: str) -> float:
 
 
 @dataclass
-class Stack:
-    """The processes this soak started (killed by PID at the end)."""
+class Stack(LocalStack):
+    """The soak's processes: services, 1 prefill + 1 decode worker, a frontend."""
 
     url: str = ""
     model: str = ""
-    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     worker_metrics: list[int] = field(default_factory=list)
-    tmp: str = ""
-
-    def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 def start_stack(args: argparse.Namespace) -> Stack:
-    st = Stack(tmp=tempfile.mkdtemp(prefix="dl-soak-"), model=args.model)
-    log = lambda name: open(os.path.join(st.tmp, f"{name}.log"), "wb")  # noqa: E731
-    etcd, peer, nats, http = free_port(), free_port(), free_port(), free_port()
-    st.procs["etcd"] = subprocess.Popen(
-        [
-            "etcd",
-            "--name",
-            "soak",
-            "--data-dir",
-            os.path.join(st.tmp, "etcd"),
-            "--listen-client-urls",
-            f"http://127.0.0.1:{etcd}",
-            "--advertise-client-urls",
-            f"http://127.0.0.1:{etcd}",
-            "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
-            "--initial-cluster",
-            f"soak=http://127.0.0.1:{peer}",
-        ],
-        stdout=log("etcd"),
-        stderr=subprocess.STDOUT,
-    )
-    st.procs["nats"] = subprocess.Popen(
-        ["nats-server", "-a", "127.0.0.1", "-p", str(nats)], stdout=log("nats"), stderr=subprocess.STDOUT
-    )
-    wait_for(
-        lambda: b"true" in urllib.request.urlopen(f"http://127.0.0.1:{etcd}/health", timeout=1).read(),
-        20,
-        "etcd",
-    )
-    rt = [
-        "--namespace",
-        "soak",
-        "--etcd-endpoints",
-        f"127.0.0.1:{etcd}",
-        "--nats-url",
-        f"nats://127.0.0.1:{nats}",
-    ]
+    st = Stack(model=args.model)
+    rt = ["--namespace", "soak", *st.start_services()]
     engine = ["--engine", args.engine, "--served-model-name", args.model]
     if args.engine == "mocker":
         engine += ["--speedup-ratio", str(args.speedup_ratio)]
@@ -137,7 +64,8 @@ def start_stack(args: argparse.Namespace) -> Stack:
     for mode in ("prefill", "decode"):
         port = free_port()
         st.worker_metrics.append(port)
-        st.procs[mode] = subprocess.Popen(
+        st.spawn(
+            mode,
             [
                 sys.executable,
                 "-m",
@@ -151,10 +79,10 @@ def start_stack(args: argparse.Namespace) -> Stack:
                 "--log-level",
                 "WARNING",
             ],
-            stdout=log(mode),
-            stderr=subprocess.STDOUT,
         )
-    st.procs["frontend"] = subprocess.Popen(
+    http = free_port()
+    st.spawn(
+        "frontend",
         [
             sys.executable,
             "-m",
@@ -167,8 +95,6 @@ def start_stack(args: argparse.Namespace) -> Stack:
             "--log-level",
             "WARNING",
         ],
-        stdout=log("frontend"),
-        stderr=subprocess.STDOUT,
     )
     st.url = f"http://127.0.0.1:{http}"
     wait_for(

@@ -45,6 +45,10 @@ class Child:
             self.lines.put(line)
         self.lines.put(None)
 
+    def redirect(self, sink: queue.Queue[str | None]) -> None:
+        """Send this child's later lines to ``sink`` (to wait on several children at once)."""
+        self.lines = sink
+
     def send(self, obj: Any) -> None:
         assert self.proc.stdin is not None
         self.proc.stdin.write(msgspec.json.encode(obj).decode() + "\n")

@@ -1,7 +1,8 @@
 """Token-exact greedy decoding on CUDA (fp32): the torch engine against HF transformers on the same GPU.
 
 The model is SmolLM2-135M's exact architecture (30 layers, 9 heads, 3 KV heads, 576 hidden, vocab 49152)
-with weights from transformers' own initialisation under a fixed seed (``LlamaForCausalLM(config)``), saved
+with weights from transformers' own initialisation under a fixed seed (``LlamaForCausalLM(config)``, with
+``initializer_range=0.08`` so greedy output does not settle on one repeated token), saved
 as safetensors and loaded by the engine: the real SmolLM2 weights are not on the GPU machine. Prompts of
 several lengths run concurrently through the engine (batched decode, CUDA graphs when they captured) and one
 at a time through ``generate``.
@@ -34,7 +35,8 @@ def hf_model(folder: Path) -> torch.nn.Module:
 
     cfg = {k: v for k, v in SMOLLM2.items() if k not in ("model_type", "architectures")}
     torch.manual_seed(1234)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    # A wider init than the default 0.02: greedy output then wanders instead of repeating one token.
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, initializer_range=0.08))
     model.save_pretrained(folder)
     (folder / "tokenizer.json").write_text("{}")  # the engine never tokenizes
     return model.eval()
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         model.generation_config.pad_token_id = 0
         gen = torch.Generator().manual_seed(7)
         prompts = [
-            torch.randint(3, SMOLLM2["vocab_size"], (n,), generator=gen).tolist() for n in PROMPT_LENGTHS
+            torch.randint(3, SMOLLM2["vocab_size"], (n,), generator=gen).tolist() for n in args.lengths
         ]
         expected = []
         with torch.inference_mode():
