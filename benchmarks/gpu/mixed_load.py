@@ -86,12 +86,14 @@ async def worker(args: argparse.Namespace) -> None:
     from dynamo_lite.engines.reference import build_engine
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    torch.cuda.set_device(torch.device(args.device))  # this process's threads stay on its GPU
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))  # this process's threads stay on its GPU
     settings = EngineSettings(
         mode=args.mode,
         model_path=args.model,
-        dtype="bfloat16",
+        dtype=args.dtype,
         device=args.device,
+        threads=1 if args.device == "cpu" else 0,
         max_batch_size=args.max_batch,
         max_num_tokens=args.chunk,
         max_seq_len=args.max_seq,
@@ -304,21 +306,29 @@ def _stats(workers: list[Child]) -> list[dict]:
     return out
 
 
-def main_run(args: argparse.Namespace) -> dict:
+TINY = {**LLAMA_1B, "vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}  # fmt: skip
+"""For a smoke test of the orchestration on CPU (``--tiny --devices cpu cpu``)."""
+
+
+def main_run(args: argparse.Namespace, result: dict[str, Any]) -> dict:
     import torch
 
-    result: dict[str, Any] = {"args": vars(args), "gpus": torch.cuda.device_count()}
+    result |= {"args": vars(args), "gpus": torch.cuda.device_count()}
     folder = Path(args.model_dir)
     if not (folder / "model.safetensors").exists():
         started = time.perf_counter()
-        write_random_llama(folder, LLAMA_1B, torch.bfloat16, "cuda:0")
-        torch.cuda.empty_cache()
+        dev = "cuda:0" if torch.cuda.is_available() else "cpu"
+        write_random_llama(folder, TINY if args.tiny else LLAMA_1B, getattr(torch, args.dtype), dev)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         log(f"random Llama-3.2-1B-shaped weights written in {time.perf_counter() - started:.1f} s")
     common = ["--model", str(folder), "--max-batch", str(args.max_batch), "--chunk", str(args.chunk)]
-    common += ["--max-seq", str(args.max_seq)]
+    common += ["--max-seq", str(args.max_seq), "--dtype", args.dtype]
+    d0, d1 = args.devices
     workers = [
-        Child(ME, "--role", "worker", "--device", "cuda:0", "--mode", "prefill", *common, name="worker-gpu0"),
-        Child(ME, "--role", "worker", "--device", "cuda:1", "--mode", "decode", *common, name="worker-gpu1"),
+        Child(ME, "--role", "worker", "--device", d0, "--mode", "prefill", *common, name=f"worker-{d0}"),
+        Child(ME, "--role", "worker", "--device", d1, "--mode", "decode", *common, name=f"worker-{d1}"),
     ]
     try:
         result["ready"] = [w.recv(300) for w in workers]
@@ -352,7 +362,12 @@ def main_run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--role", choices=["main", "worker"], default="main")
-    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--device", default="cuda:0", help="worker: its device")
+    p.add_argument(
+        "--devices", nargs=2, default=["cuda:0", "cuda:1"], help="the prefill/agg and decode/agg GPUs"
+    )
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the harness)")
     p.add_argument("--mode", default="agg")
     p.add_argument("--model", default="")
     p.add_argument("--model-dir", default="/tmp/llama-1b-random")
@@ -376,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result: dict[str, Any] = {}
     try:
-        result = main_run(args)
+        main_run(args, result)
     except Exception as e:  # what was measured is printed already
         import traceback
 
