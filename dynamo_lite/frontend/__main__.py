@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a request may take in all")
     p.add_argument("--first-token-timeout", type=float, default=300.0)
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="on SIGTERM, seconds to let in-flight streams finish before closing them")
     p.add_argument("--kv-block-size", type=int, default=32, help="kv router: tokens per hashed block")
     p.add_argument(
         "--kv-load-weight",
@@ -86,6 +88,7 @@ async def run(args: argparse.Namespace) -> None:
         request_timeout_s=args.request_timeout,
         first_token_timeout_s=args.first_token_timeout,
         max_inflight=args.max_inflight,
+        shutdown_timeout_s=args.shutdown_timeout,
         api_key=args.api_key,
     )
     server = HttpServer(create_app(router, settings), settings)
