@@ -42,7 +42,10 @@ class Child:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self.lines.put(line)
+            if line.startswith("{"):
+                self.lines.put(line)
+            else:  # a library printing to stdout: not an answer
+                sys.stderr.write(f"[{self.name} stdout] {line}")
         self.lines.put(None)
 
     def redirect(self, sink: queue.Queue[str | None]) -> None:

@@ -243,6 +243,9 @@ def _ceilings_for(tokens: int, caches: dict[int, torch.Tensor], iters: int) -> d
         out["peer into slot, 2D memcpy"] = _median_time(
             lambda: _pitched(rt, lay, src, slot1, 1), [0, 1], iters
         )
+        slot1.zero_()
+        _pitched(rt, lay, src, slot1, 1)
+        torch.cuda.synchronize(1)
         assert torch.equal(slot1.cpu(), src.cpu())  # the pitched peer copy put every byte in place
     return out
 

@@ -175,6 +175,19 @@ def test_plan_reads_a_cache_slot_and_merges_contiguous_dims() -> None:
     assert torch.equal(dense, full)
 
 
+def test_plan_keeps_pitches_within_the_limit() -> None:
+    cache, slot = _cache_and_slot(LAYOUT.num_tokens)
+    src = torch.randn(LAYOUT.shape)
+    contiguous = contiguous_strides(LAYOUT.shape)
+    # Rows over (layers, K|V) have a pitch of 5 slots x 3 heads x 64 x 16 x 4 bytes: forbid it, then every pitch.
+    for limit, copies in ((slot.stride(1) * 4 - 1, 8), (16, 24)):
+        slot.zero_()
+        plan = plan_copies(LAYOUT.shape, slot.stride(), contiguous, 4, max_pitch=limit)
+        assert len(plan) == copies and all(c.height == 1 or c.dst_pitch <= limit for c in plan)
+        _execute(plan, slot, src)
+        assert torch.equal(slot, src)
+
+
 def test_plan_refuses_a_strided_innermost_dimension() -> None:
     t = torch.zeros(4, 6)[:, ::2]
     with pytest.raises(ValueError):

@@ -127,7 +127,8 @@ def start_etcd_cluster(c: Clusters, names: tuple[str, ...] = ("a", "b", "c")) ->
     for n, (port, peer) in ports.items():
         cmd = [
             "etcd", "--name", n, "--data-dir", str(c.tmp / f"etcd-{n}"),
-            "--listen-client-urls", f"http://127.0.0.1:{port}", "--advertise-client-urls", f"http://127.0.0.1:{port}",
+            "--listen-client-urls", f"http://127.0.0.1:{port}",
+            "--advertise-client-urls", f"http://127.0.0.1:{port}",
             "--listen-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
             "--initial-cluster", initial, "--initial-cluster-token", token, "--initial-cluster-state", "new",

@@ -37,29 +37,10 @@ LEASE_TTL = 2
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4  # SmolLM2-135M: layers x (K, V) x kv heads x head dim x fp32
 CLIENT = str(Path(__file__).with_name("ns_client.py"))
 # Servers and clients in the namespaces must talk to each other, never to a proxy of the host.
-NO_PROXY_ENV = {
-    "http_proxy": "",
-    "https_proxy": "",
-    "HTTP_PROXY": "",
-    "HTTPS_PROXY": "",
-    "grpc_proxy": "",
-    "all_proxy": "",
-    "ALL_PROXY": "",
-    "no_proxy": "*",
-    "NO_PROXY": "*",
-}
-TORCH_WORKER = (
-    "--engine",
-    "torch",
-    "--threads",
-    "1",
-    "--max-batch-size",
-    "4",
-    "--max-seq-len",
-    "2048",
-    "--lease-ttl",
-    str(LEASE_TTL),
-)
+NO_PROXY_ENV = {"http_proxy": "", "https_proxy": "", "HTTP_PROXY": "", "HTTPS_PROXY": "", "grpc_proxy": "",
+                "all_proxy": "", "ALL_PROXY": "", "no_proxy": "*", "NO_PROXY": "*"}  # fmt: skip
+TORCH_WORKER = ("--engine", "torch", "--threads", "1", "--max-batch-size", "4", "--max-seq-len", "2048",
+                "--lease-ttl", str(LEASE_TTL))  # fmt: skip
 PORTS = {"etcd": 2379, "etcd_peer": 2380, "nats": 4222, "http": 8000, "kv": 7000, "metrics": 9100}
 
 
@@ -241,29 +222,11 @@ def _start_worker(cluster: Cluster, host: str, mode: str, *extra: str) -> Proc:
     h = cluster.host(host)
     etcd, nats = cluster.host("etcd"), cluster.host("nats")
     return _start(
-        cluster,
-        host,
-        host,
-        sys.executable,
-        "-m",
-        "dynamo_lite.worker",
-        "--mode",
-        mode,
-        *TORCH_WORKER,
-        "--namespace",
-        cluster.namespace,
-        "--etcd-endpoints",
-        f"{etcd.ip}:{PORTS['etcd']}",
-        "--nats-url",
-        f"nats://{nats.ip}:{PORTS['nats']}",
-        "--advertise-host",
-        h.ip,
-        "--metrics-host",
-        h.ip,
-        "--metrics-port",
-        str(PORTS["metrics"]),
-        *extra,
-    )
+        cluster, host, host, sys.executable, "-m", "dynamo_lite.worker", "--mode", mode, *TORCH_WORKER,
+        "--namespace", cluster.namespace, "--etcd-endpoints", f"{etcd.ip}:{PORTS['etcd']}",
+        "--nats-url", f"nats://{nats.ip}:{PORTS['nats']}", "--advertise-host", h.ip,
+        "--metrics-host", h.ip, "--metrics-port", str(PORTS["metrics"]), *extra,
+    )  # fmt: skip
 
 
 def _wait_worker(proc: Proc, timeout: float) -> None:
@@ -285,25 +248,13 @@ def _bring_up(tmp: Path) -> Cluster:
             net.add_host(name)
         e, n = cluster.host("etcd").ip, cluster.host("nats").ip
         _start(
-            cluster,
-            "etcd",
-            "etcd",
-            "etcd",
-            "--name",
-            "e",
-            "--data-dir",
-            str(tmp / "etcd-data"),
-            "--listen-client-urls",
-            f"http://{e}:{PORTS['etcd']}",
-            "--advertise-client-urls",
-            f"http://{e}:{PORTS['etcd']}",
-            "--listen-peer-urls",
-            f"http://{e}:{PORTS['etcd_peer']}",
-            "--initial-advertise-peer-urls",
-            f"http://{e}:{PORTS['etcd_peer']}",
-            "--initial-cluster",
-            f"e=http://{e}:{PORTS['etcd_peer']}",
-        )
+            cluster, "etcd", "etcd", "etcd", "--name", "e", "--data-dir", str(tmp / "etcd-data"),
+            "--listen-client-urls", f"http://{e}:{PORTS['etcd']}",
+            "--advertise-client-urls", f"http://{e}:{PORTS['etcd']}",
+            "--listen-peer-urls", f"http://{e}:{PORTS['etcd_peer']}",
+            "--initial-advertise-peer-urls", f"http://{e}:{PORTS['etcd_peer']}",
+            "--initial-cluster", f"e=http://{e}:{PORTS['etcd_peer']}",
+        )  # fmt: skip
         _start(cluster, "nats", "nats", "nats-server", "-a", n, "-p", str(PORTS["nats"]))
         wait_until(
             lambda: cluster.client("get", f"http://{e}:{PORTS['etcd']}/health").get("status") == 200,
@@ -315,43 +266,19 @@ def _bring_up(tmp: Path) -> Cluster:
         pf = cluster.host("pf")
         no_shm = tmp / "decode.yaml"
         no_shm.write_text("# network namespaces share /dev/shm: force the KV over TCP\nkv_use_shm: false\n")
-        _start_worker(
-            cluster,
-            "pf",
-            "prefill",
-            "--kv-bind-host",
-            pf.ip,
-            "--kv-advertise-host",
-            pf.ip,
-            "--kv-port",
-            str(PORTS["kv"]),
-        )
+        _start_worker(cluster, "pf", "prefill", "--kv-bind-host", pf.ip, "--kv-advertise-host", pf.ip,
+                      "--kv-port", str(PORTS["kv"]))  # fmt: skip
         for dc in ("dc1", "dc2"):
             _start_worker(cluster, dc, "decode", "--extra-engine-args", str(no_shm))
         for name in ("pf", "dc1", "dc2"):  # three torch processes loading at once on a small machine
-            _wait_worker(cluster.procs[name], 150)
+            _wait_worker(cluster.procs[name], 90)
 
         fe = cluster.host("fe")
         _start(
-            cluster,
-            "frontend",
-            "fe",
-            sys.executable,
-            "-m",
-            "dynamo_lite.frontend",
-            "--http-host",
-            fe.ip,
-            "--http-port",
-            str(PORTS["http"]),
-            "--migration-limit",
-            "1",
-            "--namespace",
-            cluster.namespace,
-            "--etcd-endpoints",
-            f"{e}:{PORTS['etcd']}",
-            "--nats-url",
-            f"nats://{n}:{PORTS['nats']}",
-        )
+            cluster, "frontend", "fe", sys.executable, "-m", "dynamo_lite.frontend", "--http-host", fe.ip,
+            "--http-port", str(PORTS["http"]), "--migration-limit", "1", "--namespace", cluster.namespace,
+            "--etcd-endpoints", f"{e}:{PORTS['etcd']}", "--nats-url", f"nats://{n}:{PORTS['nats']}",
+        )  # fmt: skip
 
         def serving() -> bool:
             if not cluster.procs["frontend"].alive():
