@@ -224,7 +224,12 @@ def start_worker(
             raise RuntimeError(f"{name} exited early:\n{proc.log()[-3000:]}")
         return "READY worker" in proc.log()
 
-    wait_until(ready, ready_timeout, what=f"{name} ready")
+    try:
+        wait_until(ready, ready_timeout, what=f"{name} ready")
+    except BaseException:
+        proc.kill()  # never leak a half-started worker
+        proc.popen.wait(5)
+        raise
     line = next(ln for ln in proc.log().splitlines() if ln.startswith("READY worker"))
     parts = dict(p.split("=", 1) for p in line.split()[3:])
     proc.extra["instance_id"] = line.split()[2]

@@ -18,6 +18,8 @@ from dynamo_lite.protocol import DiscoveryEvent
 
 log = logging.getLogger(__name__)
 
+_CONNECTION_ERRORS = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
+
 
 def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     """``"http://127.0.0.1:2379,host2:2379"`` → ``[("127.0.0.1", 2379), ("host2", 2379)]``."""
@@ -111,6 +113,7 @@ class EtcdDiscovery:
 
     async def _keepalive(self) -> None:
         interval = self._ttl_s / 3
+        timeouts = 0
         while True:
             await asyncio.sleep(interval)
             try:
@@ -121,8 +124,19 @@ class EtcdDiscovery:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 — etcd down: keep trying, the lease outlives short outages
-                log.warning("etcd keep-alive failed (%s); retrying", e)
-                await self._reconnect_quietly()
+                log.warning("etcd keep-alive failed (%r); retrying", e)
+                timeouts = timeouts + 1 if isinstance(e, TimeoutError) else 0
+                # A single timeout may be a leader election on a healthy member: move on only after a
+                # connection error, or after timeouts in a row.
+                if not isinstance(e, TimeoutError) or timeouts >= 2:
+                    await self._failover(self._client)
+
+    async def _failover(self, client: aetcd.Client | None) -> None:
+        """Move to the next endpoint — once per failure, whichever of keep-alive and watch notices it first."""
+        if client is not None and client is self._client:
+            async with self._lock:
+                if client is self._client:
+                    await self._reconnect_quietly()
 
     async def _reconnect_quietly(self) -> None:
         # grpc channels reconnect by themselves to the same endpoint; with several endpoints, move on.
@@ -160,15 +174,23 @@ class EtcdDiscovery:
             await self._client.delete(key.encode())
 
     async def get_prefix(self, prefix: str) -> list[DiscoveryEvent]:
-        assert self._client is not None
-        result = await self._client.get_prefix(prefix.encode())
+        client = self._client
+        assert client is not None
+        try:
+            result = await client.get_prefix(prefix.encode())
+        except _CONNECTION_ERRORS:
+            await self._failover(client)  # the watcher re-lists at once; don't wait for the keep-alive
+            raise
         return [DiscoveryEvent(kv.key.decode(), kv.value, kv.mod_revision) for kv in result]
 
     async def watch_prefix(self, prefix: str) -> AsyncIterator[DiscoveryEvent]:
-        assert self._client is not None
+        client = self._client
+        assert client is not None
         try:
-            watch = await self._client.watch_prefix(prefix.encode())
+            watch = await client.watch_prefix(prefix.encode())
         except Exception as e:  # noqa: BLE001
+            if isinstance(e, _CONNECTION_ERRORS):
+                await self._failover(client)
             raise ConnectionError(f"etcd watch failed: {e}") from e
         try:
             async for event in watch:
@@ -176,6 +198,8 @@ class EtcdDiscovery:
                 value = kv.value if event.kind == "PUT" else None
                 yield DiscoveryEvent(kv.key.decode(), value, kv.mod_revision)
         except aetcd.exceptions.ClientError as e:
+            if isinstance(e, _CONNECTION_ERRORS):
+                await self._failover(client)
             raise ConnectionError(f"etcd watch broke: {e}") from e
         finally:
             try:

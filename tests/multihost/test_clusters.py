@@ -387,13 +387,6 @@ def test_nats_servers_killed_under_load(stack: Stack) -> None:
         assert all(o.result == "ok" for o in late), [o for o in late if o.result != "ok"][:5]
 
 
-WATCH_FAILOVER_BUG = (
-    "discovery_etcd: a broken watch is re-made on the same dead member until the keep-alive loop moves to "
-    "another endpoint (every ttl/3 s), so a frontend with a long lease stays blind to discovery for that long"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=WATCH_FAILOVER_BUG)
 def test_frontend_watch_moves_to_a_live_member_at_once(tmp_path: Path) -> None:
     """In process: a live view on a 3-member etcd; its member dies; a change made through another member
     must reach it within seconds, whatever the view's own lease TTL (here 30 s: keep-alives every 10 s)."""
