@@ -15,7 +15,7 @@ async def clear(args: argparse.Namespace) -> int:
     if not settings.etcd_endpoints:
         print("error: --etcd-endpoints (or ETCD_ENDPOINTS) is required", file=sys.stderr)
         return 1
-    from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery
+    from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery, etcd_tls
 
     discovery = await EtcdDiscovery.connect(
         settings.etcd_endpoints,
@@ -23,6 +23,7 @@ async def clear(args: argparse.Namespace) -> int:
         settings.etcd_username,
         settings.etcd_password,
         settings.connect_timeout_s,
+        etcd_tls(settings),
     )
     try:
         removed = await discovery.delete_prefix(keys.namespace_prefix(settings.root, settings.namespace))

@@ -25,6 +25,13 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
     g.add_argument("--etcd-username", default=os.environ.get("ETCD_USERNAME", ""))
     g.add_argument("--etcd-password", default=os.environ.get("ETCD_PASSWORD", ""))
+    g.add_argument(
+        "--etcd-tls-ca",
+        default=os.environ.get("ETCD_TLS_CA", ""),
+        help="CA bundle: talk to etcd over TLS and verify its certificate",
+    )
+    g.add_argument("--etcd-tls-cert", default=os.environ.get("ETCD_TLS_CERT", ""))
+    g.add_argument("--etcd-tls-key", default=os.environ.get("ETCD_TLS_KEY", ""))
     g.add_argument("--nats-user", default=os.environ.get("NATS_USER", ""))
     g.add_argument("--nats-password", default=os.environ.get("NATS_PASSWORD", ""))
     g.add_argument("--nats-token", default=os.environ.get("NATS_TOKEN", ""))
@@ -42,6 +49,9 @@ def runtime_settings_from(args: argparse.Namespace) -> RuntimeSettings:
         lease_ttl_s=args.lease_ttl,
         etcd_username=args.etcd_username,
         etcd_password=args.etcd_password,
+        etcd_tls_ca=args.etcd_tls_ca,
+        etcd_tls_cert=args.etcd_tls_cert,
+        etcd_tls_key=args.etcd_tls_key,
         nats_user=args.nats_user,
         nats_password=args.nats_password,
         nats_token=args.nats_token,

@@ -19,6 +19,9 @@ class RuntimeSettings:
     root: str = DEFAULT_ROOT
     etcd_username: str = ""
     etcd_password: str = ""
+    etcd_tls_ca: str = ""  # set: connect to etcd over TLS, verifying its certificate against this CA
+    etcd_tls_cert: str = ""  # client certificate (etcd --client-cert-auth)
+    etcd_tls_key: str = ""
     nats_user: str = ""
     nats_password: str = ""
     nats_token: str = ""

@@ -10,13 +10,26 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aetcd
 import aetcd.exceptions
 
 from dynamo_lite.protocol import DiscoveryEvent
+from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.etcd_tls import TlsEtcdClient, channel_credentials
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """PEM files for etcd over TLS: the CA that signed the server's certificate, and an optional client pair."""
+
+    ca_file: str
+    cert_file: str = ""
+    key_file: str = ""
+
 
 _CONNECTION_ERRORS = (aetcd.exceptions.ConnectionFailedError, aetcd.exceptions.ConnectionTimeoutError)
 
@@ -40,6 +53,12 @@ def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     return out
 
 
+def etcd_tls(settings: RuntimeSettings) -> EtcdTls | None:
+    if not settings.etcd_tls_ca:
+        return None
+    return EtcdTls(settings.etcd_tls_ca, settings.etcd_tls_cert, settings.etcd_tls_key)
+
+
 class EtcdDiscovery:
     """``Discovery`` on etcd v3. Use ``await EtcdDiscovery.connect(...)``."""
 
@@ -50,8 +69,10 @@ class EtcdDiscovery:
         username: str,
         password: str,
         call_timeout_s: float,
+        tls: EtcdTls | None = None,
     ) -> None:
         self._endpoints = endpoints
+        self._credentials = channel_credentials(tls.ca_file, tls.cert_file, tls.key_file) if tls else None
         self._endpoint_index = 0
         self._ttl_s = max(2, int(ttl_s))
         self._username = username or None
@@ -64,11 +85,31 @@ class EtcdDiscovery:
         self._lock = asyncio.Lock()
         self.lease_renewals = 0  # how many times the lease was lost and re-granted
 
+    def _new_client(self, host: str, port: int) -> aetcd.Client:
+        kwargs = {
+            "host": host,
+            "port": port,
+            "username": self._username,
+            "password": self._password,
+            "timeout": self._call_timeout_s,
+        }
+        if self._credentials is not None:
+            return TlsEtcdClient(**kwargs, credentials=self._credentials)
+        return aetcd.Client(**kwargs)
+
     @classmethod
     async def connect(
-        cls, endpoints: str, ttl_s: int = 10, username: str = "", password: str = "", timeout_s: float = 5.0
+        cls,
+        endpoints: str,
+        ttl_s: int = 10,
+        username: str = "",
+        password: str = "",
+        timeout_s: float = 5.0,
+        tls: EtcdTls | None = None,
     ) -> EtcdDiscovery:
-        self = cls(parse_endpoints(endpoints), ttl_s, username, password, timeout_s)
+        """Connect (the first reachable endpoint), grant the lease, start its keep-alive. ``tls``: verify the
+        server against a CA (and present a client certificate); ``https://`` endpoints need it."""
+        self = cls(parse_endpoints(endpoints), ttl_s, username, password, timeout_s, tls)
         await asyncio.wait_for(self._open(), timeout_s)
         self._keepalive_task = asyncio.create_task(self._keepalive(), name="etcd-keepalive")
         return self
@@ -81,13 +122,7 @@ class EtcdDiscovery:
         last: Exception | None = None
         for _ in range(len(self._endpoints)):
             host, port = self._endpoints[self._endpoint_index]
-            client = aetcd.Client(
-                host=host,
-                port=port,
-                username=self._username,
-                password=self._password,
-                timeout=self._call_timeout_s,
-            )
+            client = self._new_client(host, port)
             try:
                 await client.connect()
                 self._lease = await client.lease(self._ttl_s)
@@ -145,13 +180,7 @@ class EtcdDiscovery:
         self._endpoint_index = (self._endpoint_index + 1) % len(self._endpoints)
         host, port = self._endpoints[self._endpoint_index]
         old, lease_id = self._client, self.lease_id
-        client = aetcd.Client(
-            host=host,
-            port=port,
-            username=self._username,
-            password=self._password,
-            timeout=self._call_timeout_s,
-        )
+        client = self._new_client(host, port)
         try:
             await client.connect()
         except Exception:  # noqa: BLE001

@@ -36,7 +36,7 @@ class Runtime:
     @classmethod
     async def connect(cls, settings: RuntimeSettings, name: str = "dynamo_lite") -> Runtime:
         if settings.etcd_endpoints:
-            from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery
+            from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery, etcd_tls
 
             discovery: Discovery = await EtcdDiscovery.connect(
                 settings.etcd_endpoints,
@@ -44,6 +44,7 @@ class Runtime:
                 settings.etcd_username,
                 settings.etcd_password,
                 settings.connect_timeout_s,
+                etcd_tls(settings),
             )
         else:
             discovery = MemoryDiscovery(_embedded()[0])
