@@ -41,6 +41,11 @@ class ReferenceConfig:
     # Fault injection for tests: wait this long before pulling a prefill's KV (so a test can kill the prefill
     # worker in between). Never set in production configs.
     fault_kv_pull_delay_s: float = 0.0
+    # Prefix caching: a freed slot keeps its KV; a prompt starting with the same blocks reuses it (and the worker
+    # publishes KV events for the kv router). Off by default: reused KV was computed in another batch shape, so
+    # fp32 outputs are no longer bit-comparable with a fresh computation.
+    enable_prefix_caching: bool = False
+    kv_block_size: int = 32
     kv: KvTransferConfig | None = None  # None: built from the kv_* settings
 
     def kv_config(self) -> KvTransferConfig:
@@ -69,6 +74,8 @@ SCHEMA: Schema = {
     "kv_use_cuda_ipc": bool,
     "kv_cuda_pool_bytes": int,
     "fault_kv_pull_delay_s": float,
+    "enable_prefix_caching": bool,
+    "kv_block_size": int,
 }
 
 
@@ -104,6 +111,8 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         free_gpu_memory_fraction=float(pick("free_gpu_memory_fraction", settings.free_gpu_memory_fraction)),
         cuda_graphs=pick("cuda_graphs", True),
         fault_kv_pull_delay_s=float(pick("fault_kv_pull_delay_s", 0.0)),
+        enable_prefix_caching=bool(pick("enable_prefix_caching", False)),
+        kv_block_size=int(pick("kv_block_size", settings.kv_block_size)),
     )
     defaults = KvTransferConfig()
     cfg.kv = KvTransferConfig(

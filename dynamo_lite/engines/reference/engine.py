@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ class TorchEngine:
         self.max_seq_len = min(config.max_seq_len, self.model_config.max_position_embeddings)
         self.exporter: KvExporter | None = None
         self.pacing: StreamPacing | None = None  # the worker's (adapted to the load); None: every step
+        self.on_kv_event: Callable[[tuple[int, list[int]]], None] | None = None  # set by the worker
         self._kv_config = config.kv_config()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -302,6 +303,9 @@ class TorchEngine:
             self._graphs = DecodeGraphs(
                 self._model, self._cache, self._cache.allocate(), self._cache.free_slots
             )
+        if self.config.enable_prefix_caching:
+            self._cache.prefix_block = self.config.kv_block_size
+            self._cache.on_kv_event = self._kv_event
         self._scheduler = Scheduler(self._cache, self.config.max_num_tokens)
         log.info(
             "torch engine: %s loaded in %.1f s (%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
@@ -461,6 +465,12 @@ class TorchEngine:
         if seq.pulled is not None:
             seq.pulled.close()
             seq.pulled = None
+
+    def _kv_event(self, event: tuple[int, list[int]]) -> None:
+        """Prefix-cache changes, from the engine thread; the worker publishes them for the kv router."""
+        sink = self.on_kv_event
+        if sink is not None:
+            sink(event)
 
     def _on_admit(self, seq: Sequence) -> None:
         """Copy an imported KV into the sequence's new slot, then let the exporter free it."""

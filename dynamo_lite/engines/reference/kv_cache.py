@@ -12,8 +12,13 @@ NaN, which a masked-out position would otherwise smuggle into attention as 0 * N
 from __future__ import annotations
 
 import mmap
+from collections import Counter
+from collections.abc import Callable
 
 import torch
+
+from dynamo_lite.kv.blocks import block_hashes
+from dynamo_lite.protocol import KvEventKind
 
 
 class NoFreeSlot(RuntimeError):
@@ -53,6 +58,13 @@ class KvCache:
         """Each layer's K then V as rows of ``head_dim``: the target of ``store_index``."""
         # Lowest slot first keeps running sequences packed, so decode attention spans few idle slots.
         self._free = list(range(max_slots - 1, -1, -1))
+        # Prefix caching (opt-in): a freed slot keeps its tokens' KV; a new sequence whose prompt starts with the
+        # same blocks takes that slot and skips computing them. Blocks are tracked as chained hashes so that the
+        # router's KV index hears what this engine holds (``on_kv_event``).
+        self.prefix_block = 0  # tokens per block; 0: prefix caching off
+        self.on_kv_event: Callable[[tuple[int, list[int]]], None] | None = None
+        self._slot_blocks: dict[int, list[int]] = {}  # slot -> block hashes of the KV it holds
+        self._held: Counter[int] = Counter()  # block hash -> slots holding it
 
     @property
     def bytes_per_token(self) -> int:
@@ -64,15 +76,67 @@ class KvCache:
         return len(self._free)
 
     def allocate(self) -> int:
+        return self.allocate_for(None)[0]
+
+    def allocate_for(self, tokens: list[int] | None) -> tuple[int, int]:
+        """A free slot for a sequence starting with ``tokens``, and how many of them it already holds
+        (whole blocks, always leaving the last token to compute: its logits are needed)."""
         if not self._free:
             raise NoFreeSlot("all KV slots are in use")
         self._free.sort(reverse=True)
-        return self._free.pop()
+        slot, reused = -1, 0
+        if self.prefix_block and tokens:
+            wanted = block_hashes(tokens[: len(tokens) - 1], self.prefix_block)
+            for candidate in self._free:
+                held = self._slot_blocks.get(candidate, ())
+                n = 0
+                for a, b in zip(held, wanted, strict=False):
+                    if a != b:
+                        break
+                    n += 1
+                if n * self.prefix_block > reused:
+                    slot, reused = candidate, n * self.prefix_block
+        if slot < 0:
+            # Prefer a slot that holds nothing worth keeping; else the lowest.
+            empty = [s for s in self._free if not self._slot_blocks.get(s)]
+            slot = empty[-1] if empty else self._free[-1]
+        self._free.remove(slot)
+        self._set_blocks(
+            slot, self._slot_blocks.get(slot, [])[: reused // self.prefix_block] if reused else []
+        )
+        return slot, reused
 
-    def free(self, slot: int) -> None:
+    def free(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Return ``slot``; with prefix caching on, it keeps the KV of ``tokens`` (its computed positions)."""
         if slot in self._free or not 0 <= slot < self.max_slots:
             raise ValueError(f"slot {slot} is not allocated")
         self._free.append(slot)
+        if self.prefix_block:
+            self._set_blocks(slot, block_hashes(tokens or [], self.prefix_block))
+
+    def _set_blocks(self, slot: int, hashes: list[int]) -> None:
+        old = self._slot_blocks.get(slot, [])
+        if old == hashes:
+            return
+        stored, removed = [], []
+        for h in hashes:
+            self._held[h] += 1
+            if self._held[h] == 1:
+                stored.append(h)
+        for h in old:
+            self._held[h] -= 1
+            if self._held[h] == 0:
+                del self._held[h]
+                removed.append(h)
+        stored = [h for h in stored if h not in set(removed)]
+        removed = [h for h in removed if h not in set(hashes)]
+        self._slot_blocks[slot] = hashes
+        sink = self.on_kv_event
+        if sink is not None:
+            if stored:
+                sink((KvEventKind.STORED, stored))
+            if removed:
+                sink((KvEventKind.REMOVED, removed))
 
     def store_index(self, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rows of ``layer_rows[i]`` for each (token, K|V, kv head), in the order of a token's k|v heads in

@@ -96,7 +96,15 @@ class Scheduler:
         admitted = []
         while self.waiting and self.cache.free_slots > 0:
             seq = self.waiting.popleft()
-            seq.slot = self.cache.allocate()
+            if seq.pulled is None and seq.num_computed == 0:
+                # Prefix caching: a slot that still holds this prompt's first blocks skips computing them.
+                seq.slot, reused = self.cache.allocate_for(seq.tokens)
+                if reused:
+                    seq.num_computed = reused
+                    seq.cached_tokens = min(reused, seq.prompt_len)
+                    seq.stream.set_cached_tokens(seq.cached_tokens)
+            else:
+                seq.slot = self.cache.allocate()
             seq.state = SeqState.RUNNING
             self.running.append(seq)
             admitted.append(seq)
@@ -106,7 +114,7 @@ class Scheduler:
         """Take ``seq`` out of the engine (finished or cancelled) and free its slot."""
         if seq.state is SeqState.RUNNING:
             self.running.remove(seq)
-            self.cache.free(seq.slot)
+            self.cache.free(seq.slot, seq.tokens[: seq.num_computed])
             seq.slot = -1
         elif seq.state is SeqState.WAITING:
             try:
