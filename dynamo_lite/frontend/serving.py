@@ -382,19 +382,7 @@ class CompletionService:
             status = 499 if ex.disconnected else 503
             raise
         except Exception as exc:
-            err = as_openai_error(exc)
-            status = err.status
-            self._metrics.error(err.type)
-            try:
-                # bounded: a client that stopped reading must not keep this task alive
-                async with asyncio.timeout(_SEND_ERROR_TIMEOUT_S):
-                    if started:
-                        await ex.body(error_event(err.body()))
-                        await ex.end(DONE)
-                    else:
-                        await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())
-            except Exception:
-                pass
+            status = await self._report_failure(exc, ex, rid, stream_started=started)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
@@ -441,17 +429,28 @@ class CompletionService:
             status = 499 if ex.disconnected else 503
             raise
         except Exception as exc:
-            err = as_openai_error(exc)
-            status = err.status
-            self._metrics.error(err.type)
-            try:
-                async with asyncio.timeout(_SEND_ERROR_TIMEOUT_S):
-                    await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())
-            except Exception:
-                pass
+            status = await self._report_failure(exc, ex, rid, stream_started=False)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
+
+    async def _report_failure(
+        self, exc: Exception, ex: Exchange, rid: tuple[bytes, bytes], *, stream_started: bool
+    ) -> int:
+        """Tell the client in OpenAI's shape — an error event if the stream already started, else an error
+        response — and return the status. Bounded: a client that stopped reading must not keep us alive."""
+        err = as_openai_error(exc)
+        self._metrics.error(err.type)
+        try:
+            async with asyncio.timeout(_SEND_ERROR_TIMEOUT_S):
+                if stream_started:
+                    await ex.body(error_event(err.body()))
+                    await ex.end(DONE)
+                else:
+                    await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())
+        except Exception:
+            pass
+        return err.status
 
     async def _close_stream(self, stream: Any, *, backend_finished: bool) -> None:
         """Close the backend stream. After its final chunk a well-behaved stream simply ends: drain it rather

@@ -61,6 +61,10 @@ class KvIndex:
                         del self._holders[h]
                 self._blocks[iid].discard(h)
 
+    def instances(self) -> list[str]:
+        """Instances the index holds blocks for."""
+        return list(self._blocks)
+
     def remove_instance(self, instance_id: str) -> None:
         for h in self._blocks.pop(instance_id, set()):
             holders = self._holders.get(h)

@@ -92,7 +92,7 @@ class Router:
             await self.kv_index.stop()
 
     def _forget_gone_instances(self) -> None:
-        for iid in list(self.kv_index._blocks):
+        for iid in self.kv_index.instances():
             if iid not in self.view.instances:
                 self.kv_index.remove_instance(iid)
 

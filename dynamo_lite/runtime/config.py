@@ -36,11 +36,3 @@ class RuntimeSettings:
     @property
     def distributed(self) -> bool:
         return bool(self.etcd_endpoints or self.nats_url)
-
-
-@dataclass(slots=True)
-class StreamTimeouts:
-    """Timeouts of one reply stream on the request plane."""
-
-    first_frame_s: float = 30.0  # request sent → first frame (prefill of a long prompt on CPU is slow)
-    idle_s: float = 0.0  # 0: no inter-frame limit beyond instance liveness

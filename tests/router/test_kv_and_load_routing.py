@@ -109,7 +109,7 @@ async def test_kv_mode_sends_a_conversation_back_to_its_cache(cluster: Cluster) 
         picked.append([w.engine.stats().total_tokens for w in workers])
         if turn:
             assert chunks[0].cached_tokens >= len(history) - 80  # the earlier turns' blocks were reused
-        await until(lambda: len(router.kv_index._blocks) >= 1)  # KV events arrived over the request plane
+        await until(lambda: len(router.kv_index.instances()) >= 1)  # KV events arrived over the request plane
     assert picked[-1].count(0) == 1, picked  # every turn went to the same worker: the other made no token
 
 

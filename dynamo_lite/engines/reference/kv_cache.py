@@ -118,18 +118,20 @@ class KvCache:
         old = self._slot_blocks.get(slot, [])
         if old == hashes:
             return
+        # A slot's chained hashes are distinct, so set differences are exact: only blocks that change hands.
+        kept = set(old) & set(hashes)
         stored, removed = [], []
         for h in hashes:
-            self._held[h] += 1
-            if self._held[h] == 1:
-                stored.append(h)
+            if h not in kept:
+                self._held[h] += 1
+                if self._held[h] == 1:
+                    stored.append(h)
         for h in old:
-            self._held[h] -= 1
-            if self._held[h] == 0:
-                del self._held[h]
-                removed.append(h)
-        stored = [h for h in stored if h not in set(removed)]
-        removed = [h for h in removed if h not in set(hashes)]
+            if h not in kept:
+                self._held[h] -= 1
+                if self._held[h] == 0:
+                    del self._held[h]
+                    removed.append(h)
         self._slot_blocks[slot] = hashes
         sink = self.on_kv_event
         if sink is not None:
