@@ -151,6 +151,7 @@ class FrameKind(enum.IntEnum):
     DATA = 0
     END = 1
     ERROR = 2
+    ACK = 3  # "request received": sent at once, outside the seq numbering (NATS delivers at most once)
 
 
 class Frame(_Wire):

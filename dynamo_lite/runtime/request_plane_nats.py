@@ -38,17 +38,19 @@ from dynamo_lite.runtime.streams import error_info_for
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "dlhb."
+_ACK = encode(Frame(-1, FrameKind.ACK))
 
 
 class _ReplyStream:
     """Client side of one reply stream: frames in arrival order, or a failure."""
 
-    __slots__ = ("address", "started", "got_first", "_frames", "_waiter", "_error")
+    __slots__ = ("address", "started", "got_first", "acked", "_frames", "_waiter", "_error")
 
     def __init__(self, address: str, now: float) -> None:
         self.address = address
         self.started = now
         self.got_first = False
+        self.acked = False
         self._frames: deque[Frame] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._error: StreamError | None = None
@@ -121,6 +123,9 @@ class _NatsServed:
     async def _on_request(self, msg: Msg) -> None:
         if not msg.reply:
             return
+        # Acknowledge at once: a request lost on the way (NATS is at-most-once) then fails fast at the caller
+        # instead of waiting, heartbeats and all, for a first frame that will never come.
+        await self._plane.nc.publish(msg.reply, _ACK)
         self._tasks[msg.reply] = asyncio.create_task(self._run(msg.reply, msg.data))
 
     async def _on_cancel(self, msg: Msg) -> None:
@@ -275,7 +280,11 @@ class NatsRequestPlane:
             stream.fail(ErrorInfo(503, f"no instance serves {stream.address}", "instance_unavailable"))
             return
         try:
-            stream.put(decode(msg.data, Frame))
+            frame = decode(msg.data, Frame)
+            if frame.kind == FrameKind.ACK:
+                stream.acked = True
+            else:
+                stream.put(frame)
             # A frame is as good as a heartbeat: under heavy load heartbeats queue behind frames.
             self._last_seen[stream.address] = self._loop_time()
         except WireError as e:
@@ -303,6 +312,14 @@ class NatsRequestPlane:
                 if now - seen > silence:
                     stream.fail(
                         ErrorInfo(503, f"instance {stream.address} stopped responding", "instance_lost")
+                    )
+                elif not stream.acked and not stream.got_first and now - stream.started > silence:
+                    stream.fail(
+                        ErrorInfo(
+                            503,
+                            f"instance {stream.address} did not receive the request",
+                            "instance_unavailable",
+                        )
                     )
                 elif not self.nc.is_connected and now - stream.started > silence:
                     stream.fail(ErrorInfo(503, "request plane disconnected", "request_plane_down"))

@@ -15,7 +15,7 @@ from dynamo_lite.engines.base import EngineError
 from dynamo_lite.protocol import ErrorInfo, RequestPlane, StreamError
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.request_plane_inproc import InProcRequestPlane
-from dynamo_lite.runtime.request_plane_nats import NatsRequestPlane
+from dynamo_lite.runtime.request_plane_nats import HEARTBEAT_PREFIX, NatsRequestPlane
 
 if TYPE_CHECKING:
     from conftest import Launcher, Proc
@@ -304,3 +304,43 @@ async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Lau
 async def collect_some(plane: RequestPlane, addr: str, n: int) -> list[bytes]:
     async with aclosing(plane.stream(addr, b"", first_timeout=2.0)) as stream:
         return [await stream.__anext__() for _ in range(n)]
+
+
+async def test_nats_request_lost_on_the_way_fails_fast_though_the_instance_heartbeats(
+    nats_server: Proc,
+) -> None:
+    """NATS delivers at most once: a live instance (heartbeating) that never got the request must not leave
+    the caller waiting for ``first_timeout``; without the instance's acknowledgement the stream fails with a
+    retryable 503 within the heartbeat timeout."""
+    import nats
+
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}")
+    client = await NatsRequestPlane.connect(settings)
+    raw = await nats.connect(settings.nats_url)
+    addr = address()
+    swallowed = asyncio.Event()
+
+    async def swallow(msg) -> None:  # noqa: ANN001 — a subscriber that drops requests: "lost on the way"
+        swallowed.set()
+
+    async def beat() -> None:
+        while True:
+            await raw.publish(HEARTBEAT_PREFIX + addr, b"")
+            await asyncio.sleep(settings.heartbeat_interval_s)
+
+    await raw.subscribe(addr, cb=swallow)
+    await raw.flush()
+    beating = asyncio.create_task(beat())
+    try:
+        started = time.monotonic()
+        with pytest.raises(StreamError) as err:
+            async with aclosing(client.stream(addr, b"x", first_timeout=30.0)) as stream:
+                async for _ in stream:
+                    pass
+        assert swallowed.is_set()
+        assert err.value.info.status == 503 and err.value.info.code == "instance_unavailable"
+        assert time.monotonic() - started < settings.heartbeat_timeout_s + 1.0
+    finally:
+        beating.cancel()
+        await raw.close()
+        await client.close()
