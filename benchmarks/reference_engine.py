@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the engine package sets; must precede torch
+from dynamo_lite.openmp import configure_openmp  # noqa: E402
+
+configure_openmp()  # what the worker sets; must precede torch
 
 from dynamo_lite.engines.base import EngineSettings  # noqa: E402
 from dynamo_lite.engines.reference import build_engine  # noqa: E402
@@ -134,7 +136,9 @@ async def bench_decode(
     return seconds / per_stream * 1e3, produced / seconds
 
 
-async def run_dtype(args: argparse.Namespace, dtype: str, model_path: str | None) -> dict:
+async def run_dtype(args: argparse.Namespace, spec: str, model_path: str | None) -> dict:
+    """``spec`` is a dtype, or ``dtype+quantization`` (``bfloat16+int8``: weight-only int8 linears)."""
+    dtype, _, quantization = spec.partition("+")
     settings = EngineSettings(
         mode="agg",
         model_path=model_path,
@@ -144,11 +148,12 @@ async def run_dtype(args: argparse.Namespace, dtype: str, model_path: str | None
         max_batch_size=max(args.concurrency),
         max_num_tokens=max(args.prefill_lengths),
         max_seq_len=max(args.prefill_lengths) + 256,
+        extra={"quantization": quantization} if quantization else {},
     )
     engine = build_engine(settings)
     await engine.start()
     rng = random.Random(0)
-    row: dict = {"dtype": dtype}
+    row: dict = {"dtype": spec}
     try:
         await bench_prefill(engine, 128, 1, rng)  # settle allocations for large chunks too
         for length in args.prefill_lengths:
@@ -169,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-weights", action="store_true", help="SmolLM2's architecture, random weights")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16", "bfloat16+int8"],
+        help="dtype or dtype+quantization (bfloat16+int8: weight-only int8 linears)",
+    )
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])
     p.add_argument("--steps", type=int, default=32, help="decode tokens per stream and run")
@@ -187,18 +197,20 @@ def main(argv: list[str] | None = None) -> int:
     model_name = model_path or "smollm2"
     print(
         f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, model {model_name}"
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+        f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}, model {model_name}"
     )
     rows = [asyncio.run(run_dtype(args, dtype, model_path)) for dtype in args.dtypes]
     header = [f"prefill {n} tok/s" for n in args.prefill_lengths]
     header += [f"decode ms/tok @{c}" for c in args.concurrency]
     header += [f"total tok/s @{max(args.concurrency)}"]
-    print(f"{'dtype':<10}" + "".join(f"{h:>22}" for h in header))
+    print(f"{'dtype':<14}" + "".join(f"{h:>20}" for h in header))
     for row in rows:
-        cells = [row[f"prefill{n}"] for n in args.prefill_lengths]
-        cells += [row[f"ms{c}"] for c in args.concurrency]
-        cells += [row[f"tps{max(args.concurrency)}"]]
-        print(f"{row['dtype']:<10}" + "".join(f"{v:>22.1f}" for v in cells))
+        cells = [f"{row[f'prefill{n}']:.1f}" for n in args.prefill_lengths]
+        cells += [f"{row[f'ms{c}']:.1f} ({row[f'ms{c}_median']:.1f})" for c in args.concurrency]
+        cells += [f"{row[f'tps{max(args.concurrency)}']:.1f}"]
+        print(f"{row['dtype']:<14}" + "".join(f"{v:>20}" for v in cells))
+    print("decode ms/tok: best of --repeats runs (median in parentheses)")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     if tmp is not None:

@@ -36,8 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
     p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a request may take in all")
     p.add_argument("--first-token-timeout", type=float, default=300.0)
-    p.add_argument("--shutdown-timeout", type=float, default=5.0,
-                   help="on SIGTERM, seconds to let in-flight streams finish before closing them")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds to let in-flight streams finish before closing them",
+    )
     p.add_argument("--kv-block-size", type=int, default=32, help="kv router: tokens per hashed block")
     p.add_argument(
         "--kv-load-weight",

@@ -24,7 +24,9 @@ def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     for start in range(0, n_full, block_size):
         h = xxhash.xxh3_64()
         h.update(parent.to_bytes(8, "little"))
-        h.update(b"".join(t.to_bytes(4, "little", signed=True) for t in token_ids[start : start + block_size]))
+        h.update(
+            b"".join(t.to_bytes(4, "little", signed=True) for t in token_ids[start : start + block_size])
+        )
         parent = h.intdigest()
         out.append(parent)
     return out

@@ -8,19 +8,15 @@ batching, a preallocated slot KV cache, chunked prefill, and KV export/import fo
 
 from __future__ import annotations
 
-import os
-import sys
+from dynamo_lite.openmp import configure_openmp
 
-# Idle OpenMP threads should sleep, not spin: the engine thread shares its cores with the event loop (and, in
-# the embedded mode, with another engine), and spinning workers stole enough CPU to slow decode by 20-40 %.
-# libgomp reads this once, when torch loads: it only helps if nothing imported torch before us.
-if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads (it only helps if nothing imported torch before us): see dynamo_lite.openmp.
+configure_openmp()
 
-from dynamo_lite.engines.base import EngineSettings
-from dynamo_lite.engines.reference.config import ConfigError, ReferenceConfig, from_settings
-from dynamo_lite.engines.reference.engine import TorchEngine
-from dynamo_lite.model_files import resolve_model
+from dynamo_lite.engines.base import EngineSettings  # noqa: E402
+from dynamo_lite.engines.reference.config import ConfigError, ReferenceConfig, from_settings  # noqa: E402
+from dynamo_lite.engines.reference.engine import TorchEngine  # noqa: E402
+from dynamo_lite.model_files import resolve_model  # noqa: E402
 
 __all__ = ["ConfigError", "ReferenceConfig", "TorchEngine", "build_engine"]
 

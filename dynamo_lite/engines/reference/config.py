@@ -16,6 +16,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
 MODES = ("agg", "prefill", "decode")
 KV_FAILURE_POLICIES = ("recompute", "fail")
+QUANTIZATIONS = ("none", "int8")
 
 
 class ConfigError(ValueError):
@@ -29,6 +30,9 @@ class ReferenceConfig:
     mode: str = "agg"
     model_path: str | None = None
     dtype: str = "float32"
+    # "int8": weight-only int8 linears (per-channel scales; CPU with dtype bfloat16): half the bytes a decode
+    # token reads, for memory-bound single-stream decode. Outputs differ slightly from the bf16 model.
+    quantization: str = "none"
     device: str = "cpu"
     threads: int = 0  # torch threads of the engine thread; 0: the library default
     max_batch_size: int = 16  # KV cache slots = sequences decoding together
@@ -56,6 +60,7 @@ class ReferenceConfig:
 SCHEMA: Schema = {
     "model_path": str,
     "dtype": Choice(*DTYPES),
+    "quantization": Choice(*QUANTIZATIONS),
     "device": str,
     "threads": int,
     "max_batch_size": int,
@@ -101,6 +106,7 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         mode=settings.mode,
         model_path=pick("model_path", settings.model_path),
         dtype=pick("dtype", settings.dtype),
+        quantization=pick("quantization", "none"),
         device=pick("device", settings.device),
         threads=pick("threads", settings.threads),
         max_batch_size=pick("max_batch_size", settings.max_batch_size),
@@ -139,6 +145,11 @@ def validate(cfg: ReferenceConfig, source: str = "engine settings") -> Reference
     cfg.device = str(cfg.device)
     if cfg.device.split(":")[0] not in ("cpu", "cuda"):
         raise bad(f"device {cfg.device!r} is not cpu or cuda[:N]")
+    cfg.quantization = str(cfg.quantization or "none").lower()
+    if cfg.quantization not in QUANTIZATIONS:
+        raise bad(f"quantization {cfg.quantization!r} is not one of {QUANTIZATIONS}")
+    if cfg.quantization == "int8" and (cfg.device != "cpu" or cfg.dtype != "bfloat16"):
+        raise bad("quantization int8 (weight-only) runs on device cpu with dtype bfloat16")
     if cfg.mode not in MODES:
         raise bad(f"mode {cfg.mode!r} is not one of {MODES}")
     if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:

@@ -281,7 +281,9 @@ class TorchEngine:
         started = time.perf_counter()
         files = ensure_weights(self.model_files)
         weights = load_weights(files.folder, self.model_config, self.dtype, self.device)
-        self._model = LlamaModel(self.model_config, weights, self.max_seq_len, self._decode_attention())
+        self._model = LlamaModel(
+            self.model_config, weights, self.max_seq_len, self._decode_attention(), self.config.quantization
+        )
         cfg = self.model_config
         if self.exporter is not None and self.device.type == "cuda" and self._kv_config.use_cuda_ipc:
             self._make_pool()
@@ -308,10 +310,11 @@ class TorchEngine:
             self._cache.on_kv_event = self._kv_event
         self._scheduler = Scheduler(self._cache, self.config.max_num_tokens)
         log.info(
-            "torch engine: %s loaded in %.1f s (%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
+            "torch engine: %s loaded in %.1f s (%s%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
             files.folder.name,
             time.perf_counter() - started,
             self.config.dtype,
+            "" if self.config.quantization == "none" else f", {self.config.quantization} weights",
             self.device,
             self._cache.free_slots,
             self.max_seq_len,

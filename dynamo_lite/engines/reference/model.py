@@ -144,6 +144,7 @@ class _LayerOps:
 class LlamaModel:
     """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows.
 
+    ``quantization="int8"``: weight-only int8 linears (see ``linear``).
     ``decode_attention`` (optional) replaces the SDPA over a slot range for decode tokens: each token then
     attends to its own slot up to its own length, and ``decode_forward`` (a decode-only step with shapes fixed
     by the batch size, for CUDA graphs) becomes available.
@@ -155,6 +156,7 @@ class LlamaModel:
         weights: LlamaWeights,
         max_seq_len: int,
         decode_attention: DecodeAttention | None = None,
+        quantization: str = "none",
     ) -> None:
         self.config = config
         self.decode_attention = decode_attention
@@ -174,14 +176,14 @@ class LlamaModel:
         self.sin = sin_signed.to(device=self.device, dtype=self.dtype)
         self._layers = [
             _LayerOps(
-                make_linear(lw.qkv, lw.qkv_bias),
-                make_linear(lw.o, lw.o_bias),
-                make_linear(lw.gate_up, lw.gate_up_bias),
-                make_linear(lw.down, lw.down_bias),
+                make_linear(lw.qkv, lw.qkv_bias, quantization),
+                make_linear(lw.o, lw.o_bias, quantization),
+                make_linear(lw.gate_up, lw.gate_up_bias, quantization),
+                make_linear(lw.down, lw.down_bias, quantization),
             )
             for lw in weights.layers
         ]
-        self._lm_head = make_linear(weights.lm_head)
+        self._lm_head = make_linear(weights.lm_head, None, quantization)
         self._norm_shape = (config.hidden_size,)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
