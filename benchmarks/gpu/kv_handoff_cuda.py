@@ -6,7 +6,8 @@ Llama-3.2-1B-shaped bf16 KV (16 layers x 2 x 8 kv heads x 64 dim = 32 KiB a toke
 engine does. One handoff = ``pull_kv`` (claim over TCP) + ``write_into`` the slot + wait for the copy +
 ``close`` (DONE). Copy-only time is also reported, and so are, in this process, plain copies of the same bytes:
 contiguous device-to-device and peer (``torch.copy_``), and the same pitched copies into a slot that the IPC
-path issues (``cudaMemcpy2DAsync``). Every time is host-timed around the work and a sync, median of --iters.
+path issues (``cudaMemcpy2DAsync``) and the row kernel (``cuda_copy``). Times are medians of --iters, host-timed
+around the work and a sync, or ("gpu:", "copy on GPU") between CUDA events around the copy once issued.
 
 For comparison, the naive path: torch's own CUDA tensor sharing (``_share_cuda_``/``_new_shared_cuda``, what
 torch.multiprocessing does), a fresh mapping per transfer, copied with ``copy_`` and ``torch.cuda.synchronize``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -30,6 +32,7 @@ import torch
 
 from benchmarks.gpu.child import Child
 from benchmarks.gpu.common import emit, log
+from dynamo_lite.kv import cuda_copy, cuda_ipc
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaKvPool, contiguous_strides, get_runtime, on_device, plan_copies
 from dynamo_lite.kv.exporter import KvExporter
@@ -41,6 +44,7 @@ TOKENS = (2048, 8192)
 MAX_SEQ = 8192 + 256
 SLOTS = 3
 BATCH = 8  # holds published at a time (8 x 256 MiB fit the pool)
+COLD_SOURCES = 4  # in-process "gpu:" copies cycle through this many sources: 4 x 64 MiB > the 50 MiB L2
 
 
 def layout(tokens: int) -> KvLayout:
@@ -149,17 +153,30 @@ async def consumer(device: int) -> None:
                 if cmd.get("stage"):
                     desc = msgspec.structs.replace(desc, gpu_uuid="not-visible-here")
                 dest = cache[:, :, 1, :, : desc.num_tokens]
+                cuda_ipc.COPY_METHOD = cmd.get("method", "auto")
+                stream = torch.cuda.current_stream(device)
+                # Every other pull times the copy on the GPU (the stream is kept busy while the host issues
+                # it); the others time the handoff end to end, as the engine lives it.
+                gpu_timed = i % 2 == 1
                 t0 = time.perf_counter()
                 pulled = await pull_kv(desc, cfg, device=dev)
                 t1 = time.perf_counter()
+                if gpu_timed:
+                    _busy(device)
+                pulled.timing = gpu_timed
                 pulled.write_into(dest)
-                torch.cuda.current_stream(device).synchronize()
+                t_issued = time.perf_counter()
+                stream.synchronize()
                 t2 = time.perf_counter()
+                copy_gpu = pulled.copy_seconds() if gpu_timed else None
                 pulled.close()
                 t3 = time.perf_counter()
-                out.append(
-                    {"transport": pulled.transport, "claim": t1 - t0, "copy": t2 - t1, "total": t3 - t0}
-                )
+                row = {"transport": pulled.transport, "issue": t_issued - t1}
+                if gpu_timed:
+                    row["copy_gpu"] = copy_gpu  # between events around the copy itself
+                else:
+                    row |= {"claim": t1 - t0, "copy": t2 - t1, "total": t3 - t0}
+                out.append(row)
                 if i == len(descs) - 1 or i == 0:
                     want = pattern(tuple(dest.shape), cmd["seed"] + i, f"cuda:{device}")
                     ok = ok and bool((dest.view(torch.int16) == want).all())
@@ -206,6 +223,77 @@ def _median_time(fn: Any, devices: list[int], iters: int) -> float:
     return statistics.median(times)
 
 
+def _gpu_time(fn: Any, device: int, iters: int) -> float:
+    """Median seconds between CUDA events around ``fn`` on ``device``'s current stream (what the copy
+    itself takes on the GPU, without the host's launch and sync)."""
+    stream = torch.cuda.current_stream(device)
+    times = []
+    for i in range(iters + 3):
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(device)
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _busy(device)
+        e0.record(stream)
+        fn()
+        e1.record(stream)
+        e1.synchronize()
+        if i >= 3:
+            times.append(e0.elapsed_time(e1) / 1e3)
+    return statistics.median(times)
+
+
+def _busy(device: int) -> None:
+    """Keep ``device``'s stream busy for ~0.5 ms, so that the host has issued the timed work before the GPU
+    reaches the start event: the events then time the copy, not the host's launch latency."""
+    with torch.cuda.device(device):
+        torch.cuda._sleep(1_000_000)
+
+
+def _contiguous(rt: Any, src: torch.Tensor, dst: torch.Tensor, d: int) -> None:
+    """One plain copy engine copy of ``src`` into ``dst`` (contiguous), on ``d``'s stream."""
+    n = src.numel() * src.element_size()
+    with on_device(rt, d):
+        rt.memcpy_2d_async(dst.data_ptr(), n, src.data_ptr(), n, n, 1, rt.stream(d))
+
+
+def _rows(lay: KvLayout, srcs: list[torch.Tensor], dst: torch.Tensor, d: int) -> Any:
+    """The one-launch row copy (``cuda_copy``) the IPC path uses on one GPU, in-process: planned once; each
+    call reads the next of ``srcs`` (cold in L2, as a prefill's fresh KV is)."""
+    plan = tuple(plan_copies(lay.shape, tuple(dst.stride()), contiguous_strides(lay.shape), 2))
+    table = cuda_copy.row_table(plan, d)
+    assert table is not None
+    ptrs = itertools.cycle([s.data_ptr() for s in srcs])
+
+    def launch() -> None:
+        with torch.cuda.device(d):
+            assert cuda_copy.copy_rows(table, dst.data_ptr(), next(ptrs), d)
+
+    return launch
+
+
+def _pitched_planned(rt: Any, lay: KvLayout, srcs: list[torch.Tensor], dst: torch.Tensor, d: int) -> Any:
+    """``_pitched`` with the plan made beforehand (only the 2D memcpy calls are timed), cycling ``srcs``."""
+    plan = plan_copies(lay.shape, tuple(dst.stride()), contiguous_strides(lay.shape), 2)
+    ptrs = itertools.cycle([s.data_ptr() for s in srcs])
+    t = dst.data_ptr()
+
+    def launch() -> None:
+        s = next(ptrs)
+        with on_device(rt, d):
+            stream = rt.stream(d)
+            for c in plan:
+                rt.memcpy_2d_async(
+                    t + c.dst_offset, c.dst_pitch, s + c.src_offset, c.src_pitch, c.width, c.height, stream
+                )
+
+    return launch
+
+
+def _contiguous_cycled(rt: Any, srcs: list[torch.Tensor], dst: torch.Tensor, d: int) -> Any:
+    it = itertools.cycle(srcs)
+    return lambda: _contiguous(rt, next(it), dst, d)
+
+
 def _pitched(rt: Any, lay: KvLayout, src: torch.Tensor, dst: torch.Tensor, d: int) -> None:
     """The copies the IPC path issues (``plan_copies`` + ``cudaMemcpy2DAsync`` on ``d``'s stream), in-process."""
     plan = plan_copies(lay.shape, tuple(dst.stride()), contiguous_strides(lay.shape), 2)
@@ -226,7 +314,8 @@ def _pitched(rt: Any, lay: KvLayout, src: torch.Tensor, dst: torch.Tensor, d: in
 def _ceilings_for(tokens: int, caches: dict[int, torch.Tensor], iters: int) -> dict[str, float]:
     rt = get_runtime()
     lay = layout(tokens)
-    src = torch.randn(lay.shape, device="cuda:0").to(torch.bfloat16)
+    srcs = [torch.randn(lay.shape, device="cuda:0").to(torch.bfloat16) for _ in range(COLD_SOURCES)]
+    src = srcs[0]
     flat = src.view(-1)
     dst0 = torch.empty_like(flat)
     slot0 = caches[0][:, :, 1, :, :tokens]
@@ -234,7 +323,15 @@ def _ceilings_for(tokens: int, caches: dict[int, torch.Tensor], iters: int) -> d
         "d2d contiguous copy_": _median_time(lambda: dst0.copy_(flat), [0], iters),
         "d2d into slot, copy_": _median_time(lambda: slot0.copy_(src), [0], iters),
         "d2d into slot, 2D memcpy": _median_time(lambda: _pitched(rt, lay, src, slot0, 0), [0], iters),
+        "gpu: d2d contiguous copy_": _gpu_time(lambda: dst0.copy_(flat), 0, iters),
+        "gpu: d2d contiguous memcpy": _gpu_time(_contiguous_cycled(rt, srcs, dst0, 0), 0, iters),
+        "gpu: d2d into slot, rows kernel": _gpu_time(_rows(lay, srcs, slot0, 0), 0, iters),
+        "gpu: d2d into slot, 2D memcpy": _gpu_time(_pitched_planned(rt, lay, srcs, slot0, 0), 0, iters),
     }
+    slot0.zero_()
+    _rows(lay, [src], slot0, 0)()
+    torch.cuda.synchronize(0)
+    assert torch.equal(slot0, src)  # the row kernel put every byte in place
     if 1 in caches:
         dst1 = torch.empty_like(flat, device="cuda:1")
         slot1 = caches[1][:, :, 1, :, :tokens]
@@ -243,6 +340,9 @@ def _ceilings_for(tokens: int, caches: dict[int, torch.Tensor], iters: int) -> d
         out["peer into slot, 2D memcpy"] = _median_time(
             lambda: _pitched(rt, lay, src, slot1, 1), [0, 1], iters
         )
+        out["gpu: peer contiguous memcpy"] = _gpu_time(_contiguous_cycled(rt, srcs, dst1, 1), 1, iters)
+        out["gpu: peer into slot, 2D memcpy"] = _gpu_time(_pitched_planned(rt, lay, srcs, slot1, 1), 1, iters)
+        out["gpu: peer into slot, rows kernel"] = _gpu_time(_rows(lay, srcs, slot1, 1), 1, iters)
         slot1.zero_()
         _pitched(rt, lay, src, slot1, 1)
         torch.cuda.synchronize(1)
@@ -288,19 +388,20 @@ def run(args: argparse.Namespace) -> dict:
         seed = 1
         for dev, cons in consumers.items():
             for tokens in TOKENS:
-                rows = []
-                oks = []
-                for _ in range(max(1, args.iters // BATCH)):
-                    prod.send({"op": "publish", "tokens": tokens, "count": BATCH, "seed": seed})
-                    descs = prod.recv(60)["descs"]
-                    cons.send({"op": "pull", "descs": descs, "seed": seed})
-                    ans = cons.recv(60)
-                    rows += ans["results"]
-                    oks.append(ans["ok"])
-                    seed += BATCH
-                key = f"gpu0->gpu{dev} ipc {tokens}"
-                handoffs[key] = {"rows": rows, "ok": all(oks)}
-                _print_handoff(key, layout(tokens).nbytes, rows, all(oks), ceil, dev)
+                for method in ("auto", "kernel", "memcpy"):
+                    rows = []
+                    oks = []
+                    for _ in range(max(1, args.iters // BATCH)):
+                        prod.send({"op": "publish", "tokens": tokens, "count": BATCH, "seed": seed})
+                        descs = prod.recv(60)["descs"]
+                        cons.send({"op": "pull", "descs": descs, "seed": seed, "method": method})
+                        ans = cons.recv(60)
+                        rows += ans["results"]
+                        oks.append(ans["ok"])
+                        seed += BATCH
+                    key = f"gpu0->gpu{dev} ipc {method} {tokens}"
+                    handoffs[key] = {"rows": rows, "ok": all(oks)}
+                    _print_handoff(key, layout(tokens).nbytes, rows, all(oks), ceil, dev)
                 prod.send({"op": "naive", "tokens": tokens, "count": 4, "seed": seed})
                 shares = prod.recv(60)["shares"]
                 cons.send({"op": "naive", "shares": shares})
@@ -328,7 +429,7 @@ def _gbs(nbytes: int, seconds: float) -> float:
 
 
 def _print_ceilings(ceil: dict[str, dict[int, float]]) -> None:
-    print("\nin-process copies (median, host-timed incl. sync)", flush=True)
+    print("\nin-process copies (median; host-timed incl. sync, or 'gpu:' between CUDA events)", flush=True)
     for name, by_tokens in ceil.items():
         cells = "  ".join(
             f"{t // 1024}k: {_gbs(layout(t).nbytes, s):7.1f} GB/s ({s * 1e3:.3f} ms)"
@@ -338,17 +439,26 @@ def _print_ceilings(ceil: dict[str, dict[int, float]]) -> None:
 
 
 def _print_handoff(key: str, nbytes: int, rows: list[dict], ok: bool, ceil: dict, dev: int) -> None:
-    steady = rows[1:] if len(rows) > 1 else rows  # the very first pull also maps the pool (once per process)
-    copy = statistics.median(r["copy"] for r in steady)
+    walls = [r for r in rows if "total" in r]
+    steady = (
+        walls[1:] if len(walls) > 1 else walls
+    )  # the very first pull also maps the pool (once per process)
+    gpu = [r["copy_gpu"] for r in rows if r.get("copy_gpu")]
     total = statistics.median(r["total"] for r in steady)
+    claim = statistics.median(r["claim"] for r in steady)
+    issue = statistics.median(r["issue"] for r in rows)
     tokens = nbytes // layout(1).nbytes
-    ref_name = "d2d contiguous copy_" if dev == 0 else "peer contiguous copy_"
+    ref_name = "gpu: d2d contiguous memcpy" if dev == 0 else "gpu: peer contiguous memcpy"
     ref = ceil.get(ref_name, {}).get(tokens)
-    ratio = f" = {ref / copy:.0%} / {ref / total:.0%} of {ref_name}" if ref else ""
+    copy_text = "copy on GPU n/a"
+    if gpu:
+        copy_gpu = statistics.median(gpu)
+        ratio = f" = {ref / copy_gpu:.0%} of {ref_name}" if ref else ""
+        copy_text = f"copy on GPU {_gbs(nbytes, copy_gpu):7.1f} GB/s{ratio}"
     print(
-        f"  {key:<32} copy {_gbs(nbytes, copy):7.1f} GB/s, handoff {_gbs(nbytes, total):7.1f} GB/s "
-        f"({total * 1e3:.3f} ms; first {rows[0]['total'] * 1e3:.2f} ms){ratio}; "
-        f"{rows[0]['transport']}, bytes {'ok' if ok else 'WRONG'}",
+        f"  {key:<34} {copy_text}; host issues it in {issue * 1e3:.3f} ms; whole handoff (claim {claim * 1e3:.3f}"
+        f" + copy + done) {total * 1e3:.3f} ms = {_gbs(nbytes, total):.1f} GB/s (first {walls[0]['total'] * 1e3:.2f}"
+        f" ms); {rows[0]['transport']}, bytes {'ok' if ok else 'WRONG'}",
         flush=True,
     )
 

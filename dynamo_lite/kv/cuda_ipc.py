@@ -3,8 +3,9 @@
 The prefill side keeps its KV holds in one device buffer per process (``CudaKvPool``, plain ``cudaMalloc``)
 whose IPC handle travels in the ``KvDescriptor`` with the hold's offset. The decode side opens a pool once per
 process and keeps it open (``open_source``: opening a mapping costs far more than copying a prompt's KV), then
-copies a hold straight into its own cache slot with a few pitched copies (``cudaMemcpy2DAsync``) on its own
-current stream, issued in the decode GPU's context so its copy engines pull over NVLink, and records an event;
+copies a hold straight into its own cache slot on its own current stream, in the decode GPU's context, and
+records an event: on one GPU with one Triton kernel over the slot's rows (``cuda_copy``), from a peer GPU with a
+few pitched copies (``cudaMemcpy2DAsync``) so the decode GPU's copy engines pull over NVLink;
 ``KvPulled.close`` waits for that event before it tells the exporter DONE, so the pool range is reused only
 after the copy finished. Nothing touches the prefill GPU's streams from the decode process.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import glob
 import logging
 import os
@@ -264,10 +266,10 @@ class Cudart:
 
         return int(torch.cuda.current_stream(index).cuda_stream)
 
-    def record_event(self, index: int) -> Any:
+    def record_event(self, index: int, timing: bool = False) -> Any:
         import torch
 
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=timing)
         event.record(torch.cuda.current_stream(index))
         return event
 
@@ -418,6 +420,12 @@ def plan_copies(
     return copies
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_plan(shape: tuple[int, ...], dst_strides: tuple[int, ...], itemsize: int) -> tuple[Copy2D, ...]:
+    """``plan_copies`` from a C-contiguous hold, memoized: a decode worker sees the same few layouts."""
+    return tuple(plan_copies(shape, dst_strides, contiguous_strides(shape), itemsize))
+
+
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
     strides, acc = [], 1
     for n in reversed(shape):
@@ -528,17 +536,29 @@ _open_lock = threading.Lock()
 _opened: OrderedDict[tuple[bytes, int], _Opened] = OrderedDict()
 _stats = {"opens": 0, "closes": 0}
 ALLOW_LOCAL_SHORTCUT = True  # tests switch it off to exercise the open path within one process
+# How a hold is copied into the cache: "auto" (the kernel on one GPU, the copy engines from a peer, the faster
+# of each measured on H100s by benchmarks/gpu/kv_handoff_cuda.py), "kernel" or "memcpy" (benchmarks).
+COPY_METHOD = "auto"
 
 
 class CudaSource:
     """A hold of another process's pool, readable from this process's GPU ``device_index``."""
 
     def __init__(
-        self, ptr: int, nbytes: int, device_index: int, runtime: CudaRuntime, key: Any = None
+        self,
+        ptr: int,
+        nbytes: int,
+        device_index: int,
+        runtime: CudaRuntime,
+        key: Any = None,
+        source_index: int | None = None,
     ) -> None:
         self.ptr = ptr
         self.nbytes = nbytes
         self.device_index = device_index
+        self.source_index = device_index if source_index is None else source_index
+        self.timing = False  # benchmarks: record ``started`` just before the copy is issued
+        self.started: Any = None
         self.runtime = runtime
         self._key = key
         self._released = False
@@ -552,9 +572,13 @@ class CudaSource:
         index = rt.usable(dest.device)
         if index < 0:
             raise ValueError(f"can't copy device memory into {dest.device}")
-        plan = plan_copies(tuple(shape), tuple(dest.stride()), contiguous_strides(tuple(shape)), itemsize)
+        plan = _cached_plan(tuple(shape), tuple(dest.stride()), itemsize)
         base = dest.data_ptr()
         with on_device(rt, index):
+            if self.timing:
+                self.started = rt.record_event(index, timing=True)
+            if self._copy_by_kernel(plan, base, index):
+                return rt.record_event(index, timing=True) if self.timing else rt.record_event(index)
             stream = rt.stream(index)
             for c in plan:
                 rt.memcpy_2d_async(
@@ -566,7 +590,19 @@ class CudaSource:
                     c.height,
                     stream,
                 )
-            return rt.record_event(index)
+            return rt.record_event(index, timing=True) if self.timing else rt.record_event(index)
+
+    def _copy_by_kernel(self, plan: tuple[Copy2D, ...], base: int, index: int) -> bool:
+        """The one-launch row copy, where chosen and possible (real CUDA, Triton, aligned rows)."""
+        method = (
+            COPY_METHOD if COPY_METHOD != "auto" else ("kernel" if self.source_index == index else "memcpy")
+        )
+        if method != "kernel" or not isinstance(self.runtime, Cudart):
+            return False
+        from dynamo_lite.kv import cuda_copy
+
+        table = cuda_copy.row_table(plan, index)
+        return table is not None and cuda_copy.copy_rows(table, base, self.ptr, index)
 
     def release(self) -> None:
         if self._released:
@@ -599,7 +635,7 @@ def open_source(cuda_ipc: bytes, gpu_uuid: str, nbytes: int, device: Any) -> Cud
         if pool is not None:  # our own pool: the pointer is valid as it is
             if pool.device_index != index and not rt.can_access_peer(index, pool.device_index):
                 raise CudaIpcUnavailable(f"GPU {index} has no peer access to GPU {pool.device_index}")
-            return CudaSource(pool.ptr + ref.offset, nbytes, index, rt)
+            return CudaSource(pool.ptr + ref.offset, nbytes, index, rt, source_index=pool.device_index)
     source_index = rt.index_of_uuid(gpu_uuid)
     if source_index < 0:
         raise CudaIpcUnavailable(f"GPU {gpu_uuid} is not visible to this process")
@@ -620,7 +656,7 @@ def open_source(cuda_ipc: bytes, gpu_uuid: str, nbytes: int, device: Any) -> Cud
             _evict_idle(rt)
         _opened.move_to_end(key)
         entry.in_use += 1
-    return CudaSource(entry.ptr + ref.offset, nbytes, index, rt, key)
+    return CudaSource(entry.ptr + ref.offset, nbytes, index, rt, key, source_index)
 
 
 def _evict_idle(rt: CudaRuntime) -> None:

@@ -61,6 +61,7 @@ class KvPulled:
         self._segment = segment
         self._sock = sock
         self._event: Any = None  # a CUDA copy in flight out of the exporter's pool
+        self.timing = False  # benchmarks: time the CUDA IPC copy on the GPU (``copy_seconds``)
         self.buffer: memoryview | None = None
         if not isinstance(owner, CudaSource):
             self.buffer = memoryview(owner).toreadonly()
@@ -92,9 +93,18 @@ class KvPulled:
         if self._owner is None:
             raise ValueError("KvPulled is closed")
         if isinstance(self._owner, CudaSource):
+            self._owner.timing = self.timing
             self._event = self._owner.copy_into(dest, self.layout.shape, self.layout.itemsize)
         else:
             dest.copy_(self.tensor())
+
+    def copy_seconds(self) -> float | None:
+        """GPU time of the last CUDA IPC copy (set ``timing = True`` before ``write_into``; waits for it)."""
+        owner = self._owner
+        if not isinstance(owner, CudaSource) or owner.started is None or self._event is None:
+            return None
+        self._event.synchronize()
+        return owner.started.elapsed_time(self._event) / 1e3
 
     @property
     def closed(self) -> bool:
