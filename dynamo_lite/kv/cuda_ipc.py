@@ -12,8 +12,8 @@ after the copy finished. Nothing touches the prefill GPU's streams from the deco
 Why not torch's own CUDA tensor sharing (what torch.multiprocessing does): measured on 2 H100s (NV18), it maps
 a fresh IPC handle per transfer (0.15-1.6 ms each, the very first 7-16 ms) and copies across GPUs on the
 *source* GPU's stream behind a full device sync: 96-152 GB/s overall for 64-256 MiB. Mapping the pool once
-and issuing pitched copies on the consumer's stream: 333 GB/s GPU to GPU for 256 MiB (87% of a plain peer
-copy), 722 GB/s on one GPU (the slot's strided layout caps an in-process copy at 750-925 GB/s there).
+and copying on the consumer's stream, timed on the GPU: 322-375 GB/s GPU to GPU for 64-256 MiB (89-97% of a
+plain peer copy), 1289-1401 GB/s on one GPU with the row kernel (95%; pitched copies reached 60-77% there).
 ``benchmarks/gpu/kv_handoff_cuda.py`` measures all of it.
 
 The CUDA runtime is reached through ctypes (the ``libcudart`` torch already loaded, so handles, devices and
