@@ -1,6 +1,7 @@
-"""Disaggregated (1 prefill + 1 decode worker) vs aggregated (2 workers) serving on 2 GPUs, same mixed load.
+"""Disaggregated (P prefill + D decode workers) vs aggregated (P + D workers) serving, one worker per GPU, same load.
 
-Two worker processes, one per GPU, each a torch engine (bf16, Llama-3.2-1B's architecture with random weights,
+One worker process per GPU (``--devices``; the first ``--prefill-workers`` of them prefill when disaggregated),
+each a torch engine (bf16, Llama-3.2-1B's architecture with random weights,
 chunked prefill of ``--chunk`` tokens, CUDA graphs for decode). The engines are driven directly through
 ``generate()`` (no HTTP): this process plays the frontend and router, and each worker reports its own token
 timestamps (CLOCK_MONOTONIC, comparable across processes).
@@ -9,9 +10,15 @@ The load, identical for both topologies: ``--chat`` streams kept running (closed
 replaced at once; ``--chat-prompt`` tokens in, ``--chat-output`` out) while long prompts (``--long-prompt``
 tokens, ``--long-output`` out) arrive every ``--long-period`` seconds (open loop).
 
-- agg: requests alternate between the two workers; each prefills (chunked, mixed with its decodes) and decodes.
-- disagg: every request is prefilled on GPU 0 (phase PREFILL: first token + KV left in its CUDA pool), then
-  decoded on GPU 1 (phase DECODE: KV pulled by CUDA IPC, peer copy into its cache).
+- agg: requests go round-robin over all workers; each prefills (chunked, mixed with its decodes) and decodes.
+- disagg: every request is prefilled on a prefill GPU (round-robin; phase PREFILL: first token + KV left in its
+  CUDA pool), then decoded on a decode GPU (round-robin; phase DECODE: KV pulled by CUDA IPC, peer copy).
+
+``--long-period 0`` sends no long prompts; ``--ramp`` spreads the first chat streams' starts over that many
+seconds. The seed's shape on 4 GPUs (2P + 2D vs 4 agg; streaming chat, ISL 1000, OSL 2000, ignore_eos):
+
+    python -m benchmarks.gpu.mixed_load --devices cuda:0 cuda:1 cuda:2 cuda:3 --prefill-workers 2 \
+        --chat 256 --chat-prompt 1000 --chat-output 2000 --long-period 0 --ramp 8 --max-batch 160
 
 Reported over the measurement window (after ``--warmup`` s): output tokens/s, TTFT p50/p99 (chat and long
 separately; disagg TTFT is the prefill worker's first token), ITL p50/p99 over all streamed tokens (a chunk of
@@ -185,7 +192,9 @@ def run_trace(topology: str, workers: list[Child], args: argparse.Namespace) -> 
     for w in workers:
         w.redirect(events)
     reqs: dict[str, Req] = {}
-    counter = {"chat": 0, "long": 0, "rr": 0}
+    counter = {"chat": 0, "long": 0, "rr": 0, "prefill": 0, "decode": 0}
+    prefill_workers = workers[: args.prefill_workers]
+    decode_workers = workers[args.prefill_workers :]
     t0 = time.perf_counter()
     window = (t0 + args.warmup, t0 + args.warmup + args.duration)
     issue_until = window[1]
@@ -202,17 +211,23 @@ def run_trace(topology: str, workers: list[Child], args: argparse.Namespace) -> 
         )
         reqs[r.rid] = r
         if topology == "agg":
-            workers[counter["rr"] % 2].send(_request(r, Phase.AGGREGATED))
+            workers[counter["rr"] % len(workers)].send(_request(r, Phase.AGGREGATED))
             counter["rr"] += 1
         else:
             r.stage = "prefill"
-            workers[0].send(_request(r, Phase.PREFILL))
+            prefill_workers[counter["prefill"] % len(prefill_workers)].send(_request(r, Phase.PREFILL))
+            counter["prefill"] += 1
 
-    for _ in range(args.chat):
-        submit("chat")
-    next_long = t0 + 0.5
+    ramp_step = args.ramp / max(1, args.chat)
+    to_start = args.chat
+    next_chat = t0
+    next_long = t0 + 0.5 if args.long_period > 0 else float("inf")
     while True:
         now = time.perf_counter()
+        while to_start and now >= next_chat:
+            submit("chat")
+            to_start -= 1
+            next_chat += ramp_step
         if now >= next_long and now < issue_until:
             submit("long")
             next_long += args.long_period
@@ -224,7 +239,8 @@ def run_trace(topology: str, workers: list[Child], args: argparse.Namespace) -> 
             )
             break
         try:
-            line = events.get(timeout=max(0.0, min(next_long - now, 0.05)) if now < issue_until else 0.1)
+            wake = min(next_long, next_chat if to_start else float("inf"))
+            line = events.get(timeout=max(0.0, min(wake - now, 0.05)) if now < issue_until else 0.1)
         except queue.Empty:
             continue
         if line is None:
@@ -236,15 +252,18 @@ def run_trace(topology: str, workers: list[Child], args: argparse.Namespace) -> 
         r.chunks.extend(msg.chunks)
         if r.stage == "prefill" and msg.error is None and msg.kv is not None:
             r.stage = "decode"
-            workers[1].send(_request(r, Phase.DECODE, msg.kv, msg.tokens))
+            decode_workers[counter["decode"] % len(decode_workers)].send(
+                _request(r, Phase.DECODE, msg.kv, msg.tokens)
+            )
+            counter["decode"] += 1
             continue
         r.done, r.error = True, msg.error
         if r.kind == "chat" and time.perf_counter() < issue_until:
             submit("chat")
-    return _metrics(topology, list(reqs.values()), window)
+    return _metrics(topology, list(reqs.values()), window, len(workers))
 
 
-def _metrics(topology: str, reqs: list[Req], window: tuple[float, float]) -> dict:
+def _metrics(topology: str, reqs: list[Req], window: tuple[float, float], gpus: int) -> dict:
     lo, hi = window
     ttft: dict[str, list[float]] = {"chat": [], "long": []}
     itl: list[float] = []
@@ -261,6 +280,7 @@ def _metrics(topology: str, reqs: list[Req], window: tuple[float, float]) -> dic
     return {
         "topology": topology,
         "output_tok_s": tokens / (hi - lo),
+        "output_tok_s_per_gpu": tokens / (hi - lo) / gpus,
         "ttft_chat_p50_ms": percentile(ttft["chat"], 50) * ms,
         "ttft_chat_p99_ms": percentile(ttft["chat"], 99) * ms,
         "ttft_long_p50_ms": percentile(ttft["long"], 50) * ms,
@@ -280,7 +300,8 @@ def _metrics(topology: str, reqs: list[Req], window: tuple[float, float]) -> dic
 
 def _print_row(m: dict) -> None:
     print(
-        f"  {m['topology']:<7} out {m['output_tok_s']:8.0f} tok/s | TTFT chat p50 {m['ttft_chat_p50_ms']:6.1f} "
+        f"  {m['topology']:<7} out {m['output_tok_s']:8.0f} tok/s ({m['output_tok_s_per_gpu']:.0f}/GPU) | "
+        f"TTFT chat p50 {m['ttft_chat_p50_ms']:6.1f} "
         f"p99 {m['ttft_chat_p99_ms']:6.1f} ms | TTFT long p50 {m['ttft_long_p50_ms']:6.1f} "
         f"p99 {m['ttft_long_p99_ms']:6.1f} ms | ITL p50 {m['itl_p50_ms']:5.2f} p90 {m['itl_p90_ms']:5.2f} "
         f"p99 {m['itl_p99_ms']:6.2f} max {m['itl_max_ms']:6.1f} ms | {m['completed']}/{m['requests']} ok, "
@@ -311,6 +332,21 @@ TINY = {**LLAMA_1B, "vocab_size": 128256, "hidden_size": 64, "intermediate_size"
 """For a smoke test of the orchestration on CPU (``--tiny --devices cpu cpu``)."""
 
 
+def _print_handoffs(stats: list[dict], prefill_workers: int) -> None:
+    """KV handoff figures from the decode workers' engine counters (both topologies' runs together)."""
+    for i, st in enumerate(stats[prefill_workers:], start=prefill_workers):
+        eng = st["engine"]
+        pulls = eng.get("kv_transfers", 0)
+        if pulls:
+            nbytes, seconds = eng.get("kv_transfer_bytes", 0), eng.get("kv_transfer_seconds", 0.0)
+            print(
+                f"  decode worker {i}: {pulls} KV pulls, {nbytes / 2**30:.2f} GiB, mean {seconds / pulls * 1e3:.2f} ms "
+                f"each ({nbytes / seconds / 1e9 if seconds else 0:.1f} GB/s incl. claim), "
+                f"{eng.get('kv_recomputes', 0)} recomputed",
+                flush=True,
+            )
+
+
 def main_run(args: argparse.Namespace, result: dict[str, Any]) -> dict:
     import torch
 
@@ -325,18 +361,26 @@ def main_run(args: argparse.Namespace, result: dict[str, Any]) -> dict:
         log(f"random Llama-3.2-1B-shaped weights written in {time.perf_counter() - started:.1f} s")
     common = ["--model", str(folder), "--max-batch", str(args.max_batch), "--chunk", str(args.chunk)]
     common += ["--max-seq", str(args.max_seq), "--dtype", args.dtype]
-    d0, d1 = args.devices
+    if not 0 < args.prefill_workers < len(args.devices):
+        raise SystemExit("--prefill-workers must leave at least one of --devices for decode")
     workers = [
-        Child(ME, "--role", "worker", "--device", d0, "--mode", "prefill", *common, name=f"worker-{d0}"),
-        Child(ME, "--role", "worker", "--device", d1, "--mode", "decode", *common, name=f"worker-{d1}"),
-    ]
+        Child(ME, "--role", "worker", "--device", d, "--mode", "prefill" if i < args.prefill_workers else "decode",
+              *common, name=f"worker-{d}")
+        for i, d in enumerate(args.devices)
+    ]  # fmt: skip
     try:
         result["ready"] = [w.recv(300) for w in workers]
         log(f"workers ready: {result['ready']}")
         print(
-            f"mixed load: {args.chat} chat streams ({args.chat_prompt} in / {args.chat_output} out) + a "
-            f"{args.long_prompt}-token prompt ({args.long_output} out) every {args.long_period} s; "
-            f"{args.duration} s measured after {args.warmup} s; chunked prefill {args.chunk}",
+            f"{args.prefill_workers}P + {len(args.devices) - args.prefill_workers}D vs {len(args.devices)} agg on "
+            f"{', '.join(args.devices)}; "
+            f"mixed load: {args.chat} chat streams ({args.chat_prompt} in / {args.chat_output} out) + "
+            + (
+                f"a {args.long_prompt}-token prompt ({args.long_output} out) every {args.long_period} s; "
+                if args.long_period > 0
+                else "no long prompts; "
+            )
+            + f"{args.duration} s measured after {args.warmup} s; chunked prefill {args.chunk}",
             flush=True,
         )
         for topology in args.topologies:
@@ -344,6 +388,7 @@ def main_run(args: argparse.Namespace, result: dict[str, Any]) -> dict:
             result[topology] = m
             _print_row(m)
         result["worker_stats"] = _stats(workers)
+        _print_handoffs(result["worker_stats"], args.prefill_workers)
     finally:
         for w in workers:
             w.close()
@@ -364,8 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--role", choices=["main", "worker"], default="main")
     p.add_argument("--device", default="cuda:0", help="worker: its device")
     p.add_argument(
-        "--devices", nargs=2, default=["cuda:0", "cuda:1"], help="the prefill/agg and decode/agg GPUs"
+        "--devices", nargs="+", default=["cuda:0", "cuda:1"], help="one worker per device (at least 2)"
     )
+    p.add_argument("--prefill-workers", type=int, default=1, help="disagg: the first N devices prefill")
+    p.add_argument("--ramp", type=float, default=0.0, help="seconds over which the chat streams start")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tiny", action="store_true", help="a tiny model (CPU smoke test of the harness)")
     p.add_argument("--mode", default="agg")
