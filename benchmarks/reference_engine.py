@@ -137,7 +137,7 @@ async def bench_decode(
 
 
 async def run_dtype(args: argparse.Namespace, spec: str, model_path: str | None) -> dict:
-    """``spec`` is a dtype, or ``dtype+quantization`` (``bfloat16+int8``: weight-only int8 linears)."""
+    """``spec`` is a dtype, or ``dtype+quantization`` (``bfloat16+int8`` / ``+int4``: weight-only linears)."""
     dtype, _, quantization = spec.partition("+")
     settings = EngineSettings(
         mode="agg",
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtypes",
         nargs="+",
-        default=["float32", "bfloat16", "bfloat16+int8"],
-        help="dtype or dtype+quantization (bfloat16+int8: weight-only int8 linears)",
+        default=["float32", "bfloat16", "bfloat16+int8", "bfloat16+int4"],
+        help="dtype or dtype+quantization (bfloat16+int8 / +int4: weight-only int8 / int4 linears)",
     )
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16])

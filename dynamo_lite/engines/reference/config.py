@@ -16,7 +16,7 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
 MODES = ("agg", "prefill", "decode")
 KV_FAILURE_POLICIES = ("recompute", "fail")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "int4")
 
 
 class ConfigError(ValueError):
@@ -30,8 +30,9 @@ class ReferenceConfig:
     mode: str = "agg"
     model_path: str | None = None
     dtype: str = "float32"
-    # "int8": weight-only int8 linears (per-channel scales; CPU with dtype bfloat16): half the bytes a decode
-    # token reads, for memory-bound single-stream decode. Outputs differ slightly from the bf16 model.
+    # "int8" / "int4": weight-only int8 (per-channel scales) / int4 (groups of 32) linears, CPU with dtype
+    # bfloat16: a half / a quarter of the bytes a decode token reads, for memory-bound single-stream decode.
+    # Outputs differ slightly from the bf16 model.
     quantization: str = "none"
     device: str = "cpu"
     threads: int = 0  # torch threads of the engine thread; 0: the library default
@@ -148,8 +149,8 @@ def validate(cfg: ReferenceConfig, source: str = "engine settings") -> Reference
     cfg.quantization = str(cfg.quantization or "none").lower()
     if cfg.quantization not in QUANTIZATIONS:
         raise bad(f"quantization {cfg.quantization!r} is not one of {QUANTIZATIONS}")
-    if cfg.quantization == "int8" and (cfg.device != "cpu" or cfg.dtype != "bfloat16"):
-        raise bad("quantization int8 (weight-only) runs on device cpu with dtype bfloat16")
+    if cfg.quantization != "none" and (cfg.device != "cpu" or cfg.dtype != "bfloat16"):
+        raise bad(f"quantization {cfg.quantization} (weight-only) runs on device cpu with dtype bfloat16")
     if cfg.mode not in MODES:
         raise bad(f"mode {cfg.mode!r} is not one of {MODES}")
     if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:
