@@ -5,6 +5,11 @@ Reply:     PUB {inbox}.{n}  Frame(seq, DATA|END|ERROR, payload)   — ended by E
 Cancel:    PUB {address}.cancel  payload = {inbox}.{n}   — the server cancels that handler task
 Liveness:  PUB dlhb.{address} every heartbeat interval — a stream whose instance falls silent fails (503)
            instead of hanging; a request to an address nobody serves fails at once (NATS "no responders").
+Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
+           meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
+           replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
+           nobody. A server re-sends, once reconnected, the last frame of streams it ended shortly before: an END
+           still in the dead socket would otherwise leave its caller waiting behind a live heartbeat.
 """
 
 from __future__ import annotations
@@ -141,7 +146,9 @@ class _NatsServed:
             async for item in gen:
                 await publish(reply, encode(Frame(seq, FrameKind.DATA, item)))
                 seq += 1
-            await publish(reply, encode(Frame(seq, FrameKind.END)))
+            end = encode(Frame(seq, FrameKind.END))
+            await publish(reply, end)
+            self._plane.remember_last_frame(reply, end)
         except asyncio.CancelledError:
             if self._stopping:  # shut down past the drain: the caller is still there and hears it at once
                 with contextlib.suppress(Exception):
@@ -149,9 +156,11 @@ class _NatsServed:
                     await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(info))))
             # else the caller went away (cancel message): nobody to answer
         except Exception as e:  # noqa: BLE001 — every failure travels as an ERROR frame, never silence
+            error = encode(Frame(seq, FrameKind.ERROR, encode(error_info_for(e))))
+            self._plane.remember_last_frame(reply, error)
             try:
-                await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(error_info_for(e)))))
-            except Exception:  # noqa: BLE001 — NATS is down; the caller's liveness check ends the stream
+                await publish(reply, error)
+            except Exception:  # noqa: BLE001 — NATS is down; re-sent on reconnect, else the caller's liveness
                 pass
         finally:
             await gen.aclose()
@@ -217,9 +226,14 @@ class NatsRequestPlane:
         self._served: list[_NatsServed] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list = []
+        self._recent_ends: deque[tuple[float, str, bytes]] = (
+            deque()
+        )  # (time, reply, last frame) of ended streams
+        self._cancel_on_reconnect: list[tuple[str, str]] = []  # (address, reply) of streams failed while down
 
     @classmethod
     async def connect(cls, settings: RuntimeSettings, name: str = "dynamo_lite") -> NatsRequestPlane:
+        events = _ConnectionEvents()
         kwargs: dict = {
             "servers": [s.strip() for s in settings.nats_url.split(",") if s.strip()],
             "name": name,
@@ -230,8 +244,8 @@ class NatsRequestPlane:
             "ping_interval": 5,
             "max_outstanding_pings": 3,
             "error_cb": _log_error,
-            "disconnected_cb": _log_disconnected,
-            "reconnected_cb": _log_reconnected,
+            "disconnected_cb": events.disconnected,
+            "reconnected_cb": events.reconnected,
         }
         if settings.nats_user:
             kwargs.update(user=settings.nats_user, password=settings.nats_password)
@@ -245,10 +259,42 @@ class NatsRequestPlane:
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
         self = cls(nc, settings)
+        events.plane = self
         self._subs.append(await nc.subscribe(self._inbox + ".*", cb=self._on_reply))
         self._subs.append(await nc.subscribe(HEARTBEAT_PREFIX + ">", cb=self._on_heartbeat))
         self._tasks.append(asyncio.create_task(self._monitor(), name="nats-stream-monitor"))
         return self
+
+    # ---- reconnects ----------------------------------------------------------------------------------------
+    def on_disconnected(self) -> None:
+        """Our server is gone: replies published to us from now until we are back are lost, so every stream
+        in flight fails now (retryable) rather than wait behind live heartbeats for frames that never come."""
+        for stream in list(self._streams.values()):
+            stream.fail(
+                ErrorInfo(
+                    503, "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
+                )
+            )
+
+    async def on_reconnected(self) -> None:
+        pending, self._cancel_on_reconnect = self._cancel_on_reconnect, []
+        for address, reply in pending:  # the workers still serving them stop now
+            with contextlib.suppress(Exception):
+                await self.nc.publish(address + ".cancel", reply.encode())
+        horizon = self._loop_time() - self.settings.heartbeat_timeout_s * 4
+        for at, reply, frame in list(self._recent_ends):
+            if at >= horizon:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(reply, frame)
+
+    def remember_last_frame(self, reply: str, frame: bytes) -> None:
+        """Keep a stream's END/ERROR for a few heartbeat timeouts, to re-send after a reconnect (the caller
+        ignores it if it already has it)."""
+        now = self._loop_time()
+        self._recent_ends.append((now, reply, frame))
+        horizon = now - self.settings.heartbeat_timeout_s * 4
+        while self._recent_ends and self._recent_ends[0][0] < horizon:
+            self._recent_ends.popleft()
 
     # ---- server side -------------------------------------------------------------------------------------
     async def serve(self, address: str, handler: Handler) -> _NatsServed:
@@ -375,11 +421,14 @@ class NatsRequestPlane:
                     raise StreamError(decode(frame.payload, ErrorInfo))
         finally:
             self._streams.pop(reply, None)
-            if not finished and self.nc.is_connected:
-                try:
-                    await self.nc.publish(address + ".cancel", reply.encode())
-                except Exception:  # noqa: BLE001 — the instance cleans up via its own liveness paths
-                    pass
+            if not finished:
+                if self.nc.is_connected:
+                    try:
+                        await self.nc.publish(address + ".cancel", reply.encode())
+                    except Exception:  # noqa: BLE001 — the instance cleans up via its own liveness paths
+                        pass
+                else:
+                    self._cancel_on_reconnect.append((address, reply))
 
     async def close(self) -> None:
         for served in self._served:
@@ -398,9 +447,18 @@ async def _log_error(e: Exception) -> None:
     log.warning("NATS: %s", e)
 
 
-async def _log_disconnected() -> None:
-    log.warning("NATS disconnected; reconnecting")
+class _ConnectionEvents:
+    """nats-py's connection callbacks, forwarded to the plane once it exists."""
 
+    def __init__(self) -> None:
+        self.plane: NatsRequestPlane | None = None
 
-async def _log_reconnected() -> None:
-    log.warning("NATS reconnected")
+    async def disconnected(self) -> None:
+        log.warning("NATS disconnected; reconnecting")
+        if self.plane is not None:
+            self.plane.on_disconnected()
+
+    async def reconnected(self) -> None:
+        log.warning("NATS reconnected")
+        if self.plane is not None:
+            await self.plane.on_reconnected()

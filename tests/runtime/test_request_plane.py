@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dynamo_lite.engines.base import EngineError
-from dynamo_lite.protocol import ErrorInfo, RequestPlane, StreamError
+from dynamo_lite.protocol import ErrorInfo, Frame, FrameKind, RequestPlane, StreamError, decode
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.request_plane_inproc import InProcRequestPlane
 from dynamo_lite.runtime.request_plane_nats import HEARTBEAT_PREFIX, NatsRequestPlane
@@ -344,3 +344,108 @@ async def test_nats_request_lost_on_the_way_fails_fast_though_the_instance_heart
         beating.cancel()
         await raw.close()
         await client.close()
+
+
+def routed_nats_pair(launcher: Launcher) -> tuple[Proc, Proc]:
+    """Two nats-servers joined by a route (a cluster of two)."""
+    import json
+    import urllib.request
+    import uuid
+
+    from conftest import free_port, start_nats, wait_until
+
+    cluster = f"dl-{uuid.uuid4().hex[:8]}"
+    routes = {"a": free_port(), "b": free_port()}
+    monitors = {"a": free_port(), "b": free_port()}
+    servers = {}
+    for name, other in (("a", "b"), ("b", "a")):
+        args = [
+            "-m",
+            str(monitors[name]),
+            "--cluster_name",
+            cluster,
+            "--cluster",
+            f"nats://127.0.0.1:{routes[name]}",
+        ]
+        args += ["--routes", f"nats://127.0.0.1:{routes[other]}"]
+        servers[name] = launcher._own(start_nats(launcher.tmp, f"nats-{name}", extra_args=args))
+
+    def routed(name: str) -> bool:
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitors[name]}/routez", timeout=1) as r:
+            return json.loads(r.read()).get("num_routes") == 1
+
+    wait_until(lambda: routed("a") and routed("b"), 20, what="NATS pair routed")
+    return servers["a"], servers["b"]
+
+
+async def test_nats_caller_losing_its_server_fails_its_streams_at_once_and_cancels_them_on_reconnect(
+    launcher: Launcher,
+) -> None:
+    """Seen in CI as a 15 s hang: the frontend's NATS server died while a reply was on its way. Replies sent to
+    a disconnected client are lost, and the worker (on another server) keeps heartbeating, so the caller must
+    fail its in-flight streams the moment it loses its server (retryable 503) and, once reconnected to the
+    other server, cancel them so the worker stops."""
+    a, b = await asyncio.to_thread(routed_nats_pair, launcher)
+    urls = {a.port: f"nats://127.0.0.1:{a.port}", b.port: f"nats://127.0.0.1:{b.port}"}
+    client = await NatsRequestPlane.connect(RuntimeSettings(nats_url=",".join(urls.values()), **HEARTBEAT))
+    victim = a if client.nc.connected_url.port == a.port else b
+    survivor = b if victim is a else a
+    server = await NatsRequestPlane.connect(RuntimeSettings(nats_url=urls[survivor.port], **HEARTBEAT))
+    try:
+        started, finished = asyncio.Event(), asyncio.Event()
+        addr = address()
+        await server.serve(addr, endless(started, finished))
+        in_flight = asyncio.create_task(collect(client, addr, first_timeout=60.0))
+        await asyncio.wait_for(started.wait(), 5.0)
+        victim.kill()
+        killed = time.monotonic()
+        with pytest.raises(StreamError) as err:
+            await asyncio.wait_for(in_flight, 5.0)
+        assert err.value.info.status == 503 and err.value.info.code == "request_plane_down"
+        assert time.monotonic() - killed < 0.5  # not after the heartbeat timeout, let alone first_timeout
+        # Reconnected to the survivor, the caller cancels what it abandoned: the worker's handler stops.
+        await asyncio.wait_for(finished.wait(), 10.0)
+        assert client.nc.connected_url.port == survivor.port
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_nats_server_resends_the_last_frame_of_streams_it_ended_just_before_a_reconnect(
+    nats_server: Proc,
+) -> None:
+    """An END still in the socket of a dying connection is lost, and its caller would wait behind live
+    heartbeats: a worker re-sends the last frame of streams it ended shortly before, once reconnected."""
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", **HEARTBEAT)
+    server, client = await NatsRequestPlane.connect(settings), await NatsRequestPlane.connect(settings)
+    try:
+        addr = address()
+        dropped: list[bytes] = []
+
+        async def two(payload: bytes):  # noqa: ANN202
+            yield b"0"
+            yield b"1"
+
+        await server.serve(addr, two)
+        real_publish = server.nc.publish
+
+        async def lose_the_end(subject: str, payload: bytes = b"", **kw) -> None:  # noqa: ANN003
+            if (
+                subject.startswith(client._inbox)
+                and decode(payload, Frame).kind == FrameKind.END
+                and not dropped
+            ):
+                dropped.append(payload)  # the END frame: "still in the socket" when the connection died
+                return
+            await real_publish(subject, payload, **kw)
+
+        server.nc.publish = lose_the_end  # type: ignore[method-assign]
+        stream = asyncio.create_task(collect(client, addr, first_timeout=5.0))
+        await asyncio.sleep(0.5)
+        assert dropped and not stream.done()  # the caller has both DATA frames and waits for the END
+        server.nc.publish = real_publish  # type: ignore[method-assign]
+        await server.on_reconnected()  # what nats-py calls once the connection is back
+        assert await asyncio.wait_for(stream, 2.0) == [b"0", b"1"]
+    finally:
+        await client.close()
+        await server.close()
