@@ -352,7 +352,7 @@ def routed_nats_pair(launcher: Launcher) -> tuple[Proc, Proc]:
     import urllib.request
     import uuid
 
-    from conftest import free_port, start_nats, wait_until
+    from tests.conftest import free_port, start_nats, wait_until
 
     cluster = f"dl-{uuid.uuid4().hex[:8]}"
     routes = {"a": free_port(), "b": free_port()}
