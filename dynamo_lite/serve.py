@@ -41,6 +41,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--router-mode", default="round-robin", choices=MODES)
     p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="torch engine with --dtype bfloat16: weight-only int8 / int4 linears (faster decode on CPU)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores split evenly)")
     p.add_argument("--max-batch-size", type=int, default=16)
@@ -55,6 +61,7 @@ def worker_settings(args: argparse.Namespace, mode: str, threads: int) -> Worker
         model_path=args.model_path,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         threads=threads,
         max_batch_size=args.max_batch_size,

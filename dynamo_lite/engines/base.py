@@ -196,6 +196,7 @@ class EngineSettings:
     model_path: str | None = None  # None: the built-in default (SmolLM2)
     served_model_name: str = ""
     dtype: str = "float32"
+    quantization: str = "none"  # torch engine, CPU + bfloat16: "int8" | "int4" weight-only linears
     device: str = "cpu"
     threads: int = 0  # 0: leave the library default
     max_batch_size: int = 16

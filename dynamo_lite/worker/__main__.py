@@ -54,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
     )
     e = p.add_argument_group("engine")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    e.add_argument(
+        "--quantization",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="torch engine on CPU with --dtype bfloat16: weight-only int8 / int4 linears (faster decode)",
+    )
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=0)
     e.add_argument("--max-batch-size", type=int, default=16)
@@ -89,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         model_path=args.model_path,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
+        quantization=args.quantization,
         device=args.device,
         threads=args.threads,
         max_batch_size=args.max_batch_size,

@@ -107,7 +107,7 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         mode=settings.mode,
         model_path=pick("model_path", settings.model_path),
         dtype=pick("dtype", settings.dtype),
-        quantization=pick("quantization", "none"),
+        quantization=pick("quantization", settings.quantization),
         device=pick("device", settings.device),
         threads=pick("threads", settings.threads),
         max_batch_size=pick("max_batch_size", settings.max_batch_size),

@@ -110,6 +110,15 @@ def test_quantization_needs_cpu_and_bfloat16(
         from_settings(EngineSettings(extra={"quantization": "int3"}, extra_source="t.yaml"))
     ok = from_settings(EngineSettings(dtype="bfloat16", extra={"quantization": quantization.upper()}))
     assert ok.quantization == quantization
+    # The worker flag, and the YAML winning over it.
+    from dynamo_lite.worker.__main__ import parse_args
+
+    flags = parse_args(
+        ["--mode", "decode", "--engine", "torch", "--dtype", "bfloat16", "--quantization", quantization]
+    )
+    assert from_settings(flags.engine_settings).quantization == quantization
+    flags.engine_settings.extra = {"quantization": "none"}
+    assert from_settings(flags.engine_settings).quantization == "none"
 
 
 @needs_smollm2
