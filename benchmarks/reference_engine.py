@@ -3,10 +3,10 @@
 Prints, per dtype: prefill tokens/s for 128- and 2048-token prompts, decode ms/token per stream at 1, 8 and 16
 concurrent sequences, and total generated tokens/s at 16.
 
-    python benchmarks/reference_engine.py                       # SmolLM2, cpu, 2 threads, fp32 + bf16
-    python benchmarks/reference_engine.py --dtypes bfloat16 --concurrency 1 16
-    python benchmarks/reference_engine.py --random-weights      # same architecture, no model files needed
-    python benchmarks/reference_engine.py --device cuda
+    python -m benchmarks.reference_engine                  # SmolLM2, cpu, 2 threads, fp32, bf16, int8, int4
+    python -m benchmarks.reference_engine --dtypes bfloat16 --concurrency 1 16
+    python -m benchmarks.reference_engine --random-weights # same architecture, no model files needed
+    python -m benchmarks.reference_engine --device cuda
 
 Prompts are random token ids and generation ignores eos, so every run does the same amount of work.
 ``--random-weights`` writes SmolLM2's architecture with random weights to a temp folder: speed does not depend
@@ -31,65 +31,11 @@ from dynamo_lite.openmp import configure_openmp  # noqa: E402
 
 configure_openmp()  # what the worker sets; must precede torch
 
+from benchmarks.gpu.common import SMOLLM2, write_random_llama  # noqa: E402
 from dynamo_lite.engines.base import EngineSettings  # noqa: E402
 from dynamo_lite.engines.reference import build_engine  # noqa: E402
 from dynamo_lite.engines.reference.engine import TorchEngine  # noqa: E402
 from dynamo_lite.protocol import GenerateRequest, SamplingOptions  # noqa: E402
-
-SMOLLM2_CONFIG = {
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "head_dim": 64,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 100000.0,
-    "max_position_embeddings": 8192,
-    "tie_word_embeddings": True,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
-
-
-def random_model(folder: Path) -> Path:
-    """SmolLM2-135M's architecture with random weights (for timing only)."""
-    import torch
-    from safetensors.torch import save_file
-
-    cfg = SMOLLM2_CONFIG
-    hidden, inter, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
-    q_out, kv_out = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * 0.02
-
-    tensors = {
-        "model.embed_tokens.weight": rand(cfg["vocab_size"], hidden),
-        "model.norm.weight": torch.ones(hidden),
-    }
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors |= {
-            p + "input_layernorm.weight": torch.ones(hidden),
-            p + "post_attention_layernorm.weight": torch.ones(hidden),
-            p + "self_attn.q_proj.weight": rand(q_out, hidden),
-            p + "self_attn.k_proj.weight": rand(kv_out, hidden),
-            p + "self_attn.v_proj.weight": rand(kv_out, hidden),
-            p + "self_attn.o_proj.weight": rand(hidden, q_out),
-            p + "mlp.gate_proj.weight": rand(inter, hidden),
-            p + "mlp.up_proj.weight": rand(inter, hidden),
-            p + "mlp.down_proj.weight": rand(hidden, inter),
-        }
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "tokenizer.json").write_text("{}")  # the engine never tokenizes
-    return folder
 
 
 def prompt(n: int, rng: random.Random) -> list[int]:
@@ -191,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = None
     if args.random_weights:
         tmp = tempfile.TemporaryDirectory(prefix="dl-bench-")
-        model_path = str(random_model(Path(tmp.name) / "smollm2-random"))
+        import torch
+
+        model_path = str(write_random_llama(Path(tmp.name) / "smollm2-random", SMOLLM2, torch.float32, "cpu"))
     import torch
 
     model_name = model_path or "smollm2"

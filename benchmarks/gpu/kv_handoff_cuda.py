@@ -163,8 +163,7 @@ async def consumer(device: int) -> None:
                 t1 = time.perf_counter()
                 if gpu_timed:
                     _busy(device)
-                pulled.timing = gpu_timed
-                pulled.write_into(dest)
+                pulled.write_into(dest, timing=gpu_timed)
                 t_issued = time.perf_counter()
                 stream.synchronize()
                 t2 = time.perf_counter()

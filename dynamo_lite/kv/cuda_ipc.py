@@ -114,8 +114,9 @@ class CudaRuntime(Protocol):
         """The current torch stream of device ``index`` (what the caller's work is ordered on)."""
         ...
 
-    def record_event(self, index: int) -> Any:
-        """An object whose ``synchronize()`` waits for the work issued so far on ``stream(index)``."""
+    def record_event(self, index: int, timing: bool = False) -> Any:
+        """An object whose ``synchronize()`` waits for the work issued so far on ``stream(index)`` (``timing``:
+        a CUDA event ``elapsed_time`` works on)."""
         ...
 
     def synchronize(self, index: int) -> None:
@@ -557,15 +558,15 @@ class CudaSource:
         self.nbytes = nbytes
         self.device_index = device_index
         self.source_index = device_index if source_index is None else source_index
-        self.timing = False  # benchmarks: record ``started`` just before the copy is issued
-        self.started: Any = None
+        self.started: Any = None  # with copy_into(timing=True): an event recorded just before the copy
         self.runtime = runtime
         self._key = key
         self._released = False
 
-    def copy_into(self, dest: Any, shape: tuple[int, ...], itemsize: int) -> Any:
+    def copy_into(self, dest: Any, shape: tuple[int, ...], itemsize: int, *, timing: bool = False) -> Any:
         """Copy the hold (C-contiguous ``shape``) into the torch tensor ``dest`` (same shape, any strides with
-        a dense last dimension) on ``dest``'s current stream; returns an event to wait on (or None)."""
+        a dense last dimension) on ``dest``'s current stream; returns an event to wait on (or None).
+        ``timing`` (benchmarks): both events time the copy, ``started`` being recorded just before it."""
         if tuple(dest.shape) != tuple(shape) or dest.element_size() != itemsize:
             raise ValueError(f"destination {tuple(dest.shape)}x{dest.element_size()} != {shape}x{itemsize}")
         rt = self.runtime
@@ -575,22 +576,20 @@ class CudaSource:
         plan = _cached_plan(tuple(shape), tuple(dest.stride()), itemsize)
         base = dest.data_ptr()
         with on_device(rt, index):
-            if self.timing:
-                self.started = rt.record_event(index, timing=True)
-            if self._copy_by_kernel(plan, base, index):
-                return rt.record_event(index, timing=True) if self.timing else rt.record_event(index)
-            stream = rt.stream(index)
-            for c in plan:
-                rt.memcpy_2d_async(
-                    base + c.dst_offset,
-                    c.dst_pitch,
-                    self.ptr + c.src_offset,
-                    c.src_pitch,
-                    c.width,
-                    c.height,
-                    stream,
-                )
-            return rt.record_event(index, timing=True) if self.timing else rt.record_event(index)
+            self.started = rt.record_event(index, timing=True) if timing else None
+            if not self._copy_by_kernel(plan, base, index):
+                stream = rt.stream(index)
+                for c in plan:
+                    rt.memcpy_2d_async(
+                        base + c.dst_offset,
+                        c.dst_pitch,
+                        self.ptr + c.src_offset,
+                        c.src_pitch,
+                        c.width,
+                        c.height,
+                        stream,
+                    )
+            return rt.record_event(index, timing=timing)
 
     def _copy_by_kernel(self, plan: tuple[Copy2D, ...], base: int, index: int) -> bool:
         """The one-launch row copy, where chosen and possible (real CUDA, Triton, aligned rows)."""

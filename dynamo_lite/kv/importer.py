@@ -61,7 +61,6 @@ class KvPulled:
         self._segment = segment
         self._sock = sock
         self._event: Any = None  # a CUDA copy in flight out of the exporter's pool
-        self.timing = False  # benchmarks: time the CUDA IPC copy on the GPU (``copy_seconds``)
         self.buffer: memoryview | None = None
         if not isinstance(owner, CudaSource):
             self.buffer = memoryview(owner).toreadonly()
@@ -86,20 +85,19 @@ class KvPulled:
         out = memoryview(dest).cast("B")
         out[: self.nbytes] = self.buffer
 
-    def write_into(self, dest: Any) -> None:
+    def write_into(self, dest: Any, *, timing: bool = False) -> None:
         """Copy the KV into the torch tensor ``dest`` of ``layout.shape`` (any device, any strides with a
         dense last dimension; e.g. a cache slot). A CUDA IPC copy runs on ``dest``'s current stream;
-        ``close()`` waits for it before the exporter may reuse the memory."""
+        ``close()`` waits for it before the exporter may reuse the memory. ``timing``: see ``copy_seconds``."""
         if self._owner is None:
             raise ValueError("KvPulled is closed")
         if isinstance(self._owner, CudaSource):
-            self._owner.timing = self.timing
-            self._event = self._owner.copy_into(dest, self.layout.shape, self.layout.itemsize)
+            self._event = self._owner.copy_into(dest, self.layout.shape, self.layout.itemsize, timing=timing)
         else:
             dest.copy_(self.tensor())
 
     def copy_seconds(self) -> float | None:
-        """GPU time of the last CUDA IPC copy (set ``timing = True`` before ``write_into``; waits for it)."""
+        """GPU time of the last CUDA IPC copy made by ``write_into(dest, timing=True)`` (waits for it)."""
         owner = self._owner
         if not isinstance(owner, CudaSource) or owner.started is None or self._event is None:
             return None

@@ -226,9 +226,8 @@ class NatsRequestPlane:
         self._served: list[_NatsServed] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list = []
-        self._recent_ends: deque[tuple[float, str, bytes]] = (
-            deque()
-        )  # (time, reply, last frame) of ended streams
+        # (time, reply, last frame) of streams this process ended, to re-send after a reconnect
+        self._recent_ends: deque[tuple[float, str, bytes]] = deque()
         self._cancel_on_reconnect: list[tuple[str, str]] = []  # (address, reply) of streams failed while down
 
     @classmethod

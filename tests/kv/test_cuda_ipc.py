@@ -87,7 +87,7 @@ class FakeRuntime:
     def stream(self, index: int) -> int:
         return 0
 
-    def record_event(self, index: int) -> Any:
+    def record_event(self, index: int, timing: bool = False) -> Any:
         return _Event(self.log)
 
     def synchronize(self, index: int) -> None:

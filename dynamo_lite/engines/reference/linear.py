@@ -145,17 +145,8 @@ def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
     if weight.device.type != "cpu" or not int8_supported():
         raise ValueError("int8 weights need the CPU and a torch with aten._weight_int8pack_mm")
     q, scales = quantize_int8(weight)
-    bias = None if bias is None else bias.to(torch.bfloat16)
-    wide = make_linear((q.float() * scales.float()[:, None]).to(torch.bfloat16), bias)
     op = torch.ops.aten._weight_int8pack_mm.default
-
-    def int8_linear(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > INT8_MAX_ROWS:
-            return wide(x)
-        y = op(x, q, scales)
-        return y if bias is None else y.add_(bias)
-
-    return int8_linear
+    return _weight_only(lambda x: op(x, q, scales), q.float() * scales.float()[:, None], bias, INT8_MAX_ROWS)
 
 
 def _int4_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
@@ -163,14 +154,27 @@ def _int4_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
         raise ValueError("int4 weights need the CPU and a torch with aten._weight_int4pack_mm_for_cpu")
     q, scales_zeros = quantize_int4(weight)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    bias = None if bias is None else bias.to(torch.bfloat16)
-    wide = make_linear(dequantize_int4(q, scales_zeros).to(torch.bfloat16), bias)
     op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
+    return _weight_only(
+        lambda x: op(x, packed, INT4_GROUP, scales_zeros),
+        dequantize_int4(q, scales_zeros),
+        bias,
+        INT4_MAX_ROWS,
+    )
 
-    def int4_linear(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > INT4_MAX_ROWS:
+
+def _weight_only(
+    small: LinearFn, dequantized: torch.Tensor, bias: torch.Tensor | None, max_rows: int
+) -> LinearFn:
+    """The quantized kernel ``small`` for steps of up to ``max_rows`` rows, the bf16 kernel over the
+    ``dequantized`` weight above that: one quantized model, whichever kernel runs it."""
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    wide = make_linear(dequantized.to(torch.bfloat16), bias)
+
+    def weight_only_linear(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > max_rows:
             return wide(x)
-        y = op(x, packed, INT4_GROUP, scales_zeros)
+        y = small(x)
         return y if bias is None else y.add_(bias)
 
-    return int4_linear
+    return weight_only_linear

@@ -144,7 +144,7 @@ class _LayerOps:
 class LlamaModel:
     """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows.
 
-    ``quantization="int8"``: weight-only int8 linears (see ``linear``).
+    ``quantization="int8" | "int4"``: weight-only quantized linears (see ``linear``).
     ``decode_attention`` (optional) replaces the SDPA over a slot range for decode tokens: each token then
     attends to its own slot up to its own length, and ``decode_forward`` (a decode-only step with shapes fixed
     by the batch size, for CUDA graphs) becomes available.
