@@ -2,6 +2,7 @@
 
 serve    the embedded default: frontend + prefill + decode workers in one process (SmolLM2 on CPU)
 prepare  convert the default model once into the local cache (later starts take about a second)
+         prepare --tiny-gpt-oss DIR [--metadata-only]: write a small random-weight gpt-oss model folder
 """
 
 from __future__ import annotations
@@ -9,7 +10,19 @@ from __future__ import annotations
 import sys
 
 
-def prepare() -> int:
+def prepare(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m dynamo_lite prepare")
+    p.add_argument("--tiny-gpt-oss", metavar="DIR", help="write a small random-weight gpt-oss model folder")
+    p.add_argument("--metadata-only", action="store_true", help="with --tiny-gpt-oss: no weights")
+    args = p.parse_args(argv)
+    if args.tiny_gpt_oss:
+        from dynamo_lite.gpt_oss.tiny import write_model_folder
+
+        folder = write_model_folder(args.tiny_gpt_oss, metadata_only=args.metadata_only)
+        print(f"tiny gpt-oss model ready in {folder}")
+        return 0
     from dynamo_lite.model_files import resolve_model
 
     files = resolve_model()
@@ -31,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve(argv)
     if command == "prepare":
-        return prepare()
+        return prepare(argv)
     print(__doc__, file=sys.stderr)
     return 2
 

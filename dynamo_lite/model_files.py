@@ -87,12 +87,31 @@ class ModelFiles:
         return int(self.config.get("max_position_embeddings") or self.config.get("max_seq_len") or 4096)
 
     @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type") or "")
+
+    @property
     def vocab_size(self) -> int:
         return int(self.config.get("vocab_size") or 0)
 
     @property
     def weights_ready(self) -> bool:
         return any(self.folder.glob("*.safetensors"))
+
+
+REASONING_PARSERS = ("gpt_oss", "deepseek_r1", "qwen3")
+"""gpt_oss: harmony's analysis channel; deepseek_r1 / qwen3: ``<think>…</think>`` (R1's may omit the opening tag)."""
+TOOL_CALL_PARSERS = ("harmony", "hermes")
+"""harmony: gpt-oss's commentary channel to ``functions.NAME``; hermes: ``<tool_call>{json}</tool_call>``."""
+
+
+def default_reasoning_parser(model_type: str) -> str:
+    """The reasoning parser a model family gets unless the worker names one: harmony's for gpt-oss."""
+    return "gpt_oss" if model_type == "gpt_oss" else ""
+
+
+def default_tool_call_parser(model_type: str) -> str:
+    return "harmony" if model_type == "gpt_oss" else ""
 
 
 def cache_root() -> Path:

@@ -190,6 +190,11 @@ class ModelCard(_Wire):
     bos_token: str = ""
     eos_token: str = ""
     vocab_size: int = 0
+    model_type: str = ""  # config.json's model_type ("llama", "gpt_oss", ...)
+    # Output parsing the frontend applies (``dynamo_lite.frontend.parsers``): "" = plain text. gpt-oss models
+    # get "gpt_oss" / "harmony" by default; other families by the worker's --reasoning-parser/--tool-call-parser.
+    reasoning_parser: str = ""
+    tool_call_parser: str = ""
     version: int = WIRE_VERSION
 
 

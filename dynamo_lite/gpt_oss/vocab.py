@@ -40,7 +40,15 @@ NUM_BPE_RANKS = 199_998
 VOCAB_SIZE = 201_088  # o200k_harmony: ranks + special ids 199998..201087
 
 STARTOFTEXT, ENDOFTEXT = 199_998, 199_999
-RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = 200_002, 200_003, 200_005, 200_006, 200_007, 200_008, 200_012
+RETURN, CONSTRAIN, CHANNEL, START, END, MESSAGE, CALL = (
+    200_002,
+    200_003,
+    200_005,
+    200_006,
+    200_007,
+    200_008,
+    200_012,
+)
 ENDOFPROMPT = 200_018
 STOP_TOKENS_FOR_ASSISTANT_ACTIONS = (RETURN, CALL)
 """What ends an assistant's turn: a final answer (``<|return|>``) or a tool call (``<|call|>``)."""
@@ -83,7 +91,9 @@ def load_ranks(path: Path = VOCAB_FILE) -> dict[bytes, int]:
 
 def _byte_encoder() -> dict[int, str]:
     """GPT-2's byte → printable character map (what ``ByteLevel`` pre-tokenization produces)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -132,7 +142,12 @@ def tokenizer_json(ranks: dict[bytes, int] | None = None) -> dict:
         "pre_tokenizer": {
             "type": "Sequence",
             "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": O200K_PATTERN}, "behavior": "Isolated", "invert": False},
+                {
+                    "type": "Split",
+                    "pattern": {"Regex": O200K_PATTERN},
+                    "behavior": "Isolated",
+                    "invert": False,
+                },
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
             ],
         },

@@ -10,7 +10,7 @@ import sys
 
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
-from dynamo_lite.model_files import ModelNotFound
+from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.worker.worker import Worker, WorkerSettings
@@ -38,6 +38,22 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         "--disaggregation-strategy", default="prefill_first", choices=["prefill_first", "decode_first"]
     )
     p.add_argument("--extra-engine-args", default="", help="YAML merged on top of the engine flags")
+    p.add_argument(
+        "--reasoning-parser",
+        "--dyn-reasoning-parser",
+        dest="reasoning_parser",
+        default="",
+        choices=["", *REASONING_PARSERS],
+        help="how the frontend splits reasoning from the answer (default: gpt_oss for gpt-oss models)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        "--dyn-tool-call-parser",
+        dest="tool_call_parser",
+        default="",
+        choices=["", *TOOL_CALL_PARSERS],
+        help="how the frontend finds tool calls in the output (default: harmony for gpt-oss models)",
+    )
     p.add_argument("--endpoint", default="generate")
     p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here (0: any free port)")
     p.add_argument("--metrics-host", default="127.0.0.1")
@@ -126,6 +142,8 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         drain_timeout_s=args.drain_timeout,
         max_inflight=args.max_inflight,
         max_messages_per_s=args.max_messages_per_s,
+        reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
         engine_settings=engine,
         runtime=runtime_settings_from(args),
     )

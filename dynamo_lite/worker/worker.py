@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dynamo_lite.engines import build_engine
 from dynamo_lite.engines.base import Engine, EngineSettings, StreamPacing
+from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateChunk,
@@ -59,6 +60,9 @@ class WorkerSettings:
     max_inflight: int = 1024  # beyond this, requests are refused with 503 (bounded queue)
     load_report_interval_s: float = 0.5
     max_messages_per_s: float = 20_000.0  # stream chunks per second this worker aims to stay under
+    # Output parsers the frontend applies to this model ("" = the model's default: harmony for gpt-oss)
+    reasoning_parser: str = ""
+    tool_call_parser: str = ""
     engine_settings: EngineSettings = field(default_factory=EngineSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
@@ -104,6 +108,9 @@ class Worker:
             bos_token=special.get("bos_token", ""),
             eos_token=special.get("eos_token", ""),
             vocab_size=files.vocab_size,
+            model_type=files.model_type,
+            reasoning_parser=self.settings.reasoning_parser or default_reasoning_parser(files.model_type),
+            tool_call_parser=self.settings.tool_call_parser or default_tool_call_parser(files.model_type),
         )
 
     async def start(self) -> None:
