@@ -348,3 +348,12 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
         yield launch.etcd()
     finally:
         launch.close()
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A gpt-oss model folder without weights (config, o200k_harmony tokenizer, generation config), made by
+    the project's own command."""
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+
+    return write_model_folder(tmp_path_factory.mktemp("gpt-oss") / "tiny-gpt-oss", metadata_only=True)

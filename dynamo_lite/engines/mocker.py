@@ -3,8 +3,13 @@
 Continuous batching on the event loop: each step admits waiting requests (prefill time ∝ prompt tokens), then
 advances every active sequence by one token (step time grows with batch size and KV held). ``speedup_ratio``
 divides all simulated time; 0 removes it (pure framework overhead). Token ids are deterministic, inside the
-tokenizer's vocab, and never eos (generation ends at max_tokens). Its KV descriptor names the byte size a real
-model of this config would move, but carries no bytes.
+tokenizer's vocab, and never eos or a stop id (generation ends at max_tokens). Its KV descriptor names the byte
+size a real model of this config would move, but carries no bytes.
+
+A script (engine arg ``script``: a YAML/JSON file or an inline list of ``{match: TEXT, answer: TEXT}``) makes it
+play a fixed answer for prompts whose text contains ``match``: ``answer`` is encoded with the model's tokenizer,
+special tokens included (e.g. a harmony ``<|channel|>analysis<|message|>…<|return|>``), and played token by
+token across prefill and decode like generated output. It ends at its last token (or earlier at a stop id).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
 
 from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, TokenStream
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
@@ -46,17 +54,59 @@ class MockerTiming:
         return timing
 
 
-class _Seq:
-    __slots__ = ("request", "stream", "generated", "target", "kv_tokens", "cancelled", "salt")
+@dataclass(slots=True)
+class ScriptedAnswer:
+    match: str  # played for prompts whose text (special tokens included) contains this
+    token_ids: list[int]
 
-    def __init__(self, request: GenerateRequest, stream: TokenStream) -> None:
+
+def load_script(spec: str | list, tokenizer_json: Path) -> list[ScriptedAnswer]:
+    """Scripted answers from ``spec`` (a YAML/JSON file, or the list itself), encoded with the tokenizer."""
+    from tokenizers import Tokenizer
+
+    entries = yaml.safe_load(Path(spec).read_text()) if isinstance(spec, str) else spec
+    if not isinstance(entries, list):
+        raise ValueError(f"mocker script {spec!r}: expected a list of {{match, answer}} entries")
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("match"), str):
+            raise ValueError(f"mocker script entry {entry!r}: needs a 'match' string")
+        ids = entry.get("answer_ids")
+        if ids is None:
+            ids = tokenizer.encode(str(entry.get("answer", "")), add_special_tokens=False).ids
+        out.append(ScriptedAnswer(entry["match"], [int(i) for i in ids]))
+    return out
+
+
+class _Seq:
+    __slots__ = (
+        "request",
+        "stream",
+        "generated",
+        "target",
+        "kv_tokens",
+        "cancelled",
+        "salt",
+        "script",
+        "stops",
+    )
+
+    def __init__(self, request: GenerateRequest, stream: TokenStream, script: list[int] | None) -> None:
         self.request = request
         self.stream = stream
         self.generated = len(request.generated_ids)
         self.target = request.sampling.max_tokens
+        if script is not None:
+            self.target = min(self.target, len(script))
         self.kv_tokens = len(request.token_ids) + self.generated
         self.cancelled = False
         self.salt = (sum(request.token_ids[:64]) * 2654435761 + len(request.token_ids)) & 0xFFFFFFFF
+        self.script = script
+        self.stops = frozenset(request.sampling.stop_token_ids)
+
+    def stopped_by(self, token: int) -> bool:
+        return token in self.stops and self.generated >= self.request.sampling.min_tokens
 
 
 _MOCKER_KEYS = {
@@ -67,6 +117,7 @@ _MOCKER_KEYS = {
     "vocab_size",
     "enable_prefix_caching",
     "num_cache_blocks",
+    "script",
     *MockerTiming.__dataclass_fields__,
 }
 
@@ -92,6 +143,13 @@ class MockerEngine:
         self.kv_heads = int(cfg.get("num_key_value_heads") or heads)
         self.head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size") or 512) // heads)
         self._eos = set(model_files.eos_token_ids)
+        script = settings.extra.get("script")
+        self.script = load_script(script, model_files.tokenizer_json) if script else []
+        self._tokenizer = None  # decodes prompts to match the script (loaded with the script)
+        if self.script:
+            from tokenizers import Tokenizer
+
+            self._tokenizer = Tokenizer.from_file(str(model_files.tokenizer_json))
         self._waiting: deque[_Seq] = deque()
         self._active: list[_Seq] = []
         self._wake = asyncio.Event()
@@ -151,10 +209,23 @@ class MockerEngine:
         return s
 
     def _token(self, seq: _Seq) -> int:
-        # Deterministic, in vocab, clear of the low special ids and of eos.
+        if seq.script is not None:
+            return seq.script[seq.generated]
+        # Deterministic, in vocab, clear of the low special ids, eos and the request's stop ids.
         span = max(self.vocab - 256, 1)
         tok = 256 + (seq.salt + seq.generated * 40503) % span
-        return tok + 1 if tok in self._eos else tok
+        while tok in self._eos or tok in seq.stops:
+            tok = 256 + (tok - 255) % span
+        return tok
+
+    def _scripted(self, request: GenerateRequest) -> list[int] | None:
+        if not self.script or self._tokenizer is None:
+            return None
+        prompt = self._tokenizer.decode(request.token_ids, skip_special_tokens=False)
+        for entry in self.script:
+            if entry.match in prompt:
+                return entry.token_ids
+        return None
 
     async def _sleep(self, seconds: float) -> None:
         if self.speedup > 0 and seconds > 0:
@@ -200,9 +271,12 @@ class MockerEngine:
         seq.kv_tokens += 1
         self._stats.total_tokens += 1
         seq.stream.push(tok)
+        stopped = seq.stopped_by(tok) or (seq.script is not None and seq.generated >= len(seq.script))
         if seq.request.phase == Phase.PREFILL:
             seq.target = seq.generated  # context-only: one token
-            if seq.request.sampling.max_tokens <= 1:
+            if stopped:
+                seq.stream.finish(FinishReason.STOP)
+            elif seq.request.sampling.max_tokens <= 1:
                 seq.stream.finish(FinishReason.LENGTH)
             else:
                 n = len(seq.request.token_ids)
@@ -218,6 +292,9 @@ class MockerEngine:
                     lease_s=self.settings.kv_lease_s,
                 )
                 seq.stream.finish(None, kv=desc)
+        elif stopped:
+            seq.target = seq.generated
+            seq.stream.finish(FinishReason.STOP)
         elif seq.generated >= seq.target:
             seq.stream.finish(FinishReason.LENGTH)
 
@@ -239,7 +316,9 @@ class MockerEngine:
                 await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
-        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.settings.pacing))
+        seq = _Seq(
+            request, TokenStream(asyncio.get_running_loop(), self.settings.pacing), self._scripted(request)
+        )
         if cached:
             seq.stream.set_cached_tokens(cached)
         if seq.generated >= seq.target:

@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API as a FastAPI app: ``create_app(backend, settings)``.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``, ``/health``, ``/live``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``,
+``/health``, ``/live``,
 ``/ready``, ``/metrics``. Every error, FastAPI's own included, answers in OpenAI's shape.
 """
 
@@ -20,8 +21,8 @@ from starlette.responses import Response
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_error_handlers
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
-from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest
-from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, CompletionService, PreparedRequest
+from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
@@ -61,7 +62,11 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
-_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+_BODIES = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+    "/v1/responses": ResponsesRequest,
+}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -124,6 +129,12 @@ def create_app(
             return err.response({"x-request-id": rid, "retry-after": str(settings.retry_after_s)})
         return None
 
+    prepare = {
+        CHAT: service.prepare_chat,
+        COMPLETIONS: service.prepare_completion,
+        RESPONSES: service.prepare_responses,
+    }
+
     async def completion(request: Request, endpoint: str, schema: type[BaseModel]) -> Response:
         rid = request_id_of(request)
         refused = refuse(request, rid)
@@ -133,10 +144,7 @@ def create_app(
         try:
             body = await read_body(request, settings.max_body_bytes)
             parsed = schema.model_validate_json(body)
-            if endpoint == CHAT:
-                prepared: PreparedRequest = await service.prepare_chat(parsed, rid)
-            else:
-                prepared = await service.prepare_completion(parsed, rid)
+            prepared = await prepare[endpoint](parsed, rid)
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception as exc:
@@ -153,6 +161,10 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await completion(request, COMPLETIONS, CompletionRequest)
+
+    @app.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        return await completion(request, RESPONSES, ResponsesRequest)
 
     def model_entry(card) -> dict:
         return {

@@ -5,21 +5,54 @@ from __future__ import annotations
 
 import orjson
 
+from dynamo_lite.frontend.output import ToolCall, Transcript
+from dynamo_lite.frontend.parsers import Delta, ToolCallDelta
+
 DONE = b"data: [DONE]\n\n"
 _NULL_FINISH = b',"logprobs":null,"finish_reason":null}]}\n\n'
 _FINISH = {
     reason: b',"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
-    for reason in ("stop", "length")
+    for reason in ("stop", "length", "tool_calls")
 }
 
 
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {
+def usage_dict(
+    prompt_tokens: int, completion_tokens: int, cached_tokens: int, reasoning_tokens: int | None = None
+) -> dict:
+    """OpenAI's ``usage``; ``reasoning_tokens`` (None: the model has no reasoning parser) adds
+    ``completion_tokens_details``."""
+    usage = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
+
+
+def tool_call_deltas(parts: list[ToolCallDelta]) -> list[dict]:
+    """Chat ``delta.tool_calls``: consecutive parts of one call merged; a call's first part names it."""
+    out: list[dict] = []
+    for part in parts:
+        last = out[-1] if out else None
+        if last is not None and last["index"] == part.index and part.id is None:
+            last["function"]["arguments"] = last["function"].get("arguments", "") + part.arguments
+            continue
+        entry: dict = {"index": part.index}
+        if part.id is not None:
+            entry["id"] = part.id
+            entry["type"] = "function"
+            entry["function"] = {"name": part.name, "arguments": part.arguments}
+        else:
+            entry["function"] = {"arguments": part.arguments}
+        out.append(entry)
+    return out
+
+
+def tool_call_dict(call: ToolCall) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def error_event(error_body: bytes) -> bytes:
@@ -51,15 +84,19 @@ class _StreamFormat:
 
 
 class ChatStreamFormat(_StreamFormat):
-    """``chat.completion.chunk`` events; the first one carries ``role``."""
+    """``chat.completion.chunk`` events; the first one carries ``role``. Answer text alone takes a
+    preformatted path; reasoning (``reasoning_content``) and tool calls build their delta object."""
 
-    __slots__ = ("_content", "_first", "_empty")
+    __slots__ = ("_content", "_first", "_empty", "_delta", "_started", "_include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str) -> None:
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool = False) -> None:
         super().__init__(response_id, "chat.completion.chunk", created, model)
         self._content = self._head + b'{"index":0,"delta":{"content":'
         self._first = self._head + b'{"index":0,"delta":{"role":"assistant","content":'
         self._empty = self._head + b'{"index":0,"delta":{'
+        self._delta = self._head + b'{"index":0,"delta":'
+        self._started = False
+        self._include_usage = include_usage
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> bytes:
         tail = _FINISH[finish_reason] if finish_reason else _NULL_FINISH
@@ -69,22 +106,69 @@ class ChatStreamFormat(_StreamFormat):
             return self._content + orjson.dumps(text) + b"}" + tail
         return self._empty + b"}" + tail
 
+    def head(self) -> bytes:
+        return b""
+
+    def delta(self, d: Delta, finish_reason: str | None) -> bytes:
+        first = not self._started
+        self._started = True
+        if not d.reasoning and not d.tool_calls:
+            return self.chunk(d.content, finish_reason, first)
+        obj: dict = {"role": "assistant"} if first else {}
+        if d.content:
+            obj["content"] = d.content
+        if d.reasoning:
+            obj["reasoning_content"] = d.reasoning
+        if d.tool_calls:
+            obj["tool_calls"] = tool_call_deltas(d.tool_calls)
+        tail = _FINISH[finish_reason] if finish_reason else _NULL_FINISH
+        return self._delta + orjson.dumps(obj) + tail
+
+    def tail(self, usage: dict, finish_reason: str = "stop") -> bytes:
+        return self.usage(usage) + DONE if self._include_usage else DONE
+
+    def error(self, error_body: bytes) -> bytes:
+        return error_event(error_body) + DONE
+
 
 class CompletionStreamFormat(_StreamFormat):
     """``text_completion`` stream events."""
 
-    __slots__ = ("_text",)
+    __slots__ = ("_text", "_include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str) -> None:
+    def __init__(self, response_id: str, created: int, model: str, include_usage: bool = False) -> None:
         super().__init__(response_id, "text_completion", created, model)
         self._text = self._head + b'{"index":0,"text":'
+        self._include_usage = include_usage
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> bytes:
         tail = _FINISH[finish_reason] if finish_reason else _NULL_FINISH
         return self._text + orjson.dumps(text) + tail
 
+    def head(self) -> bytes:
+        return b""
 
-def chat_completion(response_id: str, created: int, model: str, text: str, finish: str, usage: dict) -> bytes:
+    def delta(self, d: Delta, finish_reason: str | None) -> bytes:
+        return self.chunk(d.content, finish_reason)
+
+    def tail(self, usage: dict, finish_reason: str = "stop") -> bytes:
+        return self.usage(usage) + DONE if self._include_usage else DONE
+
+    def error(self, error_body: bytes) -> bytes:
+        return error_event(error_body) + DONE
+
+
+def chat_completion(
+    response_id: str, created: int, model: str, transcript: Transcript, finish: str, usage: dict
+) -> bytes:
+    message: dict = {"role": "assistant", "content": transcript.text("content")}
+    reasoning = transcript.text("reasoning")
+    if reasoning:
+        message["reasoning_content"] = reasoning
+    calls = transcript.tool_calls
+    if calls:
+        message["tool_calls"] = [tool_call_dict(c) for c in calls]
+        message["content"] = message["content"] or None
     return orjson.dumps(
         {
             "id": response_id,
@@ -94,7 +178,7 @@ def chat_completion(response_id: str, created: int, model: str, text: str, finis
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": text},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish,
                 }
@@ -104,7 +188,10 @@ def chat_completion(response_id: str, created: int, model: str, text: str, finis
     )
 
 
-def text_completion(response_id: str, created: int, model: str, text: str, finish: str, usage: dict) -> bytes:
+def text_completion(
+    response_id: str, created: int, model: str, transcript: Transcript, finish: str, usage: dict
+) -> bytes:
+    text = transcript.text("content")
     return orjson.dumps(
         {
             "id": response_id,

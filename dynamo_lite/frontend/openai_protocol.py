@@ -69,7 +69,23 @@ class ChatCompletionRequest(_GenerationParams):
     tool_choice: Any = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_args: dict[str, Any] | None = None  # Dynamo's name for chat_template_kwargs
+    reasoning_effort: str | None = None
     response_format: dict[str, Any] | None = None
+
+    def effort(self) -> str | None:
+        """``reasoning_effort``: top level, else inside ``chat_template_kwargs`` / ``chat_template_args``."""
+        if self.reasoning_effort is not None:
+            return self.reasoning_effort
+        for kwargs in (self.chat_template_kwargs, self.chat_template_args):
+            if kwargs and kwargs.get("reasoning_effort") is not None:
+                return str(kwargs["reasoning_effort"])
+        return None
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        if self.chat_template_args and self.chat_template_kwargs:
+            return {**self.chat_template_args, **self.chat_template_kwargs}
+        return self.chat_template_kwargs or self.chat_template_args
 
 
 class CompletionRequest(_GenerationParams):
@@ -78,3 +94,25 @@ class CompletionRequest(_GenerationParams):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+
+
+class ReasoningOptions(_Model):
+    effort: str | None = None
+    summary: str | None = None
+
+
+class ResponsesRequest(_GenerationParams):
+    """``POST /v1/responses`` (OpenAI Responses API): ``input`` is a string or a list of items (messages,
+    ``function_call``, ``function_call_output``, ``reasoning``)."""
+
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    reasoning: ReasoningOptions | None = None
+    store: bool | None = None
+    previous_response_id: str | None = None
+    metadata: dict[str, str] | None = None
+    text: dict[str, Any] | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -11,6 +12,9 @@ from dynamo_lite.frontend.chat_template import ChatTemplate, ChatTemplateError
 from dynamo_lite.frontend.detokenize import Detokenizer, make_detokenizer, token_text_table
 from dynamo_lite.frontend.errors import OpenAIError, bad_request
 from dynamo_lite.frontend.fast_bpe import FastBpeEncoder
+from dynamo_lite.frontend.harmony import HarmonyRequestError, render_prompt
+from dynamo_lite.frontend.harmony import stop_token_ids as harmony_stop_ids
+from dynamo_lite.frontend.parsers import OutputParser, is_harmony, parser_factory
 from dynamo_lite.protocol import ModelCard
 
 
@@ -24,9 +28,22 @@ class ModelPreprocessor:
         self._token_texts = token_text_table(self.tokenizer, skip_special_tokens=True)
         self._fast = FastBpeEncoder.try_build(card.tokenizer_path, self.tokenizer)
         self._thread_chars = tokenize_in_thread_chars
+        self.harmony = is_harmony(card.reasoning_parser, card.tool_call_parser)
+        self.new_parser: Callable[[], OutputParser] = parser_factory(
+            card.reasoning_parser, card.tool_call_parser, self.tokenizer, self.detokenizer
+        )
+        self.has_reasoning = bool(card.reasoning_parser) or self.harmony
+        # Ids that end generation for this model (eos of its generation config; harmony's <|return|>/<|call|>),
+        # sent with every request; ``ignore_eos`` requests go without them.
+        stops = list(card.eos_token_ids)
+        if self.harmony:
+            stops += [i for i in harmony_stop_ids() if i not in stops]
+        self.stop_token_ids = stops
         self._template: ChatTemplate | None = None
         self._template_error = ""
-        if not card.chat_template:
+        if self.harmony:
+            pass  # rendered by openai-harmony, not by a template
+        elif not card.chat_template:
             self._template_error = f"model {card.served_name!r} has no chat template; use /v1/completions"
         else:
             try:
@@ -52,6 +69,37 @@ class ModelPreprocessor:
             )
         except ChatTemplateError as e:
             raise bad_request(str(e), param="messages", code="chat_template_error") from e
+
+    async def chat_prompt_ids(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        reasoning_effort: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> list[int]:
+        """The prompt ids of a chat: harmony for gpt-oss, else the model's chat template (400 on bad input)."""
+        if self.harmony:
+            if not add_generation_prompt:
+                raise bad_request(
+                    "gpt-oss prompts always end with the assistant's turn", "add_generation_prompt"
+                )
+            try:
+                if sum(len(str(m.get("content") or "")) for m in messages) > self._thread_chars:
+                    return await asyncio.to_thread(
+                        render_prompt, messages, tools=tools, reasoning_effort=reasoning_effort
+                    )
+                return render_prompt(messages, tools=tools, reasoning_effort=reasoning_effort)
+            except HarmonyRequestError as e:
+                raise bad_request(str(e), param=e.param) from e
+        if reasoning_effort is not None:
+            extra = {**(extra or {}), "reasoning_effort": reasoning_effort}
+        prompt = self.render_chat(
+            messages, add_generation_prompt=add_generation_prompt, tools=tools, extra=extra
+        )
+        # The template already wrote the special tokens (bos, role markers) as text.
+        return await self.encode(prompt, add_special_tokens=False)
 
     async def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
         if self._fast is not None and not add_special_tokens:

@@ -10,46 +10,56 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
-    DONE,
     ChatStreamFormat,
     CompletionStreamFormat,
     chat_completion,
-    error_event,
     text_completion,
     usage_dict,
 )
-from dynamo_lite.frontend.detokenize import Detokenizer, StopMatcher
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
 from dynamo_lite.frontend.metrics import FrontendMetrics
-from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from dynamo_lite.frontend.openai_protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ResponsesRequest,
+)
+from dynamo_lite.frontend.output import OutputState, Transcript
+from dynamo_lite.frontend.parsers import Delta
 from dynamo_lite.frontend.preprocess import ModelPreprocessor, PreprocessorCache
+from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_tools, input_messages
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
-from dynamo_lite.protocol import (
-    ErrorInfo,
-    GenerateChunk,
-    GenerateRequest,
-    ModelCard,
-    SamplingOptions,
-    StreamError,
-)
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard, SamplingOptions
 
 logger = logging.getLogger(__name__)
 
-CHAT, COMPLETIONS = "chat", "completions"
+CHAT, COMPLETIONS, RESPONSES = "chat", "completions", "responses"
 _DRAIN_TIMEOUT_S = 5.0  # closing a backend stream must not hold a finished response hostage
 _SEND_ERROR_TIMEOUT_S = 5.0  # delivering an error to a client that may have stopped reading
+
+
+class StreamFormat(Protocol):
+    """How one endpoint writes a streamed response (chat/completion chunks, Responses events)."""
+
+    def head(self) -> bytes: ...
+
+    def delta(self, d: Delta, finish_reason: str | None) -> bytes: ...
+
+    def tail(self, usage: dict, finish_reason: str) -> bytes: ...
+
+    def error(self, error_body: bytes) -> bytes: ...
 
 
 @dataclass(slots=True)
 class PreparedRequest:
     """A validated request, tokenized and ready for the backend."""
 
-    endpoint: str  # CHAT | COMPLETIONS
+    endpoint: str  # CHAT | COMPLETIONS | RESPONSES
     response_id: str
     created: int
     arrival: float  # time.perf_counter() when the request arrived
@@ -58,77 +68,27 @@ class PreparedRequest:
     stream: bool
     include_usage: bool
     pre: ModelPreprocessor
+    responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
 
     @property
     def model(self) -> str:
         return self.request.model
 
+    def stream_format(self) -> StreamFormat:
+        if self.responses is not None:
+            return self.responses.stream_format()
+        cls = ChatStreamFormat if self.endpoint == CHAT else CompletionStreamFormat
+        return cls(self.response_id, self.created, self.model, self.include_usage)
 
-def _finish_reason(reason: str) -> str:
-    if reason == "length":
-        return "length"
-    if reason == "error":
-        raise StreamError(ErrorInfo(500, "generation failed on the worker", "engine_error"))
-    if reason == "cancelled":
-        raise StreamError(ErrorInfo(503, "the worker cancelled the request", "cancelled"))
-    return "stop"
+    def body(self, transcript: Transcript, finish: str, usage: dict) -> bytes:
+        if self.responses is not None:
+            return self.responses.body(transcript, finish, usage)
+        build = chat_completion if self.endpoint == CHAT else text_completion
+        return build(self.response_id, self.created, self.model, transcript, finish, usage)
 
-
-class OutputState:
-    """What a request has produced so far: tokens counted, text released, why it finished."""
-
-    __slots__ = (
-        "_detok",
-        "_stops",
-        "_remaining",
-        "completion_tokens",
-        "cached_tokens",
-        "finish_reason",
-        "backend_finished",
-    )
-
-    def __init__(self, detok: Detokenizer, stops: list[str], max_tokens: int) -> None:
-        self._detok = detok
-        self._stops = StopMatcher(stops) if stops else None
-        self._remaining = max_tokens
-        self.completion_tokens = 0
-        self.cached_tokens = 0
-        self.finish_reason: str | None = None
-        self.backend_finished = False  # the backend said it is done (vs. a stop string or max_tokens here)
-
-    def process(self, chunk: GenerateChunk) -> str:
-        """The text ``chunk`` releases; sets ``finish_reason`` when the request is done."""
-        ids = chunk.token_ids
-        finish = None
-        text = ""
-        if ids:
-            n = len(ids)
-            if n >= self._remaining:  # the backend should stop by itself; never exceed max_tokens anyway
-                ids = ids[: self._remaining]
-                n = self._remaining
-                finish = "length"
-            self._remaining -= n
-            self.completion_tokens += n
-            text = self._detok.step(ids)
-        if chunk.cached_tokens:
-            self.cached_tokens = chunk.cached_tokens
-        if chunk.finish_reason is not None:
-            self.backend_finished = True
-            finish = _finish_reason(chunk.finish_reason)
-        if self._stops is not None:
-            text, hit = self._stops.feed(text)
-            if hit:
-                finish = "stop"
-            elif finish is not None:
-                text += self._stops.flush()
-        self.finish_reason = finish
-        return text
-
-    def end(self) -> str:
-        """The backend's stream ended without a finish reason: release what is held back."""
-        self.finish_reason = "stop"
-        self.backend_finished = True
-        return self._stops.flush() if self._stops is not None else ""
+    def usage(self, out: OutputState) -> dict:
+        reasoning = out.reasoning_tokens if self.pre.has_reasoning else None
+        return usage_dict(len(self.request.token_ids), out.completion_tokens, out.cached_tokens, reasoning)
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -174,6 +134,7 @@ class CompletionService:
         self._settings = settings
         self._metrics = metrics
         self._models = PreprocessorCache(tokenize_in_thread_chars=settings.tokenize_in_thread_chars)
+        self._responses = ResponseStore(settings.responses_store_size)
         self.active = 0  # requests between accepted and their last byte (the in-flight bound counts these)
 
     # -- preprocessing ---------------------------------------------------------------------------------------
@@ -205,16 +166,41 @@ class CompletionService:
             raise bad_request("only response_format type 'text' is supported", param="response_format")
         card = self.find_card(req.model)
         pre = await self._models.get(card)
-        prompt = pre.render_chat(
+        ids = await pre.chat_prompt_ids(
             [_message_dict(m) for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
             tools=req.tools,
-            extra=req.chat_template_kwargs,
+            reasoning_effort=req.effort(),
+            extra=req.template_kwargs(),
         )
-        # The template already wrote the special tokens (bos, role markers) as text.
-        ids = await pre.encode(prompt, add_special_tokens=False)
         max_tokens = _first(req.max_completion_tokens, req.max_tokens, default=None)
         return self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+
+    async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
+        _check_common(req)
+        previous = None
+        if req.previous_response_id is not None:
+            previous = self._responses.get(req.previous_response_id)
+            if previous is None:
+                raise bad_request(
+                    f"previous response {req.previous_response_id!r} is not stored on this frontend",
+                    param="previous_response_id",
+                )
+        messages, conversation = input_messages(req, previous)
+        card = self.find_card(req.model)
+        pre = await self._models.get(card)
+        ids = await pre.chat_prompt_ids(
+            messages,
+            tools=chat_tools(req.tools),
+            reasoning_effort=req.reasoning.effort if req.reasoning else None,
+        )
+        api = ResponsesApi(req, conversation, self._responses if req.store is not False else None)
+        prepared = self._prepare(
+            RESPONSES, api.response_id, request_id, req, card, pre, ids, req.max_output_tokens
+        )
+        prepared.responses = api
+        prepared.created = api.created_at
+        return prepared
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
         _check_common(req)
@@ -251,13 +237,13 @@ class CompletionService:
         endpoint: str,
         response_id: str,
         request_id: str,
-        req: ChatCompletionRequest | CompletionRequest,
+        req: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
         card: ModelCard,
         pre: ModelPreprocessor,
         ids: list[int],
         max_tokens: int | None,
     ) -> PreparedRequest:
-        param = "messages" if endpoint == CHAT else "prompt"
+        param = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}[endpoint]
         prompt_len = len(ids)
         if prompt_len == 0:
             raise bad_request("the prompt is empty", param=param)
@@ -281,6 +267,9 @@ class CompletionService:
         stop_ids = req.stop_token_ids or []
         if any(i < 0 or i >= pre.vocab_size for i in stop_ids):
             raise bad_request(f"stop_token_ids must be in [0, {pre.vocab_size})", param="stop_token_ids")
+        ignore_eos = _first(req.ignore_eos, nv and nv.ignore_eos, default=False)
+        if not ignore_eos:  # the model's own stop ids travel with the request to every engine
+            stop_ids = [*stop_ids, *(i for i in pre.stop_token_ids if i not in stop_ids)]
         temperature = _first(req.temperature, default=1.0)
         if nv is not None and nv.greed_sampling:
             temperature = 0.0
@@ -292,7 +281,7 @@ class CompletionService:
             top_p=_first(req.top_p, default=1.0),
             top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both mean off
             seed=req.seed,
-            ignore_eos=_first(req.ignore_eos, nv and nv.ignore_eos, default=False),
+            ignore_eos=ignore_eos,
             stop_token_ids=list(stop_ids),
         )
         stream = bool(req.stream)
@@ -328,9 +317,8 @@ class CompletionService:
         return WatchedResponse(produce)
 
     async def _stream(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
-        fmt_cls = ChatStreamFormat if p.endpoint == CHAT else CompletionStreamFormat
-        fmt = fmt_cls(p.response_id, p.created, p.model)
-        out = OutputState(p.pre.detokenizer(), p.stops, p.request.sampling.max_tokens)
+        fmt = p.stream_format()
+        out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
         mm = self._metrics.model(p.model)
         itl = mm.itl
         perf_counter = time.perf_counter
@@ -355,13 +343,16 @@ class CompletionService:
                 mm.ttft.observe(now - p.arrival)
                 await ex.start(200, [*SSE_HEADERS, rid])
                 started = True
-                first = True
+                head = fmt.head()
+                if head:
+                    await ex.body(head)
                 while True:
-                    text = out.process(chunk) if chunk is not None else out.end()
+                    delta = out.process(chunk) if chunk is not None else out.end()
                     finish = out.finish_reason
-                    if text or finish:
-                        await ex.body(fmt.chunk(text, finish, first))
-                        first = False
+                    if delta or finish:
+                        data = fmt.delta(delta, finish)
+                        if data:
+                            await ex.body(data)
                     if finish:
                         break
                     try:
@@ -374,21 +365,18 @@ class CompletionService:
                         t_chunk = perf_counter()
                         itl.observe((t_chunk - now) / n)
                         now = t_chunk
-                if p.include_usage:
-                    usage = usage_dict(len(p.request.token_ids), out.completion_tokens, out.cached_tokens)
-                    await ex.body(fmt.usage(usage))
-                await ex.end(DONE)
+                await ex.end(fmt.tail(p.usage(out), out.finish_reason or "stop"))
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
         except Exception as exc:
-            status = await self._report_failure(exc, ex, rid, stream_started=started)
+            status = await self._report_failure(exc, ex, rid, fmt if started else None)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
 
     async def _complete(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
-        out = OutputState(p.pre.detokenizer(), p.stops, p.request.sampling.max_tokens)
+        out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
         mm = self._metrics.model(p.model)
         settings = self._settings
         loop = asyncio.get_running_loop()
@@ -397,7 +385,7 @@ class CompletionService:
         mm.input_tokens.inc(len(p.request.token_ids))
         status = 200
         stream = None
-        parts: list[str] = []
+        transcript = Transcript()
         try:
             first_deadline = start + min(settings.first_token_timeout_s, settings.request_timeout_s)
             async with asyncio.timeout_at(first_deadline) as t:
@@ -407,7 +395,7 @@ class CompletionService:
                     try:
                         chunk = await stream.__anext__()
                     except StopAsyncIteration:
-                        parts.append(out.end())
+                        transcript.add(out.end())
                         break
                     t_chunk = time.perf_counter()
                     if now == 0.0:
@@ -416,26 +404,22 @@ class CompletionService:
                     elif chunk.token_ids:
                         mm.itl.observe((t_chunk - now) / len(chunk.token_ids))
                     now = t_chunk
-                    parts.append(out.process(chunk))
+                    transcript.add(out.process(chunk))
                     if out.finish_reason:
                         break
-                usage = usage_dict(len(p.request.token_ids), out.completion_tokens, out.cached_tokens)
-                build = chat_completion if p.endpoint == CHAT else text_completion
-                body = build(
-                    p.response_id, p.created, p.model, "".join(parts), out.finish_reason or "stop", usage
-                )
+                body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
                 await ex.respond(200, [*JSON_HEADERS, rid], body)
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
         except Exception as exc:
-            status = await self._report_failure(exc, ex, rid, stream_started=False)
+            status = await self._report_failure(exc, ex, rid, None)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
 
     async def _report_failure(
-        self, exc: Exception, ex: Exchange, rid: tuple[bytes, bytes], *, stream_started: bool
+        self, exc: Exception, ex: Exchange, rid: tuple[bytes, bytes], stream: StreamFormat | None
     ) -> int:
         """Tell the client in OpenAI's shape — an error event if the stream already started, else an error
         response — and return the status. Bounded: a client that stopped reading must not keep us alive."""
@@ -443,9 +427,8 @@ class CompletionService:
         self._metrics.error(err.type)
         try:
             async with asyncio.timeout(_SEND_ERROR_TIMEOUT_S):
-                if stream_started:
-                    await ex.body(error_event(err.body()))
-                    await ex.end(DONE)
+                if stream is not None:  # the stream already started: its last event says what failed
+                    await ex.end(stream.error(err.body()))
                 else:
                     await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())
         except Exception:
@@ -479,6 +462,6 @@ class CompletionService:
         self._metrics.request_done(p.model, p.endpoint, status)
 
 
-def _check_common(req: ChatCompletionRequest | CompletionRequest) -> None:
+def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:
     if req.n not in (None, 1):
         raise bad_request("n must be 1: one choice per request is supported", param="n")

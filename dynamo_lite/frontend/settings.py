@@ -32,4 +32,5 @@ class FrontendSettings:
         4096  # requests in flight beyond this are refused with 429 + Retry-After (0: no bound)
     )
     retry_after_s: int = 1
+    responses_store_size: int = 1024  # /v1/responses kept for previous_response_id (per frontend process)
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)

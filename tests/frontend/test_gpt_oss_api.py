@@ -1,0 +1,387 @@
+"""gpt-oss through the HTTP API with the official openai SDK: harmony prompts in, reasoning / answer / tool calls
+out (chat and the Responses API), stop ids on every request, 400s that name the field. The backend is scripted;
+the frontend is real."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import date
+from pathlib import Path
+
+import openai
+import pytest
+import pytest_asyncio
+from openai_harmony import (
+    Author,
+    Conversation,
+    DeveloperContent,
+    Message,
+    Role,
+    SystemContent,
+    ToolDescription,
+)
+from tokenizers import Tokenizer
+
+from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app
+from dynamo_lite.frontend.harmony import encoding
+from dynamo_lite.gpt_oss import vocab
+from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser, resolve_model
+from dynamo_lite.protocol import GenerateChunk, ModelCard
+
+from .conftest import FakeBackend
+
+GPT = "gpt-oss-tiny"
+SEED_MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Explain the concept of disaggregated serving in LLM inference."},
+]
+ANALYSIS = "The user asks about disaggregated serving. Explain prefill vs decode separation."
+FINAL = (
+    "Disaggregated serving runs the prompt's prefill and the token-by-token decode on separate workers, "
+    "handing the KV cache from one to the other."
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def gpt_card(gpt_oss_folder: Path) -> ModelCard:
+    files = resolve_model(gpt_oss_folder)
+    return ModelCard(
+        served_name=GPT,
+        model_path=str(files.folder),
+        tokenizer_path=str(files.tokenizer_json),
+        context_length=files.context_length,
+        eos_token_ids=files.eos_token_ids,
+        vocab_size=files.vocab_size,
+        model_type=files.model_type,
+        reasoning_parser=default_reasoning_parser(files.model_type),
+        tool_call_parser=default_tool_call_parser(files.model_type),
+    )
+
+
+@pytest.fixture(scope="module")
+def gpt_tok(gpt_oss_folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(gpt_oss_folder / "tokenizer.json"))
+
+
+# One server for the module: loading gpt-oss's 201k-token tokenizer takes seconds; the backend is reset per test.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest.fixture(scope="module")
+def shared_backend(gpt_card: ModelCard, card: ModelCard) -> FakeBackend:
+    return FakeBackend([gpt_card, card])
+
+
+@pytest.fixture
+def gpt_backend(shared_backend: FakeBackend) -> FakeBackend:
+    shared_backend.script, shared_backend.requests = [], []
+    return shared_backend
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gpt_client(shared_backend: FakeBackend) -> AsyncIterator[openai.AsyncOpenAI]:
+    settings = FrontendSettings(http_port=0, shutdown_timeout_s=1)
+    srv = HttpServer(create_app(shared_backend, settings), settings)
+    await srv.start()
+    client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=20)
+    try:
+        yield client
+    finally:
+        await client.close()
+        async with asyncio.timeout(10):
+            await srv.stop()
+
+
+def play(backend: FakeBackend, tok: Tokenizer, raw: str, per_chunk: int = 3) -> list[int]:
+    """Script the backend to answer with ``raw`` (harmony markup) as the engine would: the stop id last."""
+    ids = tok.encode(raw, add_special_tokens=False).ids
+    backend.script = [GenerateChunk(token_ids=ids[i : i + per_chunk]) for i in range(0, len(ids), per_chunk)]
+    backend.script[-1].finish_reason = "stop"
+    return ids
+
+
+def answer(analysis: str, final: str) -> str:
+    return (
+        f"<|channel|>analysis<|message|>{analysis}<|end|>"
+        f"<|start|>assistant<|channel|>final<|message|>{final}<|return|>"
+    )
+
+
+def tool_call(analysis: str, name: str, args: str) -> str:
+    return (
+        f"<|channel|>analysis<|message|>{analysis}<|end|>"
+        f"<|start|>assistant<|channel|>commentary to=functions.{name} <|constrain|>json<|message|>{args}<|call|>"
+    )
+
+
+async def test_seed_request_separates_reasoning_from_answer(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer(ANALYSIS, FINAL))
+    r = await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, max_tokens=200)
+    msg = r.choices[0].message
+    assert msg.content == FINAL
+    assert msg.model_extra["reasoning_content"] == ANALYSIS
+    assert r.choices[0].finish_reason == "stop"
+    analysis_ids = len(gpt_tok.encode(ANALYSIS, add_special_tokens=False).ids)
+    assert analysis_ids <= r.usage.completion_tokens_details.reasoning_tokens <= analysis_ids + 2
+    # The prompt is openai-harmony's rendering; the model's stop ids travel with the request.
+    sent = gpt_backend.requests[-1]
+    conversation = Conversation.from_messages(
+        [
+            Message.from_role_and_content(
+                Role.SYSTEM, SystemContent.new().with_conversation_start_date(date.today().isoformat())
+            ),
+            Message.from_role_and_content(
+                Role.DEVELOPER, DeveloperContent.new().with_instructions("You are a helpful assistant.")
+            ),
+            Message.from_role_and_content(Role.USER, SEED_MESSAGES[1]["content"]),
+        ]
+    )
+    assert sent.token_ids == encoding().render_conversation_for_completion(conversation, Role.ASSISTANT)
+    assert {vocab.RETURN, vocab.CALL, vocab.ENDOFTEXT} <= set(sent.sampling.stop_token_ids)
+
+
+async def test_seed_request_streamed(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer(ANALYSIS, FINAL), per_chunk=2)
+    stream = await gpt_client.chat.completions.create(
+        model=GPT, messages=SEED_MESSAGES, max_tokens=200, stream=True, stream_options={"include_usage": True}
+    )
+    content, reasoning, finish, usage = "", "", None, None
+    async for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            finish = choice.finish_reason or finish
+    assert (content, reasoning, finish) == (FINAL, ANALYSIS, "stop")
+    assert "<|" not in content + reasoning
+    assert usage.completion_tokens_details.reasoning_tokens > 0
+
+
+async def test_ignore_eos_sends_no_stop_ids(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    await gpt_client.chat.completions.create(
+        model=GPT, messages=SEED_MESSAGES, max_tokens=20, extra_body={"ignore_eos": True}
+    )
+    assert gpt_backend.requests[-1].sampling.stop_token_ids == []
+
+
+async def test_tool_call_round_trip(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, tool_call("Need the weather tool.", "get_weather", '{"city":"Paris"}'))
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    r = await gpt_client.chat.completions.create(model=GPT, messages=messages, tools=[WEATHER_TOOL])
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_") and choice.message.content is None
+
+    # Follow-up with the tool's result: the prompt is exactly openai-harmony's rendering of that conversation.
+    play(gpt_backend, gpt_tok, answer("Report it.", "It is sunny in Paris."))
+    follow_up = [
+        *messages,
+        {
+            "role": "assistant",
+            "content": None,
+            "reasoning_content": choice.message.model_extra["reasoning_content"],
+            "tool_calls": [call.model_dump()],
+        },
+        {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'},
+    ]
+    r2 = await gpt_client.chat.completions.create(model=GPT, messages=follow_up, tools=[WEATHER_TOOL])
+    assert r2.choices[0].message.content == "It is sunny in Paris."
+    schema = WEATHER_TOOL["function"]
+    expected = Conversation.from_messages(
+        [
+            Message.from_role_and_content(
+                Role.SYSTEM, SystemContent.new().with_conversation_start_date(date.today().isoformat())
+            ),
+            Message.from_role_and_content(
+                Role.DEVELOPER,
+                DeveloperContent.new().with_function_tools(
+                    [
+                        ToolDescription.new(
+                            schema["name"], schema["description"], parameters=schema["parameters"]
+                        )
+                    ]
+                ),
+            ),
+            Message.from_role_and_content(Role.USER, "What is the weather in Paris?"),
+            Message.from_role_and_content(Role.ASSISTANT, "Need the weather tool.").with_channel("analysis"),
+            Message.from_role_and_content(Role.ASSISTANT, '{"city":"Paris"}')
+            .with_channel("commentary")
+            .with_recipient("functions.get_weather")
+            .with_content_type("json"),
+            Message.from_author_and_content(
+                Author.new(Role.TOOL, "functions.get_weather"), '{"sky": "sunny"}'
+            )
+            .with_channel("commentary")
+            .with_recipient("assistant"),
+        ]
+    )
+    want = encoding().render_conversation_for_completion(expected, Role.ASSISTANT)
+    assert gpt_backend.requests[-1].token_ids == want
+
+
+async def test_tool_call_streamed_deltas(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, tool_call("Tool.", "get_weather", '{"city": "Rome"}'), per_chunk=1)
+    stream = await gpt_client.chat.completions.create(
+        model=GPT, messages=[{"role": "user", "content": "Rome?"}], tools=[WEATHER_TOOL], stream=True
+    )
+    name, args, ids, finish = "", "", set(), None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            finish = choice.finish_reason or finish
+            for tc in choice.delta.tool_calls or []:
+                assert tc.index == 0
+                ids.add(tc.id) if tc.id else None
+                name += tc.function.name or ""
+                args += tc.function.arguments or ""
+    assert name == "get_weather" and json.loads(args) == {"city": "Rome"}
+    assert len(ids) == 1 and finish == "tool_calls"
+
+
+@pytest.mark.parametrize(
+    "extra,param",
+    [
+        ({"reasoning_effort": "maximal"}, "reasoning_effort"),
+        ({"chat_template_kwargs": {"reasoning_effort": "none"}}, "reasoning_effort"),
+        ({"tools": [{"type": "function", "function": {"description": "x"}}]}, "tools[0].function.name"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "x"},
+                    {"role": "tool", "tool_call_id": "c1", "content": "r"},
+                ]
+            },
+            "messages[1].tool_call_id",
+        ),
+    ],
+)
+async def test_bad_input_is_400_naming_the_field(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, extra: dict, param: str
+) -> None:
+    body = {"messages": SEED_MESSAGES, **extra}
+    known = {k: body.pop(k) for k in ("messages", "tools", "reasoning_effort") if k in body}
+    with pytest.raises(openai.BadRequestError) as err:
+        await gpt_client.chat.completions.create(model=GPT, **known, extra_body=body)
+    assert err.value.body["param"] == param
+    assert not gpt_backend.requests
+
+
+@pytest.mark.parametrize("where", ["top", "chat_template_kwargs", "chat_template_args"])
+async def test_reasoning_effort_reaches_the_system_message(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer, where: str
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    extra = {"reasoning_effort": "high"} if where == "top" else {where: {"reasoning_effort": "high"}}
+    await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, extra_body=extra)
+    prompt = gpt_tok.decode(gpt_backend.requests[-1].token_ids, skip_special_tokens=False)
+    assert "Reasoning: high" in prompt
+
+
+async def test_random_tokens_never_fail(gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend) -> None:
+    import random
+
+    rng = random.Random(11)
+    for trial in range(20):
+        ids = [rng.randrange(vocab.VOCAB_SIZE) for _ in range(rng.randint(1, 80))]
+        gpt_backend.script = [GenerateChunk(token_ids=ids[i : i + 5]) for i in range(0, len(ids), 5)]
+        gpt_backend.script[-1].finish_reason = "length"
+        r = await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, max_tokens=100)
+        assert r.choices[0].finish_reason == "length", trial
+        assert "<|" not in (r.choices[0].message.content or "")
+
+
+async def test_responses_api_gpt_oss(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer(ANALYSIS, FINAL))
+    chat = await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, max_tokens=200)
+    r = await gpt_client.responses.create(
+        model=GPT,
+        instructions=SEED_MESSAGES[0]["content"],
+        input=SEED_MESSAGES[1]["content"],
+        max_output_tokens=200,
+    )
+    assert r.status == "completed" and r.output_text == chat.choices[0].message.content == FINAL
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    assert r.output[0].content[0].text == ANALYSIS
+    assert r.usage.output_tokens_details.reasoning_tokens > 0
+    # The same conversation renders to the same prompt as the chat request.
+    assert gpt_backend.requests[-1].token_ids == gpt_backend.requests[-2].token_ids
+
+    async with gpt_client.responses.stream(
+        model=GPT, instructions=SEED_MESSAGES[0]["content"], input=SEED_MESSAGES[1]["content"]
+    ) as stream:
+        deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert "".join(deltas) == final.output_text == FINAL
+    assert final.id == r.id or final.id.startswith("resp_")
+
+
+async def test_responses_function_call_and_its_output(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    tools = [{"type": "function", **WEATHER_TOOL["function"]}]
+    play(gpt_backend, gpt_tok, tool_call("Use the tool.", "get_weather", '{"city":"Oslo"}'))
+    async with gpt_client.responses.stream(model=GPT, input="Weather in Oslo?", tools=tools) as stream:
+        final = await stream.get_final_response()
+    [fc] = [item for item in final.output if item.type == "function_call"]
+    assert fc.name == "get_weather" and json.loads(fc.arguments) == {"city": "Oslo"}
+
+    play(gpt_backend, gpt_tok, answer("Done.", "Cold in Oslo."))
+    r = await gpt_client.responses.create(
+        model=GPT,
+        previous_response_id=final.id,
+        input=[{"type": "function_call_output", "call_id": fc.call_id, "output": '{"temp": -3}'}],
+        tools=tools,
+    )
+    assert r.output_text == "Cold in Oslo."
+    prompt = gpt_tok.decode(gpt_backend.requests[-1].token_ids, skip_special_tokens=False)
+    assert '<|start|>functions.get_weather to=assistant<|channel|>commentary<|message|>{"temp": -3}' in prompt
+
+    with pytest.raises(openai.BadRequestError) as err:
+        await gpt_client.responses.create(model=GPT, previous_response_id="resp_unknown", input="hi")
+    assert err.value.body["param"] == "previous_response_id"
+
+
+async def test_responses_api_smollm2_matches_chat(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    gpt_backend.say(tokenizer, "Paris is the capital of France.")
+    chat = await gpt_client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Capital of France?"}], temperature=0
+    )
+    gpt_backend.say(tokenizer, "Paris is the capital of France.")
+    r = await gpt_client.responses.create(model="smollm2", input="Capital of France?", temperature=0)
+    assert r.output_text == chat.choices[0].message.content == "Paris is the capital of France."
+    assert gpt_backend.requests[-1].token_ids == gpt_backend.requests[-2].token_ids
+    gpt_backend.say(tokenizer, "Paris is the capital of France.", per_chunk=2)
+    async with gpt_client.responses.stream(model="smollm2", input="Capital of France?") as stream:
+        final = await stream.get_final_response()
+    assert final.output_text == "Paris is the capital of France."
