@@ -83,6 +83,15 @@ class KvDescriptor(_Wire):
     cuda_ipc: bytes = b""
     device_index: int = -1
     gpu_uuid: str = ""
+    # Engines whose KV a library holds (TensorRT-LLM): publish a ``KvRelease`` here when nobody will pull it.
+    release_subject: str = ""
+
+
+class KvRelease(_Wire):
+    """Router or decode worker → prefill worker: nobody will pull this KV; free it now (best effort)."""
+
+    transfer_id: str
+    version: int = WIRE_VERSION
 
 
 class GenerateRequest(_Wire):

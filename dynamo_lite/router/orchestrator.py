@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -20,6 +20,7 @@ from dynamo_lite.protocol import (
     GenerateRequest,
     InstanceInfo,
     KvDescriptor,
+    KvRelease,
     ModelCard,
     Phase,
     StreamError,
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 PREFILL, DECODE, AGG = "prefill", "decode", "agg"
 # Failures of the worker itself (it died, vanished, or broke the stream): the request can move elsewhere.
 _MIGRATABLE = frozenset({"instance_lost", "instance_unavailable", "frame_lost", "request_plane_down"})
+
+
+async def _best_effort(release: Awaitable[object]) -> None:
+    try:
+        await release
+    except Exception as e:  # noqa: BLE001 — the holder's timeout frees the KV anyway
+        log.debug("releasing unpulled KV failed: %s", e)
 
 
 @dataclass(slots=True)
@@ -266,11 +274,19 @@ class Router:
 
     def _release_unpulled(self, kv: KvDescriptor | None) -> None:
         """Free KV that no decode worker will pull now, instead of leaving it to the lease."""
-        if kv is None or kv.engine != "torch" or not kv.port:
+        if kv is None:
             return
-        from dynamo_lite.kv.importer import release_kv
+        if kv.release_subject:  # KV a library holds (TensorRT-LLM): its worker aborts the context request
+            release = self.runtime.request_plane.publish(
+                kv.release_subject, encode(KvRelease(kv.transfer_id))
+            )
+        elif kv.engine == "torch" and kv.port:
+            from dynamo_lite.kv.importer import release_kv
 
-        task = asyncio.get_running_loop().create_task(release_kv(kv))
+            release = release_kv(kv)
+        else:
+            return
+        task = asyncio.get_running_loop().create_task(_best_effort(release))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -24,7 +24,7 @@ import logging
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.engines.trtllm.api import TrtllmApi, import_tensorrt_llm
-from dynamo_lite.engines.trtllm.args import TRTLLM_SCHEMA, build_llm_args
+from dynamo_lite.engines.trtllm.args import TRTLLM_SCHEMA, build_llm_args, overridden_flags
 from dynamo_lite.engines.trtllm.engine import TrtllmEngine, TrtllmLimits
 from dynamo_lite.engines.trtllm.model import resolve_trtllm_model
 
@@ -42,8 +42,10 @@ def build_engine(settings: EngineSettings, *, api: TrtllmApi | None = None) -> T
         logger.warning(
             "%s has no *.safetensors weights: TensorRT-LLM will not be able to load it", model.folder
         )
-    llm_args, warnings = build_llm_args(settings, str(model.folder))
+    llm_args, warnings = build_llm_args(settings, str(model.folder), model.context_length)
     for line in warnings:
         logger.warning("%s", line)
+    for line in overridden_flags(settings):
+        logger.info("%s", line)
     api.materialize(llm_args)  # a bad nested section fails here, not minutes later in start()
     return TrtllmEngine(settings, llm_args, api, model)
