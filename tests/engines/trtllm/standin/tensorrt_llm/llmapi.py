@@ -63,12 +63,19 @@ class CudaGraphConfig:
     enable_padding: bool = False
 
 
+MOE_BACKENDS = ("CUTLASS", "CUTEDSL", "WIDEEP", "TRTLLM", "DEEPGEMM", "VANILLA", "TRITON")
+
+
 @dataclass(kw_only=True)
 class MoeConfig:
-    backend: str = "AUTO"
+    backend: str = "CUTLASS"
     max_num_tokens: int | None = None
     load_balancer: Any = None
     disable_finalize_fusion: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_config.backend must be one of {', '.join(MOE_BACKENDS)}: {self.backend}")
 
 
 @dataclass(kw_only=True)
