@@ -186,6 +186,14 @@ class InstanceInfo(_Wire):
     version: int = WIRE_VERSION
 
 
+class CardFile(_Wire):
+    """One model file published with a card (``dynamo_lite.runtime.card_files``), addressed by its hash."""
+
+    name: str  # file name in the model folder: "tokenizer.json", ...
+    sha256: str
+    size: int
+
+
 class ModelCard(_Wire):
     """What the frontend needs to preprocess for a served model."""
 
@@ -205,6 +213,8 @@ class ModelCard(_Wire):
     reasoning_parser: str = ""
     tool_call_parser: str = ""
     version: int = WIRE_VERSION
+    # The model folder's files a frontend reads, published in discovery: a frontend host needs no model folder.
+    files: list[CardFile] = []
 
 
 class WireError(ValueError):
@@ -295,6 +305,10 @@ class Discovery(Protocol):
     """A key-value view with leases: everything a process writes lives under its own lease."""
 
     async def put(self, key: str, value: bytes) -> None: ...
+
+    async def put_shared(self, key: str, value: bytes) -> None:
+        """Write a key that outlives this process (no lease): content shared by several processes."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 

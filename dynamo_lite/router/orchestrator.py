@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from dynamo_lite.model_files import cache_root
 from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateChunk,
@@ -30,6 +31,7 @@ from dynamo_lite.protocol import (
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy, make_policy
+from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
@@ -83,6 +85,13 @@ class Router:
         }
         self._subscribed = False
         self._background: set[asyncio.Task] = set()
+        # Model files published with the cards, for the frontend's preprocessors (distributed discovery only).
+        self.card_files: CardFileCache | None = None
+        if runtime.settings.etcd_endpoints:
+            rs = runtime.settings
+            self.card_files = CardFileCache(
+                runtime.discovery, rs.root, rs.namespace, cache_root() / "card_files"
+            )
         self.migrations = 0
 
     async def start(self) -> None:

@@ -41,6 +41,7 @@ from dynamo_lite.router.kv_index import kv_events_subject
 from dynamo_lite.router.load import load_subject
 from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime import keys
+from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView, deregister, register
 from dynamo_lite.runtime.runtime import Runtime
@@ -148,6 +149,11 @@ class Worker:
             metrics_port=self.metrics_port,
             disaggregation_strategy=s.disaggregation_strategy,
         )
+        if s.runtime.etcd_endpoints:  # other hosts' frontends read the model's files from discovery
+            files = self.engine.model_files  # type: ignore[attr-defined]
+            self.card.files = await publish_card_files(
+                self.runtime.discovery, s.runtime.root, s.runtime.namespace, files.folder
+            )
         await register(self.runtime, self.info, self.card)
         self._reporter = asyncio.create_task(self._report_load(), name="load-reports")
         if hasattr(self.engine, "release_kv"):
