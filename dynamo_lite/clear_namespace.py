@@ -8,13 +8,15 @@ import sys
 
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from
+from dynamo_lite.runtime.reachable import check_services
 
 
 async def clear(args: argparse.Namespace) -> int:
     settings = runtime_settings_from(args)
     if not settings.etcd_endpoints:
-        print("error: --etcd-endpoints (or ETCD_ENDPOINTS) is required", file=sys.stderr)
+        print("error: clear_namespace works on etcd; --in-memory has nothing to clear", file=sys.stderr)
         return 1
+    await check_services(settings)
     from dynamo_lite.runtime.discovery_etcd import EtcdDiscovery, etcd_tls
 
     discovery = await EtcdDiscovery.connect(
@@ -27,6 +29,7 @@ async def clear(args: argparse.Namespace) -> int:
     )
     try:
         removed = await discovery.delete_prefix(keys.namespace_prefix(settings.root, settings.namespace))
+        removed += await discovery.delete_prefix(keys.files_prefix(settings.root, settings.namespace))
     finally:
         await discovery.close()
     print(f"removed {removed} keys from namespace {settings.namespace!r}")

@@ -83,6 +83,15 @@ class KvDescriptor(_Wire):
     cuda_ipc: bytes = b""
     device_index: int = -1
     gpu_uuid: str = ""
+    # Engines whose KV a library holds (TensorRT-LLM): publish a ``KvRelease`` here when nobody will pull it.
+    release_subject: str = ""
+
+
+class KvRelease(_Wire):
+    """Router or decode worker → prefill worker: nobody will pull this KV; free it now (best effort)."""
+
+    transfer_id: str
+    version: int = WIRE_VERSION
 
 
 class GenerateRequest(_Wire):
@@ -177,6 +186,14 @@ class InstanceInfo(_Wire):
     version: int = WIRE_VERSION
 
 
+class CardFile(_Wire):
+    """One model file published with a card (``dynamo_lite.runtime.card_files``), addressed by its hash."""
+
+    name: str  # file name in the model folder: "tokenizer.json", ...
+    sha256: str
+    size: int
+
+
 class ModelCard(_Wire):
     """What the frontend needs to preprocess for a served model."""
 
@@ -196,6 +213,8 @@ class ModelCard(_Wire):
     reasoning_parser: str = ""
     tool_call_parser: str = ""
     version: int = WIRE_VERSION
+    # The model folder's files a frontend reads, published in discovery: a frontend host needs no model folder.
+    files: list[CardFile] = []
 
 
 class WireError(ValueError):
@@ -286,6 +305,10 @@ class Discovery(Protocol):
     """A key-value view with leases: everything a process writes lives under its own lease."""
 
     async def put(self, key: str, value: bytes) -> None: ...
+
+    async def put_shared(self, key: str, value: bytes) -> None:
+        """Write a key that outlives this process (no lease): content shared by several processes."""
+        ...
 
     async def delete(self, key: str) -> None: ...
 

@@ -69,7 +69,11 @@ def worker_settings(args: argparse.Namespace, mode: str, threads: int) -> Worker
         speedup_ratio=args.speedup_ratio,
     )
     return WorkerSettings(
-        mode=mode, engine=args.engine, engine_settings=engine, runtime=RuntimeSettings(), drain_timeout_s=5.0
+        mode=mode,
+        engine=args.engine,
+        engine_settings=engine,
+        runtime=RuntimeSettings.embedded(),
+        drain_timeout_s=5.0,
     )
 
 
@@ -82,7 +86,7 @@ async def run(args: argparse.Namespace) -> None:
     workers = [Worker(worker_settings(args, mode, threads)) for mode in modes]
     for w in workers:
         await w.start()
-    runtime = await Runtime.connect(RuntimeSettings())
+    runtime = await Runtime.connect(RuntimeSettings.embedded())
     view = LiveView(runtime)
     await view.start()
     router = Router(runtime, view, RouterSettings(mode=args.router_mode))

@@ -12,8 +12,9 @@
 #   NAMESPACE [dynamo]   ROUTER_MODE [round-robin]   HTTP_HOST [127.0.0.1]   HTTP_PORT [8000]
 #   ETCD_ENDPOINTS [http://127.0.0.1:2379]   NATS_URL [nats://127.0.0.1:4222]
 #   PREFILL_GPUS [0,1,2,3]   DECODE_GPUS [4,5,6,7]
-#   PREFILL_ENGINE_ARGS [engine_configs/gpt_oss/prefill.yaml]   DECODE_ENGINE_ARGS [engine_configs/gpt_oss/decode.yaml]
-#   PREFILL_MAX_BATCH_SIZE [32]   DECODE_MAX_BATCH_SIZE [128]   MAX_SEQ_LEN [131072]
+#   GPU_ARCH [from nvidia-smi: hopper for compute capability 9.x, else blackwell]
+#   PREFILL_ENGINE_ARGS [engine_configs/gpt_oss[/hopper]/prefill.yaml]   DECODE_ENGINE_ARGS [same, decode.yaml]
+#   PREFILL_MAX_BATCH_SIZE [32]   DECODE_MAX_BATCH_SIZE [128]   MAX_SEQ_LEN [unset: the model's context length]
 #   FRONTEND_EXTRA_FLAGS, PREFILL_EXTRA_FLAGS, DECODE_EXTRA_FLAGS   more flags, split on spaces
 #   PYTHON [python3]   LOG_DIR [unset: output to this terminal]   STOP_TIMEOUT_S [30]
 # Keys set in the YAML files win over the worker flags (tensor/expert parallel size, max_num_tokens, ...).
@@ -55,11 +56,21 @@ ETCD_ENDPOINTS="${ETCD_ENDPOINTS:-http://127.0.0.1:2379}"
 NATS_URL="${NATS_URL:-nats://127.0.0.1:4222}"
 PREFILL_GPUS="${PREFILL_GPUS:-0,1,2,3}"
 DECODE_GPUS="${DECODE_GPUS:-4,5,6,7}"
-PREFILL_ENGINE_ARGS="${PREFILL_ENGINE_ARGS:-engine_configs/gpt_oss/prefill.yaml}"
-DECODE_ENGINE_ARGS="${DECODE_ENGINE_ARGS:-engine_configs/gpt_oss/decode.yaml}"
+# The MoE backend the GPUs support: Hopper (compute capability 9.x) runs gpt-oss's MXFP4 MoE on TRITON
+# (engine_configs/gpt_oss/hopper/), Blackwell on CUTLASS (engine_configs/gpt_oss/). GPU_ARCH=hopper|blackwell
+# skips the query (nvidia-smi), e.g. for --dry-run on a machine without GPUs.
+if [[ -z "${GPU_ARCH:-}" ]]; then
+    GPU_ARCH=blackwell
+    cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 || true)"
+    [[ "$cap" == 9.* ]] && GPU_ARCH=hopper
+fi
+CONFIG_DIR=engine_configs/gpt_oss
+[[ "$GPU_ARCH" == hopper ]] && CONFIG_DIR=engine_configs/gpt_oss/hopper
+PREFILL_ENGINE_ARGS="${PREFILL_ENGINE_ARGS:-$CONFIG_DIR/prefill.yaml}"
+DECODE_ENGINE_ARGS="${DECODE_ENGINE_ARGS:-$CONFIG_DIR/decode.yaml}"
 PREFILL_MAX_BATCH_SIZE="${PREFILL_MAX_BATCH_SIZE:-32}"
 DECODE_MAX_BATCH_SIZE="${DECODE_MAX_BATCH_SIZE:-128}"
-MAX_SEQ_LEN="${MAX_SEQ_LEN:-131072}" # gpt-oss's context length, what TensorRT-LLM would derive itself
+MAX_SEQ_LEN="${MAX_SEQ_LEN:-}" # unset: the model's context length (131072 for gpt-oss), from its config.json
 LOG_DIR="${LOG_DIR:-}"
 STOP_TIMEOUT_S="${STOP_TIMEOUT_S:-30}"
 read -r -a FRONTEND_EXTRA <<<"${FRONTEND_EXTRA_FLAGS:-}"
@@ -83,7 +94,7 @@ worker_cmd() { # MODE GPUS ENGINE_ARGS MAX_BATCH_SIZE EXTRA_FLAGS...
         --mode "$mode" --engine trtllm
         --model-path "$MODEL_PATH" --served-model-name "$SERVED_MODEL_NAME"
         --extra-engine-args "$engine_args" --disaggregation-strategy "$DISAGGREGATION_STRATEGY"
-        --max-batch-size "$max_batch_size" --max-seq-len "$MAX_SEQ_LEN" "$@")
+        --max-batch-size "$max_batch_size" ${MAX_SEQ_LEN:+--max-seq-len "$MAX_SEQ_LEN"} "$@")
 }
 worker_cmd prefill "$PREFILL_GPUS" "$PREFILL_ENGINE_ARGS" "$PREFILL_MAX_BATCH_SIZE" ${PREFILL_EXTRA[@]+"${PREFILL_EXTRA[@]}"}
 PREFILL_CMD=("${WORKER_CMD[@]}")

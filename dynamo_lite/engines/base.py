@@ -216,3 +216,10 @@ class EngineSettings:
     speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
     extra: dict = field(default_factory=dict)
     extra_source: str = ""  # file the extra args came from, for error messages
+    # Fields set by a command-line flag (the worker CLI fills this; None: every field counts as given). The
+    # TensorRT-LLM engine passes only these, so an omitted flag means TensorRT-LLM's own default, as in Dynamo.
+    explicit: frozenset[str] | None = None
+
+    def given(self, name: str) -> bool:
+        """Whether field ``name`` was set on purpose (a flag), not left at its default."""
+        return self.explicit is None or name in self.explicit

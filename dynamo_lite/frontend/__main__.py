@@ -16,6 +16,7 @@ from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.router.policies import MODES
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
+from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
@@ -69,7 +70,9 @@ async def run(args: argparse.Namespace) -> None:
     from dynamo_lite.frontend.app import create_app
     from dynamo_lite.frontend.server import HttpServer
 
-    runtime = await Runtime.connect(runtime_settings_from(args), name="dynamo_lite-frontend")
+    runtime_settings = runtime_settings_from(args)
+    await check_services(runtime_settings)
+    runtime = await Runtime.connect(runtime_settings, name="dynamo_lite-frontend")
     view = LiveView(runtime)
     await view.start()
     router = Router(

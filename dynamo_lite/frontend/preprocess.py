@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer
@@ -16,17 +17,22 @@ from dynamo_lite.frontend.harmony import HarmonyRequestError, render_prompt
 from dynamo_lite.frontend.harmony import stop_token_ids as harmony_stop_ids
 from dynamo_lite.frontend.parsers import OutputParser, is_harmony, parser_factory
 from dynamo_lite.protocol import ModelCard
+from dynamo_lite.runtime.card_files import CardFileCache
 
 
 class ModelPreprocessor:
     """Everything the frontend needs to turn a request for one model into token ids and back."""
 
-    def __init__(self, card: ModelCard, *, tokenize_in_thread_chars: int = 2048) -> None:
+    def __init__(
+        self, card: ModelCard, *, tokenize_in_thread_chars: int = 2048, folder: Path | None = None
+    ) -> None:
+        """``folder``: where the card's published files were fetched to (else ``card.tokenizer_path``)."""
         self.card = card
-        self.tokenizer = Tokenizer.from_file(card.tokenizer_path)
+        tokenizer_path = str(folder / "tokenizer.json") if folder is not None else card.tokenizer_path
+        self.tokenizer = Tokenizer.from_file(tokenizer_path)
         self.vocab_size = card.vocab_size or self.tokenizer.get_vocab_size(with_added_tokens=True)
         self._token_texts = token_text_table(self.tokenizer, skip_special_tokens=True)
-        self._fast = FastBpeEncoder.try_build(card.tokenizer_path, self.tokenizer)
+        self._fast = FastBpeEncoder.try_build(tokenizer_path, self.tokenizer)
         self._thread_chars = tokenize_in_thread_chars
         self.harmony = is_harmony(card.reasoning_parser, card.tool_call_parser)
         self.new_parser: Callable[[], OutputParser] = parser_factory(
@@ -123,8 +129,9 @@ class PreprocessorCache:
     Loading a tokenizer takes a while (tens of ms to seconds): it happens in a thread, once per card.
     """
 
-    def __init__(self, *, tokenize_in_thread_chars: int = 2048) -> None:
+    def __init__(self, *, tokenize_in_thread_chars: int = 2048, files: CardFileCache | None = None) -> None:
         self._thread_chars = tokenize_in_thread_chars
+        self._files = files
         self._ready: dict[str, ModelPreprocessor] = {}
         self._loading: dict[str, asyncio.Future[ModelPreprocessor]] = {}
 
@@ -134,12 +141,16 @@ class PreprocessorCache:
             return pre
         return await self._load(card)
 
+    async def _build(self, card: ModelCard) -> ModelPreprocessor:
+        folder = await self._files.folder(card) if self._files is not None and card.files else None
+        return await asyncio.to_thread(
+            ModelPreprocessor, card, tokenize_in_thread_chars=self._thread_chars, folder=folder
+        )
+
     async def _load(self, card: ModelCard) -> ModelPreprocessor:
         pending = self._loading.get(card.served_name)
         if pending is None or pending.done():
-            pending = asyncio.ensure_future(
-                asyncio.to_thread(ModelPreprocessor, card, tokenize_in_thread_chars=self._thread_chars)
-            )
+            pending = asyncio.ensure_future(self._build(card))
             self._loading[card.served_name] = pending
         try:
             # shield: one client giving up must not cancel the load other requests wait for

@@ -133,7 +133,10 @@ class CompletionService:
         self._backend = backend
         self._settings = settings
         self._metrics = metrics
-        self._models = PreprocessorCache(tokenize_in_thread_chars=settings.tokenize_in_thread_chars)
+        self._models = PreprocessorCache(
+            tokenize_in_thread_chars=settings.tokenize_in_thread_chars,
+            files=getattr(backend, "card_files", None),  # the cards' model files, when published
+        )
         self._responses = ResponseStore(settings.responses_store_size)
         self.active = 0  # requests between accepted and their last byte (the in-flight bound counts these)
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from dynamo_lite.model_files import cache_root
 from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateChunk,
     GenerateRequest,
     InstanceInfo,
     KvDescriptor,
+    KvRelease,
     ModelCard,
     Phase,
     StreamError,
@@ -29,6 +31,7 @@ from dynamo_lite.protocol import (
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy, make_policy
+from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
@@ -37,6 +40,13 @@ log = logging.getLogger(__name__)
 PREFILL, DECODE, AGG = "prefill", "decode", "agg"
 # Failures of the worker itself (it died, vanished, or broke the stream): the request can move elsewhere.
 _MIGRATABLE = frozenset({"instance_lost", "instance_unavailable", "frame_lost", "request_plane_down"})
+
+
+async def _best_effort(release: Awaitable[object]) -> None:
+    try:
+        await release
+    except Exception as e:  # noqa: BLE001 — the holder's timeout frees the KV anyway
+        log.debug("releasing unpulled KV failed: %s", e)
 
 
 @dataclass(slots=True)
@@ -75,6 +85,13 @@ class Router:
         }
         self._subscribed = False
         self._background: set[asyncio.Task] = set()
+        # Model files published with the cards, for the frontend's preprocessors (distributed discovery only).
+        self.card_files: CardFileCache | None = None
+        if runtime.settings.etcd_endpoints:
+            rs = runtime.settings
+            self.card_files = CardFileCache(
+                runtime.discovery, rs.root, rs.namespace, cache_root() / "card_files"
+            )
         self.migrations = 0
 
     async def start(self) -> None:
@@ -266,11 +283,19 @@ class Router:
 
     def _release_unpulled(self, kv: KvDescriptor | None) -> None:
         """Free KV that no decode worker will pull now, instead of leaving it to the lease."""
-        if kv is None or kv.engine != "torch" or not kv.port:
+        if kv is None:
             return
-        from dynamo_lite.kv.importer import release_kv
+        if kv.release_subject:  # KV a library holds (TensorRT-LLM): its worker aborts the context request
+            release = self.runtime.request_plane.publish(
+                kv.release_subject, encode(KvRelease(kv.transfer_id))
+            )
+        elif kv.engine == "torch" and kv.port:
+            from dynamo_lite.kv.importer import release_kv
 
-        task = asyncio.get_running_loop().create_task(release_kv(kv))
+            release = release_kv(kv)
+        else:
+            return
+        task = asyncio.get_running_loop().create_task(_best_effort(release))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

@@ -6,23 +6,32 @@ import argparse
 import logging
 import os
 
-from dynamo_lite.runtime.config import DEFAULT_NAMESPACE, RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings
+
+_DEFAULTS = RuntimeSettings()
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Flags bound to Dynamo's environment variables; defaults from ``RuntimeSettings``."""
     g = parser.add_argument_group("runtime (discovery and request plane)")
-    g.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", DEFAULT_NAMESPACE))
+    g.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", _DEFAULTS.namespace))
     g.add_argument(
         "--etcd-endpoints",
-        default=os.environ.get("ETCD_ENDPOINTS", ""),
-        help="host:port[,host:port]; empty: in-memory discovery (single process)",
+        default=os.environ.get("ETCD_ENDPOINTS", _DEFAULTS.etcd_endpoints),
+        help="etcd for discovery: [http://]host:port[,...] (env ETCD_ENDPOINTS; default %(default)s)",
     )
     g.add_argument(
         "--nats-url",
-        default=os.environ.get("NATS_SERVER", os.environ.get("NATS_URL", "")),
-        help="nats://host:port; empty: in-process request plane (single process)",
+        default=os.environ.get("NATS_SERVER", os.environ.get("NATS_URL", _DEFAULTS.nats_url)),
+        help="NATS for requests: nats://host:port[,...] (env NATS_SERVER; default %(default)s)",
     )
-    g.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
+    g.add_argument(
+        "--in-memory",
+        action="store_true",
+        help="in-memory discovery and in-process request plane: reaches no other process "
+        "(python -m dynamo_lite serve runs frontend and workers in one process this way)",
+    )
+    g.add_argument("--lease-ttl", type=int, default=_DEFAULTS.lease_ttl_s, help="etcd lease TTL in seconds")
     g.add_argument("--etcd-username", default=os.environ.get("ETCD_USERNAME", ""))
     g.add_argument("--etcd-password", default=os.environ.get("ETCD_PASSWORD", ""))
     g.add_argument(
@@ -42,10 +51,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 
 def runtime_settings_from(args: argparse.Namespace) -> RuntimeSettings:
+    in_memory = getattr(args, "in_memory", False)
     return RuntimeSettings(
         namespace=args.namespace,
-        etcd_endpoints=args.etcd_endpoints,
-        nats_url=args.nats_url,
+        etcd_endpoints="" if in_memory else args.etcd_endpoints,
+        nats_url="" if in_memory else args.nats_url,
         lease_ttl_s=args.lease_ttl,
         etcd_username=args.etcd_username,
         etcd_password=args.etcd_password,

@@ -196,6 +196,10 @@ class EtcdDiscovery:
             self._own[key] = value
             await self._client.put(key.encode(), value, lease=self._lease)
 
+    async def put_shared(self, key: str, value: bytes) -> None:
+        assert self._client is not None
+        await self._client.put(key.encode(), value)
+
     async def delete(self, key: str) -> None:
         async with self._lock:
             assert self._client is not None

@@ -58,6 +58,9 @@ class MemoryDiscovery:
         self._own.add(key)
         self._store.put(key, value)
 
+    async def put_shared(self, key: str, value: bytes) -> None:
+        self._store.put(key, value)
+
     async def delete(self, key: str) -> None:
         self._own.discard(key)
         self._store.delete(key)

@@ -92,7 +92,7 @@ class LiveView:
             else:
                 self.instances.pop(iid, None)
         elif parts[0] == "models" and len(parts) == 3:
-            model, iid = parts[1], parts[2]
+            model, iid = keys.unquote_name(parts[1]), parts[2]
             if isinstance(value, ModelCard):
                 self.cards.setdefault(model, {})[iid] = value
             else:

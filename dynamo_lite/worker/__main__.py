@@ -8,11 +8,12 @@ import logging
 import signal
 import sys
 
-from dynamo_lite.engines import ENGINES
+from dynamo_lite.engines import ENGINES, default_engine
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
+from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.worker.worker import Worker, WorkerSettings
 
 log = logging.getLogger("dynamo_lite.worker")
@@ -20,12 +21,40 @@ log = logging.getLogger("dynamo_lite.worker")
 STREAM_INTERVAL_MS = 5.0
 
 
-def parse_args(argv: list[str] | None = None) -> WorkerSettings:
-    p = argparse.ArgumentParser(prog="python -m dynamo_lite.worker", description=__doc__)
+# Engine flags whose value goes to EngineSettings; their defaults are EngineSettings' (None here = not given).
+_ENGINE_FLAGS = (
+    "dtype",
+    "quantization",
+    "device",
+    "threads",
+    "max_batch_size",
+    "max_num_tokens",
+    "max_seq_len",
+    "kv_block_size",
+    "free_gpu_memory_fraction",
+    "tensor_parallel_size",
+    "expert_parallel_size",
+    "kv_failure_policy",
+    "kv_bind_host",
+    "kv_advertise_host",
+    "kv_port",
+    "speedup_ratio",
+)
+
+
+def build_parser(
+    engine_default: str | None = None, prog: str = "python -m dynamo_lite.worker"
+) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument(
         "--mode", "--disaggregation-mode", dest="mode", default="agg", choices=["prefill", "decode", "agg"]
     )
-    p.add_argument("--engine", default="torch", choices=ENGINES)
+    p.add_argument(
+        "--engine",
+        default=engine_default,
+        choices=ENGINES,
+        help="default: trtllm where TensorRT-LLM imports and a GPU is present, else torch (logged)",
+    )
     p.add_argument(
         "--model-path",
         "--model",
@@ -68,27 +97,30 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         default=20_000.0,
         help="stream chunks per second to stay under: with many active streams, chunks carry more tokens",
     )
-    e = p.add_argument_group("engine")
-    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    e = p.add_argument_group(
+        "engine (omitted: the engine's default; TensorRT-LLM's own for --engine trtllm, where an omitted "
+        "--max-seq-len is the model's context length)"
+    )
+    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"])
     e.add_argument(
         "--quantization",
-        default="none",
+        default=None,
         choices=["none", "int8", "int4"],
         help="torch engine on CPU with --dtype bfloat16: weight-only int8 / int4 linears (faster decode)",
     )
-    e.add_argument("--device", default="cpu")
-    e.add_argument("--threads", type=int, default=0)
-    e.add_argument("--max-batch-size", type=int, default=16)
-    e.add_argument("--max-num-tokens", type=int, default=512)
-    e.add_argument("--max-seq-len", type=int, default=4096)
-    e.add_argument("--kv-block-size", type=int, default=32)
-    e.add_argument("--free-gpu-memory-fraction", type=float, default=0.8)
-    e.add_argument("--tensor-parallel-size", type=int, default=1)
-    e.add_argument("--expert-parallel-size", type=int, default=1)
-    e.add_argument("--kv-failure-policy", default="recompute", choices=["recompute", "fail"])
-    e.add_argument("--kv-bind-host", default="127.0.0.1", help="interface the KV transfer server binds to")
-    e.add_argument("--kv-advertise-host", default="")
-    e.add_argument("--kv-port", type=int, default=0)
+    e.add_argument("--device", default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--max-batch-size", type=int, default=None)
+    e.add_argument("--max-num-tokens", type=int, default=None)
+    e.add_argument("--max-seq-len", type=int, default=None)
+    e.add_argument("--kv-block-size", type=int, default=None)
+    e.add_argument("--free-gpu-memory-fraction", type=float, default=None)
+    e.add_argument("--tensor-parallel-size", type=int, default=None)
+    e.add_argument("--expert-parallel-size", type=int, default=None)
+    e.add_argument("--kv-failure-policy", default=None, choices=["recompute", "fail"])
+    e.add_argument("--kv-bind-host", default=None, help="interface the KV transfer server binds to")
+    e.add_argument("--kv-advertise-host", default=None)
+    e.add_argument("--kv-port", type=int, default=None)
     e.add_argument("--kv-lease", type=float, default=30.0, help="seconds unpulled KV is held")
     e.add_argument(
         "--stream-interval-ms",
@@ -96,9 +128,19 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         default=STREAM_INTERVAL_MS,
         help="coalesce tokens produced within this many ms into one message (0: every step)",
     )
-    e.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: divide simulated time (0: none)")
+    e.add_argument(
+        "--speedup-ratio", type=float, default=None, help="mocker: divide simulated time (0: none)"
+    )
     add_runtime_args(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(
+    argv: list[str] | None = None,
+    engine_default: str | None = None,
+    prog: str = "python -m dynamo_lite.worker",
+) -> WorkerSettings:
+    args = build_parser(engine_default, prog).parse_args(argv)
     setup_logging(args.log_level)
     raise_fd_limit()
     extra: dict = {}
@@ -106,34 +148,21 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
         from dynamo_lite.engines.engine_args import load_engine_args_yaml
 
         extra = load_engine_args_yaml(args.extra_engine_args)
+    given = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
     engine = EngineSettings(
         mode=args.mode,
         model_path=args.model_path,
         served_model_name=args.served_model_name,
-        dtype=args.dtype,
-        quantization=args.quantization,
-        device=args.device,
-        threads=args.threads,
-        max_batch_size=args.max_batch_size,
-        max_num_tokens=args.max_num_tokens,
-        max_seq_len=args.max_seq_len,
-        kv_block_size=args.kv_block_size,
-        free_gpu_memory_fraction=args.free_gpu_memory_fraction,
-        tensor_parallel_size=args.tensor_parallel_size,
-        expert_parallel_size=args.expert_parallel_size,
-        kv_failure_policy=args.kv_failure_policy,
-        kv_bind_host=args.kv_bind_host,
-        kv_advertise_host=args.kv_advertise_host,
-        kv_port=args.kv_port,
         kv_lease_s=args.kv_lease,
         stream_interval_s=args.stream_interval_ms / 1000,
-        speedup_ratio=args.speedup_ratio,
         extra=extra,
         extra_source=args.extra_engine_args,
+        explicit=frozenset(given),
+        **given,
     )
     return WorkerSettings(
         mode=args.mode,
-        engine=args.engine,
+        engine=args.engine or "",
         disaggregation_strategy=args.disaggregation_strategy,
         endpoint=args.endpoint,
         metrics_host=args.metrics_host,
@@ -150,6 +179,9 @@ def parse_args(argv: list[str] | None = None) -> WorkerSettings:
 
 
 async def run(settings: WorkerSettings) -> None:
+    await check_services(settings.runtime)  # seconds, not after minutes of model loading
+    if not settings.engine:
+        settings.engine = default_engine()
     worker = Worker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -165,10 +197,14 @@ async def run(settings: WorkerSettings) -> None:
     await worker.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    engine_default: str | None = None,
+    prog: str = "python -m dynamo_lite.worker",
+) -> int:
     configure_openmp()  # before torch loads
     try:
-        settings = parse_args(argv)
+        settings = parse_args(argv, engine_default, prog)
         import uvloop
 
         uvloop.run(run(settings))

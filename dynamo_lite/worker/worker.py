@@ -24,12 +24,16 @@ from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
     InstanceInfo,
+    KvDescriptor,
     KvEvent,
+    KvRelease,
     LoadReport,
     ModelCard,
     Phase,
     Served,
     StreamError,
+    Subscription,
+    WireError,
     decode,
     encode,
 )
@@ -37,6 +41,7 @@ from dynamo_lite.router.kv_index import kv_events_subject
 from dynamo_lite.router.load import load_subject
 from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime import keys
+from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView, deregister, register
 from dynamo_lite.runtime.runtime import Runtime
@@ -86,6 +91,8 @@ class Worker:
         self._metrics_server = None
         self.inflight = 0
         self._reporter: asyncio.Task[None] | None = None
+        self._release_sub: Subscription | None = None
+        self._background: set[asyncio.Task[None]] = set()
         # (KvEventKind, block hashes) appended by the engine (any thread), published by the reporter task
         self._kv_events: deque[tuple[int, list[int]]] = deque()
 
@@ -142,8 +149,15 @@ class Worker:
             metrics_port=self.metrics_port,
             disaggregation_strategy=s.disaggregation_strategy,
         )
+        if s.runtime.etcd_endpoints:  # other hosts' frontends read the model's files from discovery
+            files = self.engine.model_files  # type: ignore[attr-defined]
+            self.card.files = await publish_card_files(
+                self.runtime.discovery, s.runtime.root, s.runtime.namespace, files.folder
+            )
         await register(self.runtime, self.info, self.card)
         self._reporter = asyncio.create_task(self._report_load(), name="load-reports")
+        if hasattr(self.engine, "release_kv"):
+            await self._serve_kv_releases()
         if hasattr(self.engine, "on_kv_event"):
             self.engine.on_kv_event = self._kv_events.append  # type: ignore[attr-defined]
         log.info(
@@ -154,6 +168,29 @@ class Worker:
             self.card.served_name,
             address,
         )
+
+    async def _serve_kv_releases(self) -> None:
+        """KV that a library holds (TensorRT-LLM): routers tell us when nobody will pull it; we tell other
+        prefill workers the same when our decode recomputes instead of pulling."""
+        assert self.runtime is not None
+        ns, iid, plane = self.settings.runtime.namespace, self.runtime.instance_id, self.runtime.request_plane
+
+        def on_release(subject: str, payload: bytes) -> None:
+            try:
+                self.engine.release_kv(decode(payload, KvRelease).transfer_id)  # type: ignore[attr-defined]
+            except WireError as e:
+                log.warning("ignoring malformed KV release on %s: %s", subject, e)
+
+        def release_remote(kv: KvDescriptor) -> None:
+            task = asyncio.get_running_loop().create_task(
+                plane.publish(kv.release_subject, encode(KvRelease(kv.transfer_id)))
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        self._release_sub = await plane.subscribe(keys.kv_release_prefix(ns, iid), on_release)
+        self.engine.kv_release_subject = keys.kv_release_subject(ns, iid)  # type: ignore[attr-defined]
+        self.engine.on_kv_unused = release_remote  # type: ignore[attr-defined]
 
     async def _report_load(self) -> None:
         """Publish a ``LoadReport`` (and pending KV cache events) for the routers, periodically."""
@@ -246,6 +283,11 @@ class Worker:
             await self._served.stop(drain)
         if self._reporter:
             self._reporter.cancel()
+        if self._release_sub is not None:
+            try:
+                await self._release_sub.unsubscribe()
+            except Exception as e:  # noqa: BLE001 — the request plane is going away anyway
+                log.debug("unsubscribing KV releases failed: %s", e)
         if self._view:
             await self._view.stop()
         await self.engine.stop()

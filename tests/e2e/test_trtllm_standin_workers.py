@@ -73,7 +73,16 @@ def test_prefill_and_decode_workers_round_trip_with_opaque_state(services: Servi
 
 def test_worker_without_tensorrt_llm_exits_with_one_clear_line() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "dynamo_lite.worker", "--engine", "trtllm", "--mode", "prefill"],
+        [
+            sys.executable,
+            "-m",
+            "dynamo_lite.worker",
+            "--engine",
+            "trtllm",
+            "--mode",
+            "prefill",
+            "--in-memory",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

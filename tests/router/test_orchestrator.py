@@ -59,7 +59,7 @@ class Cluster:
             engine_settings=EngineSettings(
                 speedup_ratio=speedup, served_model_name=model, extra=timing or {}
             ),
-            runtime=RuntimeSettings(namespace=self.ns),
+            runtime=RuntimeSettings.embedded(namespace=self.ns),
         )
         w = Worker(settings)
         await w.start()
@@ -69,7 +69,7 @@ class Cluster:
         return w
 
     async def start_router(self, settings: RouterSettings | None = None) -> Router:
-        self.runtime = await Runtime.connect(RuntimeSettings(namespace=self.ns))
+        self.runtime = await Runtime.connect(RuntimeSettings.embedded(namespace=self.ns))
         self.view = LiveView(self.runtime)
         await self.view.start()
         self.router = Router(self.runtime, self.view, settings or RouterSettings())

@@ -189,7 +189,9 @@ def _instance(ns: str, iid: str) -> tuple[InstanceInfo, ModelCard]:
 
 
 async def test_live_view_over_etcd(etcd_server: Proc) -> None:
-    settings = RuntimeSettings(namespace="lv-etcd", etcd_endpoints=endpoints(etcd_server), lease_ttl_s=2)
+    settings = RuntimeSettings(
+        namespace="lv-etcd", etcd_endpoints=endpoints(etcd_server), nats_url="", lease_ttl_s=2
+    )
     worker, frontend = await Runtime.connect(settings), await Runtime.connect(settings)
     view = LiveView(frontend)
     await view.start()
@@ -213,7 +215,9 @@ def _true(predicate):  # noqa: ANN001, ANN202
 async def test_etcd_restart_shorter_than_the_ttl_keeps_keys_and_the_view(launcher: Launcher) -> None:
     proc = await asyncio.to_thread(launcher.etcd, "etcd-r")
     port, peer = proc.port, proc.extra["peer_port"]
-    settings = RuntimeSettings(namespace="restart", etcd_endpoints=f"127.0.0.1:{port}", lease_ttl_s=4)
+    settings = RuntimeSettings(
+        namespace="restart", etcd_endpoints=f"127.0.0.1:{port}", nats_url="", lease_ttl_s=4
+    )
     key = keys.instance_key(settings.root, "restart", "decode", "generate", "w1")
     worker, frontend = await Runtime.connect(settings), await Runtime.connect(settings)
     late: Runtime | None = None

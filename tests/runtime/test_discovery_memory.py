@@ -85,7 +85,7 @@ async def wait_for(predicate, within: float = 1.0) -> None:  # noqa: ANN001
 
 async def test_live_view_tracks_instances_and_cards() -> None:
     ns = "lv-track"
-    settings = RuntimeSettings(namespace=ns)
+    settings = RuntimeSettings.embedded(namespace=ns)
     worker_a, worker_b, frontend = [await Runtime.connect(settings) for _ in range(3)]
     await register(worker_a, _info(ns, "a"), _card())  # before the view starts: found by the initial list
     view = LiveView(frontend)
@@ -111,7 +111,7 @@ async def test_live_view_tracks_instances_and_cards() -> None:
 
 async def test_live_view_drops_stale_revisions_and_malformed_values() -> None:
     ns = "lv-stale"
-    rt = await Runtime.connect(RuntimeSettings(namespace=ns))
+    rt = await Runtime.connect(RuntimeSettings.embedded(namespace=ns))
     view = LiveView(rt)
     key = keys.instance_key(rt.settings.root, ns, "decode", "generate", "x")
     newer, older = _info(ns, "x", model="new"), _info(ns, "x", model="old")
@@ -132,7 +132,7 @@ async def test_live_view_drops_stale_revisions_and_malformed_values() -> None:
 
 async def test_live_view_relists_periodically_and_repairs_missed_events() -> None:
     ns = "lv-resync"
-    rt = await Runtime.connect(RuntimeSettings(namespace=ns, discovery_resync_s=0.05))
+    rt = await Runtime.connect(RuntimeSettings.embedded(namespace=ns, discovery_resync_s=0.05))
     store: MemoryStore = rt.discovery._store  # type: ignore[attr-defined]
     view = LiveView(rt)
     await view.start()

@@ -20,7 +20,7 @@ def closed_port() -> int:
 
 
 async def test_embedded_runtimes_share_one_key_space_and_request_plane() -> None:
-    settings = RuntimeSettings(namespace="embedded")
+    settings = RuntimeSettings.embedded(namespace="embedded")
     assert not settings.distributed
     a, b = await Runtime.connect(settings), await Runtime.connect(settings)
     try:

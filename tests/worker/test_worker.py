@@ -36,7 +36,7 @@ def worker_settings(ns: str, mode: str, *, speedup: float = 0.0, max_inflight: i
         engine="mocker",
         max_inflight=max_inflight,
         engine_settings=EngineSettings(speedup_ratio=speedup, served_model_name=MODEL),
-        runtime=RuntimeSettings(namespace=ns),
+        runtime=RuntimeSettings.embedded(namespace=ns),
     )
 
 
@@ -103,7 +103,7 @@ async def test_metrics_count_requests_by_phase(started: list[Worker]) -> None:
     for w in (p, d):
         await w.start()
         started.append(w)
-    rt = await Runtime.connect(RuntimeSettings(namespace=ns))
+    rt = await Runtime.connect(RuntimeSettings.embedded(namespace=ns))
     view = LiveView(rt)
     await view.start()
     try:

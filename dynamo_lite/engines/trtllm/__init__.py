@@ -24,8 +24,9 @@ import logging
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.engines.trtllm.api import TrtllmApi, import_tensorrt_llm
-from dynamo_lite.engines.trtllm.args import TRTLLM_SCHEMA, build_llm_args
+from dynamo_lite.engines.trtllm.args import TRTLLM_SCHEMA, build_llm_args, overridden_flags
 from dynamo_lite.engines.trtllm.engine import TrtllmEngine, TrtllmLimits
+from dynamo_lite.engines.trtllm.facts import drop_unsupported
 from dynamo_lite.engines.trtllm.model import resolve_trtllm_model
 
 __all__ = ["TRTLLM_SCHEMA", "TrtllmEngine", "TrtllmLimits", "build_engine", "build_llm_args"]
@@ -42,8 +43,13 @@ def build_engine(settings: EngineSettings, *, api: TrtllmApi | None = None) -> T
         logger.warning(
             "%s has no *.safetensors weights: TensorRT-LLM will not be able to load it", model.folder
         )
-    llm_args, warnings = build_llm_args(settings, str(model.folder))
+    llm_args, warnings = build_llm_args(settings, str(model.folder), model.context_length)
     for line in warnings:
+        logger.warning("%s", line)
+    for line in overridden_flags(settings):
+        logger.info("%s", line)
+    llm_args, missing = drop_unsupported(llm_args, api.version)
+    for line in missing:
         logger.warning("%s", line)
     api.materialize(llm_args)  # a bad nested section fails here, not minutes later in start()
     return TrtllmEngine(settings, llm_args, api, model)

@@ -1,6 +1,8 @@
 """TensorRT-LLM ``LLM(...)`` arguments: worker flags first, then ``--extra-engine-args`` YAML merged on top.
 
-Flag → TensorRT-LLM name (every flag is always passed; a key the YAML sets wins over its flag):
+Flag → TensorRT-LLM name (a flag given on the command line is passed; an omitted one is not, so
+TensorRT-LLM's own default applies, as with Dynamo's worker — except ``--max-seq-len``, which defaults to the
+model's context length; a key the YAML sets wins over its flag, and the worker logs each flag it overrides):
 
 ====================================  ==============================================
 ``--model-path``                      ``model`` (resolved to a local folder; not settable in the YAML)
@@ -149,22 +151,35 @@ TRTLLM_SCHEMA: Schema = {
 DISAGGREGATED_MODES = ("prefill", "decode")
 
 
-def flag_args(settings: EngineSettings, model: str) -> dict[str, Any]:
-    """The base layer: worker flags (and per-mode defaults) in TensorRT-LLM's names."""
-    kv_cache: dict[str, Any] = {"free_gpu_memory_fraction": settings.free_gpu_memory_fraction}
-    if settings.kv_block_size != TRTLLM_DEFAULT_TOKENS_PER_BLOCK:
-        # Left out at the default: TensorRT-LLM releases without this key would reject it.
-        kv_cache["tokens_per_block"] = settings.kv_block_size
-    args: dict[str, Any] = {
-        "model": model,
-        "backend": "pytorch",
-        "tensor_parallel_size": settings.tensor_parallel_size,
-        "moe_expert_parallel_size": settings.expert_parallel_size,
-        "max_batch_size": settings.max_batch_size,
-        "max_num_tokens": settings.max_num_tokens,
-        "max_seq_len": settings.max_seq_len,
-        "kv_cache_config": kv_cache,
-    }
+# Worker flag (EngineSettings field) → where it goes in TensorRT-LLM's arguments.
+FLAG_KEYS: dict[str, tuple[str, ...]] = {
+    "tensor_parallel_size": ("tensor_parallel_size",),
+    "expert_parallel_size": ("moe_expert_parallel_size",),
+    "max_batch_size": ("max_batch_size",),
+    "max_num_tokens": ("max_num_tokens",),
+    "max_seq_len": ("max_seq_len",),
+    "free_gpu_memory_fraction": ("kv_cache_config", "free_gpu_memory_fraction"),
+    "kv_block_size": ("kv_cache_config", "tokens_per_block"),
+}
+
+
+def flag_args(settings: EngineSettings, model: str, model_max_seq_len: int | None = None) -> dict[str, Any]:
+    """The base layer: the flags given on the command line (and per-mode defaults) in TensorRT-LLM's names.
+
+    An omitted flag is not passed, so TensorRT-LLM's own default applies (what Dynamo's worker does by passing
+    TensorRT-LLM's ``BuildConfig`` defaults) — except ``max_seq_len``, which defaults to the model's context
+    length (``model_max_seq_len``, from its ``config.json``).
+    """
+    args: dict[str, Any] = {"model": model, "backend": "pytorch"}
+    for flag, path in FLAG_KEYS.items():
+        if not settings.given(flag):
+            continue
+        value = getattr(settings, flag)
+        if flag == "kv_block_size" and value == TRTLLM_DEFAULT_TOKENS_PER_BLOCK:
+            continue  # TensorRT-LLM's default; releases without tokens_per_block would reject it
+        _set(args, path, value)
+    if not settings.given("max_seq_len") and model_max_seq_len:
+        args["max_seq_len"] = model_max_seq_len
     if settings.mode in DISAGGREGATED_MODES:
         args["cache_transceiver_config"] = {"backend": "DEFAULT"}
     if settings.mode == "prefill":
@@ -172,7 +187,42 @@ def flag_args(settings: EngineSettings, model: str) -> dict[str, Any]:
     return args
 
 
-def build_llm_args(settings: EngineSettings, model: str) -> tuple[dict[str, Any], list[str]]:
+def _set(args: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        args = args.setdefault(key, {})
+    args[path[-1]] = value
+
+
+def _get(args: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(args, dict) or key not in args:
+            return _MISSING
+        args = args[key]
+    return args
+
+
+_MISSING = object()
+
+
+def overridden_flags(settings: EngineSettings) -> list[str]:
+    """One line per command-line flag whose value the ``--extra-engine-args`` YAML replaces."""
+    source = settings.extra_source or "--extra-engine-args"
+    lines = []
+    for flag, path in FLAG_KEYS.items():
+        if not settings.given(flag):
+            continue
+        value, from_yaml = getattr(settings, flag), _get(settings.extra or {}, path)
+        if from_yaml is _MISSING or from_yaml == value:
+            continue
+        lines.append(
+            f"--{flag.replace('_', '-')} {value} is overridden by {source}: {'.'.join(path)}: {from_yaml!r}"
+        )
+    return lines
+
+
+def build_llm_args(
+    settings: EngineSettings, model: str, model_max_seq_len: int | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Flags, then ``settings.extra`` (the YAML) on top. Returns ``(llm_kwargs, warnings)``.
 
     Raises ``EngineArgsError`` naming the key and ``settings.extra_source`` for a wrong type, a ``model`` key,
@@ -185,7 +235,7 @@ def build_llm_args(settings: EngineSettings, model: str) -> tuple[dict[str, Any]
     warnings = check_engine_args(extra, TRTLLM_SCHEMA, source=source)
     if "model" in extra:
         raise EngineArgsError(f"{source}: 'model' cannot be set here; use --model-path")
-    args = deep_merge(flag_args(settings, model), extra)
+    args = deep_merge(flag_args(settings, model, model_max_seq_len), extra)
     if settings.mode in DISAGGREGATED_MODES and args.get("cache_transceiver_config") is None:
         raise EngineArgsError(
             f"{source}: cache_transceiver_config is null, but --mode {settings.mode} needs it to move the KV"

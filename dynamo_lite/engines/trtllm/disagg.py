@@ -110,6 +110,11 @@ def generation_only_params(params_cls: type, fields: dict[str, Any]) -> Any:
     return params_cls(request_type="generation_only", **kwargs)
 
 
+def field_names(cls: type) -> set[str]:
+    """The constructor fields of a ``DisaggregatedParams`` class (a dataclass in every release)."""
+    return _field_names(cls)
+
+
 def _field_names(cls: type) -> set[str]:
     if dataclasses.is_dataclass(cls):
         return {f.name for f in dataclasses.fields(cls)}

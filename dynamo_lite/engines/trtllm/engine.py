@@ -27,8 +27,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,7 @@ from dynamo_lite.engines.trtllm.disagg import (
     DisaggParamsError,
     decode_disaggregated_params,
     encode_disaggregated_params,
+    field_names,
     generation_only_params,
 )
 from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
@@ -104,6 +106,14 @@ class TrtllmEngine:
         self._stats = EngineStats()
         self._inflight: set[Any] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Finished context-only requests whose KV TensorRT-LLM holds for a decode worker: transfer id →
+        # (request output, when we stop tracking it). ``release_kv`` aborts one nobody will pull.
+        self._held: dict[str, tuple[Any, float]] = {}
+        self.kv_release_subject = ""  # set by the worker: where routers send ``KvRelease`` for our KV
+        self.on_kv_unused: Callable[[KvDescriptor], None] | None = None  # set by the worker (decode side)
+        self.kv_releases = 0
+        params_fields = field_names(api.DisaggregatedParams)
+        self._sets_disagg_request_id = "disagg_request_id" in params_fields
 
     # -- lifecycle -------------------------------------------------------------------------------------------
 
@@ -190,7 +200,11 @@ class TrtllmEngine:
         params = self._sampling(request, 1)
         if request.sampling.max_tokens == 1:
             return _Plan(inputs, params, 1, streaming=False)
-        disagg = self._api.DisaggregatedParams(request_type="context_only")
+        fields: dict[str, Any] = {"request_type": "context_only"}
+        if self._sets_disagg_request_id:
+            # Newer releases (1.2 on) identify a disaggregated request by one id on both sides.
+            fields["disagg_request_id"] = secrets.randbits(62) or 1
+        disagg = self._api.DisaggregatedParams(**fields)
         return _Plan(inputs, params, 1, disagg=disagg, streaming=False, context_only=True)
 
     def _decode_plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
@@ -224,6 +238,8 @@ class TrtllmEngine:
         )
 
     def _after_kv_failure(self, request: GenerateRequest, reason: str) -> _Plan | GenerateChunk:
+        if request.kv is not None and request.kv.release_subject and self.on_kv_unused is not None:
+            self.on_kv_unused(request.kv)  # whatever happens now, nobody will pull that prefill's KV
         if self.settings.kv_failure_policy != "recompute":
             raise EngineError(f"KV import failed: {reason}", status=503, code="kv_transfer_failed")
         logger.warning(
@@ -272,6 +288,8 @@ class TrtllmEngine:
                 if out.finished:
                     over = True
                     chunk = self._final_chunk(plan, out, completion, new, len(ids))
+                    if chunk.kv is not None:
+                        self._hold(chunk.kv.transfer_id, result)
                     self._stats.total_tokens += len(chunk.token_ids)
                     yield chunk
                     return
@@ -323,14 +341,37 @@ class TrtllmEngine:
             opaque = encode_disaggregated_params(params)
         except DisaggParamsError as e:
             raise EngineError(str(e), status=500) from e
-        request_id = params.ctx_request_id if params.ctx_request_id is not None else params.disagg_request_id
+        request_id = params.ctx_request_id
+        if request_id is None:
+            request_id = getattr(params, "disagg_request_id", None)
         return KvDescriptor(
             transfer_id=str(request_id),
             engine=self.name,
             num_tokens=len(plan.inputs),
             nbytes=0,
             opaque=opaque,
+            lease_s=self.settings.kv_lease_s,
+            release_subject=self.kv_release_subject,
         )
+
+    # -- KV held for decode workers --------------------------------------------------------------------------
+
+    def _hold(self, transfer_id: str, result: Any) -> None:
+        now = time.monotonic()
+        for key in [k for k, (_, until) in self._held.items() if until < now]:
+            del self._held[key]  # pulled, or freed by TensorRT-LLM's kv_transfer_timeout_ms by now
+        self._held[transfer_id] = (result, now + self.settings.kv_lease_s)
+
+    def release_kv(self, transfer_id: str) -> bool:
+        """Nobody will pull this context-only result's KV: abort the request, so TensorRT-LLM frees it now
+        rather than at ``cache_transceiver_config.kv_transfer_timeout_ms``. False if we hold no such KV."""
+        held = self._held.pop(transfer_id, None)
+        if held is None:
+            return False
+        _abort_now(held[0])
+        self.kv_releases += 1
+        logger.info("released unpulled KV %s (context request aborted)", transfer_id)
+        return True
 
     # -- cancellation ----------------------------------------------------------------------------------------
 

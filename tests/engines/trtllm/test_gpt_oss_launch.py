@@ -37,7 +37,7 @@ def test_syntax() -> None:
 
 
 def test_dry_run_prints_the_exact_commands() -> None:
-    out = run("--dry-run")
+    out = run("--dry-run", env={"GPU_ARCH": "blackwell"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [
         f"# dry run: these commands would run from {ROOT} (nothing is started)",
@@ -48,13 +48,21 @@ def test_dry_run_prints_the_exact_commands() -> None:
         "--mode prefill --engine trtllm "
         "--model-path openai/gpt-oss-120b --served-model-name openai/gpt-oss-120b "
         "--extra-engine-args engine_configs/gpt_oss/prefill.yaml --disaggregation-strategy prefill_first "
-        "--max-batch-size 32 --max-seq-len 131072 &",
+        "--max-batch-size 32 &",
         f"+ CUDA_VISIBLE_DEVICES=4,5,6,7 python3 -m dynamo_lite.worker {SERVICES} "
         "--mode decode --engine trtllm "
         "--model-path openai/gpt-oss-120b --served-model-name openai/gpt-oss-120b "
         "--extra-engine-args engine_configs/gpt_oss/decode.yaml --disaggregation-strategy prefill_first "
-        "--max-batch-size 128 --max-seq-len 131072 &",
+        "--max-batch-size 128 &",
     ]
+
+
+def test_hopper_gpus_get_the_triton_moe_configs() -> None:
+    out = run("--dry-run", env={"GPU_ARCH": "hopper"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "--extra-engine-args engine_configs/gpt_oss/hopper/prefill.yaml" in lines[3]
+    assert "--extra-engine-args engine_configs/gpt_oss/hopper/decode.yaml" in lines[4]
 
 
 def test_dry_run_by_environment_with_overrides() -> None:
@@ -85,7 +93,7 @@ def test_dry_run_by_environment_with_overrides() -> None:
     assert "--extra-engine-args /etc/p.yaml --disaggregation-strategy decode_first" in lines[3]
     assert "--nats-url nats://10.1.1.1:4222" in lines[3]
     assert lines[4].startswith("+ CUDA_VISIBLE_DEVICES=2,3 ")
-    assert lines[4].endswith("--max-seq-len 131072 --kv-failure-policy fail &")
+    assert lines[4].endswith("--max-batch-size 128 --kv-failure-policy fail &")
 
 
 def test_unknown_option_is_refused_with_usage() -> None:

@@ -25,7 +25,7 @@ from tensorrt_llm.llmapi import LLM, CompletionOutput, RequestError, RequestOutp
 from tensorrt_llm.sampling_params import SamplingParams
 
 IS_STANDIN = True
-__version__ = "0.0.0+dynamo-lite-standin"
+__version__ = "1.2.0+dynamo-lite-standin"  # the API surface it stands in for: the 1.2 line
 
 __all__ = [
     "LLM",

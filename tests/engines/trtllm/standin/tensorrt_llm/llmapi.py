@@ -63,12 +63,19 @@ class CudaGraphConfig:
     enable_padding: bool = False
 
 
+MOE_BACKENDS = ("CUTLASS", "CUTEDSL", "WIDEEP", "TRTLLM", "DEEPGEMM", "VANILLA", "TRITON")
+
+
 @dataclass(kw_only=True)
 class MoeConfig:
-    backend: str = "AUTO"
+    backend: str = "CUTLASS"
     max_num_tokens: int | None = None
     load_balancer: Any = None
     disable_finalize_fusion: bool = False
+
+    def __post_init__(self) -> None:
+        if self.backend not in MOE_BACKENDS:
+            raise ValueError(f"moe_config.backend must be one of {', '.join(MOE_BACKENDS)}: {self.backend}")
 
 
 @dataclass(kw_only=True)
@@ -187,8 +194,11 @@ class RequestOutput:
         self._task = asyncio.get_running_loop().create_task(self._produce())
 
     def abort(self) -> None:
+        """Cancel the request; for a finished context-only request whose KV is still held, free that KV (as
+        TensorRT-LLM cancels a context request whose KV waits in its cache transceiver)."""
         self.aborted = True
         self._llm.aborted.append(self.request_id)
+        PENDING_KV.pop(self.request_id, None)
 
     def __aiter__(self) -> RequestOutput:
         return self
@@ -275,6 +285,7 @@ class RequestOutput:
                 request_type="context_only",
                 first_gen_tokens=list(generated),
                 ctx_request_id=self.request_id,
+                disagg_request_id=disagg.disagg_request_id,
                 opaque_state=opaque_state_for(self.request_id, self.prompt_token_ids, generated),
             )
             if reason == "length":
@@ -367,9 +378,11 @@ class LLM:
         max_seq_len = self.args.get("max_seq_len")
         if max_seq_len is not None and len(inputs) > max_seq_len:
             raise ValueError(f"prompt of {len(inputs)} tokens exceeds max_seq_len {max_seq_len}")
+        # A disaggregated request id, when given, is the request's id on both sides (TensorRT-LLM >= 1.2).
+        disagg_id = disaggregated_params.disagg_request_id if disaggregated_params is not None else None
         result = RequestOutput(
             self,
-            next(self._ids),
+            disagg_id if disagg_id is not None else next(self._ids),
             list(inputs),
             sampling_params or SamplingParams(),
             disaggregated_params,
