@@ -123,6 +123,15 @@ def test_greedy_tokens_match_transformers_across_processes(stack) -> None:
     assert sum(metric_values(decode.port, "dynamo_lite_worker_kv_transfers_total")) == len(prompts)
     assert sum(metric_values(decode.port, "dynamo_lite_worker_kv_recomputes_total")) == 0
 
+    # The Responses API answers as chat does, for the same conversation and sampling (real model, greedy).
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(model=MODEL, messages=question, max_tokens=24, temperature=0)
+    response = client.responses.create(model=MODEL, input=question, max_output_tokens=24, temperature=0)
+    assert "Paris" in chat.choices[0].message.content
+    assert response.output_text == chat.choices[0].message.content
+    with client.responses.stream(model=MODEL, input=question, max_output_tokens=24, temperature=0) as stream:
+        assert stream.get_final_response().output_text == chat.choices[0].message.content
+
 
 def test_16_concurrent_streams_are_batched(stack) -> None:
     launch, _, _ = stack
