@@ -21,6 +21,51 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Every process the suite starts inherits this marker; at the end, any live process carrying it is a leak.
+_SESSION_MARKER = "DYNAMO_LITE_TEST_SESSION"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    os.environ[_SESSION_MARKER] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def _leaked_processes() -> list[tuple[int, str]]:
+    """Live processes (not this one, not zombies) started with this session's marker."""
+    marker = f"{_SESSION_MARKER}={os.environ.get(_SESSION_MARKER, '')}".encode()
+    leaked = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        leaked.append((int(entry.name), cmd))
+    return leaked
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a test left a process behind (and stop them, by PID)."""
+    if not os.environ.get(_SESSION_MARKER) or not Path("/proc").is_dir():
+        return
+    leaked = _leaked_processes()
+    if not leaked:
+        return
+    for pid, _ in leaked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    lines = "\n".join(f"  {pid}: {cmd[:200]}" for pid, cmd in leaked)
+    session.config.get_terminal_writer().line(
+        f"\nprocesses left running by the tests (killed now):\n{lines}", red=True
+    )
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -203,6 +203,7 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
     launch, _, _ = stack
     url, prefill, decode = launch()
     rng = random.Random(11)
+    streaming: list[int] = []
 
     async def one(client: httpx.AsyncClient, i: int, after: float) -> None:
         body = {
@@ -214,8 +215,11 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
 
         async def consume() -> None:
             async with client.stream("POST", url + "/v1/completions", json=body) as r:
-                async for _ in r.aiter_bytes():
-                    pass
+                seen = False
+                async for data in r.aiter_bytes():
+                    if not seen and r.status_code == 200 and b'"text"' in data:
+                        seen = True
+                        streaming.append(i)  # tokens were flowing when the client left
 
         try:
             await asyncio.wait_for(consume(), after)
@@ -234,6 +238,9 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
 
     started = time.monotonic()
     asyncio.run(run())
+    # Cancels reached requests at every stage, many of them after tokens were flowing (not only refusals).
+    assert len(streaming) >= 40, len(streaming)
+    assert sum(metric_values(decode.port, "dynamo_lite_worker_kv_transfers_total")) >= 20
 
     def drained() -> bool:
         return all(
