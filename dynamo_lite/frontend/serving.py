@@ -310,116 +310,100 @@ class CompletionService:
         async def produce(ex: Exchange) -> None:
             self.active += 1
             try:
-                if p.stream:
-                    await self._stream(p, ex, rid)
-                else:
-                    await self._complete(p, ex, rid)
+                await self._serve(p, ex, rid)
             finally:
                 self.active -= 1
 
         return WatchedResponse(produce)
 
-    async def _stream(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
-        fmt = p.stream_format()
+    async def _serve(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
+        """Run ``p`` on the backend under its deadlines and answer it, streamed or whole; failures become an
+        error response (before the first byte) or the stream's error event (after)."""
         out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
         mm = self._metrics.model(p.model)
-        itl = mm.itl
-        perf_counter = time.perf_counter
         settings = self._settings
-        loop = asyncio.get_running_loop()
-        start = loop.time() - (perf_counter() - p.arrival)
+        start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)
         mm.inflight.inc()
         mm.input_tokens.inc(len(p.request.token_ids))
+        fmt = p.stream_format() if p.stream else None
         status = 200
-        started = False
         stream = None
         try:
             first_deadline = start + min(settings.first_token_timeout_s, settings.request_timeout_s)
             async with asyncio.timeout_at(first_deadline) as t:
                 stream = self._backend.generate(p.model, p.request)
-                try:
-                    chunk: GenerateChunk | None = await stream.__anext__()
-                except StopAsyncIteration:
-                    chunk = None
+                first = await anext(stream, None)
                 t.reschedule(start + settings.request_timeout_s)
-                now = perf_counter()
-                mm.ttft.observe(now - p.arrival)
-                await ex.start(200, [*SSE_HEADERS, rid])
-                started = True
-                head = fmt.head()
-                if head:
-                    await ex.body(head)
-                while True:
-                    delta = out.process(chunk) if chunk is not None else out.end()
-                    finish = out.finish_reason
-                    if delta or finish:
-                        data = fmt.delta(delta, finish)
-                        if data:
-                            await ex.body(data)
-                    if finish:
-                        break
-                    try:
-                        chunk = await stream.__anext__()
-                    except StopAsyncIteration:
-                        chunk = None
-                        continue
-                    n = len(chunk.token_ids)
-                    if n:
-                        t_chunk = perf_counter()
-                        itl.observe((t_chunk - now) / n)
-                        now = t_chunk
-                await ex.end(fmt.tail(p.usage(out), out.finish_reason or "stop"))
+                mm.ttft.observe(time.perf_counter() - p.arrival)
+                if fmt is not None:
+                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)
+                else:
+                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl)
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
         except Exception as exc:
-            status = await self._report_failure(exc, ex, rid, fmt if started else None)
+            status = await self._report_failure(exc, ex, rid, fmt)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
 
-    async def _complete(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
-        out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
-        mm = self._metrics.model(p.model)
-        settings = self._settings
-        loop = asyncio.get_running_loop()
-        start = loop.time() - (time.perf_counter() - p.arrival)
-        mm.inflight.inc()
-        mm.input_tokens.inc(len(p.request.token_ids))
-        status = 200
-        stream = None
+    @staticmethod
+    async def _write_stream(
+        p: PreparedRequest,
+        ex: Exchange,
+        rid: tuple[bytes, bytes],
+        fmt: StreamFormat,
+        stream: Any,
+        chunk: GenerateChunk | None,
+        out: OutputState,
+        itl: Any,
+    ) -> None:
+        perf_counter = time.perf_counter
+        now = perf_counter()
+        await ex.start(200, [*SSE_HEADERS, rid])
+        head = fmt.head()
+        if head:
+            await ex.body(head)
+        while True:
+            delta = out.process(chunk) if chunk is not None else out.end()
+            finish = out.finish_reason
+            if delta or finish:
+                data = fmt.delta(delta, finish)
+                if data:
+                    await ex.body(data)
+            if finish:
+                break
+            chunk = await anext(stream, None)
+            if chunk is not None and chunk.token_ids:
+                t_chunk = perf_counter()
+                itl.observe((t_chunk - now) / len(chunk.token_ids))
+                now = t_chunk
+        await ex.end(fmt.tail(p.usage(out), out.finish_reason or "stop"))
+
+    @staticmethod
+    async def _write_whole(
+        p: PreparedRequest,
+        ex: Exchange,
+        rid: tuple[bytes, bytes],
+        stream: Any,
+        chunk: GenerateChunk | None,
+        out: OutputState,
+        itl: Any,
+    ) -> None:
         transcript = Transcript()
-        try:
-            first_deadline = start + min(settings.first_token_timeout_s, settings.request_timeout_s)
-            async with asyncio.timeout_at(first_deadline) as t:
-                stream = self._backend.generate(p.model, p.request)
-                now = 0.0
-                while True:
-                    try:
-                        chunk = await stream.__anext__()
-                    except StopAsyncIteration:
-                        transcript.add(out.end())
-                        break
-                    t_chunk = time.perf_counter()
-                    if now == 0.0:
-                        t.reschedule(start + settings.request_timeout_s)
-                        mm.ttft.observe(t_chunk - p.arrival)
-                    elif chunk.token_ids:
-                        mm.itl.observe((t_chunk - now) / len(chunk.token_ids))
-                    now = t_chunk
-                    transcript.add(out.process(chunk))
-                    if out.finish_reason:
-                        break
-                body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
-                await ex.respond(200, [*JSON_HEADERS, rid], body)
-        except asyncio.CancelledError:
-            status = 499 if ex.disconnected else 503
-            raise
-        except Exception as exc:
-            status = await self._report_failure(exc, ex, rid, None)
-        finally:
-            await self._close_stream(stream, backend_finished=out.backend_finished)
-            self._done(p, mm, out, status, ex)
+        now = time.perf_counter()
+        while True:
+            transcript.add(out.process(chunk) if chunk is not None else out.end())
+            if out.finish_reason:
+                break
+            chunk = await anext(stream, None)
+            if chunk is not None and chunk.token_ids:
+                t_chunk = time.perf_counter()
+                itl.observe((t_chunk - now) / len(chunk.token_ids))
+                now = t_chunk
+        body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
+        await ex.respond(200, [*JSON_HEADERS, rid], body)
 
     async def _report_failure(
         self, exc: Exception, ex: Exchange, rid: tuple[bytes, bytes], stream: StreamFormat | None
@@ -430,7 +414,7 @@ class CompletionService:
         self._metrics.error(err.type)
         try:
             async with asyncio.timeout(_SEND_ERROR_TIMEOUT_S):
-                if stream is not None:  # the stream already started: its last event says what failed
+                if ex.started and stream is not None:  # its last event says what failed
                     await ex.end(stream.error(err.body()))
                 else:
                     await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())

@@ -22,14 +22,16 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 class Exchange:
     """One request/response exchange as the producer sees it."""
 
-    __slots__ = ("send", "disconnected", "complete")
+    __slots__ = ("send", "started", "disconnected", "complete")
 
     def __init__(self, send: Send) -> None:
         self.send = send
+        self.started = False  # status and headers are sent: failures now go into the body
         self.disconnected = False  # the client went away before the response was complete
         self.complete = False  # the last body message is being sent: a disconnect now is the normal end
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def body(self, data: bytes) -> None:

@@ -77,3 +77,20 @@ def test_relative_links_lead_to_files(doc):
         if "://" in target:
             continue
         assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
+
+
+def test_architecture_names_files_that_exist():
+    """docs/architecture.md walks a request through the code: every file it names must exist."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    names = set(re.findall(r"`([\w./-]+\.(?:py|md|yaml|sh))`", text))
+    names |= {n for n in re.findall(r"`(dynamo_lite/[\w/.-]+)`", text)}
+    assert len(names) >= 15, sorted(names)
+    package_files = {p.name for p in (ROOT / "dynamo_lite").rglob("*") if p.is_file()}
+    missing = [
+        n
+        for n in sorted(names)
+        if not (ROOT / n).exists()
+        and not (ROOT / "dynamo_lite" / n).exists()
+        and ("/" in n or n not in package_files)
+    ]
+    assert not missing, f"docs/architecture.md names files that do not exist: {missing}"

@@ -153,3 +153,49 @@ async def test_batches_concurrent_requests(engine: MockerEngine) -> None:
     assert all(len(tokens(r)) == 20 for r in results)
     assert engine.stats().total_tokens == 8 * 20
     assert engine.stats().active_seqs == 0
+
+
+async def test_random_tokens_avoid_the_requests_stop_ids(engine: MockerEngine) -> None:
+    free = tokens(await collect(engine, request(max_tokens=40)))
+    stops = free[5:15]  # ids the unconstrained run would have produced
+    req = GenerateRequest("r2", "mock", PROMPT, SamplingOptions(max_tokens=40, stop_token_ids=stops))
+    chunks = await collect(engine, req)
+    assert len(tokens(chunks)) == 40 and not set(tokens(chunks)) & set(stops)
+    assert chunks[-1].finish_reason == FinishReason.LENGTH
+
+
+async def test_script_plays_across_prefill_and_decode_and_stops_at_a_stop_id(
+    model_files: ModelFiles, tmp_path
+) -> None:  # noqa: ANN001
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(model_files.tokenizer_json))
+    script = tmp_path / "script.yaml"
+    script.write_text(
+        "- match: capital of France\n  answer: 'Paris is the capital.<|im_end|> and this never plays'\n"
+        "- match: never\n  answer: unused\n"
+    )
+    eng = MockerEngine(EngineSettings(speedup_ratio=0, extra={"script": str(script)}), model_files)
+    await eng.start()
+    try:
+        prompt = tok.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n").ids
+        want = tok.encode("Paris is the capital.<|im_end|>").ids
+        stop = [2]  # <|im_end|>
+        sampling = SamplingOptions(max_tokens=50, stop_token_ids=stop)
+        agg = await collect(eng, GenerateRequest("a", "mock", prompt, sampling))
+        assert tokens(agg) == want and agg[-1].finish_reason == FinishReason.STOP
+        # Prefill plays the first token and hands over; decode continues from there.
+        first = await collect(eng, GenerateRequest("p", "mock", prompt, sampling, Phase.PREFILL))
+        assert tokens(first) == want[:1] and first[-1].kv is not None
+        rest = await collect(
+            eng,
+            GenerateRequest(
+                "d", "mock", prompt, sampling, Phase.DECODE, kv=first[-1].kv, generated_ids=want[:1]
+            ),
+        )
+        assert tokens(rest) == want[1:] and rest[-1].finish_reason == FinishReason.STOP
+        # max_tokens still bounds a script.
+        short = await collect(eng, GenerateRequest("s", "mock", prompt, SamplingOptions(max_tokens=3)))
+        assert tokens(short) == want[:3] and short[-1].finish_reason == FinishReason.LENGTH
+    finally:
+        await eng.stop()
