@@ -83,6 +83,10 @@ class KvDescriptor(_Wire):
     cuda_ipc: bytes = b""
     device_index: int = -1
     gpu_uuid: str = ""
+    # Sliding-window layers (gpt-oss): which layers attend to only the last ``window`` positions. Their KV holds
+    # just that tail (``dynamo_lite.kv.layout.KvLayout``); empty: every layer holds every position.
+    window: int = 0
+    windowed_layers: list[int] = []
 
 
 class GenerateRequest(_Wire):

@@ -116,10 +116,12 @@ if HAVE_TRITON:
         Acc,
         Ml,
         Out,
+        Sinks,
         stride_ob,
         HEAD_DIM: tl.constexpr,
         NUM_HEADS: tl.constexpr,
         SPLITS: tl.constexpr,
+        HAS_SINKS: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -130,8 +132,14 @@ if HAVE_TRITON:
         l_s = tl.load(Ml + row * 2 + 1)
         acc = tl.load(Acc + row[:, None] * HEAD_DIM + d[None, :])
         m_max = tl.max(m, axis=0)
+        if HAS_SINKS:  # the head's sink joins the softmax's denominator only (it has no value)
+            sink = tl.load(Sinks + h).to(tl.float32)
+            m_max = tl.maximum(m_max, sink)
         w = tl.exp(m - m_max)  # empty ranges have m = -inf: weight 0
-        out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_s * w, axis=0)
+        denominator = tl.sum(l_s * w, axis=0)
+        if HAS_SINKS:
+            denominator += tl.exp(sink - m_max)
+        out = tl.sum(acc * w[:, None], axis=0) / denominator
         tl.store(Out + b.to(tl.int64) * stride_ob + h * HEAD_DIM + d, out.to(Out.dtype.element_ty))
 
 
@@ -142,8 +150,10 @@ def decode_attention_triton(
     slots: torch.Tensor,
     lens: torch.Tensor,
     scale: float,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Flash-decoding over each row's slot up to its length (no host sync; CUDA-graph safe)."""
+    """Flash-decoding over each row's slot up to its length (no host sync; CUDA-graph safe). ``sinks`` [heads]
+    (gpt-oss): a learned logit per head that takes part in the softmax without a value."""
     b, nh, hd = q.shape
     nkv = k_cache.shape[1]
     group = nh // nkv
@@ -176,7 +186,16 @@ def decode_attention_triton(
         num_warps=4,
     )
     _combine_kernel[(b, nh)](
-        acc, ml, out, out.stride(0), HEAD_DIM=hd, NUM_HEADS=nh, SPLITS=SPLITS, num_warps=1
+        acc,
+        ml,
+        out,
+        sinks if sinks is not None else ml,  # never read without sinks
+        out.stride(0),
+        HEAD_DIM=hd,
+        NUM_HEADS=nh,
+        SPLITS=SPLITS,
+        HAS_SINKS=sinks is not None,
+        num_warps=1,
     )
     return out
 
@@ -192,10 +211,15 @@ def triton_supported(q_dtype: torch.dtype, head_dim: int, device: torch.device) 
 
 
 def self_check(
-    dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device
+    dtype: torch.dtype,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    device: torch.device,
+    sinks: bool = False,
 ) -> float:
     """Largest relative error of the Triton path against the reference on random data (ragged lengths,
-    scattered slots); the caller decides whether to trust it."""
+    scattered slots; with random ``sinks`` if asked); the caller decides whether to trust it."""
     gen = torch.Generator(device="cpu").manual_seed(0)
     slots_n, max_seq = 6, 300
     k = torch.randn(slots_n, num_kv_heads, max_seq, head_dim, generator=gen).to(device, dtype)
@@ -205,6 +229,13 @@ def self_check(
     slots = torch.tensor([4, 0, 5, 2], device=device)
     lens = torch.tensor([1, 37, 300, 129], device=device)
     scale = head_dim**-0.5
-    ref = decode_attention_torch(q.float(), k.float(), v.float(), slots, lens, scale)
-    got = decode_attention_triton(q, k, v, slots, lens, scale).float()
+    if sinks:
+        from dynamo_lite.engines.reference.attention import decode_attention_sinks
+
+        sink = torch.randn(num_heads, generator=gen).to(device) * 2
+        ref = decode_attention_sinks(q.float(), k.float(), v.float(), slots, lens, scale, sink)
+        got = decode_attention_triton(q, k, v, slots, lens, scale, sink).float()
+    else:
+        ref = decode_attention_torch(q.float(), k.float(), v.float(), slots, lens, scale)
+        got = decode_attention_triton(q, k, v, slots, lens, scale).float()
     return float((got - ref).norm() / ref.norm())

@@ -1,0 +1,112 @@
+"""gpt-oss's mixture of experts: a top-k router and experts with a clamped SwiGLU, both with biases.
+
+Each token's router logits pick ``top_k`` experts; the softmax runs over those k logits only. An expert computes
+``gate, up = x W_gu + b_gu``; ``gate`` clamped from above and ``up`` from both sides at ``limit``;
+``(up + 1) * gate * sigmoid(alpha * gate)``; then ``W_down`` + bias; the k outputs are summed with the router's
+weights. The order of operations is transformers' ``grouped_mm`` experts path, so fp32 results match it.
+
+The (token, expert) pairs are sorted by expert and every expert's rows go through one grouped matrix product
+(``torch.nn.functional.grouped_mm``: each expert's weights are read once per step whatever its number of rows,
+the shapes depend only on the number of tokens, and no value goes back to the host, so a decode step with it can
+be captured in a CUDA graph). Where grouped_mm is unavailable for the dtype or device, a loop over the experts
+that have rows does the same arithmetic (with a host sync: no graphs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+GroupedMm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x [S, K] rows sorted by group, w [G, K, N], offsets [G] int32 cumulative rows) -> [S, N]``."""
+
+
+def _grouped_mm_torch(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offsets)
+
+
+def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(x.shape[0], w.shape[2], dtype=x.dtype, device=x.device)
+    start = 0
+    for g, end in enumerate(offsets.tolist()):  # one host sync
+        if end > start:
+            torch.mm(x[start:end], w[g], out=out[start:end])
+        start = end
+    return out
+
+
+def pick_grouped_mm(dtype: torch.dtype, device: torch.device) -> tuple[str, GroupedMm]:
+    """``("grouped_mm", fn)`` where torch's grouped product runs here for ``dtype`` and agrees with the loop on
+    random data, else ``("loop", fn)``."""
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return "loop", _grouped_mm_loop
+    gen = torch.Generator().manual_seed(0)
+    groups, k, n = 4, 64, 48
+    x = torch.randn(10, k, generator=gen).to(device, dtype)
+    w = torch.randn(groups, k, n, generator=gen).to(device, dtype)
+    offsets = torch.tensor([3, 3, 7, 10], dtype=torch.int32, device=device)
+    try:
+        got = _grouped_mm_torch(x, w, offsets).float()
+    except Exception as e:  # not built for this dtype/device/layout
+        log.info("grouped_mm unavailable for %s on %s (%s): experts run in a loop", dtype, device, e)
+        return "loop", _grouped_mm_loop
+    ref = _grouped_mm_loop(x.float(), w.float(), offsets)
+    error = float((got - ref).norm() / ref.norm())
+    if not error < (1e-5 if dtype == torch.float32 else 2e-2):
+        log.warning("grouped_mm is off by %.2e for %s on %s: experts run in a loop", error, dtype, device)
+        return "loop", _grouped_mm_loop
+    return "grouped_mm", _grouped_mm_torch
+
+
+def route(
+    h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weights [T, k], expert ids [T, k])``: the top-k router logits, softmaxed among themselves."""
+    logits = F.linear(h, weight, bias)
+    top, ids = torch.topk(logits, top_k, dim=-1)
+    return torch.softmax(top, dim=1, dtype=top.dtype), ids
+
+
+def experts(
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    limit: float,
+    alpha: float,
+    grouped_mm: GroupedMm,
+) -> torch.Tensor:
+    """The routed experts' summed output ``[T, hidden]`` for tokens ``h`` [T, hidden].
+
+    ``gate_up`` [E, hidden, 2I] (gate and up columns interleaved), ``down`` [E, I, hidden], biases [E, 2I] /
+    [E, hidden]: the checkpoint's own layout (the same matrices in another memory order gave other fp32 roundings).
+    """
+    num_tokens, top_k = ids.shape
+    num_experts = gate_up.shape[0]
+    flat_ids = ids.reshape(-1)
+    expert_of_row, perm = torch.sort(flat_ids)
+    rows = h[perm // top_k]
+    # Rows per expert without a host sync (bincount would sync to size its output).
+    counts = (expert_of_row[:, None] == torch.arange(num_experts, device=h.device)[None, :]).sum(0)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    gu = grouped_mm(rows, gate_up, offsets)
+    gu.add_(gate_up_bias[expert_of_row])
+    gate = gu[:, 0::2].clamp(min=None, max=limit)
+    up = gu[:, 1::2].clamp(min=-limit, max=limit)
+    glu = gate * torch.sigmoid(gate * alpha)
+    act = (up + 1) * glu
+    out = grouped_mm(act, down, offsets)
+    out.add_(down_bias[expert_of_row])
+    out = out * weights.reshape(-1)[perm].unsqueeze(-1)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return out[inverse].view(num_tokens, top_k, -1).sum(dim=1)
