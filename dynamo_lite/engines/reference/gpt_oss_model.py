@@ -8,7 +8,8 @@ the positions its window reaches from the ring *before* the step's own writes ca
 
 The arithmetic follows transformers' ``GptOssForCausalLM`` (eager attention, grouped_mm experts): fp32 greedy
 output matches its ``generate`` token for token. ``decode_forward`` (decode-only, shapes fixed by the batch, no
-host sync) is what the CUDA graphs capture; it needs the Triton decode attention and the grouped expert product.
+host sync) is what the CUDA graphs capture; it needs the Triton decode attention and experts run without a host
+sync (``moe``: grouped_mm, or dense).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class GptOssModel:
         # (first * cos - second * sin, second * cos + first * sin) since sign flips are exact.
         self.cos = torch.cat([cos, cos], dim=-1).to(device=self.device, dtype=self.dtype)
         self.sin = torch.cat([-sin, sin], dim=-1).to(device=self.device, dtype=self.dtype)
-        self.moe_impl, self._grouped_mm = moe.pick_grouped_mm(self.dtype, self.device)
+        self.moe_impl, self._experts = moe.pick_experts(self.dtype, self.device)
         self._qkv = [make_linear(lw.qkv, lw.qkv_bias) for lw in weights.layers]
         self._o = [make_linear(lw.o, lw.o_bias) for lw in weights.layers]
         self._lm_head = make_linear(weights.lm_head)
@@ -62,7 +63,7 @@ class GptOssModel:
     @property
     def graph_safe(self) -> bool:
         """Whether ``decode_forward`` can be captured in a CUDA graph."""
-        return self.decode_attention is not None and self.moe_impl == "grouped_mm"
+        return self.decode_attention is not None and self.moe_impl != "loop"
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self._norm_shape, weight, self.config.rms_norm_eps)
@@ -80,7 +81,7 @@ class GptOssModel:
         cfg, lw = self.config, self.weights.layers[i]
         h = self._rms_norm(x, lw.post_norm)
         weights, ids = moe.route(h, lw.router, lw.router_bias, cfg.experts_per_token)
-        out = moe.experts(
+        out = self._experts(
             h,
             weights,
             ids,
@@ -90,7 +91,6 @@ class GptOssModel:
             lw.down_bias,
             cfg.swiglu_limit,
             cfg.swiglu_alpha,
-            self._grouped_mm,
         )
         return x + out
 

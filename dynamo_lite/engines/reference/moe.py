@@ -5,15 +5,20 @@ Each token's router logits pick ``top_k`` experts; the softmax runs over those k
 ``(up + 1) * gate * sigmoid(alpha * gate)``; then ``W_down`` + bias; the k outputs are summed with the router's
 weights. The order of operations is transformers' ``grouped_mm`` experts path, so fp32 results match it.
 
-The (token, expert) pairs are sorted by expert and every expert's rows go through one grouped matrix product
-(``torch.nn.functional.grouped_mm``: each expert's weights are read once per step whatever its number of rows,
-the shapes depend only on the number of tokens, and no value goes back to the host, so a decode step with it can
-be captured in a CUDA graph). Where grouped_mm is unavailable for the dtype or device, a loop over the experts
-that have rows does the same arithmetic (with a host sync: no graphs).
+Three ways to run the experts, one picked per model (``pick_experts``):
+
+- ``grouped_mm``: the (token, expert) pairs sorted by expert, every expert's rows through one grouped matrix
+  product (``torch.nn.functional.grouped_mm``): each expert's weights read once per step whatever its number of
+  rows, shapes that depend only on the number of tokens, no value back to the host, so a decode step with it can
+  be captured in a CUDA graph.
+- ``dense`` (GPUs where grouped_mm lacks the dtype, e.g. fp32): every expert on every token, then each token's
+  top-k picked: E / k times the arithmetic, but graph-safe too.
+- ``loop`` (CPUs without grouped_mm): a loop over the experts that have rows (a host sync: no graphs).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -39,6 +44,21 @@ def _grouped_mm_loop(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) ->
             torch.mm(x[start:end], w[g], out=out[start:end])
         start = end
     return out
+
+
+ExpertsFn = Callable[..., torch.Tensor]
+"""``(h, weights, ids, gate_up, gate_up_bias, down, down_bias, limit, alpha) -> [T, hidden]``: see ``experts``."""
+
+
+def pick_experts(dtype: torch.dtype, device: torch.device) -> tuple[str, ExpertsFn]:
+    """The fastest way to run the experts here that is right: ``grouped_mm``, else ``dense`` on a GPU (still
+    graph-safe), else ``loop``."""
+    name, grouped_mm = pick_grouped_mm(dtype, device)
+    if name == "grouped_mm":
+        return name, functools.partial(experts, grouped_mm=grouped_mm)
+    if device.type == "cuda":
+        return "dense", experts_dense
+    return "loop", functools.partial(experts, grouped_mm=_grouped_mm_loop)
 
 
 def pick_grouped_mm(dtype: torch.dtype, device: torch.device) -> tuple[str, GroupedMm]:
@@ -110,3 +130,29 @@ def experts(
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.shape[0], device=perm.device)
     return out[inverse].view(num_tokens, top_k, -1).sum(dim=1)
+
+
+def experts_dense(
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    gate_up_bias: torch.Tensor,
+    down: torch.Tensor,
+    down_bias: torch.Tensor,
+    limit: float,
+    alpha: float,
+) -> torch.Tensor:
+    """``experts`` computed for every (expert, token) pair, then each token's top-k gathered: no sort and no
+    data-dependent shape, any dtype."""
+    num_experts, hidden, _ = gate_up.shape
+    num_tokens = h.shape[0]
+    gu = torch.bmm(h.unsqueeze(0).expand(num_experts, num_tokens, hidden), gate_up)
+    gu.add_(gate_up_bias.unsqueeze(1))
+    gate = gu[..., 0::2].clamp(min=None, max=limit)
+    up = gu[..., 1::2].clamp(min=-limit, max=limit)
+    act = (up + 1) * (gate * torch.sigmoid(gate * alpha))
+    out = torch.bmm(act, down)
+    out.add_(down_bias.unsqueeze(1))  # [E, T, hidden]
+    picked = out[ids, torch.arange(num_tokens, device=h.device).unsqueeze(1)]  # [T, k, hidden]
+    return (picked * weights.unsqueeze(-1)).sum(dim=1)
