@@ -293,17 +293,60 @@ def parts(
         * per_layer_token
         * (len(cache.full_layers) * (ctx + 1) + len(cache.windowed_layers) * min(ctx + 1, cfg.sliding_window))
     )
+    grouped = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_torch)
     loop = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_loop)
+    used_bytes = sum(used) * expert_bytes
+    all_bytes = len(w.layers) * cfg.num_experts * expert_bytes
     pieces = [
         ("attention (Triton decode, sinks)", attention, kv, True),
         ("qkv + o linears", dense, attn_bytes, True),
-        (f"router + experts ({model.moe_impl}, the engine's)", experts_with(model._experts), sum(used) * expert_bytes,
-         model.moe_impl != "loop"),
+        (
+            f"router + experts (the engine's: {model.moe_impl})",
+            experts_with(model._experts),
+            used_bytes,
+            True,
+        ),
         ("final norm + lm_head", head, head_bytes, True),
-        ("router + experts, dense over all experts (comparison)", experts_with(moe.experts_dense),
-         len(w.layers) * cfg.num_experts * expert_bytes, True),
-        ("router + experts, per-expert loop, eager (comparison)", experts_with(loop), sum(used) * expert_bytes, False),
-    ]  # fmt: skip
+        ("  experts: grouped_mm only", experts_with(grouped), used_bytes, True),
+        ("  experts: dense over all experts", experts_with(moe.experts_dense), all_bytes, True),
+        ("  experts: per-expert loop (eager)", experts_with(loop), used_bytes, False),
+    ]
+    if batch <= 64:  # other launch settings of the decode attention kernel
+        for keys, warps in ((32, 4), (16, 8), (32, 8), (8, 4)):
+
+            def variant(keys: int = keys, warps: int = warps) -> None:
+                for i, lw in enumerate(w.layers):
+                    k, v = cache.layers[i]
+                    lens_i = lens_w if model.windows[i] else lens
+                    model.decode_attention(
+                        q, k, v, slots, lens_i, model.scale, lw.sinks, keys_per_block=keys, num_warps=warps
+                    )
+
+            pieces.append((f"  attention: {keys} keys a block, {warps} warps", variant, kv, True))
+    # grouped_mm with the experts' weights K-major (the same values, transposed storage): one layer 24 times.
+    lw0 = w.layers[0]
+    k_major = (
+        lw0.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
+        lw0.down.transpose(1, 2).contiguous().transpose(1, 2),
+    )
+    for label, (gu, dn) in (("row-major (as stored)", (lw0.gate_up, lw0.down)), ("K-major", k_major)):
+
+        def one_layer(gu: torch.Tensor = gu, dn: torch.Tensor = dn) -> None:
+            for _ in range(len(w.layers)):
+                weights, ids = moe.route(h, lw0.router, lw0.router_bias, cfg.experts_per_token)
+                grouped(
+                    h,
+                    weights,
+                    ids,
+                    gu,
+                    lw0.gate_up_bias,
+                    dn,
+                    lw0.down_bias,
+                    cfg.swiglu_limit,
+                    cfg.swiglu_alpha,
+                )
+
+        pieces.append((f"  experts: grouped_mm, layer 0 x24, {label}", one_layer, used_bytes, True))
     out = {}
     for name, fn, floor_bytes, graph in pieces:
         try:

@@ -24,7 +24,18 @@ except ImportError:  # CPU machines: the torch reference serves
     HAVE_TRITON = False
 
 SPLITS = 16  # key ranges per (sequence, kv head) worked on in parallel; must be a power of 2
-BLOCK_N = 32  # keys per inner iteration
+BLOCK_N = 32  # keys per inner iteration (fewer for wide query groups: see block_n)
+PRODUCT_BUDGET = (
+    8192  # group x keys x head_dim products a program holds at once (4 warps, no register spills)
+)
+
+
+def block_n(group: int, head_dim: int) -> int:
+    """Keys per iteration: a program holds group x keys x head_dim products in registers; past ~8k (64 a thread
+    for 4 warps) they spill, which made gpt-oss's 8 query heads per kv head (at 32 keys) 20x slower than its
+    KV bytes on an H200."""
+    group_p = triton.next_power_of_2(group) if HAVE_TRITON else group
+    return max(8, min(BLOCK_N, PRODUCT_BUDGET // (group_p * head_dim)))
 
 
 def decode_attention_torch(
@@ -151,9 +162,13 @@ def decode_attention_triton(
     lens: torch.Tensor,
     scale: float,
     sinks: torch.Tensor | None = None,
+    *,
+    keys_per_block: int = 0,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Flash-decoding over each row's slot up to its length (no host sync; CUDA-graph safe). ``sinks`` [heads]
-    (gpt-oss): a learned logit per head that takes part in the softmax without a value."""
+    (gpt-oss): a learned logit per head that takes part in the softmax without a value. ``keys_per_block`` /
+    ``num_warps``: launch settings (0: ``block_n``'s choice; benchmarks compare others)."""
     b, nh, hd = q.shape
     nkv = k_cache.shape[1]
     group = nh // nkv
@@ -182,8 +197,8 @@ def decode_attention_triton(
         HEAD_DIM=hd,
         NUM_HEADS=nh,
         SPLITS=SPLITS,
-        BLOCK_N=BLOCK_N,
-        num_warps=4,
+        BLOCK_N=keys_per_block or block_n(group, hd),
+        num_warps=num_warps,
     )
     _combine_kernel[(b, nh)](
         acc,

@@ -54,7 +54,18 @@ class GptOssModel:
         # (first * cos - second * sin, second * cos + first * sin) since sign flips are exact.
         self.cos = torch.cat([cos, cos], dim=-1).to(device=self.device, dtype=self.dtype)
         self.sin = torch.cat([-sin, sin], dim=-1).to(device=self.device, dtype=self.dtype)
-        self.moe_impl, self._experts = moe.pick_experts(self.dtype, self.device)
+        lw = weights.layers[0]
+        sample = (lw.router, lw.router_bias, lw.gate_up, lw.gate_up_bias, lw.down, lw.down_bias)
+        self.experts_plan = moe.pick_experts(
+            self.dtype,
+            self.device,
+            sample,
+            config.experts_per_token,
+            config.swiglu_limit,
+            config.swiglu_alpha,
+        )
+        self.moe_impl = self.experts_plan.name
+        self._experts = self.experts_plan.fn
         self._qkv = [make_linear(lw.qkv, lw.qkv_bias) for lw in weights.layers]
         self._o = [make_linear(lw.o, lw.o_bias) for lw in weights.layers]
         self._lm_head = make_linear(weights.lm_head)
@@ -63,7 +74,7 @@ class GptOssModel:
     @property
     def graph_safe(self) -> bool:
         """Whether ``decode_forward`` can be captured in a CUDA graph."""
-        return self.decode_attention is not None and self.moe_impl != "loop"
+        return self.decode_attention is not None and self.experts_plan.graph_safe
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self._norm_shape, weight, self.config.rms_norm_eps)

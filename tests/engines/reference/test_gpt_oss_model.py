@@ -152,3 +152,22 @@ def test_ring_cache_keeps_the_last_window_positions() -> None:
     assert [tuple(p.shape) for p in cache.slot_parts(1, 5)] == [(1, 2, 1, 5, 4), (1, 2, 1, 5, 4)]
     with pytest.raises(ValueError, match="one sliding window"):
         KvCache(2, 1, 4, 2, 64, torch.float32, CPU, (8, 16))
+
+
+def test_the_three_expert_paths_compute_the_same(ours) -> None:  # noqa: ANN001
+    """grouped_mm (CPU and bf16 GPUs), dense (other GPU dtypes, and large decode batches) and the loop agree."""
+    import functools
+
+    from dynamo_lite.engines.reference import moe
+
+    cfg, lw = ours.config, ours.weights.layers[1]
+    h = torch.randn(37, cfg.hidden_size, generator=torch.Generator().manual_seed(8))
+    weights, ids = moe.route(h, lw.router, lw.router_bias, cfg.experts_per_token)
+    experts = (lw.gate_up, lw.gate_up_bias, lw.down, lw.down_bias)
+    args = (weights, ids, *experts, cfg.swiglu_limit, cfg.swiglu_alpha)
+    loop = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_loop)(h, *args)
+    torch.testing.assert_close(moe.experts_dense(h, *args), loop, atol=1e-5, rtol=1e-5)
+    plan = moe.pick_experts(torch.float32, CPU)
+    assert plan.graph_safe == (plan.name == "grouped_mm")
+    torch.testing.assert_close(plan.fn(h, *args), loop, atol=1e-5, rtol=1e-5)
+    assert len(set(ids.flatten().tolist())) == cfg.num_experts  # every expert had rows
