@@ -311,18 +311,28 @@ def parts(
         ("  experts: dense over all experts", experts_with(moe.experts_dense), all_bytes, True),
         ("  experts: per-expert loop (eager)", experts_with(loop), used_bytes, False),
     ]
-    if batch <= 64:  # other launch settings of the decode attention kernel
-        for keys, warps in ((32, 4), (16, 8), (32, 8), (8, 4)):
+    if batch <= 64 and model.decode_attention is not None:  # other forms of the decode attention kernel
+        for keys, warps, dot in ((32, 4, True), (64, 8, True), (32, 4, False), (16, 4, False)):
 
-            def variant(keys: int = keys, warps: int = warps) -> None:
+            def variant(keys: int = keys, warps: int = warps, dot: bool = dot) -> None:
                 for i, lw in enumerate(w.layers):
                     k, v = cache.layers[i]
                     lens_i = lens_w if model.windows[i] else lens
                     model.decode_attention(
-                        q, k, v, slots, lens_i, model.scale, lw.sinks, keys_per_block=keys, num_warps=warps
+                        q,
+                        k,
+                        v,
+                        slots,
+                        lens_i,
+                        model.scale,
+                        lw.sinks,
+                        keys_per_block=keys,
+                        num_warps=warps,
+                        dot=dot,
                     )
 
-            pieces.append((f"  attention: {keys} keys a block, {warps} warps", variant, kv, True))
+            form = "tl.dot" if dot else "broadcast products"
+            pieces.append((f"  attention: {form}, {keys} keys a block, {warps} warps", variant, kv, True))
     # grouped_mm with the experts' weights K-major (the same values, transposed storage): one layer 24 times.
     lw0 = w.layers[0]
     k_major = (

@@ -126,9 +126,12 @@ def run_load(
     }
 
 
-def run_topology(topology: str, folder: Path, args: argparse.Namespace) -> dict:
+def run_topology(topology: str, folder: Path, args: argparse.Namespace, results: list[dict]) -> dict:
+    """Start the deployment, run each concurrency, stop it; ``results`` (with this topology's entry appended) is
+    written to ``--json`` after every run, so a timeout keeps what was measured."""
     stack = LocalStack()
     result: dict = {"topology": topology}
+    results.append(result)
     try:
         ns = f"b{uuid.uuid4().hex[:6]}"
         services = ["--namespace", ns, *stack.start_services()]
@@ -168,8 +171,9 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace) -> dict:
                 run["kv_GB_total"] = metric_total(d, "dynamo_lite_worker_kv_transfer_bytes_total") / 1e9
                 run["kv_pull_s_total"] = metric_total(d, "dynamo_lite_worker_kv_transfer_seconds_total")
             runs.append(run)
+            result["runs"] = runs
+            save(results, args)
             log(f"{topology} c={c}: {json.dumps(run)}")
-        result["runs"] = runs
     except Exception as e:
         import traceback
 
@@ -216,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     args.yaml.write_text(
         f"load_format: dummy\nkv_cuda_pool_bytes: {args.kv_pool_gib << 30}\nkv_pull_timeout_s: 60\nkv_lease_s: 120\n"
     )
-    results = [run_topology(t, folder, args) for t in args.topologies]
+    results: list[dict] = []
+    for topology in args.topologies:
+        run_topology(topology, folder, args, results)
+        save(results, args)
     print("\ntopology  streams  out tok/s  TTFT p50/p99 ms   ITL p50/p99 ms  chunk-gap p99  ok/err")
     for r in results:
         for run in r.get("runs", []):
@@ -229,9 +236,12 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "error" in r:
             print(f"{r['topology']}: ERROR {r['error']}", flush=True)
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def save(results: list[dict], args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
-    return 0 if all("error" not in r for r in results) else 1
 
 
 if __name__ == "__main__":

@@ -24,18 +24,17 @@ except ImportError:  # CPU machines: the torch reference serves
     HAVE_TRITON = False
 
 SPLITS = 16  # key ranges per (sequence, kv head) worked on in parallel; must be a power of 2
-BLOCK_N = 32  # keys per inner iteration (fewer for wide query groups: see block_n)
-PRODUCT_BUDGET = (
-    8192  # group x keys x head_dim products a program holds at once (4 warps, no register spills)
-)
+BLOCK_N = 32  # keys per inner iteration (products on the CUDA cores)
+DOT_GROUP = 8  # query heads per kv head from which the products run as matrix products (tensor cores)
+DOT_ROWS = 16  # a matrix product's smallest M: the group's query rows padded to it
+DOT_BLOCK_N = 64  # keys per inner iteration of the matrix-product form
 
 
-def block_n(group: int, head_dim: int) -> int:
-    """Keys per iteration: a program holds group x keys x head_dim products in registers; past ~8k (64 a thread
-    for 4 warps) they spill, which made gpt-oss's 8 query heads per kv head (at 32 keys) 20x slower than its
-    KV bytes on an H200."""
-    group_p = triton.next_power_of_2(group) if HAVE_TRITON else group
-    return max(8, min(BLOCK_N, PRODUCT_BUDGET // (group_p * head_dim)))
+def uses_dot(group: int) -> bool:
+    """Whether the kernel computes q·k and p·v as matrix products (``tl.dot``): for 8 or more query heads per kv
+    head. Broadcast products held group x keys x head_dim values per program, which at gpt-oss's 8 heads per kv
+    head ran at ~0.4 TB/s on an H200 (7.6 ms of a 22.5 ms decode step at batch 64)."""
+    return group >= DOT_GROUP
 
 
 def decode_attention_torch(
@@ -83,6 +82,8 @@ if HAVE_TRITON:
         NUM_HEADS: tl.constexpr,
         SPLITS: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        USE_DOT: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -97,7 +98,9 @@ if HAVE_TRITON:
         head = kvh * GROUP + g
         gmask = g < GROUP
         q_ptr = Q + b.to(tl.int64) * stride_qb + head[:, None] * stride_qh + d[None, :]
-        q = tl.load(q_ptr, mask=gmask[:, None], other=0.0).to(tl.float32)
+        q = tl.load(q_ptr, mask=gmask[:, None], other=0.0)
+        if not USE_DOT:
+            q = q.to(tl.float32)
         m_i = tl.full([GROUP_P], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_P], tl.float32)
         acc = tl.zeros([GROUP_P, HEAD_DIM], tl.float32)
@@ -107,14 +110,27 @@ if HAVE_TRITON:
             n = n0 + tl.arange(0, BLOCK_N)
             nmask = n < end
             rows = n[:, None].to(tl.int64)
-            k = tl.load(k_base + rows * stride_kt + d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+            k = tl.load(k_base + rows * stride_kt + d[None, :], mask=nmask[:, None], other=0.0)
+            if USE_DOT:
+                if IEEE:  # fp32: exact products, not tf32
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+                else:
+                    s = tl.dot(q, tl.trans(k)) * scale
+            else:
+                s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2) * scale
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(s - m_new[:, None])
-            v = tl.load(v_base + rows * stride_vt + d[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            v = tl.load(v_base + rows * stride_vt + d[None, :], mask=nmask[:, None], other=0.0)
+            if USE_DOT:
+                if IEEE:
+                    pv = tl.dot(p, v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+            else:
+                pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + pv
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
         row = (b.to(tl.int64) * NUM_HEADS + head) * SPLITS + split
@@ -165,13 +181,15 @@ def decode_attention_triton(
     *,
     keys_per_block: int = 0,
     num_warps: int = 4,
+    dot: bool | None = None,
 ) -> torch.Tensor:
     """Flash-decoding over each row's slot up to its length (no host sync; CUDA-graph safe). ``sinks`` [heads]
-    (gpt-oss): a learned logit per head that takes part in the softmax without a value. ``keys_per_block`` /
-    ``num_warps``: launch settings (0: ``block_n``'s choice; benchmarks compare others)."""
+    (gpt-oss): a learned logit per head that takes part in the softmax without a value. ``keys_per_block``,
+    ``num_warps``, ``dot``: launch settings (defaults: ``uses_dot``'s choice; benchmarks compare others)."""
     b, nh, hd = q.shape
     nkv = k_cache.shape[1]
     group = nh // nkv
+    dot = uses_dot(group) if dot is None else dot
     acc = torch.empty(b, nh, SPLITS, hd, dtype=torch.float32, device=q.device)
     ml = torch.empty(b, nh, SPLITS, 2, dtype=torch.float32, device=q.device)
     out = torch.empty(b, nh * hd, dtype=q.dtype, device=q.device)
@@ -193,11 +211,13 @@ def decode_attention_triton(
         v_cache.stride(1),
         v_cache.stride(2),
         GROUP=group,
-        GROUP_P=triton.next_power_of_2(group),
+        GROUP_P=max(DOT_ROWS, triton.next_power_of_2(group)) if dot else triton.next_power_of_2(group),
         HEAD_DIM=hd,
         NUM_HEADS=nh,
         SPLITS=SPLITS,
-        BLOCK_N=keys_per_block or block_n(group, hd),
+        BLOCK_N=keys_per_block or (DOT_BLOCK_N if dot else BLOCK_N),
+        USE_DOT=dot,
+        IEEE=q.dtype == torch.float32,
         num_warps=num_warps,
     )
     _combine_kernel[(b, nh)](

@@ -87,15 +87,19 @@ def pick_experts(
     grouped = functools.partial(experts, grouped_mm=grouped_mm)
     if sample is None:
         return ExpertsPlan(grouped, True, "grouped_mm")
-    dense_sizes = [n for n in TUNED_SIZES if _dense_is_faster(n, sample, top_k, limit, alpha, grouped)]
-    if not dense_sizes:
+    dense_at = {n: _dense_is_faster(n, sample, top_k, limit, alpha, grouped) for n in TUNED_SIZES}
+    if not any(dense_at.values()):
         return ExpertsPlan(grouped, True, "grouped_mm")
-    lo, hi = min(dense_sizes), max(dense_sizes)
+    sizes = sorted(dense_at)
 
-    def hybrid(h: torch.Tensor, *args: object) -> torch.Tensor:
-        return experts_dense(h, *args) if lo <= h.shape[0] <= hi else grouped(h, *args)
+    def tuned(h: torch.Tensor, *args: object) -> torch.Tensor:
+        # The decision timed for the smallest tuned size at or above this many tokens; grouped_mm above them all.
+        n = h.shape[0]
+        size = next((s for s in sizes if s >= n), None)
+        return experts_dense(h, *args) if size is not None and dense_at[size] else grouped(h, *args)
 
-    return ExpertsPlan(hybrid, True, f"dense for {lo}-{hi} tokens, grouped_mm otherwise")
+    chosen = ",".join(str(n) for n in sizes if dense_at[n])
+    return ExpertsPlan(tuned, True, f"dense at {chosen} tokens (timed), grouped_mm otherwise")
 
 
 def _dense_is_faster(
@@ -113,16 +117,17 @@ def _dense_is_faster(
     args = (weights, ids, gate_up, gate_up_bias, down, down_bias, limit, alpha)
     seconds = []
     for fn in (grouped, experts_dense):
-        fn(h, *args)  # warm up (kernel selection, workspace)
+        for _ in range(2):  # warm up (kernel selection, workspace, allocator)
+            fn(h, *args)
         times = []
-        for _ in range(3):
+        for _ in range(5):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(h, *args)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-        seconds.append(sorted(times)[1])
+        seconds.append(sorted(times)[2])
     return seconds[1] < seconds[0]
 
 
