@@ -54,6 +54,7 @@ ExpertsFn = Callable[..., torch.Tensor]
 """``(h, weights, ids, gate_up, gate_up_bias, down, down_bias, limit, alpha) -> [T, hidden]``: see ``experts``."""
 
 TUNED_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # decode batch sizes timed at load (GPU)
+DENSE_MIN_COVERAGE = 0.9  # share of the experts a step's tokens must reach before dense is considered
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +88,15 @@ def pick_experts(
     grouped = functools.partial(experts, grouped_mm=grouped_mm)
     if sample is None:
         return ExpertsPlan(grouped, True, "grouped_mm")
-    dense_at = {n: _dense_is_faster(n, sample, top_k, limit, alpha, grouped) for n in TUNED_SIZES}
+    # Dense reads every expert: it can only pay where a step's tokens reach nearly all of them anyway (uniform
+    # routing reaches 1 - (1 - k/E)^n of them). Timing alone picked dense for a single token once on an H200
+    # (one layer measured in isolation), where it reads 8x the bytes.
+    experts_n = sample[2].shape[0]
+    dense_at = {
+        n: 1 - (1 - top_k / experts_n) ** n >= DENSE_MIN_COVERAGE
+        and _dense_is_faster(n, sample, top_k, limit, alpha, grouped)
+        for n in TUNED_SIZES
+    }
     if not any(dense_at.values()):
         return ExpertsPlan(grouped, True, "grouped_mm")
     sizes = sorted(dense_at)
