@@ -155,3 +155,20 @@ async def test_dummy_weights_are_the_same_in_every_engine(folder) -> None:  # no
             await engine.stop()
     assert outs[0] == outs[1] and len(set(outs[0])) > 1
     assert float(real.std()) > 0.05 and not torch.equal(real[0], real[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+async def test_cuda_fp32_batched_token_exact(folder) -> None:  # noqa: ANN001
+    """On a GPU: fp32, CUDA graphs and the Triton decode attention, against transformers on the same GPU
+    (``benchmarks/gpu/gpt_oss.py tokens`` runs this and the disaggregated case by CUDA IPC)."""
+    expected = hf_greedy(folder, "cuda")
+    cuda = settings(folder)
+    cuda.device = "cuda"
+    engine = build_engine(cuda)
+    await engine.start()
+    try:
+        assert engine._graphs is not None and engine._model.decode_attention is not None
+        got = await asyncio.gather(*(generate(engine, request(i, ids)) for i, ids in enumerate(prompts())))
+    finally:
+        await engine.stop()
+    assert [tokens(c) for c in got] == expected
