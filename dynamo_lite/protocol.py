@@ -85,6 +85,10 @@ class KvDescriptor(_Wire):
     gpu_uuid: str = ""
     # Engines whose KV a library holds (TensorRT-LLM): publish a ``KvRelease`` here when nobody will pull it.
     release_subject: str = ""
+    # Sliding-window layers (gpt-oss): which layers attend to only the last ``window`` positions. Their KV holds
+    # just that tail (``dynamo_lite.kv.layout.KvLayout``); empty: every layer holds every position.
+    window: int = 0
+    windowed_layers: list[int] = []
 
 
 class KvRelease(_Wire):

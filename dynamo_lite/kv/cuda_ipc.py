@@ -29,6 +29,7 @@ import ctypes.util
 import functools
 import glob
 import logging
+import math
 import os
 import threading
 import weakref
@@ -563,27 +564,42 @@ class CudaSource:
         self._key = key
         self._released = False
 
-    def copy_into(self, dest: Any, shape: tuple[int, ...], itemsize: int, *, timing: bool = False) -> Any:
-        """Copy the hold (C-contiguous ``shape``) into the torch tensor ``dest`` (same shape, any strides with
-        a dense last dimension) on ``dest``'s current stream; returns an event to wait on (or None).
-        ``timing`` (benchmarks): both events time the copy, ``started`` being recorded just before it."""
+    def copy_into(
+        self,
+        dest: Any,
+        shape: tuple[int, ...],
+        itemsize: int,
+        *,
+        src_offset: int = 0,
+        timing: bool = False,
+        time_start: bool = True,
+    ) -> Any:
+        """Copy the C-contiguous ``shape`` at byte ``src_offset`` of the hold into the torch tensor ``dest``
+        (same shape, any strides with a dense last dimension) on ``dest``'s current stream; returns an event to
+        wait on (or None). ``timing`` (benchmarks): both events time the copy, ``started`` being recorded just
+        before it (unless ``time_start`` is False: a later part of one transfer keeps the first's start)."""
         if tuple(dest.shape) != tuple(shape) or dest.element_size() != itemsize:
             raise ValueError(f"destination {tuple(dest.shape)}x{dest.element_size()} != {shape}x{itemsize}")
+        nbytes = math.prod(shape) * itemsize
+        if src_offset < 0 or src_offset + nbytes > self.nbytes:
+            raise ValueError(f"bytes {src_offset}..{src_offset + nbytes} outside a hold of {self.nbytes}")
         rt = self.runtime
         index = rt.usable(dest.device)
         if index < 0:
             raise ValueError(f"can't copy device memory into {dest.device}")
         plan = _cached_plan(tuple(shape), tuple(dest.stride()), itemsize)
         base = dest.data_ptr()
+        src = self.ptr + src_offset
         with on_device(rt, index):
-            self.started = rt.record_event(index, timing=True) if timing else None
-            if not self._copy_by_kernel(plan, base, index):
+            if time_start:
+                self.started = rt.record_event(index, timing=True) if timing else None
+            if not self._copy_by_kernel(plan, base, src, index):
                 stream = rt.stream(index)
                 for c in plan:
                     rt.memcpy_2d_async(
                         base + c.dst_offset,
                         c.dst_pitch,
-                        self.ptr + c.src_offset,
+                        src + c.src_offset,
                         c.src_pitch,
                         c.width,
                         c.height,
@@ -591,7 +607,7 @@ class CudaSource:
                     )
             return rt.record_event(index, timing=timing)
 
-    def _copy_by_kernel(self, plan: tuple[Copy2D, ...], base: int, index: int) -> bool:
+    def _copy_by_kernel(self, plan: tuple[Copy2D, ...], base: int, src: int, index: int) -> bool:
         """The one-launch row copy, where chosen and possible (real CUDA, Triton, aligned rows)."""
         method = (
             COPY_METHOD if COPY_METHOD != "auto" else ("kernel" if self.source_index == index else "memcpy")
@@ -601,7 +617,7 @@ class CudaSource:
         from dynamo_lite.kv import cuda_copy
 
         table = cuda_copy.row_table(plan, index)
-        return table is not None and cuda_copy.copy_rows(table, base, self.ptr, index)
+        return table is not None and cuda_copy.copy_rows(table, base, src, index)
 
     def release(self) -> None:
         if self._released:

@@ -4,6 +4,7 @@
 >>> await exporter.start()
 >>> hold = exporter.allocate(KvLayout(30, 3, 64, "float32", n), request_id)  # from the engine thread
 >>> hold.tensor()[:] = kv                                                     # fill it in place
+>>> # (a layout with sliding-window layers has two parts: hold.tensors())
 >>> desc = exporter.publish(hold)  # -> travels to the decode worker inside the prefill result
 
 On a GPU engine, ``use_cuda_pool(pool)`` makes holds device memory (a ``CudaKvPool`` range, shared by CUDA IPC
@@ -20,6 +21,7 @@ import dataclasses
 import enum
 import hmac
 import logging
+import math
 import secrets
 import socket
 import threading
@@ -33,7 +35,7 @@ from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaKvPool, encode_ref
 from dynamo_lite.kv.errors import KvCapacityError, KvTransferError
-from dynamo_lite.kv.layout import KvLayout, as_tensor, host_id
+from dynamo_lite.kv.layout import KvLayout, as_tensors, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
 from dynamo_lite.protocol import WIRE_VERSION, KvDescriptor, WireError
@@ -62,15 +64,27 @@ class KvHold:
     def on_device(self) -> bool:
         return self.cuda_offset >= 0
 
-    def tensor(self) -> Any:
-        """A writable torch view of ``layout.shape`` over the hold's memory (on the pool's GPU for a CUDA
-        hold)."""
+    def tensors(self) -> list[Any]:
+        """Writable torch views of ``layout.parts`` over the hold's memory (on the pool's GPU for a CUDA
+        hold): the full layers' part, then the windowed layers' part, whichever the layout has."""
         if self._owner is None:
             raise KvTransferError(f"transfer {self.transfer_id} is freed")
         if self.on_device:
             dtype = getattr(__import__("torch"), self.layout.dtype)
-            return self._owner.view(self.cuda_offset, self.layout.nbytes, dtype, self.layout.shape)
-        return as_tensor(self._owner, self.layout)
+            return [
+                self._owner.view(
+                    self.cuda_offset + offset, math.prod(shape) * self.layout.itemsize, dtype, shape
+                )
+                for shape, offset in self.layout.parts
+            ]
+        return as_tensors(self._owner, self.layout)
+
+    def tensor(self) -> Any:
+        """The one view of a single-part layout (no windowed layers): see ``tensors``."""
+        parts = self.tensors()
+        if len(parts) != 1:
+            raise ValueError("a layout of full and windowed layers has two parts: use tensors()")
+        return parts[0]
 
 
 @dataclass(slots=True)
@@ -505,8 +519,8 @@ class KvExporter:
             entry.segment = segment  # freed with the hold
 
         def copy() -> None:
-            host = as_tensor(owner, layout)
-            host.copy_(hold.tensor())  # synchronous device-to-host copy
+            for host, device in zip(as_tensors(owner, layout), hold.tensors(), strict=True):
+                host.copy_(device)  # synchronous device-to-host copy
 
         await asyncio.to_thread(copy)
         entry.view = segment.buffer if segment is not None else memoryview(owner)

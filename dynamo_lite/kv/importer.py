@@ -27,7 +27,7 @@ from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaIpcUnavailable, CudaSource, open_source
 from dynamo_lite.kv.errors import KvPullError
-from dynamo_lite.kv.layout import KvLayout, as_tensor, host_id
+from dynamo_lite.kv.layout import KvLayout, as_tensors, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
 from dynamo_lite.protocol import KvDescriptor, WireError
@@ -69,14 +69,22 @@ class KvPulled:
     def on_device(self) -> bool:
         return isinstance(self._owner, CudaSource)
 
-    def tensor(self) -> Any:
-        """A torch view of ``layout.shape`` over the bytes (no copy). Treat it as read-only; it stays valid
-        after ``close()`` for as long as it lives. Not for a CUDA IPC pull (another process's memory)."""
+    def tensors(self) -> list[Any]:
+        """Torch views of ``layout.parts`` over the bytes (no copy): the full layers' part, then the windowed
+        layers' part, whichever the layout has. Treat them as read-only; they stay valid after ``close()`` for
+        as long as they live. Not for a CUDA IPC pull (another process's memory)."""
         if self._owner is None:
             raise ValueError("KvPulled is closed")
         if self.on_device:
             raise ValueError("a CUDA IPC pull has no tensor of its own: use write_into")
-        return as_tensor(self._owner, self.layout)
+        return as_tensors(self._owner, self.layout)
+
+    def tensor(self) -> Any:
+        """The one view of a single-part layout (no windowed layers): see ``tensors``."""
+        parts = self.tensors()
+        if len(parts) != 1:
+            raise ValueError("a layout of full and windowed layers has two parts: use tensors()")
+        return parts[0]
 
     def copy_into(self, dest: Any) -> None:
         """memcpy the bytes into ``dest``, any writable C-contiguous buffer of at least ``nbytes``."""
@@ -86,15 +94,26 @@ class KvPulled:
         out[: self.nbytes] = self.buffer
 
     def write_into(self, dest: Any, *, timing: bool = False) -> None:
-        """Copy the KV into the torch tensor ``dest`` of ``layout.shape`` (any device, any strides with a
-        dense last dimension; e.g. a cache slot). A CUDA IPC copy runs on ``dest``'s current stream;
-        ``close()`` waits for it before the exporter may reuse the memory. ``timing``: see ``copy_seconds``."""
+        """Copy the KV into ``dest``: a torch tensor of ``layout.shape``, or one per part of ``layout.parts``
+        (any device, any strides with a dense last dimension; e.g. views of a cache slot). A CUDA IPC copy runs
+        on the destination's current stream; ``close()`` waits for it before the exporter may reuse the
+        memory. ``timing``: see ``copy_seconds``."""
         if self._owner is None:
             raise ValueError("KvPulled is closed")
+        dests = list(dest) if isinstance(dest, list | tuple) else [dest]
+        parts = self.layout.parts
+        if len(dests) != len(parts):
+            raise ValueError(f"{len(dests)} destinations for a KV of {len(parts)} parts")
         if isinstance(self._owner, CudaSource):
-            self._event = self._owner.copy_into(dest, self.layout.shape, self.layout.itemsize, timing=timing)
+            for i, (d, (shape, offset)) in enumerate(zip(dests, parts, strict=True)):
+                first = i == 0
+                event = self._owner.copy_into(
+                    d, shape, self.layout.itemsize, src_offset=offset, timing=timing, time_start=first
+                )
+            self._event = event  # one stream: the last copy's event covers them all
         else:
-            dest.copy_(self.tensor())
+            for d, src in zip(dests, self.tensors(), strict=True):
+                d.copy_(src)
 
     def copy_seconds(self) -> float | None:
         """GPU time of the last CUDA IPC copy made by ``write_into(dest, timing=True)`` (waits for it)."""

@@ -340,11 +340,35 @@ async def test_a_malformed_reference_is_a_pull_error(exporter: KvExporter) -> No
         await pull_kv(msgspec.structs.replace(desc, cuda_ipc=beyond), exporter.config, device=CPU)
 
 
+async def test_windowed_layout_copies_both_parts_from_their_offsets(
+    exporter: KvExporter, fake: FakeRuntime
+) -> None:
+    """gpt-oss KV (full layers, then the windowed layers' ring) lands in two cache groups, each from its offset
+    in the hold."""
+    layout = KvLayout(4, 3, 16, "float32", 40, window=8, windowed_layers=(0, 2))
+    hold = exporter.allocate(layout, "req-w")
+    srcs = [torch.randn(shape) for shape, _ in layout.parts]
+    for part, src in zip(hold.tensors(), srcs, strict=True):
+        part.copy_(src)
+    desc = exporter.publish(hold)
+    cuda_ipc.ALLOW_LOCAL_SHORTCUT = False
+    full_cache = torch.zeros(2, 2, 5, 3, 64, 16)  # [layers, K|V, slots, kv heads, max_seq, D]
+    ring_cache = torch.zeros(2, 2, 5, 3, 8, 16)
+    async with await pull_kv(desc, exporter.config, device=CPU) as pulled:
+        assert pulled.transport == "cuda_ipc"
+        pulled.write_into([full_cache[:, :, 3, :, :40], ring_cache[:, :, 3]])
+    assert torch.equal(full_cache[:, :, 3, :, :40], srcs[0]) and torch.equal(ring_cache[:, :, 3], srcs[1])
+    assert full_cache[:, :, :3].abs().sum() == 0 and ring_cache[:, :, 4].abs().sum() == 0
+    await _until_freed(exporter)
+
+
 def test_copy_into_checks_the_destination(fake: FakeRuntime) -> None:
     pool = CudaKvPool(0, 1 << 20, fake)
     source = CudaSource(pool.ptr, LAYOUT.nbytes, 0, fake)
     with pytest.raises(ValueError):
         source.copy_into(torch.empty(1, 2, 3), LAYOUT.shape, 4)
+    with pytest.raises(ValueError, match="outside"):  # a part reaching past the hold
+        source.copy_into(torch.empty(LAYOUT.shape), LAYOUT.shape, 4, src_offset=64)
     pool.close()
 
 

@@ -114,6 +114,29 @@ async def test_torch_views_write_in_place_and_outlive_close(make_exporter: MakeE
 
 
 @pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
+async def test_windowed_layout_moves_its_two_parts(make_exporter: MakeExporter, use_shm: bool) -> None:
+    """A gpt-oss-like KV: full layers hold every position, windowed layers only their ring of 16."""
+    torch = pytest.importorskip("torch")
+    layout = KvLayout(4, 2, 16, "float32", 40, window=16, windowed_layers=(0, 2))
+    exporter = await make_exporter(use_shm=use_shm)
+    hold = exporter.allocate(layout, "req-w")
+    full, windowed = torch.randn(2, 2, 2, 40, 16), torch.randn(2, 2, 2, 16, 16)
+    for part, src in zip(hold.tensors(), (full, windowed), strict=True):
+        part.copy_(src)
+    desc = exporter.publish(hold)
+    assert (desc.nbytes, desc.window, desc.windowed_layers) == (layout.nbytes, 16, [0, 2])
+    async with await pull_kv(desc, KvTransferConfig(use_shm=use_shm)) as pulled:
+        assert pulled.layout == layout and pulled.nbytes == layout.nbytes < layout.all_full_nbytes
+        got_full, got_windowed = torch.zeros(2, 2, 2, 40, 16), torch.zeros(2, 2, 2, 16, 16)
+        pulled.write_into([got_full, got_windowed])
+        assert torch.equal(got_full, full) and torch.equal(got_windowed, windowed)
+        with pytest.raises(ValueError, match="parts"):
+            pulled.write_into(got_full)
+    await until(lambda: exporter.held_bytes == 0)
+    assert exporter.stats.bytes == layout.nbytes
+
+
+@pytest.mark.parametrize("use_shm", [True, False], ids=["shm", "tcp"])
 async def test_wrong_secret_is_refused_without_consuming_the_hold(make_exporter: MakeExporter, use_shm: bool):
     exporter = await make_exporter(use_shm=use_shm)
     desc = publish(exporter)

@@ -1,5 +1,6 @@
-"""The torch reference engine (``--engine torch``): a llama-family model in plain PyTorch with continuous
-batching, a preallocated slot KV cache, chunked prefill, and KV export/import for disaggregated serving.
+"""The torch reference engine (``--engine torch``): llama-family and gpt-oss models in plain PyTorch with
+continuous batching, a preallocated slot KV cache (sliding-window layers as rings), chunked prefill, and KV
+export/import for disaggregated serving.
 
 >>> engine = build_engine(EngineSettings(mode="agg", dtype="bfloat16", threads=2))
 >>> await engine.start()

@@ -17,6 +17,7 @@ DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
 MODES = ("agg", "prefill", "decode")
 KV_FAILURE_POLICIES = ("recompute", "fail")
 QUANTIZATIONS = ("none", "int8", "int4")
+LOAD_FORMATS = ("auto", "dummy")
 
 
 class ConfigError(ValueError):
@@ -34,6 +35,10 @@ class ReferenceConfig:
     # bfloat16: a half / a quarter of the bytes a decode token reads, for memory-bound single-stream decode.
     # Outputs differ slightly from the bf16 model.
     quantization: str = "none"
+    # "dummy": random weights made on the device from a fixed seed instead of reading the folder's safetensors
+    # (gpt-oss models): benchmarks of a real shape whose checkpoint is not on the machine. Every process draws the
+    # same weights, so prefill and decode workers agree.
+    load_format: str = "auto"
     device: str = "cpu"
     threads: int = 0  # torch threads of the engine thread; 0: the library default
     max_batch_size: int = 16  # KV cache slots = sequences decoding together
@@ -62,6 +67,7 @@ SCHEMA: Schema = {
     "model_path": str,
     "dtype": Choice(*DTYPES),
     "quantization": Choice(*QUANTIZATIONS),
+    "load_format": Choice(*LOAD_FORMATS),
     "device": str,
     "threads": int,
     "max_batch_size": int,
@@ -108,6 +114,7 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         model_path=pick("model_path", settings.model_path),
         dtype=pick("dtype", settings.dtype),
         quantization=pick("quantization", settings.quantization),
+        load_format=pick("load_format", "auto"),
         device=pick("device", settings.device),
         threads=pick("threads", settings.threads),
         max_batch_size=pick("max_batch_size", settings.max_batch_size),
@@ -151,6 +158,9 @@ def validate(cfg: ReferenceConfig, source: str = "engine settings") -> Reference
         raise bad(f"quantization {cfg.quantization!r} is not one of {QUANTIZATIONS}")
     if cfg.quantization != "none" and (cfg.device != "cpu" or cfg.dtype != "bfloat16"):
         raise bad(f"quantization {cfg.quantization} (weight-only) runs on device cpu with dtype bfloat16")
+    cfg.load_format = str(cfg.load_format or "auto").lower()
+    if cfg.load_format not in LOAD_FORMATS:
+        raise bad(f"load_format {cfg.load_format!r} is not one of {LOAD_FORMATS}")
     if cfg.mode not in MODES:
         raise bad(f"mode {cfg.mode!r} is not one of {MODES}")
     if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:

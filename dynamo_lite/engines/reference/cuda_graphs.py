@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
 from dynamo_lite.engines.reference.kv_cache import KvCache
-from dynamo_lite.engines.reference.model import LlamaModel
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ def buckets(max_batch: int) -> list[int]:
 class DecodeGraphs:
     """Captured decode steps of ``model`` over ``cache``; ``run`` replays the right one."""
 
-    def __init__(self, model: LlamaModel, cache: KvCache, pad_slot: int, max_batch: int) -> None:
+    def __init__(self, model: Any, cache: KvCache, pad_slot: int, max_batch: int) -> None:
+        """``model``: a ``LlamaModel`` or ``GptOssModel`` (anything with ``decode_forward`` and ``device``)."""
         self.model = model
         self.cache = cache
         self.pad_slot = pad_slot

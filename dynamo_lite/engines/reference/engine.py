@@ -28,8 +28,14 @@ from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, Tok
 from dynamo_lite.engines.reference import decode_attention
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
-from dynamo_lite.engines.reference.kv_cache import KvCache
-from dynamo_lite.engines.reference.loader import LlamaConfig, load_weights
+from dynamo_lite.engines.reference.gpt_oss_loader import (
+    GptOssConfig,
+    load_gpt_oss_weights,
+    random_gpt_oss_weights,
+)
+from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
+from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
+from dynamo_lite.engines.reference.loader import load_weights, model_config
 from dynamo_lite.engines.reference.model import LlamaModel, build_step
 from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
 from dynamo_lite.engines.reference.scheduler import (
@@ -55,14 +61,17 @@ _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.
 
 
 class TorchEngine:
-    """Continuous-batching llama engine in plain PyTorch (``--engine torch``)."""
+    """Continuous-batching engine in plain PyTorch (``--engine torch``): llama-family models and gpt-oss."""
 
     name = "torch"
 
     def __init__(self, config: ReferenceConfig, model_files: ModelFiles) -> None:
         self.config = config
         self.model_files = model_files
-        self.model_config = LlamaConfig.from_dict(model_files.config)
+        self.model_config = model_config(model_files.config)
+        # Which layers attend to a sliding window (gpt-oss): their cache is a ring, their KV export the tail.
+        _, windowed, window = layer_groups(self.model_config.layer_windows)
+        self._kv_windows = (window, tuple(windowed))
         self.device = torch.device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
         self.eos_ids = frozenset(model_files.eos_token_ids)
@@ -73,7 +82,7 @@ class TorchEngine:
         self._kv_config = config.kv_config()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._model: LlamaModel | None = None
+        self._model: LlamaModel | GptOssModel | None = None
         self._cache: KvCache | None = None
         self._scheduler: Scheduler | None = None
         self._graphs: DecodeGraphs | None = None
@@ -236,6 +245,11 @@ class TorchEngine:
                 raise KvPullError(
                     f"KV layout {desc.num_layers}x{desc.num_kv_heads}x{desc.head_dim} does not fit this model"
                 )
+            if (desc.window, tuple(desc.windowed_layers)) != self._kv_windows:
+                raise KvPullError(
+                    f"KV with window {desc.window} on layers {desc.windowed_layers} does not fit this model's "
+                    f"window {self._kv_windows[0]} on layers {list(self._kv_windows[1])}"
+                )
             # The last known token is always fed again to get its logits, so at most len - 1 positions import.
             if not 0 < desc.num_tokens < len(seq.tokens):
                 raise KvPullError(f"KV of {desc.num_tokens} tokens for a sequence of {len(seq.tokens)}")
@@ -279,19 +293,18 @@ class TorchEngine:
 
     def _load(self) -> None:
         started = time.perf_counter()
-        files = ensure_weights(self.model_files)
-        weights = load_weights(files.folder, self.model_config, self.dtype, self.device)
-        self._model = LlamaModel(
-            self.model_config, weights, self.max_seq_len, self._decode_attention(), self.config.quantization
-        )
+        self._model = self._load_model()
         cfg = self.model_config
         if self.exporter is not None and self.device.type == "cuda" and self._kv_config.use_cuda_ipc:
             self._make_pool()
-        use_graphs = (
-            self.device.type == "cuda"
-            and self.config.cuda_graphs
-            and self._model.decode_attention is not None
+        model = self._model
+        graph_safe = (
+            model.graph_safe if isinstance(model, GptOssModel) else model.decode_attention is not None
         )
+        use_graphs = self.device.type == "cuda" and self.config.cuda_graphs and graph_safe
+        if self.device.type == "cuda" and self.config.cuda_graphs and not graph_safe:
+            log.warning("decode steps run eagerly: no CUDA graphs without the Triton decode attention%s",
+                        " and grouped expert products" if isinstance(model, GptOssModel) else "")  # fmt: skip
         self._cache = KvCache(
             cfg.num_layers,
             cfg.num_kv_heads,
@@ -300,18 +313,22 @@ class TorchEngine:
             self.max_seq_len,
             self.dtype,
             self.device,
+            cfg.layer_windows,
         )
         if use_graphs:  # a slot never given out: padded graph rows write there
             self._graphs = DecodeGraphs(
                 self._model, self._cache, self._cache.allocate(), self._cache.free_slots
             )
-        if self.config.enable_prefix_caching:
+        if self.config.enable_prefix_caching and self._cache.windowed_layers:
+            # A freed slot's window layers hold only their last positions, not a reusable prefix.
+            log.warning("prefix caching is off: this model has sliding-window layers")
+        elif self.config.enable_prefix_caching:
             self._cache.prefix_block = self.config.kv_block_size
             self._cache.on_kv_event = self._kv_event
         self._scheduler = Scheduler(self._cache, self.config.max_num_tokens)
         log.info(
             "torch engine: %s loaded in %.1f s (%s%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
-            files.folder.name,
+            self.model_files.folder.name,
             time.perf_counter() - started,
             self.config.dtype,
             "" if self.config.quantization == "none" else f", {self.config.quantization} weights",
@@ -320,6 +337,24 @@ class TorchEngine:
             self.max_seq_len,
             self._cache.nbytes / 2**20,
         )
+
+    def _load_model(self) -> LlamaModel | GptOssModel:
+        """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture."""
+        cfg, dev = self.model_config, self.device
+        if isinstance(cfg, GptOssConfig):
+            if self.config.quantization != "none":
+                raise EngineError(
+                    f"quantization {self.config.quantization} is for llama-family models", status=400
+                )
+            if self.config.load_format == "dummy":
+                weights = random_gpt_oss_weights(cfg, self.dtype, dev)
+            else:
+                weights = load_gpt_oss_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
+            return GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+        if self.config.load_format == "dummy":
+            raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
+        weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
+        return LlamaModel(cfg, weights, self.max_seq_len, self._decode_attention(), self.config.quantization)
 
     def _decode_attention(self) -> Any:
         """The Triton decode attention on CUDA, if it runs here and agrees with the reference; else None
@@ -331,7 +366,12 @@ class TorchEngine:
             return None
         try:
             error = decode_attention.self_check(
-                self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device
+                self.dtype,
+                cfg.num_heads,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                self.device,
+                sinks=isinstance(cfg, GptOssConfig),
             )
         except Exception as e:
             log.warning("Triton decode attention failed (%s): SDPA decode, no CUDA graphs", e)
@@ -359,7 +399,9 @@ class TorchEngine:
             return wanted
         cfg = self.model_config
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        slot_bytes = cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * self.max_seq_len * itemsize
+        slot_bytes = slot_nbytes(
+            cfg.layer_windows, cfg.num_kv_heads, cfg.head_dim, self.max_seq_len, itemsize
+        )
         free, _ = torch.cuda.mem_get_info(self.device)
         fits = int(free * self.config.free_gpu_memory_fraction) // slot_bytes
         if fits < 1 + extra:
@@ -482,7 +524,7 @@ class TorchEngine:
         assert self._cache is not None
         try:
             n = seq.pulled.layout.num_tokens
-            seq.pulled.write_into(self._cache.data[:, :, seq.slot, :, :n])  # device to device for CUDA IPC
+            seq.pulled.write_into(self._cache.slot_parts(seq.slot, n))  # device to device for CUDA IPC
             seq.num_computed = n
         except Exception as e:  # closed under us, or bytes that don't fit: recompute instead
             log.warning("request %s: KV copy-in failed (%s); recomputing", seq.request_id, e)
@@ -549,11 +591,20 @@ class TorchEngine:
         assert self.exporter is not None and self._cache is not None
         started = time.perf_counter()
         cfg = self.model_config
-        layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, self.config.dtype, seq.num_computed)
+        window, windowed = self._kv_windows
+        layout = KvLayout(
+            cfg.num_layers,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            self.config.dtype,
+            seq.num_computed,
+            window,
+            windowed,
+        )
         try:
             hold = self.exporter.allocate(layout, seq.request_id)
             seq.transfer_id = hold.transfer_id
-            self._cache.read(seq.slot, seq.num_computed, hold.tensor())
+            self._cache.read(seq.slot, seq.num_computed, hold.tensors())
             desc = self.exporter.publish(hold)
         except Exception as e:  # KvCapacityError, or the OS refusing shared memory
             if seq.transfer_id:

@@ -1,4 +1,5 @@
-"""Reading a llama-family model (Llama, SmolLM, Mistral, Qwen2) from an HF-format folder into plain tensors.
+"""Reading a llama-family model (Llama, SmolLM, Mistral, Qwen2) from an HF-format folder into plain tensors;
+``model_config`` also dispatches gpt-oss (``gpt_oss_loader``).
 
 The engine never builds HF modules: it reads ``config.json`` into a ``LlamaConfig`` and the safetensors into a
 ``LlamaWeights`` with the projections fused (q|k|v and gate|up), so each layer runs two matmuls fewer.
@@ -15,9 +16,17 @@ from pathlib import Path
 
 import torch
 
+from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, UnsupportedGptOss
 from dynamo_lite.model_files import ensure_weights
 
-__all__ = ["LlamaConfig", "LlamaWeights", "UnsupportedModel", "ensure_weights", "load_weights"]
+__all__ = [
+    "LlamaConfig",
+    "LlamaWeights",
+    "UnsupportedModel",
+    "ensure_weights",
+    "load_weights",
+    "model_config",
+]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +102,27 @@ class LlamaConfig:
     @property
     def kv_bytes_per_token(self) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim  # times the element size
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Every layer attends to every position (a Mistral ``sliding_window`` is ignored, with a warning)."""
+        return (0,) * self.num_layers
+
+
+def model_config(cfg: dict) -> LlamaConfig | GptOssConfig:
+    """The architecture ``config.json`` describes: gpt-oss, or a llama-family model; ``UnsupportedModel``
+    otherwise."""
+    model_type = str(cfg.get("model_type", "llama"))
+    if model_type == "gpt_oss":
+        try:
+            return GptOssConfig.from_dict(cfg)
+        except UnsupportedGptOss as e:
+            raise UnsupportedModel(str(e)) from e
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedModel(
+            f"model_type {model_type!r} is not one of {(*SUPPORTED_MODEL_TYPES, 'gpt_oss')}"
+        )
+    return LlamaConfig.from_dict(cfg)
 
 
 @dataclass(slots=True)

@@ -129,8 +129,8 @@ def _to_device(batch: StepBatch, device: torch.device) -> StepBatch:
 DecodeAttention = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
 ]
-"""``(q [B, heads, D], k_cache, v_cache, slots [B], lens [B], scale) -> [B, heads * D]``: see
-``decode_attention``."""
+"""``(q [B, heads, D], k_cache, v_cache, slots [B], lens [B], scale[, sinks=[heads]]) -> [B, heads * D]``: see
+``decode_attention`` (``sinks``: gpt-oss's per-head attention sinks)."""
 
 
 @dataclass(slots=True)
