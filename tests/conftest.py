@@ -39,11 +39,14 @@ def _leaked_processes() -> list[tuple[int, str]]:
         try:
             if marker not in (entry / "environ").read_bytes().split(b"\0"):
                 continue
-            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            state, ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:2]
+            if state == "Z":
                 continue
             cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
             continue
+        if int(ppid) == os.getpid() and "from multiprocessing." in cmd:
+            continue  # Python's own helper (shared-memory resource tracker): it ends with this process
         leaked.append((int(entry.name), cmd))
     return leaked
 
