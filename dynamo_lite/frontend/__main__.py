@@ -55,7 +55,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="times a stream may move to another worker when its worker dies mid-stream",
     )
-    p.add_argument("--max-inflight", type=int, default=4096, help="429 beyond this many requests in flight")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=FrontendSettings().max_inflight,
+        help="429 beyond this many requests in flight, queued ones included (0: no bound)",
+    )
+    queue = RouterSettings()
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        default=queue.queue_depth,
+        help="requests per model that may wait for a worker with room; more are refused (429 + Retry-After)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=queue.queue_timeout_s,
+        help="seconds a request may wait for a worker with room, then 503 + Retry-After",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("DYNAMO_LITE_API_KEY", ""),
@@ -82,6 +100,8 @@ async def run(args: argparse.Namespace) -> None:
             migration_limit=args.migration_limit,
             kv_block_size=args.kv_block_size,
             kv_load_weight=args.kv_load_weight,
+            queue_depth=args.queue_depth,
+            queue_timeout_s=args.queue_timeout,
         ),
     )
     await router.start()

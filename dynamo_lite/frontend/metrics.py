@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "dynamo_lite_frontend_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -69,6 +69,26 @@ class LoopHistogram:
         yield family
 
 
+class QueuedRequests:
+    """``dynamo_frontend_queued_requests{model}`` (NVIDIA Dynamo's name): requests waiting for an instance with
+    room, read from the router on each scrape."""
+
+    NAME = "dynamo_frontend_queued_requests"
+
+    def __init__(self, source: Callable[[], dict[str, int]], registry) -> None:
+        self._source = source
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.NAME, "Requests waiting for a worker with room", labels=["model"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, "Requests waiting for a worker with room", labels=["model"])
+        for model, count in sorted(self._source().items()):
+            family.add_metric([model], count)
+        yield family
+
+
 class ModelMetrics:
     """The metric children of one model, bound once (``labels()`` is too slow for the per-chunk path)."""
 
@@ -123,6 +143,12 @@ class FrontendMetrics:
             registry=r,
         )
         self._models: dict[str, ModelMetrics] = {}
+        self._queued: QueuedRequests | None = None
+
+    def watch_queue(self, source: Callable[[], dict[str, int]]) -> None:
+        """Export ``source()`` (model → requests waiting) as the queued-requests gauge."""
+        if self._queued is None:
+            self._queued = QueuedRequests(source, self.registry)
 
     def model(self, name: str) -> ModelMetrics:
         mm = self._models.get(name)

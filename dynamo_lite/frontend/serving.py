@@ -447,7 +447,7 @@ class CompletionService:
                     await ex.body(error_event(err.body()))
                     await ex.end(DONE)
                 else:
-                    await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())
+                    await ex.respond(err.status, [*JSON_HEADERS, rid, *err.header_pairs()], err.body())
         except Exception:
             pass
         return err.status

@@ -28,8 +28,8 @@ class FrontendSettings:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     model_owner: str = "dynamo_lite"
-    max_inflight: int = (
-        4096  # requests in flight beyond this are refused with 429 + Retry-After (0: no bound)
-    )
+    # Requests in flight (queued at the router included) beyond this are refused with 429 + Retry-After (0: no
+    # bound). Above the router's queue depth plus what the workers take, so that the queue limit binds first.
+    max_inflight: int = 8192
     retry_after_s: int = 1
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)

@@ -31,6 +31,9 @@ class RuntimeSettings:
     connect_timeout_s: float = 5.0
     heartbeat_interval_s: float = 0.25  # request plane: how often a serving instance says it is alive
     heartbeat_timeout_s: float = 1.25  # a stream whose instance was silent this long fails (never a hang)
+    # A request that its (heartbeating) instance neither acknowledged nor followed with a later acknowledgement
+    # fails after this long; requests are known lost sooner by their order (request_plane_nats.py).
+    ack_timeout_s: float = 10.0
     discovery_resync_s: float = 10.0  # a live view re-lists this often, repairing any change its watch missed
 
     @property

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The seed's benchmark shape against the default launch (issue 20): launch/services.sh, then
+# ENGINE=mocker launch/disagg.sh with its defaults, then benchmarks.load with the seed's genai-perf flags
+# (streaming chat, ISL 1000, OSL 2000, max_tokens/min_tokens/ignore_eos). Prints the load summary and the
+# frontend's peak RSS; stops everything it started, by PID.
+#   CONCURRENCY=2048 REQUESTS=4096 SPEEDUP=0 benchmarks/seed_shape.sh
+# Env: CONCURRENCY (2048), REQUESTS (4096), WARMUP (0), SPEEDUP (0: the mocker at zero time; 1: its default
+#      speed), ISL (1000), OSL (2000), FRONTEND_ARGS (extra frontend flags), EXTRA_WORKER_ARGS (more worker
+#      flags), RATE (open loop instead: Poisson arrivals per second), PORT_BASE (28000: HTTP on it, etcd +1/+2,
+#      NATS +3, worker metrics +4/+5), OUT_DIR (artifacts/seed_shape).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CONCURRENCY=${CONCURRENCY:-2048}
+REQUESTS=${REQUESTS:-4096}
+WARMUP=${WARMUP:-0}
+SPEEDUP=${SPEEDUP:-0}
+ISL=${ISL:-1000}
+OSL=${OSL:-2000}
+PORT_BASE=${PORT_BASE:-28000}
+OUT_DIR=${OUT_DIR:-artifacts/seed_shape}
+HTTP_PORT=$PORT_BASE
+mkdir -p "$OUT_DIR"
+STATE_DIR=$(mktemp -d "${TMPDIR:-/tmp}/seed-shape.XXXXXX")
+export STATE_DIR ETCD_PORT=$((PORT_BASE + 1)) ETCD_PEER_PORT=$((PORT_BASE + 2)) NATS_PORT=$((PORT_BASE + 3))
+LAUNCH_PID=""
+cleanup() {
+  if [ -n "$LAUNCH_PID" ]; then
+    kill -TERM "$LAUNCH_PID" 2>/dev/null || true  # disagg.sh stops its children by PID
+    wait "$LAUNCH_PID" 2>/dev/null || true
+  fi
+  launch/services.sh stop >/dev/null || true
+  rm -rf "$STATE_DIR"
+}
+trap cleanup EXIT INT TERM
+launch/services.sh start >/dev/null
+ETCD_ENDPOINTS=127.0.0.1:$ETCD_PORT NATS_SERVER=nats://127.0.0.1:$NATS_PORT HTTP_PORT=$HTTP_PORT \
+  PREFILL_METRICS_PORT=$((PORT_BASE + 4)) DECODE_METRICS_PORT=$((PORT_BASE + 5)) ENGINE=mocker \
+  EXTRA_WORKER_ARGS="--speedup-ratio $SPEEDUP ${EXTRA_WORKER_ARGS:-}" EXTRA_FRONTEND_ARGS="${FRONTEND_ARGS:-}" \
+  launch/disagg.sh >"$OUT_DIR/launch.log" 2>&1 &
+LAUNCH_PID=$!
+URL=http://127.0.0.1:$HTTP_PORT
+for _ in $(seq 1 120); do
+  curl -sf "$URL/v1/models" | grep -q '"id"' && break
+  sleep 0.5
+done
+curl -sf "$URL/v1/models" | grep -q '"id"' || { echo "the stack did not come up" >&2; cat "$OUT_DIR/launch.log" >&2; exit 1; }
+FRONTEND_PID=$(ps -o pid=,args= --ppid "$LAUNCH_PID" | awk '/dynamo_lite.frontend/ {print $1}')
+LOAD=(--concurrency "$CONCURRENCY")
+[ -n "${RATE:-}" ] && LOAD=(--request-rate "$RATE" --max-connections "$CONCURRENCY")
+echo "frontend pid $FRONTEND_PID; load: ${LOAD[*]} --request-count $REQUESTS, mocker --speedup-ratio $SPEEDUP"
+set +e
+python -m benchmarks.load --url "$URL" --streaming --endpoint-type chat "${LOAD[@]}" \
+  --request-count "$REQUESTS" --warmup-request-count "$WARMUP" \
+  --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
+  --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
+  --extra-inputs "max_tokens:$OSL" --extra-inputs "min_tokens:$OSL" --extra-inputs ignore_eos:true \
+  --random-seed 100 --request-timeout 1800 --server-pid "$FRONTEND_PID" --no-progress \
+  --artifact-dir "$OUT_DIR" | tee "$OUT_DIR/summary.txt"
+status=${PIPESTATUS[0]}
+set -e
+echo "frontend peak RSS: $(awk '/VmHWM/ {printf "%.0f MB", $2 / 1024}' "/proc/$FRONTEND_PID/status")" \
+  | tee -a "$OUT_DIR/summary.txt"
+curl -sf "$URL/metrics" | grep -E '^dynamo_frontend_queued_requests|^dynamo_lite_frontend_errors' \
+  >>"$OUT_DIR/summary.txt" || true
+exit "$status"
