@@ -48,6 +48,22 @@ FRONTEND_PID=$(ps -o pid=,args= --ppid "$LAUNCH_PID" | awk '/dynamo_lite.fronten
 LOAD=(--concurrency "$CONCURRENCY")
 [ -n "${RATE:-}" ] && LOAD=(--request-rate "$RATE" --max-connections "$CONCURRENCY")
 echo "frontend pid $FRONTEND_PID; load: ${LOAD[*]} --request-count $REQUESTS, mocker --speedup-ratio $SPEEDUP"
+# The queued-requests gauge, sampled once a second: its peak goes in the summary. Every 3 s, until one is
+# refused, one more request shows the status and Retry-After a client gets then (2 s without an answer: queued).
+rm -f "$OUT_DIR/probe_headers.txt"
+(
+  for i in $(seq 1 100000); do
+    sleep 1
+    curl -sf "$URL/metrics" | awk '/^dynamo_frontend_queued_requests/ {print $2}'
+    if [ $((i % 3)) = 0 ] && [ ! -s "$OUT_DIR/probe_headers.txt" ]; then
+      curl -s -m 2 -o /dev/null -D "$OUT_DIR/probe.tmp" "$URL/v1/chat/completions" \
+        -H 'content-type: application/json' \
+        -d '{"model":"SmolLM2-135M-Instruct","messages":[{"role":"user","content":"hi"}],"max_tokens":1}' || true
+      grep -q '^HTTP/1.1 4\|^HTTP/1.1 5' "$OUT_DIR/probe.tmp" 2>/dev/null && mv "$OUT_DIR/probe.tmp" "$OUT_DIR/probe_headers.txt"
+    fi
+  done
+) >"$OUT_DIR/queued.txt" 2>/dev/null &
+SAMPLER_PID=$!
 set +e
 python -m benchmarks.load --url "$URL" --streaming --endpoint-type chat "${LOAD[@]}" \
   --request-count "$REQUESTS" --warmup-request-count "$WARMUP" \
@@ -58,8 +74,22 @@ python -m benchmarks.load --url "$URL" --streaming --endpoint-type chat "${LOAD[
   --artifact-dir "$OUT_DIR" | tee "$OUT_DIR/summary.txt"
 status=${PIPESTATUS[0]}
 set -e
+kill "$SAMPLER_PID" 2>/dev/null || true
+wait "$SAMPLER_PID" 2>/dev/null || true
+echo "queued requests, peak of 1 s samples: $(sort -g "$OUT_DIR/queued.txt" | tail -1)" | tee -a "$OUT_DIR/summary.txt"
+probe=$( (grep -iE '^(HTTP|retry-after)' "$OUT_DIR/probe_headers.txt" 2>/dev/null || true) | tr -d '\r' | paste -sd ' ' -)
+echo "an extra request every 3 s: ${probe:-never refused (it was served, or waited)}" | tee -a "$OUT_DIR/summary.txt"
+(curl -sf "$URL/metrics" || true) | python -c '
+import sys
+buckets = [(float(l.split("le=\"")[1].split("\"")[0]), float(l.split()[-1])) for l in sys.stdin
+           if l.startswith("dynamo_lite_frontend_request_plane_ack_seconds_bucket")]
+total = buckets[-1][1] if buckets else 0
+def q(f):
+    return next((le for le, n in buckets if n >= f * total), float("nan"))
+late = total - next((n for le, n in buckets if le == 1.25), total)
+print(f"request-plane acknowledgements: {total:.0f}, p50 <= {q(0.5)} s, p99 <= {q(0.99)} s, over 1.25 s: {late:.0f}")
+' | tee -a "$OUT_DIR/summary.txt"
 echo "frontend peak RSS: $(awk '/VmHWM/ {printf "%.0f MB", $2 / 1024}' "/proc/$FRONTEND_PID/status")" \
   | tee -a "$OUT_DIR/summary.txt"
-curl -sf "$URL/metrics" | grep -E '^dynamo_frontend_queued_requests|^dynamo_lite_frontend_errors' \
-  >>"$OUT_DIR/summary.txt" || true
+curl -sf "$URL/metrics" | grep -E '^dynamo_lite_frontend_errors' >>"$OUT_DIR/summary.txt" || true
 exit "$status"

@@ -85,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> None:
     from dynamo_lite.frontend.app import create_app
+    from dynamo_lite.frontend.metrics import FrontendMetrics
     from dynamo_lite.frontend.server import HttpServer
 
     runtime = await Runtime.connect(runtime_settings_from(args), name="dynamo_lite-frontend")
@@ -115,7 +116,10 @@ async def run(args: argparse.Namespace) -> None:
         shutdown_timeout_s=args.shutdown_timeout,
         api_key=args.api_key,
     )
-    server = HttpServer(create_app(router, settings), settings)
+    metrics = FrontendMetrics()
+    if hasattr(runtime.request_plane, "on_ack"):  # NATS: how long workers take to acknowledge requests
+        runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
+    server = HttpServer(create_app(router, settings, metrics=metrics), settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -14,6 +14,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+_ACK_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.25, 2.5, 5.0, 10.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
@@ -142,6 +143,13 @@ class FrontendMetrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.request_plane_ack = LoopHistogram(
+            PREFIX + "request_plane_ack_seconds",
+            "Request sent to a worker → its acknowledgement (or capacity refusal) seen",
+            [],
+            buckets=_ACK_BUCKETS,
+            registry=r,
+        ).labels()
         self._models: dict[str, ModelMetrics] = {}
         self._queued: QueuedRequests | None = None
 
