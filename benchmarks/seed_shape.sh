@@ -7,7 +7,8 @@
 # Env: CONCURRENCY (2048), REQUESTS (4096), WARMUP (0), SPEEDUP (0: the mocker at zero time; 1: its default
 #      speed), ISL (1000), OSL (2000), FRONTEND_ARGS (extra frontend flags), EXTRA_WORKER_ARGS (more worker
 #      flags), RATE (open loop instead: Poisson arrivals per second), PORT_BASE (28000: HTTP on it, etcd +1/+2,
-#      NATS +3, worker metrics +4/+5), OUT_DIR (artifacts/seed_shape).
+#      NATS +3, worker metrics +4/+5), OUT_DIR (artifacts/seed_shape), LOADGEN (benchmarks.load, or aiperf:
+#      benchmarks/aiperf_check.sh with the seed's flags; AIPERF names its binary, DATASET its entries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONCURRENCY=${CONCURRENCY:-2048}
@@ -65,13 +66,19 @@ rm -f "$OUT_DIR/probe_headers.txt"
 ) >"$OUT_DIR/queued.txt" 2>/dev/null &
 SAMPLER_PID=$!
 set +e
-python -m benchmarks.load --url "$URL" --streaming --endpoint-type chat "${LOAD[@]}" \
-  --request-count "$REQUESTS" --warmup-request-count "$WARMUP" \
-  --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
-  --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
-  --extra-inputs "max_tokens:$OSL" --extra-inputs "min_tokens:$OSL" --extra-inputs ignore_eos:true \
-  --random-seed 100 --request-timeout 1800 --server-pid "$FRONTEND_PID" --no-progress \
-  --artifact-dir "$OUT_DIR" | tee "$OUT_DIR/summary.txt"
+if [ "${LOADGEN:-}" = aiperf ]; then
+  URL=$URL CONCURRENCY=$CONCURRENCY REQUESTS=$REQUESTS WARMUP=$WARMUP ISL=$ISL OSL=$OSL \
+    DATASET=${DATASET:-$REQUESTS} ARTIFACTS=$OUT_DIR/aiperf benchmarks/aiperf_check.sh 2>&1 \
+    | grep -vE '^\s*$' | tail -40 | tee "$OUT_DIR/summary.txt"
+else
+  python -m benchmarks.load --url "$URL" --streaming --endpoint-type chat "${LOAD[@]}" \
+    --request-count "$REQUESTS" --warmup-request-count "$WARMUP" \
+    --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
+    --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
+    --extra-inputs "max_tokens:$OSL" --extra-inputs "min_tokens:$OSL" --extra-inputs ignore_eos:true \
+    --random-seed 100 --request-timeout 1800 --server-pid "$FRONTEND_PID" --no-progress \
+    --artifact-dir "$OUT_DIR" | tee "$OUT_DIR/summary.txt"
+fi
 status=${PIPESTATUS[0]}
 set -e
 kill "$SAMPLER_PID" 2>/dev/null || true

@@ -286,9 +286,10 @@ class RequestPlane(Protocol):
         flight is refused before it is accepted: its caller gets ``InstanceBusy`` (``on_refused`` is called)."""
         ...
 
-    def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+    def stream(self, address: str, payload: bytes, *, first_timeout: float | None) -> AsyncIterator[bytes]:
         """Send ``payload`` to ``address`` and iterate its reply payloads. Closing the iterator early (or
-        cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``."""
+        cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``: 504 without a
+        first payload within ``first_timeout`` seconds (None: no bound; the instance's liveness still holds)."""
         ...
 
     async def publish(self, subject: str, payload: bytes) -> None:

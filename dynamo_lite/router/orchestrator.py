@@ -166,9 +166,14 @@ class Router:
 
     # ---- placing --------------------------------------------------------------------------------------------
     async def _stream(self, instance: InstanceInfo, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream ``request`` on ``instance`` (placed by the caller, who releases it)."""
+        """Stream ``request`` on ``instance`` (placed by the caller, who releases it).
+
+        A stream whose client already has tokens (``generated_ids``) may wait in the worker's engine queue
+        for its next one as long as the request may take (the frontend's bound), not ``first_frame_timeout_s``.
+        """
+        first_timeout = None if request.generated_ids else self.settings.first_frame_timeout_s
         payloads = self.runtime.request_plane.stream(
-            instance.address, encode(request), first_timeout=self.settings.first_frame_timeout_s
+            instance.address, encode(request), first_timeout=first_timeout
         )
         async with aclosing(payloads):
             async for payload in payloads:

@@ -50,7 +50,7 @@ class _InProcServed:
         self.stopped = True  # streams still running past the drain end at their next item, as over NATS
 
 
-async def _first_item(gen: AsyncIterator[bytes], address: str, first_timeout: float) -> bytes:
+async def _first_item(gen: AsyncIterator[bytes], address: str, first_timeout: float | None) -> bytes:
     """Same contract as NATS: a handler that never answers fails the stream (504), never hangs it."""
     timer = asyncio.timeout(first_timeout)
     try:
@@ -91,7 +91,9 @@ class InProcRequestPlane:
         self._handlers[address] = (handler, served)
         return served
 
-    async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+    async def stream(
+        self, address: str, payload: bytes, *, first_timeout: float | None
+    ) -> AsyncIterator[bytes]:
         entry = self._handlers.get(address)
         if entry is None:
             raise StreamError(ErrorInfo(503, f"no instance serves {address}", "instance_unavailable"))

@@ -460,7 +460,9 @@ class NatsRequestPlane:
             seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
         )
 
-    async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+    async def stream(
+        self, address: str, payload: bytes, *, first_timeout: float | None
+    ) -> AsyncIterator[bytes]:
         if not self.nc.is_connected:
             raise StreamError(ErrorInfo(503, "request plane (NATS) is not connected", "request_plane_down"))
         if len(payload) > self.nc.max_payload:

@@ -245,6 +245,18 @@ async def test_busy_prefill_worker_queues_the_request_rather_than_fall_back(clus
     assert decode.engine.stats().kv_transfers == 3
 
 
+async def test_a_started_stream_may_wait_in_the_decode_engines_queue_past_the_first_frame_timeout(
+    cluster: Cluster,
+) -> None:
+    """The client has the prefill's token; the decode worker took the request and queues it behind its batch.
+    That wait is bounded by the frontend's request timeout, not by the first-frame timeout (a 504 mid-stream)."""
+    await cluster.worker("prefill")
+    await cluster.worker("decode", speedup=1.0, timing={"max_batch_size": 1})
+    router = await cluster.start_router(RouterSettings(first_frame_timeout_s=0.2))
+    results = await asyncio.gather(*(run(router, req(max_tokens=40, rid=f"r{i}")) for i in range(3)))
+    assert [ntokens(chunks) for chunks in results] == [40] * 3
+
+
 async def test_queue_full_is_refused_with_429_and_a_wait_past_the_limit_with_503(cluster: Cluster) -> None:
     await cluster.worker("prefill")
     await cluster.worker("decode", speedup=1.0, max_inflight=1)
