@@ -89,11 +89,12 @@ class Admission:
         """An instance of ``role`` for ``request``, reserved for it until ``release``; waits for room.
 
         ``bounded``: the queue's depth and wait limits apply (``Overloaded``). A request whose client already
-        has bytes of its answer is placed unbounded: it waits, rather than fail a started stream.
+        has bytes of its answer is placed unbounded: it waits, rather than fail a started stream, and goes
+        ahead of the requests that have not started.
         Raises ``StreamError`` 503 when no instance of the role exists.
         """
         queue = self._queues.get((model, role))
-        if not queue:
+        if not queue or not bounded:
             chosen = self._choose(role, model, request, exclude)
             if chosen is not None:
                 self.load.started(chosen.instance_id)
@@ -110,7 +111,11 @@ class Admission:
                 self.retry_after_s,
             )
         waiter = _Waiter(role, request, exclude, asyncio.get_running_loop().create_future())
-        self._queues.setdefault((model, role), deque()).append(waiter)
+        queue = self._queues.setdefault((model, role), deque())
+        if bounded:
+            queue.append(waiter)
+        else:
+            queue.appendleft(waiter)
         self._waiting[model] += 1
         placed: InstanceInfo | None = None
         try:
