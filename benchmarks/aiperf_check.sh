@@ -4,11 +4,15 @@
 # unless URL is given. Exits non-zero if aiperf reports any error. (Not under HF_HUB_OFFLINE=1: aiperf then
 # looks a local tokenizer folder up as a hub snapshot and fails; a local folder path needs no hub either way.)
 #   AIPERF=/path/to/venv/bin/aiperf CONCURRENCY=64 REQUESTS=256 ISL=1000 OSL=2000 benchmarks/aiperf_check.sh
+# The seed's full flags (docs/gpt_oss_disagg.md), e.g. against launch/disagg.sh: benchmarks/seed_shape.sh with
+# LOADGEN=aiperf, or URL=http://127.0.0.1:8000 CONCURRENCY=2048 REQUESTS=6144 WARMUP=1000 DATASET=8000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AIPERF=${AIPERF:-aiperf}
 CONCURRENCY=${CONCURRENCY:-64}
 REQUESTS=${REQUESTS:-256}
+WARMUP=${WARMUP:-8}
+DATASET=${DATASET:-$REQUESTS}
 ISL=${ISL:-1000}
 OSL=${OSL:-2000}
 ARTIFACTS=${ARTIFACTS:-artifacts/aiperf}
@@ -26,9 +30,12 @@ if [ -z "${URL:-}" ]; then
 fi
 mkdir -p "$ARTIFACTS"
 "$AIPERF" profile --model "$MODEL" --tokenizer "$TOKENIZER" --url "$URL" --endpoint-type chat \
-  --streaming --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
-  --output-tokens-mean "$OSL" --output-tokens-stddev 0 --extra-inputs ignore_eos:true \
-  --concurrency "$CONCURRENCY" --request-count "$REQUESTS" --warmup-request-count 8 \
+  --endpoint /v1/chat/completions --streaming \
+  --synthetic-input-tokens-mean "$ISL" --synthetic-input-tokens-stddev 0 \
+  --output-tokens-mean "$OSL" --output-tokens-stddev 0 \
+  --extra-inputs "max_tokens:$OSL" --extra-inputs "min_tokens:$OSL" --extra-inputs ignore_eos:true \
+  --concurrency "$CONCURRENCY" --request-count "$REQUESTS" --warmup-request-count "$WARMUP" \
+  --num-dataset-entries "$DATASET" --random-seed 100 \
   --artifact-dir "$ARTIFACTS" --ui-type none 2>&1 | tee "$ARTIFACTS/aiperf.log"
 python - "$ARTIFACTS" <<'PY'
 import json, pathlib, sys

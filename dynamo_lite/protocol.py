@@ -165,6 +165,7 @@ class FrameKind(enum.IntEnum):
     END = 1
     ERROR = 2
     ACK = 3  # "request received": sent at once, outside the seq numbering (NATS delivers at most once)
+    BUSY = 4  # "refused, at capacity": sent instead of ACK; the request was not accepted and nothing ran
 
 
 class Frame(_Wire):
@@ -188,6 +189,9 @@ class InstanceInfo(_Wire):
     metrics_port: int = 0
     disaggregation_strategy: str = "prefill_first"
     version: int = WIRE_VERSION
+    # Requests the instance takes at once (its worker's max_inflight; 0: unbounded). After ``version`` so that
+    # records written without it still decode.
+    max_inflight: int = 0
 
 
 class CardFile(_Wire):
@@ -262,6 +266,25 @@ class StreamError(Exception):
         self.info = info
 
 
+class InstanceBusy(StreamError):
+    """The instance refused the request before accepting it: it is at capacity (``FrameKind.BUSY``).
+
+    Nothing ran, so the caller may place the request on another instance or wait until this one has room;
+    never a client error."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(ErrorInfo(503, f"instance {address} is at capacity", "instance_busy"))
+
+
+class Overloaded(StreamError):
+    """No instance had room for the request within the frontend's queue limits (depth or wait): answered before
+    any byte, as 429 (queue full) or 503 (waited too long), with ``Retry-After: retry_after_s``."""
+
+    def __init__(self, info: ErrorInfo, retry_after_s: int) -> None:
+        super().__init__(info)
+        self.retry_after_s = retry_after_s
+
+
 Handler = Callable[[bytes], AsyncIterator[bytes]]
 """A served endpoint: takes the request payload, yields reply payloads. Raising ``StreamError`` sends an error
 frame; being cancelled (the caller went away) must free everything the request holds."""
@@ -274,11 +297,22 @@ class Served(Protocol):
 class RequestPlane(Protocol):
     """Point-to-point streaming RPC to one instance address."""
 
-    async def serve(self, address: str, handler: Handler) -> Served: ...
+    async def serve(
+        self,
+        address: str,
+        handler: Handler,
+        *,
+        max_inflight: int | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> Served:
+        """Serve ``address`` with ``handler``. With ``max_inflight``, a request arriving while that many are in
+        flight is refused before it is accepted: its caller gets ``InstanceBusy`` (``on_refused`` is called)."""
+        ...
 
-    def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+    def stream(self, address: str, payload: bytes, *, first_timeout: float | None) -> AsyncIterator[bytes]:
         """Send ``payload`` to ``address`` and iterate its reply payloads. Closing the iterator early (or
-        cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``."""
+        cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``: 504 without a
+        first payload within ``first_timeout`` seconds (None: no bound; the instance's liveness still holds)."""
         ...
 
     async def publish(self, subject: str, payload: bytes) -> None:

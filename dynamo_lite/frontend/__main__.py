@@ -56,7 +56,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="times a stream may move to another worker when its worker dies mid-stream",
     )
-    p.add_argument("--max-inflight", type=int, default=4096, help="429 beyond this many requests in flight")
+    p.add_argument(
+        "--max-inflight",
+        type=int,
+        default=FrontendSettings().max_inflight,
+        help="429 beyond this many requests in flight, queued ones included (0: no bound)",
+    )
+    queue = RouterSettings()
+    p.add_argument(
+        "--queue-depth",
+        type=int,
+        default=queue.queue_depth,
+        help="requests per model that may wait for a worker with room; more are refused (429 + Retry-After)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=queue.queue_timeout_s,
+        help="seconds a request may wait for a worker with room, then 503 + Retry-After",
+    )
     p.add_argument(
         "--api-key",
         default=os.environ.get("DYNAMO_LITE_API_KEY", ""),
@@ -68,6 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> None:
     from dynamo_lite.frontend.app import create_app
+    from dynamo_lite.frontend.metrics import FrontendMetrics
     from dynamo_lite.frontend.server import HttpServer
 
     runtime_settings = runtime_settings_from(args)
@@ -85,6 +104,8 @@ async def run(args: argparse.Namespace) -> None:
             migration_limit=args.migration_limit,
             kv_block_size=args.kv_block_size,
             kv_load_weight=args.kv_load_weight,
+            queue_depth=args.queue_depth,
+            queue_timeout_s=args.queue_timeout,
         ),
     )
     await router.start()
@@ -98,7 +119,10 @@ async def run(args: argparse.Namespace) -> None:
         shutdown_timeout_s=args.shutdown_timeout,
         api_key=args.api_key,
     )
-    server = HttpServer(create_app(router, settings), settings)
+    metrics = FrontendMetrics()
+    if hasattr(runtime.request_plane, "on_ack"):  # NATS: how long workers take to acknowledge requests
+        runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
+    server = HttpServer(create_app(router, settings, metrics=metrics), settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

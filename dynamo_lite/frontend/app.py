@@ -106,6 +106,9 @@ def create_app(
     app = FastAPI(title="dynamo_lite", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.metrics = metrics
+    queued = getattr(backend, "queued_requests", None)  # optional: a backend that queues requests
+    if queued is not None:
+        metrics.watch_queue(queued)
     app.state.settings = settings
     install_error_handlers(app, on_error=lambda err: metrics.error(err.type))
 

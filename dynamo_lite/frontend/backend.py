@@ -14,7 +14,8 @@ class Backend(Protocol):
 
     Optionally a backend also has ``model_card(model) -> ModelCard | None``: the card of a model that is
     known but not servable right now (a role has no live worker). Its requests then reach ``generate``, which
-    answers 503, instead of the frontend answering 404 for a model it cannot see in ``model_cards()``.
+    answers 503, instead of the frontend answering 404 for a model it cannot see in ``model_cards()``. And
+    ``queued_requests() -> dict[str, int]``: requests waiting for a worker, per model (a gauge).
     """
 
     def model_cards(self) -> list[ModelCard]:
@@ -29,7 +30,9 @@ class Backend(Protocol):
     def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Stream the request's output tokens (the prefill's first token included).
 
-        Raises ``dynamo_lite.protocol.StreamError`` (``ErrorInfo.status`` 503 when no worker can take it).
+        Raises ``dynamo_lite.protocol.StreamError`` (``ErrorInfo.status`` 503 when no worker can take it;
+        ``Overloaded``, 429/503 with a Retry-After, when its queue is full or its wait ran out) before the
+        first chunk.
         Closing the iterator (``aclose``) or cancelling its consumer cancels the work downstream.
         """
         ...

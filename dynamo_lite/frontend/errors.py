@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from dynamo_lite.protocol import StreamError
+from dynamo_lite.protocol import Overloaded, StreamError
 
 logger = logging.getLogger(__name__)
 
@@ -41,13 +41,20 @@ class OpenAIError(Exception):
     """A failure to answer as ``status`` with an OpenAI error body."""
 
     def __init__(
-        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers or {}  # sent with the error response (Retry-After)
 
     @property
     def type(self) -> str:
@@ -59,7 +66,16 @@ class OpenAIError(Exception):
         )
 
     def response(self, headers: dict[str, str] | None = None) -> Response:
-        return Response(self.body(), status_code=self.status, headers=headers, media_type="application/json")
+        return Response(
+            self.body(),
+            status_code=self.status,
+            headers={**self.headers, **(headers or {})},
+            media_type="application/json",
+        )
+
+    def header_pairs(self) -> list[tuple[bytes, bytes]]:
+        """``headers`` as ASGI header pairs."""
+        return [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -70,6 +86,13 @@ def as_openai_error(exc: BaseException) -> OpenAIError:
     """Map any failure to the error the client sees."""
     if isinstance(exc, OpenAIError):
         return exc
+    if isinstance(exc, Overloaded):
+        return OpenAIError(
+            exc.info.status,
+            exc.info.message,
+            code=exc.info.code,
+            headers={"retry-after": str(exc.retry_after_s)},
+        )
     if isinstance(exc, StreamError):
         return OpenAIError(exc.info.status, exc.info.message, code=exc.info.code)
     if isinstance(exc, TimeoutError):

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "dynamo_lite_frontend_"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+_ACK_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.25, 2.5, 5.0, 10.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
@@ -66,6 +67,26 @@ class LoopHistogram:
                 cumulative += count
                 buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
             family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+class QueuedRequests:
+    """``dynamo_frontend_queued_requests{model}`` (NVIDIA Dynamo's name): requests waiting for an instance with
+    room, read from the router on each scrape."""
+
+    NAME = "dynamo_frontend_queued_requests"
+
+    def __init__(self, source: Callable[[], dict[str, int]], registry) -> None:
+        self._source = source
+        registry.register(self)
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.NAME, "Requests waiting for a worker with room", labels=["model"])]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.NAME, "Requests waiting for a worker with room", labels=["model"])
+        for model, count in sorted(self._source().items()):
+            family.add_metric([model], count)
         yield family
 
 
@@ -122,7 +143,20 @@ class FrontendMetrics:
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
+        self.request_plane_ack = LoopHistogram(
+            PREFIX + "request_plane_ack_seconds",
+            "Request sent to a worker → its acknowledgement (or capacity refusal) seen",
+            [],
+            buckets=_ACK_BUCKETS,
+            registry=r,
+        ).labels()
         self._models: dict[str, ModelMetrics] = {}
+        self._queued: QueuedRequests | None = None
+
+    def watch_queue(self, source: Callable[[], dict[str, int]]) -> None:
+        """Export ``source()`` (model → requests waiting) as the queued-requests gauge."""
+        if self._queued is None:
+            self._queued = QueuedRequests(source, self.registry)
 
     def model(self, name: str) -> ModelMetrics:
         mm = self._models.get(name)

@@ -417,7 +417,7 @@ class CompletionService:
                 if ex.started and stream is not None:  # its last event says what failed
                     await ex.end(stream.error(err.body()))
                 else:
-                    await ex.respond(err.status, [*JSON_HEADERS, rid], err.body())
+                    await ex.respond(err.status, [*JSON_HEADERS, rid, *err.header_pairs()], err.body())
         except Exception:
             pass
         return err.status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 from dynamo_lite.protocol import LoadReport, RequestPlane, Subscription, WireError, decode
 
@@ -21,7 +22,10 @@ class LoadTracker:
         self.local_inflight: defaultdict[str, int] = defaultdict(
             int
         )  # what this router has sent and not seen end
+        self._local_at_report: dict[str, int] = {}  # local_inflight when the instance's last report came
+        self._full_until: dict[str, float] = {}  # instances that refused a request (at capacity), until then
         self._sub: Subscription | None = None
+        self.on_report: Callable[[str], None] | None = None  # called with the instance id of each report
 
     async def start(self, plane: RequestPlane, namespace: str) -> None:
         self._sub = await plane.subscribe(load_subject(namespace), self._on_report)
@@ -35,7 +39,12 @@ class LoadTracker:
             report = decode(payload, LoadReport)
         except WireError:
             return
-        self._reports[report.instance_id] = (report, time.monotonic())
+        iid = report.instance_id
+        self._reports[iid] = (report, time.monotonic())
+        self._local_at_report[iid] = self.local_inflight.get(iid, 0)
+        self._full_until.pop(iid, None)
+        if self.on_report is not None:
+            self.on_report(iid)
 
     def report(self, instance_id: str) -> LoadReport | None:
         entry = self._reports.get(instance_id)
@@ -56,10 +65,32 @@ class LoadTracker:
             return float(local)
         return max(local, report.inflight) + report.queued + report.kv_usage
 
+    def others(self, instance_id: str) -> int:
+        """Requests in flight on the instance that are not ours, as of its last fresh report."""
+        report = self.report(instance_id)
+        if report is None:
+            return 0
+        return max(0, report.inflight - self._local_at_report.get(instance_id, 0))
+
+    def mark_full(self, instance_id: str) -> None:
+        """The instance refused a request for capacity: full until it reports again, one of our requests on it
+        ends, or a report TTL passes."""
+        self._full_until[instance_id] = time.monotonic() + self.ttl_s
+
+    def is_full(self, instance_id: str) -> bool:
+        until = self._full_until.get(instance_id)
+        if until is None:
+            return False
+        if time.monotonic() > until:
+            del self._full_until[instance_id]
+            return False
+        return True
+
     def started(self, instance_id: str) -> None:
         self.local_inflight[instance_id] += 1
 
     def finished(self, instance_id: str) -> None:
+        self._full_until.pop(instance_id, None)
         left = self.local_inflight[instance_id] - 1
         if left > 0:
             self.local_inflight[instance_id] = left

@@ -4,6 +4,11 @@ prefill_first (default): prefill worker (context-only, max_tokens=1) → first t
 worker continues from it. decode_first: the decode worker is asked directly and runs the prefill itself.
 Conditional: prompts shorter than ``disagg_threshold`` go straight to a decode worker, which prefills locally.
 If the prefill worker fails, the decode worker prefills locally (the request still completes).
+
+Every instance is reserved before it is asked (``admission.py``): a request no instance has room for waits here,
+in a bounded queue per model. The decode instance is reserved first, so that a request whose first token was
+sent never finds its decode worker full; a worker that refuses anyway (``InstanceBusy``) is retried elsewhere or
+requeued.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateChunk,
     GenerateRequest,
+    InstanceBusy,
     InstanceInfo,
     KvDescriptor,
     KvRelease,
     ModelCard,
+    Overloaded,
     Phase,
     StreamError,
     decode,
     encode,
 )
+from dynamo_lite.router.admission import Admission
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy, make_policy
@@ -60,6 +68,11 @@ class RouterSettings:
     kv_load_weight: float = 4.0  # kv mode: one unit of load costs as much as this many uncached blocks
     kv_approx_ttl_s: float = 120.0  # kv mode without engine events: how long a routed prefix counts as cached
     load_report_ttl_s: float = 2.0  # load reports older than this are ignored
+    # The queue of requests waiting for an instance with room, per model. Sized for the seed's benchmark (4096
+    # concurrent streams against one prefill and one decode worker of max_inflight 1024: 3072 wait).
+    queue_depth: int = 4096  # more waiting requests: 429 + Retry-After
+    queue_timeout_s: float = 300.0  # waited longer: 503 + Retry-After (the wait counts in TTFT)
+    retry_after_s: int = 1
 
 
 class Router:
@@ -83,6 +96,16 @@ class Router:
             )
             for role in (PREFILL, DECODE, AGG)
         }
+        self.admission = Admission(
+            view,
+            self.load,
+            self._policies,
+            queue_depth=settings.queue_depth,
+            queue_timeout_s=settings.queue_timeout_s,
+            retry_after_s=settings.retry_after_s,
+        )
+        self.load.on_report = self.admission.instance_reported
+        view.on_change.append(self.admission.instances_changed)
         self._subscribed = False
         self._background: set[asyncio.Task] = set()
         # Model files published with the cards, for the frontend's preprocessors (distributed discovery only).
@@ -95,18 +118,26 @@ class Router:
         self.migrations = 0
 
     async def start(self) -> None:
-        """Subscribe to worker load reports and KV events (only the policies that use them need this)."""
-        if self.settings.mode in ("least-loaded", "kv") and not self._subscribed:
-            ns = self.runtime.settings.namespace
-            await self.load.start(self.runtime.request_plane, ns)
+        """Subscribe to worker load reports (room for queued requests, least-loaded and kv policies) and, in
+        kv mode, to KV cache events."""
+        if self._subscribed:
+            return
+        ns = self.runtime.settings.namespace
+        await self.load.start(self.runtime.request_plane, ns)
+        if self.settings.mode == "kv":
             await self.kv_index.start(self.runtime.request_plane, ns)
             self.view.on_change.append(self._forget_gone_instances)
-            self._subscribed = True
+        self._subscribed = True
 
     async def stop(self) -> None:
         if self._subscribed:
             await self.load.stop()
-            await self.kv_index.stop()
+            if self.settings.mode == "kv":
+                await self.kv_index.stop()
+
+    def queued_requests(self) -> dict[str, int]:
+        """Requests waiting for an instance with room, per model (the frontend's queued-requests gauge)."""
+        return self.admission.queued()
 
     def _forget_gone_instances(self) -> None:
         for iid in self.kv_index.instances():
@@ -150,30 +181,20 @@ class Router:
         healthy = any(v == "ready" for v in models.values())
         return {"status": "healthy" if healthy else "unhealthy", "instances": by_role, "models": models}
 
-    # ---- picking --------------------------------------------------------------------------------------------
-    def _pick(
-        self,
-        role: str,
-        model: str,
-        request: GenerateRequest,
-        exclude: frozenset[str] | set[str] = frozenset(),
-    ) -> InstanceInfo:
-        candidates = [i for i in self.view.instances_of(role, model) if i.instance_id not in exclude]
-        if not candidates:
-            raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
-        return self._policies[role].pick(candidates, request)
-
+    # ---- placing --------------------------------------------------------------------------------------------
     async def _stream(self, instance: InstanceInfo, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream ``request`` on ``instance`` (placed by the caller, who releases it).
+
+        A stream whose client already has tokens (``generated_ids``) may wait in the worker's engine queue
+        for its next one as long as the request may take (the frontend's bound), not ``first_frame_timeout_s``.
+        """
+        first_timeout = None if request.generated_ids else self.settings.first_frame_timeout_s
         payloads = self.runtime.request_plane.stream(
-            instance.address, encode(request), first_timeout=self.settings.first_frame_timeout_s
+            instance.address, encode(request), first_timeout=first_timeout
         )
-        self.load.started(instance.instance_id)
-        try:
-            async with aclosing(payloads):
-                async for payload in payloads:
-                    yield decode(payload, GenerateChunk)
-        finally:
-            self.load.finished(instance.instance_id)
+        async with aclosing(payloads):
+            async for payload in payloads:
+                yield decode(payload, GenerateChunk)
 
     # ---- the request's path ---------------------------------------------------------------------------------
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -184,37 +205,44 @@ class Router:
                 async for chunk in chunks:
                     yield chunk
             return
-        decoder = self._pick(DECODE, model, request)
-        if decoder.disaggregation_strategy == "decode_first":
-            remote = GenerateRequest(
-                request.request_id,
-                model,
-                request.token_ids,
-                request.sampling,
-                Phase.DECODE,
-                remote_prefill=True,
-            )
-            async with aclosing(self._stream(decoder, remote)) as chunks:
+        # The decode instance first: waiting for room happens before the prefill (so it counts in TTFT), and a
+        # request whose first token went out never finds its decode worker full.
+        decoder = await self.admission.place(DECODE, model, request)
+        handed_over = False
+        try:
+            first = None
+            if decoder.disaggregation_strategy == "decode_first":
+                # The decode worker runs the prefill on a prefill worker itself.
+                request = GenerateRequest(
+                    request.request_id,
+                    model,
+                    request.token_ids,
+                    request.sampling,
+                    Phase.DECODE,
+                    remote_prefill=True,
+                )
+            elif len(request.token_ids) >= self.settings.disagg_threshold:
+                async with aclosing(self.prefill(model, request)) as chunks:
+                    async for chunk in chunks:
+                        first = chunk
+                if first is not None:
+                    if first.finish_reason is not None:
+                        yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
+                        return
+                    try:
+                        yield GenerateChunk(first.token_ids, None, None, first.cached_tokens)
+                    except BaseException:
+                        self._release_unpulled(
+                            first.kv
+                        )  # the client left before any decode worker saw the KV
+                        raise
+            handed_over = True  # _continue releases the decode instance from here
+            async with aclosing(self._continue(DECODE, model, request, first, decoder)) as chunks:
                 async for chunk in chunks:
                     yield chunk
-            return
-        first = None
-        if len(request.token_ids) >= self.settings.disagg_threshold:
-            async with aclosing(self.prefill(model, request)) as chunks:
-                async for chunk in chunks:
-                    first = chunk
-            if first is not None:
-                if first.finish_reason is not None:
-                    yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
-                    return
-                try:
-                    yield GenerateChunk(first.token_ids, None, None, first.cached_tokens)
-                except BaseException:
-                    self._release_unpulled(first.kv)  # the client left before any decode worker saw the KV
-                    raise
-        async with aclosing(self._continue(DECODE, model, request, first, decoder)) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        finally:
+            if not handed_over:
+                self.admission.release(decoder)
 
     async def _continue(
         self,
@@ -226,7 +254,10 @@ class Router:
     ) -> AsyncIterator[GenerateChunk]:
         """Generate on a ``role`` worker after ``first`` (the prefill's result, if any); if the worker dies
         mid-stream, continue on another one from the prompt plus every token already sent (up to
-        ``migration_limit`` times). The client sees one uninterrupted stream."""
+        ``migration_limit`` times). The client sees one uninterrupted stream.
+
+        ``instance``, if given, was placed for this request; this releases it. A worker at capacity
+        (``InstanceBusy``) did nothing: the request is placed again, where there is room."""
         generated = list(first.token_ids) if first else []
         kv = first.kv if first else None
         cached = first.cached_tokens if first else None
@@ -235,7 +266,8 @@ class Router:
         migrations = 0
         while True:
             if instance is None:
-                instance = self._pick(role, model, request, tried)
+                # Once the client has bytes of its answer, wait for room rather than fail its stream.
+                instance = await self.admission.place(role, model, request, tried, bounded=not generated)
             ask = GenerateRequest(
                 request.request_id,
                 model,
@@ -244,8 +276,9 @@ class Router:
                 phase,
                 kv=kv,
                 generated_ids=list(generated),
+                remote_prefill=request.remote_prefill and not generated,
             )
-            started = False
+            started = busy = False
             try:
                 async with aclosing(self._stream(instance, ask)) as chunks:
                     async for chunk in chunks:
@@ -257,6 +290,8 @@ class Router:
                             chunk.cached_tokens = cached
                         yield chunk
                 return
+            except InstanceBusy:
+                busy = True  # nothing ran there: placed again below (the KV, if any, is still held for us)
             except StreamError as e:
                 if not started:
                     self._release_unpulled(kv)
@@ -275,11 +310,14 @@ class Router:
                     self.settings.migration_limit,
                 )
                 tried.add(instance.instance_id)
-                instance, kv, phase = None, None, Phase.DECODE  # the new worker recomputes prompt + tokens
+                kv, phase = None, Phase.DECODE  # the new worker recomputes prompt + tokens
             except BaseException:
                 if not started:
                     self._release_unpulled(kv)
                 raise
+            finally:
+                self.admission.release(instance, refused=busy)
+            instance = None
 
     def _release_unpulled(self, kv: KvDescriptor | None) -> None:
         """Free KV that no decode worker will pull now, instead of leaving it to the lease."""
@@ -307,25 +345,36 @@ class Router:
         """
         ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, Phase.PREFILL)
         tried: set[str] = set()
-        for attempt in range(1 + self.settings.prefill_retries):
+        while True:
             try:
-                prefill = self._pick(PREFILL, model, request, tried)
-            except StreamError:
-                if attempt == 0 and not self.view.instances_of(PREFILL, model):
+                prefill = await self.admission.place(PREFILL, model, request, tried)
+            except Overloaded:
+                raise
+            except StreamError:  # no prefill worker left to try
+                if not tried and not self.view.instances_of(PREFILL, model):
                     raise
                 return
-            tried.add(prefill.instance_id)
+            busy = False
             try:
                 async with aclosing(self._stream(prefill, ask)) as chunks:
                     async for chunk in chunks:
                         yield chunk
                 return
+            except InstanceBusy:
+                busy = True  # nothing ran there: placed again, where there is room
+                continue
             except StreamError as e:
                 if e.info.status < 500:
                     raise
+                tried.add(prefill.instance_id)
+                retry = len(tried) <= self.settings.prefill_retries
                 log.warning(
                     "prefill on %s failed (%s); %s",
                     prefill.instance_id,
                     e,
-                    "retrying" if attempt < self.settings.prefill_retries else "decode prefills locally",
+                    "retrying" if retry else "decode prefills locally",
                 )
+                if not retry:
+                    return
+            finally:
+                self.admission.release(prefill, refused=busy)

@@ -39,6 +39,9 @@ class RuntimeSettings:
     probe_timeout_s: float = 1.5  # the first reachability check of etcd/NATS at start (fail fast)
     heartbeat_interval_s: float = 0.25  # request plane: how often a serving instance says it is alive
     heartbeat_timeout_s: float = 1.25  # a stream whose instance was silent this long fails (never a hang)
+    # A request that its (heartbeating) instance neither acknowledged nor followed with a later acknowledgement
+    # fails after this long; requests are known lost sooner by their order (request_plane_nats.py).
+    ack_timeout_s: float = 10.0
     discovery_resync_s: float = 10.0  # a live view re-lists this often, repairing any change its watch missed
 
     @classmethod

@@ -7,9 +7,9 @@ is exactly what a cancel message does over NATS.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from dynamo_lite.protocol import ErrorInfo, EventCallback, Handler, StreamError
+from dynamo_lite.protocol import ErrorInfo, EventCallback, Handler, InstanceBusy, StreamError
 from dynamo_lite.runtime.streams import error_info_for
 
 
@@ -24,9 +24,17 @@ class _InProcSubscription:
 
 
 class _InProcServed:
-    def __init__(self, plane: InProcRequestPlane, address: str) -> None:
+    def __init__(
+        self,
+        plane: InProcRequestPlane,
+        address: str,
+        max_inflight: int | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
         self._plane = plane
         self._address = address
+        self.max_inflight = max_inflight
+        self.on_refused = on_refused
         self.inflight = 0
         self.stopped = False
         self._idle = asyncio.Event()
@@ -42,7 +50,7 @@ class _InProcServed:
         self.stopped = True  # streams still running past the drain end at their next item, as over NATS
 
 
-async def _first_item(gen: AsyncIterator[bytes], address: str, first_timeout: float) -> bytes:
+async def _first_item(gen: AsyncIterator[bytes], address: str, first_timeout: float | None) -> bytes:
     """Same contract as NATS: a handler that never answers fails the stream (504), never hangs it."""
     timer = asyncio.timeout(first_timeout)
     try:
@@ -71,16 +79,29 @@ class InProcRequestPlane:
         self._subscribers.append(entry)
         return _InProcSubscription(self._subscribers, entry)
 
-    async def serve(self, address: str, handler: Handler) -> _InProcServed:
-        served = _InProcServed(self, address)
+    async def serve(
+        self,
+        address: str,
+        handler: Handler,
+        *,
+        max_inflight: int | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> _InProcServed:
+        served = _InProcServed(self, address, max_inflight, on_refused)
         self._handlers[address] = (handler, served)
         return served
 
-    async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+    async def stream(
+        self, address: str, payload: bytes, *, first_timeout: float | None
+    ) -> AsyncIterator[bytes]:
         entry = self._handlers.get(address)
         if entry is None:
             raise StreamError(ErrorInfo(503, f"no instance serves {address}", "instance_unavailable"))
         handler, served = entry
+        if served.max_inflight is not None and served.inflight >= served.max_inflight:
+            if served.on_refused is not None:
+                served.on_refused()
+            raise InstanceBusy(address)
         served.inflight += 1
         served._idle.clear()
         gen = handler(payload)

@@ -1,10 +1,17 @@
 """NATS request plane (nats-py): a subject per instance, replies as sequence-numbered frames on an inbox.
 
 Request:   PUB {address} reply={inbox}.{n}        payload = the request bytes
+Accepted:  PUB {inbox}.{n}  Frame(-1, ACK) at once, or Frame(-1, BUSY) instead when the instance is at capacity
+           (the request was not accepted: ``InstanceBusy``, the caller places it elsewhere or later)
 Reply:     PUB {inbox}.{n}  Frame(seq, DATA|END|ERROR, payload)   — ended by END or ERROR
 Cancel:    PUB {address}.cancel  payload = {inbox}.{n}   — the server cancels that handler task
 Liveness:  PUB dlhb.{address} every heartbeat interval — a stream whose instance falls silent fails (503)
            instead of hanging; a request to an address nobody serves fails at once (NATS "no responders").
+Lost:      NATS keeps one publisher's messages in order, and an instance takes its requests in order, so a request
+           is known lost (503, retryable) as soon as a later one to the same address is acknowledged. A request
+           still unacknowledged after the heartbeat timeout gets such a later one: a probe (header Dl-Probe, only
+           acknowledged). Time alone never decides while the instance heartbeats (a burst queues requests for
+           seconds at both ends), except past ``ack_timeout_s`` (an instance that heartbeats but takes nothing).
 Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
            meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
            replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
@@ -20,7 +27,7 @@ import itertools
 import logging
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -32,6 +39,7 @@ from dynamo_lite.protocol import (
     Frame,
     FrameKind,
     Handler,
+    InstanceBusy,
     StreamError,
     WireError,
     decode,
@@ -43,16 +51,19 @@ from dynamo_lite.runtime.streams import error_info_for
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "dlhb."
+PROBE_HEADER = "Dl-Probe"
 _ACK = encode(Frame(-1, FrameKind.ACK))
+_BUSY = encode(Frame(-1, FrameKind.BUSY))
 
 
 class _ReplyStream:
     """Client side of one reply stream: frames in arrival order, or a failure."""
 
-    __slots__ = ("address", "started", "got_first", "acked", "_frames", "_waiter", "_error")
+    __slots__ = ("address", "n", "started", "got_first", "acked", "_frames", "_waiter", "_error")
 
-    def __init__(self, address: str, now: float) -> None:
+    def __init__(self, address: str, n: int, now: float) -> None:
         self.address = address
+        self.n = n  # publish order: requests to one address are taken (and acknowledged) in this order
         self.started = now
         self.got_first = False
         self.acked = False
@@ -66,9 +77,9 @@ class _ReplyStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def fail(self, info: ErrorInfo) -> None:
+    def fail(self, error: ErrorInfo | StreamError) -> None:
         if self._error is None:
-            self._error = StreamError(info)
+            self._error = error if isinstance(error, StreamError) else StreamError(error)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -93,10 +104,19 @@ class _NatsEventSubscription:
 class _NatsServed:
     """Server side of one address: a task per request, cancellable, drainable."""
 
-    def __init__(self, plane: NatsRequestPlane, address: str, handler: Handler) -> None:
+    def __init__(
+        self,
+        plane: NatsRequestPlane,
+        address: str,
+        handler: Handler,
+        max_inflight: int | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> None:
         self._plane = plane
         self._address = address
         self._handler = handler
+        self._max_inflight = max_inflight
+        self._on_refused = on_refused
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._subs: list = []
         self._heartbeat: asyncio.Task[None] | None = None
@@ -128,10 +148,21 @@ class _NatsServed:
     async def _on_request(self, msg: Msg) -> None:
         if not msg.reply:
             return
-        # Acknowledge at once: a request lost on the way (NATS is at-most-once) then fails fast at the caller
-        # instead of waiting, heartbeats and all, for a first frame that will never come.
+        # Acknowledge (or refuse) at once, before any work: a request lost on the way (NATS is at-most-once)
+        # then fails fast at the caller instead of waiting for a first frame that will never come.
+        if msg.headers and PROBE_HEADER in msg.headers:
+            await self._plane.nc.publish(msg.reply, _ACK)  # only says: every request before it got here
+            return
+        if self._max_inflight is not None and len(self._tasks) >= self._max_inflight:
+            await self._plane.nc.publish(msg.reply, _BUSY)
+            if self._on_refused is not None:
+                self._on_refused()
+            return
         await self._plane.nc.publish(msg.reply, _ACK)
-        self._tasks[msg.reply] = asyncio.create_task(self._run(msg.reply, msg.data))
+        task = asyncio.create_task(self._run(msg.reply, msg.data))
+        self._tasks[msg.reply] = task
+        # Not in _run's finally: a task cancelled before its first step never runs its body.
+        task.add_done_callback(lambda _, reply=msg.reply: self._tasks.pop(reply, None))
 
     async def _on_cancel(self, msg: Msg) -> None:
         task = self._tasks.get(msg.data.decode(errors="replace"))
@@ -164,7 +195,6 @@ class _NatsServed:
                 pass
         finally:
             await gen.aclose()
-            self._tasks.pop(reply, None)
 
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stop taking requests; let in-flight ones finish for up to ``drain_s``; cancel the rest."""
@@ -221,6 +251,11 @@ class NatsRequestPlane:
         self._inbox = nc.new_inbox()
         self._streams: dict[str, _ReplyStream] = {}
         self._last_seen: dict[str, float] = {}
+        self._acked_upto: dict[str, int] = {}  # address → the latest request (publish order) it acknowledged
+        self._probes: dict[str, tuple[str, int]] = {}  # reply subject → (address, n) of probes in flight
+        self._probed: dict[str, tuple[int, float]] = {}  # address → (n, time) of its latest probe
+        # Observer of acknowledgement latency (address, seconds from publish to ACK/BUSY seen): benchmarks.
+        self.on_ack: Callable[[str, float], None] | None = None
         self._ids = itertools.count()
         self._loop_time = asyncio.get_running_loop().time
         self._served: list[_NatsServed] = []
@@ -296,8 +331,15 @@ class NatsRequestPlane:
             self._recent_ends.popleft()
 
     # ---- server side -------------------------------------------------------------------------------------
-    async def serve(self, address: str, handler: Handler) -> _NatsServed:
-        served = _NatsServed(self, address, handler)
+    async def serve(
+        self,
+        address: str,
+        handler: Handler,
+        *,
+        max_inflight: int | None = None,
+        on_refused: Callable[[], None] | None = None,
+    ) -> _NatsServed:
+        served = _NatsServed(self, address, handler, max_inflight, on_refused)
         await served.start()
         self._served.append(served)
         return served
@@ -317,31 +359,47 @@ class NatsRequestPlane:
         return _NatsEventSubscription(sub)
 
     # ---- client side -------------------------------------------------------------------------------------
+    def _acknowledged(self, address: str, n: int, started: float | None) -> None:
+        if n > self._acked_upto.get(address, -1):
+            self._acked_upto[address] = n
+        now = self._loop_time()
+        self._last_seen[address] = now  # a frame is as good as a heartbeat: under load heartbeats queue
+        if self.on_ack is not None and started is not None:
+            self.on_ack(address, now - started)
+
     async def _on_reply(self, msg: Msg) -> None:
         stream = self._streams.get(msg.subject)
         if stream is None:
-            return  # a late frame of a stream we already left
+            probe = self._probes.pop(msg.subject, None)
+            if probe is not None and not (msg.headers and msg.headers.get("Status") == "503"):
+                self._acknowledged(probe[0], probe[1], None)
+            return  # else a late frame of a stream we already left
         if msg.headers and msg.headers.get("Status") == "503":
             stream.fail(ErrorInfo(503, f"no instance serves {stream.address}", "instance_unavailable"))
             return
         try:
             frame = decode(msg.data, Frame)
-            if frame.kind == FrameKind.ACK:
-                stream.acked = True
-            else:
-                stream.put(frame)
-            # A frame is as good as a heartbeat: under heavy load heartbeats queue behind frames.
-            self._last_seen[stream.address] = self._loop_time()
         except WireError as e:
             stream.fail(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame"))
+            return
+        if not stream.acked:
+            stream.acked = True
+            self._acknowledged(stream.address, stream.n, stream.started)
+        else:
+            self._last_seen[stream.address] = self._loop_time()
+        if frame.kind == FrameKind.BUSY:
+            stream.fail(InstanceBusy(stream.address))
+        elif frame.kind != FrameKind.ACK:
+            stream.put(frame)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         self._last_seen[msg.subject[len(HEARTBEAT_PREFIX) :]] = asyncio.get_running_loop().time()
 
     async def _monitor(self) -> None:
-        """Fail streams whose instance went silent or whose first frame is overdue (never a hang)."""
+        """Fail streams whose instance went silent or lost their request (never a hang)."""
         interval = self.settings.heartbeat_interval_s / 2
         silence = self.settings.heartbeat_timeout_s
+        ack_timeout = max(self.settings.ack_timeout_s, silence)
         loop = asyncio.get_running_loop()
         woke = loop.time()
         while True:
@@ -352,22 +410,49 @@ class NatsRequestPlane:
                 # This process itself fell behind (a saturated event loop): heartbeats waiting in our socket
                 # buffer are not evidence of a dead instance. Judge again once we have caught up.
                 continue
+            self._forget_stale_probes(now, ack_timeout)
             for stream in list(self._streams.values()):
                 seen = max(self._last_seen.get(stream.address, 0.0), stream.started)
                 if now - seen > silence:
                     stream.fail(
                         ErrorInfo(503, f"instance {stream.address} stopped responding", "instance_lost")
                     )
-                elif not stream.acked and not stream.got_first and now - stream.started > silence:
-                    stream.fail(
-                        ErrorInfo(
-                            503,
-                            f"instance {stream.address} did not receive the request",
-                            "instance_unavailable",
+                elif not stream.acked:
+                    waited = now - stream.started
+                    if self._acked_upto.get(stream.address, -1) > stream.n or waited > ack_timeout:
+                        stream.fail(
+                            ErrorInfo(
+                                503,
+                                f"instance {stream.address} did not receive the request",
+                                "instance_unavailable",
+                            )
                         )
-                    )
+                    elif waited > silence and self.nc.is_connected:
+                        await self._probe(stream.address, stream.n, now, silence)
                 elif not self.nc.is_connected and now - stream.started > silence:
                     stream.fail(ErrorInfo(503, "request plane disconnected", "request_plane_down"))
+
+    async def _probe(self, address: str, after: int, now: float, every: float) -> None:
+        """Send ``address`` a request that is only acknowledged: once it is, every request published to
+        ``address`` before it has been taken or lost. One probe per address in flight (re-sent every
+        ``every`` seconds while unanswered)."""
+        last = self._probed.get(address)
+        if last is not None and last[0] > after and now - last[1] < every:
+            return
+        n = next(self._ids)
+        reply = f"{self._inbox}.{n}"
+        self._probes[reply] = (address, n)
+        self._probed[address] = (n, now)
+        try:
+            await self.nc.publish(address, b"", reply=reply, headers={PROBE_HEADER: "1"})
+        except Exception:  # noqa: BLE001 — reconnecting: the next pass probes again
+            self._probes.pop(reply, None)
+
+    def _forget_stale_probes(self, now: float, ack_timeout: float) -> None:
+        for reply, (address, n) in list(self._probes.items()):
+            sent = self._probed.get(address)
+            if sent is None or sent[0] != n or now - sent[1] > ack_timeout:
+                del self._probes[reply]
 
     def instance_alive(self, address: str) -> bool:
         seen = self._last_seen.get(address)
@@ -375,7 +460,9 @@ class NatsRequestPlane:
             seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
         )
 
-    async def stream(self, address: str, payload: bytes, *, first_timeout: float) -> AsyncIterator[bytes]:
+    async def stream(
+        self, address: str, payload: bytes, *, first_timeout: float | None
+    ) -> AsyncIterator[bytes]:
         if not self.nc.is_connected:
             raise StreamError(ErrorInfo(503, "request plane (NATS) is not connected", "request_plane_down"))
         if len(payload) > self.nc.max_payload:
@@ -387,8 +474,9 @@ class NatsRequestPlane:
                 )
             )
         loop = asyncio.get_running_loop()
-        reply = f"{self._inbox}.{next(self._ids)}"
-        stream = _ReplyStream(address, loop.time())
+        n = next(self._ids)
+        reply = f"{self._inbox}.{n}"
+        stream = _ReplyStream(address, n, loop.time())
         self._streams[reply] = stream
         finished = False
         expected = 0
@@ -401,6 +489,9 @@ class NatsRequestPlane:
                         if not stream.got_first
                         else await stream.get()
                     )
+                except InstanceBusy:
+                    finished = True  # refused: nothing runs there, nothing to cancel
+                    raise
                 except TimeoutError:
                     raise StreamError(
                         ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s", "timeout")

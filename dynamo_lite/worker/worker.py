@@ -20,7 +20,6 @@ from dynamo_lite.engines import build_engine
 from dynamo_lite.engines.base import Engine, EngineSettings, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
-    ErrorInfo,
     GenerateChunk,
     GenerateRequest,
     InstanceInfo,
@@ -31,7 +30,6 @@ from dynamo_lite.protocol import (
     ModelCard,
     Phase,
     Served,
-    StreamError,
     Subscription,
     WireError,
     decode,
@@ -62,7 +60,9 @@ class WorkerSettings:
     metrics_port: int | None = None  # None: no metrics server; 0: any free port
     advertise_host: str = ""
     drain_timeout_s: float = 30.0
-    max_inflight: int = 1024  # beyond this, requests are refused with 503 (bounded queue)
+    # Requests taken at once (engine batch + its queue); more are refused before being accepted (the router
+    # waits for room at the frontend, or places them elsewhere).
+    max_inflight: int = 1024
     load_report_interval_s: float = 0.5
     max_messages_per_s: float = 20_000.0  # stream chunks per second this worker aims to stay under
     # Output parsers the frontend applies to this model ("" = the model's default: harmony for gpt-oss)
@@ -137,7 +137,13 @@ class Worker:
             await self._view.start()
             self._prefill_router = Router(self.runtime, self._view, RouterSettings())
         address = keys.request_address(s.runtime.namespace, s.mode, s.endpoint, self.runtime.instance_id)
-        self._served = await self.runtime.request_plane.serve(address, self.handle)
+        phase_name = _PHASE_OF_MODE[s.mode].name.lower()
+        self._served = await self.runtime.request_plane.serve(
+            address,
+            self.handle,
+            max_inflight=s.max_inflight,
+            on_refused=lambda: self.metrics.observe(phase_name, "overloaded", 0.0),  # type: ignore[union-attr]
+        )
         self.info = InstanceInfo(
             instance_id=self.runtime.instance_id,
             namespace=s.runtime.namespace,
@@ -148,6 +154,7 @@ class Worker:
             host=s.advertise_host or socket.gethostname(),
             metrics_port=self.metrics_port,
             disaggregation_strategy=s.disaggregation_strategy,
+            max_inflight=s.max_inflight,
         )
         if s.runtime.etcd_endpoints:  # other hosts' frontends read the model's files from discovery
             files = self.engine.model_files  # type: ignore[attr-defined]
@@ -227,11 +234,7 @@ class Worker:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
         phase_name = request.phase.name.lower()
-        if self.inflight >= self.settings.max_inflight:
-            assert self.metrics is not None
-            self.metrics.observe(phase_name, "overloaded", 0.0)
-            raise StreamError(ErrorInfo(503, "worker queue is full", "overloaded"))
-        self.inflight += 1
+        self.inflight += 1  # the request plane keeps this within max_inflight
         started = time.monotonic()
         status = "cancelled"
         try:

@@ -33,6 +33,7 @@ REQUIRED = {
     "dynamo_lite_frontend_output_tokens_total",
     "dynamo_lite_frontend_errors_total",
     "dynamo_lite_frontend_disconnects_total",
+    "dynamo_frontend_queued_requests",
     "dynamo_lite_worker_active_seqs",
     "dynamo_lite_worker_batch_size",
     "dynamo_lite_worker_kv_bytes_held",
@@ -64,6 +65,7 @@ def exported() -> dict[str, tuple[str, frozenset[str]]]:
     m.input_tokens.inc()
     m.disconnects.inc()
     frontend.request_done("m", "chat", 200)
+    frontend.watch_queue(lambda: {"m": 1})
     frontend.error("internal_error")
     worker = WorkerMetrics(lambda: EngineStats(), {"model": "m", "role": "decode", "instance": "i"})
     worker.observe("decode", "ok", 0.1)
@@ -76,7 +78,7 @@ def exported() -> dict[str, tuple[str, frozenset[str]]]:
 
 
 def metric_names(expr: str) -> list[str]:
-    return re.findall(r"\b(dynamo_lite_[a-z_]+)\b", expr)
+    return re.findall(r"\b(dynamo_(?:lite_)?[a-z_]+)\b", expr)
 
 
 def panel_targets() -> list[tuple[dict, dict]]:

@@ -110,6 +110,17 @@ async def test_metrics_count_requests_tokens_and_errors(
     assert f'{p}request_duration_seconds_count{{model="{MODEL}"}} 2.0' in text
 
 
+async def test_queued_requests_gauge_reads_the_backends_queue(backend: FakeBackend, card) -> None:
+    """``dynamo_frontend_queued_requests{model}``, Dynamo's name, from a backend that queues requests."""
+    queued = {MODEL: 3}
+    backend.queued_requests = lambda: dict(queued)  # type: ignore[attr-defined]
+    app = create_app(backend)
+    text = app.state.metrics.render().decode()
+    assert f'dynamo_frontend_queued_requests{{model="{MODEL}"}} 3.0' in text
+    queued[MODEL] = 0
+    assert f'dynamo_frontend_queued_requests{{model="{MODEL}"}} 0.0' in app.state.metrics.render().decode()
+
+
 async def test_apps_have_their_own_metrics_registry(backend: FakeBackend) -> None:
     a, b = create_app(backend), create_app(backend)
     assert a.state.metrics.registry is not b.state.metrics.registry

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from dynamo_lite.frontend import HttpServer
-from dynamo_lite.protocol import ErrorInfo, GenerateChunk, StreamError
+from dynamo_lite.protocol import ErrorInfo, GenerateChunk, Overloaded, StreamError
 
 from .conftest import MODEL, FakeBackend, sse_events
 
@@ -147,6 +147,20 @@ async def test_backend_503_is_503(http: httpx.AsyncClient, backend: FakeBackend,
     r = await http.post(CHAT, json={"model": MODEL, "messages": HI, "stream": stream})
     err = assert_error(r, 503, code="no_workers")
     assert err["type"] == "service_unavailable" and "no decode workers" in err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("status", "code"), [(429, "queue_full"), (503, "queue_timeout")])
+async def test_backend_overloaded_is_an_http_status_with_retry_after_before_any_byte(
+    http: httpx.AsyncClient, backend: FakeBackend, stream: bool, status: int, code: str
+) -> None:
+    """The router's queue is full (429) or the request waited too long for room (503): the client gets that
+    as the response's status with Retry-After, never a 200 stream that then fails."""
+    backend.fail_before = Overloaded(ErrorInfo(status, "all workers busy", code), retry_after_s=3)
+    r = await http.post(CHAT, json={"model": MODEL, "messages": HI, "stream": stream})
+    assert_error(r, status, code=code)
+    assert r.headers["retry-after"] == "3"
+    assert r.headers["x-request-id"]
 
 
 async def test_known_but_unservable_model_gets_the_backends_503(

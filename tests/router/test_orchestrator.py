@@ -10,7 +10,7 @@ from contextlib import aclosing
 import pytest
 
 from dynamo_lite.engines.base import EngineSettings
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, SamplingOptions, StreamError
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Overloaded, SamplingOptions, StreamError
 from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView
@@ -212,14 +212,85 @@ async def test_unknown_model_is_404(cluster: Cluster) -> None:
     assert err.value.info.status == 404 and err.value.info.code == "model_not_found"
 
 
-async def test_overloaded_prefill_worker_falls_back_to_local_prefill(cluster: Cluster) -> None:
-    prefill = await cluster.worker("prefill", max_inflight=0)  # refuses everything with 503
+def overloaded(w: Worker) -> float:
+    """Requests ``w`` refused for capacity (its worker metrics)."""
+    assert w.metrics is not None
+    labels = {"model": MODEL, "role": w.settings.mode, "instance": w.instance_id}
+    value = w.metrics.registry.get_sample_value(
+        "dynamo_lite_worker_requests_total", {**labels, "phase": w.settings.mode, "status": "overloaded"}
+    )
+    return value or 0.0
+
+
+async def test_requests_wait_at_the_router_until_the_decode_worker_has_room(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    decode = await cluster.worker("decode", speedup=1.0, max_inflight=2)
+    router = await cluster.start_router()
+    runs = [asyncio.create_task(run(router, req(max_tokens=20, rid=f"r{i}"))) for i in range(5)]
+    await until(lambda: router.queued_requests().get(MODEL) == 3)
+    results = await asyncio.gather(*runs)
+    assert [ntokens(chunks) for chunks in results] == [20] * 5
+    assert router.queued_requests() == {MODEL: 0}
+    assert overloaded(decode) == 0  # placed when there was room: never pushed onto a full worker
+    assert decode.engine.stats().kv_transfers == 5
+
+
+async def test_busy_prefill_worker_queues_the_request_rather_than_fall_back(cluster: Cluster) -> None:
+    prefill = await cluster.worker("prefill", speedup=1.0, max_inflight=1, timing={"prefill_base_s": 0.2})
     decode = await cluster.worker("decode")
     router = await cluster.start_router()
-    chunks = await run(router, req(max_tokens=8))
-    assert ntokens(chunks) == 8 and chunks[-1].finish_reason == "length"
-    assert prefill.engine.stats().total_tokens == 0
-    assert decode.engine.stats().kv_transfers == 0 and decode.engine.stats().total_tokens == 8
+    results = await asyncio.gather(*(run(router, req(max_tokens=4, rid=f"r{i}")) for i in range(3)))
+    assert [ntokens(chunks) for chunks in results] == [4] * 3
+    assert prefill.engine.stats().total_tokens == 3 and overloaded(prefill) == 0
+    assert decode.engine.stats().kv_transfers == 3
+
+
+async def test_a_started_stream_may_wait_in_the_decode_engines_queue_past_the_first_frame_timeout(
+    cluster: Cluster,
+) -> None:
+    """The client has the prefill's token; the decode worker took the request and queues it behind its batch.
+    That wait is bounded by the frontend's request timeout, not by the first-frame timeout (a 504 mid-stream)."""
+    await cluster.worker("prefill")
+    await cluster.worker("decode", speedup=1.0, timing={"max_batch_size": 1})
+    router = await cluster.start_router(RouterSettings(first_frame_timeout_s=0.2))
+    results = await asyncio.gather(*(run(router, req(max_tokens=40, rid=f"r{i}")) for i in range(3)))
+    assert [ntokens(chunks) for chunks in results] == [40] * 3
+
+
+async def test_queue_full_is_refused_with_429_and_a_wait_past_the_limit_with_503(cluster: Cluster) -> None:
+    await cluster.worker("prefill")
+    await cluster.worker("decode", speedup=1.0, max_inflight=1)
+    router = await cluster.start_router(RouterSettings(queue_depth=1, queue_timeout_s=0.3, retry_after_s=2))
+    holder = asyncio.create_task(run(router, req(max_tokens=200, rid="holder")))  # ~2 s on the worker
+    await until(lambda: router.load.local_inflight)
+    waiting = asyncio.create_task(run(router, req(rid="waits")))
+    await until(lambda: router.queued_requests().get(MODEL) == 1)
+    with pytest.raises(Overloaded) as full:
+        await run(router, req(rid="one-too-many"))
+    assert full.value.info.status == 429 and full.value.info.code == "queue_full"
+    assert full.value.retry_after_s == 2
+    with pytest.raises(Overloaded) as waited:
+        await waiting
+    assert waited.value.info.status == 503 and waited.value.info.code == "queue_timeout"
+    assert router.queued_requests() == {MODEL: 0}
+    holder.cancel()
+    await asyncio.gather(holder, return_exceptions=True)
+    await until(lambda: not router.load.local_inflight)  # every reservation released
+
+
+async def test_a_worker_refusing_for_capacity_is_a_signal_to_requeue_not_an_error(cluster: Cluster) -> None:
+    """Another frontend filled the decode worker before our router heard of it (no load report yet): the
+    worker refuses before accepting, and the request waits for room instead of failing."""
+    await cluster.worker("prefill")
+    decode = await cluster.worker("decode", speedup=1.0, max_inflight=1)
+    router = await cluster.start_router(RouterSettings(load_report_ttl_s=0.3))
+    other = Router(cluster.runtime, cluster.view, RouterSettings())  # type: ignore[arg-type]
+    elsewhere = asyncio.create_task(run(other, req(max_tokens=50, rid="other-frontend")))
+    await until(lambda: decode.inflight == 1)
+    chunks = await run(router, req(max_tokens=5, rid="ours"))
+    assert ntokens(chunks) == 5 and chunks[-1].finish_reason == "length"
+    assert overloaded(decode) >= 1  # it was refused at least once, and retried
+    assert ntokens(await elsewhere) == 50
 
 
 async def test_dead_but_registered_prefill_worker_is_retried_elsewhere_then_skipped(cluster: Cluster) -> None:

@@ -12,10 +12,19 @@ from typing import TYPE_CHECKING
 import pytest
 
 from dynamo_lite.engines.base import EngineError
-from dynamo_lite.protocol import ErrorInfo, Frame, FrameKind, RequestPlane, StreamError, decode
+from dynamo_lite.protocol import (
+    ErrorInfo,
+    Frame,
+    FrameKind,
+    InstanceBusy,
+    RequestPlane,
+    StreamError,
+    decode,
+    encode,
+)
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.request_plane_inproc import InProcRequestPlane
-from dynamo_lite.runtime.request_plane_nats import HEARTBEAT_PREFIX, NatsRequestPlane
+from dynamo_lite.runtime.request_plane_nats import HEARTBEAT_PREFIX, PROBE_HEADER, NatsRequestPlane
 
 if TYPE_CHECKING:
     from conftest import Launcher, Proc
@@ -200,6 +209,26 @@ async def test_stop_past_the_drain_ends_open_streams_with_503(planes: Planes) ->
     await asyncio.wait_for(finished.wait(), 1.0)
 
 
+async def test_an_address_at_capacity_refuses_before_accepting_with_instance_busy(planes: Planes) -> None:
+    started, finished = asyncio.Event(), asyncio.Event()
+    refused: list[None] = []
+    addr = address()
+    await planes.server.serve(
+        addr, endless(started, finished), max_inflight=1, on_refused=lambda: refused.append(None)
+    )
+    holder = planes.client.stream(addr, b"", first_timeout=5.0)
+    assert await holder.__anext__() == b"0"
+    with pytest.raises(InstanceBusy) as err:
+        await collect(planes.client, addr)
+    assert err.value.info.status == 503 and err.value.info.code == "instance_busy"
+    assert refused == [None]
+    await holder.aclose()
+    await asyncio.wait_for(finished.wait(), 1.0)
+    started.clear()
+    await asyncio.sleep(0.05)  # the handler's task is gone: room again
+    assert await collect_some(planes.client, addr, 2) == [b"0", b"1"]
+
+
 # ---- NATS only: what a network adds ---------------------------------------------------------------------
 
 
@@ -306,43 +335,114 @@ async def collect_some(plane: RequestPlane, addr: str, n: int) -> list[bytes]:
         return [await stream.__anext__() for _ in range(n)]
 
 
+class RawInstance:
+    """A heartbeating instance on a raw NATS connection whose request handling a test scripts: ``on_request``
+    gets each request message (probes included) and may acknowledge it with ``ack``."""
+
+    def __init__(self, url: str, interval_s: float) -> None:
+        self.url, self.interval_s, self.addr = url, interval_s, address()
+        self.seen: list[bool] = []  # per message: was it a probe
+
+    async def __aenter__(self) -> RawInstance:
+        import nats
+
+        self.nc = await nats.connect(self.url)
+        await self.nc.subscribe(self.addr, cb=self._on_msg)
+        await self.nc.flush()
+        self._beat = asyncio.create_task(self._beating())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._beat.cancel()
+        await self.nc.close()
+
+    async def _beating(self) -> None:
+        while True:
+            await self.nc.publish(HEARTBEAT_PREFIX + self.addr, b"")
+            await asyncio.sleep(self.interval_s)
+
+    async def _on_msg(self, msg) -> None:  # noqa: ANN001
+        probe = bool(msg.headers and PROBE_HEADER in msg.headers)
+        self.seen.append(probe)
+        await self.on_request(msg, probe)
+
+    async def on_request(self, msg, probe: bool) -> None:  # noqa: ANN001
+        """Default: take nothing (every request lost)."""
+
+    async def ack(self, msg) -> None:  # noqa: ANN001
+        await self.nc.publish(msg.reply, encode(Frame(-1, FrameKind.ACK)))
+
+
 async def test_nats_request_lost_on_the_way_fails_fast_though_the_instance_heartbeats(
     nats_server: Proc,
 ) -> None:
-    """NATS delivers at most once: a live instance (heartbeating) that never got the request must not leave
-    the caller waiting for ``first_timeout``; without the instance's acknowledgement the stream fails with a
-    retryable 503 within the heartbeat timeout."""
-    import nats
-
+    """NATS delivers at most once: a live instance (heartbeating) that never got the request must not leave the
+    caller waiting for ``first_timeout``. Past the heartbeat timeout the caller probes the instance; the probe's
+    acknowledgement proves the request before it lost (one publisher's messages stay in order), and the stream
+    fails with a retryable 503."""
     settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}")
     client = await NatsRequestPlane.connect(settings)
-    raw = await nats.connect(settings.nats_url)
-    addr = address()
-    swallowed = asyncio.Event()
 
-    async def swallow(msg) -> None:  # noqa: ANN001 — a subscriber that drops requests: "lost on the way"
-        swallowed.set()
+    class LosesTheFirst(RawInstance):
+        async def on_request(self, msg, probe: bool) -> None:  # noqa: ANN001
+            if len(self.seen) > 1:
+                await self.ack(msg)  # the probe (and anything after) is taken
 
-    async def beat() -> None:
-        while True:
-            await raw.publish(HEARTBEAT_PREFIX + addr, b"")
-            await asyncio.sleep(settings.heartbeat_interval_s)
-
-    await raw.subscribe(addr, cb=swallow)
-    await raw.flush()
-    beating = asyncio.create_task(beat())
     try:
-        started = time.monotonic()
-        with pytest.raises(StreamError) as err:
-            async with aclosing(client.stream(addr, b"x", first_timeout=30.0)) as stream:
-                async for _ in stream:
-                    pass
-        assert swallowed.is_set()
-        assert err.value.info.status == 503 and err.value.info.code == "instance_unavailable"
-        assert time.monotonic() - started < settings.heartbeat_timeout_s + 1.0
+        async with LosesTheFirst(settings.nats_url, settings.heartbeat_interval_s) as instance:
+            started = time.monotonic()
+            with pytest.raises(StreamError) as err:
+                await collect(client, instance.addr, b"x", first_timeout=30.0)
+            assert err.value.info.status == 503 and err.value.info.code == "instance_unavailable"
+            assert time.monotonic() - started < settings.heartbeat_timeout_s + 1.0
+            assert instance.seen[:2] == [False, True]
     finally:
-        beating.cancel()
-        await raw.close()
+        await client.close()
+
+
+async def test_nats_burst_acknowledged_late_but_in_order_is_not_taken_for_lost(nats_server: Proc) -> None:
+    """A burst keeps an instance (and its caller) busy for seconds: acknowledgements come late, in order, with
+    heartbeats flowing. That is no evidence of a lost request: no stream fails."""
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", **HEARTBEAT)
+    client = await NatsRequestPlane.connect(settings)
+    acked: list[float] = []
+    client.on_ack = lambda address, seconds: acked.append(seconds)
+
+    class Slow(RawInstance):
+        async def on_request(self, msg, probe: bool) -> None:  # noqa: ANN001
+            await asyncio.sleep(0.03)  # in order, like a worker's request subscription: 64 take ~2 s
+            await self.ack(msg)
+            if not probe:
+                await self.nc.publish(msg.reply, encode(Frame(0, FrameKind.END)))
+
+    try:
+        async with Slow(settings.nats_url, settings.heartbeat_interval_s) as instance:
+            results = await asyncio.gather(
+                *(collect(client, instance.addr, b"x", first_timeout=30.0) for _ in range(64)),
+                return_exceptions=True,
+            )
+            assert results == [[]] * 64
+            assert max(acked) > settings.heartbeat_timeout_s  # late indeed, and not failed
+            assert any(instance.seen)  # the caller probed, and waited for its answer
+    finally:
+        await client.close()
+
+
+async def test_nats_instance_that_takes_nothing_fails_requests_after_the_ack_timeout(
+    nats_server: Proc,
+) -> None:
+    settings = RuntimeSettings(
+        nats_url=f"nats://127.0.0.1:{nats_server.port}", **HEARTBEAT, ack_timeout_s=2.0
+    )
+    client = await NatsRequestPlane.connect(settings)
+    try:
+        async with RawInstance(settings.nats_url, settings.heartbeat_interval_s) as instance:
+            started = time.monotonic()
+            with pytest.raises(StreamError) as err:
+                await collect(client, instance.addr, b"x", first_timeout=30.0)
+            assert err.value.info.code == "instance_unavailable"
+            assert settings.ack_timeout_s <= time.monotonic() - started < settings.ack_timeout_s + 1.0
+    finally:
         await client.close()
 
 

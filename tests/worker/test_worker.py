@@ -13,6 +13,7 @@ from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
+    InstanceBusy,
     Phase,
     SamplingOptions,
     StreamError,
@@ -124,13 +125,14 @@ async def test_metrics_count_requests_by_phase(started: list[Worker]) -> None:
     assert sample("dynamo_lite_worker_request_duration_seconds_count", {**labels, "phase": "decode"}) == 1
 
 
-async def test_max_inflight_refuses_with_503_overloaded(started: list[Worker]) -> None:
+async def test_max_inflight_refuses_before_accepting_with_instance_busy(started: list[Worker]) -> None:
     w = await start(started, "decode", speedup=1.0, max_inflight=1)
+    assert w.info is not None and w.info.max_inflight == 1  # the router learns the capacity from discovery
     busy = open_stream(w, request(max_tokens=2000))
     await asyncio.wait_for(busy.__anext__(), 2.0)
-    with pytest.raises(StreamError) as err:
+    with pytest.raises(InstanceBusy):  # a capacity signal, not a client error: nothing ran
         await collect(w, request())
-    assert err.value.info.status == 503 and err.value.info.code == "overloaded"
+    assert w.engine.stats().queued == 0 and w.inflight == 1
     assert requests_total(w, "decode", "overloaded") == 1
     await busy.aclose()
     assert requests_total(w, "decode", "cancelled") == 1

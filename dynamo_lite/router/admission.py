@@ -1,0 +1,206 @@
+"""Admission: a request waits at the frontend, per model, until an instance of the role it needs has room.
+
+An instance's room is its capacity (its worker's ``max_inflight``, registered in discovery; 0 = unbounded) less
+what is in flight there: this router's own requests (counted from placement to release) plus other routers'
+(from the instance's load reports, less ours at the time of the report). A worker that refuses anyway
+(``InstanceBusy``: another frontend got there first) counts as full until it reports again.
+
+Waiting requests are placed in arrival order, per (model, role), as room appears: one of our requests ends, a
+load report comes, an instance joins. A request finding ``queue_depth`` requests of its model already waiting,
+or waiting longer than ``queue_timeout_s``, is refused with ``Overloaded`` (429 or 503, with Retry-After),
+which the frontend answers before any byte of a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict, deque
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from dynamo_lite.protocol import ErrorInfo, GenerateRequest, InstanceInfo, Overloaded, StreamError
+from dynamo_lite.router.load import LoadTracker
+from dynamo_lite.router.policies import Policy
+from dynamo_lite.runtime.registry import LiveView
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    role: str
+    request: GenerateRequest
+    exclude: Collection[str]
+    future: asyncio.Future[InstanceInfo]
+    queued: bool = True
+
+
+class Admission:
+    """Places requests on instances with room, or queues them (bounded) until one has room."""
+
+    def __init__(
+        self,
+        view: LiveView,
+        load: LoadTracker,
+        policies: dict[str, Policy],
+        *,
+        queue_depth: int,
+        queue_timeout_s: float,
+        retry_after_s: int,
+    ) -> None:
+        self.view = view
+        self.load = load
+        self.policies = policies
+        self.queue_depth = queue_depth
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_s = retry_after_s
+        self._queues: dict[tuple[str, str], deque[_Waiter]] = {}
+        self._waiting: defaultdict[str, int] = defaultdict(int)  # model → requests waiting (all roles)
+
+    def queued(self) -> dict[str, int]:
+        """Requests waiting for an instance, per model (models that ever queued stay, at 0)."""
+        return dict(self._waiting)
+
+    def has_room(self, instance: InstanceInfo) -> bool:
+        iid = instance.instance_id
+        if self.load.is_full(iid):
+            return False
+        if instance.max_inflight <= 0:
+            return True
+        return self.load.local_inflight.get(iid, 0) + self.load.others(iid) < instance.max_inflight
+
+    def _choose(
+        self, role: str, model: str, request: GenerateRequest, exclude: Collection[str]
+    ) -> InstanceInfo | None:
+        candidates = [
+            i
+            for i in self.view.instances_of(role, model)
+            if i.instance_id not in exclude and self.has_room(i)
+        ]
+        return self.policies[role].pick(candidates, request) if candidates else None
+
+    async def place(
+        self,
+        role: str,
+        model: str,
+        request: GenerateRequest,
+        exclude: Collection[str] = (),
+        *,
+        bounded: bool = True,
+    ) -> InstanceInfo:
+        """An instance of ``role`` for ``request``, reserved for it until ``release``; waits for room.
+
+        ``bounded``: the queue's depth and wait limits apply (``Overloaded``). A request whose client already
+        has bytes of its answer is placed unbounded: it waits, rather than fail a started stream, and goes
+        ahead of the requests that have not started.
+        Raises ``StreamError`` 503 when no instance of the role exists.
+        """
+        queue = self._queues.get((model, role))
+        if not queue or not bounded:
+            chosen = self._choose(role, model, request, exclude)
+            if chosen is not None:
+                self.load.started(chosen.instance_id)
+                return chosen
+        if not any(i.instance_id not in exclude for i in self.view.instances_of(role, model)):
+            raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
+        if bounded and self._waiting[model] >= self.queue_depth:
+            raise Overloaded(
+                ErrorInfo(
+                    429,
+                    f"{self._waiting[model]} requests for {model!r} already wait for a worker; retry later",
+                    "queue_full",
+                ),
+                self.retry_after_s,
+            )
+        waiter = _Waiter(role, request, exclude, asyncio.get_running_loop().create_future())
+        queue = self._queues.setdefault((model, role), deque())
+        if bounded:
+            queue.append(waiter)
+        else:
+            queue.appendleft(waiter)
+        self._waiting[model] += 1
+        placed: InstanceInfo | None = None
+        try:
+            async with asyncio.timeout(self.queue_timeout_s if bounded else None):
+                placed = await waiter.future
+            return placed
+        except TimeoutError:
+            raise Overloaded(
+                ErrorInfo(
+                    503,
+                    f"no {role} worker for {model!r} had room within {self.queue_timeout_s:g} s",
+                    "queue_timeout",
+                ),
+                self.retry_after_s,
+            ) from None
+        finally:
+            if placed is None:
+                fut = waiter.future
+                if fut.done() and not fut.cancelled() and fut.exception() is None:
+                    self.release(fut.result())  # placed just as we gave up
+                elif not fut.done():
+                    fut.cancel()
+                self._unqueue(model, waiter)
+
+    def release(self, instance: InstanceInfo, *, refused: bool = False) -> None:
+        """The request placed on ``instance`` ended there: its room goes to the next waiting request.
+        ``refused``: the instance refused it for capacity (``InstanceBusy``), so it counts as full for now."""
+        self.load.finished(instance.instance_id)
+        if refused:
+            self.load.mark_full(instance.instance_id)
+            # Without a load report (none subscribed, or none coming), look again once the mark has expired.
+            asyncio.get_running_loop().call_later(
+                self.load.ttl_s + 0.01, self.dispatch, instance.model, instance.component
+            )
+        else:
+            self.dispatch(instance.model, instance.component)
+
+    def dispatch(self, model: str, role: str) -> None:
+        """Place waiting requests of (``model``, ``role``), in arrival order, while an instance has room."""
+        queue = self._queues.get((model, role))
+        while queue:
+            waiter = queue[0]
+            if waiter.future.done():  # its task was cancelled and has not run its cleanup yet
+                queue.popleft()
+                self._dequeued(model, waiter)
+                continue
+            chosen = self._choose(role, model, waiter.request, waiter.exclude)
+            if chosen is None:
+                return
+            queue.popleft()
+            self._dequeued(model, waiter)
+            self.load.started(chosen.instance_id)
+            waiter.future.set_result(chosen)
+
+    def instance_reported(self, instance_id: str) -> None:
+        """A load report came: its instance may have room now."""
+        info = self.view.instances.get(instance_id)
+        if info is not None:
+            self.dispatch(info.model, info.component)
+
+    def instances_changed(self) -> None:
+        """Instances joined or left: place what now fits; fail waiters whose role has no instance left."""
+        for (model, role), queue in list(self._queues.items()):
+            if queue and not self.view.instances_of(role, model):
+                error = StreamError(
+                    ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers")
+                )
+                while queue:
+                    waiter = queue.popleft()
+                    self._dequeued(model, waiter)
+                    if not waiter.future.done():
+                        waiter.future.set_exception(error)
+            self.dispatch(model, role)
+
+    def _dequeued(self, model: str, waiter: _Waiter) -> None:
+        if waiter.queued:
+            waiter.queued = False
+            self._waiting[model] -= 1
+
+    def _unqueue(self, model: str, waiter: _Waiter) -> None:
+        if waiter.queued:
+            queue = self._queues.get((model, waiter.role))
+            if queue is not None:
+                try:
+                    queue.remove(waiter)
+                except ValueError:
+                    pass
+            self._dequeued(model, waiter)

@@ -1,0 +1,154 @@
+"""Admission in isolation: room per instance, the bounded FIFO per (model, role), releases and reports."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import pytest
+
+from dynamo_lite.protocol import (
+    ErrorInfo,
+    GenerateRequest,
+    InstanceInfo,
+    LoadReport,
+    Overloaded,
+    SamplingOptions,
+    StreamError,
+    encode,
+)
+from dynamo_lite.router.admission import Admission
+from dynamo_lite.router.load import LoadTracker
+from dynamo_lite.router.policies import RoundRobin
+
+MODEL = "m"
+REQ = GenerateRequest("r", MODEL, [1, 2, 3], SamplingOptions())
+
+
+@dataclass
+class View:
+    """What Admission reads of a ``LiveView``."""
+
+    instances: dict[str, InstanceInfo] = field(default_factory=dict)
+
+    def instances_of(self, component: str, model: str | None = None) -> list[InstanceInfo]:
+        return [i for i in self.instances.values() if i.component == component and i.model == model]
+
+    def add(self, iid: str, capacity: int) -> InstanceInfo:
+        info = InstanceInfo(iid, "ns", "decode", "generate", f"addr.{iid}", MODEL, max_inflight=capacity)
+        self.instances[iid] = info
+        return info
+
+
+def admission(view: View, load: LoadTracker | None = None, depth: int = 8, timeout: float = 5.0) -> Admission:
+    return Admission(
+        view,  # type: ignore[arg-type]
+        load or LoadTracker(),
+        {"decode": RoundRobin()},
+        queue_depth=depth,
+        queue_timeout_s=timeout,
+        retry_after_s=1,
+    )
+
+
+async def test_places_where_there_is_room_then_queues_in_arrival_order() -> None:
+    view = View()
+    a = view.add("a", 1)
+    adm = admission(view)
+    assert await adm.place("decode", MODEL, REQ) == a
+    waiting = [asyncio.create_task(adm.place("decode", MODEL, REQ)) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert adm.queued() == {MODEL: 3} and not any(w.done() for w in waiting)
+    adm.release(a)
+    await asyncio.sleep(0)
+    assert [w.done() for w in waiting] == [True, False, False]  # the first to come is the first placed
+    adm.release(await waiting[0])
+    adm.release(await waiting[1])
+    adm.release(await waiting[2])
+    assert adm.queued() == {MODEL: 0} and not adm.load.local_inflight
+
+
+async def test_a_started_stream_goes_ahead_and_past_the_depth() -> None:
+    view = View()
+    a = view.add("a", 1)
+    adm = admission(view, depth=1)
+    await adm.place("decode", MODEL, REQ)
+    new = asyncio.create_task(adm.place("decode", MODEL, REQ))
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await adm.place("decode", MODEL, REQ)  # the queue is full for requests that have not started
+    started = asyncio.create_task(adm.place("decode", MODEL, REQ, bounded=False))
+    await asyncio.sleep(0)
+    adm.release(a)
+    assert await started == a
+    assert not new.done()
+    adm.release(a)
+    assert await new == a
+
+
+async def test_other_routers_load_from_reports_takes_room() -> None:
+    view = View()
+    view.add("a", 2)
+    b = view.add("b", 2)
+    load = LoadTracker(ttl_s=5.0)
+    load._on_report("", encode(LoadReport("a", inflight=2)))  # another frontend fills a
+    adm = admission(view, load)
+    assert [await adm.place("decode", MODEL, REQ) for _ in range(2)] == [b, b]
+    waiting = asyncio.create_task(adm.place("decode", MODEL, REQ))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    load.on_report = adm.instance_reported
+    load._on_report("", encode(LoadReport("a", inflight=1)))  # one of theirs ended: room on a
+    assert (await waiting).instance_id == "a"
+
+
+async def test_a_waiter_that_gives_up_leaves_the_queue() -> None:
+    view = View()
+    a = view.add("a", 1)
+    adm = admission(view, timeout=0.05)
+    await adm.place("decode", MODEL, REQ)
+    with pytest.raises(Overloaded) as err:
+        await adm.place("decode", MODEL, REQ)
+    assert err.value.info.status == 503 and err.value.info.code == "queue_timeout"
+    left = asyncio.create_task(adm.place("decode", MODEL, REQ))
+    await asyncio.sleep(0)
+    left.cancel()  # its client left before room came
+    placed_as_it_left = asyncio.create_task(adm.place("decode", MODEL, REQ))
+    await asyncio.sleep(0)
+    adm.release(a)
+    placed_as_it_left.cancel()  # placed, then its client left before it ran: the slot must come back
+    for task in (left, placed_as_it_left):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert adm.queued() == {MODEL: 0} and not adm.load.local_inflight
+
+
+async def test_waiters_fail_with_503_when_the_last_instance_goes() -> None:
+    view = View()
+    view.add("a", 1)
+    adm = admission(view)
+    await adm.place("decode", MODEL, REQ)
+    waiting = asyncio.create_task(adm.place("decode", MODEL, REQ))
+    await asyncio.sleep(0)
+    view.instances.clear()
+    adm.instances_changed()
+    with pytest.raises(StreamError) as err:
+        await waiting
+    assert err.value.info == ErrorInfo(503, "no live decode worker for model 'm'", "no_workers")
+    with pytest.raises(StreamError):
+        await adm.place("decode", MODEL, REQ)
+
+
+async def test_an_instance_that_refused_counts_as_full_until_it_reports() -> None:
+    view = View()
+    a = view.add("a", 4)
+    load = LoadTracker(ttl_s=5.0)
+    adm = admission(view, load)
+    load.on_report = adm.instance_reported
+    await adm.place("decode", MODEL, REQ)
+    adm.release(a, refused=True)  # InstanceBusy: another frontend got there first
+    waiting = asyncio.create_task(adm.place("decode", MODEL, REQ))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    load._on_report("", encode(LoadReport("a", inflight=3)))
+    assert await waiting == a
