@@ -205,24 +205,25 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
     rng = random.Random(11)
     streaming: list[int] = []
 
-    async def one(client: httpx.AsyncClient, i: int, after: float) -> None:
+    async def one(client: httpx.AsyncClient, i: int, after: float | None) -> None:
+        """Leave after ``after`` seconds, or (None) right after the first token arrived."""
         body = {
             "model": MODEL,
-            "prompt": f"Story {i}: once upon a time " * rng.randint(1, 40),
+            "prompt": f"Story {i}: once upon a time " * rng.randint(1, 40 if after is not None else 6),
             "max_tokens": 40,
             "stream": True,
         }
 
         async def consume() -> None:
             async with client.stream("POST", url + "/v1/completions", json=body) as r:
-                seen = False
                 async for data in r.aiter_bytes():
-                    if not seen and r.status_code == 200 and b'"text"' in data:
-                        seen = True
-                        streaming.append(i)  # tokens were flowing when the client left
+                    if r.status_code == 200 and b'"text"' in data:
+                        streaming.append(i)  # tokens are flowing as the client leaves
+                        if after is None:
+                            return
 
         try:
-            await asyncio.wait_for(consume(), after)
+            await asyncio.wait_for(consume(), after if after is not None else 120)
         except (TimeoutError, httpx.HTTPError):
             pass
 
@@ -232,8 +233,9 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
 
             async def bounded(i: int) -> None:
                 async with sem:
-                    # most leave during prefill (a 2-core CPU prefills 16 queued prompts for seconds), some later
-                    await one(client, i, rng.uniform(0.01, 1.5) if i % 4 else rng.uniform(4.0, 8.0))
+                    # most leave at a random moment (mostly during prefill: a 2-core CPU prefills 16 queued
+                    # prompts for seconds), every fourth once its tokens flow
+                    await one(client, i, rng.uniform(0.01, 1.5) if i % 4 else None)
 
             await asyncio.gather(*(bounded(i) for i in range(200)))
 
@@ -245,8 +247,8 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
         assert r.usage.completion_tokens >= 1 and r.choices[0].text
     started = time.monotonic()
     asyncio.run(run())
-    assert streaming, "no stream was cancelled while its tokens were flowing"
-    assert sum(metric_values(decode.port, "dynamo_lite_worker_kv_transfers_total")) >= 1
+    assert len(set(streaming)) >= 50, len(set(streaming))  # every fourth left mid-stream
+    assert sum(metric_values(decode.port, "dynamo_lite_worker_kv_transfers_total")) >= 1  # some pulled first
 
     def drained() -> bool:
         return all(
