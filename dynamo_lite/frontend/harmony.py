@@ -45,7 +45,7 @@ def encoding() -> Any:
 
 def stop_token_ids() -> list[int]:
     """What ends an assistant turn: ``<|return|>`` (answer) and ``<|call|>`` (tool call)."""
-    return list(encoding().stop_tokens_for_assistant_actions())
+    return sorted(encoding().stop_tokens_for_assistant_actions())  # a set: sorted for a stable request
 
 
 def _text(content: Any, param: str) -> str:
