@@ -17,8 +17,9 @@ from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.openmp import configure_openmp
+from dynamo_lite.protocol import Role
 from dynamo_lite.router.orchestrator import Router, RouterSettings
-from dynamo_lite.router.policies import MODES
+from dynamo_lite.router.policies import POLICIES
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -39,7 +40,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--http-host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--router-mode", default="round-robin", choices=MODES)
+    p.add_argument("--router-mode", default="round-robin", choices=POLICIES)
     p.add_argument("--dtype", default="float32")
     p.add_argument(
         "--quantization",
@@ -55,9 +56,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
 
 
-def worker_settings(args: argparse.Namespace, mode: str, threads: int) -> WorkerSettings:
+def worker_settings(args: argparse.Namespace, role: Role, threads: int) -> WorkerSettings:
     engine = EngineSettings(
-        mode=mode,
+        role=role,
         model_path=args.model_path,
         served_model_name=args.served_model_name,
         dtype=args.dtype,
@@ -69,7 +70,7 @@ def worker_settings(args: argparse.Namespace, mode: str, threads: int) -> Worker
         speedup_ratio=args.speedup_ratio,
     )
     return WorkerSettings(
-        mode=mode,
+        role=role,
         engine=args.engine,
         engine_settings=engine,
         runtime=RuntimeSettings.embedded(),
@@ -81,15 +82,15 @@ async def run(args: argparse.Namespace) -> None:
     from dynamo_lite.frontend.app import create_app
     from dynamo_lite.frontend.server import HttpServer
 
-    modes = ["prefill", "decode"] if args.topology == "disagg" else ["agg"]
-    threads = args.threads or max(1, (os.cpu_count() or 2) // len(modes))
-    workers = [Worker(worker_settings(args, mode, threads)) for mode in modes]
+    roles = [Role.PREFILL, Role.DECODE] if args.topology == "disagg" else [Role.AGGREGATED]
+    threads = args.threads or max(1, (os.cpu_count() or 2) // len(roles))
+    workers = [Worker(worker_settings(args, role, threads)) for role in roles]
     for w in workers:
         await w.start()
     runtime = await Runtime.connect(RuntimeSettings.embedded())
     view = LiveView(runtime)
     await view.start()
-    router = Router(runtime, view, RouterSettings(mode=args.router_mode))
+    router = Router(runtime, view, RouterSettings(policy=args.router_mode))
     await router.start()
     settings = FrontendSettings(http_host=args.http_host, http_port=args.http_port)
     server = HttpServer(create_app(router, settings), settings)

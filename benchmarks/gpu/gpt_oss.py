@@ -464,7 +464,7 @@ def tokens(args: argparse.Namespace) -> dict:
     torch.cuda.empty_cache()
 
     def settings(mode: str) -> EngineSettings:
-        return EngineSettings(mode=mode, model_path=str(folder), dtype="float32", device=dev, max_batch_size=8,
+        return EngineSettings(role=mode, model_path=str(folder), dtype="float32", device=dev, max_batch_size=8,
                               max_num_tokens=48, max_seq_len=128)  # fmt: skip
 
     def request(i: int, ids: list[int], **kw: Any) -> GenerateRequest:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, KvDescriptor
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Role
 
 
 @dataclass(slots=True)
@@ -110,7 +110,7 @@ class TokenStream:
         self._loop_thread = threading.get_ident()  # created on the loop's thread
         self._lock = threading.Lock()
         self._tokens: list[int] = []
-        self._finish: str | None = None
+        self._finish: FinishReason | None = None
         self._kv: KvDescriptor | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
@@ -136,7 +136,7 @@ class TokenStream:
             self._wake()
 
     def finish(
-        self, reason: str | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
+        self, reason: FinishReason | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
     ) -> None:
         """End the stream. A prefill that hands over to a decode worker ends with ``reason=None`` and ``kv``."""
         with self._lock:
@@ -192,7 +192,7 @@ class EngineSettings:
     """Everything an engine is built from: worker flags, then ``--extra-engine-args`` YAML merged on top
     (``extra`` holds the merged YAML mapping; each engine validates the keys it knows)."""
 
-    mode: str = "agg"  # "prefill" | "decode" | "agg"
+    role: Role = Role.AGGREGATED
     model_path: str | None = None  # None: the built-in default (SmolLM2)
     served_model_name: str = ""
     dtype: str = "float32"

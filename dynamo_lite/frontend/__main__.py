@@ -14,7 +14,7 @@ import sys
 
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router, RouterSettings
-from dynamo_lite.router.policies import MODES
+from dynamo_lite.router.policies import POLICIES
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.runtime.registry import LiveView
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend", description=__doc__)
     p.add_argument("--http-host", default="0.0.0.0")
     p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--router-mode", default="round-robin", choices=MODES)
+    p.add_argument("--router-mode", default="round-robin", choices=POLICIES)
     p.add_argument(
         "--disagg-threshold",
         type=int,
@@ -98,7 +98,7 @@ async def run(args: argparse.Namespace) -> None:
         runtime,
         view,
         RouterSettings(
-            mode=args.router_mode,
+            policy=args.router_mode,
             disagg_threshold=args.disagg_threshold,
             first_frame_timeout_s=args.first_token_timeout,
             migration_limit=args.migration_limit,
@@ -120,8 +120,7 @@ async def run(args: argparse.Namespace) -> None:
         api_key=args.api_key,
     )
     metrics = FrontendMetrics()
-    if hasattr(runtime.request_plane, "on_ack"):  # NATS: how long workers take to acknowledge requests
-        runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
+    runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
     server = HttpServer(create_app(router, settings, metrics=metrics), settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

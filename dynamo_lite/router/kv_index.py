@@ -11,10 +11,7 @@ import time
 from collections import defaultdict
 
 from dynamo_lite.protocol import KvEvent, KvEventKind, RequestPlane, Subscription, WireError, decode
-
-
-def kv_events_subject(namespace: str, instance_id: str = "") -> str:
-    return f"dlkv.{namespace}.{instance_id}"
+from dynamo_lite.runtime.keys import kv_events_subject
 
 
 class KvIndex:

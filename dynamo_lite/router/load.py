@@ -7,10 +7,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from dynamo_lite.protocol import LoadReport, RequestPlane, Subscription, WireError, decode
-
-
-def load_subject(namespace: str, instance_id: str = "") -> str:
-    return f"dlload.{namespace}.{instance_id}"
+from dynamo_lite.runtime.keys import load_subject
 
 
 class LoadTracker:

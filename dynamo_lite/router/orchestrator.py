@@ -31,6 +31,7 @@ from dynamo_lite.protocol import (
     ModelCard,
     Overloaded,
     Phase,
+    Role,
     StreamError,
     decode,
     encode,
@@ -45,9 +46,7 @@ from dynamo_lite.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-PREFILL, DECODE, AGG = "prefill", "decode", "agg"
-# Failures of the worker itself (it died, vanished, or broke the stream): the request can move elsewhere.
-_MIGRATABLE = frozenset({"instance_lost", "instance_unavailable", "frame_lost", "request_plane_down"})
+PREFILL, DECODE, AGG = Role.PREFILL, Role.DECODE, Role.AGGREGATED
 
 
 async def _best_effort(release: Awaitable[object]) -> None:
@@ -59,7 +58,7 @@ async def _best_effort(release: Awaitable[object]) -> None:
 
 @dataclass(slots=True)
 class RouterSettings:
-    mode: str = "round-robin"
+    policy: str = "round-robin"  # --router-mode: round-robin | random | least-loaded | kv
     disagg_threshold: int = 0  # prompts shorter than this skip the prefill worker (0: always disaggregate)
     first_frame_timeout_s: float = 60.0
     prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
@@ -85,10 +84,10 @@ class Router:
         self.load = LoadTracker(settings.load_report_ttl_s)
         self.kv_index = KvIndex(settings.kv_approx_ttl_s)
         # kv mode: the prefill (or aggregated) pick follows the cache; the decode pick follows load.
-        decode_mode = "least-loaded" if settings.mode == "kv" else settings.mode
-        self._policies: dict[str, Policy] = {
+        decode_policy = "least-loaded" if settings.policy == "kv" else settings.policy
+        self._policies: dict[Role, Policy] = {
             role: make_policy(
-                decode_mode if role == DECODE else settings.mode,
+                decode_policy if role == DECODE else settings.policy,
                 self.load,
                 self.kv_index,
                 settings.kv_block_size,
@@ -115,7 +114,6 @@ class Router:
             self.card_files = CardFileCache(
                 runtime.discovery, rs.root, rs.namespace, cache_root() / "card_files"
             )
-        self.migrations = 0
 
     async def start(self) -> None:
         """Subscribe to worker load reports (room for queued requests, least-loaded and kv policies) and, in
@@ -124,7 +122,7 @@ class Router:
             return
         ns = self.runtime.settings.namespace
         await self.load.start(self.runtime.request_plane, ns)
-        if self.settings.mode == "kv":
+        if self.settings.policy == "kv":
             await self.kv_index.start(self.runtime.request_plane, ns)
             self.view.on_change.append(self._forget_gone_instances)
         self._subscribed = True
@@ -132,7 +130,7 @@ class Router:
     async def stop(self) -> None:
         if self._subscribed:
             await self.load.stop()
-            if self.settings.mode == "kv":
+            if self.settings.policy == "kv":
                 await self.kv_index.stop()
 
     def queued_requests(self) -> dict[str, int]:
@@ -145,7 +143,7 @@ class Router:
                 self.kv_index.remove_instance(iid)
 
     # ---- what is servable ---------------------------------------------------------------------------------
-    def _roles_missing(self, model: str) -> list[str]:
+    def _roles_missing(self, model: str) -> list[Role]:
         """Roles a request for ``model`` needs that have no live instance."""
         if self.view.instances_of(AGG, model):
             return []
@@ -171,9 +169,9 @@ class Router:
         return next(iter(per_instance.values())) if per_instance else None
 
     def health(self) -> dict:
-        by_role: dict[str, list[str]] = {PREFILL: [], DECODE: [], AGG: []}
+        by_role: dict[str, list[str]] = {role.value: [] for role in (PREFILL, DECODE, AGG)}
         for info in self.view.instances.values():
-            by_role.setdefault(info.component, []).append(info.instance_id)
+            by_role.setdefault(Role(info.role).value, []).append(info.instance_id)
         models = {
             m: ("ready" if not self._roles_missing(m) else f"missing {','.join(self._roles_missing(m))}")
             for m in self.view.cards
@@ -246,7 +244,7 @@ class Router:
 
     async def _continue(
         self,
-        role: str,
+        role: Role,
         model: str,
         request: GenerateRequest,
         first: GenerateChunk | None,
@@ -295,10 +293,9 @@ class Router:
             except StreamError as e:
                 if not started:
                     self._release_unpulled(kv)
-                if e.info.code not in _MIGRATABLE or migrations >= self.settings.migration_limit:
+                if not e.retryable or migrations >= self.settings.migration_limit:
                     raise
                 migrations += 1
-                self.migrations += 1
                 log.warning(
                     "request %s: %s worker %s failed (%s); migrating with %d tokens (%d/%d)",
                     request.request_id,

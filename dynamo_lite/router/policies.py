@@ -77,24 +77,24 @@ class KvAware:
         return choice
 
 
-MODES = ("round-robin", "random", "least-loaded", "kv")
-POLICIES = MODES  # kept for the CLI's choices
+POLICIES = ("round-robin", "random", "least-loaded", "kv")
+"""What ``--router-mode`` chooses from."""
 
 
 def make_policy(
-    mode: str,
+    name: str,
     load: LoadTracker | None = None,
     index: KvIndex | None = None,
     block_size: int = 32,
     load_weight: float = 4.0,
 ) -> Policy:
-    if mode == "round-robin":
+    if name == "round-robin":
         return RoundRobin()
-    if mode == "random":
+    if name == "random":
         return Random()
     load = load or LoadTracker()
-    if mode == "least-loaded":
+    if name == "least-loaded":
         return LeastLoaded(load)
-    if mode == "kv":
+    if name == "kv":
         return KvAware(load, index or KvIndex(), block_size, load_weight)
-    raise ValueError(f"unknown router mode {mode!r}; choose from {', '.join(MODES)}")
+    raise ValueError(f"unknown router mode {name!r}; choose from {', '.join(POLICIES)}")

@@ -1,5 +1,7 @@
 """NATS request plane (nats-py): a subject per instance, replies as sequence-numbered frames on an inbox.
 
+The contract it keeps is ``dynamo_lite.protocol.RequestPlane``'s; this is how, on NATS:
+
 Request:   PUB {address} reply={inbox}.{n}        payload = the request bytes
 Accepted:  PUB {inbox}.{n}  Frame(-1, ACK) at once, or Frame(-1, BUSY) instead when the instance is at capacity
            (the request was not accepted: ``InstanceBusy``, the caller places it elsewhere or later)
@@ -40,6 +42,10 @@ from dynamo_lite.protocol import (
     FrameKind,
     Handler,
     InstanceBusy,
+    InstanceLost,
+    InstanceUnavailable,
+    RequestCancelled,
+    RequestTimedOut,
     StreamError,
     WireError,
     decode,
@@ -77,9 +83,9 @@ class _ReplyStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def fail(self, error: ErrorInfo | StreamError) -> None:
+    def fail(self, error: StreamError) -> None:
         if self._error is None:
-            self._error = error if isinstance(error, StreamError) else StreamError(error)
+            self._error = error
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -183,7 +189,7 @@ class _NatsServed:
         except asyncio.CancelledError:
             if self._stopping:  # shut down past the drain: the caller is still there and hears it at once
                 with contextlib.suppress(Exception):
-                    info = ErrorInfo(503, f"{self._address} stopped", "instance_stopped")
+                    info = RequestCancelled(f"{self._address} stopped").info
                     await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(info))))
             # else the caller went away (cancel message): nobody to answer
         except Exception as e:  # noqa: BLE001 — every failure travels as an ERROR frame, never silence
@@ -214,6 +220,15 @@ class _NatsServed:
             await _unsubscribe_quietly(sub)
         if self._heartbeat:
             self._heartbeat.cancel()
+
+    async def kill(self) -> None:
+        """Go away at once, saying nothing: no heartbeat, no frame; callers find out by liveness."""
+        if self._heartbeat:
+            self._heartbeat.cancel()
+        for sub in self._subs:
+            await _unsubscribe_quietly(sub)
+        for task in list(self._tasks.values()):
+            task.cancel()  # not stopping: no ERROR frame goes out
 
 
 async def _sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
@@ -305,8 +320,8 @@ class NatsRequestPlane:
         in flight fails now (retryable) rather than wait behind live heartbeats for frames that never come."""
         for stream in list(self._streams.values()):
             stream.fail(
-                ErrorInfo(
-                    503, "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
+                InstanceLost(
+                    "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
                 )
             )
 
@@ -375,12 +390,12 @@ class NatsRequestPlane:
                 self._acknowledged(probe[0], probe[1], None)
             return  # else a late frame of a stream we already left
         if msg.headers and msg.headers.get("Status") == "503":
-            stream.fail(ErrorInfo(503, f"no instance serves {stream.address}", "instance_unavailable"))
+            stream.fail(InstanceUnavailable(f"no instance serves {stream.address}"))
             return
         try:
             frame = decode(msg.data, Frame)
         except WireError as e:
-            stream.fail(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame"))
+            stream.fail(StreamError(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame")))
             return
         if not stream.acked:
             stream.acked = True
@@ -414,23 +429,17 @@ class NatsRequestPlane:
             for stream in list(self._streams.values()):
                 seen = max(self._last_seen.get(stream.address, 0.0), stream.started)
                 if now - seen > silence:
-                    stream.fail(
-                        ErrorInfo(503, f"instance {stream.address} stopped responding", "instance_lost")
-                    )
+                    stream.fail(InstanceLost(f"instance {stream.address} stopped responding"))
                 elif not stream.acked:
                     waited = now - stream.started
                     if self._acked_upto.get(stream.address, -1) > stream.n or waited > ack_timeout:
                         stream.fail(
-                            ErrorInfo(
-                                503,
-                                f"instance {stream.address} did not receive the request",
-                                "instance_unavailable",
-                            )
+                            InstanceUnavailable(f"instance {stream.address} did not receive the request")
                         )
                     elif waited > silence and self.nc.is_connected:
                         await self._probe(stream.address, stream.n, now, silence)
                 elif not self.nc.is_connected and now - stream.started > silence:
-                    stream.fail(ErrorInfo(503, "request plane disconnected", "request_plane_down"))
+                    stream.fail(InstanceLost("request plane disconnected", "request_plane_down"))
 
     async def _probe(self, address: str, after: int, now: float, every: float) -> None:
         """Send ``address`` a request that is only acknowledged: once it is, every request published to
@@ -464,7 +473,7 @@ class NatsRequestPlane:
         self, address: str, payload: bytes, *, first_timeout: float | None
     ) -> AsyncIterator[bytes]:
         if not self.nc.is_connected:
-            raise StreamError(ErrorInfo(503, "request plane (NATS) is not connected", "request_plane_down"))
+            raise InstanceUnavailable("request plane (NATS) is not connected", "request_plane_down")
         if len(payload) > self.nc.max_payload:
             raise StreamError(
                 ErrorInfo(
@@ -493,12 +502,10 @@ class NatsRequestPlane:
                     finished = True  # refused: nothing runs there, nothing to cancel
                     raise
                 except TimeoutError:
-                    raise StreamError(
-                        ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s", "timeout")
-                    ) from None
+                    raise RequestTimedOut(f"no answer from {address} in {first_timeout:.1f}s") from None
                 if frame.seq != expected:
-                    raise StreamError(
-                        ErrorInfo(502, f"frame {frame.seq} from {address}, expected {expected}", "frame_lost")
+                    raise InstanceLost(
+                        f"frame {frame.seq} from {address}, expected {expected}", "frame_lost", 502
                     )
                 expected += 1
                 if frame.kind == FrameKind.DATA:
@@ -508,7 +515,7 @@ class NatsRequestPlane:
                     return
                 else:
                     finished = True
-                    raise StreamError(decode(frame.payload, ErrorInfo))
+                    raise StreamError.from_info(decode(frame.payload, ErrorInfo))
         finally:
             self._streams.pop(reply, None)
             if not finished:

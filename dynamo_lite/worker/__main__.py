@@ -12,6 +12,7 @@ from dynamo_lite.engines import ENGINES, default_engine
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
+from dynamo_lite.protocol import Role
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.worker.worker import Worker, WorkerSettings
@@ -47,7 +48,7 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument(
-        "--mode", "--disaggregation-mode", dest="mode", default="agg", choices=["prefill", "decode", "agg"]
+        "--mode", "--disaggregation-mode", dest="role", default="agg", choices=[r.value for r in Role]
     )
     p.add_argument(
         "--engine",
@@ -150,7 +151,7 @@ def parse_args(
         extra = load_engine_args_yaml(args.extra_engine_args)
     given = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
     engine = EngineSettings(
-        mode=args.mode,
+        role=Role(args.role),
         model_path=args.model_path,
         served_model_name=args.served_model_name,
         kv_lease_s=args.kv_lease,
@@ -161,7 +162,7 @@ def parse_args(
         **given,
     )
     return WorkerSettings(
-        mode=args.mode,
+        role=Role(args.role),
         engine=args.engine or "",
         disaggregation_strategy=args.disaggregation_strategy,
         endpoint=args.endpoint,
@@ -189,7 +190,7 @@ async def run(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
     print(
-        f"READY worker {worker.instance_id} mode={settings.mode} metrics_port={worker.metrics_port}",
+        f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
     )
     await stop.wait()

@@ -29,14 +29,13 @@ from dynamo_lite.protocol import (
     LoadReport,
     ModelCard,
     Phase,
+    Role,
     Served,
     Subscription,
     WireError,
     decode,
     encode,
 )
-from dynamo_lite.router.kv_index import kv_events_subject
-from dynamo_lite.router.load import load_subject
 from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.card_files import publish_card_files
@@ -47,12 +46,12 @@ from dynamo_lite.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-_PHASE_OF_MODE = {"prefill": Phase.PREFILL, "decode": Phase.DECODE, "agg": Phase.AGGREGATED}
+_PHASE_OF_ROLE = {Role.PREFILL: Phase.PREFILL, Role.DECODE: Phase.DECODE, Role.AGGREGATED: Phase.AGGREGATED}
 
 
 @dataclass(slots=True)
 class WorkerSettings:
-    mode: str = "agg"  # "prefill" | "decode" | "agg"
+    role: Role = Role.AGGREGATED  # --mode
     engine: str = "mocker"
     disaggregation_strategy: str = "prefill_first"  # or "decode_first"
     endpoint: str = "generate"
@@ -74,9 +73,9 @@ class WorkerSettings:
 
 class Worker:
     def __init__(self, settings: WorkerSettings, engine: Engine | None = None) -> None:
-        if settings.mode not in _PHASE_OF_MODE:
-            raise ValueError(f"--mode must be prefill, decode or agg, not {settings.mode!r}")
-        settings.engine_settings.mode = settings.mode
+        if settings.role not in _PHASE_OF_ROLE:
+            raise ValueError(f"--mode must be prefill, decode or agg, not {settings.role!r}")
+        settings.role = settings.engine_settings.role = Role(settings.role)
         settings.engine_settings.pacing = StreamPacing(settings.engine_settings.stream_interval_s)
         self.settings = settings
         self.engine = engine or build_engine(settings.engine, settings.engine_settings)
@@ -110,7 +109,7 @@ class Worker:
             tokenizer_path=str(files.tokenizer_json),
             chat_template=files.chat_template,
             context_length=min(files.context_length, self.settings.engine_settings.max_seq_len or 1 << 30),
-            role=self.settings.mode,
+            role=self.settings.role,
             eos_token_ids=files.eos_token_ids,
             bos_token=special.get("bos_token", ""),
             eos_token=special.get("eos_token", ""),
@@ -123,21 +122,21 @@ class Worker:
     async def start(self) -> None:
         s = self.settings
         await self.engine.start()
-        self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.mode}")
+        self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.role}")
         self.card = self.model_card()
-        labels = {"model": self.card.served_name, "role": s.mode, "instance": self.runtime.instance_id}
+        labels = {"model": self.card.served_name, "role": s.role.value, "instance": self.runtime.instance_id}
         self.metrics = WorkerMetrics(self.engine.stats, labels)
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
-        if s.mode == "decode" and s.disaggregation_strategy == "decode_first":
+        if s.role == Role.DECODE and s.disaggregation_strategy == "decode_first":
             self._view = LiveView(self.runtime)
             await self._view.start()
             self._prefill_router = Router(self.runtime, self._view, RouterSettings())
-        address = keys.request_address(s.runtime.namespace, s.mode, s.endpoint, self.runtime.instance_id)
-        phase_name = _PHASE_OF_MODE[s.mode].name.lower()
+        address = keys.request_address(s.runtime.namespace, s.role, s.endpoint, self.runtime.instance_id)
+        phase_name = _PHASE_OF_ROLE[s.role].name.lower()
         self._served = await self.runtime.request_plane.serve(
             address,
             self.handle,
@@ -147,7 +146,7 @@ class Worker:
         self.info = InstanceInfo(
             instance_id=self.runtime.instance_id,
             namespace=s.runtime.namespace,
-            component=s.mode,
+            role=s.role,
             endpoint=s.endpoint,
             address=address,
             model=self.card.served_name,
@@ -170,7 +169,7 @@ class Worker:
         log.info(
             "worker %s (%s, %s) serving %s at %s",
             self.runtime.instance_id,
-            s.mode,
+            s.role,
             s.engine,
             self.card.served_name,
             address,
@@ -203,7 +202,7 @@ class Worker:
         """Publish a ``LoadReport`` (and pending KV cache events) for the routers, periodically."""
         assert self.runtime is not None
         plane, ns, iid = self.runtime.request_plane, self.settings.runtime.namespace, self.runtime.instance_id
-        load_at, events_at = load_subject(ns, iid), kv_events_subject(ns, iid)
+        load_at, events_at = keys.load_subject(ns, iid), keys.kv_events_subject(ns, iid)
         interval = self.settings.load_report_interval_s
         next_report = 0.0
         loop = asyncio.get_running_loop()

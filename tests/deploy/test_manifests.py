@@ -251,7 +251,7 @@ def test_the_clis_parse_the_args(objects, tmp_path):
             args[args.index(engine_args)] = str(local)
         if module == "dynamo_lite.worker":
             settings = parse_worker(args)
-            assert settings.mode == w["metadata"]["name"]
+            assert settings.role == w["metadata"]["name"]
             assert settings.metrics_port == container_port(c, "metrics")["containerPort"]
             assert settings.engine_settings.extra or not engine_args
         else:

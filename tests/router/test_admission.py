@@ -32,7 +32,7 @@ class View:
     instances: dict[str, InstanceInfo] = field(default_factory=dict)
 
     def instances_of(self, component: str, model: str | None = None) -> list[InstanceInfo]:
-        return [i for i in self.instances.values() if i.component == component and i.model == model]
+        return [i for i in self.instances.values() if i.role == component and i.model == model]
 
     def add(self, iid: str, capacity: int) -> InstanceInfo:
         info = InstanceInfo(iid, "ns", "decode", "generate", f"addr.{iid}", MODEL, max_inflight=capacity)

@@ -52,7 +52,7 @@ class Cluster:
         timing: dict | None = None,
     ) -> Worker:
         settings = WorkerSettings(
-            mode=mode,
+            role=mode,
             engine="mocker",
             disaggregation_strategy=strategy,
             max_inflight=max_inflight,
@@ -157,7 +157,7 @@ async def test_round_robin_spreads_over_decode_workers(cluster: Cluster) -> None
 async def test_random_mode_picks_only_live_workers(cluster: Cluster) -> None:
     await cluster.worker("prefill")
     gone, live = await cluster.worker("decode"), await cluster.worker("decode")
-    router = await cluster.start_router(RouterSettings(mode="random"))
+    router = await cluster.start_router(RouterSettings(policy="random"))
     await cluster.stop_worker(gone)
     for i in range(10):
         assert ntokens(await run(router, req(max_tokens=3, rid=f"r{i}"))) == 3
@@ -215,9 +215,9 @@ async def test_unknown_model_is_404(cluster: Cluster) -> None:
 def overloaded(w: Worker) -> float:
     """Requests ``w`` refused for capacity (its worker metrics)."""
     assert w.metrics is not None
-    labels = {"model": MODEL, "role": w.settings.mode, "instance": w.instance_id}
+    labels = {"model": MODEL, "role": w.settings.role, "instance": w.instance_id}
     value = w.metrics.registry.get_sample_value(
-        "dynamo_lite_worker_requests_total", {**labels, "phase": w.settings.mode, "status": "overloaded"}
+        "dynamo_lite_worker_requests_total", {**labels, "phase": w.settings.role, "status": "overloaded"}
     )
     return value or 0.0
 

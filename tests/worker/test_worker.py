@@ -33,7 +33,7 @@ _namespaces = itertools.count()
 
 def worker_settings(ns: str, mode: str, *, speedup: float = 0.0, max_inflight: int = 1024) -> WorkerSettings:
     return WorkerSettings(
-        mode=mode,
+        role=mode,
         engine="mocker",
         max_inflight=max_inflight,
         engine_settings=EngineSettings(speedup_ratio=speedup, served_model_name=MODEL),
@@ -75,7 +75,7 @@ def requests_total(w: Worker, phase: str, status: str) -> float:
     assert w.metrics is not None and w.card is not None
     labels = {
         "model": MODEL,
-        "role": w.settings.mode,
+        "role": w.settings.role,
         "instance": w.instance_id,
         "phase": phase,
         "status": status,
@@ -92,7 +92,7 @@ async def test_registers_instance_and_model_card(started: list[Worker]) -> None:
         keys.instance_key(root, ns, "decode", "generate", w.instance_id),
         keys.model_key(root, ns, MODEL, w.instance_id),
     }
-    assert w.info.model == MODEL and w.info.component == "decode"
+    assert w.info.model == MODEL and w.info.role == "decode"
     assert w.card is not None and w.card.role == "decode" and w.card.eos_token_ids == [2]
     assert w.card.tokenizer_path.endswith("tokenizer.json") and w.card.chat_template
 

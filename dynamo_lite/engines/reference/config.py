@@ -9,12 +9,12 @@ from typing import Any
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.engines.engine_args import Choice, EngineArgsError, Schema, check_engine_args
 from dynamo_lite.kv.config import KvTransferConfig
+from dynamo_lite.protocol import Role
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
-MODES = ("agg", "prefill", "decode")
 KV_FAILURE_POLICIES = ("recompute", "fail")
 QUANTIZATIONS = ("none", "int8", "int4")
 LOAD_FORMATS = ("auto", "dummy")
@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class ReferenceConfig:
     """Everything the torch engine is built from, validated."""
 
-    mode: str = "agg"
+    role: Role = Role.AGGREGATED
     model_path: str | None = None
     dtype: str = "float32"
     # "int8" / "int4": weight-only int8 (per-channel scales) / int4 (groups of 32) linears, CPU with dtype
@@ -110,7 +110,7 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         return default if value is None else value
 
     cfg = ReferenceConfig(
-        mode=settings.mode,
+        role=Role(settings.role),
         model_path=pick("model_path", settings.model_path),
         dtype=pick("dtype", settings.dtype),
         quantization=pick("quantization", settings.quantization),
@@ -161,8 +161,6 @@ def validate(cfg: ReferenceConfig, source: str = "engine settings") -> Reference
     cfg.load_format = str(cfg.load_format or "auto").lower()
     if cfg.load_format not in LOAD_FORMATS:
         raise bad(f"load_format {cfg.load_format!r} is not one of {LOAD_FORMATS}")
-    if cfg.mode not in MODES:
-        raise bad(f"mode {cfg.mode!r} is not one of {MODES}")
     if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:
         raise bad(f"kv_failure_policy {cfg.kv_failure_policy!r} is not one of {KV_FAILURE_POLICIES}")
     for name in ("threads", "max_batch_size", "max_num_tokens", "max_seq_len"):

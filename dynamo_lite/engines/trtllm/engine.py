@@ -185,7 +185,7 @@ class TrtllmEngine:
         """Prompt plus any tokens already generated, computed from scratch."""
         max_tokens = request.sampling.max_tokens - len(request.generated_ids)
         if max_tokens <= 0:
-            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return GenerateChunk(finish_reason=FinishReason.LENGTH)
         inputs = [*request.token_ids, *request.generated_ids]
         return _Plan(inputs, self._sampling(request, max_tokens), max_tokens)
 
@@ -195,7 +195,7 @@ class TrtllmEngine:
                 "a prefill request carries no generated tokens", status=400, code="invalid_request"
             )
         if request.sampling.max_tokens <= 0:
-            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return GenerateChunk(finish_reason=FinishReason.LENGTH)
         inputs = list(request.token_ids)
         params = self._sampling(request, 1)
         if request.sampling.max_tokens == 1:
@@ -225,7 +225,7 @@ class TrtllmEngine:
         if generated != first[: len(generated)] or len(generated) > len(first):
             return self._after_kv_failure(request, "generated_ids do not match the prefill's first token")
         if request.sampling.max_tokens <= len(generated):
-            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return GenerateChunk(finish_reason=FinishReason.LENGTH)
         max_tokens = request.sampling.max_tokens  # the output includes the first token(s), as does max_tokens
         return _Plan(
             list(request.token_ids),
@@ -325,7 +325,7 @@ class TrtllmEngine:
             finish = FinishReason.LENGTH if produced >= plan.max_tokens else FinishReason.STOP
         if plan.context_only and finish not in (FinishReason.STOP, FinishReason.CANCELLED):
             return GenerateChunk(token_ids=new, kv=self._kv_descriptor(plan, out, completion))
-        return GenerateChunk(token_ids=new, finish_reason=finish.value, cached_tokens=plan.cached_tokens)
+        return GenerateChunk(token_ids=new, finish_reason=finish, cached_tokens=plan.cached_tokens)
 
     def _kv_descriptor(self, plan: _Plan, out: Any, completion: Any) -> KvDescriptor:
         params = getattr(completion, "disaggregated_params", None) or getattr(

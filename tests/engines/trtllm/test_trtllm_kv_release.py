@@ -33,7 +33,7 @@ async def _start(model_dir: Path) -> tuple[Worker, Worker, Router, list]:
     for mode in ("prefill", "decode"):
         w = Worker(
             WorkerSettings(
-                mode=mode,
+                role=mode,
                 engine="trtllm",
                 engine_settings=EngineSettings(model_path=str(model_dir), served_model_name=MODEL),
                 runtime=RuntimeSettings.embedded(namespace=ns),
