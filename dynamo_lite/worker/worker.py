@@ -20,7 +20,6 @@ from dynamo_lite.engines import build_engine
 from dynamo_lite.engines.base import Engine, EngineSettings, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
-    GenerateChunk,
     GenerateRequest,
     InstanceInfo,
     KvDescriptor,
@@ -36,12 +35,12 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
-from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
-from dynamo_lite.runtime.registry import LiveView, deregister, register
+from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
+from dynamo_lite.worker.handlers import RequestHandler, handler_for
 from dynamo_lite.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
@@ -85,8 +84,7 @@ class Worker:
         self.metrics: WorkerMetrics | None = None
         self.metrics_port = 0
         self._served: Served | None = None
-        self._prefill_router: Router | None = None
-        self._view: LiveView | None = None
+        self._handler: RequestHandler | None = None
         self._metrics_server = None
         self.inflight = 0
         self._reporter: asyncio.Task[None] | None = None
@@ -131,10 +129,8 @@ class Worker:
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
-        if s.role == Role.DECODE and s.disaggregation_strategy == "decode_first":
-            self._view = LiveView(self.runtime)
-            await self._view.start()
-            self._prefill_router = Router(self.runtime, self._view, RouterSettings())
+        self._handler = handler_for(s.role, s.disaggregation_strategy, self.engine, self.runtime)
+        await self._handler.start()
         address = keys.request_address(s.runtime.namespace, s.role, s.endpoint, self.runtime.instance_id)
         phase_name = _PHASE_OF_ROLE[s.role].name.lower()
         self._served = await self.runtime.request_plane.serve(
@@ -233,11 +229,12 @@ class Worker:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
         phase_name = request.phase.name.lower()
+        assert self._handler is not None
         self.inflight += 1  # the request plane keeps this within max_inflight
         started = time.monotonic()
         status = "cancelled"
         try:
-            async with aclosing(self._generate(request)) as chunks:
+            async with aclosing(self._handler.generate(request)) as chunks:
                 async for chunk in chunks:
                     yield encode(chunk)
             status = "ok"
@@ -248,30 +245,6 @@ class Worker:
             self.inflight -= 1
             assert self.metrics is not None
             self.metrics.observe(phase_name, status, time.monotonic() - started)
-
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        if request.remote_prefill and self._prefill_router is not None:
-            # decode_first: we were asked directly; run the prefill on a prefill worker ourselves.
-            first = None
-            async with aclosing(self._prefill_router.prefill(request.model, request)) as results:
-                async for chunk in results:
-                    first = chunk
-            if first is not None:
-                yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
-                if first.finish_reason is not None:
-                    return
-                request = GenerateRequest(
-                    request.request_id,
-                    request.model,
-                    request.token_ids,
-                    request.sampling,
-                    Phase.DECODE,
-                    kv=first.kv,
-                    generated_ids=list(first.token_ids),
-                )
-        async with aclosing(self.engine.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
 
     async def stop(self, drain_s: float | None = None) -> None:
         """Deregister, drain in-flight work for up to ``drain_s``, then shut everything down."""
@@ -290,8 +263,8 @@ class Worker:
                 await self._release_sub.unsubscribe()
             except Exception as e:  # noqa: BLE001 — the request plane is going away anyway
                 log.debug("unsubscribing KV releases failed: %s", e)
-        if self._view:
-            await self._view.stop()
+        if self._handler is not None:
+            await self._handler.stop()
         await self.engine.stop()
         if self.runtime:
             await self.runtime.close()

@@ -1,0 +1,27 @@
+"""Every knob of the router, with its default, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class RouterSettings:
+    """How the router places requests (the frontend's ``--router-mode``, ``--disagg-threshold``, ... flags)."""
+
+    policy: str = "round-robin"  # --router-mode: round-robin | random | least-loaded | kv
+    # Prompts shorter than this skip the prefill worker (0: always disaggregate; negative: never — decode
+    # workers prefill every prompt, and no prefill worker is needed).
+    disagg_threshold: int = 0
+    first_frame_timeout_s: float = 60.0
+    prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
+    migration_limit: int = 0  # times a request may move to another worker when its worker dies mid-stream
+    kv_block_size: int = 32  # tokens per hashed block in kv mode (match the engines' block size)
+    kv_load_weight: float = 4.0  # kv mode: one unit of load costs as much as this many uncached blocks
+    kv_approx_ttl_s: float = 120.0  # kv mode without engine events: how long a routed prefix counts as cached
+    load_report_ttl_s: float = 2.0  # load reports older than this are ignored
+    # The queue of requests waiting for an instance with room, per model. Sized for the seed's benchmark (4096
+    # concurrent streams against one prefill and one decode worker of max_inflight 1024: 3072 wait).
+    queue_depth: int = 4096  # more waiting requests: 429 + Retry-After
+    queue_timeout_s: float = 300.0  # waited longer: 503 + Retry-After (the wait counts in TTFT)
+    retry_after_s: int = 1
