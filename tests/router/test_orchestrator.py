@@ -185,6 +185,20 @@ async def test_conditional_disaggregation_skips_the_prefill_worker_for_short_pro
     assert prefill.engine.stats().total_tokens == 1 and decode.engine.stats().kv_transfers == 1
 
 
+async def test_a_negative_threshold_serves_from_decode_workers_alone_as_readiness_says(
+    cluster: Cluster,
+) -> None:
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router(RouterSettings(disagg_threshold=-1))
+    assert router.health()["models"] == {MODEL: "ready"} and router.model_cards()
+    assert (
+        ntokens(await run(router, req(max_tokens=5))) == 5
+    )  # prefilled locally, no 503 for a prefill worker
+    prefill = await cluster.worker("prefill")
+    assert ntokens(await run(router, req(max_tokens=5, rid="r2"))) == 5
+    assert prefill.engine.stats().total_tokens == 0 and decode.engine.stats().kv_transfers == 0
+
+
 async def test_aggregated_worker_serves_alone(cluster: Cluster) -> None:
     agg = await cluster.worker("agg")
     router = await cluster.start_router()
