@@ -129,7 +129,7 @@ def create_app(
                 code="too_many_requests",
             )
             metrics.error(err.type)
-            return err.response({"x-request-id": rid, "retry-after": str(settings.retry_after_s)})
+            return err.response({"x-request-id": rid, "retry-after": str(settings.timeouts.retry_after_s)})
         return None
 
     prepare = {

@@ -94,14 +94,14 @@ class PrefillHandoff:
             load,
             {Role.PREFILL: make_policy(settings.policy, load)},
             queue_depth=settings.queue_depth,
-            queue_timeout_s=settings.queue_timeout_s,
-            retry_after_s=settings.retry_after_s,
+            queue_timeout_s=settings.timeouts.queue_s,
+            retry_after_s=settings.timeouts.retry_after_s,
         )
         view.on_change.append(admission.instances_changed)
         return cls(
             plane,
             admission,
-            first_token_s=settings.first_frame_timeout_s,
+            first_token_s=settings.timeouts.first_token_s,
             prefill_retries=settings.prefill_retries,
         )
 

@@ -74,15 +74,15 @@ class Router:
             self.load,
             self._policies,
             queue_depth=settings.queue_depth,
-            queue_timeout_s=settings.queue_timeout_s,
-            retry_after_s=settings.retry_after_s,
+            queue_timeout_s=settings.timeouts.queue_s,
+            retry_after_s=settings.timeouts.retry_after_s,
         )
         self.load.on_report = self.admission.instance_reported
         view.on_change.append(self.admission.instances_changed)
         self.handoff = PrefillHandoff(
             runtime.request_plane,
             self.admission,
-            first_token_s=settings.first_frame_timeout_s,
+            first_token_s=settings.timeouts.first_token_s,
             prefill_retries=settings.prefill_retries,
         )
         self._subscribed = False
@@ -233,7 +233,7 @@ class Router:
             started = busy = False
             try:
                 chunks = stream_chunks(
-                    self.runtime.request_plane, instance, ask, self.settings.first_frame_timeout_s
+                    self.runtime.request_plane, instance, ask, self.settings.timeouts.first_token_s
                 )
                 async with aclosing(chunks):
                     async for chunk in chunks:

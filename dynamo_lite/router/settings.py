@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from dynamo_lite.runtime.config import Timeouts
 
 
 @dataclass(slots=True)
@@ -13,7 +15,6 @@ class RouterSettings:
     # Prompts shorter than this skip the prefill worker (0: always disaggregate; negative: never — decode
     # workers prefill every prompt, and no prefill worker is needed).
     disagg_threshold: int = 0
-    first_frame_timeout_s: float = 60.0
     prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
     migration_limit: int = 0  # times a request may move to another worker when its worker dies mid-stream
     kv_block_size: int = 32  # tokens per hashed block in kv mode (match the engines' block size)
@@ -23,5 +24,5 @@ class RouterSettings:
     # The queue of requests waiting for an instance with room, per model. Sized for the seed's benchmark (4096
     # concurrent streams against one prefill and one decode worker of max_inflight 1024: 3072 wait).
     queue_depth: int = 4096  # more waiting requests: 429 + Retry-After
-    queue_timeout_s: float = 300.0  # waited longer: 503 + Retry-After (the wait counts in TTFT)
-    retry_after_s: int = 1
+    # first_token_s bounds each request-plane hop's first answer; queue_s the wait for room; retry_after_s
+    timeouts: Timeouts = field(default_factory=Timeouts)

@@ -55,9 +55,10 @@ class LiveView:
     def _prefix(self) -> str:
         return keys.namespace_prefix(self.runtime.settings.root, self.runtime.settings.namespace)
 
-    async def start(self, timeout_s: float = 5.0) -> None:
+    async def start(self) -> None:
+        """Returns once the first listing is in (within the runtime's connect timeout)."""
         self._task = asyncio.create_task(self._run(), name="discovery-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        await asyncio.wait_for(self._ready.wait(), self.runtime.settings.timeouts.connect_s)
 
     async def stop(self) -> None:
         if self._task:

@@ -13,7 +13,7 @@ Lost:      NATS keeps one publisher's messages in order, and an instance takes i
            is known lost (503, retryable) as soon as a later one to the same address is acknowledged. A request
            still unacknowledged after the heartbeat timeout gets such a later one: a probe (header Dl-Probe, only
            acknowledged). Time alone never decides while the instance heartbeats (a burst queues requests for
-           seconds at both ends), except past ``ack_timeout_s`` (an instance that heartbeats but takes nothing).
+           seconds at both ends), except past ``Timeouts.ack_s`` (an instance that heartbeats but takes nothing).
 Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
            meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
            replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
@@ -133,7 +133,7 @@ class _NatsServed:
         self._subs.append(await nc.subscribe(self._address, cb=self._on_request))
         self._subs.append(await nc.subscribe(self._address + ".cancel", cb=self._on_cancel))
         # Until the server has our SUB, a request here gets "no responders"; serving means routable.
-        await _sync_with_server(nc, self._plane.settings.connect_timeout_s)
+        await _sync_with_server(nc, self._plane.settings.timeouts.connect_s)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
 
     @property
@@ -142,7 +142,7 @@ class _NatsServed:
 
     async def _beat(self) -> None:
         subject = HEARTBEAT_PREFIX + self._address
-        interval = self._plane.settings.heartbeat_interval_s
+        interval = self._plane.settings.timeouts.heartbeat_interval_s
         while True:
             if self._plane.nc.is_connected:
                 try:
@@ -286,7 +286,7 @@ class NatsRequestPlane:
         kwargs: dict = {
             "servers": [s.strip() for s in settings.nats_url.split(",") if s.strip()],
             "name": name,
-            "connect_timeout": settings.connect_timeout_s,
+            "connect_timeout": settings.timeouts.connect_s,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
@@ -304,7 +304,7 @@ class NatsRequestPlane:
         if tls is not None:
             kwargs["tls"] = tls
         try:
-            nc = await asyncio.wait_for(nats.connect(**kwargs), settings.connect_timeout_s + 1)
+            nc = await asyncio.wait_for(nats.connect(**kwargs), settings.timeouts.connect_s + 1)
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
         self = cls(nc, settings)
@@ -330,7 +330,7 @@ class NatsRequestPlane:
         for address, reply in pending:  # the workers still serving them stop now
             with contextlib.suppress(Exception):
                 await self.nc.publish(address + ".cancel", reply.encode())
-        horizon = self._loop_time() - self.settings.heartbeat_timeout_s * 4
+        horizon = self._loop_time() - self.settings.timeouts.heartbeat_s * 4
         for at, reply, frame in list(self._recent_ends):
             if at >= horizon:
                 with contextlib.suppress(Exception):
@@ -341,7 +341,7 @@ class NatsRequestPlane:
         ignores it if it already has it)."""
         now = self._loop_time()
         self._recent_ends.append((now, reply, frame))
-        horizon = now - self.settings.heartbeat_timeout_s * 4
+        horizon = now - self.settings.timeouts.heartbeat_s * 4
         while self._recent_ends and self._recent_ends[0][0] < horizon:
             self._recent_ends.popleft()
 
@@ -370,7 +370,7 @@ class NatsRequestPlane:
 
         # NATS subjects are dot-separated tokens: "a.b." + ">" matches everything below "a.b".
         sub = await self.nc.subscribe(prefix.rstrip(".") + ".>", cb=on_msg)
-        await _sync_with_server(self.nc, self.settings.connect_timeout_s)
+        await _sync_with_server(self.nc, self.settings.timeouts.connect_s)
         return _NatsEventSubscription(sub)
 
     # ---- client side -------------------------------------------------------------------------------------
@@ -412,9 +412,9 @@ class NatsRequestPlane:
 
     async def _monitor(self) -> None:
         """Fail streams whose instance went silent or lost their request (never a hang)."""
-        interval = self.settings.heartbeat_interval_s / 2
-        silence = self.settings.heartbeat_timeout_s
-        ack_timeout = max(self.settings.ack_timeout_s, silence)
+        interval = self.settings.timeouts.heartbeat_interval_s / 2
+        silence = self.settings.timeouts.heartbeat_s
+        ack_timeout = max(self.settings.timeouts.ack_s, silence)
         loop = asyncio.get_running_loop()
         woke = loop.time()
         while True:
@@ -466,7 +466,8 @@ class NatsRequestPlane:
     def instance_alive(self, address: str) -> bool:
         seen = self._last_seen.get(address)
         return (
-            seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
+            seen is not None
+            and asyncio.get_running_loop().time() - seen <= self.settings.timeouts.heartbeat_s
         )
 
     async def stream(

@@ -13,6 +13,7 @@ from typing import Protocol
 from dynamo_lite.engines.base import Engine
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Role
 from dynamo_lite.router.handoff import PrefillHandoff
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
@@ -49,7 +50,9 @@ class DecodeFirstHandler:
     def __init__(self, engine: Engine, runtime: Runtime) -> None:
         self.engine = engine
         self.view = LiveView(runtime)
-        self.handoff = PrefillHandoff.over(self.view, runtime.request_plane)
+        # Prefill workers are picked as the router picks them, within this worker's timeouts.
+        settings = RouterSettings(timeouts=runtime.settings.timeouts)
+        self.handoff = PrefillHandoff.over(self.view, runtime.request_plane, settings)
 
     async def start(self) -> None:
         await self.view.start()

@@ -16,8 +16,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from dynamo_lite.engines import build_engine
-from dynamo_lite.engines.base import Engine, EngineSettings, StreamPacing
+from dynamo_lite.engines import build_engine, default_engine
+from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
     GenerateRequest,
@@ -50,19 +50,26 @@ _PHASE_OF_ROLE = {Role.PREFILL: Phase.PREFILL, Role.DECODE: Phase.DECODE, Role.A
 
 @dataclass(slots=True)
 class WorkerSettings:
+    """Every knob of a worker process, with its default, in one place (``python -m dynamo_lite.worker`` flags;
+    engine flags in ``engine_settings``; discovery, request plane and timeouts — ``drain_s`` — in ``runtime``)."""
+
     role: Role = Role.AGGREGATED  # --mode
-    engine: str = "mocker"
+    engine: str = (
+        ""  # "": TensorRT-LLM where it imports and a GPU is present, else torch (engines.default_engine)
+    )
     disaggregation_strategy: str = "prefill_first"  # or "decode_first"
     endpoint: str = "generate"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no metrics server; 0: any free port
     advertise_host: str = ""
-    drain_timeout_s: float = 30.0
     # Requests taken at once (engine batch + its queue); more are refused before being accepted (the router
     # waits for room at the frontend, or places them elsewhere).
     max_inflight: int = 1024
     load_report_interval_s: float = 0.5
-    max_messages_per_s: float = 20_000.0  # stream chunks per second this worker aims to stay under
+    # Tokens produced within this long after a chunk went out travel together in the next one (0: a chunk per
+    # engine step). Under load the interval grows so that this worker sends at most max_messages_per_s chunks.
+    stream_interval_s: float = 0.005
+    max_messages_per_s: float = 20_000.0
     # Output parsers the frontend applies to this model ("" = the model's default: harmony for gpt-oss)
     reasoning_parser: str = ""
     tool_call_parser: str = ""
@@ -75,9 +82,9 @@ class Worker:
         if settings.role not in _PHASE_OF_ROLE:
             raise ValueError(f"--mode must be prefill, decode or agg, not {settings.role!r}")
         settings.role = settings.engine_settings.role = Role(settings.role)
-        settings.engine_settings.pacing = StreamPacing(settings.engine_settings.stream_interval_s)
         self.settings = settings
-        self.engine = engine or build_engine(settings.engine, settings.engine_settings)
+        self.engine = engine or build_engine(settings.engine or default_engine(), settings.engine_settings)
+        self.engine.pacing = StreamPacing(settings.stream_interval_s)
         self.runtime: Runtime | None = None
         self.info: InstanceInfo | None = None
         self.card: ModelCard | None = None
@@ -98,7 +105,7 @@ class Worker:
         return self.runtime.instance_id if self.runtime else ""
 
     def model_card(self) -> ModelCard:
-        files = self.engine.model_files  # type: ignore[attr-defined]
+        files = self.engine.model_files
         special = files.special_tokens
         served = self.settings.engine_settings.served_model_name or files.default_served_name
         return ModelCard(
@@ -132,12 +139,12 @@ class Worker:
         self._handler = handler_for(s.role, s.disaggregation_strategy, self.engine, self.runtime)
         await self._handler.start()
         address = keys.request_address(s.runtime.namespace, s.role, s.endpoint, self.runtime.instance_id)
-        phase_name = _PHASE_OF_ROLE[s.role].name.lower()
+        phase_name, metrics = _PHASE_OF_ROLE[s.role].name.lower(), self.metrics
         self._served = await self.runtime.request_plane.serve(
             address,
             self.handle,
             max_inflight=s.max_inflight,
-            on_refused=lambda: self.metrics.observe(phase_name, "overloaded", 0.0),  # type: ignore[union-attr]
+            on_refused=lambda: metrics.observe(phase_name, "overloaded", 0.0),
         )
         self.info = InstanceInfo(
             instance_id=self.runtime.instance_id,
@@ -152,16 +159,15 @@ class Worker:
             max_inflight=s.max_inflight,
         )
         if s.runtime.etcd_endpoints:  # other hosts' frontends read the model's files from discovery
-            files = self.engine.model_files  # type: ignore[attr-defined]
+            files = self.engine.model_files
             self.card.files = await publish_card_files(
                 self.runtime.discovery, s.runtime.root, s.runtime.namespace, files.folder
             )
         await register(self.runtime, self.info, self.card)
         self._reporter = asyncio.create_task(self._report_load(), name="load-reports")
-        if hasattr(self.engine, "release_kv"):
-            await self._serve_kv_releases()
-        if hasattr(self.engine, "on_kv_event"):
-            self.engine.on_kv_event = self._kv_events.append  # type: ignore[attr-defined]
+        if isinstance(self.engine, HoldsKvForDecode):
+            await self._serve_kv_releases(self.engine)
+        self.engine.on_kv_event = self._kv_events.append
         log.info(
             "worker %s (%s, %s) serving %s at %s",
             self.runtime.instance_id,
@@ -171,7 +177,7 @@ class Worker:
             address,
         )
 
-    async def _serve_kv_releases(self) -> None:
+    async def _serve_kv_releases(self, engine: HoldsKvForDecode) -> None:
         """KV that a library holds (TensorRT-LLM): routers tell us when nobody will pull it; we tell other
         prefill workers the same when our decode recomputes instead of pulling."""
         assert self.runtime is not None
@@ -179,7 +185,7 @@ class Worker:
 
         def on_release(subject: str, payload: bytes) -> None:
             try:
-                self.engine.release_kv(decode(payload, KvRelease).transfer_id)  # type: ignore[attr-defined]
+                engine.release_kv(decode(payload, KvRelease).transfer_id)
             except WireError as e:
                 log.warning("ignoring malformed KV release on %s: %s", subject, e)
 
@@ -191,8 +197,8 @@ class Worker:
             task.add_done_callback(self._background.discard)
 
         self._release_sub = await plane.subscribe(keys.kv_release_prefix(ns, iid), on_release)
-        self.engine.kv_release_subject = keys.kv_release_subject(ns, iid)  # type: ignore[attr-defined]
-        self.engine.on_kv_unused = release_remote  # type: ignore[attr-defined]
+        engine.kv_release_subject = keys.kv_release_subject(ns, iid)
+        engine.on_kv_unused = release_remote
 
     async def _report_load(self) -> None:
         """Publish a ``LoadReport`` (and pending KV cache events) for the routers, periodically."""
@@ -204,7 +210,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         while True:
             # Bound the messages per second this worker sends: many active streams → more tokens per chunk.
-            self.settings.engine_settings.pacing.adapt(self.inflight, self.settings.max_messages_per_s)
+            self.engine.pacing.adapt(self.inflight, self.settings.max_messages_per_s)
             try:
                 while self._kv_events:
                     kind, hashes = self._kv_events.popleft()
@@ -248,7 +254,7 @@ class Worker:
 
     async def stop(self, drain_s: float | None = None) -> None:
         """Deregister, drain in-flight work for up to ``drain_s``, then shut everything down."""
-        drain = self.settings.drain_timeout_s if drain_s is None else drain_s
+        drain = self.settings.runtime.timeouts.drain_s if drain_s is None else drain_s
         if self.runtime and self.info and self.card:
             try:
                 await asyncio.wait_for(deregister(self.runtime, self.info, self.card), 3.0)

@@ -12,7 +12,7 @@ import pytest
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Overloaded, SamplingOptions, StreamError
 from dynamo_lite.router.orchestrator import Router, RouterSettings
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 from dynamo_lite.worker.worker import Worker, WorkerSettings
@@ -266,7 +266,7 @@ async def test_a_started_stream_may_wait_in_the_decode_engines_queue_past_the_fi
     That wait is bounded by the frontend's request timeout, not by the first-frame timeout (a 504 mid-stream)."""
     await cluster.worker("prefill")
     await cluster.worker("decode", speedup=1.0, timing={"max_batch_size": 1})
-    router = await cluster.start_router(RouterSettings(first_frame_timeout_s=0.2))
+    router = await cluster.start_router(RouterSettings(timeouts=Timeouts(first_token_s=0.2)))
     results = await asyncio.gather(*(run(router, req(max_tokens=40, rid=f"r{i}")) for i in range(3)))
     assert [ntokens(chunks) for chunks in results] == [40] * 3
 
@@ -274,7 +274,9 @@ async def test_a_started_stream_may_wait_in_the_decode_engines_queue_past_the_fi
 async def test_queue_full_is_refused_with_429_and_a_wait_past_the_limit_with_503(cluster: Cluster) -> None:
     await cluster.worker("prefill")
     await cluster.worker("decode", speedup=1.0, max_inflight=1)
-    router = await cluster.start_router(RouterSettings(queue_depth=1, queue_timeout_s=0.3, retry_after_s=2))
+    router = await cluster.start_router(
+        RouterSettings(queue_depth=1, timeouts=Timeouts(queue_s=0.3, retry_after_s=2))
+    )
     holder = asyncio.create_task(run(router, req(max_tokens=200, rid="holder")))  # ~2 s on the worker
     await until(lambda: router.load.local_inflight)
     waiting = asyncio.create_task(run(router, req(rid="waits")))

@@ -24,12 +24,12 @@ from dynamo_lite.protocol import (
     RequestTimedOut,
     StreamError,
 )
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.request_plane_inproc import InProcRequestPlane
 from dynamo_lite.runtime.request_plane_nats import NatsRequestPlane
 
-HEARTBEAT = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0}
-LOST_WITHIN_S = HEARTBEAT["heartbeat_timeout_s"] + 0.5  # NATS finds a silent instance by its heartbeats
+HEARTBEAT = Timeouts(heartbeat_interval_s=0.2, heartbeat_s=1.0)
+LOST_WITHIN_S = HEARTBEAT.heartbeat_s + 0.5  # NATS finds a silent instance by its heartbeats
 
 
 @dataclass
@@ -46,7 +46,7 @@ async def planes(request: pytest.FixtureRequest) -> AsyncIterator[Planes]:
         await plane.close()
         return
     port = request.getfixturevalue("nats_server").port
-    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{port}", **HEARTBEAT)
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{port}", timeouts=HEARTBEAT)
     server = await NatsRequestPlane.connect(settings, name="test-server")
     # The client has its own connection, like a frontend.
     client = await NatsRequestPlane.connect(settings, name="test-client")

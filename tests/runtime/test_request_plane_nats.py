@@ -7,6 +7,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -21,13 +22,13 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.request_plane_nats import HEARTBEAT_PREFIX, PROBE_HEADER, NatsRequestPlane
 
 if TYPE_CHECKING:
     from conftest import Launcher, Proc
 
-HEARTBEAT = {"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0}
+HEARTBEAT = Timeouts(heartbeat_interval_s=0.2, heartbeat_s=1.0)
 
 _next = iter(range(1_000_000))
 
@@ -70,7 +71,7 @@ async def test_nats_request_over_max_payload_is_refused_with_413(nats_server: Pr
 
 SERVER_SCRIPT = """
 import asyncio, sys
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.request_plane_nats import NatsRequestPlane
 
 async def handler(payload):
@@ -81,7 +82,7 @@ async def handler(payload):
         await asyncio.sleep(0.02)
 
 async def main():
-    settings = RuntimeSettings(nats_url=sys.argv[1], heartbeat_interval_s=0.2, heartbeat_timeout_s=1.0)
+    settings = RuntimeSettings(nats_url=sys.argv[1], timeouts=Timeouts(heartbeat_interval_s=0.2, heartbeat_s=1.0))
     plane = await NatsRequestPlane.connect(settings)
     await plane.serve(sys.argv[2], handler)
     print("READY", flush=True)
@@ -96,7 +97,7 @@ async def test_nats_stream_fails_with_503_when_the_instance_process_dies(
 ) -> None:
     url, addr = f"nats://127.0.0.1:{nats_server.port}", address()
     proc = await asyncio.to_thread(launcher.python, "plane-server", SERVER_SCRIPT, url, addr)
-    settings = RuntimeSettings(nats_url=url, **HEARTBEAT)
+    settings = RuntimeSettings(nats_url=url, timeouts=HEARTBEAT)
     client = await NatsRequestPlane.connect(settings)
     try:
         got: list[bytes] = []
@@ -110,7 +111,7 @@ async def test_nats_stream_fails_with_503_when_the_instance_process_dies(
         elapsed = time.monotonic() - killed
         assert got[:5] == [b"0", b"1", b"2", b"3", b"4"]
         assert err.value.info.status == 503 and err.value.info.code == "instance_lost"
-        assert elapsed < settings.heartbeat_timeout_s + 1.0
+        assert elapsed < settings.timeouts.heartbeat_s + 1.0
         assert not client.instance_alive(addr)
     finally:
         await client.close()
@@ -118,7 +119,7 @@ async def test_nats_stream_fails_with_503_when_the_instance_process_dies(
 
 async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Launcher) -> None:
     nats = await asyncio.to_thread(launcher.nats)
-    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats.port}", **HEARTBEAT)
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats.port}", timeouts=HEARTBEAT)
     server, client = await NatsRequestPlane.connect(settings), await NatsRequestPlane.connect(settings)
     try:
         started, finished = asyncio.Event(), asyncio.Event()
@@ -131,9 +132,9 @@ async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Lau
         killed = time.monotonic()
         # A stream open when NATS died ends with 503, within the liveness bound.
         with pytest.raises(StreamError) as err:
-            await asyncio.wait_for(in_flight, settings.heartbeat_timeout_s + 2.0)
+            await asyncio.wait_for(in_flight, settings.timeouts.heartbeat_s + 2.0)
         assert err.value.info.status == 503
-        assert time.monotonic() - killed < settings.heartbeat_timeout_s + 1.0
+        assert time.monotonic() - killed < settings.timeouts.heartbeat_s + 1.0
         # A new request while NATS is down fails at once.
         t0 = time.monotonic()
         with pytest.raises(InstanceUnavailable) as err:
@@ -215,12 +216,12 @@ async def test_nats_request_lost_on_the_way_fails_fast_though_the_instance_heart
                 await self.ack(msg)  # the probe (and anything after) is taken
 
     try:
-        async with LosesTheFirst(settings.nats_url, settings.heartbeat_interval_s) as instance:
+        async with LosesTheFirst(settings.nats_url, settings.timeouts.heartbeat_interval_s) as instance:
             started = time.monotonic()
             with pytest.raises(InstanceUnavailable) as err:
                 await collect(client, instance.addr, b"x", first_timeout=30.0)
             assert err.value.info.status == 503 and err.value.retryable
-            assert time.monotonic() - started < settings.heartbeat_timeout_s + 1.0
+            assert time.monotonic() - started < settings.timeouts.heartbeat_s + 1.0
             assert instance.seen[:2] == [False, True]
     finally:
         await client.close()
@@ -229,7 +230,7 @@ async def test_nats_request_lost_on_the_way_fails_fast_though_the_instance_heart
 async def test_nats_burst_acknowledged_late_but_in_order_is_not_taken_for_lost(nats_server: Proc) -> None:
     """A burst keeps an instance (and its caller) busy for seconds: acknowledgements come late, in order, with
     heartbeats flowing. That is no evidence of a lost request: no stream fails."""
-    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", **HEARTBEAT)
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=HEARTBEAT)
     client = await NatsRequestPlane.connect(settings)
     acked: list[float] = []
     client.on_ack = lambda address, seconds: acked.append(seconds)
@@ -242,13 +243,13 @@ async def test_nats_burst_acknowledged_late_but_in_order_is_not_taken_for_lost(n
                 await self.nc.publish(msg.reply, encode(Frame(0, FrameKind.END)))
 
     try:
-        async with Slow(settings.nats_url, settings.heartbeat_interval_s) as instance:
+        async with Slow(settings.nats_url, settings.timeouts.heartbeat_interval_s) as instance:
             results = await asyncio.gather(
                 *(collect(client, instance.addr, b"x", first_timeout=30.0) for _ in range(64)),
                 return_exceptions=True,
             )
             assert results == [[]] * 64
-            assert max(acked) > settings.heartbeat_timeout_s  # late indeed, and not failed
+            assert max(acked) > settings.timeouts.heartbeat_s  # late indeed, and not failed
             assert any(instance.seen)  # the caller probed, and waited for its answer
     finally:
         await client.close()
@@ -258,15 +259,15 @@ async def test_nats_instance_that_takes_nothing_fails_requests_after_the_ack_tim
     nats_server: Proc,
 ) -> None:
     settings = RuntimeSettings(
-        nats_url=f"nats://127.0.0.1:{nats_server.port}", **HEARTBEAT, ack_timeout_s=2.0
+        nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=replace(HEARTBEAT, ack_s=2.0)
     )
     client = await NatsRequestPlane.connect(settings)
     try:
-        async with RawInstance(settings.nats_url, settings.heartbeat_interval_s) as instance:
+        async with RawInstance(settings.nats_url, settings.timeouts.heartbeat_interval_s) as instance:
             started = time.monotonic()
             with pytest.raises(InstanceUnavailable):
                 await collect(client, instance.addr, b"x", first_timeout=30.0)
-            assert settings.ack_timeout_s <= time.monotonic() - started < settings.ack_timeout_s + 1.0
+            assert settings.timeouts.ack_s <= time.monotonic() - started < settings.timeouts.ack_s + 1.0
     finally:
         await client.close()
 
@@ -312,10 +313,12 @@ async def test_nats_caller_losing_its_server_fails_its_streams_at_once_and_cance
     other server, cancel them so the worker stops."""
     a, b = await asyncio.to_thread(routed_nats_pair, launcher)
     urls = {a.port: f"nats://127.0.0.1:{a.port}", b.port: f"nats://127.0.0.1:{b.port}"}
-    client = await NatsRequestPlane.connect(RuntimeSettings(nats_url=",".join(urls.values()), **HEARTBEAT))
+    client = await NatsRequestPlane.connect(
+        RuntimeSettings(nats_url=",".join(urls.values()), timeouts=HEARTBEAT)
+    )
     victim = a if client.nc.connected_url.port == a.port else b
     survivor = b if victim is a else a
-    server = await NatsRequestPlane.connect(RuntimeSettings(nats_url=urls[survivor.port], **HEARTBEAT))
+    server = await NatsRequestPlane.connect(RuntimeSettings(nats_url=urls[survivor.port], timeouts=HEARTBEAT))
     try:
         started, finished = asyncio.Event(), asyncio.Event()
         addr = address()
@@ -341,7 +344,7 @@ async def test_nats_server_resends_the_last_frame_of_streams_it_ended_just_befor
 ) -> None:
     """An END still in the socket of a dying connection is lost, and its caller would wait behind live
     heartbeats: a worker re-sends the last frame of streams it ended shortly before, once reconnected."""
-    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", **HEARTBEAT)
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=HEARTBEAT)
     server, client = await NatsRequestPlane.connect(settings), await NatsRequestPlane.connect(settings)
     try:
         addr = address()

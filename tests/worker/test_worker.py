@@ -97,6 +97,13 @@ async def test_registers_instance_and_model_card(started: list[Worker]) -> None:
     assert w.card.tokenizer_path.endswith("tokenizer.json") and w.card.chat_template
 
 
+def test_the_worker_paces_its_engine_from_its_settings() -> None:
+    settings = worker_settings("pacing", "decode")
+    settings.stream_interval_s = 0.02
+    w = Worker(settings)
+    assert w.engine.pacing.base_s == w.engine.pacing.interval_s == 0.02
+
+
 async def test_metrics_count_requests_by_phase(started: list[Worker]) -> None:
     ns = f"worker-{next(_namespaces)}"
     p = Worker(worker_settings(ns, "prefill"))

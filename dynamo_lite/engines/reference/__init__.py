@@ -27,6 +27,4 @@ def build_engine(settings: EngineSettings) -> TorchEngine:
     time for a GGUF, then cached) so ``engine.model_files`` is ready for the model card; weights load in
     ``start()``."""
     config = from_settings(settings)
-    engine = TorchEngine(config, resolve_model(config.model_path))
-    engine.pacing = settings.pacing
-    return engine
+    return TorchEngine(config, resolve_model(config.model_path))

@@ -76,7 +76,7 @@ class TorchEngine:
         self.eos_ids = frozenset(model_files.eos_token_ids)
         self.max_seq_len = min(config.max_seq_len, self.model_config.max_position_embeddings)
         self.exporter: KvExporter | None = None
-        self.pacing: StreamPacing | None = None  # the worker's (adapted to the load); None: every step
+        self.pacing = StreamPacing()  # the worker's (adapted to the load); by default every step
         self.on_kv_event: Callable[[tuple[int, list[int]]], None] | None = None  # set by the worker
         self._kv_config = config.kv_config()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
