@@ -41,8 +41,6 @@ from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
-__all__ = ["Router", "RouterSettings"]
-
 log = logging.getLogger(__name__)
 
 PREFILL, DECODE, AGG = Role.PREFILL, Role.DECODE, Role.AGGREGATED

@@ -31,10 +31,6 @@ def instance_key(root: str, namespace: str, role: str, endpoint: str, instance_i
     return f"{root}/{namespace}/instances/{role}/{endpoint}/{instance_id}"
 
 
-def models_prefix(root: str, namespace: str) -> str:
-    return f"{root}/{namespace}/models/"
-
-
 def model_key(root: str, namespace: str, served_name: str, instance_id: str) -> str:
     return f"{root}/{namespace}/models/{quote_name(served_name)}/{instance_id}"
 

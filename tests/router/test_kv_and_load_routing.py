@@ -20,8 +20,8 @@ from dynamo_lite.protocol import (
 )
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.orchestrator import RouterSettings
 from dynamo_lite.router.policies import KvAware, LeastLoaded
+from dynamo_lite.router.settings import RouterSettings
 from tests.router.test_orchestrator import Cluster, ntokens, req, run, until
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Overloaded, SamplingOptions, StreamError
-from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime

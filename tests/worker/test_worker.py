@@ -20,7 +20,8 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
-from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView

@@ -17,7 +17,8 @@ import pytest
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import GenerateRequest, SamplingOptions
-from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
