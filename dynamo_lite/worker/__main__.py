@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 
-from dynamo_lite.engines import ENGINES, default_engine
+from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
@@ -202,8 +202,6 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
 
 async def run(settings: WorkerSettings) -> None:
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
-    if not settings.engine:
-        settings.engine = default_engine()
     worker = Worker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

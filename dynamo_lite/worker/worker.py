@@ -54,9 +54,8 @@ class WorkerSettings:
     engine flags in ``engine_settings``; discovery, request plane and timeouts — ``drain_s`` — in ``runtime``)."""
 
     role: Role = Role.AGGREGATED  # --mode
-    engine: str = (
-        ""  # "": TensorRT-LLM where it imports and a GPU is present, else torch (engines.default_engine)
-    )
+    # "": TensorRT-LLM where it imports and a GPU is present, else torch (engines.default_engine, logged)
+    engine: str = ""
     disaggregation_strategy: str = "prefill_first"  # or "decode_first"
     endpoint: str = "generate"
     metrics_host: str = "127.0.0.1"
@@ -83,7 +82,10 @@ class Worker:
             raise ValueError(f"--mode must be prefill, decode or agg, not {settings.role!r}")
         settings.role = settings.engine_settings.role = Role(settings.role)
         self.settings = settings
-        self.engine = engine or build_engine(settings.engine or default_engine(), settings.engine_settings)
+        if engine is None:
+            settings.engine = settings.engine or default_engine()
+            engine = build_engine(settings.engine, settings.engine_settings)
+        self.engine = engine
         self.engine.pacing = StreamPacing(settings.stream_interval_s)
         self.runtime: Runtime | None = None
         self.info: InstanceInfo | None = None
