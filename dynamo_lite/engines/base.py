@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from dynamo_lite.kv.blocks import KvEventSink
+from dynamo_lite.kv.blocks import KV_BLOCK_SIZE, KvEventSink
 from dynamo_lite.kv.config import KV_LEASE_S
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Role
 
@@ -227,7 +227,7 @@ class EngineSettings:
     max_batch_size: int = 16
     max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)
     max_seq_len: int = 4096
-    kv_block_size: int = 32
+    kv_block_size: int = KV_BLOCK_SIZE
     free_gpu_memory_fraction: float = 0.8
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1

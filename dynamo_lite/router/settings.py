@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynamo_lite.kv.blocks import KV_BLOCK_SIZE
 from dynamo_lite.runtime.config import Timeouts
 
 
@@ -17,7 +18,7 @@ class RouterSettings:
     disagg_threshold: int = 0
     prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
     migration_limit: int = 0  # times a request may move to another worker when its worker dies mid-stream
-    kv_block_size: int = 32  # tokens per hashed block in kv mode (match the engines' block size)
+    kv_block_size: int = KV_BLOCK_SIZE  # tokens per hashed block in kv mode (the engines' block size)
     kv_load_weight: float = 4.0  # kv mode: one unit of load costs as much as this many uncached blocks
     kv_approx_ttl_s: float = 120.0  # kv mode without engine events: how long a routed prefix counts as cached
     load_report_ttl_s: float = 2.0  # load reports older than this are ignored

@@ -84,7 +84,8 @@ def test_least_loaded_prefers_the_idle_instance_and_drops_stale_reports() -> Non
 
 
 def test_kv_aware_weighs_cached_prefix_against_load() -> None:
-    load, index = LoadTracker(), KvIndex()
+    settings = RouterSettings()
+    load, index = LoadTracker(settings.load_report_ttl_s), KvIndex(settings.kv_approx_ttl_s)
     policy = KvAware(load, index, block_size=4, load_weight=1.0)
     prompt = list(range(40))  # 10 blocks
     index.apply(KvEvent("a", KvEventKind.STORED, block_hashes(prompt, 4)[:8]))

@@ -2,7 +2,7 @@
 continuous batching, a preallocated slot KV cache (sliding-window layers as rings), chunked prefill, and KV
 export/import for disaggregated serving.
 
->>> engine = build_engine(EngineSettings(role="agg", dtype="bfloat16", threads=2))
+>>> engine = build_engine(EngineSettings(role=Role.AGGREGATED, dtype="bfloat16", threads=2))
 >>> await engine.start()
 >>> async for chunk in engine.generate(request): ...
 """
