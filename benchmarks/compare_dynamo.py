@@ -5,7 +5,7 @@
 
 Dynamo is installed into its own venv (``~/.cache/dynamo_lite/dynamo-1.6.1-venv``, reused when present) from
 PyPI without its unreachable ``aisimulate`` dependency, and gets a model folder made from our cached SmolLM2
-files (shared/notes/anchor-dynamo.md). Both systems run their mocker engine at zero simulated time
+files. Both systems run their mocker engine at zero simulated time
 (dynamo_lite: ``--speedup-ratio 0``; Dynamo: ``--speedup-ratio 1e6``, see DYNAMO_SPEEDUP for why not its 0).
 
 Per setup and round the two systems alternate (Dynamo, dynamo_lite, Dynamo, ...); each run starts its

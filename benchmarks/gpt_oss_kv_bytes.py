@@ -38,7 +38,7 @@ async def through_engines(tokens: int) -> dict:
     folder = write_model_folder(Path(tempfile.mkdtemp(prefix="tiny-gpt-oss-")))
 
     def settings(mode: str) -> EngineSettings:
-        return EngineSettings(mode=mode, model_path=str(folder), dtype="float32", threads=2, max_batch_size=2,
+        return EngineSettings(role=mode, model_path=str(folder), dtype="float32", threads=2, max_batch_size=2,
                               max_num_tokens=1024, max_seq_len=tokens + 64)  # fmt: skip
 
     prompt = [(i * 7919) % 199_998 for i in range(tokens)]

@@ -86,7 +86,7 @@ async def run_dtype(args: argparse.Namespace, spec: str, model_path: str | None)
     """``spec`` is a dtype, or ``dtype+quantization`` (``bfloat16+int8`` / ``+int4``: weight-only linears)."""
     dtype, _, quantization = spec.partition("+")
     settings = EngineSettings(
-        mode="agg",
+        role="agg",
         model_path=model_path,
         dtype=dtype,
         device=args.device,

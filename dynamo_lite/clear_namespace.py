@@ -8,11 +8,12 @@ import sys
 
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.cli import add_runtime_args, runtime_settings_from
+from dynamo_lite.runtime.config import Timeouts
 from dynamo_lite.runtime.reachable import check_services
 
 
 async def clear(args: argparse.Namespace) -> int:
-    settings = runtime_settings_from(args)
+    settings = runtime_settings_from(args, Timeouts())
     if not settings.etcd_endpoints:
         print("error: clear_namespace works on etcd; --in-memory has nothing to clear", file=sys.stderr)
         return 1
@@ -24,7 +25,7 @@ async def clear(args: argparse.Namespace) -> int:
         settings.lease_ttl_s,
         settings.etcd_username,
         settings.etcd_password,
-        settings.connect_timeout_s,
+        settings.timeouts.connect_s,
         etcd_tls(settings),
     )
     try:

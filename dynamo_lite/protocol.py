@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import msgspec
 
@@ -33,7 +33,18 @@ class Phase(enum.IntEnum):
     DECODE = 2  # continue from a KV descriptor (or recompute) and stream the rest
 
 
+class Role(enum.StrEnum):
+    """What a worker does (``--mode``), registered with its instance: which phases of a request it runs."""
+
+    PREFILL = "prefill"  # context-only runs: the prompt's KV and the first token
+    DECODE = "decode"  # continues from a prefill's KV (or prefills locally)
+    AGGREGATED = "agg"  # both, on one worker
+
+
 class FinishReason(enum.StrEnum):
+    """Why a request ended, on the wire. A prefill that hands its KV over has not ended: its chunk carries
+    ``kv`` and no finish reason."""
+
     STOP = "stop"  # eos or a stop token/string
     LENGTH = "length"  # max_tokens or context length
     CANCELLED = "cancelled"
@@ -119,8 +130,8 @@ class GenerateChunk(_Wire):
     """Worker → frontend: new token ids since the last chunk (several when coalesced)."""
 
     token_ids: list[int] = []
-    finish_reason: str | None = None
-    kv: KvDescriptor | None = None  # set on a prefill result
+    finish_reason: FinishReason | None = None
+    kv: KvDescriptor | None = None  # set on a prefill result that hands its KV over (then no finish_reason)
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (an engine may count imported KV; the
     # router reports only what no worker computed for this request)
 
@@ -181,7 +192,7 @@ class InstanceInfo(_Wire):
 
     instance_id: str
     namespace: str
-    component: str  # "prefill" | "decode" | "agg" — also the instance's role
+    role: Role
     endpoint: str
     address: str  # request-plane address (NATS subject or in-process name)
     model: str
@@ -210,7 +221,7 @@ class ModelCard(_Wire):
     tokenizer_path: str  # a tokenizer.json the frontend can read
     chat_template: str = ""
     context_length: int = 4096
-    role: str = "agg"
+    role: Role = Role.AGGREGATED
     eos_token_ids: list[int] = []
     bos_token: str = ""
     eos_token: str = ""
@@ -259,11 +270,63 @@ def decode(data: bytes, kind: type[T]) -> T:
 
 
 class StreamError(Exception):
-    """A reply stream ended with an error (remote ``ErrorInfo``, timeout, lost instance)."""
+    """A reply stream ended with an error: ``info`` says what, with an HTTP status.
+
+    The request plane's own failures are the subclasses below; anything else a handler raised arrives as a
+    plain ``StreamError`` with the handler's status and code. ``retryable``: the failure was the instance's or
+    the plane's, not the request's, so the request may be sent again to another instance.
+    """
+
+    retryable: ClassVar[bool] = False
 
     def __init__(self, info: ErrorInfo) -> None:
         super().__init__(f"{info.status} {info.code}: {info.message}")
         self.info = info
+
+    @staticmethod
+    def from_info(info: ErrorInfo) -> StreamError:
+        """The error an ``ErrorInfo`` received on a stream stands for (typed by its code)."""
+        kind = _ERRORS_BY_CODE.get(info.code, StreamError)
+        error = kind.__new__(kind)
+        StreamError.__init__(error, info)
+        return error
+
+
+class InstanceUnavailable(StreamError):
+    """The request never reached a serving instance: nobody serves the address, the request was lost on the way
+    (NATS delivers at most once), or the request plane is down. Nothing ran: retryable."""
+
+    retryable = True
+
+    def __init__(self, message: str, code: str = "instance_unavailable") -> None:
+        super().__init__(ErrorInfo(503, message, code))
+
+
+class InstanceLost(StreamError):
+    """The instance went away mid-request without ending the stream: it fell silent (no heartbeat), frames went
+    missing, or the caller lost its connection to the plane. Part of the answer may have been sent: retryable
+    by continuing elsewhere (migration), never by replaying what the client has."""
+
+    retryable = True
+
+    def __init__(self, message: str, code: str = "instance_lost", status: int = 503) -> None:
+        super().__init__(ErrorInfo(status, message, code))
+
+
+class RequestTimedOut(StreamError):
+    """No first payload within the caller's ``first_timeout`` (504); the instance is alive (else
+    ``InstanceLost``) and is told to cancel. Not retryable: another instance would be no faster."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorInfo(504, message, "timeout"))
+
+
+class RequestCancelled(StreamError):
+    """The instance ended the request unfinished: it stopped serving past its drain time (503). Not retryable:
+    its operator took it out of service on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorInfo(503, message, "instance_stopped"))
 
 
 class InstanceBusy(StreamError):
@@ -271,6 +334,8 @@ class InstanceBusy(StreamError):
 
     Nothing ran, so the caller may place the request on another instance or wait until this one has room;
     never a client error."""
+
+    retryable = True
 
     def __init__(self, address: str) -> None:
         super().__init__(ErrorInfo(503, f"instance {address} is at capacity", "instance_busy"))
@@ -285,17 +350,63 @@ class Overloaded(StreamError):
         self.retry_after_s = retry_after_s
 
 
+# Failures an instance reports on a stream (an ERROR frame carries only ``ErrorInfo``) keep their type.
+_ERRORS_BY_CODE: dict[str, type[StreamError]] = {
+    "instance_unavailable": InstanceUnavailable,
+    "instance_lost": InstanceLost,
+    "frame_lost": InstanceLost,
+    "request_plane_down": InstanceLost,
+    "timeout": RequestTimedOut,
+    "instance_stopped": RequestCancelled,
+}
+
+
 Handler = Callable[[bytes], AsyncIterator[bytes]]
 """A served endpoint: takes the request payload, yields reply payloads. Raising ``StreamError`` sends an error
 frame; being cancelled (the caller went away) must free everything the request holds."""
 
 
 class Served(Protocol):
-    async def stop(self, drain_s: float = 0.0) -> None: ...
+    """One address being served (``RequestPlane.serve``)."""
+
+    @property
+    def inflight(self) -> int:
+        """Requests accepted and not yet ended."""
+        ...
+
+    async def stop(self, drain_s: float = 0.0) -> None:
+        """Take no new requests (callers get ``InstanceUnavailable``), let those in flight finish for up to
+        ``drain_s``, then cancel the rest: their callers get ``RequestCancelled`` at once."""
+        ...
+
+    async def kill(self) -> None:
+        """Go away at once, saying nothing: what a crashed process looks like to its callers, whose open
+        streams fail with ``InstanceLost``."""
+        ...
 
 
 class RequestPlane(Protocol):
-    """Point-to-point streaming RPC to one instance address."""
+    """Point-to-point streaming RPC to one instance address: the contract every plane keeps.
+
+    - **Accept or refuse, at once.** An instance acknowledges a request before any work (``on_ack`` sees it),
+      or refuses it for capacity (``InstanceBusy``, nothing ran). A request that reaches no serving instance
+      fails fast with ``InstanceUnavailable``, never by a timeout.
+    - **Ordered, complete streams.** Payloads arrive in the order the handler yielded them; the stream ends
+      when the handler returns, or with the ``StreamError`` it raised (its status and code kept).
+    - **Liveness, not patience.** A stream whose instance goes away without ending it fails with
+      ``InstanceLost`` (over NATS within the heartbeat timeout), however long the request may take.
+    - **A first answer in time.** Without a first payload within ``first_timeout`` the stream fails with
+      ``RequestTimedOut`` and the instance is told to cancel.
+    - **Cancellation flows down.** Closing the iterator early, or cancelling the task consuming it, cancels the
+      handler (it sees ``CancelledError`` and frees what the request holds).
+    - **Stopping.** ``Served.stop`` drains, then ends what is left with ``RequestCancelled``.
+
+    ``StreamError.retryable`` says which failures may be sent again to another instance.
+    ``tests/runtime/test_request_plane.py`` runs this contract against every plane.
+    """
+
+    on_ack: Callable[[str, float], None] | None
+    """Observer of acknowledgements: ``(address, seconds from sending to acknowledged)`` (metrics)."""
 
     async def serve(
         self,
@@ -310,9 +421,8 @@ class RequestPlane(Protocol):
         ...
 
     def stream(self, address: str, payload: bytes, *, first_timeout: float | None) -> AsyncIterator[bytes]:
-        """Send ``payload`` to ``address`` and iterate its reply payloads. Closing the iterator early (or
-        cancelling the consuming task) sends a cancel to the instance. Raises ``StreamError``: 504 without a
-        first payload within ``first_timeout`` seconds (None: no bound; the instance's liveness still holds)."""
+        """Send ``payload`` to ``address`` and iterate its reply payloads (``first_timeout`` None: no bound on
+        the first one; the instance's liveness still holds). Raises ``StreamError`` as the contract says."""
         ...
 
     async def publish(self, subject: str, payload: bytes) -> None:

@@ -234,10 +234,12 @@ def services(tmp_path: Path) -> Iterator[Services]:
         pytest.skip("etcd and nats-server binaries are needed (apt-get install etcd-server nats-server)")
     etcd = start_etcd(tmp_path)
     nats = start_nats(tmp_path)
+    services = Services(etcd, nats, tmp_path)
     try:
-        yield Services(etcd, nats, tmp_path)
+        yield services
     finally:
-        for p in (nats, etcd):
+        # A test that restarts a service replaces it in ``services``: stop the first ones and the last ones.
+        for p in {id(p): p for p in (nats, etcd, services.nats, services.etcd)}.values():
             p.kill()
             p.popen.wait(5)
 

@@ -10,7 +10,7 @@ dummy``-style random bf16 weights. Every decode row sits at position ``--context
 with CUDA events over graph replays (median). The floor is the bytes the step must read (every weight of the
 attention and the output head, the experts the step's rows were routed to, the KV of each row: full layers up to
 its position, sliding layers their 128-position window) over the copy bandwidth measured in the same run
-(bytes read + written by a 4 GiB device-to-device copy, as ``shared/notes/gpt-oss.md`` measured it). Then the
+(bytes read + written by a 4 GiB device-to-device copy: ~4240 GB/s on an H200). Then the
 same layers' parts timed alone (graphs again) and a torch.profiler kernel table of eager steps.
 
 ``tokens``: the tiny gpt-oss folder (``prepare --tiny-gpt-oss``), 8 prompts (5 longer than its window), 20 greedy
@@ -464,7 +464,7 @@ def tokens(args: argparse.Namespace) -> dict:
     torch.cuda.empty_cache()
 
     def settings(mode: str) -> EngineSettings:
-        return EngineSettings(mode=mode, model_path=str(folder), dtype="float32", device=dev, max_batch_size=8,
+        return EngineSettings(role=mode, model_path=str(folder), dtype="float32", device=dev, max_batch_size=8,
                               max_num_tokens=48, max_seq_len=128)  # fmt: skip
 
     def request(i: int, ids: list[int], **kw: Any) -> GenerateRequest:

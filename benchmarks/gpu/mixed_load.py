@@ -96,7 +96,7 @@ async def worker(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))  # this process's threads stay on its GPU
     settings = EngineSettings(
-        mode=args.mode,
+        role=args.mode,
         model_path=args.model,
         dtype=args.dtype,
         device=args.device,

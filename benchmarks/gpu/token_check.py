@@ -46,7 +46,7 @@ async def engine_tokens(
     folder: Path, prompts: list[list[int]], new_tokens: int, dtype: str, device: str
 ) -> tuple[list, dict]:
     settings = EngineSettings(
-        mode="agg",
+        role="agg",
         model_path=str(folder),
         dtype=dtype,
         device=device,

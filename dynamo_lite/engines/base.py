@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, KvDescriptor
+from dynamo_lite.kv.blocks import KV_BLOCK_SIZE, KvEventSink
+from dynamo_lite.kv.config import KV_LEASE_S
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Role
+
+if TYPE_CHECKING:
+    from dynamo_lite.model_files import ModelFiles
 
 
 @dataclass(slots=True)
@@ -35,7 +40,14 @@ class EngineStats:
 
 
 class Engine(Protocol):
+    """What a worker runs. Besides the four methods, the worker reads and sets three attributes."""
+
     name: str
+    model_files: ModelFiles  # tokenizer, chat template, config: the worker publishes them with its model card
+    pacing: StreamPacing  # how long a token stream waits between chunks; the worker adapts it to the load
+    on_kv_event: (
+        KvEventSink | None
+    )  # prefix-cache changes for the kv router, set by the worker (None: nobody)
 
     async def start(self) -> None: ...
 
@@ -44,6 +56,19 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class HoldsKvForDecode(Protocol):
+    """An engine whose prompt KV a library holds for decode workers (TensorRT-LLM) and frees only when told:
+    ``KvRelease`` messages on ``kv_release_subject`` reach ``release_kv``; ``on_kv_unused`` tells another
+    prefill worker that KV it holds will not be pulled (this decode recomputes instead). The worker wires both.
+    """
+
+    kv_release_subject: str
+    on_kv_unused: Callable[[KvDescriptor], None] | None
+
+    def release_kv(self, transfer_id: str) -> bool: ...
 
 
 class EngineError(Exception):
@@ -110,7 +135,7 @@ class TokenStream:
         self._loop_thread = threading.get_ident()  # created on the loop's thread
         self._lock = threading.Lock()
         self._tokens: list[int] = []
-        self._finish: str | None = None
+        self._finish: FinishReason | None = None
         self._kv: KvDescriptor | None = None
         self._error: BaseException | None = None
         self._event = asyncio.Event()
@@ -136,7 +161,7 @@ class TokenStream:
             self._wake()
 
     def finish(
-        self, reason: str | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
+        self, reason: FinishReason | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
     ) -> None:
         """End the stream. A prefill that hands over to a decode worker ends with ``reason=None`` and ``kv``."""
         with self._lock:
@@ -192,7 +217,7 @@ class EngineSettings:
     """Everything an engine is built from: worker flags, then ``--extra-engine-args`` YAML merged on top
     (``extra`` holds the merged YAML mapping; each engine validates the keys it knows)."""
 
-    mode: str = "agg"  # "prefill" | "decode" | "agg"
+    role: Role = Role.AGGREGATED
     model_path: str | None = None  # None: the built-in default (SmolLM2)
     served_model_name: str = ""
     dtype: str = "float32"
@@ -202,7 +227,7 @@ class EngineSettings:
     max_batch_size: int = 16
     max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)
     max_seq_len: int = 4096
-    kv_block_size: int = 32
+    kv_block_size: int = KV_BLOCK_SIZE
     free_gpu_memory_fraction: float = 0.8
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
@@ -210,9 +235,7 @@ class EngineSettings:
     kv_bind_host: str = "127.0.0.1"
     kv_advertise_host: str = ""  # empty: kv_bind_host
     kv_port: int = 0  # 0: any free port
-    kv_lease_s: float = 30.0
-    stream_interval_s: float = 0.0  # coalesce tokens produced within this interval into one chunk
-    pacing: StreamPacing = field(default_factory=StreamPacing)  # the worker adapts it to the load
+    kv_lease_s: float = KV_LEASE_S  # unpulled KV is held this long
     speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
     extra: dict = field(default_factory=dict)
     extra_source: str = ""  # file the extra args came from, for error messages

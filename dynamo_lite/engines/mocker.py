@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, TokenStream
+from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
@@ -133,6 +133,7 @@ class MockerEngine:
                 )
         self.settings = settings
         self.model_files = model_files
+        self.pacing = StreamPacing()  # the worker adapts it to the load
         self.timing = MockerTiming.from_extra(settings.extra, settings.extra_source or "engine args")
         self.speedup = float(settings.extra.get("speedup_ratio", settings.speedup_ratio))
         self.max_batch = int(settings.extra.get("max_batch_size", settings.max_batch_size))
@@ -316,9 +317,7 @@ class MockerEngine:
                 await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
-        seq = _Seq(
-            request, TokenStream(asyncio.get_running_loop(), self.settings.pacing), self._scripted(request)
-        )
+        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.pacing), self._scripted(request))
         if cached:
             seq.stream.set_cached_tokens(cached)
         if seq.generated >= seq.target:

@@ -11,11 +11,14 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass
 
 from dynamo_lite.frontend.settings import FrontendSettings
-from dynamo_lite.router.orchestrator import Router, RouterSettings
-from dynamo_lite.router.policies import MODES
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.policies import POLICIES
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -23,112 +26,144 @@ from dynamo_lite.runtime.runtime import Runtime
 log = logging.getLogger("dynamo_lite.frontend")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+_F, _R, _T = FrontendSettings(), RouterSettings(), Timeouts()  # the defaults every flag shows
+
+# On purpose unlike FrontendSettings (what serve and tests use): the distributed frontend serves other hosts
+# (as Dynamo's frontend does); --http-host 127.0.0.1 keeps it on this machine.
+HTTP_HOST = "0.0.0.0"
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend", description=__doc__)
-    p.add_argument("--http-host", default="0.0.0.0")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--router-mode", default="round-robin", choices=MODES)
+    p.add_argument("--http-host", default=HTTP_HOST)
+    p.add_argument("--http-port", type=int, default=_F.http_port)
+    p.add_argument("--router-mode", default=_R.policy, choices=POLICIES)
     p.add_argument(
         "--disagg-threshold",
         type=int,
-        default=0,
-        help="prompts shorter than this many tokens skip the prefill worker",
+        default=_R.disagg_threshold,
+        help="prompts shorter than this many tokens skip the prefill worker (negative: all prompts do)",
     )
-    p.add_argument("--max-body-bytes", type=int, default=10 * 1024 * 1024)
-    p.add_argument("--request-timeout", type=float, default=1800.0, help="seconds a request may take in all")
-    p.add_argument("--first-token-timeout", type=float, default=300.0)
+    p.add_argument("--max-body-bytes", type=int, default=_F.max_body_bytes)
+    p.add_argument(
+        "--request-timeout", type=float, default=_T.request_s, help="seconds a request may take in all"
+    )
+    p.add_argument(
+        "--first-token-timeout",
+        type=float,
+        default=_T.first_token_s,
+        help="seconds from a request's arrival to its first token (queueing and prefill included)",
+    )
     p.add_argument(
         "--shutdown-timeout",
         type=float,
-        default=5.0,
+        default=_T.shutdown_s,
         help="on SIGTERM, seconds to let in-flight streams finish before closing them",
     )
-    p.add_argument("--kv-block-size", type=int, default=32, help="kv router: tokens per hashed block")
+    p.add_argument(
+        "--kv-block-size", type=int, default=_R.kv_block_size, help="kv router: tokens per hashed block"
+    )
     p.add_argument(
         "--kv-load-weight",
         type=float,
-        default=4.0,
+        default=_R.kv_load_weight,
         help="kv router: cost of one unit of load, in uncached prompt blocks",
     )
     p.add_argument(
         "--migration-limit",
         type=int,
-        default=0,
+        default=_R.migration_limit,
         help="times a stream may move to another worker when its worker dies mid-stream",
     )
     p.add_argument(
         "--max-inflight",
         type=int,
-        default=FrontendSettings().max_inflight,
+        default=_F.max_inflight,
         help="429 beyond this many requests in flight, queued ones included (0: no bound)",
     )
-    queue = RouterSettings()
     p.add_argument(
         "--queue-depth",
         type=int,
-        default=queue.queue_depth,
+        default=_R.queue_depth,
         help="requests per model that may wait for a worker with room; more are refused (429 + Retry-After)",
     )
     p.add_argument(
         "--queue-timeout",
         type=float,
-        default=queue.queue_timeout_s,
+        default=_T.queue_s,
         help="seconds a request may wait for a worker with room, then 503 + Retry-After",
     )
     p.add_argument(
         "--api-key",
-        default=os.environ.get("DYNAMO_LITE_API_KEY", ""),
+        default=os.environ.get("DYNAMO_LITE_API_KEY", _F.api_key),
         help="require 'Authorization: Bearer KEY' on /v1/* (env DYNAMO_LITE_API_KEY)",
     )
     add_runtime_args(p)
-    return p.parse_args(argv)
+    return p
 
 
-async def run(args: argparse.Namespace) -> None:
+@dataclass(frozen=True, slots=True)
+class FrontendProcess:
+    """A frontend process's settings: its HTTP side, its router, its runtime, one ``Timeouts`` for all."""
+
+    frontend: FrontendSettings
+    router: RouterSettings
+    runtime: RuntimeSettings
+
+
+def parse_args(argv: list[str] | None = None) -> FrontendProcess:
+    return settings_from(build_parser().parse_args(argv))
+
+
+def settings_from(args: argparse.Namespace) -> FrontendProcess:
+    """The frontend's settings from its parsed flags: flags not given keep the settings objects' defaults."""
+    timeouts = Timeouts(
+        first_token_s=args.first_token_timeout,
+        request_s=args.request_timeout,
+        queue_s=args.queue_timeout,
+        shutdown_s=args.shutdown_timeout,
+    )
+    router = RouterSettings(
+        policy=args.router_mode,
+        disagg_threshold=args.disagg_threshold,
+        migration_limit=args.migration_limit,
+        kv_block_size=args.kv_block_size,
+        kv_load_weight=args.kv_load_weight,
+        queue_depth=args.queue_depth,
+        timeouts=timeouts,
+    )
+    frontend = FrontendSettings(
+        http_host=args.http_host,
+        http_port=args.http_port,
+        max_body_bytes=args.max_body_bytes,
+        max_inflight=args.max_inflight,
+        api_key=args.api_key,
+        timeouts=timeouts,
+    )
+    return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts))
+
+
+async def run(process: FrontendProcess) -> None:
     from dynamo_lite.frontend.app import create_app
     from dynamo_lite.frontend.metrics import FrontendMetrics
     from dynamo_lite.frontend.server import HttpServer
 
-    runtime_settings = runtime_settings_from(args)
-    await check_services(runtime_settings)
-    runtime = await Runtime.connect(runtime_settings, name="dynamo_lite-frontend")
+    await check_services(process.runtime)
+    runtime = await Runtime.connect(process.runtime, name="dynamo_lite-frontend")
     view = LiveView(runtime)
     await view.start()
-    router = Router(
-        runtime,
-        view,
-        RouterSettings(
-            mode=args.router_mode,
-            disagg_threshold=args.disagg_threshold,
-            first_frame_timeout_s=args.first_token_timeout,
-            migration_limit=args.migration_limit,
-            kv_block_size=args.kv_block_size,
-            kv_load_weight=args.kv_load_weight,
-            queue_depth=args.queue_depth,
-            queue_timeout_s=args.queue_timeout,
-        ),
-    )
+    router = Router(runtime, view, process.router)
     await router.start()
-    settings = FrontendSettings(
-        http_host=args.http_host,
-        http_port=args.http_port,
-        max_body_bytes=args.max_body_bytes,
-        request_timeout_s=args.request_timeout,
-        first_token_timeout_s=args.first_token_timeout,
-        max_inflight=args.max_inflight,
-        shutdown_timeout_s=args.shutdown_timeout,
-        api_key=args.api_key,
-    )
+    settings = process.frontend
     metrics = FrontendMetrics()
-    if hasattr(runtime.request_plane, "on_ack"):  # NATS: how long workers take to acknowledge requests
-        runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
+    runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
     server = HttpServer(create_app(router, settings, metrics=metrics), settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"READY frontend http://{args.http_host}:{server.port}", flush=True)
+    print(f"READY frontend http://{settings.http_host}:{server.port}", flush=True)
     await stop.wait()
     await server.stop()
     await router.stop()
@@ -137,13 +172,13 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     raise_fd_limit()
     try:
         import uvloop
 
-        uvloop.run(run(args))
+        uvloop.run(run(settings_from(args)))
     except ConnectionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

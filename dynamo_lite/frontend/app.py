@@ -24,6 +24,7 @@ from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.protocol import ModelCard
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -91,6 +92,113 @@ def _openapi(app: FastAPI) -> dict:
     return schema
 
 
+class OpenAIRoutes:
+    """The handlers of the frontend's routes, over one ``Backend``: OpenAI's API, models, health, metrics."""
+
+    def __init__(self, backend: Backend, settings: FrontendSettings, metrics: FrontendMetrics) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.metrics = metrics
+        self.service = CompletionService(backend, settings, metrics)
+        self.started = int(time.time())
+        self._expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
+        self._prepare = {
+            CHAT: self.service.prepare_chat,
+            COMPLETIONS: self.service.prepare_completion,
+            RESPONSES: self.service.prepare_responses,
+        }
+
+    def refuse(self, request: Request, rid: str) -> Response | None:
+        """401 without the API key, 429 when the in-flight bound is reached: before any body is read."""
+        settings, metrics = self.settings, self.metrics
+        if self._expected_auth:
+            given = (request.headers.get("authorization") or "").encode()
+            if not hmac.compare_digest(given, self._expected_auth):
+                err = OpenAIError(401, "invalid or missing API key", code="invalid_api_key")
+                metrics.error(err.type)
+                return err.response({"x-request-id": rid, "www-authenticate": "Bearer"})
+        if settings.max_inflight and self.service.active >= settings.max_inflight:
+            err = OpenAIError(
+                429,
+                f"too many requests in flight ({settings.max_inflight}); retry later",
+                code="too_many_requests",
+            )
+            metrics.error(err.type)
+            return err.response({"x-request-id": rid, "retry-after": str(settings.timeouts.retry_after_s)})
+        return None
+
+    async def completion(self, request: Request, endpoint: str, schema: type[BaseModel]) -> Response:
+        """Refuse, read, validate and prepare the request, then answer it (streamed or whole)."""
+        rid = request_id_of(request)
+        refused = self.refuse(request, rid)
+        if refused is not None:
+            return refused
+        parsed = None
+        try:
+            body = await read_body(request, self.settings.max_body_bytes)
+            parsed = schema.model_validate_json(body)
+            prepared = await self._prepare[endpoint](parsed, rid)
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception as exc:
+            err = as_openai_error(exc)
+            self.metrics.error(err.type)
+            model = self.service.known_model(getattr(parsed, "model", None))
+            self.metrics.request_done(model, endpoint, err.status)
+            return err.response({"x-request-id": rid})
+        return self.service.response(prepared, rid)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.completion(request, CHAT, ChatCompletionRequest)
+
+    async def completions(self, request: Request) -> Response:
+        return await self.completion(request, COMPLETIONS, CompletionRequest)
+
+    async def responses(self, request: Request) -> Response:
+        return await self.completion(request, RESPONSES, ResponsesRequest)
+
+    def _model_entry(self, card: ModelCard) -> dict:
+        return {
+            "id": card.served_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": self.settings.model_owner,
+            "context_length": card.context_length,
+        }
+
+    async def list_models(self, request: Request) -> Response:
+        refused = self.refuse(request, "") if self._expected_auth else None
+        if refused is not None:
+            return refused
+        seen: dict[str, dict] = {}
+        for card in self.backend.model_cards():
+            seen.setdefault(card.served_name, self._model_entry(card))
+        return _json({"object": "list", "data": list(seen.values())})
+
+    async def get_model(self, model: str, request: Request) -> Response:
+        refused = self.refuse(request, "") if self._expected_auth else None
+        if refused is not None:
+            return refused
+        return _json(self._model_entry(self.service.find_card(model)))
+
+    async def health(self) -> Response:
+        try:
+            state = self.backend.health()
+        except Exception as e:
+            return _json({"status": "unhealthy", "error": repr(e)}, 503)
+        return _json(state, 200 if state.get("status") == "healthy" else 503)
+
+    async def live(self) -> Response:
+        return _json({"status": "live"})
+
+    async def ready(self) -> Response:
+        models = sorted({card.served_name for card in self.backend.model_cards()})
+        return _json({"status": "ready" if models else "not_ready", "models": models}, 200 if models else 503)
+
+    async def prometheus_metrics(self) -> Response:
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+
+
 def create_app(
     backend: Backend, settings: FrontendSettings | None = None, *, metrics: FrontendMetrics | None = None
 ) -> FastAPI:
@@ -101,119 +209,28 @@ def create_app(
     """
     settings = settings if settings is not None else FrontendSettings()
     metrics = metrics if metrics is not None else FrontendMetrics()
-    service = CompletionService(backend, settings, metrics)
-    started = int(time.time())
+    routes = OpenAIRoutes(backend, settings, metrics)
     app = FastAPI(title="dynamo_lite", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.state.metrics = metrics
+    app.state.settings = settings
     queued = getattr(backend, "queued_requests", None)  # optional: a backend that queues requests
     if queued is not None:
         metrics.watch_queue(queued)
-    app.state.settings = settings
     install_error_handlers(app, on_error=lambda err: metrics.error(err.type))
-
-    expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
-
-    def refuse(request: Request, rid: str) -> Response | None:
-        """401 without the API key, 429 when the in-flight bound is reached: before any body is read."""
-        if expected_auth:
-            given = (request.headers.get("authorization") or "").encode()
-            if not hmac.compare_digest(given, expected_auth):
-                err = OpenAIError(401, "invalid or missing API key", code="invalid_api_key")
-                metrics.error(err.type)
-                return err.response({"x-request-id": rid, "www-authenticate": "Bearer"})
-        if settings.max_inflight and service.active >= settings.max_inflight:
-            err = OpenAIError(
-                429,
-                f"too many requests in flight ({settings.max_inflight}); retry later",
-                code="too_many_requests",
-            )
-            metrics.error(err.type)
-            return err.response({"x-request-id": rid, "retry-after": str(settings.retry_after_s)})
-        return None
-
-    prepare = {
-        CHAT: service.prepare_chat,
-        COMPLETIONS: service.prepare_completion,
-        RESPONSES: service.prepare_responses,
-    }
-
-    async def completion(request: Request, endpoint: str, schema: type[BaseModel]) -> Response:
-        rid = request_id_of(request)
-        refused = refuse(request, rid)
-        if refused is not None:
-            return refused
-        parsed = None
-        try:
-            body = await read_body(request, settings.max_body_bytes)
-            parsed = schema.model_validate_json(body)
-            prepared = await prepare[endpoint](parsed, rid)
-        except ClientDisconnect:
-            return Response(status_code=499)
-        except Exception as exc:
-            err = as_openai_error(exc)
-            metrics.error(err.type)
-            metrics.request_done(service.known_model(getattr(parsed, "model", None)), endpoint, err.status)
-            return err.response({"x-request-id": rid})
-        return service.response(prepared, rid)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        return await completion(request, CHAT, ChatCompletionRequest)
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        return await completion(request, COMPLETIONS, CompletionRequest)
-
-    @app.post("/v1/responses")
-    async def responses(request: Request) -> Response:
-        return await completion(request, RESPONSES, ResponsesRequest)
-
-    def model_entry(card) -> dict:
-        return {
-            "id": card.served_name,
-            "object": "model",
-            "created": started,
-            "owned_by": settings.model_owner,
-            "context_length": card.context_length,
-        }
-
-    @app.get("/v1/models")
-    async def list_models(request: Request) -> Response:
-        refused = refuse(request, "") if expected_auth else None
-        if refused is not None:
-            return refused
-        seen: dict[str, dict] = {}
-        for card in backend.model_cards():
-            seen.setdefault(card.served_name, model_entry(card))
-        return _json({"object": "list", "data": list(seen.values())})
-
-    @app.get("/v1/models/{model:path}")
-    async def get_model(model: str, request: Request) -> Response:
-        refused = refuse(request, "") if expected_auth else None
-        if refused is not None:
-            return refused
-        return _json(model_entry(service.find_card(model)))
-
-    @app.get("/health")
-    async def health() -> Response:
-        try:
-            state = backend.health()
-        except Exception as e:
-            return _json({"status": "unhealthy", "error": repr(e)}, 503)
-        return _json(state, 200 if state.get("status") == "healthy" else 503)
-
-    @app.get("/live")
-    async def live() -> Response:
-        return _json({"status": "live"})
-
-    @app.get("/ready")
-    async def ready() -> Response:
-        models = sorted({card.served_name for card in backend.model_cards()})
-        return _json({"status": "ready" if models else "not_ready", "models": models}, 200 if models else 503)
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE)
-
+    for path, handler in (
+        ("/v1/chat/completions", routes.chat_completions),
+        ("/v1/completions", routes.completions),
+        ("/v1/responses", routes.responses),
+    ):
+        app.add_api_route(path, handler, methods=["POST"])
+    for path, handler in (
+        ("/v1/models", routes.list_models),
+        ("/v1/models/{model:path}", routes.get_model),
+        ("/health", routes.health),
+        ("/live", routes.live),
+        ("/ready", routes.ready),
+        ("/metrics", routes.prometheus_metrics),
+    ):
+        app.add_api_route(path, handler, methods=["GET"])
     return app

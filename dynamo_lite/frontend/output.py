@@ -7,15 +7,16 @@ from dataclasses import dataclass, field
 
 from dynamo_lite.frontend.detokenize import StopMatcher
 from dynamo_lite.frontend.parsers import Delta, OutputParser, ToolCallDelta
-from dynamo_lite.protocol import ErrorInfo, GenerateChunk, StreamError
+from dynamo_lite.protocol import ErrorInfo, FinishReason, GenerateChunk, StreamError
 
 
-def _finish_reason(reason: str) -> str:
-    if reason == "length":
+def _finish_reason(reason: FinishReason) -> str:
+    """OpenAI's ``finish_reason`` for the wire's; a worker's error or cancel ends the stream with an error."""
+    if reason == FinishReason.LENGTH:
         return "length"
-    if reason == "error":
+    if reason == FinishReason.ERROR:
         raise StreamError(ErrorInfo(500, "generation failed on the worker", "engine_error"))
-    if reason == "cancelled":
+    if reason == FinishReason.CANCELLED:
         raise StreamError(ErrorInfo(503, "the worker cancelled the request", "cancelled"))
     return "stop"
 

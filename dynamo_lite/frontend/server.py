@@ -48,8 +48,8 @@ def uvicorn_config(app, settings: FrontendSettings) -> uvicorn.Config:
         proxy_headers=False,
         server_header=False,
         backlog=settings.backlog,
-        timeout_keep_alive=int(settings.keep_alive_timeout_s),
-        timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        timeout_keep_alive=int(settings.timeouts.keep_alive_s),
+        timeout_graceful_shutdown=int(settings.timeouts.shutdown_s),
     )
 
 
@@ -105,7 +105,7 @@ class HttpServer:
             await asyncio.shield(self._task)
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to ``shutdown_timeout_s``), then close."""
+        """Stop accepting, let in-flight requests finish (up to ``timeouts.shutdown_s``), then close."""
         if self._task is None:
             return
         self._server.should_exit = True

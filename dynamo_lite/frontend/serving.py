@@ -329,11 +329,11 @@ class CompletionService:
         status = 200
         stream = None
         try:
-            first_deadline = start + min(settings.first_token_timeout_s, settings.request_timeout_s)
+            first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
                 stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
-                t.reschedule(start + settings.request_timeout_s)
+                t.reschedule(start + settings.timeouts.request_s)
                 mm.ttft.observe(time.perf_counter() - p.arrival)
                 if fmt is not None:
                     await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from dynamo_lite.runtime.config import Timeouts
 
 
 @dataclass(slots=True)
@@ -16,13 +18,7 @@ class FrontendSettings:
     http_host: str = "127.0.0.1"
     http_port: int = 8000
     max_body_bytes: int = 10 * 1024 * 1024
-    first_token_timeout_s: float = 300.0  # request accepted → first token (prefill + queueing)
-    request_timeout_s: float = 1800.0  # whole request, first byte to last
-    # Idle keep-alive connections are closed after this long. Longer than clients keep idle connections pooled
-    # (aiperf: 300 s), so that the client closes first: a server closing as the client reuses the connection
-    # fails that request (aiperf counted 14 such errors at 30 s, after its warmup phase).
-    keep_alive_timeout_s: float = 600.0
-    shutdown_timeout_s: float = 5.0  # graceful shutdown: wait this long for in-flight requests
+    timeouts: Timeouts = field(default_factory=Timeouts)  # first token, request, keep-alive, shutdown
     backlog: int = 2048
     # Prompts longer than this (characters) are tokenized in a worker thread (tokenizers releases the GIL):
     # byte-level BPE costs ~0.5-1 us per character, and a long prompt must not stall every stream on the loop.
@@ -34,6 +30,5 @@ class FrontendSettings:
     # Requests in flight (queued at the router included) beyond this are refused with 429 + Retry-After (0: no
     # bound). Above the router's queue depth plus what the workers take, so that the queue limit binds first.
     max_inflight: int = 8192
-    retry_after_s: int = 1
     responses_store_size: int = 1024  # /v1/responses kept for previous_response_id (per frontend process)
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)

@@ -15,6 +15,9 @@ from dynamo_lite.protocol import KvEventKind
 
 KvEventSink = Callable[[tuple[int, list[int]]], None]
 
+KV_BLOCK_SIZE = 32
+"""Tokens per hashed block (``--kv-block-size``): the engines' and the kv router's must agree."""
+
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
     """Chained 64-bit hashes of the full ``block_size``-token blocks of ``token_ids``."""

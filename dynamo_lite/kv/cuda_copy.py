@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dynamo_lite.kv.cuda_ipc import Copy2D
+    from dynamo_lite.kv.copy_plan import Copy2D
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from typing import Any
 
 from dynamo_lite.kv import checksum as ck
 from dynamo_lite.kv.config import KvTransferConfig
-from dynamo_lite.kv.cuda_ipc import CudaKvPool, encode_ref
+from dynamo_lite.kv.cuda_pool import CudaKvPool, encode_ref
 from dynamo_lite.kv.errors import KvCapacityError, KvTransferError
 from dynamo_lite.kv.layout import KvLayout, as_tensors, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury

@@ -18,7 +18,7 @@ from collections import defaultdict, deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from dynamo_lite.protocol import ErrorInfo, GenerateRequest, InstanceInfo, Overloaded, StreamError
+from dynamo_lite.protocol import ErrorInfo, GenerateRequest, InstanceInfo, Overloaded, Role, StreamError
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy
 from dynamo_lite.runtime.registry import LiveView
@@ -26,7 +26,7 @@ from dynamo_lite.runtime.registry import LiveView
 
 @dataclass(slots=True, eq=False)
 class _Waiter:
-    role: str
+    role: Role
     request: GenerateRequest
     exclude: Collection[str]
     future: asyncio.Future[InstanceInfo]
@@ -40,7 +40,7 @@ class Admission:
         self,
         view: LiveView,
         load: LoadTracker,
-        policies: dict[str, Policy],
+        policies: dict[Role, Policy],
         *,
         queue_depth: int,
         queue_timeout_s: float,
@@ -68,7 +68,7 @@ class Admission:
         return self.load.local_inflight.get(iid, 0) + self.load.others(iid) < instance.max_inflight
 
     def _choose(
-        self, role: str, model: str, request: GenerateRequest, exclude: Collection[str]
+        self, role: Role, model: str, request: GenerateRequest, exclude: Collection[str]
     ) -> InstanceInfo | None:
         candidates = [
             i
@@ -79,7 +79,7 @@ class Admission:
 
     async def place(
         self,
-        role: str,
+        role: Role,
         model: str,
         request: GenerateRequest,
         exclude: Collection[str] = (),
@@ -148,12 +148,12 @@ class Admission:
             self.load.mark_full(instance.instance_id)
             # Without a load report (none subscribed, or none coming), look again once the mark has expired.
             asyncio.get_running_loop().call_later(
-                self.load.ttl_s + 0.01, self.dispatch, instance.model, instance.component
+                self.load.ttl_s + 0.01, self.dispatch, instance.model, instance.role
             )
         else:
-            self.dispatch(instance.model, instance.component)
+            self.dispatch(instance.model, instance.role)
 
-    def dispatch(self, model: str, role: str) -> None:
+    def dispatch(self, model: str, role: Role) -> None:
         """Place waiting requests of (``model``, ``role``), in arrival order, while an instance has room."""
         queue = self._queues.get((model, role))
         while queue:
@@ -174,7 +174,7 @@ class Admission:
         """A load report came: its instance may have room now."""
         info = self.view.instances.get(instance_id)
         if info is not None:
-            self.dispatch(info.model, info.component)
+            self.dispatch(info.model, info.role)
 
     def instances_changed(self) -> None:
         """Instances joined or left: place what now fits; fail waiters whose role has no instance left."""

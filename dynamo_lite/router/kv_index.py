@@ -11,16 +11,13 @@ import time
 from collections import defaultdict
 
 from dynamo_lite.protocol import KvEvent, KvEventKind, RequestPlane, Subscription, WireError, decode
-
-
-def kv_events_subject(namespace: str, instance_id: str = "") -> str:
-    return f"dlkv.{namespace}.{instance_id}"
+from dynamo_lite.runtime.keys import kv_events_subject
 
 
 class KvIndex:
     """Which instance holds which blocks; answers "how many leading blocks of this prompt does X hold"."""
 
-    def __init__(self, approx_ttl_s: float = 120.0) -> None:
+    def __init__(self, approx_ttl_s: float) -> None:
         self.approx_ttl_s = approx_ttl_s
         self._holders: defaultdict[int, set[str]] = defaultdict(set)
         self._blocks: defaultdict[str, set[int]] = defaultdict(set)

@@ -7,16 +7,13 @@ from collections import defaultdict
 from collections.abc import Callable
 
 from dynamo_lite.protocol import LoadReport, RequestPlane, Subscription, WireError, decode
-
-
-def load_subject(namespace: str, instance_id: str = "") -> str:
-    return f"dlload.{namespace}.{instance_id}"
+from dynamo_lite.runtime.keys import load_subject
 
 
 class LoadTracker:
     """Keeps the latest ``LoadReport`` per instance and drops those older than ``ttl_s``."""
 
-    def __init__(self, ttl_s: float = 2.0) -> None:
+    def __init__(self, ttl_s: float) -> None:
         self.ttl_s = ttl_s
         self._reports: dict[str, tuple[LoadReport, float]] = {}
         self.local_inflight: defaultdict[str, int] = defaultdict(

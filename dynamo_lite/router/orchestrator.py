@@ -1,23 +1,23 @@
 """The in-process router: picks instances per role and runs the disaggregation.
 
-prefill_first (default): prefill worker (context-only, max_tokens=1) → first token + KV descriptor → decode
-worker continues from it. decode_first: the decode worker is asked directly and runs the prefill itself.
-Conditional: prompts shorter than ``disagg_threshold`` go straight to a decode worker, which prefills locally.
-If the prefill worker fails, the decode worker prefills locally (the request still completes).
+prefill_first (default): the prefill → decode handoff (``handoff.py``) on a prefill worker, then a decode worker.
+decode_first: the decode worker is asked directly and runs the same handoff itself.
+Conditional: prompts shorter than ``disagg_threshold`` go straight to a decode worker, which prefills locally
+(a negative threshold: always). If the prefill worker fails, the decode worker prefills locally (the request
+still completes).
 
 Every instance is reserved before it is asked (``admission.py``): a request no instance has room for waits here,
 in a bounded queue per model. The decode instance is reserved first, so that a request whose first token was
 sent never finds its decode worker full; a worker that refuses anyway (``InstanceBusy``) is retried elsewhere or
-requeued.
+requeued. A worker that fails in a way the request plane calls ``retryable`` (lost, unreachable) mid-stream is
+replaced by another (``migration_limit``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 
 from dynamo_lite.model_files import cache_root
 from dynamo_lite.protocol import (
@@ -26,53 +26,24 @@ from dynamo_lite.protocol import (
     GenerateRequest,
     InstanceBusy,
     InstanceInfo,
-    KvDescriptor,
-    KvRelease,
     ModelCard,
-    Overloaded,
     Phase,
+    Role,
     StreamError,
-    decode,
-    encode,
 )
 from dynamo_lite.router.admission import Admission
+from dynamo_lite.router.handoff import PrefillHandoff, stream_chunks
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy, make_policy
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-PREFILL, DECODE, AGG = "prefill", "decode", "agg"
-# Failures of the worker itself (it died, vanished, or broke the stream): the request can move elsewhere.
-_MIGRATABLE = frozenset({"instance_lost", "instance_unavailable", "frame_lost", "request_plane_down"})
-
-
-async def _best_effort(release: Awaitable[object]) -> None:
-    try:
-        await release
-    except Exception as e:  # noqa: BLE001 — the holder's timeout frees the KV anyway
-        log.debug("releasing unpulled KV failed: %s", e)
-
-
-@dataclass(slots=True)
-class RouterSettings:
-    mode: str = "round-robin"
-    disagg_threshold: int = 0  # prompts shorter than this skip the prefill worker (0: always disaggregate)
-    first_frame_timeout_s: float = 60.0
-    prefill_retries: int = 1  # another prefill worker after a failure, before falling back to local prefill
-    migration_limit: int = 0  # times a request may move to another worker when its worker dies mid-stream
-    kv_block_size: int = 32  # tokens per hashed block in kv mode (match the engines' block size)
-    kv_load_weight: float = 4.0  # kv mode: one unit of load costs as much as this many uncached blocks
-    kv_approx_ttl_s: float = 120.0  # kv mode without engine events: how long a routed prefix counts as cached
-    load_report_ttl_s: float = 2.0  # load reports older than this are ignored
-    # The queue of requests waiting for an instance with room, per model. Sized for the seed's benchmark (4096
-    # concurrent streams against one prefill and one decode worker of max_inflight 1024: 3072 wait).
-    queue_depth: int = 4096  # more waiting requests: 429 + Retry-After
-    queue_timeout_s: float = 300.0  # waited longer: 503 + Retry-After (the wait counts in TTFT)
-    retry_after_s: int = 1
+PREFILL, DECODE, AGG = Role.PREFILL, Role.DECODE, Role.AGGREGATED
 
 
 class Router:
@@ -85,10 +56,10 @@ class Router:
         self.load = LoadTracker(settings.load_report_ttl_s)
         self.kv_index = KvIndex(settings.kv_approx_ttl_s)
         # kv mode: the prefill (or aggregated) pick follows the cache; the decode pick follows load.
-        decode_mode = "least-loaded" if settings.mode == "kv" else settings.mode
-        self._policies: dict[str, Policy] = {
+        decode_policy = "least-loaded" if settings.policy == "kv" else settings.policy
+        self._policies: dict[Role, Policy] = {
             role: make_policy(
-                decode_mode if role == DECODE else settings.mode,
+                decode_policy if role == DECODE else settings.policy,
                 self.load,
                 self.kv_index,
                 settings.kv_block_size,
@@ -101,13 +72,18 @@ class Router:
             self.load,
             self._policies,
             queue_depth=settings.queue_depth,
-            queue_timeout_s=settings.queue_timeout_s,
-            retry_after_s=settings.retry_after_s,
+            queue_timeout_s=settings.timeouts.queue_s,
+            retry_after_s=settings.timeouts.retry_after_s,
         )
         self.load.on_report = self.admission.instance_reported
         view.on_change.append(self.admission.instances_changed)
+        self.handoff = PrefillHandoff(
+            runtime.request_plane,
+            self.admission,
+            first_token_s=settings.timeouts.first_token_s,
+            prefill_retries=settings.prefill_retries,
+        )
         self._subscribed = False
-        self._background: set[asyncio.Task] = set()
         # Model files published with the cards, for the frontend's preprocessors (distributed discovery only).
         self.card_files: CardFileCache | None = None
         if runtime.settings.etcd_endpoints:
@@ -115,7 +91,6 @@ class Router:
             self.card_files = CardFileCache(
                 runtime.discovery, rs.root, rs.namespace, cache_root() / "card_files"
             )
-        self.migrations = 0
 
     async def start(self) -> None:
         """Subscribe to worker load reports (room for queued requests, least-loaded and kv policies) and, in
@@ -124,7 +99,7 @@ class Router:
             return
         ns = self.runtime.settings.namespace
         await self.load.start(self.runtime.request_plane, ns)
-        if self.settings.mode == "kv":
+        if self.settings.policy == "kv":
             await self.kv_index.start(self.runtime.request_plane, ns)
             self.view.on_change.append(self._forget_gone_instances)
         self._subscribed = True
@@ -132,7 +107,7 @@ class Router:
     async def stop(self) -> None:
         if self._subscribed:
             await self.load.stop()
-            if self.settings.mode == "kv":
+            if self.settings.policy == "kv":
                 await self.kv_index.stop()
 
     def queued_requests(self) -> dict[str, int]:
@@ -145,7 +120,7 @@ class Router:
                 self.kv_index.remove_instance(iid)
 
     # ---- what is servable ---------------------------------------------------------------------------------
-    def _roles_missing(self, model: str) -> list[str]:
+    def _roles_missing(self, model: str) -> list[Role]:
         """Roles a request for ``model`` needs that have no live instance."""
         if self.view.instances_of(AGG, model):
             return []
@@ -171,9 +146,9 @@ class Router:
         return next(iter(per_instance.values())) if per_instance else None
 
     def health(self) -> dict:
-        by_role: dict[str, list[str]] = {PREFILL: [], DECODE: [], AGG: []}
+        by_role: dict[str, list[str]] = {role.value: [] for role in (PREFILL, DECODE, AGG)}
         for info in self.view.instances.values():
-            by_role.setdefault(info.component, []).append(info.instance_id)
+            by_role.setdefault(Role(info.role).value, []).append(info.instance_id)
         models = {
             m: ("ready" if not self._roles_missing(m) else f"missing {','.join(self._roles_missing(m))}")
             for m in self.view.cards
@@ -181,39 +156,32 @@ class Router:
         healthy = any(v == "ready" for v in models.values())
         return {"status": "healthy" if healthy else "unhealthy", "instances": by_role, "models": models}
 
-    # ---- placing --------------------------------------------------------------------------------------------
-    async def _stream(self, instance: InstanceInfo, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream ``request`` on ``instance`` (placed by the caller, who releases it).
-
-        A stream whose client already has tokens (``generated_ids``) may wait in the worker's engine queue
-        for its next one as long as the request may take (the frontend's bound), not ``first_frame_timeout_s``.
-        """
-        first_timeout = None if request.generated_ids else self.settings.first_frame_timeout_s
-        payloads = self.runtime.request_plane.stream(
-            instance.address, encode(request), first_timeout=first_timeout
-        )
-        async with aclosing(payloads):
-            async for payload in payloads:
-                yield decode(payload, GenerateChunk)
-
     # ---- the request's path ---------------------------------------------------------------------------------
+    def _disaggregate(self, request: GenerateRequest) -> bool:
+        threshold = self.settings.disagg_threshold
+        return threshold >= 0 and len(request.token_ids) >= threshold
+
     async def generate(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         if not self.known_model(model):
             raise StreamError(ErrorInfo(404, f"model {model!r} not found", "model_not_found"))
         if self.view.instances_of(AGG, model):
-            async with aclosing(self._continue(AGG, model, request, None)) as chunks:
+            async with aclosing(self._continue(AGG, model, request, [])) as chunks:
                 async for chunk in chunks:
                     yield chunk
             return
         # The decode instance first: waiting for room happens before the prefill (so it counts in TTFT), and a
         # request whose first token went out never finds its decode worker full.
-        decoder = await self.admission.place(DECODE, model, request)
-        handed_over = False
+        placed = [await self.admission.place(DECODE, model, request)]
+
+        def on_decoder(continued: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+            return self._continue(DECODE, model, continued, placed)
+
         try:
-            first = None
-            if decoder.disaggregation_strategy == "decode_first":
+            if not self._disaggregate(request):
+                chunks = on_decoder(request)  # the decode worker prefills locally
+            elif placed[0].disaggregation_strategy == "decode_first":
                 # The decode worker runs the prefill on a prefill worker itself.
-                request = GenerateRequest(
+                ask = GenerateRequest(
                     request.request_id,
                     model,
                     request.token_ids,
@@ -221,46 +189,28 @@ class Router:
                     Phase.DECODE,
                     remote_prefill=True,
                 )
-            elif len(request.token_ids) >= self.settings.disagg_threshold:
-                async with aclosing(self.prefill(model, request)) as chunks:
-                    async for chunk in chunks:
-                        first = chunk
-                if first is not None:
-                    if first.finish_reason is not None:
-                        yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
-                        return
-                    try:
-                        yield GenerateChunk(first.token_ids, None, None, first.cached_tokens)
-                    except BaseException:
-                        self._release_unpulled(
-                            first.kv
-                        )  # the client left before any decode worker saw the KV
-                        raise
-            handed_over = True  # _continue releases the decode instance from here
-            async with aclosing(self._continue(DECODE, model, request, first, decoder)) as chunks:
+                chunks = on_decoder(ask)
+            else:
+                chunks = self.handoff.run(model, request, on_decoder)
+            async with aclosing(chunks):
                 async for chunk in chunks:
                     yield chunk
         finally:
-            if not handed_over:
-                self.admission.release(decoder)
+            for instance in placed:  # still ours: the decode never started
+                self.admission.release(instance)
 
     async def _continue(
-        self,
-        role: str,
-        model: str,
-        request: GenerateRequest,
-        first: GenerateChunk | None,
-        instance: InstanceInfo | None = None,
+        self, role: Role, model: str, request: GenerateRequest, placed: list[InstanceInfo]
     ) -> AsyncIterator[GenerateChunk]:
-        """Generate on a ``role`` worker after ``first`` (the prefill's result, if any); if the worker dies
-        mid-stream, continue on another one from the prompt plus every token already sent (up to
-        ``migration_limit`` times). The client sees one uninterrupted stream.
+        """Generate on a ``role`` worker, continuing ``request`` (its ``kv`` and ``generated_ids``, if any);
+        if the worker dies mid-stream, continue on another one from the prompt plus every token already sent
+        (up to ``migration_limit`` times). The client sees one uninterrupted stream.
 
-        ``instance``, if given, was placed for this request; this releases it. A worker at capacity
-        (``InstanceBusy``) did nothing: the request is placed again, where there is room."""
-        generated = list(first.token_ids) if first else []
-        kv = first.kv if first else None
-        cached = first.cached_tokens if first else None
+        An instance in ``placed`` was reserved for this request: this takes it over (and releases it). A worker
+        at capacity (``InstanceBusy``) did nothing: the request is placed again, where there is room."""
+        instance = placed.pop() if placed else None
+        generated = list(request.generated_ids)
+        kv = request.kv
         phase = Phase.DECODE if (role == DECODE or generated) else Phase.AGGREGATED
         tried: set[str] = set()
         migrations = 0
@@ -280,25 +230,21 @@ class Router:
             )
             started = busy = False
             try:
-                async with aclosing(self._stream(instance, ask)) as chunks:
+                chunks = stream_chunks(
+                    self.runtime.request_plane, instance, ask, self.settings.timeouts.first_token_s
+                )
+                async with aclosing(chunks):
                     async for chunk in chunks:
                         started = True
                         generated.extend(chunk.token_ids)
-                        if cached is not None:
-                            # Imported KV was computed for this request, not reused: only the prefill's
-                            # prefix-cache hits count as cached prompt tokens.
-                            chunk.cached_tokens = cached
                         yield chunk
                 return
             except InstanceBusy:
                 busy = True  # nothing ran there: placed again below (the KV, if any, is still held for us)
             except StreamError as e:
-                if not started:
-                    self._release_unpulled(kv)
-                if e.info.code not in _MIGRATABLE or migrations >= self.settings.migration_limit:
+                if not e.retryable or migrations >= self.settings.migration_limit:
                     raise
                 migrations += 1
-                self.migrations += 1
                 log.warning(
                     "request %s: %s worker %s failed (%s); migrating with %d tokens (%d/%d)",
                     request.request_id,
@@ -310,71 +256,9 @@ class Router:
                     self.settings.migration_limit,
                 )
                 tried.add(instance.instance_id)
-                kv, phase = None, Phase.DECODE  # the new worker recomputes prompt + tokens
-            except BaseException:
                 if not started:
-                    self._release_unpulled(kv)
-                raise
+                    self.handoff.release(kv)  # the next worker recomputes: nobody will pull it
+                kv, phase = None, Phase.DECODE
             finally:
                 self.admission.release(instance, refused=busy)
             instance = None
-
-    def _release_unpulled(self, kv: KvDescriptor | None) -> None:
-        """Free KV that no decode worker will pull now, instead of leaving it to the lease."""
-        if kv is None:
-            return
-        if kv.release_subject:  # KV a library holds (TensorRT-LLM): its worker aborts the context request
-            release = self.runtime.request_plane.publish(
-                kv.release_subject, encode(KvRelease(kv.transfer_id))
-            )
-        elif kv.engine == "torch" and kv.port:
-            from dynamo_lite.kv.importer import release_kv
-
-            release = release_kv(kv)
-        else:
-            return
-        task = asyncio.get_running_loop().create_task(_best_effort(release))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def prefill(self, model: str, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Run the context-only phase on a prefill worker; yields its one result chunk.
-
-        Yields nothing if every try failed with a worker fault: the decode worker then prefills locally.
-        Client errors (4xx) propagate.
-        """
-        ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, Phase.PREFILL)
-        tried: set[str] = set()
-        while True:
-            try:
-                prefill = await self.admission.place(PREFILL, model, request, tried)
-            except Overloaded:
-                raise
-            except StreamError:  # no prefill worker left to try
-                if not tried and not self.view.instances_of(PREFILL, model):
-                    raise
-                return
-            busy = False
-            try:
-                async with aclosing(self._stream(prefill, ask)) as chunks:
-                    async for chunk in chunks:
-                        yield chunk
-                return
-            except InstanceBusy:
-                busy = True  # nothing ran there: placed again, where there is room
-                continue
-            except StreamError as e:
-                if e.info.status < 500:
-                    raise
-                tried.add(prefill.instance_id)
-                retry = len(tried) <= self.settings.prefill_retries
-                log.warning(
-                    "prefill on %s failed (%s); %s",
-                    prefill.instance_id,
-                    e,
-                    "retrying" if retry else "decode prefills locally",
-                )
-                if not retry:
-                    return
-            finally:
-                self.admission.release(prefill, refused=busy)

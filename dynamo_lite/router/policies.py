@@ -9,6 +9,7 @@ from dynamo_lite.kv.blocks import block_hashes
 from dynamo_lite.protocol import GenerateRequest, InstanceInfo
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
+from dynamo_lite.router.settings import RouterSettings
 
 
 class Policy(Protocol):
@@ -57,7 +58,7 @@ class KvAware:
     """Weighs the prefill work an instance would save (leading prompt blocks it already caches) against its
     load: cost = uncached prompt blocks + ``load_weight`` × load score. The lowest cost wins."""
 
-    def __init__(self, load: LoadTracker, index: KvIndex, block_size: int, load_weight: float = 4.0) -> None:
+    def __init__(self, load: LoadTracker, index: KvIndex, block_size: int, load_weight: float) -> None:
         self._load = load
         self._index = index
         self.block_size = block_size
@@ -77,24 +78,26 @@ class KvAware:
         return choice
 
 
-MODES = ("round-robin", "random", "least-loaded", "kv")
-POLICIES = MODES  # kept for the CLI's choices
+_DEFAULTS = RouterSettings()
+
+POLICIES = ("round-robin", "random", "least-loaded", "kv")
+"""What ``--router-mode`` chooses from."""
 
 
 def make_policy(
-    mode: str,
+    name: str,
     load: LoadTracker | None = None,
     index: KvIndex | None = None,
-    block_size: int = 32,
-    load_weight: float = 4.0,
+    block_size: int = _DEFAULTS.kv_block_size,
+    load_weight: float = _DEFAULTS.kv_load_weight,
 ) -> Policy:
-    if mode == "round-robin":
+    if name == "round-robin":
         return RoundRobin()
-    if mode == "random":
+    if name == "random":
         return Random()
-    load = load or LoadTracker()
-    if mode == "least-loaded":
+    load = load or LoadTracker(_DEFAULTS.load_report_ttl_s)
+    if name == "least-loaded":
         return LeastLoaded(load)
-    if mode == "kv":
-        return KvAware(load, index or KvIndex(), block_size, load_weight)
-    raise ValueError(f"unknown router mode {mode!r}; choose from {', '.join(MODES)}")
+    if name == "kv":
+        return KvAware(load, index or KvIndex(_DEFAULTS.kv_approx_ttl_s), block_size, load_weight)
+    raise ValueError(f"unknown router mode {name!r}; choose from {', '.join(POLICIES)}")

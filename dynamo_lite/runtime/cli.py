@@ -6,13 +6,19 @@ import argparse
 import logging
 import os
 
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 
 _DEFAULTS = RuntimeSettings()
 
 
+def add_log_level_arg(parser: argparse.ArgumentParser) -> None:
+    """``--log-level``, bound to Dynamo's ``DYN_LOG`` (default INFO)."""
+    parser.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Flags bound to Dynamo's environment variables; defaults from ``RuntimeSettings``."""
+    """Flags bound to Dynamo's environment variables (read here, as the flags' defaults); defaults from
+    ``RuntimeSettings``."""
     g = parser.add_argument_group("runtime (discovery and request plane)")
     g.add_argument("--namespace", default=os.environ.get("DYN_NAMESPACE", _DEFAULTS.namespace))
     g.add_argument(
@@ -47,12 +53,14 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nats-tls-ca", default=os.environ.get("NATS_TLS_CA", ""))
     g.add_argument("--nats-tls-cert", default=os.environ.get("NATS_TLS_CERT", ""))
     g.add_argument("--nats-tls-key", default=os.environ.get("NATS_TLS_KEY", ""))
-    parser.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    add_log_level_arg(parser)
 
 
-def runtime_settings_from(args: argparse.Namespace) -> RuntimeSettings:
+def runtime_settings_from(args: argparse.Namespace, timeouts: Timeouts) -> RuntimeSettings:
+    """The flags of ``add_runtime_args``, with the process's ``timeouts``."""
     in_memory = getattr(args, "in_memory", False)
     return RuntimeSettings(
+        timeouts=timeouts,
         namespace=args.namespace,
         etcd_endpoints="" if in_memory else args.etcd_endpoints,
         nats_url="" if in_memory else args.nats_url,

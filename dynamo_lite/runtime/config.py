@@ -1,14 +1,49 @@
-"""Runtime settings: read once at the edge (CLI/env), passed down. Defaults live here and nowhere else."""
+"""How a process meets the others (``RuntimeSettings``) and every time limit on a request's path (``Timeouts``):
+read once at the edge (CLI/env), passed down. Their defaults live here and nowhere else."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 DEFAULT_NAMESPACE = "dynamo"
 DEFAULT_ROOT = "dynamo_lite"
 # Like Dynamo, a process meets the others through etcd and NATS on this machine unless told otherwise.
 DEFAULT_ETCD_ENDPOINTS = "http://127.0.0.1:2379"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Every time limit on a request's path, in seconds, in one object: a process builds one from its flags and
+    hands the same object to each of its settings (``RuntimeSettings``, ``FrontendSettings``, ``RouterSettings``,
+    ``WorkerSettings``); each part reads its own.
+
+    >>> Timeouts(first_token_s=60.0, request_s=600.0)  # doctest: +ELLIPSIS
+    Timeouts(first_token_s=60.0, request_s=600.0, ...)
+    """
+
+    # A request, at the frontend (HTTP)
+    first_token_s: float = 300.0  # accepted → first token (queueing + prefill); also each hop's first answer
+    request_s: float = 1800.0  # a whole request, first byte to last
+    queue_s: float = 300.0  # waiting for a worker with room, then 503 + Retry-After (the wait counts in TTFT)
+    retry_after_s: int = 1  # what a refused request (429, 503 from the queue) is told to wait: Retry-After
+    # Idle keep-alive connections are closed after this long. Longer than clients keep idle connections pooled
+    # (aiperf: 300 s), so that the client closes first: a server closing as the client reuses the connection
+    # fails that request (aiperf counted 14 such errors at 30 s, after its warmup phase).
+    keep_alive_s: float = 600.0
+    # Stopping (SIGTERM)
+    shutdown_s: float = 5.0  # frontend: in-flight streams may finish this long
+    drain_s: float = (
+        30.0  # worker, once deregistered: in-flight requests may finish this long, then cancelled
+    )
+    # The runtime: etcd and NATS
+    connect_s: float = 5.0
+    probe_s: float = 1.5  # the first reachability check of etcd/NATS at start (fail fast)
+    heartbeat_interval_s: float = 0.25  # how often a serving instance says it is alive on the request plane
+    heartbeat_s: float = 1.25  # a stream whose instance was silent this long fails (never a hang)
+    # A request that its (heartbeating) instance neither acknowledged nor followed with a later acknowledgement
+    # fails after this long; requests are known lost sooner by their order (request_plane_nats.py).
+    ack_s: float = 10.0
 
 
 @dataclass(slots=True)
@@ -35,13 +70,7 @@ class RuntimeSettings:
     nats_tls_ca: str = ""
     nats_tls_cert: str = ""
     nats_tls_key: str = ""
-    connect_timeout_s: float = 5.0
-    probe_timeout_s: float = 1.5  # the first reachability check of etcd/NATS at start (fail fast)
-    heartbeat_interval_s: float = 0.25  # request plane: how often a serving instance says it is alive
-    heartbeat_timeout_s: float = 1.25  # a stream whose instance was silent this long fails (never a hang)
-    # A request that its (heartbeating) instance neither acknowledged nor followed with a later acknowledgement
-    # fails after this long; requests are known lost sooner by their order (request_plane_nats.py).
-    ack_timeout_s: float = 10.0
+    timeouts: Timeouts = field(default_factory=Timeouts)
     discovery_resync_s: float = 10.0  # a live view re-lists this often, repairing any change its watch missed
 
     @classmethod

@@ -1,6 +1,6 @@
-"""The discovery key layout, in one place.
+"""The discovery key layout and the request plane's subjects, in one place.
 
-``{root}/{namespace}/instances/{component}/{endpoint}/{instance_id}`` → ``InstanceInfo``
+``{root}/{namespace}/instances/{role}/{endpoint}/{instance_id}``      → ``InstanceInfo``
 ``{root}/{namespace}/models/{served_name}/{instance_id}``            → ``ModelCard``
 ``{root}.files/{namespace}/{sha256}/{chunk:05d}``                     → model file bytes (no lease)
 All of a process's instance and card keys live under its lease: a dead process's keys vanish by themselves.
@@ -27,16 +27,8 @@ def namespace_prefix(root: str, namespace: str) -> str:
     return f"{root}/{namespace}/"
 
 
-def instances_prefix(root: str, namespace: str) -> str:
-    return f"{root}/{namespace}/instances/"
-
-
-def instance_key(root: str, namespace: str, component: str, endpoint: str, instance_id: str) -> str:
-    return f"{root}/{namespace}/instances/{component}/{endpoint}/{instance_id}"
-
-
-def models_prefix(root: str, namespace: str) -> str:
-    return f"{root}/{namespace}/models/"
+def instance_key(root: str, namespace: str, role: str, endpoint: str, instance_id: str) -> str:
+    return f"{root}/{namespace}/instances/{role}/{endpoint}/{instance_id}"
 
 
 def model_key(root: str, namespace: str, served_name: str, instance_id: str) -> str:
@@ -51,9 +43,19 @@ def file_chunk_key(root: str, namespace: str, sha256: str, index: int) -> str:
     return f"{root}.files/{namespace}/{sha256}/{index:05d}"
 
 
-def request_address(namespace: str, component: str, endpoint: str, instance_id: str) -> str:
+def request_address(namespace: str, role: str, endpoint: str, instance_id: str) -> str:
     """Request-plane address (a NATS subject) of one instance's endpoint."""
-    return f"dynamo_lite.{namespace}.{component}.{endpoint}.{instance_id}"
+    return f"dynamo_lite.{namespace}.{role}.{endpoint}.{instance_id}"
+
+
+def load_subject(namespace: str, instance_id: str = "") -> str:
+    """Event subject of an instance's ``LoadReport``s (without ``instance_id``: the prefix of all of them)."""
+    return f"dlload.{namespace}.{instance_id}"
+
+
+def kv_events_subject(namespace: str, instance_id: str = "") -> str:
+    """Event subject of an instance's ``KvEvent``s (without ``instance_id``: the prefix of all of them)."""
+    return f"dlkv.{namespace}.{instance_id}"
 
 
 def kv_release_prefix(namespace: str, instance_id: str) -> str:

@@ -54,7 +54,7 @@ async def check_services(settings: RuntimeSettings) -> None:
     if settings.nats_url:
         checks.append(("NATS", settings.nats_url, 4222))
     reasons = await asyncio.gather(
-        *(_any_reachable(url, port, settings.probe_timeout_s) for _, url, port in checks)
+        *(_any_reachable(url, port, settings.timeouts.probe_s) for _, url, port in checks)
     )
     for (name, url, _), reason in zip(checks, reasons, strict=True):
         if reason is not None:

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dynamo_lite.protocol import DiscoveryEvent, InstanceInfo, ModelCard, WireError, decode, encode
+from dynamo_lite.protocol import DiscoveryEvent, InstanceInfo, ModelCard, Role, WireError, decode, encode
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.runtime import Runtime
 
@@ -19,15 +19,13 @@ async def register(runtime: Runtime, info: InstanceInfo, card: ModelCard) -> Non
     root, ns = runtime.settings.root, runtime.settings.namespace
     await runtime.discovery.put(keys.model_key(root, ns, card.served_name, info.instance_id), encode(card))
     await runtime.discovery.put(
-        keys.instance_key(root, ns, info.component, info.endpoint, info.instance_id), encode(info)
+        keys.instance_key(root, ns, info.role, info.endpoint, info.instance_id), encode(info)
     )
 
 
 async def deregister(runtime: Runtime, info: InstanceInfo, card: ModelCard) -> None:
     root, ns = runtime.settings.root, runtime.settings.namespace
-    await runtime.discovery.delete(
-        keys.instance_key(root, ns, info.component, info.endpoint, info.instance_id)
-    )
+    await runtime.discovery.delete(keys.instance_key(root, ns, info.role, info.endpoint, info.instance_id))
     await runtime.discovery.delete(keys.model_key(root, ns, card.served_name, info.instance_id))
 
 
@@ -57,9 +55,10 @@ class LiveView:
     def _prefix(self) -> str:
         return keys.namespace_prefix(self.runtime.settings.root, self.runtime.settings.namespace)
 
-    async def start(self, timeout_s: float = 5.0) -> None:
+    async def start(self) -> None:
+        """Returns once the first listing is in (within the runtime's connect timeout)."""
         self._task = asyncio.create_task(self._run(), name="discovery-watch")
-        await asyncio.wait_for(self._ready.wait(), timeout_s)
+        await asyncio.wait_for(self._ready.wait(), self.runtime.settings.timeouts.connect_s)
 
     async def stop(self) -> None:
         if self._task:
@@ -154,9 +153,5 @@ class LiveView:
                 except RuntimeError:  # still running after a cancel: it is being torn down anyway
                     pass
 
-    def instances_of(self, component: str, model: str | None = None) -> list[InstanceInfo]:
-        return [
-            i
-            for i in self.instances.values()
-            if i.component == component and (model is None or i.model == model)
-        ]
+    def instances_of(self, role: Role, model: str | None = None) -> list[InstanceInfo]:
+        return [i for i in self.instances.values() if i.role == role and (model is None or i.model == model)]

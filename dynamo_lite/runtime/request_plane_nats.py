@@ -1,5 +1,7 @@
 """NATS request plane (nats-py): a subject per instance, replies as sequence-numbered frames on an inbox.
 
+The contract it keeps is ``dynamo_lite.protocol.RequestPlane``'s; this is how, on NATS:
+
 Request:   PUB {address} reply={inbox}.{n}        payload = the request bytes
 Accepted:  PUB {inbox}.{n}  Frame(-1, ACK) at once, or Frame(-1, BUSY) instead when the instance is at capacity
            (the request was not accepted: ``InstanceBusy``, the caller places it elsewhere or later)
@@ -11,7 +13,7 @@ Lost:      NATS keeps one publisher's messages in order, and an instance takes i
            is known lost (503, retryable) as soon as a later one to the same address is acknowledged. A request
            still unacknowledged after the heartbeat timeout gets such a later one: a probe (header Dl-Probe, only
            acknowledged). Time alone never decides while the instance heartbeats (a burst queues requests for
-           seconds at both ends), except past ``ack_timeout_s`` (an instance that heartbeats but takes nothing).
+           seconds at both ends), except past ``Timeouts.ack_s`` (an instance that heartbeats but takes nothing).
 Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
            meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
            replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
@@ -40,6 +42,10 @@ from dynamo_lite.protocol import (
     FrameKind,
     Handler,
     InstanceBusy,
+    InstanceLost,
+    InstanceUnavailable,
+    RequestCancelled,
+    RequestTimedOut,
     StreamError,
     WireError,
     decode,
@@ -77,9 +83,9 @@ class _ReplyStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
-    def fail(self, error: ErrorInfo | StreamError) -> None:
+    def fail(self, error: StreamError) -> None:
         if self._error is None:
-            self._error = error if isinstance(error, StreamError) else StreamError(error)
+            self._error = error
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
@@ -127,7 +133,7 @@ class _NatsServed:
         self._subs.append(await nc.subscribe(self._address, cb=self._on_request))
         self._subs.append(await nc.subscribe(self._address + ".cancel", cb=self._on_cancel))
         # Until the server has our SUB, a request here gets "no responders"; serving means routable.
-        await _sync_with_server(nc, self._plane.settings.connect_timeout_s)
+        await _sync_with_server(nc, self._plane.settings.timeouts.connect_s)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
 
     @property
@@ -136,7 +142,7 @@ class _NatsServed:
 
     async def _beat(self) -> None:
         subject = HEARTBEAT_PREFIX + self._address
-        interval = self._plane.settings.heartbeat_interval_s
+        interval = self._plane.settings.timeouts.heartbeat_interval_s
         while True:
             if self._plane.nc.is_connected:
                 try:
@@ -183,7 +189,7 @@ class _NatsServed:
         except asyncio.CancelledError:
             if self._stopping:  # shut down past the drain: the caller is still there and hears it at once
                 with contextlib.suppress(Exception):
-                    info = ErrorInfo(503, f"{self._address} stopped", "instance_stopped")
+                    info = RequestCancelled(f"{self._address} stopped").info
                     await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(info))))
             # else the caller went away (cancel message): nobody to answer
         except Exception as e:  # noqa: BLE001 — every failure travels as an ERROR frame, never silence
@@ -214,6 +220,15 @@ class _NatsServed:
             await _unsubscribe_quietly(sub)
         if self._heartbeat:
             self._heartbeat.cancel()
+
+    async def kill(self) -> None:
+        """Go away at once, saying nothing: no heartbeat, no frame; callers find out by liveness."""
+        if self._heartbeat:
+            self._heartbeat.cancel()
+        for sub in self._subs:
+            await _unsubscribe_quietly(sub)
+        for task in list(self._tasks.values()):
+            task.cancel()  # not stopping: no ERROR frame goes out
 
 
 async def _sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
@@ -271,7 +286,7 @@ class NatsRequestPlane:
         kwargs: dict = {
             "servers": [s.strip() for s in settings.nats_url.split(",") if s.strip()],
             "name": name,
-            "connect_timeout": settings.connect_timeout_s,
+            "connect_timeout": settings.timeouts.connect_s,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
             "reconnect_time_wait": 0.5,
@@ -289,7 +304,7 @@ class NatsRequestPlane:
         if tls is not None:
             kwargs["tls"] = tls
         try:
-            nc = await asyncio.wait_for(nats.connect(**kwargs), settings.connect_timeout_s + 1)
+            nc = await asyncio.wait_for(nats.connect(**kwargs), settings.timeouts.connect_s + 1)
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
         self = cls(nc, settings)
@@ -305,8 +320,8 @@ class NatsRequestPlane:
         in flight fails now (retryable) rather than wait behind live heartbeats for frames that never come."""
         for stream in list(self._streams.values()):
             stream.fail(
-                ErrorInfo(
-                    503, "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
+                InstanceLost(
+                    "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
                 )
             )
 
@@ -315,7 +330,7 @@ class NatsRequestPlane:
         for address, reply in pending:  # the workers still serving them stop now
             with contextlib.suppress(Exception):
                 await self.nc.publish(address + ".cancel", reply.encode())
-        horizon = self._loop_time() - self.settings.heartbeat_timeout_s * 4
+        horizon = self._loop_time() - self.settings.timeouts.heartbeat_s * 4
         for at, reply, frame in list(self._recent_ends):
             if at >= horizon:
                 with contextlib.suppress(Exception):
@@ -326,7 +341,7 @@ class NatsRequestPlane:
         ignores it if it already has it)."""
         now = self._loop_time()
         self._recent_ends.append((now, reply, frame))
-        horizon = now - self.settings.heartbeat_timeout_s * 4
+        horizon = now - self.settings.timeouts.heartbeat_s * 4
         while self._recent_ends and self._recent_ends[0][0] < horizon:
             self._recent_ends.popleft()
 
@@ -355,7 +370,7 @@ class NatsRequestPlane:
 
         # NATS subjects are dot-separated tokens: "a.b." + ">" matches everything below "a.b".
         sub = await self.nc.subscribe(prefix.rstrip(".") + ".>", cb=on_msg)
-        await _sync_with_server(self.nc, self.settings.connect_timeout_s)
+        await _sync_with_server(self.nc, self.settings.timeouts.connect_s)
         return _NatsEventSubscription(sub)
 
     # ---- client side -------------------------------------------------------------------------------------
@@ -375,12 +390,12 @@ class NatsRequestPlane:
                 self._acknowledged(probe[0], probe[1], None)
             return  # else a late frame of a stream we already left
         if msg.headers and msg.headers.get("Status") == "503":
-            stream.fail(ErrorInfo(503, f"no instance serves {stream.address}", "instance_unavailable"))
+            stream.fail(InstanceUnavailable(f"no instance serves {stream.address}"))
             return
         try:
             frame = decode(msg.data, Frame)
         except WireError as e:
-            stream.fail(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame"))
+            stream.fail(StreamError(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame")))
             return
         if not stream.acked:
             stream.acked = True
@@ -397,9 +412,9 @@ class NatsRequestPlane:
 
     async def _monitor(self) -> None:
         """Fail streams whose instance went silent or lost their request (never a hang)."""
-        interval = self.settings.heartbeat_interval_s / 2
-        silence = self.settings.heartbeat_timeout_s
-        ack_timeout = max(self.settings.ack_timeout_s, silence)
+        interval = self.settings.timeouts.heartbeat_interval_s / 2
+        silence = self.settings.timeouts.heartbeat_s
+        ack_timeout = max(self.settings.timeouts.ack_s, silence)
         loop = asyncio.get_running_loop()
         woke = loop.time()
         while True:
@@ -414,23 +429,17 @@ class NatsRequestPlane:
             for stream in list(self._streams.values()):
                 seen = max(self._last_seen.get(stream.address, 0.0), stream.started)
                 if now - seen > silence:
-                    stream.fail(
-                        ErrorInfo(503, f"instance {stream.address} stopped responding", "instance_lost")
-                    )
+                    stream.fail(InstanceLost(f"instance {stream.address} stopped responding"))
                 elif not stream.acked:
                     waited = now - stream.started
                     if self._acked_upto.get(stream.address, -1) > stream.n or waited > ack_timeout:
                         stream.fail(
-                            ErrorInfo(
-                                503,
-                                f"instance {stream.address} did not receive the request",
-                                "instance_unavailable",
-                            )
+                            InstanceUnavailable(f"instance {stream.address} did not receive the request")
                         )
                     elif waited > silence and self.nc.is_connected:
                         await self._probe(stream.address, stream.n, now, silence)
                 elif not self.nc.is_connected and now - stream.started > silence:
-                    stream.fail(ErrorInfo(503, "request plane disconnected", "request_plane_down"))
+                    stream.fail(InstanceLost("request plane disconnected", "request_plane_down"))
 
     async def _probe(self, address: str, after: int, now: float, every: float) -> None:
         """Send ``address`` a request that is only acknowledged: once it is, every request published to
@@ -457,14 +466,15 @@ class NatsRequestPlane:
     def instance_alive(self, address: str) -> bool:
         seen = self._last_seen.get(address)
         return (
-            seen is not None and asyncio.get_running_loop().time() - seen <= self.settings.heartbeat_timeout_s
+            seen is not None
+            and asyncio.get_running_loop().time() - seen <= self.settings.timeouts.heartbeat_s
         )
 
     async def stream(
         self, address: str, payload: bytes, *, first_timeout: float | None
     ) -> AsyncIterator[bytes]:
         if not self.nc.is_connected:
-            raise StreamError(ErrorInfo(503, "request plane (NATS) is not connected", "request_plane_down"))
+            raise InstanceUnavailable("request plane (NATS) is not connected", "request_plane_down")
         if len(payload) > self.nc.max_payload:
             raise StreamError(
                 ErrorInfo(
@@ -493,12 +503,10 @@ class NatsRequestPlane:
                     finished = True  # refused: nothing runs there, nothing to cancel
                     raise
                 except TimeoutError:
-                    raise StreamError(
-                        ErrorInfo(504, f"no answer from {address} in {first_timeout:.1f}s", "timeout")
-                    ) from None
+                    raise RequestTimedOut(f"no answer from {address} in {first_timeout:.1f}s") from None
                 if frame.seq != expected:
-                    raise StreamError(
-                        ErrorInfo(502, f"frame {frame.seq} from {address}, expected {expected}", "frame_lost")
+                    raise InstanceLost(
+                        f"frame {frame.seq} from {address}, expected {expected}", "frame_lost", 502
                     )
                 expected += 1
                 if frame.kind == FrameKind.DATA:
@@ -508,7 +516,7 @@ class NatsRequestPlane:
                     return
                 else:
                     finished = True
-                    raise StreamError(decode(frame.payload, ErrorInfo))
+                    raise StreamError.from_info(decode(frame.payload, ErrorInfo))
         finally:
             self._streams.pop(reply, None)
             if not finished:

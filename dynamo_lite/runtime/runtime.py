@@ -43,7 +43,7 @@ class Runtime:
                 settings.lease_ttl_s,
                 settings.etcd_username,
                 settings.etcd_password,
-                settings.connect_timeout_s,
+                settings.timeouts.connect_s,
                 etcd_tls(settings),
             )
         else:

@@ -8,18 +8,19 @@ import logging
 import signal
 import sys
 
-from dynamo_lite.engines import ENGINES, default_engine
+from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
+from dynamo_lite.protocol import Role
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
+from dynamo_lite.runtime.config import Timeouts
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.worker.worker import Worker, WorkerSettings
 
 log = logging.getLogger("dynamo_lite.worker")
 
-STREAM_INTERVAL_MS = 5.0
-
+_W, _T = WorkerSettings(), Timeouts()  # the defaults every flag shows
 
 # Engine flags whose value goes to EngineSettings; their defaults are EngineSettings' (None here = not given).
 _ENGINE_FLAGS = (
@@ -38,6 +39,7 @@ _ENGINE_FLAGS = (
     "kv_bind_host",
     "kv_advertise_host",
     "kv_port",
+    "kv_lease_s",
     "speedup_ratio",
 )
 
@@ -47,11 +49,15 @@ def build_parser(
 ) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument(
-        "--mode", "--disaggregation-mode", dest="mode", default="agg", choices=["prefill", "decode", "agg"]
+        "--mode",
+        "--disaggregation-mode",
+        dest="role",
+        default=_W.role.value,
+        choices=[r.value for r in Role],
     )
     p.add_argument(
         "--engine",
-        default=engine_default,
+        default=engine_default or _W.engine or None,
         choices=ENGINES,
         help="default: trtllm where TensorRT-LLM imports and a GPU is present, else torch (logged)",
     )
@@ -62,16 +68,18 @@ def build_parser(
         default=None,
         help="HF folder or .gguf file; default: the built-in SmolLM2",
     )
-    p.add_argument("--served-model-name", default="")
+    p.add_argument("--served-model-name", default=None)
     p.add_argument(
-        "--disaggregation-strategy", default="prefill_first", choices=["prefill_first", "decode_first"]
+        "--disaggregation-strategy",
+        default=_W.disaggregation_strategy,
+        choices=["prefill_first", "decode_first"],
     )
     p.add_argument("--extra-engine-args", default="", help="YAML merged on top of the engine flags")
     p.add_argument(
         "--reasoning-parser",
         "--dyn-reasoning-parser",
         dest="reasoning_parser",
-        default="",
+        default=_W.reasoning_parser,
         choices=["", *REASONING_PARSERS],
         help="how the frontend splits reasoning from the answer (default: gpt_oss for gpt-oss models)",
     )
@@ -79,23 +87,35 @@ def build_parser(
         "--tool-call-parser",
         "--dyn-tool-call-parser",
         dest="tool_call_parser",
-        default="",
+        default=_W.tool_call_parser,
         choices=["", *TOOL_CALL_PARSERS],
         help="how the frontend finds tool calls in the output (default: harmony for gpt-oss models)",
     )
-    p.add_argument("--endpoint", default="generate")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics here (0: any free port)")
-    p.add_argument("--metrics-host", default="127.0.0.1")
-    p.add_argument("--advertise-host", default="")
+    p.add_argument("--endpoint", default=_W.endpoint)
     p.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM"
+        "--metrics-port", type=int, default=_W.metrics_port, help="serve /metrics here (0: any free port)"
     )
-    p.add_argument("--max-inflight", type=int, default=1024)
+    p.add_argument("--metrics-host", default=_W.metrics_host)
+    p.add_argument("--advertise-host", default=_W.advertise_host)
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=_T.drain_s,
+        help="seconds to finish in-flight work on SIGTERM (default %(default)s)",
+    )
+    p.add_argument("--max-inflight", type=int, default=_W.max_inflight)
     p.add_argument(
         "--max-messages-per-s",
         type=float,
-        default=20_000.0,
-        help="stream chunks per second to stay under: with many active streams, chunks carry more tokens",
+        default=_W.max_messages_per_s,
+        help="stream chunks per second to stay under: with many active streams, chunks carry more tokens "
+        "(every engine, TensorRT-LLM included)",
+    )
+    p.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        default=_W.stream_interval_s * 1000,
+        help="coalesce tokens produced within this many ms into one message (0: every step; default %(default)s)",
     )
     e = p.add_argument_group(
         "engine (omitted: the engine's default; TensorRT-LLM's own for --engine trtllm, where an omitted "
@@ -121,12 +141,8 @@ def build_parser(
     e.add_argument("--kv-bind-host", default=None, help="interface the KV transfer server binds to")
     e.add_argument("--kv-advertise-host", default=None)
     e.add_argument("--kv-port", type=int, default=None)
-    e.add_argument("--kv-lease", type=float, default=30.0, help="seconds unpulled KV is held")
     e.add_argument(
-        "--stream-interval-ms",
-        type=float,
-        default=STREAM_INTERVAL_MS,
-        help="coalesce tokens produced within this many ms into one message (0: every step)",
+        "--kv-lease", dest="kv_lease_s", type=float, default=None, help="seconds unpulled KV is held"
     )
     e.add_argument(
         "--speedup-ratio", type=float, default=None, help="mocker: divide simulated time (0: none)"
@@ -143,45 +159,49 @@ def parse_args(
     args = build_parser(engine_default, prog).parse_args(argv)
     setup_logging(args.log_level)
     raise_fd_limit()
+    return settings_from(args)
+
+
+def settings_from(args: argparse.Namespace) -> WorkerSettings:
+    """The worker's settings from its parsed flags: flags not given keep the settings objects' defaults."""
     extra: dict = {}
     if args.extra_engine_args:
         from dynamo_lite.engines.engine_args import load_engine_args_yaml
 
         extra = load_engine_args_yaml(args.extra_engine_args)
     given = {name: getattr(args, name) for name in _ENGINE_FLAGS if getattr(args, name) is not None}
+    names = {
+        k: v for k, v in (("model_path", args.model_path), ("served_model_name", args.served_model_name)) if v
+    }
+    role = Role(args.role)
     engine = EngineSettings(
-        mode=args.mode,
-        model_path=args.model_path,
-        served_model_name=args.served_model_name,
-        kv_lease_s=args.kv_lease,
-        stream_interval_s=args.stream_interval_ms / 1000,
+        role=role,
         extra=extra,
         extra_source=args.extra_engine_args,
         explicit=frozenset(given),
+        **names,
         **given,
     )
     return WorkerSettings(
-        mode=args.mode,
+        role=role,
         engine=args.engine or "",
         disaggregation_strategy=args.disaggregation_strategy,
         endpoint=args.endpoint,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
         advertise_host=args.advertise_host,
-        drain_timeout_s=args.drain_timeout,
         max_inflight=args.max_inflight,
+        stream_interval_s=args.stream_interval_ms / 1000,
         max_messages_per_s=args.max_messages_per_s,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         engine_settings=engine,
-        runtime=runtime_settings_from(args),
+        runtime=runtime_settings_from(args, Timeouts(drain_s=args.drain_timeout)),
     )
 
 
 async def run(settings: WorkerSettings) -> None:
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
-    if not settings.engine:
-        settings.engine = default_engine()
     worker = Worker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -189,11 +209,11 @@ async def run(settings: WorkerSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
     print(
-        f"READY worker {worker.instance_id} mode={settings.mode} metrics_port={worker.metrics_port}",
+        f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
     )
     await stop.wait()
-    log.info("draining (up to %.0fs)", settings.drain_timeout_s)
+    log.info("draining (up to %.0fs)", settings.runtime.timeouts.drain_s)
     await worker.stop()
 
 

@@ -16,11 +16,10 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from dynamo_lite.engines import build_engine
-from dynamo_lite.engines.base import Engine, EngineSettings, StreamPacing
+from dynamo_lite.engines import build_engine, default_engine
+from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
-    GenerateChunk,
     GenerateRequest,
     InstanceInfo,
     KvDescriptor,
@@ -29,42 +28,47 @@ from dynamo_lite.protocol import (
     LoadReport,
     ModelCard,
     Phase,
+    Role,
     Served,
     Subscription,
     WireError,
     decode,
     encode,
 )
-from dynamo_lite.router.kv_index import kv_events_subject
-from dynamo_lite.router.load import load_subject
-from dynamo_lite.router.orchestrator import Router, RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
-from dynamo_lite.runtime.registry import LiveView, deregister, register
+from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
+from dynamo_lite.worker.handlers import RequestHandler, handler_for
 from dynamo_lite.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
-_PHASE_OF_MODE = {"prefill": Phase.PREFILL, "decode": Phase.DECODE, "agg": Phase.AGGREGATED}
+_PHASE_OF_ROLE = {Role.PREFILL: Phase.PREFILL, Role.DECODE: Phase.DECODE, Role.AGGREGATED: Phase.AGGREGATED}
 
 
 @dataclass(slots=True)
 class WorkerSettings:
-    mode: str = "agg"  # "prefill" | "decode" | "agg"
-    engine: str = "mocker"
+    """Every knob of a worker process, with its default, in one place (``python -m dynamo_lite.worker`` flags;
+    engine flags in ``engine_settings``; discovery, request plane and timeouts — ``drain_s`` — in ``runtime``)."""
+
+    role: Role = Role.AGGREGATED  # --mode
+    # "": TensorRT-LLM where it imports and a GPU is present, else torch (engines.default_engine, logged)
+    engine: str = ""
     disaggregation_strategy: str = "prefill_first"  # or "decode_first"
     endpoint: str = "generate"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no metrics server; 0: any free port
     advertise_host: str = ""
-    drain_timeout_s: float = 30.0
     # Requests taken at once (engine batch + its queue); more are refused before being accepted (the router
     # waits for room at the frontend, or places them elsewhere).
     max_inflight: int = 1024
     load_report_interval_s: float = 0.5
-    max_messages_per_s: float = 20_000.0  # stream chunks per second this worker aims to stay under
+    # Tokens produced within this long after a chunk went out travel together in the next one (0: a chunk per
+    # engine step). Under load the interval grows so that this worker sends at most max_messages_per_s chunks.
+    stream_interval_s: float = 0.005
+    max_messages_per_s: float = 20_000.0
     # Output parsers the frontend applies to this model ("" = the model's default: harmony for gpt-oss)
     reasoning_parser: str = ""
     tool_call_parser: str = ""
@@ -74,20 +78,22 @@ class WorkerSettings:
 
 class Worker:
     def __init__(self, settings: WorkerSettings, engine: Engine | None = None) -> None:
-        if settings.mode not in _PHASE_OF_MODE:
-            raise ValueError(f"--mode must be prefill, decode or agg, not {settings.mode!r}")
-        settings.engine_settings.mode = settings.mode
-        settings.engine_settings.pacing = StreamPacing(settings.engine_settings.stream_interval_s)
+        if settings.role not in _PHASE_OF_ROLE:
+            raise ValueError(f"--mode must be prefill, decode or agg, not {settings.role!r}")
+        settings.role = settings.engine_settings.role = Role(settings.role)
         self.settings = settings
-        self.engine = engine or build_engine(settings.engine, settings.engine_settings)
+        if engine is None:
+            settings.engine = settings.engine or default_engine()
+            engine = build_engine(settings.engine, settings.engine_settings)
+        self.engine = engine
+        self.engine.pacing = StreamPacing(settings.stream_interval_s)
         self.runtime: Runtime | None = None
         self.info: InstanceInfo | None = None
         self.card: ModelCard | None = None
         self.metrics: WorkerMetrics | None = None
         self.metrics_port = 0
         self._served: Served | None = None
-        self._prefill_router: Router | None = None
-        self._view: LiveView | None = None
+        self._handler: RequestHandler | None = None
         self._metrics_server = None
         self.inflight = 0
         self._reporter: asyncio.Task[None] | None = None
@@ -101,7 +107,7 @@ class Worker:
         return self.runtime.instance_id if self.runtime else ""
 
     def model_card(self) -> ModelCard:
-        files = self.engine.model_files  # type: ignore[attr-defined]
+        files = self.engine.model_files
         special = files.special_tokens
         served = self.settings.engine_settings.served_model_name or files.default_served_name
         return ModelCard(
@@ -110,7 +116,7 @@ class Worker:
             tokenizer_path=str(files.tokenizer_json),
             chat_template=files.chat_template,
             context_length=min(files.context_length, self.settings.engine_settings.max_seq_len or 1 << 30),
-            role=self.settings.mode,
+            role=self.settings.role,
             eos_token_ids=files.eos_token_ids,
             bos_token=special.get("bos_token", ""),
             eos_token=special.get("eos_token", ""),
@@ -123,31 +129,29 @@ class Worker:
     async def start(self) -> None:
         s = self.settings
         await self.engine.start()
-        self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.mode}")
+        self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.role}")
         self.card = self.model_card()
-        labels = {"model": self.card.served_name, "role": s.mode, "instance": self.runtime.instance_id}
+        labels = {"model": self.card.served_name, "role": s.role.value, "instance": self.runtime.instance_id}
         self.metrics = WorkerMetrics(self.engine.stats, labels)
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
-        if s.mode == "decode" and s.disaggregation_strategy == "decode_first":
-            self._view = LiveView(self.runtime)
-            await self._view.start()
-            self._prefill_router = Router(self.runtime, self._view, RouterSettings())
-        address = keys.request_address(s.runtime.namespace, s.mode, s.endpoint, self.runtime.instance_id)
-        phase_name = _PHASE_OF_MODE[s.mode].name.lower()
+        self._handler = handler_for(s.role, s.disaggregation_strategy, self.engine, self.runtime)
+        await self._handler.start()
+        address = keys.request_address(s.runtime.namespace, s.role, s.endpoint, self.runtime.instance_id)
+        phase_name, metrics = _PHASE_OF_ROLE[s.role].name.lower(), self.metrics
         self._served = await self.runtime.request_plane.serve(
             address,
             self.handle,
             max_inflight=s.max_inflight,
-            on_refused=lambda: self.metrics.observe(phase_name, "overloaded", 0.0),  # type: ignore[union-attr]
+            on_refused=lambda: metrics.observe(phase_name, "overloaded", 0.0),
         )
         self.info = InstanceInfo(
             instance_id=self.runtime.instance_id,
             namespace=s.runtime.namespace,
-            component=s.mode,
+            role=s.role,
             endpoint=s.endpoint,
             address=address,
             model=self.card.served_name,
@@ -157,26 +161,25 @@ class Worker:
             max_inflight=s.max_inflight,
         )
         if s.runtime.etcd_endpoints:  # other hosts' frontends read the model's files from discovery
-            files = self.engine.model_files  # type: ignore[attr-defined]
+            files = self.engine.model_files
             self.card.files = await publish_card_files(
                 self.runtime.discovery, s.runtime.root, s.runtime.namespace, files.folder
             )
         await register(self.runtime, self.info, self.card)
         self._reporter = asyncio.create_task(self._report_load(), name="load-reports")
-        if hasattr(self.engine, "release_kv"):
-            await self._serve_kv_releases()
-        if hasattr(self.engine, "on_kv_event"):
-            self.engine.on_kv_event = self._kv_events.append  # type: ignore[attr-defined]
+        if isinstance(self.engine, HoldsKvForDecode):
+            await self._serve_kv_releases(self.engine)
+        self.engine.on_kv_event = self._kv_events.append
         log.info(
             "worker %s (%s, %s) serving %s at %s",
             self.runtime.instance_id,
-            s.mode,
+            s.role,
             s.engine,
             self.card.served_name,
             address,
         )
 
-    async def _serve_kv_releases(self) -> None:
+    async def _serve_kv_releases(self, engine: HoldsKvForDecode) -> None:
         """KV that a library holds (TensorRT-LLM): routers tell us when nobody will pull it; we tell other
         prefill workers the same when our decode recomputes instead of pulling."""
         assert self.runtime is not None
@@ -184,7 +187,7 @@ class Worker:
 
         def on_release(subject: str, payload: bytes) -> None:
             try:
-                self.engine.release_kv(decode(payload, KvRelease).transfer_id)  # type: ignore[attr-defined]
+                engine.release_kv(decode(payload, KvRelease).transfer_id)
             except WireError as e:
                 log.warning("ignoring malformed KV release on %s: %s", subject, e)
 
@@ -196,20 +199,20 @@ class Worker:
             task.add_done_callback(self._background.discard)
 
         self._release_sub = await plane.subscribe(keys.kv_release_prefix(ns, iid), on_release)
-        self.engine.kv_release_subject = keys.kv_release_subject(ns, iid)  # type: ignore[attr-defined]
-        self.engine.on_kv_unused = release_remote  # type: ignore[attr-defined]
+        engine.kv_release_subject = keys.kv_release_subject(ns, iid)
+        engine.on_kv_unused = release_remote
 
     async def _report_load(self) -> None:
         """Publish a ``LoadReport`` (and pending KV cache events) for the routers, periodically."""
         assert self.runtime is not None
         plane, ns, iid = self.runtime.request_plane, self.settings.runtime.namespace, self.runtime.instance_id
-        load_at, events_at = load_subject(ns, iid), kv_events_subject(ns, iid)
+        load_at, events_at = keys.load_subject(ns, iid), keys.kv_events_subject(ns, iid)
         interval = self.settings.load_report_interval_s
         next_report = 0.0
         loop = asyncio.get_running_loop()
         while True:
             # Bound the messages per second this worker sends: many active streams → more tokens per chunk.
-            self.settings.engine_settings.pacing.adapt(self.inflight, self.settings.max_messages_per_s)
+            self.engine.pacing.adapt(self.inflight, self.settings.max_messages_per_s)
             try:
                 while self._kv_events:
                     kind, hashes = self._kv_events.popleft()
@@ -234,11 +237,12 @@ class Worker:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
         phase_name = request.phase.name.lower()
+        assert self._handler is not None
         self.inflight += 1  # the request plane keeps this within max_inflight
         started = time.monotonic()
         status = "cancelled"
         try:
-            async with aclosing(self._generate(request)) as chunks:
+            async with aclosing(self._handler.generate(request)) as chunks:
                 async for chunk in chunks:
                     yield encode(chunk)
             status = "ok"
@@ -250,33 +254,9 @@ class Worker:
             assert self.metrics is not None
             self.metrics.observe(phase_name, status, time.monotonic() - started)
 
-    async def _generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        if request.remote_prefill and self._prefill_router is not None:
-            # decode_first: we were asked directly; run the prefill on a prefill worker ourselves.
-            first = None
-            async with aclosing(self._prefill_router.prefill(request.model, request)) as results:
-                async for chunk in results:
-                    first = chunk
-            if first is not None:
-                yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
-                if first.finish_reason is not None:
-                    return
-                request = GenerateRequest(
-                    request.request_id,
-                    request.model,
-                    request.token_ids,
-                    request.sampling,
-                    Phase.DECODE,
-                    kv=first.kv,
-                    generated_ids=list(first.token_ids),
-                )
-        async with aclosing(self.engine.generate(request)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
     async def stop(self, drain_s: float | None = None) -> None:
         """Deregister, drain in-flight work for up to ``drain_s``, then shut everything down."""
-        drain = self.settings.drain_timeout_s if drain_s is None else drain_s
+        drain = self.settings.runtime.timeouts.drain_s if drain_s is None else drain_s
         if self.runtime and self.info and self.card:
             try:
                 await asyncio.wait_for(deregister(self.runtime, self.info, self.card), 3.0)
@@ -291,8 +271,8 @@ class Worker:
                 await self._release_sub.unsubscribe()
             except Exception as e:  # noqa: BLE001 — the request plane is going away anyway
                 log.debug("unsubscribing KV releases failed: %s", e)
-        if self._view:
-            await self._view.stop()
+        if self._handler is not None:
+            await self._handler.stop()
         await self.engine.stop()
         if self.runtime:
             await self.runtime.close()

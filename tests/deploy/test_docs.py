@@ -79,6 +79,14 @@ def test_relative_links_lead_to_files(doc):
         assert (doc.parent / target).exists(), f"{doc.name}: broken link {target}"
 
 
+def test_docs_point_only_at_what_users_have():
+    """The project's notes (shared/notes) stay with its developers: no doc or docstring sends a user there."""
+    texts = [*ROOT.glob("*.md"), *(ROOT / "docs").rglob("*.md"), *(ROOT / "benchmarks").rglob("*.md")]
+    texts += [*(ROOT / "dynamo_lite").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]
+    pointing = [str(p.relative_to(ROOT)) for p in texts if "shared/notes" in p.read_text(errors="replace")]
+    assert not pointing, f"these point into shared/notes, which users don't have: {pointing}"
+
+
 def test_architecture_names_files_that_exist():
     """docs/architecture.md walks a request through the code: every file it names must exist."""
     text = (ROOT / "docs" / "architecture.md").read_text()

@@ -8,7 +8,6 @@ ports, hosts and timeouts that the pods declare.
 
 from __future__ import annotations
 
-import argparse
 import re
 from pathlib import Path
 
@@ -251,13 +250,12 @@ def test_the_clis_parse_the_args(objects, tmp_path):
             args[args.index(engine_args)] = str(local)
         if module == "dynamo_lite.worker":
             settings = parse_worker(args)
-            assert settings.mode == w["metadata"]["name"]
+            assert settings.role == w["metadata"]["name"]
             assert settings.metrics_port == container_port(c, "metrics")["containerPort"]
             assert settings.engine_settings.extra or not engine_args
         else:
-            ns = parse_frontend(args)
-            assert isinstance(ns, argparse.Namespace)
-            assert ns.http_port == container_port(c, "http")["containerPort"]
+            process = parse_frontend(args)
+            assert process.frontend.http_port == container_port(c, "http")["containerPort"]
 
 
 def test_ports_hosts_and_scrape_annotations_agree(objects):

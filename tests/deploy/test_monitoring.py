@@ -226,7 +226,7 @@ def test_prometheus_scrapes_the_documented_local_ports():
     all_jobs = jobs()
     assert {"dynamo_lite_frontend", "dynamo_lite_workers", "etcd", "kubernetes-pods"} <= all_jobs.keys()
     frontend = [t for sc in all_jobs["dynamo_lite_frontend"]["static_configs"] for t in sc["targets"]]
-    assert frontend == [f"127.0.0.1:{parse_args([]).http_port}"]
+    assert frontend == [f"127.0.0.1:{parse_args([]).frontend.http_port}"]
     workers = {
         sc["labels"]["component"]: sc["targets"] for sc in all_jobs["dynamo_lite_workers"]["static_configs"]
     }

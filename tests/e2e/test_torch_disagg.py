@@ -57,10 +57,10 @@ def stack(services: Services, tmp_path):
     ns = f"t{uuid.uuid4().hex[:8]}"
     procs: list[Proc] = []
 
-    def launch(decode_yaml: str = "") -> tuple[str, Proc, Proc]:
+    def launch(decode_yaml: str = "", *decode_args: str) -> tuple[str, Proc, Proc]:
         prefill = start_worker(services, ns, "prefill", *TORCH_ARGS, ready_timeout=120)
         extra = ("--extra-engine-args", decode_yaml) if decode_yaml else ()
-        decode = start_worker(services, ns, "decode", *TORCH_ARGS, *extra, ready_timeout=120)
+        decode = start_worker(services, ns, "decode", *TORCH_ARGS, *extra, *decode_args, ready_timeout=120)
         frontend = start_frontend(services, ns)
         procs.extend([prefill, decode, frontend])
         url = f"http://127.0.0.1:{frontend.port}"
@@ -259,3 +259,25 @@ def test_200_cancelled_requests_leave_no_kv_held(stack) -> None:
 
     wait_until(drained, 10, what="KV held and active sequences back to 0")
     assert time.monotonic() - started < 240
+
+
+def test_decode_first_client_leaving_before_the_kv_pull_frees_the_kv_within_a_second(stack) -> None:
+    """decode_first: the decode worker ran the prefill on the prefill worker and streamed its first token; the
+    client leaves while the decode worker waits to pull the KV. The prefill worker's hold is freed at once,
+    not when its 30 s lease runs out."""
+    launch, _, tmp = stack
+    slow = tmp / "slow_pull.yaml"
+    slow.write_text("fault_kv_pull_delay_s: 5.0\n")
+    url, prefill, decode = launch(str(slow), "--disaggregation-strategy", "decode_first")
+    held = "dynamo_lite_worker_kv_bytes_held"
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "stream": True}
+    with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {") and '"text"' in line:
+                break  # the first token: the decode worker now waits 5 s before it pulls the KV
+        assert sum(metric_values(prefill.port, held)) > 0  # the prompt's KV waits on the prefill worker
+    left = time.monotonic()  # the connection is closed: the client is gone
+    wait_until(lambda: sum(metric_values(prefill.port, held)) == 0, 1.0, what="KV held back to 0")
+    assert time.monotonic() - left < 1.0
+    assert sum(metric_values(decode.port, "dynamo_lite_worker_kv_transfers_total")) == 0  # never pulled
+    wait_until(lambda: sum(metric_values(decode.port, "dynamo_lite_worker_active_seqs")) == 0, 5.0)

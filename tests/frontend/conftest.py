@@ -15,6 +15,7 @@ from tokenizers import Tokenizer
 from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app
 from dynamo_lite.model_files import resolve_model
 from dynamo_lite.protocol import ErrorInfo, GenerateChunk, GenerateRequest, ModelCard, StreamError
+from dynamo_lite.runtime.config import Timeouts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -115,7 +116,7 @@ def backend(card: ModelCard) -> FakeBackend:
 
 @pytest.fixture
 def settings() -> FrontendSettings:
-    return FrontendSettings(http_port=0, max_body_bytes=10 * 1024 * 1024, shutdown_timeout_s=1)
+    return FrontendSettings(http_port=0, max_body_bytes=10 * 1024 * 1024, timeouts=Timeouts(shutdown_s=1))
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app, serve_http
+from dynamo_lite.runtime.config import Timeouts
 
 from .conftest import MODEL, FakeBackend
 
@@ -139,7 +140,7 @@ async def test_serve_http_stops_on_cancel(backend: FakeBackend) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = FrontendSettings(http_port=port, shutdown_timeout_s=1)
+    settings = FrontendSettings(http_port=port, timeouts=Timeouts(shutdown_s=1))
     task = asyncio.create_task(serve_http(create_app(backend, settings), settings))
     async with httpx.AsyncClient(timeout=5) as http:
         for _ in range(200):

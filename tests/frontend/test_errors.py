@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from dynamo_lite.frontend import HttpServer
 from dynamo_lite.protocol import ErrorInfo, GenerateChunk, Overloaded, StreamError
+from dynamo_lite.runtime.config import Timeouts
 
 from .conftest import MODEL, FakeBackend, sse_events
 
@@ -211,7 +212,7 @@ async def test_first_token_timeout_is_504(card, tokenizer: Tokenizer) -> None:
     backend = Fake([card])
     backend.say(tokenizer, "late")
     backend.first_delay_s = 5
-    settings = FrontendSettings(http_port=0, first_token_timeout_s=0.3, shutdown_timeout_s=1)
+    settings = FrontendSettings(http_port=0, timeouts=Timeouts(first_token_s=0.3, shutdown_s=1))
     server = HttpServer(create_app(backend, settings), settings)
     await server.start()
     try:

@@ -29,6 +29,7 @@ from dynamo_lite.frontend.harmony import encoding
 from dynamo_lite.gpt_oss import vocab
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser, resolve_model
 from dynamo_lite.protocol import GenerateChunk, ModelCard
+from dynamo_lite.runtime.config import Timeouts
 
 from .conftest import FakeBackend
 
@@ -90,7 +91,7 @@ def gpt_backend(shared_backend: FakeBackend) -> FakeBackend:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gpt_client(shared_backend: FakeBackend) -> AsyncIterator[openai.AsyncOpenAI]:
-    settings = FrontendSettings(http_port=0, shutdown_timeout_s=1)
+    settings = FrontendSettings(http_port=0, timeouts=Timeouts(shutdown_s=1))
     srv = HttpServer(create_app(shared_backend, settings), settings)
     await srv.start()
     client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=20)

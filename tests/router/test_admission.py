@@ -20,6 +20,7 @@ from dynamo_lite.protocol import (
 from dynamo_lite.router.admission import Admission
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import RoundRobin
+from dynamo_lite.router.settings import RouterSettings
 
 MODEL = "m"
 REQ = GenerateRequest("r", MODEL, [1, 2, 3], SamplingOptions())
@@ -32,7 +33,7 @@ class View:
     instances: dict[str, InstanceInfo] = field(default_factory=dict)
 
     def instances_of(self, component: str, model: str | None = None) -> list[InstanceInfo]:
-        return [i for i in self.instances.values() if i.component == component and i.model == model]
+        return [i for i in self.instances.values() if i.role == component and i.model == model]
 
     def add(self, iid: str, capacity: int) -> InstanceInfo:
         info = InstanceInfo(iid, "ns", "decode", "generate", f"addr.{iid}", MODEL, max_inflight=capacity)
@@ -43,7 +44,7 @@ class View:
 def admission(view: View, load: LoadTracker | None = None, depth: int = 8, timeout: float = 5.0) -> Admission:
     return Admission(
         view,  # type: ignore[arg-type]
-        load or LoadTracker(),
+        load or LoadTracker(RouterSettings().load_report_ttl_s),
         {"decode": RoundRobin()},
         queue_depth=depth,
         queue_timeout_s=timeout,

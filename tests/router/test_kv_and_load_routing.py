@@ -20,8 +20,8 @@ from dynamo_lite.protocol import (
 )
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.orchestrator import RouterSettings
 from dynamo_lite.router.policies import KvAware, LeastLoaded
+from dynamo_lite.router.settings import RouterSettings
 from tests.router.test_orchestrator import Cluster, ntokens, req, run, until
 
 
@@ -84,7 +84,8 @@ def test_least_loaded_prefers_the_idle_instance_and_drops_stale_reports() -> Non
 
 
 def test_kv_aware_weighs_cached_prefix_against_load() -> None:
-    load, index = LoadTracker(), KvIndex()
+    settings = RouterSettings()
+    load, index = LoadTracker(settings.load_report_ttl_s), KvIndex(settings.kv_approx_ttl_s)
     policy = KvAware(load, index, block_size=4, load_weight=1.0)
     prompt = list(range(40))  # 10 blocks
     index.apply(KvEvent("a", KvEventKind.STORED, block_hashes(prompt, 4)[:8]))
@@ -98,7 +99,7 @@ def test_kv_aware_weighs_cached_prefix_against_load() -> None:
 async def test_kv_mode_sends_a_conversation_back_to_its_cache(cluster: Cluster) -> None:
     timing = {"prefill_per_token_s": 0.0, "num_cache_blocks": 1000}
     workers = [await cluster.worker("agg", timing=timing) for _ in range(2)]
-    router = await cluster.start_router(RouterSettings(mode="kv", kv_block_size=32))
+    router = await cluster.start_router(RouterSettings(policy="kv", kv_block_size=32))
     await router.start()
     history = list(range(1000, 1000 + 64 * 5))  # 10 blocks
     picked = []
@@ -126,7 +127,7 @@ async def test_two_models_route_only_to_their_own_workers(cluster: Cluster) -> N
 
 async def test_workers_publish_load_reports(cluster: Cluster) -> None:
     w = await cluster.worker("agg", speedup=1.0)
-    router = await cluster.start_router(RouterSettings(mode="least-loaded"))
+    router = await cluster.start_router(RouterSettings(policy="least-loaded"))
     await router.start()
     task = asyncio.create_task(run(router, req(max_tokens=200)))
     await until(lambda: (r := router.load.report(w.instance_id)) is not None and r.inflight == 1, within=3)
@@ -139,7 +140,7 @@ async def test_workers_publish_load_reports(cluster: Cluster) -> None:
 async def test_new_modes_serve_disaggregated_requests(cluster: Cluster, mode: str) -> None:
     await cluster.worker("prefill")
     await cluster.worker("decode")
-    router = await cluster.start_router(RouterSettings(mode=mode))
+    router = await cluster.start_router(RouterSettings(policy=mode))
     await router.start()
     assert ntokens(await run(router, req(max_tokens=7))) == 7
     await router.stop()

@@ -11,8 +11,9 @@ import pytest
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Overloaded, SamplingOptions, StreamError
-from dynamo_lite.router.orchestrator import Router, RouterSettings
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 from dynamo_lite.worker.worker import Worker, WorkerSettings
@@ -52,7 +53,7 @@ class Cluster:
         timing: dict | None = None,
     ) -> Worker:
         settings = WorkerSettings(
-            mode=mode,
+            role=mode,
             engine="mocker",
             disaggregation_strategy=strategy,
             max_inflight=max_inflight,
@@ -157,7 +158,7 @@ async def test_round_robin_spreads_over_decode_workers(cluster: Cluster) -> None
 async def test_random_mode_picks_only_live_workers(cluster: Cluster) -> None:
     await cluster.worker("prefill")
     gone, live = await cluster.worker("decode"), await cluster.worker("decode")
-    router = await cluster.start_router(RouterSettings(mode="random"))
+    router = await cluster.start_router(RouterSettings(policy="random"))
     await cluster.stop_worker(gone)
     for i in range(10):
         assert ntokens(await run(router, req(max_tokens=3, rid=f"r{i}"))) == 3
@@ -183,6 +184,20 @@ async def test_conditional_disaggregation_skips_the_prefill_worker_for_short_pro
     assert prefill.engine.stats().total_tokens == 0 and decode.engine.stats().kv_transfers == 0
     assert ntokens(await run(router, req(max_tokens=5, prompt=list(range(300, 450))))) == 5
     assert prefill.engine.stats().total_tokens == 1 and decode.engine.stats().kv_transfers == 1
+
+
+async def test_a_negative_threshold_serves_from_decode_workers_alone_as_readiness_says(
+    cluster: Cluster,
+) -> None:
+    decode = await cluster.worker("decode")
+    router = await cluster.start_router(RouterSettings(disagg_threshold=-1))
+    assert router.health()["models"] == {MODEL: "ready"} and router.model_cards()
+    assert (
+        ntokens(await run(router, req(max_tokens=5))) == 5
+    )  # prefilled locally, no 503 for a prefill worker
+    prefill = await cluster.worker("prefill")
+    assert ntokens(await run(router, req(max_tokens=5, rid="r2"))) == 5
+    assert prefill.engine.stats().total_tokens == 0 and decode.engine.stats().kv_transfers == 0
 
 
 async def test_aggregated_worker_serves_alone(cluster: Cluster) -> None:
@@ -215,9 +230,9 @@ async def test_unknown_model_is_404(cluster: Cluster) -> None:
 def overloaded(w: Worker) -> float:
     """Requests ``w`` refused for capacity (its worker metrics)."""
     assert w.metrics is not None
-    labels = {"model": MODEL, "role": w.settings.mode, "instance": w.instance_id}
+    labels = {"model": MODEL, "role": w.settings.role, "instance": w.instance_id}
     value = w.metrics.registry.get_sample_value(
-        "dynamo_lite_worker_requests_total", {**labels, "phase": w.settings.mode, "status": "overloaded"}
+        "dynamo_lite_worker_requests_total", {**labels, "phase": w.settings.role, "status": "overloaded"}
     )
     return value or 0.0
 
@@ -252,7 +267,7 @@ async def test_a_started_stream_may_wait_in_the_decode_engines_queue_past_the_fi
     That wait is bounded by the frontend's request timeout, not by the first-frame timeout (a 504 mid-stream)."""
     await cluster.worker("prefill")
     await cluster.worker("decode", speedup=1.0, timing={"max_batch_size": 1})
-    router = await cluster.start_router(RouterSettings(first_frame_timeout_s=0.2))
+    router = await cluster.start_router(RouterSettings(timeouts=Timeouts(first_token_s=0.2)))
     results = await asyncio.gather(*(run(router, req(max_tokens=40, rid=f"r{i}")) for i in range(3)))
     assert [ntokens(chunks) for chunks in results] == [40] * 3
 
@@ -260,7 +275,9 @@ async def test_a_started_stream_may_wait_in_the_decode_engines_queue_past_the_fi
 async def test_queue_full_is_refused_with_429_and_a_wait_past_the_limit_with_503(cluster: Cluster) -> None:
     await cluster.worker("prefill")
     await cluster.worker("decode", speedup=1.0, max_inflight=1)
-    router = await cluster.start_router(RouterSettings(queue_depth=1, queue_timeout_s=0.3, retry_after_s=2))
+    router = await cluster.start_router(
+        RouterSettings(queue_depth=1, timeouts=Timeouts(queue_s=0.3, retry_after_s=2))
+    )
     holder = asyncio.create_task(run(router, req(max_tokens=200, rid="holder")))  # ~2 s on the worker
     await until(lambda: router.load.local_inflight)
     waiting = asyncio.create_task(run(router, req(rid="waits")))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.discovery_memory import MemoryDiscovery
 from dynamo_lite.runtime.request_plane_inproc import InProcRequestPlane
 from dynamo_lite.runtime.runtime import Runtime
@@ -43,10 +43,10 @@ async def test_unreachable_services_fail_fast_with_connection_error(which: str) 
     settings = RuntimeSettings(
         etcd_endpoints=f"127.0.0.1:{port}" if which == "etcd" else "",
         nats_url=f"nats://127.0.0.1:{port}" if which == "nats" else "",
-        connect_timeout_s=1.0,
+        timeouts=Timeouts(connect_s=1.0),
     )
     assert settings.distributed
     t0 = time.monotonic()
     with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
         await Runtime.connect(settings)
-    assert time.monotonic() - t0 < settings.connect_timeout_s + 1.5
+    assert time.monotonic() - t0 < settings.timeouts.connect_s + 1.5

@@ -20,7 +20,8 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
-from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView
@@ -33,7 +34,7 @@ _namespaces = itertools.count()
 
 def worker_settings(ns: str, mode: str, *, speedup: float = 0.0, max_inflight: int = 1024) -> WorkerSettings:
     return WorkerSettings(
-        mode=mode,
+        role=mode,
         engine="mocker",
         max_inflight=max_inflight,
         engine_settings=EngineSettings(speedup_ratio=speedup, served_model_name=MODEL),
@@ -75,7 +76,7 @@ def requests_total(w: Worker, phase: str, status: str) -> float:
     assert w.metrics is not None and w.card is not None
     labels = {
         "model": MODEL,
-        "role": w.settings.mode,
+        "role": w.settings.role,
         "instance": w.instance_id,
         "phase": phase,
         "status": status,
@@ -92,9 +93,16 @@ async def test_registers_instance_and_model_card(started: list[Worker]) -> None:
         keys.instance_key(root, ns, "decode", "generate", w.instance_id),
         keys.model_key(root, ns, MODEL, w.instance_id),
     }
-    assert w.info.model == MODEL and w.info.component == "decode"
+    assert w.info.model == MODEL and w.info.role == "decode"
     assert w.card is not None and w.card.role == "decode" and w.card.eos_token_ids == [2]
     assert w.card.tokenizer_path.endswith("tokenizer.json") and w.card.chat_template
+
+
+def test_the_worker_paces_its_engine_from_its_settings() -> None:
+    settings = worker_settings("pacing", "decode")
+    settings.stream_interval_s = 0.02
+    w = Worker(settings)
+    assert w.engine.pacing.base_s == w.engine.pacing.interval_s == 0.02
 
 
 async def test_metrics_count_requests_by_phase(started: list[Worker]) -> None:

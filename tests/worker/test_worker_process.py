@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 import aetcd
 
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Phase, SamplingOptions, decode, encode
-from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.config import DEFAULT_ROOT, RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView

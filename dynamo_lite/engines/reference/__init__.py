@@ -2,7 +2,7 @@
 continuous batching, a preallocated slot KV cache (sliding-window layers as rings), chunked prefill, and KV
 export/import for disaggregated serving.
 
->>> engine = build_engine(EngineSettings(mode="agg", dtype="bfloat16", threads=2))
+>>> engine = build_engine(EngineSettings(role=Role.AGGREGATED, dtype="bfloat16", threads=2))
 >>> await engine.start()
 >>> async for chunk in engine.generate(request): ...
 """
@@ -27,6 +27,4 @@ def build_engine(settings: EngineSettings) -> TorchEngine:
     time for a GGUF, then cached) so ``engine.model_files`` is ready for the model card; weights load in
     ``start()``."""
     config = from_settings(settings)
-    engine = TorchEngine(config, resolve_model(config.model_path))
-    engine.pacing = settings.pacing
-    return engine
+    return TorchEngine(config, resolve_model(config.model_path))

@@ -9,12 +9,12 @@ from typing import Any
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.engines.engine_args import Choice, EngineArgsError, Schema, check_engine_args
 from dynamo_lite.kv.config import KvTransferConfig
+from dynamo_lite.protocol import Role
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
-MODES = ("agg", "prefill", "decode")
 KV_FAILURE_POLICIES = ("recompute", "fail")
 QUANTIZATIONS = ("none", "int8", "int4")
 LOAD_FORMATS = ("auto", "dummy")
@@ -24,29 +24,33 @@ class ConfigError(ValueError):
     pass
 
 
+_E = EngineSettings()  # the worker flags' defaults; the knobs only this engine has are stated below
+
+
 @dataclass(slots=True)
 class ReferenceConfig:
     """Everything the torch engine is built from, validated."""
 
-    mode: str = "agg"
+    role: Role = Role.AGGREGATED
     model_path: str | None = None
-    dtype: str = "float32"
+    dtype: str = _E.dtype
     # "int8" / "int4": weight-only int8 (per-channel scales) / int4 (groups of 32) linears, CPU with dtype
     # bfloat16: a half / a quarter of the bytes a decode token reads, for memory-bound single-stream decode.
     # Outputs differ slightly from the bf16 model.
-    quantization: str = "none"
+    quantization: str = _E.quantization
     # "dummy": random weights made on the device from a fixed seed instead of reading the folder's safetensors
     # (gpt-oss models): benchmarks of a real shape whose checkpoint is not on the machine. Every process draws the
     # same weights, so prefill and decode workers agree.
     load_format: str = "auto"
-    device: str = "cpu"
-    threads: int = 0  # torch threads of the engine thread; 0: the library default
-    max_batch_size: int = 16  # KV cache slots = sequences decoding together
-    max_num_tokens: int = 512  # tokens fed per step (decode tokens + prefill chunks)
-    max_seq_len: int = 4096  # prompt + generated, per sequence (the cache's length per slot)
-    kv_failure_policy: str = "recompute"
+    device: str = _E.device
+    threads: int = _E.threads  # torch threads of the engine thread; 0: the library default
+    max_batch_size: int = _E.max_batch_size  # KV cache slots = sequences decoding together
+    max_num_tokens: int = _E.max_num_tokens  # tokens fed per step (decode tokens + prefill chunks)
+    max_seq_len: int = _E.max_seq_len  # prompt + generated, per sequence (the cache's length per slot)
+    kv_failure_policy: str = _E.kv_failure_policy
     warmup: bool = True  # run one short forward in start(): the first one is several times slower
-    free_gpu_memory_fraction: float = 0.8  # CUDA: the KV cache takes this share of what is free after loading
+    # CUDA: the KV cache takes this share of what is free after loading
+    free_gpu_memory_fraction: float = _E.free_gpu_memory_fraction
     cuda_graphs: bool = True  # CUDA: replay decode-only steps from captured graphs
     # Fault injection for tests: wait this long before pulling a prefill's KV (so a test can kill the prefill
     # worker in between). Never set in production configs.
@@ -55,12 +59,14 @@ class ReferenceConfig:
     # publishes KV events for the kv router). Off by default: reused KV was computed in another batch shape, so
     # fp32 outputs are no longer bit-comparable with a fresh computation.
     enable_prefix_caching: bool = False
-    kv_block_size: int = 32
+    kv_block_size: int = _E.kv_block_size
     kv: KvTransferConfig | None = None  # None: built from the kv_* settings
 
     def kv_config(self) -> KvTransferConfig:
         return self.kv or KvTransferConfig()
 
+
+_DEFAULTS = ReferenceConfig()
 
 # The YAML keys this engine understands: its own knobs, and worker settings a YAML may override.
 SCHEMA: Schema = {
@@ -110,22 +116,22 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         return default if value is None else value
 
     cfg = ReferenceConfig(
-        mode=settings.mode,
+        role=Role(settings.role),
         model_path=pick("model_path", settings.model_path),
         dtype=pick("dtype", settings.dtype),
         quantization=pick("quantization", settings.quantization),
-        load_format=pick("load_format", "auto"),
+        load_format=pick("load_format", _DEFAULTS.load_format),
         device=pick("device", settings.device),
         threads=pick("threads", settings.threads),
         max_batch_size=pick("max_batch_size", settings.max_batch_size),
         max_num_tokens=pick("max_num_tokens", settings.max_num_tokens),
         max_seq_len=pick("max_seq_len", settings.max_seq_len),
         kv_failure_policy=pick("kv_failure_policy", settings.kv_failure_policy),
-        warmup=pick("warmup", True),
+        warmup=pick("warmup", _DEFAULTS.warmup),
         free_gpu_memory_fraction=float(pick("free_gpu_memory_fraction", settings.free_gpu_memory_fraction)),
-        cuda_graphs=pick("cuda_graphs", True),
-        fault_kv_pull_delay_s=float(pick("fault_kv_pull_delay_s", 0.0)),
-        enable_prefix_caching=bool(pick("enable_prefix_caching", False)),
+        cuda_graphs=pick("cuda_graphs", _DEFAULTS.cuda_graphs),
+        fault_kv_pull_delay_s=float(pick("fault_kv_pull_delay_s", _DEFAULTS.fault_kv_pull_delay_s)),
+        enable_prefix_caching=bool(pick("enable_prefix_caching", _DEFAULTS.enable_prefix_caching)),
         kv_block_size=int(pick("kv_block_size", settings.kv_block_size)),
     )
     defaults = KvTransferConfig()
@@ -161,8 +167,6 @@ def validate(cfg: ReferenceConfig, source: str = "engine settings") -> Reference
     cfg.load_format = str(cfg.load_format or "auto").lower()
     if cfg.load_format not in LOAD_FORMATS:
         raise bad(f"load_format {cfg.load_format!r} is not one of {LOAD_FORMATS}")
-    if cfg.mode not in MODES:
-        raise bad(f"mode {cfg.mode!r} is not one of {MODES}")
     if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:
         raise bad(f"kv_failure_policy {cfg.kv_failure_policy!r} is not one of {KV_FAILURE_POLICIES}")
     for name in ("threads", "max_batch_size", "max_num_tokens", "max_seq_len"):

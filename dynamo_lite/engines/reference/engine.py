@@ -7,7 +7,7 @@ and pushes tokens into each request's ``TokenStream``. Closing the generator pos
 handles before its next step: the slot is free again within one step.
 
 Phases: a PREFILL request ends after its first token, its prompt's KV exported into the ``KvExporter``
-(one chunk: ``token_ids=[first], finish_reason=None, kv=<descriptor>``); a DECODE request imports that KV into
+(one chunk: ``token_ids=[first], kv=<descriptor>`` and no finish reason); a DECODE request imports that KV into
 its slot (or recomputes it, per ``kv_failure_policy``) and continues after ``generated_ids``.
 """
 
@@ -49,11 +49,10 @@ from dynamo_lite.engines.reference.scheduler import (
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles, ensure_weights
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase, Role
 
 log = logging.getLogger(__name__)
 
-_HANDOFF = "kv_handoff"  # internal finish reason of a prefill that exported its KV; never leaves generate()
 _STOP_TIMEOUT_S = 30.0  # how long stop() waits for the engine thread to finish its step
 # Largest relative error of the Triton decode attention (checked at load) against the SDPA reference that
 # we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
@@ -77,7 +76,7 @@ class TorchEngine:
         self.eos_ids = frozenset(model_files.eos_token_ids)
         self.max_seq_len = min(config.max_seq_len, self.model_config.max_position_embeddings)
         self.exporter: KvExporter | None = None
-        self.pacing: StreamPacing | None = None  # the worker's (adapted to the load); None: every step
+        self.pacing = StreamPacing()  # the worker's (adapted to the load); by default every step
         self.on_kv_event: Callable[[tuple[int, list[int]]], None] | None = None  # set by the worker
         self._kv_config = config.kv_config()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -100,7 +99,7 @@ class TorchEngine:
             return
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but CUDA is not available", status=503)
-        if self.config.mode == "prefill":
+        if self.config.role == Role.PREFILL:
             self.exporter = KvExporter(self._kv_config, engine_name=self.name)
             await self.exporter.start()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -167,7 +166,7 @@ class TorchEngine:
         opts = request.sampling
         generated = list(request.generated_ids)
         if len(generated) >= opts.max_tokens:
-            yield GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            yield GenerateChunk(finish_reason=FinishReason.LENGTH)
             return
         stream = TokenStream(asyncio.get_running_loop(), self.pacing)
         seq = Sequence(
@@ -191,7 +190,7 @@ class TorchEngine:
                 tokens: list[int] = []
                 async for chunk in stream:
                     tokens.extend(chunk.token_ids)
-                    if chunk.finish_reason == _HANDOFF:
+                    if chunk.kv is not None:  # exported: the handoff, not an end
                         seq.delivered = True
                         yield GenerateChunk(token_ids=tokens, kv=chunk.kv)
                         return
@@ -578,7 +577,7 @@ class TorchEngine:
                 seq.stream.finish(reason)
             elif desc is not None:
                 seq.stream.push(token)
-                seq.stream.finish(_HANDOFF, kv=desc)
+                seq.stream.finish(None, kv=desc)
             return
         seq.stream.push(token)
         if reason is not None:

@@ -100,10 +100,6 @@ class LlamaConfig:
         return cls.from_dict(json.loads((Path(folder) / "config.json").read_text()))
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        return self.num_layers * 2 * self.num_kv_heads * self.head_dim  # times the element size
-
-    @property
     def layer_windows(self) -> tuple[int, ...]:
         """Every layer attends to every position (a Mistral ``sliding_window`` is ignored, with a warning)."""
         return (0,) * self.num_layers

@@ -153,16 +153,16 @@ class Scheduler:
         return sum(s.num_computed for s in self.running)
 
 
-def stop_reason(seq: Sequence, token: int, eos_ids: frozenset[int], max_seq_len: int) -> str | None:
+def stop_reason(seq: Sequence, token: int, eos_ids: frozenset[int], max_seq_len: int) -> FinishReason | None:
     """Why ``seq`` ends after producing ``token`` (already appended and counted), or None to go on."""
     opts = seq.sampling
     if seq.num_generated >= opts.min_tokens:
         if token in opts.stop_token_ids:
-            return FinishReason.STOP.value
+            return FinishReason.STOP
         if token in eos_ids and not opts.ignore_eos:
-            return FinishReason.STOP.value
+            return FinishReason.STOP
     if seq.num_generated >= opts.max_tokens or len(seq.tokens) >= max_seq_len:
-        return FinishReason.LENGTH.value
+        return FinishReason.LENGTH
     return None
 
 

@@ -11,7 +11,7 @@ Needs the optional extra ``pip install 'dynamo_lite[trtllm]'`` (an NVIDIA GPU); 
 
 Example::
 
-    settings = EngineSettings(mode="prefill", model_path="/models/gpt-oss-120b",
+    settings = EngineSettings(role=Role.PREFILL, model_path="/models/gpt-oss-120b",
                               extra=load_engine_args_yaml("engine_configs/gpt_oss/prefill.yaml"),
                               extra_source="engine_configs/gpt_oss/prefill.yaml")
     engine = build_engine(settings)      # checks args and model files; loads nothing yet

@@ -38,6 +38,7 @@ from dynamo_lite.engines.engine_args import (
     check_engine_args,
     deep_merge,
 )
+from dynamo_lite.protocol import Role
 
 TRTLLM_DEFAULT_TOKENS_PER_BLOCK = 32
 
@@ -148,7 +149,7 @@ TRTLLM_SCHEMA: Schema = {
 }
 """The TensorRT-LLM (PyTorch backend) ``LLM`` keys we type-check; others pass through with a warning."""
 
-DISAGGREGATED_MODES = ("prefill", "decode")
+DISAGGREGATED_ROLES = (Role.PREFILL, Role.DECODE)
 
 
 # Worker flag (EngineSettings field) → where it goes in TensorRT-LLM's arguments.
@@ -164,7 +165,7 @@ FLAG_KEYS: dict[str, tuple[str, ...]] = {
 
 
 def flag_args(settings: EngineSettings, model: str, model_max_seq_len: int | None = None) -> dict[str, Any]:
-    """The base layer: the flags given on the command line (and per-mode defaults) in TensorRT-LLM's names.
+    """The base layer: the flags given on the command line (and per-role defaults) in TensorRT-LLM's names.
 
     An omitted flag is not passed, so TensorRT-LLM's own default applies (what Dynamo's worker does by passing
     TensorRT-LLM's ``BuildConfig`` defaults) — except ``max_seq_len``, which defaults to the model's context
@@ -180,9 +181,9 @@ def flag_args(settings: EngineSettings, model: str, model_max_seq_len: int | Non
         _set(args, path, value)
     if not settings.given("max_seq_len") and model_max_seq_len:
         args["max_seq_len"] = model_max_seq_len
-    if settings.mode in DISAGGREGATED_MODES:
+    if settings.role in DISAGGREGATED_ROLES:
         args["cache_transceiver_config"] = {"backend": "DEFAULT"}
-    if settings.mode == "prefill":
+    if settings.role == Role.PREFILL:
         args["disable_overlap_scheduler"] = True
     return args
 
@@ -226,7 +227,7 @@ def build_llm_args(
     """Flags, then ``settings.extra`` (the YAML) on top. Returns ``(llm_kwargs, warnings)``.
 
     Raises ``EngineArgsError`` naming the key and ``settings.extra_source`` for a wrong type, a ``model`` key,
-    or a YAML that switches off what ``settings.mode`` needs.
+    or a YAML that switches off what ``settings.role`` needs.
     """
     source = settings.extra_source or "--extra-engine-args"
     extra = settings.extra or {}
@@ -236,11 +237,11 @@ def build_llm_args(
     if "model" in extra:
         raise EngineArgsError(f"{source}: 'model' cannot be set here; use --model-path")
     args = deep_merge(flag_args(settings, model, model_max_seq_len), extra)
-    if settings.mode in DISAGGREGATED_MODES and args.get("cache_transceiver_config") is None:
+    if settings.role in DISAGGREGATED_ROLES and args.get("cache_transceiver_config") is None:
         raise EngineArgsError(
-            f"{source}: cache_transceiver_config is null, but --mode {settings.mode} needs it to move the KV"
+            f"{source}: cache_transceiver_config is null, but --mode {settings.role} needs it to move the KV"
         )
-    if settings.mode == "prefill" and args.get("disable_overlap_scheduler") is False:
+    if settings.role == Role.PREFILL and args.get("disable_overlap_scheduler") is False:
         warnings.append(
             f"{source}: disable_overlap_scheduler is false on a prefill worker; TensorRT-LLM's context "
             "servers do not support the overlap scheduler"

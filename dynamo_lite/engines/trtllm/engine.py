@@ -16,7 +16,9 @@ What each phase asks of TensorRT-LLM:
 - ``AGGREGATED``: a plain streaming request.
 
 TensorRT-LLM reports cumulative ``token_ids`` per output (several new tokens at a time with
-``stream_interval``); each chunk we yield carries exactly the new ones. Closing the ``generate()`` iterator,
+``stream_interval``); each chunk we yield carries exactly the new ones, and outputs closer together than the
+worker's pacing interval (``StreamPacing``: ``--stream-interval-ms``, raised under load to stay within
+``--max-messages-per-s``) travel as one chunk. Closing the ``generate()`` iterator,
 or cancelling its consumer, calls ``abort()`` on the request — for a generation-only request only after its
 first output, because aborting one whose KV is still in flight can leave the transfer half done (bounded by
 ``TrtllmLimits``).
@@ -34,7 +36,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
-from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats
+from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, StreamPacing
 from dynamo_lite.engines.trtllm.api import TrtllmApi
 from dynamo_lite.engines.trtllm.args import describe_sources
 from dynamo_lite.engines.trtllm.disagg import (
@@ -45,6 +47,7 @@ from dynamo_lite.engines.trtllm.disagg import (
     generation_only_params,
 )
 from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
+from dynamo_lite.kv.blocks import KvEventSink
 from dynamo_lite.model_files import ModelFiles
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
 
@@ -100,6 +103,8 @@ class TrtllmEngine:
         self.settings = settings
         self.llm_args = llm_args
         self.model_files = model_files  # tokenizer, chat template and config for the worker's model card
+        self.pacing = StreamPacing()  # the worker's (adapted to the load); by default every output
+        self.on_kv_event: KvEventSink | None = None  # TensorRT-LLM's KV events are not forwarded (yet)
         self._api = api
         self._limits = limits or TrtllmLimits()
         self._llm: Any = None
@@ -185,7 +190,7 @@ class TrtllmEngine:
         """Prompt plus any tokens already generated, computed from scratch."""
         max_tokens = request.sampling.max_tokens - len(request.generated_ids)
         if max_tokens <= 0:
-            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return GenerateChunk(finish_reason=FinishReason.LENGTH)
         inputs = [*request.token_ids, *request.generated_ids]
         return _Plan(inputs, self._sampling(request, max_tokens), max_tokens)
 
@@ -195,7 +200,7 @@ class TrtllmEngine:
                 "a prefill request carries no generated tokens", status=400, code="invalid_request"
             )
         if request.sampling.max_tokens <= 0:
-            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return GenerateChunk(finish_reason=FinishReason.LENGTH)
         inputs = list(request.token_ids)
         params = self._sampling(request, 1)
         if request.sampling.max_tokens == 1:
@@ -225,7 +230,7 @@ class TrtllmEngine:
         if generated != first[: len(generated)] or len(generated) > len(first):
             return self._after_kv_failure(request, "generated_ids do not match the prefill's first token")
         if request.sampling.max_tokens <= len(generated):
-            return GenerateChunk(finish_reason=FinishReason.LENGTH.value)
+            return GenerateChunk(finish_reason=FinishReason.LENGTH)
         max_tokens = request.sampling.max_tokens  # the output includes the first token(s), as does max_tokens
         return _Plan(
             list(request.token_ids),
@@ -274,6 +279,11 @@ class TrtllmEngine:
         sent = plan.skip
         got_output = False
         over = False
+        # The worker's pacing (--stream-interval-ms, adapted to --max-messages-per-s): outputs that come sooner
+        # than the interval after the last chunk wait and go with the next one (the first and last never wait).
+        held: list[int] = []
+        next_chunk_at = 0.0
+        loop = asyncio.get_running_loop()
         try:
             async for out in result:
                 if not got_output:
@@ -285,17 +295,19 @@ class TrtllmEngine:
                 ids = completion.token_ids
                 new = list(ids[sent:])
                 sent = max(sent, len(ids))
+                self._stats.total_tokens += len(new)
                 if out.finished:
                     over = True
-                    chunk = self._final_chunk(plan, out, completion, new, len(ids))
+                    chunk = self._final_chunk(plan, out, completion, held + new, len(ids))
                     if chunk.kv is not None:
                         self._hold(chunk.kv.transfer_id, result)
-                    self._stats.total_tokens += len(chunk.token_ids)
                     yield chunk
                     return
-                if new:
-                    self._stats.total_tokens += len(new)
-                    yield GenerateChunk(token_ids=new, cached_tokens=plan.cached_tokens)
+                held += new
+                if held and loop.time() >= next_chunk_at:
+                    chunk, held = GenerateChunk(token_ids=held, cached_tokens=plan.cached_tokens), []
+                    next_chunk_at = loop.time() + self.pacing.interval_s
+                    yield chunk
             over = True
             raise EngineError("TensorRT-LLM ended the stream before the request finished", status=500)
         except (EngineError, _KvImportFailed):
@@ -325,7 +337,7 @@ class TrtllmEngine:
             finish = FinishReason.LENGTH if produced >= plan.max_tokens else FinishReason.STOP
         if plan.context_only and finish not in (FinishReason.STOP, FinishReason.CANCELLED):
             return GenerateChunk(token_ids=new, kv=self._kv_descriptor(plan, out, completion))
-        return GenerateChunk(token_ids=new, finish_reason=finish.value, cached_tokens=plan.cached_tokens)
+        return GenerateChunk(token_ids=new, finish_reason=finish, cached_tokens=plan.cached_tokens)
 
     def _kv_descriptor(self, plan: _Plan, out: Any, completion: Any) -> KvDescriptor:
         params = getattr(completion, "disaggregated_params", None) or getattr(

@@ -16,11 +16,11 @@ CONFIGS = Path(__file__).resolve().parents[3] / "engine_configs" / "smollm2"
 
 def test_yaml_keys_win_over_flags_and_reach_the_kv_config() -> None:
     settings = EngineSettings(
-        mode="decode", dtype="float32", threads=4, max_batch_size=8, kv_port=5000,
+        role="decode", dtype="float32", threads=4, max_batch_size=8, kv_port=5000,
         extra={"dtype": "bf16", "threads": 1, "kv_lease_s": 5, "kv_use_shm": False}, extra_source="d.yaml",
     )  # fmt: skip
     cfg = from_settings(settings)
-    assert (cfg.mode, cfg.dtype, cfg.threads, cfg.max_batch_size) == ("decode", "bfloat16", 1, 8)
+    assert (cfg.role, cfg.dtype, cfg.threads, cfg.max_batch_size) == ("decode", "bfloat16", 1, 8)
     kv = cfg.kv_config()
     assert (kv.port, kv.lease_s, kv.use_shm) == (5000, 5.0, False)
 
@@ -52,8 +52,8 @@ def test_shipped_configs_are_valid_and_complete(mode: str, caplog: pytest.LogCap
     path = CONFIGS / f"{mode}.yaml"
     with caplog.at_level(logging.WARNING):
         cfg = from_settings(
-            EngineSettings(mode=mode, extra=load_engine_args_yaml(path), extra_source=str(path))
+            EngineSettings(role=mode, extra=load_engine_args_yaml(path), extra_source=str(path))
         )
     assert not caplog.records, caplog.text
-    assert cfg.mode == mode and cfg.device == "cpu" and cfg.threads >= 1
+    assert cfg.role == mode and cfg.device == "cpu" and cfg.threads >= 1
     assert cfg.max_num_tokens >= cfg.max_batch_size

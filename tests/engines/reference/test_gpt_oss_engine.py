@@ -32,7 +32,7 @@ def expected(folder):  # noqa: ANN001
 
 def settings(folder, mode: str = "agg", **extra: object) -> EngineSettings:  # noqa: ANN001
     return EngineSettings(
-        mode=mode,
+        role=mode,
         model_path=str(folder),
         dtype="float32",
         threads=2,

@@ -178,7 +178,7 @@ async def test_smollm2_with_int4_weights_answers_alone_and_batched() -> None:
     from dynamo_lite.engines.reference import build_engine
 
     settings = EngineSettings(
-        mode="agg", dtype="bfloat16", threads=THREADS, max_batch_size=12, max_num_tokens=256, max_seq_len=512,
+        role="agg", dtype="bfloat16", threads=THREADS, max_batch_size=12, max_num_tokens=256, max_seq_len=512,
         extra={"quantization": "int4"}, extra_source="test",
     )  # fmt: skip
     engine = build_engine(settings)

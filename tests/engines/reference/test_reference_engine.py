@@ -29,7 +29,7 @@ FRANCE_ANSWER = "The capital of France is Paris."
 
 def settings(mode: str, **extra: object) -> EngineSettings:
     return EngineSettings(
-        mode=mode, dtype="float32", threads=THREADS, max_batch_size=4, max_num_tokens=512, max_seq_len=2560,
+        role=mode, dtype="float32", threads=THREADS, max_batch_size=4, max_num_tokens=512, max_seq_len=2560,
         extra=dict(extra), extra_source="test",
     )  # fmt: skip
 

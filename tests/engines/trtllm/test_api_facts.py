@@ -94,7 +94,7 @@ def test_an_unknown_key_is_caught() -> None:
 @pytest.mark.parametrize("mode", ["prefill", "decode", "agg"])
 def test_every_llm_keyword_the_adapter_passes_is_in_the_recorded_api(mode: str, release: str) -> None:
     every_flag = EngineSettings(
-        mode=mode,
+        role=mode,
         max_batch_size=8,
         max_num_tokens=256,
         max_seq_len=1024,

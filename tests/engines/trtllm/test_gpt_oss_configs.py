@@ -51,7 +51,7 @@ def test_decode_settings() -> None:
 def test_config_merges_over_the_launch_flags_without_warnings(name: str) -> None:
     path = CONFIGS / f"{name}.yaml"
     settings = EngineSettings(
-        mode=name,
+        role=name,
         extra=load_engine_args_yaml(path),
         extra_source=str(path),
         max_batch_size=32,

@@ -10,7 +10,7 @@ from dynamo_lite.engines.trtllm.args import build_llm_args, describe_sources, fl
 
 
 def settings(mode: str = "agg", extra: dict | None = None, **kw: object) -> EngineSettings:
-    return EngineSettings(mode=mode, extra=extra or {}, extra_source="cfg.yaml", **kw)
+    return EngineSettings(role=mode, extra=extra or {}, extra_source="cfg.yaml", **kw)
 
 
 def test_flags_use_tensorrt_llm_names() -> None:

@@ -9,7 +9,7 @@ from types import ModuleType
 import pytest
 from trtllm_testing import EOS_ID, make_engine
 
-from dynamo_lite.engines.base import EngineError
+from dynamo_lite.engines.base import EngineError, StreamPacing
 from dynamo_lite.engines.engine_args import EngineArgsError
 from dynamo_lite.engines.trtllm import TrtllmEngine
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, KvDescriptor, Phase, SamplingOptions
@@ -83,6 +83,23 @@ async def test_aggregated_streams_deltas(standin: ModuleType, model_dir: Path) -
     assert (sent.sampling_params.max_tokens, sent.sampling_params.detokenize) == (10, False)
     assert engine.stats().total_tokens == 10
     assert engine.stats().active_seqs == 0
+    await engine.stop()
+
+
+async def test_the_workers_pacing_coalesces_outputs_max_messages_per_s_included(
+    standin: ModuleType, model_dir: Path
+) -> None:
+    """--max-messages-per-s holds for TensorRT-LLM too: with many streams the worker raises the pacing interval,
+    and outputs that come within it travel as one chunk (the first and the last never wait)."""
+    engine = await started(model_dir, "agg")
+    every_output = await collect(engine, request(max_tokens=10))
+    assert [len(c.token_ids) for c in every_output] == [1] * 10
+    engine.pacing = StreamPacing(0.0)
+    engine.pacing.adapt(active_streams=1000, max_messages_per_s=100.0)  # what the worker does under load
+    assert engine.pacing.interval_s == 10.0
+    chunks = await collect(engine, request(max_tokens=10))
+    assert [len(c.token_ids) for c in chunks] == [1, 9] and chunks[-1].finish_reason == "length"
+    assert tokens(chunks) == tokens(every_output)
     await engine.stop()
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import GenerateRequest, SamplingOptions
-from dynamo_lite.router.orchestrator import Router, RouterSettings
+from dynamo_lite.router.orchestrator import Router
+from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -33,7 +34,7 @@ async def _start(model_dir: Path) -> tuple[Worker, Worker, Router, list]:
     for mode in ("prefill", "decode"):
         w = Worker(
             WorkerSettings(
-                mode=mode,
+                role=mode,
                 engine="trtllm",
                 engine_settings=EngineSettings(model_path=str(model_dir), served_model_name=MODEL),
                 runtime=RuntimeSettings.embedded(namespace=ns),

@@ -24,7 +24,7 @@ def no_tensorrt_llm(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_missing_library_raises_one_line(no_tensorrt_llm: None) -> None:
     with pytest.raises(EngineUnavailable) as info:
-        build_engine(EngineSettings(mode="prefill", model_path="/does/not/matter"))
+        build_engine(EngineSettings(role="prefill", model_path="/does/not/matter"))
     message = str(info.value)
     assert message.startswith(HINT + " — tensorrt_llm is not importable here (ModuleNotFoundError")
     assert "\n" not in message

@@ -26,6 +26,6 @@ def make_engine(
     """``build_engine`` as the worker calls it (the test must hold the ``standin`` fixture)."""
     return build_engine(
         EngineSettings(
-            mode=mode, model_path=str(model_dir), extra=extra or {}, extra_source="test.yaml", **settings
+            role=mode, model_path=str(model_dir), extra=extra or {}, extra_source="test.yaml", **settings
         )
     )

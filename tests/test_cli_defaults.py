@@ -1,0 +1,119 @@
+"""Every default is stated once, in a settings object: the CLIs (worker, frontend, serve) show those defaults
+and, given no flags, build exactly the settings objects' defaults — except where serve or the frontend differ on
+purpose, each such difference a named constant with its reason next to it."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+from dynamo_lite import serve
+from dynamo_lite.engines.base import EngineSettings
+from dynamo_lite.frontend import __main__ as frontend_cli
+from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.protocol import Role
+from dynamo_lite.router.settings import RouterSettings
+from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
+from dynamo_lite.worker import __main__ as worker_cli
+from dynamo_lite.worker.worker import WorkerSettings
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIS = [
+    ROOT / "dynamo_lite" / "worker" / "__main__.py",
+    ROOT / "dynamo_lite" / "frontend" / "__main__.py",
+    ROOT / "dynamo_lite" / "serve.py",
+    ROOT / "dynamo_lite" / "runtime" / "cli.py",
+]
+# Flag defaults that are not settings: what a flag means when it is omitted, in the CLI's own terms.
+OWN_DEFAULTS = {
+    ("serve.py", "--topology"): "disagg",  # which workers serve starts, not a setting of any of them
+    ("serve.py", "--threads"): 0,  # 0: this machine's cores split between serve's workers (see serve.py)
+}
+
+
+@pytest.fixture(autouse=True)
+def no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flags bound to environment variables read them as their defaults: none set here."""
+    for name in list(os.environ):
+        if name.startswith(("DYN_", "ETCD_", "NATS_")) or name == "DYNAMO_LITE_API_KEY":
+            monkeypatch.delenv(name)
+
+
+def flag_defaults(path: Path) -> list[tuple[str, object]]:
+    """(flag, default) of every ``add_argument`` call in ``path`` whose default is a literal."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
+            continue
+        flag = next((a.value for a in node.args if isinstance(a, ast.Constant)), "?")
+        for kw in node.keywords:
+            if kw.arg == "default" and isinstance(kw.value, ast.Constant):
+                found.append((flag, kw.value.value))
+    return found
+
+
+@pytest.mark.parametrize("path", CLIS, ids=lambda p: p.name)
+def test_clis_restate_no_default(path: Path) -> None:
+    """A literal default in a CLI may only be None or "" (not given), or one of its own, listed above."""
+    for flag, value in flag_defaults(path):
+        if value in (None, "") or OWN_DEFAULTS.get((path.name, flag)) == value:
+            continue
+        raise AssertionError(
+            f"{path.name}: {flag} restates a default ({value!r}); read it from a settings object"
+        )
+
+
+def test_the_worker_cli_without_flags_is_the_settings_defaults() -> None:
+    settings = worker_cli.settings_from(worker_cli.build_parser().parse_args([]))
+    # The CLI records which engine flags were given (none): the TensorRT-LLM engine passes only those.
+    assert settings == WorkerSettings(engine_settings=EngineSettings(explicit=frozenset()))
+    given = worker_cli.build_parser().parse_args(
+        ["--drain-timeout", "7", "--kv-lease", "9", "--max-batch-size", "4"]
+    )
+    settings = worker_cli.settings_from(given)
+    assert settings.runtime.timeouts == Timeouts(drain_s=7.0)
+    assert settings.engine_settings.kv_lease_s == 9.0 and settings.engine_settings.max_batch_size == 4
+    assert settings.engine_settings.explicit == {"kv_lease_s", "max_batch_size"}
+
+
+def test_the_frontend_cli_without_flags_is_the_settings_defaults() -> None:
+    process = frontend_cli.parse_args([])
+    assert process.frontend == FrontendSettings(http_host=frontend_cli.HTTP_HOST)
+    assert process.router == RouterSettings()
+    assert process.runtime == RuntimeSettings()
+    # One timeouts object for the whole process, read from its flags.
+    process = frontend_cli.parse_args(["--first-token-timeout", "60", "--queue-timeout", "5"])
+    assert process.frontend.timeouts is process.router.timeouts is process.runtime.timeouts
+    assert process.router.timeouts == Timeouts(first_token_s=60.0, queue_s=5.0)
+
+
+def test_serve_without_flags_differs_from_the_settings_defaults_only_where_it_says_why() -> None:
+    process = serve.parse_args([])
+    timeouts = Timeouts(drain_s=serve.SERVE_DRAIN_S)
+    assert process.frontend == FrontendSettings(timeouts=timeouts)
+    assert process.router == RouterSettings(timeouts=timeouts)
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    assert process.workers == [
+        WorkerSettings(
+            role=role,
+            engine=serve.SERVE_ENGINE,
+            stream_interval_s=serve.SERVE_STREAM_INTERVAL_S,
+            engine_settings=EngineSettings(role=role, threads=threads),
+            runtime=RuntimeSettings.embedded(timeouts=timeouts),
+        )
+        for role in (Role.PREFILL, Role.DECODE)
+    ]
+
+
+def test_environment_variables_are_read_by_the_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYN_NAMESPACE", "from-env")
+    monkeypatch.setenv("ETCD_ENDPOINTS", "10.0.0.1:2379")
+    monkeypatch.setenv("DYNAMO_LITE_API_KEY", "k")
+    process = frontend_cli.parse_args([])
+    assert (process.runtime.namespace, process.runtime.etcd_endpoints) == ("from-env", "10.0.0.1:2379")
+    assert process.frontend.api_key == "k"
+    worker = worker_cli.settings_from(worker_cli.build_parser().parse_args(["--namespace", "flag"]))
+    assert worker.runtime.namespace == "flag"  # a flag wins over its variable
