@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DYNAMO_LITE_API_KEY", _F.api_key),
         help="require 'Authorization: Bearer KEY' on /v1/* (env DYNAMO_LITE_API_KEY)",
     )
+    p.add_argument(
+        "--allow-unknown-fields",
+        action="store_true",
+        default=_F.allow_unknown_fields,
+        help="accept request fields the frontend doesn't know (one warning line each) instead of a 400",
+    )
     add_runtime_args(p)
     return p
 
@@ -138,6 +144,7 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
         max_body_bytes=args.max_body_bytes,
         max_inflight=args.max_inflight,
         api_key=args.api_key,
+        allow_unknown_fields=args.allow_unknown_fields,
         timeouts=timeouts,
     )
     return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts))

@@ -8,6 +8,7 @@ Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/resp
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 import uuid
@@ -20,11 +21,14 @@ from starlette.responses import Response
 
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_error_handlers
+from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.protocol import ModelCard
+
+logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -137,6 +141,7 @@ class OpenAIRoutes:
         try:
             body = await read_body(request, self.settings.max_body_bytes)
             parsed = schema.model_validate_json(body)
+            self.police_fields(endpoint, parsed, rid)
             prepared = await self._prepare[endpoint](parsed, rid)
         except ClientDisconnect:
             return Response(status_code=499)
@@ -147,6 +152,15 @@ class OpenAIRoutes:
             self.metrics.request_done(model, endpoint, err.status)
             return err.response({"x-request-id": rid})
         return self.service.response(prepared, rid)
+
+    def police_fields(self, endpoint: str, parsed: BaseModel, rid: str) -> None:
+        """400 for a field the frontend refuses; unknown fields: 400, or one warning line when allowed."""
+        unknown = check_fields(endpoint, parsed)
+        if not unknown:
+            return
+        if not self.settings.allow_unknown_fields:
+            raise unknown_fields_error(unknown)
+        logger.warning("request %s: ignoring unknown fields: %s", rid, ", ".join(unknown))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self.completion(request, CHAT, ChatCompletionRequest)

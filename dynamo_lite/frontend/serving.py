@@ -19,8 +19,10 @@ from dynamo_lite.frontend.chunks import (
     chat_completion,
     text_completion,
     usage_dict,
+    with_usage,
 )
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
+from dynamo_lite.frontend.fields import tools_for_prompt
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -69,6 +71,7 @@ class PreparedRequest:
     include_usage: bool
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
 
     @property
     def model(self) -> str:
@@ -172,7 +175,7 @@ class CompletionService:
         ids = await pre.chat_prompt_ids(
             [_message_dict(m) for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
-            tools=req.tools,
+            tools=tools_for_prompt(req.tools, req.tool_choice),
             reasoning_effort=req.effort(),
             extra=req.template_kwargs(),
         )
@@ -194,7 +197,7 @@ class CompletionService:
         pre = await self._models.get(card)
         ids = await pre.chat_prompt_ids(
             messages,
-            tools=chat_tools(req.tools),
+            tools=chat_tools(tools_for_prompt(req.tools, req.tool_choice)),
             reasoning_effort=req.reasoning.effort if req.reasoning else None,
         )
         api = ResponsesApi(req, conversation, self._responses if req.store is not False else None)
@@ -288,6 +291,7 @@ class CompletionService:
             stop_token_ids=list(stop_ids),
         )
         stream = bool(req.stream)
+        options = req.stream_options if stream else None
         return PreparedRequest(
             endpoint=endpoint,
             response_id=response_id,
@@ -298,8 +302,9 @@ class CompletionService:
             ),
             stops=_stop_strings(req.stop, self._settings),
             stream=stream,
-            include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
+            include_usage=options is not None and options.include_usage,
             pre=pre,
+            continuous_usage=options is not None and options.continuous_usage_stats and endpoint != RESPONSES,
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -371,7 +376,7 @@ class CompletionService:
             if delta or finish:
                 data = fmt.delta(delta, finish)
                 if data:
-                    await ex.body(data)
+                    await ex.body(with_usage(data, p.usage(out)) if p.continuous_usage else data)
             if finish:
                 break
             chunk = await anext(stream, None)
