@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API as a FastAPI app: ``create_app(backend, settings)``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``,
-``/health``, ``/live``,
-``/ready``, ``/metrics``. Every error, FastAPI's own included, answers in OpenAI's shape.
+``POST /tokenize``, ``POST /detokenize``, ``/health``, ``/live``, ``/ready``, ``/metrics``. Every error,
+FastAPI's own included, answers in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_er
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from dynamo_lite.frontend.preprocess import ModelPreprocessor
 from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.frontend.tokenize_api import DetokenizeRequest, detokenize, parse_tokenize, tokenize
 from dynamo_lite.protocol import ModelCard
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,34 @@ class OpenAIRoutes:
     async def responses(self, request: Request) -> Response:
         return await self.completion(request, RESPONSES, ResponsesRequest)
 
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize``: a prompt's or a chat's token ids, as the generating routes compute them."""
+        return await self._tokens(request, parse_tokenize, tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize``: token ids back to text."""
+
+        async def run(req: DetokenizeRequest, card: ModelCard, pre: ModelPreprocessor) -> dict:
+            return detokenize(req, pre)
+
+        return await self._tokens(request, DetokenizeRequest.model_validate_json, run)
+
+    async def _tokens(self, request: Request, parse, run) -> Response:
+        rid = request_id_of(request)
+        refused = self.refuse(request, rid) if self._expected_auth else None
+        if refused is not None:
+            return refused
+        try:
+            req = parse(await read_body(request, self.settings.max_body_bytes))
+            card, pre = await self.service.preprocessor(req.model)
+            return _json(await run(req, card, pre))
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception as exc:
+            err = as_openai_error(exc)
+            self.metrics.error(err.type)
+            return err.response({"x-request-id": rid})
+
     def _model_entry(self, card: ModelCard) -> dict:
         return {
             "id": card.served_name,
@@ -238,6 +268,8 @@ def create_app(
         ("/v1/responses", routes.responses),
     ):
         app.add_api_route(path, handler, methods=["POST"])
+    app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
     for path, handler in (
         ("/v1/models", routes.list_models),
         ("/v1/models/{model:path}", routes.get_model),

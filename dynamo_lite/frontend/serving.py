@@ -155,6 +155,11 @@ class CompletionService:
             return card
         raise OpenAIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
+    async def preprocessor(self, model: str) -> tuple[ModelCard, ModelPreprocessor]:
+        """The card of a served ``model`` (404 otherwise) and its preprocessor."""
+        card = self.find_card(model)
+        return card, await self._models.get(card)
+
     def known_model(self, model: str | None) -> str:
         """``model`` if it is served (a safe metrics label), else ""."""
         if model and any(card.served_name == model for card in self._backend.model_cards()):

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -424,3 +425,20 @@ async def test_tool_choices_not_implemented_are_400_naming_the_field(
         )
     assert err.value.body["param"] == next(iter(extra))
     assert not gpt_backend.requests
+
+
+async def test_tokenize_a_chat_goes_through_harmony(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, tools=[WEATHER_TOOL])
+    sent = gpt_backend.requests[-1].token_ids
+    base = str(gpt_client.base_url).removesuffix("/").removesuffix("/v1")
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        r = await http.post(
+            "/tokenize", json={"model": GPT, "messages": SEED_MESSAGES, "tools": [WEATHER_TOOL]}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == sent
+        back = await http.post("/detokenize", json={"model": GPT, "tokens": sent})
+    assert back.json()["prompt"].startswith("<|start|>system<|message|>")
