@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
 
+from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.policies import POLICIES
@@ -93,17 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_T.queue_s,
         help="seconds a request may wait for a worker with room, then 503 + Retry-After",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("DYNAMO_LITE_API_KEY", _F.api_key),
-        help="require 'Authorization: Bearer KEY' on /v1/* (env DYNAMO_LITE_API_KEY)",
-    )
-    p.add_argument(
-        "--allow-unknown-fields",
-        action="store_true",
-        default=_F.allow_unknown_fields,
-        help="accept request fields the frontend doesn't know (one warning line each) instead of a 400",
-    )
+    add_http_api_args(p)
     add_runtime_args(p)
     return p
 
@@ -143,9 +133,8 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
         http_port=args.http_port,
         max_body_bytes=args.max_body_bytes,
         max_inflight=args.max_inflight,
-        api_key=args.api_key,
-        allow_unknown_fields=args.allow_unknown_fields,
         timeouts=timeouts,
+        **http_api_settings(args),
     )
     return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts))
 
@@ -170,7 +159,7 @@ async def run(process: FrontendProcess) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"READY frontend http://{settings.http_host}:{server.port}", flush=True)
+    print(f"READY frontend {server.url}", flush=True)
     await stop.wait()
     await server.stop()
     await router.stop()

@@ -15,6 +15,7 @@ import uuid
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
@@ -262,6 +263,14 @@ def create_app(
     if queued is not None:
         metrics.watch_queue(queued)
     install_error_handlers(app, on_error=lambda err: metrics.error(err.type))
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
     for path, handler in (
         ("/v1/chat/completions", routes.chat_completions),
         ("/v1/completions", routes.completions),
