@@ -23,7 +23,7 @@ from dynamo_lite.protocol import Role
 from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.policies import POLICIES
 from dynamo_lite.router.settings import RouterSettings
-from dynamo_lite.runtime.cli import add_log_level_arg
+from dynamo_lite.runtime.cli import add_log_level_arg, setup_logging
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -166,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite serve", description=__doc__)
     add_serve_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args)
     try:
         import uvloop
 

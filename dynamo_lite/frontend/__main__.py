@@ -169,7 +169,7 @@ async def run(process: FrontendProcess) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args)
     raise_fd_limit()
     try:
         import uvloop

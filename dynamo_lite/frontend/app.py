@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_error_handlers
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
@@ -139,6 +140,7 @@ class OpenAIRoutes:
         rid = request_id_of(request)
         refused = self.refuse(request, rid)
         if refused is not None:
+            log_access(request_id=rid, endpoint=endpoint, model="", status=refused.status_code)
             return refused
         parsed = None
         try:
@@ -147,12 +149,14 @@ class OpenAIRoutes:
             self.police_fields(endpoint, parsed, rid)
             prepared = await self._prepare[endpoint](parsed, rid)
         except ClientDisconnect:
+            log_access(request_id=rid, endpoint=endpoint, model="", status=499)
             return Response(status_code=499)
         except Exception as exc:
             err = as_openai_error(exc)
             self.metrics.error(err.type)
             model = self.service.known_model(getattr(parsed, "model", None))
             self.metrics.request_done(model, endpoint, err.status)
+            log_access(request_id=rid, endpoint=endpoint, model=model, status=err.status)
             return err.response({"x-request-id": rid})
         return self.service.response(prepared, rid)
 

@@ -43,7 +43,8 @@ def uvicorn_config(app, settings: FrontendSettings) -> uvicorn.Config:
         ws="none",
         lifespan="off",
         interface="asgi3",
-        access_log=False,
+        access_log=False,  # ours is one line per request with tokens and timings (access_log.py)
+        log_config=None,  # uvicorn's own lines go through the process's handlers (text or JSON)
         log_level="warning",
         proxy_headers=False,
         server_header=False,

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
     ChatStreamFormat,
@@ -37,6 +38,7 @@ from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_too
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard, SamplingOptions
+from dynamo_lite.runtime.request_notes import open_notes
 
 logger = logging.getLogger(__name__)
 
@@ -338,13 +340,16 @@ class CompletionService:
         fmt = p.stream_format() if p.stream else None
         status = 200
         stream = None
+        ttft_s = None
+        notes = open_notes()  # the router notes which instances serve the request
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
                 stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
                 t.reschedule(start + settings.timeouts.request_s)
-                mm.ttft.observe(time.perf_counter() - p.arrival)
+                ttft_s = time.perf_counter() - p.arrival
+                mm.ttft.observe(ttft_s)
                 if fmt is not None:
                     await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)
                 else:
@@ -357,6 +362,19 @@ class CompletionService:
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
+            log_access(
+                request_id=p.request.request_id,
+                endpoint=p.endpoint,
+                model=p.model,
+                status=499 if ex.disconnected else status,
+                prompt_tokens=len(p.request.token_ids),
+                completion_tokens=out.completion_tokens,
+                cached_tokens=out.cached_tokens,
+                ttft_s=ttft_s,
+                duration_s=time.perf_counter() - p.arrival,
+                finish_reason=out.finish_reason,
+                instances=notes.instances,
+            )
 
     @staticmethod
     async def _write_stream(
