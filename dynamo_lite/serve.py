@@ -16,13 +16,14 @@ from dataclasses import dataclass
 
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
+from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.openmp import configure_openmp
 from dynamo_lite.protocol import Role
 from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.policies import POLICIES
 from dynamo_lite.router.settings import RouterSettings
-from dynamo_lite.runtime.cli import add_log_level_arg
+from dynamo_lite.runtime.cli import add_log_level_arg, setup_logging
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -71,6 +72,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=_E.speedup_ratio,
         help="mocker: divide simulated time (0: none)",
     )
+    add_http_api_args(p)
     add_log_level_arg(p)
 
 
@@ -111,7 +113,9 @@ def settings_from(args: argparse.Namespace) -> ServeProcess:
     ]
     return ServeProcess(
         args.topology,
-        FrontendSettings(http_host=args.http_host, http_port=args.http_port, timeouts=timeouts),
+        FrontendSettings(
+            http_host=args.http_host, http_port=args.http_port, timeouts=timeouts, **http_api_settings(args)
+        ),
         RouterSettings(policy=args.router_mode, timeouts=timeouts),
         workers,
     )
@@ -144,7 +148,7 @@ async def run(process: ServeProcess) -> None:
     await server.start()
     model = workers[0].card.served_name if workers[0].card else "?"
     print(
-        f"READY serving {model} at http://{settings.http_host}:{server.port}/v1 "
+        f"READY serving {model} at {server.url}/v1 "
         f"(embedded, {process.topology}, engine {process.workers[0].engine})",
         flush=True,
     )
@@ -162,9 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite serve", description=__doc__)
     add_serve_args(p)
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(args)
     try:
         import uvloop
 

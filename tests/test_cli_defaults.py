@@ -117,3 +117,21 @@ def test_environment_variables_are_read_by_the_flags(monkeypatch: pytest.MonkeyP
     assert process.frontend.api_key == "k"
     worker = worker_cli.settings_from(worker_cli.build_parser().parse_args(["--namespace", "flag"]))
     assert worker.runtime.namespace == "flag"  # a flag wins over its variable
+
+
+def test_the_http_api_flags_reach_frontend_and_serve_alike() -> None:
+    flags = [
+        "--api-key", "k", "--allow-unknown-fields", "--allowed-origins", "http://a", "http://b",
+        "--tls-cert-path", "c.pem", "--tls-key-path", "k.pem",
+    ]  # fmt: skip
+    expected = {
+        "api_key": "k",
+        "allow_unknown_fields": True,
+        "allowed_origins": ("http://a", "http://b"),
+        "tls_cert_path": "c.pem",
+        "tls_key_path": "k.pem",
+    }
+    for settings in (frontend_cli.parse_args(flags).frontend, serve.parse_args(flags).frontend):
+        assert {name: getattr(settings, name) for name in expected} == expected
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--tls-cert-path", "c.pem"])

@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
 
+from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.policies import POLICIES
@@ -93,11 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_T.queue_s,
         help="seconds a request may wait for a worker with room, then 503 + Retry-After",
     )
-    p.add_argument(
-        "--api-key",
-        default=os.environ.get("DYNAMO_LITE_API_KEY", _F.api_key),
-        help="require 'Authorization: Bearer KEY' on /v1/* (env DYNAMO_LITE_API_KEY)",
-    )
+    add_http_api_args(p)
     add_runtime_args(p)
     return p
 
@@ -137,8 +133,8 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
         http_port=args.http_port,
         max_body_bytes=args.max_body_bytes,
         max_inflight=args.max_inflight,
-        api_key=args.api_key,
         timeouts=timeouts,
+        **http_api_settings(args),
     )
     return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts))
 
@@ -163,7 +159,7 @@ async def run(process: FrontendProcess) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
-    print(f"READY frontend http://{settings.http_host}:{server.port}", flush=True)
+    print(f"READY frontend {server.url}", flush=True)
     await stop.wait()
     await server.stop()
     await router.stop()
@@ -173,7 +169,7 @@ async def run(process: FrontendProcess) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args)
     raise_fd_limit()
     try:
         import uvloop

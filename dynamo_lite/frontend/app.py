@@ -1,30 +1,38 @@
 """The OpenAI-compatible HTTP API as a FastAPI app: ``create_app(backend, settings)``.
 
 Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``,
-``/health``, ``/live``,
-``/ready``, ``/metrics``. Every error, FastAPI's own included, answers in OpenAI's shape.
+``POST /tokenize``, ``POST /detokenize``, ``/health``, ``/live``, ``/ready``, ``/metrics``. Every error,
+FastAPI's own included, answers in OpenAI's shape.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import time
 import uuid
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_error_handlers
+from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from dynamo_lite.frontend.preprocess import ModelPreprocessor
 from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.frontend.tokenize_api import DetokenizeRequest, detokenize, parse_tokenize, tokenize
 from dynamo_lite.protocol import ModelCard
+
+logger = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
@@ -132,21 +140,34 @@ class OpenAIRoutes:
         rid = request_id_of(request)
         refused = self.refuse(request, rid)
         if refused is not None:
+            log_access(request_id=rid, endpoint=endpoint, model="", status=refused.status_code)
             return refused
         parsed = None
         try:
             body = await read_body(request, self.settings.max_body_bytes)
             parsed = schema.model_validate_json(body)
+            self.police_fields(endpoint, parsed, rid)
             prepared = await self._prepare[endpoint](parsed, rid)
         except ClientDisconnect:
+            log_access(request_id=rid, endpoint=endpoint, model="", status=499)
             return Response(status_code=499)
         except Exception as exc:
             err = as_openai_error(exc)
             self.metrics.error(err.type)
             model = self.service.known_model(getattr(parsed, "model", None))
             self.metrics.request_done(model, endpoint, err.status)
+            log_access(request_id=rid, endpoint=endpoint, model=model, status=err.status)
             return err.response({"x-request-id": rid})
         return self.service.response(prepared, rid)
+
+    def police_fields(self, endpoint: str, parsed: BaseModel, rid: str) -> None:
+        """400 for a field the frontend refuses; unknown fields: 400, or one warning line when allowed."""
+        unknown = check_fields(endpoint, parsed)
+        if not unknown:
+            return
+        if not self.settings.allow_unknown_fields:
+            raise unknown_fields_error(unknown)
+        logger.warning("request %s: ignoring unknown fields: %s", rid, ", ".join(unknown))
 
     async def chat_completions(self, request: Request) -> Response:
         return await self.completion(request, CHAT, ChatCompletionRequest)
@@ -156,6 +177,34 @@ class OpenAIRoutes:
 
     async def responses(self, request: Request) -> Response:
         return await self.completion(request, RESPONSES, ResponsesRequest)
+
+    async def tokenize(self, request: Request) -> Response:
+        """``POST /tokenize``: a prompt's or a chat's token ids, as the generating routes compute them."""
+        return await self._tokens(request, parse_tokenize, tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        """``POST /detokenize``: token ids back to text."""
+
+        async def run(req: DetokenizeRequest, card: ModelCard, pre: ModelPreprocessor) -> dict:
+            return detokenize(req, pre)
+
+        return await self._tokens(request, DetokenizeRequest.model_validate_json, run)
+
+    async def _tokens(self, request: Request, parse, run) -> Response:
+        rid = request_id_of(request)
+        refused = self.refuse(request, rid) if self._expected_auth else None
+        if refused is not None:
+            return refused
+        try:
+            req = parse(await read_body(request, self.settings.max_body_bytes))
+            card, pre = await self.service.preprocessor(req.model)
+            return _json(await run(req, card, pre))
+        except ClientDisconnect:
+            return Response(status_code=499)
+        except Exception as exc:
+            err = as_openai_error(exc)
+            self.metrics.error(err.type)
+            return err.response({"x-request-id": rid})
 
     def _model_entry(self, card: ModelCard) -> dict:
         return {
@@ -218,12 +267,22 @@ def create_app(
     if queued is not None:
         metrics.watch_queue(queued)
     install_error_handlers(app, on_error=lambda err: metrics.error(err.type))
+    if settings.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id"],
+        )
     for path, handler in (
         ("/v1/chat/completions", routes.chat_completions),
         ("/v1/completions", routes.completions),
         ("/v1/responses", routes.responses),
     ):
         app.add_api_route(path, handler, methods=["POST"])
+    app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
     for path, handler in (
         ("/v1/models", routes.list_models),
         ("/v1/models/{model:path}", routes.get_model),

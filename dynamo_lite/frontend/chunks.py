@@ -32,6 +32,11 @@ def usage_dict(
     return usage
 
 
+def with_usage(event: bytes, usage: dict) -> bytes:
+    """A chunk event with ``usage`` added (``stream_options.continuous_usage_stats``)."""
+    return event[:-3] + b',"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+
 def tool_call_deltas(parts: list[ToolCallDelta]) -> list[dict]:
     """Chat ``delta.tool_calls``: consecutive parts of one call merged; a call's first part names it."""
     out: list[dict] = []

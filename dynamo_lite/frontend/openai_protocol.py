@@ -1,5 +1,6 @@
-"""OpenAI request bodies as pydantic models: strict types (``"5"`` is not an int), unknown fields allowed
-(clients such as genai-perf and aiperf send extensions), extensions under ``nvext`` or at the top level."""
+"""OpenAI request bodies as pydantic models: strict types (``"5"`` is not an int), extensions under ``nvext`` or
+at the top level. Extra fields are kept here; ``fields.py`` decides what each field the client sent does (honoured,
+refused with a 400, unknown)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class _Model(BaseModel):
 
 class StreamOptions(_Model):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk
 
 
 class NvExt(_Model):
@@ -53,7 +55,7 @@ class _GenerationParams(_Model):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0)
-    # Accepted for compatibility; the engines don't apply them.
+    # Refused unless 0 (fields.py) until the engines apply them.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None

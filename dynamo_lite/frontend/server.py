@@ -43,13 +43,16 @@ def uvicorn_config(app, settings: FrontendSettings) -> uvicorn.Config:
         ws="none",
         lifespan="off",
         interface="asgi3",
-        access_log=False,
+        access_log=False,  # ours is one line per request with tokens and timings (access_log.py)
+        log_config=None,  # uvicorn's own lines go through the process's handlers (text or JSON)
         log_level="warning",
         proxy_headers=False,
         server_header=False,
         backlog=settings.backlog,
         timeout_keep_alive=int(settings.timeouts.keep_alive_s),
         timeout_graceful_shutdown=int(settings.timeouts.shutdown_s),
+        ssl_certfile=settings.tls_cert_path or None,
+        ssl_keyfile=settings.tls_key_path or None,
     )
 
 
@@ -73,7 +76,8 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self._settings.http_host}:{self.port}"
+        scheme = "https" if self._settings.tls else "http"
+        return f"{scheme}://{self._settings.http_host}:{self.port}"
 
     async def start(self) -> None:
         """Bind and start accepting; returns once the server is listening."""

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
     ChatStreamFormat,
@@ -19,8 +20,10 @@ from dynamo_lite.frontend.chunks import (
     chat_completion,
     text_completion,
     usage_dict,
+    with_usage,
 )
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
+from dynamo_lite.frontend.fields import tools_for_prompt
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -35,6 +38,7 @@ from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_too
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard, SamplingOptions
+from dynamo_lite.runtime.request_notes import open_notes
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,7 @@ class PreparedRequest:
     include_usage: bool
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
+    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
 
     @property
     def model(self) -> str:
@@ -152,6 +157,11 @@ class CompletionService:
             return card
         raise OpenAIError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
 
+    async def preprocessor(self, model: str) -> tuple[ModelCard, ModelPreprocessor]:
+        """The card of a served ``model`` (404 otherwise) and its preprocessor."""
+        card = self.find_card(model)
+        return card, await self._models.get(card)
+
     def known_model(self, model: str | None) -> str:
         """``model`` if it is served (a safe metrics label), else ""."""
         if model and any(card.served_name == model for card in self._backend.model_cards()):
@@ -172,7 +182,7 @@ class CompletionService:
         ids = await pre.chat_prompt_ids(
             [_message_dict(m) for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
-            tools=req.tools,
+            tools=tools_for_prompt(req.tools, req.tool_choice),
             reasoning_effort=req.effort(),
             extra=req.template_kwargs(),
         )
@@ -194,7 +204,7 @@ class CompletionService:
         pre = await self._models.get(card)
         ids = await pre.chat_prompt_ids(
             messages,
-            tools=chat_tools(req.tools),
+            tools=chat_tools(tools_for_prompt(req.tools, req.tool_choice)),
             reasoning_effort=req.reasoning.effort if req.reasoning else None,
         )
         api = ResponsesApi(req, conversation, self._responses if req.store is not False else None)
@@ -288,6 +298,7 @@ class CompletionService:
             stop_token_ids=list(stop_ids),
         )
         stream = bool(req.stream)
+        options = req.stream_options if stream else None
         return PreparedRequest(
             endpoint=endpoint,
             response_id=response_id,
@@ -298,8 +309,9 @@ class CompletionService:
             ),
             stops=_stop_strings(req.stop, self._settings),
             stream=stream,
-            include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
+            include_usage=options is not None and options.include_usage,
             pre=pre,
+            continuous_usage=options is not None and options.continuous_usage_stats and endpoint != RESPONSES,
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -328,13 +340,16 @@ class CompletionService:
         fmt = p.stream_format() if p.stream else None
         status = 200
         stream = None
+        ttft_s = None
+        notes = open_notes()  # the router notes which instances serve the request
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
                 stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
                 t.reschedule(start + settings.timeouts.request_s)
-                mm.ttft.observe(time.perf_counter() - p.arrival)
+                ttft_s = time.perf_counter() - p.arrival
+                mm.ttft.observe(ttft_s)
                 if fmt is not None:
                     await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)
                 else:
@@ -347,6 +362,19 @@ class CompletionService:
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
             self._done(p, mm, out, status, ex)
+            log_access(
+                request_id=p.request.request_id,
+                endpoint=p.endpoint,
+                model=p.model,
+                status=499 if ex.disconnected else status,
+                prompt_tokens=len(p.request.token_ids),
+                completion_tokens=out.completion_tokens,
+                cached_tokens=out.cached_tokens,
+                ttft_s=ttft_s,
+                duration_s=time.perf_counter() - p.arrival,
+                finish_reason=out.finish_reason,
+                instances=notes.instances,
+            )
 
     @staticmethod
     async def _write_stream(
@@ -371,7 +399,7 @@ class CompletionService:
             if delta or finish:
                 data = fmt.delta(delta, finish)
                 if data:
-                    await ex.body(data)
+                    await ex.body(with_usage(data, p.usage(out)) if p.continuous_usage else data)
             if finish:
                 break
             chunk = await anext(stream, None)

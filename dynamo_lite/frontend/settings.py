@@ -32,3 +32,13 @@ class FrontendSettings:
     max_inflight: int = 8192
     responses_store_size: int = 1024  # /v1/responses kept for previous_response_id (per frontend process)
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)
+    # Unknown request fields: 400 naming them (NVIDIA Dynamo's default), or accepted with a warning line.
+    allow_unknown_fields: bool = False
+    # Browser origins allowed by CORS ("*": any); none: no CORS headers, browsers refuse cross-origin calls.
+    allowed_origins: tuple[str, ...] = ()
+    tls_cert_path: str = ""  # both set: HTTPS (PEM certificate chain and private key)
+    tls_key_path: str = ""
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert_path)

@@ -39,6 +39,7 @@ from dynamo_lite.router.policies import Policy, make_policy
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
+from dynamo_lite.runtime.request_notes import note_instance
 from dynamo_lite.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class Router:
             if instance is None:
                 # Once the client has bytes of its answer, wait for room rather than fail its stream.
                 instance = await self.admission.place(role, model, request, tried, bounded=not generated)
+            note_instance(role.value, instance.instance_id)
             ask = GenerateRequest(
                 request.request_id,
                 model,

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
+from dynamo_lite.runtime.logs import DEFAULT_LOG_FORMAT, LOG_FORMATS, configure_logging
 
 _DEFAULTS = RuntimeSettings()
 
 
 def add_log_level_arg(parser: argparse.ArgumentParser) -> None:
-    """``--log-level``, bound to Dynamo's ``DYN_LOG`` (default INFO)."""
+    """``--log-level``, bound to Dynamo's ``DYN_LOG`` (default INFO), and ``--log-format``: JSON lines when
+    Dynamo's ``DYN_LOGGING_JSONL`` is set."""
     parser.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="json"
+        if os.environ.get("DYN_LOGGING_JSONL", "") not in ("", "0", "false")
+        else DEFAULT_LOG_FORMAT,
+        help="text lines, or one JSON object per line (env DYN_LOGGING_JSONL=1)",
+    )
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -79,8 +88,9 @@ def runtime_settings_from(args: argparse.Namespace, timeouts: Timeouts) -> Runti
     )
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(args: argparse.Namespace) -> None:
+    """Logging as ``add_log_level_arg``'s flags say."""
+    configure_logging(args.log_level, args.log_format)
 
 
 def raise_fd_limit() -> None:

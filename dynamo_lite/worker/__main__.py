@@ -157,7 +157,7 @@ def parse_args(
     prog: str = "python -m dynamo_lite.worker",
 ) -> WorkerSettings:
     args = build_parser(engine_default, prog).parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args)
     raise_fd_limit()
     return settings_from(args)
 

@@ -186,7 +186,6 @@ async def test_sampling_options_mapping_top_level_and_nvext(
         "top_p": 0.9,
         "seed": 7,
         "nvext": {"ignore_eos": True, "min_tokens": 20, "top_k": 5},
-        "some_unknown_field": {"x": 1},
     }
     r = await http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200, r.text

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import pytest_asyncio
@@ -386,3 +387,58 @@ async def test_responses_api_smollm2_matches_chat(
     async with gpt_client.responses.stream(model="smollm2", input="Capital of France?") as stream:
         final = await stream.get_final_response()
     assert final.output_text == "Paris is the capital of France."
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+async def test_tool_choice_none_keeps_the_tools_out_of_the_prompt(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer, endpoint: str
+) -> None:
+    prompts = []
+    for choice in ("auto", "none"):
+        play(gpt_backend, gpt_tok, answer("a", "b"))
+        if endpoint == "chat":
+            await gpt_client.chat.completions.create(
+                model=GPT, messages=SEED_MESSAGES, tools=[WEATHER_TOOL], tool_choice=choice
+            )
+        else:
+            tool = {"type": "function", **WEATHER_TOOL["function"]}
+            await gpt_client.responses.create(model=GPT, input="Rome?", tools=[tool], tool_choice=choice)
+        prompts.append(gpt_tok.decode(gpt_backend.requests[-1].token_ids, skip_special_tokens=False))
+    assert "get_weather" in prompts[0]
+    assert "get_weather" not in prompts[1]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tool_choice": "required"},
+        {"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+        {"parallel_tool_calls": False},
+    ],
+)
+async def test_tool_choices_not_implemented_are_400_naming_the_field(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, extra: dict
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        await gpt_client.chat.completions.create(
+            model=GPT, messages=SEED_MESSAGES, tools=[WEATHER_TOOL], **extra
+        )
+    assert err.value.body["param"] == next(iter(extra))
+    assert not gpt_backend.requests
+
+
+async def test_tokenize_a_chat_goes_through_harmony(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, tools=[WEATHER_TOOL])
+    sent = gpt_backend.requests[-1].token_ids
+    base = str(gpt_client.base_url).removesuffix("/").removesuffix("/v1")
+    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+        r = await http.post(
+            "/tokenize", json={"model": GPT, "messages": SEED_MESSAGES, "tools": [WEATHER_TOOL]}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == sent
+        back = await http.post("/detokenize", json={"model": GPT, "tokens": sent})
+    assert back.json()["prompt"].startswith("<|start|>system<|message|>")
