@@ -14,7 +14,6 @@ event loop (``GrammarCompiler.state``).
 from __future__ import annotations
 
 import json
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dynamo_lite.engines.guided import choice_regex
 from dynamo_lite.protocol import GuidedKind, GuidedSpec
 
 CACHE_SIZE = 64  # compiled grammars kept per engine
@@ -30,11 +30,6 @@ _JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 class GrammarError(ValueError):
     """The spec does not compile (invalid schema or regex), or generated tokens violate it."""
-
-
-def choice_regex(choices: list[str]) -> str:
-    """A regex matching exactly one of ``choices`` (how a choice constraint is compiled)."""
-    return "(" + "|".join(re.escape(c) for c in choices) + ")"
 
 
 class GrammarState:
