@@ -567,7 +567,12 @@ class TorchEngine:
                 logits = self._model.forward(batch, self._cache)
             samplers = [s.sampler for s in plan.sample]
             mask_rows(logits, [s.grammar for s in plan.sample])
-            tokens = sample_batch(logits, samplers, [suppressed_ids(s, self.eos_ids) for s in plan.sample])
+            # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
+            # leave a row with no token at all).
+            suppress = [
+                None if s.grammar is not None else suppressed_ids(s, self.eos_ids) for s in plan.sample
+            ]
+            tokens = sample_batch(logits, samplers, suppress)
         except Exception as e:
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
             for seq in plan.sequences:

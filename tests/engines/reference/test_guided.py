@@ -94,6 +94,17 @@ async def test_choice_output_is_one_of_the_choices(engines, tokenizer) -> None:
         assert text(tokenizer, chunks) in CHOICES
 
 
+async def test_a_grammar_that_must_end_wins_over_min_tokens(engines, tokenizer) -> None:
+    """Once "Paris" is complete only a stop token is allowed; min_tokens must not mask that away too (a row
+    with no allowed token would fail the whole step)."""
+    ids = tokenizer.encode(chat("Which city is the capital of France?"), add_special_tokens=False).ids
+    for temperature in (0.0, 1.0):
+        spec = guided(GuidedKind.CHOICE, choices=CHOICES, temperature=temperature, seed=1, min_tokens=8)
+        chunks = await collect(engines["agg"], request(ids, f"m{temperature}", max_tokens=10, **spec))
+        assert chunks[-1].finish_reason is FinishReason.STOP
+        assert text(tokenizer, chunks) in CHOICES
+
+
 async def test_json_schema_and_json_object(engines, tokenizer) -> None:
     ids = tokenizer.encode(chat("Describe the weather in a city as JSON."), add_special_tokens=False).ids
     for seed in range(3):
