@@ -32,12 +32,12 @@ def guided_spec(req: Any) -> tuple[GuidedSpec, str] | None:
     """The request's structured-output constraint and the field it came from, or None; 400 when malformed or
     when several are given."""
     found: list[tuple[GuidedSpec, str]] = []
-    rf = getattr(req, "response_format", None)
+    rf = _declared(req, "response_format")
     if rf is not None:
         spec = _from_response_format(rf, "response_format")
         if spec is not None:
             found.append((spec, "response_format"))
-    text = getattr(req, "text", None)
+    text = _declared(req, "text")
     if isinstance(text, dict) and isinstance(text.get("format"), dict):
         fmt = dict(text["format"])
         if fmt.get("type") == "json_schema":  # the Responses API flattens json_schema into format
@@ -45,11 +45,11 @@ def guided_spec(req: Any) -> tuple[GuidedSpec, str] | None:
         spec = _from_response_format(fmt, "text.format")
         if spec is not None:
             found.append((spec, "text.format"))
-    nv = getattr(req, "nvext", None)
+    nv = _declared(req, "nvext")
     for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        value = getattr(req, name, None)
+        value = _declared(req, name)
         if value is None and nv is not None:
-            value = getattr(nv, name, None)
+            value = _declared(nv, name)
         if value is not None:
             found.append((_from_guided(name, value), name))
     if len(found) > 1:
@@ -58,6 +58,11 @@ def guided_spec(req: Any) -> tuple[GuidedSpec, str] | None:
             f"at most one structured-output constraint per request, got {names}", param=found[1][1]
         )
     return found[0] if found else None
+
+
+def _declared(model: Any, name: str) -> Any:
+    """A field the request's model declares (an undeclared extra field of that name is not a constraint)."""
+    return getattr(model, name) if name in type(model).model_fields else None
 
 
 def _from_response_format(rf: Any, param: str) -> GuidedSpec | None:
