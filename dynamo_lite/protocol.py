@@ -55,6 +55,24 @@ class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, forbi
     """Base of every wire message: compact, typed, no cycles."""
 
 
+class GuidedKind(enum.IntEnum):
+    """Which grammar a guided (structured-output) request's tokens must follow."""
+
+    JSON_SCHEMA = 0  # ``value``: a JSON schema (JSON text)
+    JSON_OBJECT = 1  # any JSON object (``response_format`` json_object)
+    REGEX = 2  # ``value``: a regular expression the whole output matches
+    CHOICE = 3  # ``choices``: the output is exactly one of them
+
+
+class GuidedSpec(_Wire):
+    """A structured-output constraint as the request stated it (the grammar's source, never compiled state):
+    each engine compiles it with its own grammar backend. ``dynamo_lite.frontend.guided`` builds it."""
+
+    kind: GuidedKind
+    value: str = ""
+    choices: list[str] = []
+
+
 class SamplingOptions(_Wire):
     """Per-request sampling and stop conditions, as the engines understand them."""
 
@@ -66,6 +84,7 @@ class SamplingOptions(_Wire):
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    guided: GuidedSpec | None = None  # structured output: the tokens follow this grammar
 
 
 class KvDescriptor(_Wire):

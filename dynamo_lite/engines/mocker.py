@@ -305,6 +305,12 @@ class MockerEngine:
         if request.sampling.max_tokens < 1:
             raise EngineError("max_tokens must be at least 1", 400, "invalid_request")
         if (
+            request.sampling.guided is not None
+        ):  # it simulates timing, not tokens: a grammar can't be honoured
+            raise EngineError(
+                "structured output is not supported by the mocker engine", 400, "invalid_request"
+            )
+        if (
             len(request.token_ids) + request.sampling.max_tokens
             > int(self.settings.extra.get("max_seq_len", self.settings.max_seq_len))
             and self.settings.max_seq_len > 0

@@ -134,6 +134,11 @@ _COMMON: dict[str, Field] = {
     "ignore_eos": extension(),
     "stop_token_ids": extension(),
     "nvext": extension(nested=NVEXT),
+    # Dynamo flattens its structured-output fields to the top level too (CommonExt)
+    "guided_json": elsewhere("structured output"),
+    "guided_regex": elsewhere("structured output"),
+    "guided_grammar": elsewhere("structured output"),
+    "guided_choice": elsewhere("structured output"),
     "min_p": refused(f"min_p {NOT_SUPPORTED}", 0),
     "repetition_penalty": refused(f"repetition_penalty {NOT_SUPPORTED} (only 1)", 1),
     "include_stop_str_in_output": refused(f"include_stop_str_in_output {NOT_SUPPORTED}", False),
@@ -174,6 +179,7 @@ CHAT: dict[str, Field] = {
 COMPLETIONS: dict[str, Field] = {
     **_COMMON,
     "prompt": honoured(),
+    "response_format": elsewhere("structured output"),
     "logprobs": refused(f"logprobs {NOT_SUPPORTED}"),
     "echo": refused(f"echo {NOT_SUPPORTED}", False),
     "best_of": refused("best_of must be 1", 1),

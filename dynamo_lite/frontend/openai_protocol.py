@@ -27,6 +27,12 @@ class NvExt(_Model):
     min_tokens: int | None = Field(default=None, ge=0)
     top_k: int | None = Field(default=None, ge=-1)
     greed_sampling: bool | None = None
+    # Structured output (Dynamo's names; ``dynamo_lite.frontend.guided``): a schema (object or JSON text), a
+    # regex, or choices.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # refused: no EBNF grammars
 
 
 class ContentPart(_Model):
@@ -59,6 +65,10 @@ class _GenerationParams(_Model):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     nvext: NvExt | None = None
 
 
@@ -96,6 +106,7 @@ class CompletionRequest(_GenerationParams):
     echo: bool | None = False
     best_of: int | None = None
     suffix: str | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class ReasoningOptions(_Model):

@@ -24,6 +24,7 @@ from dynamo_lite.frontend.chunks import (
 )
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
 from dynamo_lite.frontend.fields import tools_for_prompt
+from dynamo_lite.frontend.guided import check_spec, guided_spec
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -37,7 +38,7 @@ from dynamo_lite.frontend.preprocess import ModelPreprocessor, PreprocessorCache
 from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_tools, input_messages
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard, SamplingOptions
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest, GuidedSpec, ModelCard, SamplingOptions
 from dynamo_lite.runtime.request_notes import open_notes
 
 logger = logging.getLogger(__name__)
@@ -174,9 +175,7 @@ class CompletionService:
             raise bad_request("logprobs are not supported", param="logprobs")
         if req.top_logprobs:
             raise bad_request("top_logprobs are not supported", param="top_logprobs")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            # structured output would be silently ignored: refuse it instead
-            raise bad_request("only response_format type 'text' is supported", param="response_format")
+        guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
         ids = await pre.chat_prompt_ids(
@@ -187,7 +186,8 @@ class CompletionService:
             extra=req.template_kwargs(),
         )
         max_tokens = _first(req.max_completion_tokens, req.max_tokens, default=None)
-        return self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        prepared = self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        return _with_guided(prepared, guided)
 
     async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
         _check_common(req)
@@ -200,6 +200,7 @@ class CompletionService:
                     param="previous_response_id",
                 )
         messages, conversation = input_messages(req, previous)
+        guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
         ids = await pre.chat_prompt_ids(
@@ -212,6 +213,7 @@ class CompletionService:
             RESPONSES, api.response_id, request_id, req, card, pre, ids, req.max_output_tokens
         )
         prepared.responses = api
+        _with_guided(prepared, guided)
         prepared.created = api.created_at
         return prepared
 
@@ -225,6 +227,7 @@ class CompletionService:
             raise bad_request("best_of must be 1", param="best_of")
         if req.suffix:
             raise bad_request("suffix is not supported", param="suffix")
+        guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
         prompt = req.prompt
@@ -243,7 +246,10 @@ class CompletionService:
             max_tokens = max(
                 1, min(self._settings.completions_default_max_tokens, card.context_length - len(ids))
             )
-        return self._prepare(COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        prepared = self._prepare(
+            COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens
+        )
+        return _with_guided(prepared, guided)
 
     def _prepare(
         self,
@@ -475,6 +481,27 @@ class CompletionService:
         if ex.disconnected:
             mm.disconnects.inc()
         self._metrics.request_done(p.model, p.endpoint, status)
+
+
+async def _guided(
+    req: ChatCompletionRequest | CompletionRequest | ResponsesRequest,
+) -> tuple[GuidedSpec, str] | None:
+    """The request's structured-output constraint and its field, compile-checked (400 naming the field)."""
+    found = guided_spec(req)
+    if found is not None:
+        await check_spec(*found)
+    return found
+
+
+def _with_guided(p: PreparedRequest, guided: tuple[GuidedSpec, str] | None) -> PreparedRequest:
+    if guided is not None:
+        spec, param = guided
+        if p.pre.has_reasoning:  # the grammar would constrain the reasoning (harmony channels) too
+            raise bad_request(
+                f"{param}: structured output is not supported for reasoning models", param=param
+            )
+        p.request.sampling.guided = spec
+    return p
 
 
 def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:

@@ -14,6 +14,8 @@ from dynamo_lite.protocol import (
     FinishReason,
     GenerateChunk,
     GenerateRequest,
+    GuidedKind,
+    GuidedSpec,
     KvDescriptor,
     Phase,
     SamplingOptions,
@@ -199,3 +201,11 @@ async def test_script_plays_across_prefill_and_decode_and_stops_at_a_stop_id(
         assert tokens(short) == want[:3] and short[-1].finish_reason == FinishReason.LENGTH
     finally:
         await eng.stop()
+
+
+async def test_guided_requests_are_refused_with_400(engine: MockerEngine) -> None:
+    """The mocker makes up tokens: it cannot honour a grammar, and says so rather than ignore it."""
+    sampling = SamplingOptions(max_tokens=4, guided=GuidedSpec(GuidedKind.JSON_OBJECT))
+    with pytest.raises(EngineError) as e:
+        await collect(engine, GenerateRequest("g", "mock", PROMPT, sampling))
+    assert e.value.status == 400 and "structured output" in str(e.value)

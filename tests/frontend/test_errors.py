@@ -61,7 +61,7 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient) -> None:
         ({"messages": HI}, "model"),
         ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ({"model": MODEL, "messages": HI, "nvext": {"min_tokens": "3"}}, "nvext.min_tokens"),
-        ({"model": MODEL, "messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"model": MODEL, "messages": HI, "response_format": {"type": "xml"}}, "response_format"),
         ({"model": MODEL, "messages": HI, "stop": ["x"] * 17}, "stop"),
         ({"model": MODEL, "messages": HI, "min_tokens": 50, "max_tokens": 10}, "min_tokens"),
     ],

@@ -34,6 +34,7 @@ from dynamo_lite.engines.reference.gpt_oss_loader import (
     random_gpt_oss_weights,
 )
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
+from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
 from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
 from dynamo_lite.engines.reference.loader import load_weights, model_config
 from dynamo_lite.engines.reference.model import LlamaModel, build_step
@@ -78,6 +79,9 @@ class TorchEngine:
         self.exporter: KvExporter | None = None
         self.pacing = StreamPacing()  # the worker's (adapted to the load); by default every step
         self.on_kv_event: Callable[[tuple[int, list[int]]], None] | None = None  # set by the worker
+        self._grammars = GrammarCompiler(
+            model_files.tokenizer_json, self.model_config.vocab_size, sorted(self.eos_ids)
+        )
         self._kv_config = config.kv_config()
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -179,6 +183,8 @@ class TorchEngine:
             stream=stream,
             num_generated=len(generated),
         )
+        if opts.guided is not None:
+            seq.grammar = await self._grammar_state(request)
         submitted = False
         try:
             if request.phase is Phase.DECODE and request.kv is not None:
@@ -228,6 +234,18 @@ class TorchEngine:
         try:
             validate(request.sampling, cfg.vocab_size)
         except SamplingError as e:
+            raise EngineError(str(e), status=400, code="invalid_request") from e
+
+    async def _grammar_state(self, request: GenerateRequest) -> Any:
+        """The request's grammar matcher, past the tokens it already has (compiled off the event loop)."""
+        opts = request.sampling
+        assert opts.guided is not None
+        stop_ids = [] if opts.ignore_eos else sorted({*opts.stop_token_ids, *self.eos_ids})
+        try:
+            return await asyncio.to_thread(
+                self._grammars.state, opts.guided, stop_ids, list(request.generated_ids)
+            )
+        except GrammarError as e:
             raise EngineError(str(e), status=400, code="invalid_request") from e
 
     async def _pull(self, request: GenerateRequest, seq: Sequence) -> tuple[Any, int]:
@@ -548,7 +566,13 @@ class TorchEngine:
                 )
                 logits = self._model.forward(batch, self._cache)
             samplers = [s.sampler for s in plan.sample]
-            tokens = sample_batch(logits, samplers, [suppressed_ids(s, self.eos_ids) for s in plan.sample])
+            mask_rows(logits, [s.grammar for s in plan.sample])
+            # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
+            # leave a row with no token at all).
+            suppress = [
+                None if s.grammar is not None else suppressed_ids(s, self.eos_ids) for s in plan.sample
+            ]
+            tokens = sample_batch(logits, samplers, suppress)
         except Exception as e:
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
             for seq in plan.sequences:
@@ -565,10 +589,16 @@ class TorchEngine:
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         assert self._scheduler is not None
+        if seq.grammar is not None and not seq.grammar.accept(token):  # masked out: never, unless a bug
+            self._scheduler.remove(seq)
+            seq.stream.fail(EngineError(f"sampled token {token} outside the request's grammar", status=500))
+            return
         seq.tokens.append(token)
         seq.num_generated += 1
         self._stats.total_tokens += 1
         reason = stop_reason(seq, token, self.eos_ids, self.max_seq_len)
+        if reason is None and seq.grammar is not None and seq.grammar.terminated:
+            reason = FinishReason.STOP
         if seq.phase is Phase.PREFILL:
             desc = self._export(seq) if reason is None else None  # reads the slot: before it is freed
             self._scheduler.remove(seq)

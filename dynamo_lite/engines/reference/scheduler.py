@@ -50,6 +50,7 @@ class Sequence:
     transfer_id: str = ""  # prefill phase: the exporter hold of this sequence's KV
     delivered: bool = False  # prefill phase: the descriptor reached the consumer
     abandoned: bool = False  # the consumer is gone (set by the event loop; the engine thread checks it)
+    grammar: Any = None  # a GrammarState when the request is guided (structured output)
     arrival: float = field(default_factory=time.monotonic)
 
     @property

@@ -1,9 +1,10 @@
 """The part of ``tensorrt_llm`` the engine touches, imported once, with a one-line error when it is missing.
 
 The engine uses TensorRT-LLM's documented LLM API only: ``LLM(model=..., **args)``, ``SamplingParams``,
-``DisaggregatedParams``, ``LLM.generate_async(...)`` returning a ``RequestOutput`` (async-iterable;
-``.outputs[0]`` with cumulative ``token_ids``, ``finish_reason``, ``disaggregated_params``; ``.finished``;
-``.abort()``), and ``LLM.shutdown()``; plus the ``tensorrt_llm.llmapi`` config classes for nested sections.
+``DisaggregatedParams``, ``GuidedDecodingParams``, ``LLM.generate_async(...)`` returning a ``RequestOutput``
+(async-iterable; ``.outputs[0]`` with cumulative ``token_ids``, ``finish_reason``, ``disaggregated_params``;
+``.finished``; ``.abort()``), and ``LLM.shutdown()``; plus the ``tensorrt_llm.llmapi`` config classes for nested
+sections.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class TrtllmApi:
     DisaggregatedParams: Any
     config_classes: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    GuidedDecodingParams: Any = None  # tensorrt_llm.llmapi's; None: this release has no guided decoding
 
     def materialize(self, args: dict[str, Any]) -> dict[str, Any]:
         """``args`` with the nested config mappings replaced by TensorRT-LLM config objects."""
@@ -83,4 +85,5 @@ def import_tensorrt_llm(module: str = "tensorrt_llm") -> TrtllmApi:
         DisaggregatedParams=disagg_cls,
         config_classes=classes,
         version=str(getattr(trtllm, "__version__", "")),
+        GuidedDecodingParams=getattr(llmapi, "GuidedDecodingParams", None),
     )

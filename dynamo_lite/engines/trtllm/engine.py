@@ -254,10 +254,31 @@ class TrtllmEngine:
         return self._full_plan(request)
 
     def _sampling(self, request: GenerateRequest, max_tokens: int) -> Any:
+        kwargs = sampling_kwargs(request.sampling, max_tokens=max_tokens)
         try:
-            return self._api.SamplingParams(**sampling_kwargs(request.sampling, max_tokens=max_tokens))
+            if "guided_decoding" in kwargs:
+                kwargs["guided_decoding"] = self._guided_decoding(kwargs["guided_decoding"])
+            return self._api.SamplingParams(**kwargs)
         except (TypeError, ValueError) as e:
             raise EngineError(f"invalid sampling options: {e}", status=400, code="invalid_request") from e
+
+    def _guided_decoding(self, kwargs: dict[str, Any]) -> Any:
+        """TensorRT-LLM's ``GuidedDecodingParams``; refused (400) unless the LLM was built with a grammar
+        backend (``guided_decoding_backend: xgrammar`` in the engine args), which TensorRT-LLM needs to honour it."""
+        if self._api.GuidedDecodingParams is None:
+            raise EngineError(
+                f"structured output: TensorRT-LLM {self._api.version} has no GuidedDecodingParams",
+                status=400,
+                code="invalid_request",
+            )
+        if not self.llm_args.get("guided_decoding_backend"):
+            raise EngineError(
+                "structured output is off on this worker: start it with guided_decoding_backend: xgrammar "
+                "in --extra-engine-args",
+                status=400,
+                code="invalid_request",
+            )
+        return self._api.GuidedDecodingParams(**kwargs)
 
     async def _run(self, llm: Any, plan: _Plan) -> AsyncIterator[GenerateChunk]:
         started = time.perf_counter()

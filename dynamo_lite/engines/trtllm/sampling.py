@@ -6,14 +6,17 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
 - "off" is ``None``: ``top_k=0`` and ``top_p=1.0`` are left out rather than passed through;
 - ``max_tokens`` comes from the caller: the phase decides it (1 for a context-only prefill, the request's
   total for a generation-only decode, whose output starts with the prefill's first token);
-- ``detokenize=False``: the frontend turns ids into text, the engine need not.
+- ``detokenize=False``: the frontend turns ids into text, the engine need not;
+- structured output is ``guided_decoding``, given here as ``GuidedDecodingParams`` keyword arguments (the engine
+  builds the object): a choice becomes a regex (TensorRT-LLM has no choice guide).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dynamo_lite.protocol import SamplingOptions
+from dynamo_lite.engines.guided import choice_regex
+from dynamo_lite.protocol import GuidedKind, GuidedSpec, SamplingOptions
 
 
 def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, Any]:
@@ -33,4 +36,17 @@ def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, A
         kwargs["min_tokens"] = min(options.min_tokens, max_tokens)
     if options.stop_token_ids:
         kwargs["stop_token_ids"] = list(options.stop_token_ids)
+    if options.guided is not None:
+        kwargs["guided_decoding"] = guided_decoding_kwargs(options.guided)
     return kwargs
+
+
+def guided_decoding_kwargs(spec: GuidedSpec) -> dict[str, Any]:
+    """Keyword arguments for ``tensorrt_llm.llmapi.GuidedDecodingParams`` (exactly one guide set)."""
+    if spec.kind is GuidedKind.JSON_SCHEMA:
+        return {"json": spec.value}
+    if spec.kind is GuidedKind.JSON_OBJECT:
+        return {"json_object": True}
+    if spec.kind is GuidedKind.REGEX:
+        return {"regex": spec.value}
+    return {"regex": choice_regex(spec.choices)}

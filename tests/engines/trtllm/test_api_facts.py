@@ -17,7 +17,7 @@ from dynamo_lite.engines.engine_args import load_engine_args_yaml
 from dynamo_lite.engines.trtllm import disagg, facts
 from dynamo_lite.engines.trtllm.args import build_llm_args
 from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
-from dynamo_lite.protocol import SamplingOptions
+from dynamo_lite.protocol import GuidedKind, GuidedSpec, SamplingOptions
 
 ROOT = Path(__file__).resolve().parents[3]
 TRTLLM_CONFIGS = sorted(
@@ -119,6 +119,7 @@ def test_every_sampling_keyword_is_in_the_recorded_api(release: str) -> None:
         seed=1,
         ignore_eos=True,
         stop_token_ids=[3],
+        guided=GuidedSpec(GuidedKind.REGEX, "[a-z]+"),
     )
     for options in (everything, SamplingOptions(temperature=0.0)):
         assert _problems(sampling_kwargs(options, max_tokens=4), "SamplingParams", release) == []
@@ -149,6 +150,7 @@ def test_the_standins_signatures_match_the_recorded_api(standin: ModuleType) -> 
     assert facts.release_line(standin.__version__) == latest
     assert _dataclass_fields(standin.SamplingParams) <= set(facts.fields("SamplingParams", latest))
     assert _dataclass_fields(standin.DisaggregatedParams) <= set(facts.fields("DisaggregatedParams", latest))
+    assert _dataclass_fields(llmapi.GuidedDecodingParams) <= set(facts.fields("GuidedDecodingParams", latest))
     for section in ("KvCacheConfig", "CudaGraphConfig", "MoeConfig", "CacheTransceiverConfig"):
         assert _dataclass_fields(getattr(llmapi, section)) <= set(facts.fields(section, latest)), section
     assert llmapi.KNOWN_ARGS <= set(facts.fields("TorchLlmArgs", latest))

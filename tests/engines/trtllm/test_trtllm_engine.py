@@ -12,7 +12,15 @@ from trtllm_testing import EOS_ID, make_engine
 from dynamo_lite.engines.base import EngineError, StreamPacing
 from dynamo_lite.engines.engine_args import EngineArgsError
 from dynamo_lite.engines.trtllm import TrtllmEngine
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, KvDescriptor, Phase, SamplingOptions
+from dynamo_lite.protocol import (
+    GenerateChunk,
+    GenerateRequest,
+    GuidedKind,
+    GuidedSpec,
+    KvDescriptor,
+    Phase,
+    SamplingOptions,
+)
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17]
 
@@ -385,3 +393,26 @@ async def test_concurrent_requests_do_not_mix(standin: ModuleType, model_dir: Pa
     assert [tokens(c) for c in together] == singles
     assert engine.stats().active_seqs == 0
     await engine.stop()
+
+
+async def test_guided_requests_become_guided_decoding_params(standin: ModuleType, model_dir: Path) -> None:
+    """Structured output reaches TensorRT-LLM as ``SamplingParams.guided_decoding`` on both phases, when the
+    LLM has a grammar backend; without one the request is refused rather than silently unconstrained."""
+    spec = GuidedSpec(GuidedKind.JSON_SCHEMA, '{"type":"object"}')
+    sampling = SamplingOptions(max_tokens=4, ignore_eos=True, guided=spec)
+    engine = await started(model_dir, "prefill", {"guided_decoding_backend": "xgrammar"})
+    try:
+        assert engine._llm.args["guided_decoding_backend"] == "xgrammar"
+        await collect(engine, request(Phase.PREFILL, sampling=sampling))
+        guided = engine._llm.requests[-1].sampling_params.guided_decoding
+        assert isinstance(guided, standin.llmapi.GuidedDecodingParams)
+        assert (guided.json, guided.regex, guided.json_object) == ('{"type":"object"}', None, False)
+    finally:
+        await engine.stop()
+    engine = await started(model_dir, "agg")
+    try:
+        with pytest.raises(EngineError, match="guided_decoding_backend") as e:
+            await collect(engine, request(sampling=sampling))
+        assert e.value.status == 400
+    finally:
+        await engine.stop()

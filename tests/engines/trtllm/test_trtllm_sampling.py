@@ -7,7 +7,7 @@ from types import ModuleType
 import pytest
 
 from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
-from dynamo_lite.protocol import SamplingOptions
+from dynamo_lite.protocol import GuidedKind, GuidedSpec, SamplingOptions
 
 
 def test_greedy_is_top_k_1_without_temperature() -> None:
@@ -43,3 +43,20 @@ def test_kwargs_are_accepted_by_sampling_params(standin: ModuleType, options: Sa
     params = standin.SamplingParams(**sampling_kwargs(options, max_tokens=4))
     assert params.max_tokens == 4
     assert params.detokenize is False
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        (GuidedSpec(GuidedKind.JSON_SCHEMA, '{"type":"object"}'), {"json": '{"type":"object"}'}),
+        (GuidedSpec(GuidedKind.JSON_OBJECT), {"json_object": True}),
+        (GuidedSpec(GuidedKind.REGEX, "[a-z]+"), {"regex": "[a-z]+"}),
+        (GuidedSpec(GuidedKind.CHOICE, choices=["a.b", "c"]), {"regex": r"(a\.b|c)"}),
+    ],
+)
+def test_guided_specs_map_to_guided_decoding_params(
+    standin: ModuleType, spec: GuidedSpec, expected: dict
+) -> None:
+    kw = sampling_kwargs(SamplingOptions(guided=spec), max_tokens=4)
+    assert kw["guided_decoding"] == expected
+    standin.llmapi.GuidedDecodingParams(**kw["guided_decoding"])  # one guide: accepted

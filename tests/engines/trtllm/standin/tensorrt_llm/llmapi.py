@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorrt_llm.disaggregated_params import DisaggregatedParams
-from tensorrt_llm.sampling_params import SamplingParams
+from tensorrt_llm.sampling_params import GuidedDecodingParams, SamplingParams  # noqa: F401 (llmapi exports it)
 
 PENDING_KV: dict[int, int] = {}
 """ctx_request_id → prompt length of every context-only result whose KV no generation-only request has taken
@@ -140,6 +140,7 @@ _OTHER_ARGS = (
     "torch_compile_config",
     "attention_dp_config",
     "reasoning_parser",
+    "guided_decoding_backend",
 )
 KNOWN_ARGS = frozenset(_INT_ARGS + _BOOL_ARGS + _OTHER_ARGS + tuple(_SECTIONS))
 

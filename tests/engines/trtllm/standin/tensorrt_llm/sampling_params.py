@@ -6,6 +6,23 @@ from dataclasses import dataclass
 
 
 @dataclass(slots=True, kw_only=True)
+class GuidedDecodingParams:
+    json: str | dict | None = None
+    regex: str | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        guides = sum(
+            bool(getattr(self, name))
+            for name in ("json", "regex", "grammar", "json_object", "structural_tag")
+        )
+        if guides > 1:
+            raise ValueError(f"Only one guide can be used for a request, but got {guides}.")
+
+
+@dataclass(slots=True, kw_only=True)
 class SamplingParams:
     end_id: int | None = None
     pad_id: int | None = None
@@ -27,6 +44,7 @@ class SamplingParams:
     ignore_eos: bool = False
     detokenize: bool = True
     skip_special_tokens: bool = True
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         if self.pad_id is None:
@@ -38,5 +56,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be > 0 (use top_k=1 for greedy), got {self.temperature}")
         if self.top_p is not None and not 0.0 <= self.top_p <= 1.0:
             raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            raise TypeError("guided_decoding must be a GuidedDecodingParams")
         if self.best_of < self.n:
             raise ValueError(f"best_of ({self.best_of}) cannot be less than n ({self.n})")
