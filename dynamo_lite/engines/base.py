@@ -31,6 +31,7 @@ class EngineStats:
     queued: int = 0
     kv_bytes_held: int = 0  # KV kept for transfer (prefill side), not yet pulled
     kv_usage: float = 0.0  # fraction of the engine's KV capacity in use
+    kv_total_blocks: int = 0  # KV blocks the engine has (0: not known)
     last_batch_size: int = 0
     total_tokens: int = 0
     kv_transfers: int = 0

@@ -206,6 +206,7 @@ class MockerEngine:
         s = self._stats
         s.active_seqs, s.queued = len(self._active), len(self._waiting)
         capacity = self.cache_blocks * self.block_size
+        s.kv_total_blocks = self.cache_blocks
         s.kv_usage = min(1.0, sum(q.kv_tokens for q in self._active) / capacity) if capacity else 0.0
         return s
 

@@ -324,7 +324,7 @@ class CompletionService:
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)
         mm.inflight.inc()
-        mm.input_tokens.inc(len(p.request.token_ids))
+        mm.input_sequence.observe(len(p.request.token_ids))
         fmt = p.stream_format() if p.stream else None
         status = 200
         stream = None
@@ -443,10 +443,11 @@ class CompletionService:
     def _done(self, p: PreparedRequest, mm: Any, out: OutputState, status: int, ex: Exchange) -> None:
         mm.inflight.dec()
         mm.output_tokens.inc(out.completion_tokens)
+        mm.output_sequence.observe(out.completion_tokens)
         mm.duration.observe(time.perf_counter() - p.arrival)
         if ex.disconnected:
-            mm.disconnects.inc()
-        self._metrics.request_done(p.model, p.endpoint, status)
+            self._metrics.disconnects.inc()
+        self._metrics.request_done(p.model, p.endpoint, status, p.stream)
 
 
 def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:

@@ -41,7 +41,7 @@ from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
 from dynamo_lite.worker.handlers import RequestHandler, handler_for
-from dynamo_lite.worker.metrics import WorkerMetrics
+from dynamo_lite.worker.metrics import WorkerMetrics, component_name
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,13 @@ class Worker:
         self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.role}")
         self.card = self.model_card()
         labels = {"model": self.card.served_name, "role": s.role.value, "instance": self.runtime.instance_id}
-        self.metrics = WorkerMetrics(self.engine.stats, labels)
+        component = {
+            "dynamo_namespace": s.runtime.namespace,
+            "dynamo_component": component_name(s.role.value),
+            "dynamo_endpoint": s.endpoint,
+            "model": self.card.served_name,
+        }
+        self.metrics = WorkerMetrics(self.engine.stats, labels, component=component)
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -237,22 +243,31 @@ class Worker:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
         phase_name = request.phase.name.lower()
-        assert self._handler is not None
+        assert self._handler is not None and self.metrics is not None
+        metrics = self.metrics
+        metrics.request_bytes.inc(len(payload))
+        metrics.component_inflight.inc()
         self.inflight += 1  # the request plane keeps this within max_inflight
         started = time.monotonic()
         status = "cancelled"
+        sent = 0
         try:
             async with aclosing(self._handler.generate(request)) as chunks:
                 async for chunk in chunks:
-                    yield encode(chunk)
+                    data = encode(chunk)
+                    sent += len(data)
+                    yield data
             status = "ok"
         except Exception:
             status = "error"
             raise
         finally:
             self.inflight -= 1
-            assert self.metrics is not None
-            self.metrics.observe(phase_name, status, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            metrics.component_inflight.dec()
+            metrics.response_bytes.inc(sent)
+            metrics.observe(phase_name, status, elapsed)
+            metrics.component_done(status, elapsed)
 
     async def stop(self, drain_s: float | None = None) -> None:
         """Deregister, drain in-flight work for up to ``drain_s``, then shut everything down."""
