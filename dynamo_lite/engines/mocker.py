@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, S
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+from dynamo_lite.timing import note_kv_transfer
 
 log = logging.getLogger(__name__)
 
@@ -314,8 +316,10 @@ class MockerEngine:
         cached = 0
         if request.phase == Phase.DECODE and request.kv is not None:
             cached = request.kv.num_tokens
+            pull_started = time.perf_counter()
             if self.timing.kv_transfer_gbps > 0:
                 await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
+            note_kv_transfer(time.perf_counter() - pull_started, request.kv.nbytes, "mocker")
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
         seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.pacing), self._scripted(request))

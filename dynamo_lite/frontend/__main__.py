@@ -13,6 +13,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from dynamo_lite import tracing
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.policies import POLICIES
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     raise_fd_limit()
+    tracing.setup("dynamo_lite-frontend")  # only if OTEL_* configures it
     try:
         import uvloop
 
@@ -182,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 

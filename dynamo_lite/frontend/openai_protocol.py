@@ -25,6 +25,7 @@ class NvExt(_Model):
     min_tokens: int | None = Field(default=None, ge=0)
     top_k: int | None = Field(default=None, ge=-1)
     greed_sampling: bool | None = None
+    extra_fields: list[str] | None = None  # response metadata to return: "timing", "worker_id"
 
 
 class ContentPart(_Model):

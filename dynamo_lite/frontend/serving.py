@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dynamo_lite import tracing
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
     ChatStreamFormat,
@@ -21,6 +23,7 @@ from dynamo_lite.frontend.chunks import (
     usage_dict,
 )
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
+from dynamo_lite.frontend.extra_fields import nvext_chunk, requested, with_nvext
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -35,6 +38,7 @@ from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_too
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, ModelCard, SamplingOptions
+from dynamo_lite.timing import RequestTiming
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class PreparedRequest:
     include_usage: bool
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
+    received: float = 0.0  # time.perf_counter() before preprocessing (0: not measured)
+    extra_fields: frozenset[str] = frozenset()  # nvext.extra_fields to answer ("timing", "worker_id")
 
     @property
     def model(self) -> str:
@@ -159,6 +165,7 @@ class CompletionService:
         return ""
 
     async def prepare_chat(self, req: ChatCompletionRequest, request_id: str) -> PreparedRequest:
+        received = time.perf_counter()
         _check_common(req)
         if req.logprobs:
             raise bad_request("logprobs are not supported", param="logprobs")
@@ -177,9 +184,12 @@ class CompletionService:
             extra=req.template_kwargs(),
         )
         max_tokens = _first(req.max_completion_tokens, req.max_tokens, default=None)
-        return self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        prepared = self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        prepared.received = received
+        return prepared
 
     async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
+        received = time.perf_counter()
         _check_common(req)
         previous = None
         if req.previous_response_id is not None:
@@ -203,9 +213,11 @@ class CompletionService:
         )
         prepared.responses = api
         prepared.created = api.created_at
+        prepared.received = received
         return prepared
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
+        received = time.perf_counter()
         _check_common(req)
         if req.logprobs is not None:
             raise bad_request("logprobs are not supported", param="logprobs")
@@ -233,7 +245,11 @@ class CompletionService:
             max_tokens = max(
                 1, min(self._settings.completions_default_max_tokens, card.context_length - len(ids))
             )
-        return self._prepare(COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        prepared = self._prepare(
+            COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens
+        )
+        prepared.received = received
+        return prepared
 
     def _prepare(
         self,
@@ -300,6 +316,9 @@ class CompletionService:
             stream=stream,
             include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
             pre=pre,
+            extra_fields=requested(nv.extra_fields)
+            if nv is not None and endpoint != RESPONSES
+            else frozenset(),
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -328,17 +347,29 @@ class CompletionService:
         fmt = p.stream_format() if p.stream else None
         status = 200
         stream = None
+        rt = report = None
+        if p.extra_fields:  # the router adds its part to the task's RequestTiming
+            rt = RequestTiming(p.received or p.arrival, preprocessed=p.arrival)
+            rt.bind()
+            report = lambda: rt.report(p.extra_fields, out.completion_tokens)  # noqa: E731
+        root = _request_span(p)
+        token = tracing.activate(root)
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
                 stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
                 t.reschedule(start + settings.timeouts.request_s)
-                mm.ttft.observe(time.perf_counter() - p.arrival)
+                first_at = time.perf_counter()
+                mm.ttft.observe(first_at - p.arrival)
+                if rt is not None:
+                    rt.first_token = first_at
                 if fmt is not None:
-                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)
+                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, report)
                 else:
-                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl)
+                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl, report)
+                if root is not None:  # the output loop: detokenizing, stop strings, writing
+                    tracing.past_span("detokenize", time.perf_counter() - first_at, parent=root)
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
@@ -346,6 +377,11 @@ class CompletionService:
             status = await self._report_failure(exc, ex, rid, fmt)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
+            tracing.deactivate(token)
+            if root is not None:
+                root.set_attribute("http.status_code", status)
+                root.set_attribute("completion.tokens", out.completion_tokens)
+                root.end()
             self._done(p, mm, out, status, ex)
 
     @staticmethod
@@ -358,6 +394,7 @@ class CompletionService:
         chunk: GenerateChunk | None,
         out: OutputState,
         itl: Any,
+        report: Callable[[], dict] | None,
     ) -> None:
         perf_counter = time.perf_counter
         now = perf_counter()
@@ -379,6 +416,9 @@ class CompletionService:
                 t_chunk = perf_counter()
                 itl.observe((t_chunk - now) / len(chunk.token_ids))
                 now = t_chunk
+        if report is not None:
+            obj = "chat.completion.chunk" if p.endpoint == CHAT else "text_completion"
+            await ex.body(nvext_chunk(p.response_id, p.created, p.model, obj, report()))
         await ex.end(fmt.tail(p.usage(out), out.finish_reason or "stop"))
 
     @staticmethod
@@ -390,6 +430,7 @@ class CompletionService:
         chunk: GenerateChunk | None,
         out: OutputState,
         itl: Any,
+        report: Callable[[], dict] | None,
     ) -> None:
         transcript = Transcript()
         now = time.perf_counter()
@@ -403,6 +444,8 @@ class CompletionService:
                 itl.observe((t_chunk - now) / len(chunk.token_ids))
                 now = t_chunk
         body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
+        if report is not None:
+            body = with_nvext(body, report())
         await ex.respond(200, [*JSON_HEADERS, rid], body)
 
     async def _report_failure(
@@ -448,6 +491,27 @@ class CompletionService:
         if ex.disconnected:
             self._metrics.disconnects.inc()
         self._metrics.request_done(p.model, p.endpoint, status, p.stream)
+
+
+def _request_span(p: PreparedRequest) -> Any:
+    """The trace's root span for ``p`` (from its arrival) with its ``preprocess`` child; None when tracing is
+    off."""
+    received = p.received or p.arrival
+    now = time.perf_counter()
+    root = tracing.start_span(
+        "request",
+        start_s_ago=now - received,
+        attributes={"request.id": p.request.request_id, "model": p.model, "endpoint": p.endpoint},
+    )
+    if root is not None:
+        tracing.past_span(
+            "preprocess",
+            p.arrival - received,
+            {"prompt.tokens": len(p.request.token_ids)},
+            parent=root,
+            ended_s_ago=now - p.arrival,
+        )
+    return root
 
 
 def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from dynamo_lite import tracing
 from dynamo_lite.engines import build_engine, default_engine
 from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
@@ -40,6 +41,7 @@ from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
+from dynamo_lite.timing import worker_timing
 from dynamo_lite.worker.handlers import RequestHandler, handler_for
 from dynamo_lite.worker.metrics import WorkerMetrics, component_name
 
@@ -251,12 +253,19 @@ class Worker:
         started = time.monotonic()
         status = "cancelled"
         sent = 0
+        timing = worker_timing(self.instance_id)  # sent on the first chunk; the KV pull adds to it
         try:
-            async with aclosing(self._handler.generate(request)) as chunks:
-                async for chunk in chunks:
-                    data = encode(chunk)
-                    sent += len(data)
-                    yield data
+            with tracing.span(
+                phase_name, {"instance.id": self.instance_id, "prompt.tokens": len(request.token_ids)}
+            ):
+                async with aclosing(self._handler.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        if timing is not None:
+                            timing.first_chunk_ms = round((time.monotonic() - started) * 1000.0, 3)
+                            chunk.timing, timing = timing, None
+                        data = encode(chunk)
+                        sent += len(data)
+                        yield data
             status = "ok"
         except Exception:
             status = "error"
