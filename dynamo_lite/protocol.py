@@ -131,6 +131,7 @@ class WorkerTiming(_Wire):
 
     instance_id: str
     first_chunk_ms: float = 0.0  # request received → its first chunk sent (prefill: queue + compute)
+    engine_queue_ms: float = 0.0  # of that, waiting in the engine's queue for a batch slot
     kv_transfer_ms: float = 0.0  # the KV pulled from the prefill worker (decode side)
     kv_bytes: int = 0
     kv_transport: str = ""  # "tcp" | "shm" | "cuda_ipc" | "staged" | ...

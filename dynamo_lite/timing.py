@@ -53,6 +53,21 @@ def note_kv_transfer(seconds: float, nbytes: int, transport: str) -> None:
     tracing.past_span("kv_transfer", seconds, {"kv.bytes": nbytes, "kv.transport": transport})
 
 
+def note_engine_start(created: float, admitted: float) -> None:
+    """The engine's first output for the current request: it was queued at ``created`` and taken into a batch
+    at ``admitted`` (``time.perf_counter()``; 0: not known). Into its timing and, as ``queue`` and ``compute``
+    spans, its trace."""
+    if not admitted:
+        return
+    now = time.perf_counter()
+    wt = _worker.get()
+    if wt is not None and not wt.engine_queue_ms:
+        wt.engine_queue_ms = _ms(admitted - created)
+    if tracing.enabled():
+        tracing.past_span("queue", admitted - created, ended_s_ago=now - admitted)
+        tracing.past_span("compute", now - admitted)
+
+
 # ---- frontend side ----------------------------------------------------------------------------------------
 
 
@@ -116,6 +131,7 @@ class RequestTiming:
                 "queue_ms": _ms(self.queue_s),
                 "prefill_ms": _ms(self.prefill_s),
                 "prefill_worker_ms": self.prefill.first_chunk_ms if self.prefill else 0.0,
+                "prefill_queue_ms": self.prefill.engine_queue_ms if self.prefill else 0.0,
                 "kv_transfer_ms": kv.kv_transfer_ms if kv else 0.0,
                 "kv_transfer_bytes": kv.kv_bytes if kv else 0,
                 "kv_transport": kv.kv_transport if kv else "",

@@ -246,6 +246,7 @@ class MockerEngine:
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                 seq = self._waiting.popleft()
                 if not seq.cancelled:
+                    seq.stream.admitted()
                     admitted.append(seq)
             if admitted:
                 self._active.extend(admitted)  # before the prefill time, so that stop() sees them too

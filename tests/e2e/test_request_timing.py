@@ -4,6 +4,7 @@ the end-to-end time the client measured, within 5 %."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 import uuid
@@ -15,24 +16,27 @@ from tests.conftest import Services, start_frontend, start_worker, wait_until
 
 MODEL = "smol-mock"
 # Engine time as the mocker models it (not sped up): prefill and decode take real milliseconds.
-WORKER_ARGS = ("--served-model-name", MODEL, "--speedup-ratio", "1")
+MOCKER_ARGS = ("--engine", "mocker", "--served-model-name", MODEL, "--speedup-ratio", "1")
+TORCH_ARGS = ("--engine", "torch", "--served-model-name", MODEL, "--threads", "1", "--dtype", "float32")
 PARTS = ("preprocess_ms", "queue_ms", "prefill_ms", "decode_ms")
 
 
 @pytest.fixture
-def stack(services: Services):
-    ns = f"t{uuid.uuid4().hex[:8]}"
+def launch(services: Services):
     procs = []
-    try:
-        procs.append(start_worker(services, ns, "prefill", *WORKER_ARGS))
-        procs.append(start_worker(services, ns, "decode", *WORKER_ARGS))
+
+    def start(*worker_args: str) -> list:
+        ns = f"t{uuid.uuid4().hex[:8]}"
+        procs.append(start_worker(services, ns, "prefill", *worker_args, ready_timeout=120))
+        procs.append(start_worker(services, ns, "decode", *worker_args, ready_timeout=120))
         procs.append(start_frontend(services, ns))
-        yield procs
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.popen.wait(10)
+        return procs
+
+    yield start
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.popen.wait(10)
 
 
 def _post(http: httpx.Client, body: dict) -> tuple[httpx.Response, float]:
@@ -41,7 +45,7 @@ def _post(http: httpx.Client, body: dict) -> tuple[httpx.Response, float]:
     return r, (time.perf_counter() - started) * 1000.0
 
 
-def _check_breakdown(timing: dict, worker_id: dict, client_ms: float, prefill, decode) -> None:
+def _check_breakdown(timing: dict, worker_id: dict, client_ms: float, prefill, decode, transports) -> None:
     assert worker_id == {
         "prefill_worker_id": prefill.extra["instance_id"],
         "decode_worker_id": decode.extra["instance_id"],
@@ -52,7 +56,8 @@ def _check_breakdown(timing: dict, worker_id: dict, client_ms: float, prefill, d
     assert timing["prefill_ms"] > 0 and timing["decode_ms"] > 0
     # The workers' own view sits inside the router's round trips.
     assert 0 < timing["prefill_worker_ms"] <= timing["prefill_ms"]
-    assert timing["kv_transfer_bytes"] > 0 and timing["kv_transport"] == "mocker"
+    assert 0 <= timing["prefill_queue_ms"] < timing["prefill_worker_ms"]
+    assert timing["kv_transfer_bytes"] > 0 and timing["kv_transport"] in transports
     assert 0 <= timing["kv_transfer_ms"] <= timing["decode_ms"]
     assert timing["ttft_ms"] <= timing["total_ms"] <= client_ms
     assert timing["decode_ms"] > 0.5 * timing["total_ms"]  # the parts below are not one part's rounding error
@@ -62,9 +67,19 @@ def _check_breakdown(timing: dict, worker_id: dict, client_ms: float, prefill, d
     assert timing["total_ms"] >= 0.8 * client_ms, (timing["total_ms"], client_ms)
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_timing_parts_add_up_to_the_end_to_end_time(stack, stream: bool):
-    prefill, decode, frontend = stack
+@pytest.mark.parametrize(
+    ("engine", "stream"),
+    [("mocker", False), ("mocker", True), pytest.param("torch", False, marks=pytest.mark.slow)],
+)
+def test_timing_parts_add_up_to_the_end_to_end_time(launch, engine: str, stream: bool):
+    if engine == "torch":
+        if importlib.util.find_spec("torch") is None:  # (not imported here: the workers load it)
+            pytest.skip("torch is not installed")
+        prefill, decode, frontend = launch(*TORCH_ARGS)
+        transports = {"shm", "tcp"}  # one host: shared memory unless it is off
+    else:
+        prefill, decode, frontend = launch(*MOCKER_ARGS)
+        transports = {"mocker"}
     with httpx.Client(base_url=f"http://127.0.0.1:{frontend.port}", timeout=30) as http:
         wait_until(
             lambda: MODEL in [m["id"] for m in http.get("/v1/models").json()["data"]], 20, what="model listed"
@@ -97,4 +112,4 @@ def test_timing_parts_add_up_to_the_end_to_end_time(stack, stream: bool):
         else:
             nvext = r.json()["nvext"]
             assert r.json()["usage"]["completion_tokens"] == 48
-        _check_breakdown(nvext["timing"], nvext["worker_id"], client_ms, prefill, decode)
+        _check_breakdown(nvext["timing"], nvext["worker_id"], client_ms, prefill, decode, transports)

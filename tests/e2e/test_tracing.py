@@ -28,6 +28,8 @@ FRONTEND, PREFILL, DECODE = "dynamo_lite-frontend", "dynamo_lite-prefill", "dyna
 EXPECTED = {
     *((FRONTEND, name) for name in ("request", "preprocess", "route", "prefill", "decode", "detokenize")),
     (PREFILL, "prefill"),
+    (PREFILL, "queue"),
+    (PREFILL, "compute"),
     (DECODE, "decode"),
     (DECODE, "kv_transfer"),
 }
@@ -177,6 +179,10 @@ def test_a_disaggregated_request_is_one_trace_across_three_processes(traced_stac
     assert parent(worker_decode) == one(FRONTEND, "decode")
     assert worker_prefill.attributes["instance.id"] == prefill.extra["instance_id"]
     assert worker_decode.attributes["instance.id"] == decode.extra["instance_id"]
+    # The prefill worker's time: waiting in the engine's queue, then computing (one after the other).
+    assert (
+        parent(one(PREFILL, "queue")) == worker_prefill and parent(one(PREFILL, "compute")) == worker_prefill
+    )
     kv = one(DECODE, "kv_transfer")
     assert parent(kv) == worker_decode
     assert kv.attributes["kv.bytes"] > 0 and kv.attributes["kv.transport"] == "mocker"
