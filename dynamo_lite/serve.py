@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from dynamo_lite import tracing
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.frontend.settings import FrontendSettings
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    tracing.setup("dynamo_lite")  # only if OTEL_* configures it; one process, one service
     try:
         import uvloop
 
@@ -172,4 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        tracing.shutdown()
     return 0
