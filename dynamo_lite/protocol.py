@@ -145,6 +145,17 @@ class GenerateRequest(_Wire):
     version: int = WIRE_VERSION
 
 
+class WorkerTiming(_Wire):
+    """What a worker measured of one request, on its first chunk (``nvext.timing``, ``dynamo_lite.timing``)."""
+
+    instance_id: str
+    first_chunk_ms: float = 0.0  # request received → its first chunk sent (prefill: queue + compute)
+    engine_queue_ms: float = 0.0  # of that, waiting in the engine's queue for a batch slot
+    kv_transfer_ms: float = 0.0  # the KV pulled from the prefill worker (decode side)
+    kv_bytes: int = 0
+    kv_transport: str = ""  # "tcp" | "shm" | "cuda_ipc" | "staged" | ...
+
+
 class GenerateChunk(_Wire):
     """Worker → frontend: new token ids since the last chunk (several when coalesced)."""
 
@@ -153,6 +164,7 @@ class GenerateChunk(_Wire):
     kv: KvDescriptor | None = None  # set on a prefill result that hands its KV over (then no finish_reason)
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (an engine may count imported KV; the
     # router reports only what no worker computed for this request)
+    timing: WorkerTiming | None = None  # on a worker's first chunk
 
 
 class LoadReport(_Wire):

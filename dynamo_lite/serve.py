@@ -14,6 +14,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from dynamo_lite import tracing
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_args(p)
     args = p.parse_args(argv)
     setup_logging(args)
+    tracing.setup("dynamo_lite")  # only if OTEL_* configures it; one process, one service
     try:
         import uvloop
 
@@ -174,4 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     except EngineUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        tracing.shutdown()
     return 0

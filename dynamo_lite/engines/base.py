@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from dynamo_lite.kv.blocks import KV_BLOCK_SIZE, KvEventSink
 from dynamo_lite.kv.config import KV_LEASE_S
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Role
+from dynamo_lite.timing import note_engine_start
 
 if TYPE_CHECKING:
     from dynamo_lite.model_files import ModelFiles
@@ -31,6 +33,7 @@ class EngineStats:
     queued: int = 0
     kv_bytes_held: int = 0  # KV kept for transfer (prefill side), not yet pulled
     kv_usage: float = 0.0  # fraction of the engine's KV capacity in use
+    kv_total_blocks: int = 0  # KV blocks the engine has (0: not known)
     last_batch_size: int = 0
     total_tokens: int = 0
     kv_transfers: int = 0
@@ -123,6 +126,8 @@ class TokenStream:
         "_done",
         "_pacing",
         "_last_yield",
+        "_created",
+        "_admitted",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pacing: StreamPacing | None = None) -> None:
@@ -142,6 +147,13 @@ class TokenStream:
         self._scheduled = False
         self._cached = 0
         self._done = False
+        self._created = time.perf_counter()
+        self._admitted = 0.0  # when the engine took the request into its batch (0: not told)
+
+    def admitted(self) -> None:
+        """The engine took the request from its queue into its batch (the request's timing and trace say how
+        long it waited)."""
+        self._admitted = time.perf_counter()
 
     def _wake(self) -> None:
         # Called with the lock held: schedule at most one wake-up per batch of pushes.
@@ -182,6 +194,7 @@ class TokenStream:
             self._cached = n
 
     async def __aiter__(self) -> AsyncIterator[GenerateChunk]:
+        first = True
         while True:
             await self._event.wait()
             interval = self._pacing.interval_s if self._pacing is not None else 0.0
@@ -205,6 +218,9 @@ class TokenStream:
             if tokens or done:
                 if self._pacing is not None:
                     self._last_yield = self._loop.time()
+                if first:
+                    first = False
+                    note_engine_start(self._created, self._admitted)
                 yield GenerateChunk(
                     token_ids=tokens, finish_reason=finish, kv=kv if done else None, cached_tokens=cached
                 )

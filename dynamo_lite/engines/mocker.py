@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, S
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+from dynamo_lite.timing import note_kv_transfer
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +208,7 @@ class MockerEngine:
         s = self._stats
         s.active_seqs, s.queued = len(self._active), len(self._waiting)
         capacity = self.cache_blocks * self.block_size
+        s.kv_total_blocks = self.cache_blocks
         s.kv_usage = min(1.0, sum(q.kv_tokens for q in self._active) / capacity) if capacity else 0.0
         return s
 
@@ -243,6 +246,7 @@ class MockerEngine:
             while self._waiting and len(self._active) + len(admitted) < self.max_batch:
                 seq = self._waiting.popleft()
                 if not seq.cancelled:
+                    seq.stream.admitted()
                     admitted.append(seq)
             if admitted:
                 self._active.extend(admitted)  # before the prefill time, so that stop() sees them too
@@ -319,8 +323,10 @@ class MockerEngine:
         cached = 0
         if request.phase == Phase.DECODE and request.kv is not None:
             cached = request.kv.num_tokens
+            pull_started = time.perf_counter()
             if self.timing.kv_transfer_gbps > 0:
                 await self._sleep(request.kv.nbytes / (self.timing.kv_transfer_gbps * 1e9))
+            note_kv_transfer(time.perf_counter() - pull_started, request.kv.nbytes, "mocker")
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
         seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.pacing), self._scripted(request))

@@ -12,6 +12,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+from dynamo_lite import tracing
 from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.router.orchestrator import Router
@@ -171,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args)
     raise_fd_limit()
+    tracing.setup("dynamo_lite-frontend")  # only if OTEL_* configures it
     try:
         import uvloop
 
@@ -178,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 

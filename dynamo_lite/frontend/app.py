@@ -155,7 +155,7 @@ class OpenAIRoutes:
             err = as_openai_error(exc)
             self.metrics.error(err.type)
             model = self.service.known_model(getattr(parsed, "model", None))
-            self.metrics.request_done(model, endpoint, err.status)
+            self.metrics.request_done(model, endpoint, err.status, bool(getattr(parsed, "stream", False)))
             log_access(request_id=rid, endpoint=endpoint, model=model, status=err.status)
             return err.response({"x-request-id": rid})
         return self.service.response(prepared, rid)

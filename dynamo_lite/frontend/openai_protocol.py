@@ -33,6 +33,7 @@ class NvExt(_Model):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # refused: no EBNF grammars
+    extra_fields: list[str] | None = None  # response metadata to return: "timing", "worker_id"
 
 
 class ContentPart(_Model):

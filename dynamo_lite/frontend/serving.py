@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dynamo_lite import tracing
 from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
@@ -23,6 +25,7 @@ from dynamo_lite.frontend.chunks import (
     with_usage,
 )
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
+from dynamo_lite.frontend.extra_fields import nvext_chunk, requested, with_nvext
 from dynamo_lite.frontend.fields import tools_for_prompt
 from dynamo_lite.frontend.guided import check_spec, guided_spec
 from dynamo_lite.frontend.metrics import FrontendMetrics
@@ -40,6 +43,7 @@ from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, GuidedSpec, ModelCard, SamplingOptions
 from dynamo_lite.runtime.request_notes import open_notes
+from dynamo_lite.timing import RequestTiming
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +79,8 @@ class PreparedRequest:
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
+    received: float = 0.0  # time.perf_counter() before preprocessing (0: not measured)
+    extra_fields: frozenset[str] = frozenset()  # nvext.extra_fields to answer ("timing", "worker_id")
 
     @property
     def model(self) -> str:
@@ -170,6 +176,7 @@ class CompletionService:
         return ""
 
     async def prepare_chat(self, req: ChatCompletionRequest, request_id: str) -> PreparedRequest:
+        received = time.perf_counter()
         _check_common(req)
         if req.logprobs:
             raise bad_request("logprobs are not supported", param="logprobs")
@@ -187,9 +194,12 @@ class CompletionService:
         )
         max_tokens = _first(req.max_completion_tokens, req.max_tokens, default=None)
         prepared = self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
-        return _with_guided(prepared, guided)
+        prepared = _with_guided(prepared, guided)
+        prepared.received = received
+        return prepared
 
     async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
+        received = time.perf_counter()
         _check_common(req)
         previous = None
         if req.previous_response_id is not None:
@@ -215,9 +225,11 @@ class CompletionService:
         prepared.responses = api
         _with_guided(prepared, guided)
         prepared.created = api.created_at
+        prepared.received = received
         return prepared
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
+        received = time.perf_counter()
         _check_common(req)
         if req.logprobs is not None:
             raise bad_request("logprobs are not supported", param="logprobs")
@@ -249,7 +261,9 @@ class CompletionService:
         prepared = self._prepare(
             COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens
         )
-        return _with_guided(prepared, guided)
+        prepared = _with_guided(prepared, guided)
+        prepared.received = received
+        return prepared
 
     def _prepare(
         self,
@@ -318,6 +332,9 @@ class CompletionService:
             include_usage=options is not None and options.include_usage,
             pre=pre,
             continuous_usage=options is not None and options.continuous_usage_stats and endpoint != RESPONSES,
+            extra_fields=requested(nv.extra_fields)
+            if nv is not None and endpoint != RESPONSES
+            else frozenset(),
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -342,24 +359,36 @@ class CompletionService:
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)
         mm.inflight.inc()
-        mm.input_tokens.inc(len(p.request.token_ids))
+        mm.input_sequence.observe(len(p.request.token_ids))
         fmt = p.stream_format() if p.stream else None
         status = 200
         stream = None
         ttft_s = None
         notes = open_notes()  # the router notes which instances serve the request
+        rt = report = None
+        if p.extra_fields:  # the router adds its part to the task's RequestTiming
+            rt = RequestTiming(p.received or p.arrival, preprocessed=p.arrival)
+            rt.bind()
+            report = lambda: rt.report(p.extra_fields, out.completion_tokens)  # noqa: E731
+        root = _request_span(p)
+        token = tracing.activate(root)
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
                 stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
                 t.reschedule(start + settings.timeouts.request_s)
-                ttft_s = time.perf_counter() - p.arrival
+                first_at = time.perf_counter()
+                ttft_s = first_at - p.arrival
                 mm.ttft.observe(ttft_s)
+                if rt is not None:
+                    rt.first_token = first_at
                 if fmt is not None:
-                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)
+                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, report)
                 else:
-                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl)
+                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl, report)
+                if root is not None:  # the output loop: detokenizing, stop strings, writing
+                    tracing.past_span("detokenize", time.perf_counter() - first_at, parent=root)
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
@@ -367,6 +396,11 @@ class CompletionService:
             status = await self._report_failure(exc, ex, rid, fmt)
         finally:
             await self._close_stream(stream, backend_finished=out.backend_finished)
+            tracing.deactivate(token)
+            if root is not None:
+                root.set_attribute("http.status_code", status)
+                root.set_attribute("completion.tokens", out.completion_tokens)
+                root.end()
             self._done(p, mm, out, status, ex)
             log_access(
                 request_id=p.request.request_id,
@@ -392,6 +426,7 @@ class CompletionService:
         chunk: GenerateChunk | None,
         out: OutputState,
         itl: Any,
+        report: Callable[[], dict] | None,
     ) -> None:
         perf_counter = time.perf_counter
         now = perf_counter()
@@ -413,6 +448,9 @@ class CompletionService:
                 t_chunk = perf_counter()
                 itl.observe((t_chunk - now) / len(chunk.token_ids))
                 now = t_chunk
+        if report is not None:
+            obj = "chat.completion.chunk" if p.endpoint == CHAT else "text_completion"
+            await ex.body(nvext_chunk(p.response_id, p.created, p.model, obj, report()))
         await ex.end(fmt.tail(p.usage(out), out.finish_reason or "stop"))
 
     @staticmethod
@@ -424,6 +462,7 @@ class CompletionService:
         chunk: GenerateChunk | None,
         out: OutputState,
         itl: Any,
+        report: Callable[[], dict] | None,
     ) -> None:
         transcript = Transcript()
         now = time.perf_counter()
@@ -437,6 +476,8 @@ class CompletionService:
                 itl.observe((t_chunk - now) / len(chunk.token_ids))
                 now = t_chunk
         body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
+        if report is not None:
+            body = with_nvext(body, report())
         await ex.respond(200, [*JSON_HEADERS, rid], body)
 
     async def _report_failure(
@@ -477,10 +518,32 @@ class CompletionService:
     def _done(self, p: PreparedRequest, mm: Any, out: OutputState, status: int, ex: Exchange) -> None:
         mm.inflight.dec()
         mm.output_tokens.inc(out.completion_tokens)
+        mm.output_sequence.observe(out.completion_tokens)
         mm.duration.observe(time.perf_counter() - p.arrival)
         if ex.disconnected:
-            mm.disconnects.inc()
-        self._metrics.request_done(p.model, p.endpoint, status)
+            self._metrics.disconnects.inc()
+        self._metrics.request_done(p.model, p.endpoint, status, p.stream)
+
+
+def _request_span(p: PreparedRequest) -> Any:
+    """The trace's root span for ``p`` (from its arrival) with its ``preprocess`` child; None when tracing is
+    off."""
+    received = p.received or p.arrival
+    now = time.perf_counter()
+    root = tracing.start_span(
+        "request",
+        start_s_ago=now - received,
+        attributes={"request.id": p.request.request_id, "model": p.model, "endpoint": p.endpoint},
+    )
+    if root is not None:
+        tracing.past_span(
+            "preprocess",
+            p.arrival - received,
+            {"prompt.tokens": len(p.request.token_ids)},
+            parent=root,
+            ended_s_ago=now - p.arrival,
+        )
+    return root
 
 
 async def _guided(

@@ -31,6 +31,7 @@ from dynamo_lite.kv.layout import KvLayout, as_tensors, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
 from dynamo_lite.protocol import KvDescriptor, WireError
+from dynamo_lite.timing import note_kv_transfer
 
 __all__ = ["KvPullError", "KvPulled", "pull_kv"]
 
@@ -191,12 +192,15 @@ async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None, de
     try:
         async with asyncio.timeout(cfg.pull_timeout_s):
             if source is not None:
-                return await _pull_cuda(desc, cfg, layout, source, started)
-            if segment is not None:
-                return await _pull_shm(desc, cfg, layout, segment, started)
-            if desc.cuda_ipc and same_host and cfg.use_shm:
-                return await _pull_staged(desc, cfg, layout, started)
-            return await _pull_tcp(desc, cfg, layout, started)
+                pulled = await _pull_cuda(desc, cfg, layout, source, started)
+            elif segment is not None:
+                pulled = await _pull_shm(desc, cfg, layout, segment, started)
+            elif desc.cuda_ipc and same_host and cfg.use_shm:
+                pulled = await _pull_staged(desc, cfg, layout, started)
+            else:
+                pulled = await _pull_tcp(desc, cfg, layout, started)
+        note_kv_transfer(pulled.seconds, pulled.nbytes, pulled.transport)  # the request's timing and trace
+        return pulled
     except TimeoutError as e:
         raise KvPullError(f"KV pull of {desc.transfer_id} timed out after {cfg.pull_timeout_s} s") from e
     except (OSError, WireError) as e:

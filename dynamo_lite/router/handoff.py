@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+from dynamo_lite import timing, tracing
 from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
@@ -160,9 +162,11 @@ class PrefillHandoff:
         request that ended on that token). None if every try failed with a worker fault."""
         ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, Phase.PREFILL)
         tried: set[str] = set()
+        rt = timing.current()
         while True:
             try:
-                instance = await self.admission.place(Role.PREFILL, model, request, tried)
+                with timing.routing(Role.PREFILL):
+                    instance = await self.admission.place(Role.PREFILL, model, request, tried)
             except Overloaded:
                 raise
             except StreamError:  # no prefill worker left to try
@@ -172,10 +176,16 @@ class PrefillHandoff:
             note_instance(Role.PREFILL.value, instance.instance_id)
             busy = False
             result: GenerateChunk | None = None
+            sent = time.perf_counter()
             try:
-                async with aclosing(stream_chunks(self.plane, instance, ask, self.first_token_s)) as chunks:
-                    async for chunk in chunks:
-                        result = chunk
+                with tracing.span("prefill", {"instance.id": instance.instance_id}):
+                    async with aclosing(
+                        stream_chunks(self.plane, instance, ask, self.first_token_s)
+                    ) as chunks:
+                        async for chunk in chunks:
+                            result = chunk
+                if rt is not None and result is not None:
+                    rt.prefilled(instance.instance_id, result.timing, time.perf_counter() - sent)
                 return result
             except InstanceBusy:
                 busy = True  # nothing ran there: placed again, where there is room

@@ -19,6 +19,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
+from dynamo_lite import timing, tracing
 from dynamo_lite.model_files import cache_root
 from dynamo_lite.protocol import (
     ErrorInfo,
@@ -172,7 +173,8 @@ class Router:
             return
         # The decode instance first: waiting for room happens before the prefill (so it counts in TTFT), and a
         # request whose first token went out never finds its decode worker full.
-        placed = [await self.admission.place(DECODE, model, request)]
+        with timing.routing(DECODE):
+            placed = [await self.admission.place(DECODE, model, request)]
 
         def on_decoder(continued: GenerateRequest) -> AsyncIterator[GenerateChunk]:
             return self._continue(DECODE, model, continued, placed)
@@ -215,10 +217,12 @@ class Router:
         phase = Phase.DECODE if (role == DECODE or generated) else Phase.AGGREGATED
         tried: set[str] = set()
         migrations = 0
+        rt = timing.current()
         while True:
             if instance is None:
                 # Once the client has bytes of its answer, wait for room rather than fail its stream.
-                instance = await self.admission.place(role, model, request, tried, bounded=not generated)
+                with timing.routing(role):
+                    instance = await self.admission.place(role, model, request, tried, bounded=not generated)
             note_instance(role.value, instance.instance_id)
             ask = GenerateRequest(
                 request.request_id,
@@ -235,11 +239,18 @@ class Router:
                 chunks = stream_chunks(
                     self.runtime.request_plane, instance, ask, self.settings.timeouts.first_token_s
                 )
-                async with aclosing(chunks):
-                    async for chunk in chunks:
-                        started = True
-                        generated.extend(chunk.token_ids)
-                        yield chunk
+                if rt is not None:
+                    rt.decode_sent_now()
+                with tracing.span(phase.name.lower(), {"instance.id": instance.instance_id}):
+                    async with aclosing(chunks):
+                        async for chunk in chunks:
+                            started = True
+                            generated.extend(chunk.token_ids)
+                            if rt is not None:
+                                rt.decode_chunk(
+                                    instance.instance_id, chunk.timing, chunk.finish_reason is not None
+                                )
+                            yield chunk
                 return
             except InstanceBusy:
                 busy = True  # nothing ran there: placed again below (the KV, if any, is still held for us)

@@ -35,6 +35,7 @@ import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from dynamo_lite import tracing
 from dynamo_lite.protocol import (
     ErrorInfo,
     EventCallback,
@@ -165,7 +166,7 @@ class _NatsServed:
                 self._on_refused()
             return
         await self._plane.nc.publish(msg.reply, _ACK)
-        task = asyncio.create_task(self._run(msg.reply, msg.data))
+        task = asyncio.create_task(self._run(msg.reply, msg.data, msg.headers))
         self._tasks[msg.reply] = task
         # Not in _run's finally: a task cancelled before its first step never runs its body.
         task.add_done_callback(lambda _, reply=msg.reply: self._tasks.pop(reply, None))
@@ -175,7 +176,8 @@ class _NatsServed:
         if task is not None:
             task.cancel()
 
-    async def _run(self, reply: str, payload: bytes) -> None:
+    async def _run(self, reply: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
+        tracing.attach_headers(headers)  # the caller's trace continues here (W3C traceparent)
         publish = self._plane.nc.publish
         seq = 0
         gen = self._handler(payload)
@@ -491,7 +493,7 @@ class NatsRequestPlane:
         finished = False
         expected = 0
         try:
-            await self.nc.publish(address, payload, reply=reply)
+            await self.nc.publish(address, payload, reply=reply, headers=tracing.headers())
             while True:
                 try:
                     frame = (

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 
+from dynamo_lite import tracing
 from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
@@ -225,6 +226,7 @@ def main(
     configure_openmp()  # before torch loads
     try:
         settings = parse_args(argv, engine_default, prog)
+        tracing.setup(f"dynamo_lite-{settings.role.value}")  # only if OTEL_* configures it
         import uvloop
 
         uvloop.run(run(settings))
@@ -234,6 +236,8 @@ def main(
     except (ConnectionError, ValueError, ModelNotFound) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
+from dynamo_lite import tracing
 from dynamo_lite.engines import build_engine, default_engine
 from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
@@ -40,8 +41,9 @@ from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
 from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
+from dynamo_lite.timing import worker_timing
 from dynamo_lite.worker.handlers import RequestHandler, handler_for
-from dynamo_lite.worker.metrics import WorkerMetrics
+from dynamo_lite.worker.metrics import WorkerMetrics, component_name
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,13 @@ class Worker:
         self.runtime = await Runtime.connect(s.runtime, name=f"dynamo_lite-{s.role}")
         self.card = self.model_card()
         labels = {"model": self.card.served_name, "role": s.role.value, "instance": self.runtime.instance_id}
-        self.metrics = WorkerMetrics(self.engine.stats, labels)
+        component = {
+            "dynamo_namespace": s.runtime.namespace,
+            "dynamo_component": component_name(s.role.value),
+            "dynamo_endpoint": s.endpoint,
+            "model": self.card.served_name,
+        }
+        self.metrics = WorkerMetrics(self.engine.stats, labels, component=component)
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -237,22 +245,38 @@ class Worker:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
         phase_name = request.phase.name.lower()
-        assert self._handler is not None
+        assert self._handler is not None and self.metrics is not None
+        metrics = self.metrics
+        metrics.request_bytes.inc(len(payload))
+        metrics.component_inflight.inc()
         self.inflight += 1  # the request plane keeps this within max_inflight
         started = time.monotonic()
         status = "cancelled"
+        sent = 0
+        timing = worker_timing(self.instance_id)  # sent on the first chunk; the KV pull adds to it
         try:
-            async with aclosing(self._handler.generate(request)) as chunks:
-                async for chunk in chunks:
-                    yield encode(chunk)
+            with tracing.span(
+                phase_name, {"instance.id": self.instance_id, "prompt.tokens": len(request.token_ids)}
+            ):
+                async with aclosing(self._handler.generate(request)) as chunks:
+                    async for chunk in chunks:
+                        if timing is not None:
+                            timing.first_chunk_ms = round((time.monotonic() - started) * 1000.0, 3)
+                            chunk.timing, timing = timing, None
+                        data = encode(chunk)
+                        sent += len(data)
+                        yield data
             status = "ok"
         except Exception:
             status = "error"
             raise
         finally:
             self.inflight -= 1
-            assert self.metrics is not None
-            self.metrics.observe(phase_name, status, time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            metrics.component_inflight.dec()
+            metrics.response_bytes.inc(sent)
+            metrics.observe(phase_name, status, elapsed)
+            metrics.component_done(status, elapsed)
 
     async def stop(self, drain_s: float | None = None) -> None:
         """Deregister, drain in-flight work for up to ``drain_s``, then shut everything down."""

@@ -26,13 +26,12 @@ RANGE_FUNCTIONS = ("rate", "irate", "increase")
 SCRAPE_LABELS = {"job", "target", "component", "namespace", "pod"}
 # What the dashboard must show (the operator's view of the request path).
 REQUIRED = {
-    "dynamo_lite_frontend_requests_total",
-    "dynamo_lite_frontend_inflight_requests",
-    "dynamo_lite_frontend_ttft_seconds_bucket",
-    "dynamo_lite_frontend_itl_seconds_bucket",
-    "dynamo_lite_frontend_output_tokens_total",
+    "dynamo_frontend_requests_total",
+    "dynamo_frontend_inflight_requests",
+    "dynamo_frontend_time_to_first_token_seconds_bucket",
+    "dynamo_frontend_inter_token_latency_seconds_bucket",
+    "dynamo_frontend_output_tokens_total",
     "dynamo_lite_frontend_errors_total",
-    "dynamo_lite_frontend_disconnects_total",
     "dynamo_frontend_queued_requests",
     "dynamo_lite_worker_active_seqs",
     "dynamo_lite_worker_batch_size",
@@ -62,8 +61,9 @@ def exported() -> dict[str, tuple[str, frozenset[str]]]:
     m.duration.observe(1.0)
     m.inflight.inc()
     m.output_tokens.inc()
-    m.input_tokens.inc()
-    m.disconnects.inc()
+    m.input_sequence.observe(3)
+    m.output_sequence.observe(1)
+    frontend.disconnects.inc()
     frontend.request_done("m", "chat", 200)
     frontend.watch_queue(lambda: {"m": 1})
     frontend.error("internal_error")
@@ -96,7 +96,13 @@ def test_exported_names_are_what_the_dashboard_is_built_on():
     # The metric families the brief and the docs name; a rename in the code must show up here.
     assert REQUIRED <= names.keys(), sorted(REQUIRED - names.keys())
     assert names["dynamo_lite_worker_requests_total"][1] == {"model", "role", "instance", "phase", "status"}
-    assert names["dynamo_lite_frontend_requests_total"][1] == {"model", "endpoint", "status"}
+    assert names["dynamo_frontend_requests_total"][1] == {
+        "model",
+        "endpoint",
+        "request_type",
+        "status",
+        "error_type",
+    }
 
 
 # ------------------------------------------------------------------------------------------------ dashboard
@@ -142,7 +148,7 @@ def test_dashboard_takes_rates_of_counters_only():
     names = exported()
     for p, t in panel_targets():
         expr = t["expr"]
-        for m in re.finditer(r"\b(dynamo_lite_[a-z_]+)\b", expr):
+        for m in re.finditer(r"\b(dynamo_(?:lite_)?[a-z_]+)\b", expr):
             kind, _ = names[m.group(1)]
             in_rate = re.search(rf"\b(?:{'|'.join(RANGE_FUNCTIONS)})\(\s*$", expr[: m.start()]) is not None
             cumulative = kind in ("counter", "histogram")
@@ -156,7 +162,7 @@ def test_dashboard_labels_exist_on_their_metrics():
     for p, t in panel_targets():
         expr = t["expr"]
         labels = set(SCRAPE_LABELS)
-        for m in re.finditer(r"\b(dynamo_lite_[a-z_]+)\{([^}]*)\}", expr):
+        for m in re.finditer(r"\b(dynamo_(?:lite_)?[a-z_]+)\{([^}]*)\}", expr):
             have = names[m.group(1)][1]
             for matcher in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", m.group(2)):
                 assert matcher in have, f"{p['title']}: {m.group(1)} has no label {matcher!r}"
@@ -199,7 +205,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
         {"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": promql(t["expr"])}
         for p, t in panel_targets()
     ]
-    bad = dict(rules[0], expr="sum(rate(dynamo_lite_frontend_requests_total[1m])")  # promtool must say no
+    bad = dict(rules[0], expr="sum(rate(dynamo_frontend_requests_total[1m])")  # promtool must say no
     for name, group in (("good", rules), ("bad", [bad])):
         path = tmp_path / f"{name}.yml"
         path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": group}]}))

@@ -38,8 +38,8 @@ async def test_client_disconnect_mid_stream_cancels_the_backend(
     assert backend.cancelled == 1 and backend.completed == 0
     async with httpx.AsyncClient(base_url=server.url, timeout=5) as http:
         metrics = (await http.get("/metrics")).text
-    assert f'dynamo_lite_frontend_disconnects_total{{model="{MODEL}"}} 1.0' in metrics
-    assert f'dynamo_lite_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
+    assert "dynamo_frontend_disconnected_clients 1.0" in metrics
+    assert f'dynamo_frontend_inflight_requests{{model="{MODEL}"}} 0.0' in metrics
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -100,14 +100,18 @@ async def test_metrics_count_requests_tokens_and_errors(
     with pytest.raises(openai.NotFoundError):
         await client.chat.completions.create(model="nope", messages=HI)
     text = (await http.get("/metrics")).text
-    p = "dynamo_lite_frontend_"
-    assert f'{p}requests_total{{endpoint="chat",model="{MODEL}",status="200"}} 2.0' in text
-    assert f'{p}requests_total{{endpoint="chat",model="",status="404"}} 1.0' in text
-    assert f'{p}errors_total{{type="not_found_error"}} 1.0' in text
+    p = "dynamo_frontend_"  # Dynamo's names and labels
+    ok = 'endpoint="chat_completions",error_type="",model="{}",request_type="{}",status="success"'
+    assert f"{p}requests_total{{{ok.format(MODEL, 'unary')}}} 1.0" in text
+    assert f"{p}requests_total{{{ok.format(MODEL, 'stream')}}} 1.0" in text
+    failed = 'endpoint="chat_completions",error_type="not_found",model="",request_type="unary",status="error"'
+    assert f"{p}requests_total{{{failed}}} 1.0" in text
+    assert 'dynamo_lite_frontend_errors_total{type="not_found_error"} 1.0' in text
     assert f'{p}output_tokens_total{{model="{MODEL}"}} {2.0 * (len(ids) + 1)}' in text
-    assert f'{p}input_tokens_total{{model="{MODEL}"}} {2.0 * r1.usage.prompt_tokens}' in text
-    assert f'{p}ttft_seconds_count{{model="{MODEL}"}} 2.0' in text
-    assert f'{p}itl_seconds_count{{model="{MODEL}"}} {2.0 * len(ids)}' in text
+    assert f'{p}output_sequence_tokens_sum{{model="{MODEL}"}} {2.0 * (len(ids) + 1)}' in text
+    assert f'{p}input_sequence_tokens_sum{{model="{MODEL}"}} {2.0 * r1.usage.prompt_tokens}' in text
+    assert f'{p}time_to_first_token_seconds_count{{model="{MODEL}"}} 2.0' in text
+    assert f'{p}inter_token_latency_seconds_count{{model="{MODEL}"}} {2.0 * len(ids)}' in text
     assert f'{p}request_duration_seconds_count{{model="{MODEL}"}} 2.0' in text
 
 

@@ -107,6 +107,7 @@ class Scheduler:
             else:
                 seq.slot = self.cache.allocate()
             seq.state = SeqState.RUNNING
+            seq.stream.admitted()
             self.running.append(seq)
             admitted.append(seq)
         return admitted
