@@ -66,6 +66,15 @@ class SamplingOptions(_Wire):
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
+    # Log-probabilities of each generated token and of its ``logprobs`` most likely alternatives (None: none).
+    logprobs: int | None = None
+    # OpenAI/vLLM penalties: presence/frequency count generated tokens, repetition (multiplicative, as
+    # transformers') prompt and generated ones; min_p is relative to the top token's probability.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = {}
 
 
 class KvDescriptor(_Wire):
@@ -126,6 +135,20 @@ class GenerateRequest(_Wire):
     version: int = WIRE_VERSION
 
 
+class TokenLogprobs(_Wire):
+    """Log-probabilities of a chunk's tokens (``SamplingOptions.logprobs``), one entry per token: the chosen
+    token's, and the ids and log-probabilities of the most likely alternatives (most likely first)."""
+
+    logprobs: list[float] = []
+    top_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+    def extend(self, other: TokenLogprobs) -> None:
+        self.logprobs.extend(other.logprobs)
+        self.top_ids.extend(other.top_ids)
+        self.top_logprobs.extend(other.top_logprobs)
+
+
 class GenerateChunk(_Wire):
     """Worker → frontend: new token ids since the last chunk (several when coalesced)."""
 
@@ -134,6 +157,7 @@ class GenerateChunk(_Wire):
     kv: KvDescriptor | None = None  # set on a prefill result that hands its KV over (then no finish_reason)
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (an engine may count imported KV; the
     # router reports only what no worker computed for this request)
+    logprobs: TokenLogprobs | None = None  # of ``token_ids``, when the request asked for them
 
 
 class LoadReport(_Wire):

@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from dynamo_lite.kv.blocks import KV_BLOCK_SIZE, KvEventSink
 from dynamo_lite.kv.config import KV_LEASE_S
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Role
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Role,
+    TokenLogprobs,
+)
 
 if TYPE_CHECKING:
     from dynamo_lite.model_files import ModelFiles
@@ -123,6 +130,7 @@ class TokenStream:
         "_done",
         "_pacing",
         "_last_yield",
+        "_logprobs",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pacing: StreamPacing | None = None) -> None:
@@ -142,6 +150,7 @@ class TokenStream:
         self._scheduled = False
         self._cached = 0
         self._done = False
+        self._logprobs: TokenLogprobs | None = None  # of ``_tokens``, when the engine pushes them
 
     def _wake(self) -> None:
         # Called with the lock held: schedule at most one wake-up per batch of pushes.
@@ -152,12 +161,16 @@ class TokenStream:
             else:
                 self._loop.call_soon_threadsafe(self._event.set)
 
-    def push(self, token_ids: list[int] | int) -> None:
+    def push(self, token_ids: list[int] | int, logprobs: TokenLogprobs | None = None) -> None:
         with self._lock:
             if isinstance(token_ids, int):
                 self._tokens.append(token_ids)
             else:
                 self._tokens.extend(token_ids)
+            if logprobs is not None:
+                if self._logprobs is None:
+                    self._logprobs = TokenLogprobs()
+                self._logprobs.extend(logprobs)
             self._wake()
 
     def finish(
@@ -193,6 +206,7 @@ class TokenStream:
                 self._event.clear()
                 self._scheduled = False
                 tokens, self._tokens = self._tokens, []
+                logprobs, self._logprobs = self._logprobs, None
                 finish, kv, error, cached, done = (
                     self._finish,
                     self._kv,
@@ -206,7 +220,11 @@ class TokenStream:
                 if self._pacing is not None:
                     self._last_yield = self._loop.time()
                 yield GenerateChunk(
-                    token_ids=tokens, finish_reason=finish, kv=kv if done else None, cached_tokens=cached
+                    token_ids=tokens,
+                    finish_reason=finish,
+                    kv=kv if done else None,
+                    cached_tokens=cached,
+                    logprobs=logprobs,
                 )
             if done:
                 return

@@ -116,10 +116,13 @@ class PrefillHandoff:
                     yield chunk
             return
         if first.finish_reason is not None:  # ended on its first token
-            yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
+            yield GenerateChunk(
+                first.token_ids, first.finish_reason, None, first.cached_tokens, first.logprobs
+            )
             return
         try:
-            yield GenerateChunk(first.token_ids, None, None, first.cached_tokens)
+            # the first token's logprobs, when asked for, come from the prefill
+            yield GenerateChunk(first.token_ids, None, None, first.cached_tokens, first.logprobs)
         except BaseException:
             self.release(first.kv)  # the client left before a decode saw the KV
             raise

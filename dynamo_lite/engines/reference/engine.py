@@ -36,6 +36,7 @@ from dynamo_lite.engines.reference.gpt_oss_loader import (
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
 from dynamo_lite.engines.reference.loader import load_weights, model_config
+from dynamo_lite.engines.reference.logits_processors import apply_penalties, pick_logprobs, raw_logprobs
 from dynamo_lite.engines.reference.model import LlamaModel, build_step
 from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
 from dynamo_lite.engines.reference.scheduler import (
@@ -49,7 +50,15 @@ from dynamo_lite.engines.reference.scheduler import (
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles, ensure_weights
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase, Role
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Phase,
+    Role,
+    TokenLogprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +197,21 @@ class TorchEngine:
             submitted = True
             if request.phase is Phase.PREFILL:
                 tokens: list[int] = []
+                logprobs: TokenLogprobs | None = None  # the first token's, for the decode side to pass on
                 async for chunk in stream:
                     tokens.extend(chunk.token_ids)
+                    if chunk.logprobs is not None and logprobs is None:
+                        logprobs = chunk.logprobs
+                    elif chunk.logprobs is not None and logprobs is not None:
+                        logprobs.extend(chunk.logprobs)
                     if chunk.kv is not None:  # exported: the handoff, not an end
                         seq.delivered = True
-                        yield GenerateChunk(token_ids=tokens, kv=chunk.kv)
+                        yield GenerateChunk(token_ids=tokens, kv=chunk.kv, logprobs=logprobs)
                         return
                     if chunk.finish_reason is not None:
-                        yield GenerateChunk(token_ids=tokens, finish_reason=chunk.finish_reason)
+                        yield GenerateChunk(
+                            token_ids=tokens, finish_reason=chunk.finish_reason, logprobs=logprobs
+                        )
                         return
             else:
                 async for chunk in stream:
@@ -548,7 +564,10 @@ class TorchEngine:
                 )
                 logits = self._model.forward(batch, self._cache)
             samplers = [s.sampler for s in plan.sample]
+            raw = raw_logprobs(logits, plan.sample)  # of the model's distribution, before anything changes it
+            apply_penalties(logits, plan.sample)
             tokens = sample_batch(logits, samplers, [suppressed_ids(s, self.eos_ids) for s in plan.sample])
+            logprobs = pick_logprobs(raw, plan.sample, tokens)
         except Exception as e:
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
             for seq in plan.sequences:
@@ -560,10 +579,10 @@ class TorchEngine:
             seq.num_computed += 1
         for seq, _, n in plan.prefill:
             seq.num_computed += n
-        for seq, token in zip(plan.sample, tokens, strict=True):
-            self._on_token(seq, token)
+        for seq, token, lp in zip(plan.sample, tokens, logprobs, strict=True):
+            self._on_token(seq, token, lp)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         assert self._scheduler is not None
         seq.tokens.append(token)
         seq.num_generated += 1
@@ -573,13 +592,13 @@ class TorchEngine:
             desc = self._export(seq) if reason is None else None  # reads the slot: before it is freed
             self._scheduler.remove(seq)
             if reason is not None:
-                seq.stream.push(token)
+                seq.stream.push(token, logprobs)
                 seq.stream.finish(reason)
             elif desc is not None:
-                seq.stream.push(token)
+                seq.stream.push(token, logprobs)
                 seq.stream.finish(None, kv=desc)
             return
-        seq.stream.push(token)
+        seq.stream.push(token, logprobs)
         if reason is not None:
             self._scheduler.remove(seq)
             seq.stream.finish(reason, cached_tokens=seq.cached_tokens)
