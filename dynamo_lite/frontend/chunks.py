@@ -159,7 +159,13 @@ class CompletionStreamFormat(_StreamFormat):
 
 
 def chat_completion(
-    response_id: str, created: int, model: str, transcript: Transcript, finish: str, usage: dict
+    response_id: str,
+    created: int,
+    model: str,
+    transcript: Transcript,
+    finish: str,
+    usage: dict,
+    logprobs: dict | None = None,
 ) -> bytes:
     message: dict = {"role": "assistant", "content": transcript.text("content")}
     reasoning = transcript.text("reasoning")
@@ -179,7 +185,7 @@ def chat_completion(
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": finish,
                 }
             ],
@@ -189,7 +195,13 @@ def chat_completion(
 
 
 def text_completion(
-    response_id: str, created: int, model: str, transcript: Transcript, finish: str, usage: dict
+    response_id: str,
+    created: int,
+    model: str,
+    transcript: Transcript,
+    finish: str,
+    usage: dict,
+    logprobs: dict | None = None,
 ) -> bytes:
     text = transcript.text("content")
     return orjson.dumps(
@@ -198,7 +210,7 @@ def text_completion(
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage,
         }
     )

@@ -21,6 +21,7 @@ from dynamo_lite.frontend.chunks import (
     usage_dict,
 )
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
+from dynamo_lite.frontend.logprobs import ChatLogprobs, CompletionLogprobs, splice, token_bytes
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -70,6 +71,13 @@ class PreparedRequest:
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
 
+    def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
+        """The collector of this request's token logprobs (None: not asked for)."""
+        if self.request.sampling.logprobs is None:
+            return None
+        cls = ChatLogprobs if self.endpoint == CHAT else CompletionLogprobs
+        return cls(token_bytes(self.pre))
+
     @property
     def model(self) -> str:
         return self.request.model
@@ -80,11 +88,11 @@ class PreparedRequest:
         cls = ChatStreamFormat if self.endpoint == CHAT else CompletionStreamFormat
         return cls(self.response_id, self.created, self.model, self.include_usage)
 
-    def body(self, transcript: Transcript, finish: str, usage: dict) -> bytes:
+    def body(self, transcript: Transcript, finish: str, usage: dict, logprobs: dict | None = None) -> bytes:
         if self.responses is not None:
             return self.responses.body(transcript, finish, usage)
         build = chat_completion if self.endpoint == CHAT else text_completion
-        return build(self.response_id, self.created, self.model, transcript, finish, usage)
+        return build(self.response_id, self.created, self.model, transcript, finish, usage, logprobs)
 
     def usage(self, out: OutputState) -> dict:
         reasoning = out.reasoning_tokens if self.pre.has_reasoning else None
@@ -160,10 +168,8 @@ class CompletionService:
 
     async def prepare_chat(self, req: ChatCompletionRequest, request_id: str) -> PreparedRequest:
         _check_common(req)
-        if req.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs")
-        if req.top_logprobs:
-            raise bad_request("top_logprobs are not supported", param="top_logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
         if req.response_format and req.response_format.get("type", "text") != "text":
             # structured output would be silently ignored: refuse it instead
             raise bad_request("only response_format type 'text' is supported", param="response_format")
@@ -177,7 +183,10 @@ class CompletionService:
             extra=req.template_kwargs(),
         )
         max_tokens = _first(req.max_completion_tokens, req.max_tokens, default=None)
-        return self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return self._prepare(
+            CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, logprobs
+        )
 
     async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
         _check_common(req)
@@ -207,8 +216,6 @@ class CompletionService:
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
         _check_common(req)
-        if req.logprobs is not None:
-            raise bad_request("logprobs are not supported", param="logprobs")
         if req.echo:
             raise bad_request("echo is not supported", param="echo")
         if req.best_of not in (None, 1):
@@ -233,7 +240,9 @@ class CompletionService:
             max_tokens = max(
                 1, min(self._settings.completions_default_max_tokens, card.context_length - len(ids))
             )
-        return self._prepare(COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        return self._prepare(
+            COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, req.logprobs
+        )
 
     def _prepare(
         self,
@@ -245,6 +254,7 @@ class CompletionService:
         pre: ModelPreprocessor,
         ids: list[int],
         max_tokens: int | None,
+        logprobs: int | None = None,
     ) -> PreparedRequest:
         param = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}[endpoint]
         prompt_len = len(ids)
@@ -286,6 +296,8 @@ class CompletionService:
             seed=req.seed,
             ignore_eos=ignore_eos,
             stop_token_ids=list(stop_ids),
+            logprobs=logprobs,
+            **_penalties(req, pre.vocab_size),
         )
         stream = bool(req.stream)
         return PreparedRequest(
@@ -326,6 +338,7 @@ class CompletionService:
         mm.inflight.inc()
         mm.input_tokens.inc(len(p.request.token_ids))
         fmt = p.stream_format() if p.stream else None
+        logprobs = p.new_logprobs()
         status = 200
         stream = None
         try:
@@ -336,9 +349,9 @@ class CompletionService:
                 t.reschedule(start + settings.timeouts.request_s)
                 mm.ttft.observe(time.perf_counter() - p.arrival)
                 if fmt is not None:
-                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl)
+                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, logprobs)
                 else:
-                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl)
+                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl, logprobs)
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
@@ -358,6 +371,7 @@ class CompletionService:
         chunk: GenerateChunk | None,
         out: OutputState,
         itl: Any,
+        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
     ) -> None:
         perf_counter = time.perf_counter
         now = perf_counter()
@@ -366,10 +380,16 @@ class CompletionService:
         if head:
             await ex.body(head)
         while True:
+            counted = out.completion_tokens
             delta = out.process(chunk) if chunk is not None else out.end()
             finish = out.finish_reason
+            if logprobs is not None and chunk is not None:
+                logprobs.add(chunk, out.completion_tokens - counted)
             if delta or finish:
                 data = fmt.delta(delta, finish)
+                if data and logprobs is not None:
+                    taken = logprobs.take()  # what arrived since the last event, with this event's text
+                    data = splice(data, taken) if taken is not None else data
                 if data:
                     await ex.body(data)
             if finish:
@@ -390,11 +410,15 @@ class CompletionService:
         chunk: GenerateChunk | None,
         out: OutputState,
         itl: Any,
+        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
     ) -> None:
         transcript = Transcript()
         now = time.perf_counter()
         while True:
+            counted = out.completion_tokens
             transcript.add(out.process(chunk) if chunk is not None else out.end())
+            if logprobs is not None and chunk is not None:
+                logprobs.add(chunk, out.completion_tokens - counted)
             if out.finish_reason:
                 break
             chunk = await anext(stream, None)
@@ -402,7 +426,8 @@ class CompletionService:
                 t_chunk = time.perf_counter()
                 itl.observe((t_chunk - now) / len(chunk.token_ids))
                 now = t_chunk
-        body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
+        whole = logprobs.whole() if logprobs is not None else None
+        body = p.body(transcript, out.finish_reason or "stop", p.usage(out), whole)
         await ex.respond(200, [*JSON_HEADERS, rid], body)
 
     async def _report_failure(
@@ -447,6 +472,29 @@ class CompletionService:
         if ex.disconnected:
             mm.disconnects.inc()
         self._metrics.request_done(p.model, p.endpoint, status)
+
+
+def _penalties(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest, vocab_size: int) -> dict:
+    """The request's penalties, min_p and logit_bias as ``SamplingOptions`` fields (ranges checked by the
+    request model; logit_bias keys here)."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if not 0 <= token < vocab_size or not -100.0 <= value <= 100.0:
+            raise bad_request(
+                f"logit_bias maps token ids in [0, {vocab_size}) to values in [-100, 100]", param="logit_bias"
+            )
+        bias[token] = float(value)
+    return {
+        "presence_penalty": _first(req.presence_penalty, default=0.0),
+        "frequency_penalty": _first(req.frequency_penalty, default=0.0),
+        "repetition_penalty": _first(req.repetition_penalty, default=1.0),
+        "min_p": _first(req.min_p, default=0.0),
+        "logit_bias": bias,
+    }
 
 
 def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:

@@ -6,18 +6,28 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
 - "off" is ``None``: ``top_k=0`` and ``top_p=1.0`` are left out rather than passed through;
 - ``max_tokens`` comes from the caller: the phase decides it (1 for a context-only prefill, the request's
   total for a generation-only decode, whose output starts with the prefill's first token);
-- ``detokenize=False``: the frontend turns ids into text, the engine need not.
+- ``detokenize=False``: the frontend turns ids into text, the engine need not;
+- the OpenAI penalties pass through when set; ``logprobs``, ``min_p`` and ``logit_bias`` are refused (400):
+  this adapter does not read TensorRT-LLM's logprobs back, and its ``SamplingParams`` facts
+  (``api_facts.yaml``) list no ``min_p`` nor ``logit_bias``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from dynamo_lite.engines.base import EngineError
 from dynamo_lite.protocol import SamplingOptions
 
 
 def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens."""
+    """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens;
+    ``EngineError`` (400) for options this adapter cannot honour."""
+    for name, off in (("logprobs", None), ("min_p", 0.0), ("logit_bias", {})):
+        if getattr(options, name) != off:
+            raise EngineError(
+                f"{name} is not supported by the trtllm engine", status=400, code="invalid_request"
+            )
     kwargs: dict[str, Any] = {"max_tokens": max_tokens, "detokenize": False, "ignore_eos": options.ignore_eos}
     if options.temperature <= 0.0:
         kwargs["top_k"] = 1
@@ -33,4 +43,7 @@ def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, A
         kwargs["min_tokens"] = min(options.min_tokens, max_tokens)
     if options.stop_token_ids:
         kwargs["stop_token_ids"] = list(options.stop_token_ids)
+    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(options, name) != off:
+            kwargs[name] = getattr(options, name)
     return kwargs

@@ -1,0 +1,99 @@
+"""The frontend's side of logprobs and penalties (fake backend): what reaches ``SamplingOptions``, and the
+engines' ``TokenLogprobs`` rendered in OpenAI's chat and legacy completion shapes, whole and streamed."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+from tokenizers import Tokenizer
+
+from dynamo_lite.protocol import GenerateChunk, TokenLogprobs
+
+from .conftest import EOS_ID, MODEL, FakeBackend
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def script(backend: FakeBackend, tokenizer: Tokenizer, text: str) -> list[int]:
+    """``text`` one token per chunk, each with logprob -(i+1)/10 and two alternatives (itself, and id 0)."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids + [EOS_ID]
+    backend.script = [
+        GenerateChunk(
+            token_ids=[t],
+            finish_reason="stop" if t == EOS_ID else None,
+            logprobs=TokenLogprobs([-(i + 1) / 10], [[t, 0]], [[-(i + 1) / 10, -9.0]]),
+        )
+        for i, t in enumerate(ids)
+    ]
+    return ids
+
+
+async def test_chat_logprobs_whole_and_streamed(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    ids = script(backend, tokenizer, "Hello, wörld")
+    r = await client.chat.completions.create(model=MODEL, messages=HI, logprobs=True, top_logprobs=2)
+    assert backend.requests[-1].sampling.logprobs == 2
+    content = r.choices[0].logprobs.content
+    assert [e.logprob for e in content] == pytest.approx([-(i + 1) / 10 for i in range(len(ids))])
+    assert "".join(e.token for e in content[:-1]) == r.choices[0].message.content == "Hello, wörld"
+    assert b"".join(bytes(e.bytes) for e in content[:-1]) == "Hello, wörld".encode()
+    assert content[-1].token == "<|im_end|>"
+    assert [len(e.top_logprobs) for e in content] == [2] * len(ids)
+    assert content[0].top_logprobs[1].logprob == -9.0
+
+    streamed = []
+    async for chunk in await client.chat.completions.create(
+        model=MODEL, messages=HI, logprobs=True, top_logprobs=2, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed.extend(chunk.choices[0].logprobs.content)
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+
+    await client.chat.completions.create(model=MODEL, messages=HI, logprobs=True)
+    assert backend.requests[-1].sampling.logprobs == 0
+    plain = await client.chat.completions.create(model=MODEL, messages=HI)
+    assert backend.requests[-1].sampling.logprobs is None and plain.choices[0].logprobs is None
+
+
+async def test_completion_logprobs_legacy_shape(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    ids = script(backend, tokenizer, "one two")
+    r = await client.completions.create(model=MODEL, prompt="x", logprobs=1)
+    assert backend.requests[-1].sampling.logprobs == 1
+    lp = r.choices[0].logprobs
+    texts = [tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+    assert lp.tokens == texts
+    assert lp.token_logprobs == pytest.approx([-(i + 1) / 10 for i in range(len(ids))])
+    assert lp.text_offset == [sum(len(t) for t in texts[:i]) for i in range(len(texts))]
+    assert lp.top_logprobs[0] == {texts[0]: -0.1, tokenizer.decode([0], skip_special_tokens=False): -9.0}
+
+    streamed: list[str] = []
+    async for chunk in await client.completions.create(model=MODEL, prompt="x", logprobs=1, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed.extend(chunk.choices[0].logprobs.tokens)
+    assert streamed == texts
+
+
+async def test_penalties_reach_the_engine(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer
+) -> None:
+    backend.say(tokenizer, "ok")
+    await client.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        presence_penalty=0.5,
+        frequency_penalty=-0.5,
+        logit_bias={"42": -100, "7": 3},
+        extra_body={"repetition_penalty": 1.2, "min_p": 0.05},
+    )
+    s = backend.requests[-1].sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p) == (0.5, -0.5, 1.2, 0.05)
+    assert s.logit_bias == {42: -100.0, 7: 3.0}
+    backend.say(tokenizer, "ok")
+    await client.completions.create(model=MODEL, prompt="x")
+    s = backend.requests[-1].sampling
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p, s.logit_bias) == (
+        0.0, 0.0, 1.0, 0.0, {},
+    )  # fmt: skip
