@@ -110,3 +110,29 @@ async def test_logprobs_zero_gives_the_chosen_token_only_and_none_when_not_asked
     assert len(lp.logprobs) == 3 and lp.top_ids == [[], [], []]
     plain = await collect(engines["agg"], request(prompt, max_tokens=3))
     assert all(c.logprobs is None for c in plain) and tokens(plain) == tokens(chunks)
+
+
+def hf_generate(folder, ids: list[int], max_new: int, **kwargs: object) -> list[int]:  # noqa: ANN001
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, **kwargs)
+    return out[0, len(ids) :].tolist()
+
+
+async def test_repetition_penalty_and_logit_bias_steer_greedy_output_as_transformers_does(
+    engines, prompt
+) -> None:
+    folder = engines["agg"].model_files.folder
+    plain = tokens(await collect(engines["agg"], request(prompt, max_tokens=12)))
+    penalized = tokens(await collect(engines["agg"], request(prompt, max_tokens=12, repetition_penalty=1.5)))
+    assert penalized == hf_generate(folder, prompt, 12, repetition_penalty=1.5)
+    banned = plain[1]  # forbid the plain answer's second token
+    biased = tokens(
+        await collect(engines["agg"], request(prompt, max_tokens=12, logit_bias={banned: -100.0}))
+    )
+    assert banned not in biased
+    assert biased == hf_generate(folder, prompt, 12, sequence_bias={(banned,): -100.0})
