@@ -89,12 +89,15 @@ class ChatStreamFormat(_StreamFormat):
 
     __slots__ = ("_content", "_first", "_empty", "_delta", "_started", "_include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool = False, index: int = 0
+    ) -> None:
         super().__init__(response_id, "chat.completion.chunk", created, model)
-        self._content = self._head + b'{"index":0,"delta":{"content":'
-        self._first = self._head + b'{"index":0,"delta":{"role":"assistant","content":'
-        self._empty = self._head + b'{"index":0,"delta":{'
-        self._delta = self._head + b'{"index":0,"delta":'
+        choice = self._head + b'{"index":' + str(index).encode()
+        self._content = choice + b',"delta":{"content":'
+        self._first = choice + b',"delta":{"role":"assistant","content":'
+        self._empty = choice + b',"delta":{'
+        self._delta = choice + b',"delta":'
         self._started = False
         self._include_usage = include_usage
 
@@ -136,9 +139,11 @@ class CompletionStreamFormat(_StreamFormat):
 
     __slots__ = ("_text", "_include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool = False, index: int = 0
+    ) -> None:
         super().__init__(response_id, "text_completion", created, model)
-        self._text = self._head + b'{"index":0,"text":'
+        self._text = self._head + b'{"index":' + str(index).encode() + b',"text":'
         self._include_usage = include_usage
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> bytes:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from dynamo_lite.frontend import choices as n_choices
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
     ChatStreamFormat,
@@ -70,6 +71,7 @@ class PreparedRequest:
     include_usage: bool
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
+    n: int = 1  # choices (``dynamo_lite.frontend.choices`` when more than one)
 
     def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
         """The collector of this request's token logprobs (None: not asked for)."""
@@ -82,11 +84,11 @@ class PreparedRequest:
     def model(self) -> str:
         return self.request.model
 
-    def stream_format(self) -> StreamFormat:
+    def stream_format(self, index: int = 0) -> StreamFormat:
         if self.responses is not None:
             return self.responses.stream_format()
         cls = ChatStreamFormat if self.endpoint == CHAT else CompletionStreamFormat
-        return cls(self.response_id, self.created, self.model, self.include_usage)
+        return cls(self.response_id, self.created, self.model, self.include_usage, index)
 
     def body(self, transcript: Transcript, finish: str, usage: dict, logprobs: dict | None = None) -> bytes:
         if self.responses is not None:
@@ -94,7 +96,7 @@ class PreparedRequest:
         build = chat_completion if self.endpoint == CHAT else text_completion
         return build(self.response_id, self.created, self.model, transcript, finish, usage, logprobs)
 
-    def usage(self, out: OutputState) -> dict:
+    def usage(self, out: OutputState | n_choices.Choices) -> dict:
         reasoning = out.reasoning_tokens if self.pre.has_reasoning else None
         return usage_dict(len(self.request.token_ids), out.completion_tokens, out.cached_tokens, reasoning)
 
@@ -167,7 +169,6 @@ class CompletionService:
         return ""
 
     async def prepare_chat(self, req: ChatCompletionRequest, request_id: str) -> PreparedRequest:
-        _check_common(req)
         if req.top_logprobs is not None and not req.logprobs:
             raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
         if req.response_format and req.response_format.get("type", "text") != "text":
@@ -189,7 +190,8 @@ class CompletionService:
         )
 
     async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
-        _check_common(req)
+        if req.n not in (None, 1):
+            raise bad_request("n must be 1 for responses", param="n")
         previous = None
         if req.previous_response_id is not None:
             previous = self._responses.get(req.previous_response_id)
@@ -215,7 +217,6 @@ class CompletionService:
         return prepared
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
-        _check_common(req)
         if req.echo:
             raise bad_request("echo is not supported", param="echo")
         if req.best_of not in (None, 1):
@@ -300,6 +301,9 @@ class CompletionService:
             **_penalties(req, pre.vocab_size),
         )
         stream = bool(req.stream)
+        n = req.n if req.n is not None else 1
+        if not 1 <= n <= n_choices.MAX_CHOICES:
+            raise bad_request(f"n must be in [1, {n_choices.MAX_CHOICES}]", param="n")
         return PreparedRequest(
             endpoint=endpoint,
             response_id=response_id,
@@ -312,6 +316,7 @@ class CompletionService:
             stream=stream,
             include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
             pre=pre,
+            n=n,
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -331,7 +336,11 @@ class CompletionService:
     async def _serve(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
         """Run ``p`` on the backend under its deadlines and answer it, streamed or whole; failures become an
         error response (before the first byte) or the stream's error event (after)."""
-        out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
+        out: OutputState | n_choices.Choices
+        if p.n > 1:
+            out = n_choices.Choices(p, p.n)
+        else:
+            out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
         mm = self._metrics.model(p.model)
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)
@@ -344,11 +353,18 @@ class CompletionService:
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
-                stream = self._backend.generate(p.model, p.request)
+                if isinstance(out, n_choices.Choices):
+                    requests = n_choices.choice_requests(p.request, p.n)
+                    stream = n_choices.MergedStreams([self._backend.generate(p.model, r) for r in requests])
+                else:
+                    stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
                 t.reschedule(start + settings.timeouts.request_s)
                 mm.ttft.observe(time.perf_counter() - p.arrival)
-                if fmt is not None:
+                if isinstance(out, n_choices.Choices):
+                    write = n_choices.write_stream if p.stream else n_choices.write_whole
+                    await write(p, ex, rid, stream, first, out)
+                elif fmt is not None:
                     await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, logprobs)
                 else:
                     await self._write_whole(p, ex, rid, stream, first, out, mm.itl, logprobs)
@@ -465,7 +481,9 @@ class CompletionService:
         except Exception as e:
             logger.warning("closing the backend stream failed: %r", e)
 
-    def _done(self, p: PreparedRequest, mm: Any, out: OutputState, status: int, ex: Exchange) -> None:
+    def _done(
+        self, p: PreparedRequest, mm: Any, out: OutputState | n_choices.Choices, status: int, ex: Exchange
+    ) -> None:
         mm.inflight.dec()
         mm.output_tokens.inc(out.completion_tokens)
         mm.duration.observe(time.perf_counter() - p.arrival)
@@ -495,8 +513,3 @@ def _penalties(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest
         "min_p": _first(req.min_p, default=0.0),
         "logit_bias": bias,
     }
-
-
-def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:
-    if req.n not in (None, 1):
-        raise bad_request("n must be 1: one choice per request is supported", param="n")

@@ -52,10 +52,8 @@ def deployments(services: Services):
             urls[kind] = url
         yield urls
     finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.popen.wait(10)
+        for p in reversed(procs):  # gracefully: a killed worker's shared-memory tracker would outlive it
+            p.stop()
 
 
 def hf_logprobs(folder, ids: list[int], generated: list[int]):  # noqa: ANN001
@@ -128,6 +126,18 @@ def test_logprobs_equal_transformers_aggregated_and_disaggregated(deployments) -
         assert [e.token for e in streamed] == [e.token for e in content]
         assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-6)
         chats[kind] = content
+
+        # n=3 with a seed: three choices, reproducible, usage counting all of them (one logprob per token).
+        def three(client=client):  # noqa: ANN001, ANN202
+            return client.chat.completions.create(
+                model=MODEL, messages=QUESTION, max_tokens=8, temperature=1.0, n=3, seed=11, logprobs=True
+            )
+
+        first, again = three(), three()
+        assert [c.index for c in first.choices] == [0, 1, 2]
+        assert first.usage.completion_tokens == sum(len(c.logprobs.content) for c in first.choices)
+        assert all(c.logprobs.content for c in first.choices)
+        assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
         # Not asked: null, as before.
         plain = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=3, temperature=0)
         assert plain.choices[0].logprobs is None

@@ -52,7 +52,8 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient) -> None:
         ({"model": MODEL, "messages": HI, "max_tokens": "5"}, "max_tokens"),  # strict types: no coercion
         ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": HI, "max_completion_tokens": -1}, "max_completion_tokens"),
-        ({"model": MODEL, "messages": HI, "n": 2}, "n"),
+        ({"model": MODEL, "messages": HI, "n": 0}, "n"),
+        ({"model": MODEL, "messages": HI, "n": 17}, "n"),
         ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
         ({"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"model": MODEL, "messages": HI, "presence_penalty": 2.5}, "presence_penalty"),
@@ -83,7 +84,7 @@ async def test_invalid_chat_requests_are_400(
 
 async def test_invalid_completion_requests_are_400(http: httpx.AsyncClient, backend: FakeBackend) -> None:
     url = "/v1/completions"
-    assert_error(await http.post(url, json={"model": MODEL, "prompt": "x", "n": 3}), 400, param="n")
+    assert_error(await http.post(url, json={"model": MODEL, "prompt": "x", "n": 99}), 400, param="n")
     assert_error(await http.post(url, json={"model": MODEL, "prompt": ["a", "b"]}), 400, param="prompt")
     assert_error(await http.post(url, json={"model": MODEL, "prompt": [1, 10**9]}), 400, param="prompt")
     assert_error(await http.post(url, json={"model": MODEL, "prompt": ""}), 400, param="prompt")

@@ -97,3 +97,41 @@ async def test_penalties_reach_the_engine(
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty, s.min_p, s.logit_bias) == (
         0.0, 0.0, 1.0, 0.0, {},
     )  # fmt: skip
+
+
+async def test_n_choices_whole_and_streamed(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer
+) -> None:
+    script(backend, tokenizer, "a b c")  # 4 tokens with eos, per choice
+    r = await client.chat.completions.create(model=MODEL, messages=HI, n=3, seed=5, logprobs=True)
+    sent = backend.requests[-3:]
+    assert [q.sampling.seed for q in sent] == [5, 6, 7]
+    assert len({q.request_id for q in sent}) == 3
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    assert all(c.message.content == "a b c" and c.finish_reason == "stop" for c in r.choices)
+    assert all(len(c.logprobs.content) == 4 for c in r.choices)
+    assert r.usage.completion_tokens == 12 and r.usage.prompt_tokens == len(sent[0].token_ids)
+
+    texts: dict[int, str] = {}
+    finishes: dict[int, str] = {}
+    usage = None
+    async for chunk in await client.completions.create(
+        model=MODEL, prompt="x", n=2, stream=True, stream_options={"include_usage": True}
+    ):
+        usage = chunk.usage or usage
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finishes[c.index] = c.finish_reason
+    assert texts == {0: "a b c", 1: "a b c"} and finishes == {0: "stop", 1: "stop"}
+    assert usage is not None and usage.completion_tokens == 8
+    assert [q.sampling.seed for q in backend.requests[-2:]] == [None, None]
+
+
+async def test_n_choices_stop_early_on_a_stop_string(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer
+) -> None:
+    backend.say(tokenizer, "one two three")
+    r = await client.completions.create(model=MODEL, prompt="x", n=2, stop=[" two"])
+    assert [c.text for c in r.choices] == ["one", "one"]
+    assert [c.finish_reason for c in r.choices] == ["stop", "stop"]
