@@ -51,6 +51,7 @@ class _GenerationParams(_Model):
     n: int | None = 1
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = Field(default=None, ge=0)
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)

@@ -72,6 +72,7 @@ class PreparedRequest:
     pre: ModelPreprocessor
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
     n: int = 1  # choices (``dynamo_lite.frontend.choices`` when more than one)
+    include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
 
     def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
         """The collector of this request's token logprobs (None: not asked for)."""
@@ -317,6 +318,7 @@ class CompletionService:
             include_usage=stream and req.stream_options is not None and req.stream_options.include_usage,
             pre=pre,
             n=n,
+            include_stop=bool(req.include_stop_str_in_output),
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -340,7 +342,7 @@ class CompletionService:
         if p.n > 1:
             out = n_choices.Choices(p, p.n)
         else:
-            out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
+            out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
         mm = self._metrics.model(p.model)
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)

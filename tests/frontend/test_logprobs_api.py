@@ -135,3 +135,16 @@ async def test_n_choices_stop_early_on_a_stop_string(
     r = await client.completions.create(model=MODEL, prompt="x", n=2, stop=[" two"])
     assert [c.text for c in r.choices] == ["one", "one"]
     assert [c.finish_reason for c in r.choices] == ["stop", "stop"]
+
+
+async def test_include_stop_str_in_output(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer
+) -> None:
+    backend.say(tokenizer, "one two three")
+    r = await client.completions.create(
+        model=MODEL, prompt="x", stop=[" two"], extra_body={"include_stop_str_in_output": True}
+    )
+    assert r.choices[0].text == "one two" and r.choices[0].finish_reason == "stop"
+    backend.say(tokenizer, "one two three")
+    r = await client.completions.create(model=MODEL, prompt="x", stop=[" two"])
+    assert r.choices[0].text == "one"
