@@ -75,6 +75,8 @@ class SamplingOptions(_Wire):
     repetition_penalty: float = 1.0
     min_p: float = 0.0
     logit_bias: dict[int, float] = {}
+    # Log-probabilities of the prompt's tokens (from the second on) and their top alternatives (None: none).
+    prompt_logprobs: int | None = None
 
 
 class KvDescriptor(_Wire):
@@ -158,6 +160,7 @@ class GenerateChunk(_Wire):
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (an engine may count imported KV; the
     # router reports only what no worker computed for this request)
     logprobs: TokenLogprobs | None = None  # of ``token_ids``, when the request asked for them
+    prompt_logprobs: TokenLogprobs | None = None  # of the prompt's tokens from the second on (first chunk)
 
 
 class LoadReport(_Wire):

@@ -131,6 +131,7 @@ class TokenStream:
         "_pacing",
         "_last_yield",
         "_logprobs",
+        "_prompt_logprobs",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pacing: StreamPacing | None = None) -> None:
@@ -151,6 +152,7 @@ class TokenStream:
         self._cached = 0
         self._done = False
         self._logprobs: TokenLogprobs | None = None  # of ``_tokens``, when the engine pushes them
+        self._prompt_logprobs: TokenLogprobs | None = None  # goes out once, with the next chunk
 
     def _wake(self) -> None:
         # Called with the lock held: schedule at most one wake-up per batch of pushes.
@@ -172,6 +174,11 @@ class TokenStream:
                     self._logprobs = TokenLogprobs()
                 self._logprobs.extend(logprobs)
             self._wake()
+
+    def set_prompt_logprobs(self, logprobs: TokenLogprobs) -> None:
+        """The prompt's log-probabilities, sent with the next chunk (before the first token's is pushed)."""
+        with self._lock:
+            self._prompt_logprobs = logprobs
 
     def finish(
         self, reason: FinishReason | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
@@ -207,6 +214,7 @@ class TokenStream:
                 self._scheduled = False
                 tokens, self._tokens = self._tokens, []
                 logprobs, self._logprobs = self._logprobs, None
+                prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
                 finish, kv, error, cached, done = (
                     self._finish,
                     self._kv,
@@ -225,6 +233,7 @@ class TokenStream:
                     kv=kv if done else None,
                     cached_tokens=cached,
                     logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
                 )
             if done:
                 return

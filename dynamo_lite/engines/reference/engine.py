@@ -36,7 +36,12 @@ from dynamo_lite.engines.reference.gpt_oss_loader import (
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
 from dynamo_lite.engines.reference.loader import load_weights, model_config
-from dynamo_lite.engines.reference.logits_processors import apply_penalties, pick_logprobs, raw_logprobs
+from dynamo_lite.engines.reference.logits_processors import (
+    apply_penalties,
+    pick_logprobs,
+    raw_logprobs,
+    score_prompts,
+)
 from dynamo_lite.engines.reference.model import LlamaModel, build_step
 from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
 from dynamo_lite.engines.reference.scheduler import (
@@ -198,19 +203,26 @@ class TorchEngine:
             if request.phase is Phase.PREFILL:
                 tokens: list[int] = []
                 logprobs: TokenLogprobs | None = None  # the first token's, for the decode side to pass on
+                prompt_logprobs: TokenLogprobs | None = None
                 async for chunk in stream:
                     tokens.extend(chunk.token_ids)
+                    prompt_logprobs = chunk.prompt_logprobs or prompt_logprobs
                     if chunk.logprobs is not None and logprobs is None:
                         logprobs = chunk.logprobs
                     elif chunk.logprobs is not None and logprobs is not None:
                         logprobs.extend(chunk.logprobs)
                     if chunk.kv is not None:  # exported: the handoff, not an end
                         seq.delivered = True
-                        yield GenerateChunk(token_ids=tokens, kv=chunk.kv, logprobs=logprobs)
+                        yield GenerateChunk(
+                            token_ids=tokens, kv=chunk.kv, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+                        )
                         return
                     if chunk.finish_reason is not None:
                         yield GenerateChunk(
-                            token_ids=tokens, finish_reason=chunk.finish_reason, logprobs=logprobs
+                            token_ids=tokens,
+                            finish_reason=chunk.finish_reason,
+                            logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs,
                         )
                         return
             else:
@@ -559,10 +571,13 @@ class TorchEngine:
                 batch = build_step(
                     decode,
                     [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill],
-                    plan.sample_rows,
+                    plan.sample_rows + plan.score_rows,
                     self.device,
                 )
                 logits = self._model.forward(batch, self._cache)
+                if plan.score:
+                    score_prompts(logits[len(plan.sample_rows) :], plan.score)
+                    logits = logits[: len(plan.sample_rows)]
             samplers = [s.sampler for s in plan.sample]
             raw = raw_logprobs(logits, plan.sample)  # of the model's distribution, before anything changes it
             apply_penalties(logits, plan.sample)
@@ -584,6 +599,9 @@ class TorchEngine:
 
     def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         assert self._scheduler is not None
+        if seq.prompt_scores is not None:  # the prompt's logprobs go out with its first token
+            seq.stream.set_prompt_logprobs(seq.prompt_scores)
+            seq.prompt_scores = None
         seq.tokens.append(token)
         seq.num_generated += 1
         self._stats.total_tokens += 1

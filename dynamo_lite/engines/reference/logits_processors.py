@@ -117,3 +117,30 @@ def pick_logprobs(raw: torch.Tensor | None, rows: Seq[_Row], tokens: list[int]) 
         n = rows[i].sampling.logprobs or 0
         out[i] = TokenLogprobs([chosen[j]], [top_ids[j][:n] if n else []], [top_values[j][:n] if n else []])
     return out
+
+
+class _Scored(_Row, Protocol):
+    prompt_scores: TokenLogprobs | None
+
+
+def score_prompts(logits: torch.Tensor, spans: Seq[tuple[_Scored, int, int]]) -> None:
+    """Prompt logprobs: ``logits`` rows are consecutive prompt positions of each ``(seq, start, count)`` span;
+    position p scores prompt token p + 1 (raw ``log_softmax``, as generated tokens). Appended to
+    ``seq.prompt_scores``."""
+    row = 0
+    for seq, start, count in spans:
+        lp = torch.log_softmax(logits[row : row + count].float(), dim=-1)
+        row += count
+        targets = torch.tensor(seq.tokens[start + 1 : start + 1 + count], dtype=torch.long, device=lp.device)
+        chosen = lp.gather(1, targets[:, None])[:, 0].tolist()
+        k = seq.sampling.prompt_logprobs or 0
+        if k:
+            values, ids = torch.topk(lp, k, dim=-1)
+            top_ids, top_values = ids.tolist(), values.tolist()
+        else:
+            top_ids, top_values = [[] for _ in chosen], [[] for _ in chosen]
+        part = TokenLogprobs(chosen, top_ids, top_values)
+        if seq.prompt_scores is None:
+            seq.prompt_scores = part
+        else:
+            seq.prompt_scores.extend(part)

@@ -35,8 +35,10 @@ def validate(opts: SamplingOptions, vocab_size: int) -> None:
 
 def validate_processing(opts: SamplingOptions, vocab_size: int) -> None:
     """Logprobs, penalties, min_p and logit_bias: the ranges OpenAI and vLLM accept."""
-    if opts.logprobs is not None and not 0 <= opts.logprobs <= MAX_TOP_LOGPROBS:
-        raise SamplingError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {opts.logprobs}")
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(opts, name)
+        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
+            raise SamplingError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= getattr(opts, name) <= 2.0:
             raise SamplingError(f"{name} must be in [-2, 2], got {getattr(opts, name)}")

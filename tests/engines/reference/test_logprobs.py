@@ -136,3 +136,38 @@ async def test_repetition_penalty_and_logit_bias_steer_greedy_output_as_transfor
     )
     assert banned not in biased
     assert biased == hf_generate(folder, prompt, 12, sequence_bias={(banned,): -100.0})
+
+
+def hf_prompt_logprobs(folder, ids: list[int]):  # noqa: ANN001
+    """``log_softmax`` at prompt positions 0..n-2 (scoring tokens 1..n-1)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(THREADS)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.inference_mode():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+
+
+def assert_prompt_matches(reference, ids: list[int], lp: TokenLogprobs) -> None:  # noqa: ANN001
+    import torch
+
+    chosen = reference.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(lp.logprobs), chosen, atol=1e-4, rtol=0)
+    values, top = torch.topk(reference, 2, dim=-1)
+    assert lp.top_ids == top.tolist()
+    assert torch.allclose(torch.tensor(lp.top_logprobs), values, atol=1e-4, rtol=0)
+
+
+async def test_prompt_logprobs_equal_transformers_over_chunks_and_the_handoff(engines, prompt) -> None:
+    long = prompt * 6  # ~200 tokens: prefilled in chunks (max_num_tokens 256 shared with the other rows)
+    reference = hf_prompt_logprobs(engines["agg"].model_files.folder, long)
+    for _ in range(2):  # the second time its prefix is cached: a scored prompt is computed whole anyway
+        chunks = await collect(engines["agg"], request(long, max_tokens=2, prompt_logprobs=2))
+        assert chunks[0].prompt_logprobs is not None
+        assert all(c.prompt_logprobs is None for c in chunks[1:])
+        assert_prompt_matches(reference, long, chunks[0].prompt_logprobs)
+    ask = request(long, "p", max_tokens=2, prompt_logprobs=2, ignore_eos=True)
+    first = await collect(engines["prefill"], GenerateRequest("p", "m", long, ask.sampling, Phase.PREFILL))
+    assert first[0].kv is not None and first[0].prompt_logprobs is not None
+    assert_prompt_matches(reference, long, first[0].prompt_logprobs)
