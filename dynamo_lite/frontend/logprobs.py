@@ -108,22 +108,27 @@ class ChatLogprobs:
 
 
 class CompletionLogprobs:
-    """Collects a completion choice's legacy logprobs; ``text_offset`` counts characters from ``offset`` (the
-    prompt's length when it is echoed, else 0)."""
+    """Collects a completion choice's legacy logprobs; with ``echo_ids`` (``echo``) the prompt's tokens come
+    first (the first with no log-probability, as in OpenAI's answers), scored by the engine
+    (``GenerateChunk.prompt_logprobs``). ``text_offset`` counts characters of the returned text."""
 
-    __slots__ = ("_texts", "_offset", "_pending", "_all")
+    __slots__ = ("_texts", "_offset", "_pending", "_all", "_echo_ids")
 
-    def __init__(self, texts: TokenBytes, offset: int = 0) -> None:
+    def __init__(self, texts: TokenBytes, echo_ids: list[int] | None = None) -> None:
         self._texts = texts
-        self._offset = offset
+        self._offset = 0
         self._pending = self._empty()
         self._all = self._empty()
+        self._echo_ids = echo_ids  # until the prompt's entries are in
 
     @staticmethod
     def _empty() -> dict[str, list]:
         return {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
     def add(self, chunk: GenerateChunk, count: int) -> None:
+        if self._echo_ids is not None:
+            self._add_prompt(self._echo_ids, chunk)
+            self._echo_ids = None
         lp = chunk.logprobs
         if lp is None or count <= 0:
             return
@@ -135,10 +140,18 @@ class CompletionLogprobs:
             top = {texts(t)[0]: v for t, v in zip(tops, values, strict=True)}
             self._append(text, lp.logprobs[i], top)
 
-    def add_prompt(self, token_ids: list[int], logprobs: list[float | None]) -> None:
-        """Echoed prompt tokens: the first has no log-probability (``None``), as in OpenAI's answers."""
-        for token_id, value in zip(token_ids, logprobs, strict=True):
-            self._append(self._texts(token_id)[0], value, None)
+    def _add_prompt(self, token_ids: list[int], chunk: GenerateChunk) -> None:
+        scored = chunk.prompt_logprobs
+        texts = self._texts
+        self._append(texts(token_ids[0])[0], None, None)
+        for i, token_id in enumerate(token_ids[1:]):
+            if scored is None or i >= len(scored.logprobs):
+                self._append(texts(token_id)[0], None, None)
+                continue
+            tops = scored.top_ids[i] if i < len(scored.top_ids) else []
+            values = scored.top_logprobs[i] if i < len(scored.top_logprobs) else []
+            top = {texts(t)[0]: v for t, v in zip(tops, values, strict=True)}
+            self._append(texts(token_id)[0], scored.logprobs[i], top)
 
     def _append(self, text: str, logprob: float | None, top: dict[str, float] | None) -> None:
         for part in (self._pending, self._all):

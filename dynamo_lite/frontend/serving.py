@@ -73,13 +73,16 @@ class PreparedRequest:
     responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
     n: int = 1  # choices (``dynamo_lite.frontend.choices`` when more than one)
     include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
+    echo: str | None = None  # completions' ``echo``: the prompt's text, before the completion's
 
     def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
         """The collector of this request's token logprobs (None: not asked for)."""
         if self.request.sampling.logprobs is None:
             return None
-        cls = ChatLogprobs if self.endpoint == CHAT else CompletionLogprobs
-        return cls(token_bytes(self.pre))
+        if self.endpoint == CHAT:
+            return ChatLogprobs(token_bytes(self.pre))
+        prompt = self.request.token_ids if self.echo is not None else None
+        return CompletionLogprobs(token_bytes(self.pre), prompt)
 
     @property
     def model(self) -> str:
@@ -218,8 +221,8 @@ class CompletionService:
         return prepared
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
-        if req.echo:
-            raise bad_request("echo is not supported", param="echo")
+        if req.echo and req.n not in (None, 1):
+            raise bad_request("echo is supported with n = 1 only", param="echo")
         if req.best_of not in (None, 1):
             raise bad_request("best_of must be 1", param="best_of")
         if req.suffix:
@@ -242,9 +245,15 @@ class CompletionService:
             max_tokens = max(
                 1, min(self._settings.completions_default_max_tokens, card.context_length - len(ids))
             )
-        return self._prepare(
+        prepared = self._prepare(
             COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, req.logprobs
         )
+        if req.echo:
+            prepared.echo = (
+                prompt if isinstance(prompt, str) else pre.tokenizer.decode(ids, skip_special_tokens=False)
+            )
+            prepared.request.sampling.prompt_logprobs = req.logprobs  # scored by the engine, when asked
+        return prepared
 
     def _prepare(
         self,
@@ -397,9 +406,12 @@ class CompletionService:
         head = fmt.head()
         if head:
             await ex.body(head)
+        echo = p.echo
         while True:
             counted = out.completion_tokens
             delta = out.process(chunk) if chunk is not None else out.end()
+            if echo:  # the prompt goes out with the first event
+                delta.content, echo = echo + delta.content, None
             finish = out.finish_reason
             if logprobs is not None and chunk is not None:
                 logprobs.add(chunk, out.completion_tokens - counted)
@@ -431,6 +443,8 @@ class CompletionService:
         logprobs: ChatLogprobs | CompletionLogprobs | None = None,
     ) -> None:
         transcript = Transcript()
+        if p.echo:
+            transcript.add(Delta(content=p.echo))
         now = time.perf_counter()
         while True:
             counted = out.completion_tokens

@@ -5,6 +5,7 @@ OpenAI's shape, streamed per chunk, the same streamed or not and in either deplo
 
 from __future__ import annotations
 
+import functools
 import uuid
 
 import httpx
@@ -56,15 +57,22 @@ def deployments(services: Services):
             p.stop()
 
 
-def hf_logprobs(folder, ids: list[int], generated: list[int]):  # noqa: ANN001
+@functools.cache
+def hf_model(folder):  # noqa: ANN001, ANN201
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+
+
+def hf_logprobs(folder, ids: list[int], generated: list[int]):  # noqa: ANN001
+    """``log_softmax`` of transformers' logits at every position but the last of ``ids + generated``."""
+    import torch
+
     with torch.inference_mode():
-        logits = model(torch.tensor([ids + generated])).logits[0].float()
-    return torch.log_softmax(logits[len(ids) - 1 : len(ids) + len(generated) - 1], dim=-1)
+        logits = hf_model(folder)(torch.tensor([ids + generated])).logits[0].float()
+    return torch.log_softmax(logits[:-1], dim=-1)
 
 
 def test_logprobs_equal_transformers_aggregated_and_disaggregated(deployments) -> None:
@@ -90,7 +98,7 @@ def test_logprobs_equal_transformers_aggregated_and_disaggregated(deployments) -
         assert r.usage.completion_tokens == MAX_NEW == len(lp.tokens) == len(lp.token_logprobs)
         # greedy: each chosen token is the most likely one; its ids, by the top alternatives' texts
         generated = [tok.token_to_id(_piece(tok, t)) for t in lp.tokens]
-        reference = hf_logprobs(files.folder, prompt, generated)
+        reference = hf_logprobs(files.folder, prompt, generated)[len(prompt) - 1 :]
         chosen = reference.gather(1, torch.tensor(generated)[:, None])[:, 0]
         assert torch.allclose(torch.tensor(lp.token_logprobs), chosen, atol=1e-4, rtol=0), kind
         values, ids = torch.topk(reference, TOP, dim=-1)
@@ -99,6 +107,20 @@ def test_logprobs_equal_transformers_aggregated_and_disaggregated(deployments) -
             assert set(top) == {tok.decode([t]) for t in ids[i].tolist()}
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
         assert "".join(lp.tokens) == r.choices[0].text
+
+        # echo: the prompt's text and its tokens' logprobs (from the prefill worker when disaggregated).
+        e = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=2, temperature=0, logprobs=TOP, echo=True
+        )
+        elp = e.choices[0].logprobs
+        scores = hf_logprobs(files.folder, prompt, [])
+        assert e.choices[0].text.startswith(tok.decode(prompt, skip_special_tokens=False))
+        assert elp.token_logprobs[0] is None and elp.top_logprobs[0] is None
+        want = scores.gather(1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(elp.token_logprobs[1 : len(prompt)]), want, atol=1e-4, rtol=0), (
+            kind
+        )
+        assert elp.token_logprobs[len(prompt)] == pytest.approx(lp.token_logprobs[0], abs=1e-4)
 
         # Chat: OpenAI's shape, whole and streamed per chunk, equal.
         whole = client.chat.completions.create(

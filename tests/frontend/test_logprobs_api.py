@@ -148,3 +148,31 @@ async def test_include_stop_str_in_output(
     backend.say(tokenizer, "one two three")
     r = await client.completions.create(model=MODEL, prompt="x", stop=[" two"])
     assert r.choices[0].text == "one"
+
+
+async def test_echo_returns_the_prompt_and_its_scores(
+    client: openai.AsyncOpenAI, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    prompt = tokenizer.encode("The sky is", add_special_tokens=False).ids
+    ids = script(backend, tokenizer, " blue")
+    backend.script[0].prompt_logprobs = TokenLogprobs(
+        [-1.5, -2.5], [[1, 2], [3, 4]], [[-1.0, -2.0], [-3.0, -4.0]]
+    )
+    r = await client.completions.create(model=MODEL, prompt=prompt, echo=True, logprobs=2)
+    assert backend.requests[-1].sampling.prompt_logprobs == 2
+    assert r.choices[0].text == "The sky is blue"
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(prompt) + len(ids) == 3 + len(ids)
+    assert lp.token_logprobs[:3] == [None, -1.5, -2.5] and lp.top_logprobs[0] is None
+    assert lp.top_logprobs[1] == {tokenizer.decode([1], skip_special_tokens=False): -1.0,
+                                  tokenizer.decode([2], skip_special_tokens=False): -2.0}  # fmt: skip
+    assert "".join(lp.tokens[:-1]) == r.choices[0].text
+    assert lp.text_offset[3] == len("The sky is")
+
+    script(backend, tokenizer, " blue")
+    streamed = ""
+    async for chunk in await client.completions.create(
+        model=MODEL, prompt="The sky is", echo=True, stream=True
+    ):
+        streamed += "".join(c.text for c in chunk.choices)
+    assert streamed == "The sky is blue" and backend.requests[-1].sampling.prompt_logprobs is None

@@ -7,8 +7,8 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
 - ``max_tokens`` comes from the caller: the phase decides it (1 for a context-only prefill, the request's
   total for a generation-only decode, whose output starts with the prefill's first token);
 - ``detokenize=False``: the frontend turns ids into text, the engine need not;
-- the OpenAI penalties pass through when set; ``logprobs``, ``min_p`` and ``logit_bias`` are refused (400):
-  this adapter does not read TensorRT-LLM's logprobs back, and its ``SamplingParams`` facts
+- the OpenAI penalties pass through when set; ``logprobs``, ``prompt_logprobs``, ``min_p`` and ``logit_bias``
+  are refused (400): this adapter does not read TensorRT-LLM's logprobs back, and its ``SamplingParams`` facts
   (``api_facts.yaml``) list no ``min_p`` nor ``logit_bias``.
 """
 
@@ -23,7 +23,7 @@ from dynamo_lite.protocol import SamplingOptions
 def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, Any]:
     """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens;
     ``EngineError`` (400) for options this adapter cannot honour."""
-    for name, off in (("logprobs", None), ("min_p", 0.0), ("logit_bias", {})):
+    for name, off in (("logprobs", None), ("prompt_logprobs", None), ("min_p", 0.0), ("logit_bias", {})):
         if getattr(options, name) != off:
             raise EngineError(
                 f"{name} is not supported by the trtllm engine", status=400, code="invalid_request"

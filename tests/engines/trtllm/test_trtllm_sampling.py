@@ -39,6 +39,7 @@ def test_penalties_pass_through_and_what_the_adapter_cannot_honour_is_refused() 
     assert "presence_penalty" not in sampling_kwargs(SamplingOptions(), max_tokens=4)
     for refused in (
         SamplingOptions(logprobs=0),
+        SamplingOptions(prompt_logprobs=1),
         SamplingOptions(min_p=0.1),
         SamplingOptions(logit_bias={1: 2.0}),
     ):
