@@ -22,6 +22,9 @@ import msgspec
 
 WIRE_VERSION = 1
 MAX_WIRE_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_LOGPROBS = (
+    20  # most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
+)
 """Hard upper bound on any wire message we decode (requests carry token ids, never KV bytes)."""
 
 

@@ -22,8 +22,6 @@ import torch
 
 from dynamo_lite.protocol import SamplingOptions, TokenLogprobs
 
-MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs (and vLLM's default max_logprobs)
-
 
 class _Row(Protocol):
     """What the processors read of a sequence (``scheduler.Sequence``)."""

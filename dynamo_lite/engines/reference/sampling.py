@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dynamo_lite.engines.reference.logits_processors import MAX_TOP_LOGPROBS, min_p_filter
-from dynamo_lite.protocol import SamplingOptions
+from dynamo_lite.engines.reference.logits_processors import min_p_filter
+from dynamo_lite.protocol import MAX_LOGPROBS, SamplingOptions
 
 
 class SamplingError(ValueError):
@@ -37,8 +37,8 @@ def validate_processing(opts: SamplingOptions, vocab_size: int) -> None:
     """Logprobs, penalties, min_p and logit_bias: the ranges OpenAI and vLLM accept."""
     for name in ("logprobs", "prompt_logprobs"):
         k = getattr(opts, name)
-        if k is not None and not 0 <= k <= MAX_TOP_LOGPROBS:
-            raise SamplingError(f"{name} must be in [0, {MAX_TOP_LOGPROBS}], got {k}")
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise SamplingError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= getattr(opts, name) <= 2.0:
             raise SamplingError(f"{name} must be in [-2, 2], got {getattr(opts, name)}")
