@@ -3,13 +3,17 @@ engines' ``TokenLogprobs`` rendered in OpenAI's chat and legacy completion shape
 
 from __future__ import annotations
 
+import asyncio
+
+import httpx
 import openai
+import orjson
 import pytest
 from tokenizers import Tokenizer
 
 from dynamo_lite.protocol import GenerateChunk, TokenLogprobs
 
-from .conftest import EOS_ID, MODEL, FakeBackend
+from .conftest import EOS_ID, MODEL, FakeBackend, sse_events
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -176,3 +180,26 @@ async def test_echo_returns_the_prompt_and_its_scores(
     ):
         streamed += "".join(c.text for c in chunk.choices)
     assert streamed == "The sky is blue" and backend.requests[-1].sampling.prompt_logprobs is None
+
+
+async def test_a_failing_choice_fails_the_response_and_closes_the_others(
+    http: httpx.AsyncClient, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    backend.say(tokenizer, "one two three four")
+    backend.fail_after = 2
+    body = {"model": MODEL, "messages": HI, "n": 2}
+    r = await http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 500 and r.json()["error"]["code"] == "instance_lost"
+    r = await http.post("/v1/chat/completions", json={**body, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]" and orjson.loads(events[-2])["error"]["code"] == "instance_lost"
+    assert backend.completed == 0
+    backend.fail_after, backend.forever = None, True  # never ends by itself: a stop string ends both choices
+    before = backend.cancelled
+    r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "n": 2, "stop": [" three"]})
+    assert [c["text"] for c in r.json()["choices"]] == ["one two", "one two"]
+    for _ in range(500):  # both forever-streams closed (cancelled), soon after the answer
+        if backend.cancelled == before + 2:
+            break
+        await asyncio.sleep(0.01)
+    assert backend.cancelled == before + 2
