@@ -22,6 +22,9 @@ import msgspec
 
 WIRE_VERSION = 1
 MAX_WIRE_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_LOGPROBS = (
+    20  # most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
+)
 """Hard upper bound on any wire message we decode (requests carry token ids, never KV bytes)."""
 
 
@@ -85,6 +88,17 @@ class SamplingOptions(_Wire):
     ignore_eos: bool = False
     stop_token_ids: list[int] = []
     guided: GuidedSpec | None = None  # structured output: the tokens follow this grammar
+    # Log-probabilities of each generated token and of its ``logprobs`` most likely alternatives (None: none).
+    logprobs: int | None = None
+    # OpenAI/vLLM penalties: presence/frequency count generated tokens, repetition (multiplicative, as
+    # transformers') prompt and generated ones; min_p is relative to the top token's probability.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = {}
+    # Log-probabilities of the prompt's tokens (from the second on) and their top alternatives (None: none).
+    prompt_logprobs: int | None = None
 
 
 class KvDescriptor(_Wire):
@@ -156,6 +170,20 @@ class WorkerTiming(_Wire):
     kv_transport: str = ""  # "tcp" | "shm" | "cuda_ipc" | "staged" | ...
 
 
+class TokenLogprobs(_Wire):
+    """Log-probabilities of a chunk's tokens (``SamplingOptions.logprobs``), one entry per token: the chosen
+    token's, and the ids and log-probabilities of the most likely alternatives (most likely first)."""
+
+    logprobs: list[float] = []
+    top_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+    def extend(self, other: TokenLogprobs) -> None:
+        self.logprobs.extend(other.logprobs)
+        self.top_ids.extend(other.top_ids)
+        self.top_logprobs.extend(other.top_logprobs)
+
+
 class GenerateChunk(_Wire):
     """Worker → frontend: new token ids since the last chunk (several when coalesced)."""
 
@@ -165,6 +193,8 @@ class GenerateChunk(_Wire):
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (an engine may count imported KV; the
     # router reports only what no worker computed for this request)
     timing: WorkerTiming | None = None  # on a worker's first chunk
+    logprobs: TokenLogprobs | None = None  # of ``token_ids``, when the request asked for them
+    prompt_logprobs: TokenLogprobs | None = None  # of the prompt's tokens from the second on (first chunk)
 
 
 class LoadReport(_Wire):

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from dynamo_lite.kv.blocks import KV_BLOCK_SIZE, KvEventSink
 from dynamo_lite.kv.config import KV_LEASE_S
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Role
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Role,
+    TokenLogprobs,
+)
 from dynamo_lite.timing import note_engine_start
 
 if TYPE_CHECKING:
@@ -128,6 +135,8 @@ class TokenStream:
         "_last_yield",
         "_created",
         "_admitted",
+        "_logprobs",
+        "_prompt_logprobs",
     )
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pacing: StreamPacing | None = None) -> None:
@@ -154,6 +163,8 @@ class TokenStream:
         """The engine took the request from its queue into its batch (the request's timing and trace say how
         long it waited)."""
         self._admitted = time.perf_counter()
+        self._logprobs: TokenLogprobs | None = None  # of ``_tokens``, when the engine pushes them
+        self._prompt_logprobs: TokenLogprobs | None = None  # goes out once, with the next chunk
 
     def _wake(self) -> None:
         # Called with the lock held: schedule at most one wake-up per batch of pushes.
@@ -164,13 +175,22 @@ class TokenStream:
             else:
                 self._loop.call_soon_threadsafe(self._event.set)
 
-    def push(self, token_ids: list[int] | int) -> None:
+    def push(self, token_ids: list[int] | int, logprobs: TokenLogprobs | None = None) -> None:
         with self._lock:
             if isinstance(token_ids, int):
                 self._tokens.append(token_ids)
             else:
                 self._tokens.extend(token_ids)
+            if logprobs is not None:
+                if self._logprobs is None:
+                    self._logprobs = TokenLogprobs()
+                self._logprobs.extend(logprobs)
             self._wake()
+
+    def set_prompt_logprobs(self, logprobs: TokenLogprobs) -> None:
+        """The prompt's log-probabilities, sent with the next chunk (before the first token's is pushed)."""
+        with self._lock:
+            self._prompt_logprobs = logprobs
 
     def finish(
         self, reason: FinishReason | None, kv: KvDescriptor | None = None, cached_tokens: int | None = None
@@ -206,6 +226,8 @@ class TokenStream:
                 self._event.clear()
                 self._scheduled = False
                 tokens, self._tokens = self._tokens, []
+                logprobs, self._logprobs = self._logprobs, None
+                prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
                 finish, kv, error, cached, done = (
                     self._finish,
                     self._kv,
@@ -222,7 +244,12 @@ class TokenStream:
                     first = False
                     note_engine_start(self._created, self._admitted)
                 yield GenerateChunk(
-                    token_ids=tokens, finish_reason=finish, kv=kv if done else None, cached_tokens=cached
+                    token_ids=tokens,
+                    finish_reason=finish,
+                    kv=kv if done else None,
+                    cached_tokens=cached,
+                    logprobs=logprobs,
+                    prompt_logprobs=prompt_logprobs,
                 )
             if done:
                 return

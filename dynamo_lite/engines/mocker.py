@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -28,7 +29,14 @@ import yaml
 from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Phase,
+    TokenLogprobs,
+)
 from dynamo_lite.timing import note_kv_transfer
 
 log = logging.getLogger(__name__)
@@ -222,6 +230,14 @@ class MockerEngine:
             tok = 256 + (tok - 255) % span
         return tok
 
+    def _logprobs(self, token: int, k: int) -> TokenLogprobs:
+        """Made-up but well-formed: the chosen token has probability 1/2, then ids after it e^-1.5, e^-2.5...
+        (most likely first, the total below 1)."""
+        ids = [token, *((token + i) % self.vocab for i in range(1, k))][:k]
+        return TokenLogprobs(
+            [-math.log(2.0)], [ids], [[-math.log(2.0), *(-0.5 - i for i in range(1, k))][:k]]
+        )
+
     def _scripted(self, request: GenerateRequest) -> list[int] | None:
         if not self.script or self._tokenizer is None:
             return None
@@ -275,7 +291,8 @@ class MockerEngine:
         seq.generated += 1
         seq.kv_tokens += 1
         self._stats.total_tokens += 1
-        seq.stream.push(tok)
+        k = seq.request.sampling.logprobs
+        seq.stream.push(tok, None if k is None else self._logprobs(tok, k))
         stopped = seq.stopped_by(tok) or (seq.script is not None and seq.generated >= len(seq.script))
         if seq.request.phase == Phase.PREFILL:
             seq.target = seq.generated  # context-only: one token

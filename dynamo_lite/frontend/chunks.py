@@ -94,12 +94,15 @@ class ChatStreamFormat(_StreamFormat):
 
     __slots__ = ("_content", "_first", "_empty", "_delta", "_started", "_include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool = False, index: int = 0
+    ) -> None:
         super().__init__(response_id, "chat.completion.chunk", created, model)
-        self._content = self._head + b'{"index":0,"delta":{"content":'
-        self._first = self._head + b'{"index":0,"delta":{"role":"assistant","content":'
-        self._empty = self._head + b'{"index":0,"delta":{'
-        self._delta = self._head + b'{"index":0,"delta":'
+        choice = self._head + b'{"index":' + str(index).encode()
+        self._content = choice + b',"delta":{"content":'
+        self._first = choice + b',"delta":{"role":"assistant","content":'
+        self._empty = choice + b',"delta":{'
+        self._delta = choice + b',"delta":'
         self._started = False
         self._include_usage = include_usage
 
@@ -141,9 +144,11 @@ class CompletionStreamFormat(_StreamFormat):
 
     __slots__ = ("_text", "_include_usage")
 
-    def __init__(self, response_id: str, created: int, model: str, include_usage: bool = False) -> None:
+    def __init__(
+        self, response_id: str, created: int, model: str, include_usage: bool = False, index: int = 0
+    ) -> None:
         super().__init__(response_id, "text_completion", created, model)
-        self._text = self._head + b'{"index":0,"text":'
+        self._text = self._head + b'{"index":' + str(index).encode() + b',"text":'
         self._include_usage = include_usage
 
     def chunk(self, text: str, finish_reason: str | None = None, first: bool = False) -> bytes:
@@ -164,7 +169,13 @@ class CompletionStreamFormat(_StreamFormat):
 
 
 def chat_completion(
-    response_id: str, created: int, model: str, transcript: Transcript, finish: str, usage: dict
+    response_id: str,
+    created: int,
+    model: str,
+    transcript: Transcript,
+    finish: str,
+    usage: dict,
+    logprobs: dict | None = None,
 ) -> bytes:
     message: dict = {"role": "assistant", "content": transcript.text("content")}
     reasoning = transcript.text("reasoning")
@@ -184,7 +195,7 @@ def chat_completion(
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                     "finish_reason": finish,
                 }
             ],
@@ -194,7 +205,13 @@ def chat_completion(
 
 
 def text_completion(
-    response_id: str, created: int, model: str, transcript: Transcript, finish: str, usage: dict
+    response_id: str,
+    created: int,
+    model: str,
+    transcript: Transcript,
+    finish: str,
+    usage: dict,
+    logprobs: dict | None = None,
 ) -> bytes:
     text = transcript.text("content")
     return orjson.dumps(
@@ -203,7 +220,7 @@ def text_completion(
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage,
         }
     )

@@ -126,7 +126,8 @@ def make_detokenizer(
 
 
 class StopMatcher:
-    """Finds stop strings in streamed text; the matched stop and everything after it are dropped.
+    """Finds stop strings in streamed text; everything after the matched stop is dropped, and the stop itself
+    too unless ``include_stop`` (``include_stop_str_in_output``).
 
     Text that could be the start of a stop string is held back until the next chunk decides it.
 
@@ -135,25 +136,26 @@ class StopMatcher:
     (('hello ', False), ('', True))
     """
 
-    __slots__ = ("_stops", "_pending")
+    __slots__ = ("_stops", "_pending", "_include")
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], include_stop: bool = False) -> None:
         self._stops = [s for s in stops if s]
         self._pending = ""
+        self._include = include_stop
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
         buf = self._pending + text if self._pending else text
         if not buf:
             return "", False
-        hit = -1
+        hit, end = -1, -1
         for stop in self._stops:
             i = buf.find(stop)
-            if i != -1 and (hit == -1 or i < hit):
-                hit = i
+            if i != -1 and (hit == -1 or i < hit or (i == hit and i + len(stop) > end)):
+                hit, end = i, i + len(stop)
         if hit != -1:
             self._pending = ""
-            return buf[:hit], True
+            return buf[: end if self._include else hit], True
         keep = len(buf)
         for stop in self._stops:
             # The earliest position where the rest of ``buf`` is a proper prefix of ``stop``.

@@ -124,10 +124,10 @@ _COMMON: dict[str, Field] = {
     "seed": honoured(),
     "stop": honoured(),
     "user": honoured(),  # an end-user identifier: no effect on the output by definition
-    "n": refused("n must be 1: one choice per request is supported", 1),
-    "presence_penalty": refused(f"presence_penalty {NOT_SUPPORTED} (only 0)", 0),
-    "frequency_penalty": refused(f"frequency_penalty {NOT_SUPPORTED} (only 0)", 0),
-    "logit_bias": refused(f"logit_bias {NOT_SUPPORTED}", {}),
+    "n": honoured(),  # n choices (frontend/choices.py)
+    "presence_penalty": honoured(),
+    "frequency_penalty": honoured(),
+    "logit_bias": honoured(),
     # vLLM / Dynamo / genai-perf / aiperf extensions
     "top_k": extension(),
     "min_tokens": extension(),
@@ -139,9 +139,9 @@ _COMMON: dict[str, Field] = {
     "guided_regex": elsewhere("structured output"),
     "guided_grammar": elsewhere("structured output"),
     "guided_choice": elsewhere("structured output"),
-    "min_p": refused(f"min_p {NOT_SUPPORTED}", 0),
-    "repetition_penalty": refused(f"repetition_penalty {NOT_SUPPORTED} (only 1)", 1),
-    "include_stop_str_in_output": refused(f"include_stop_str_in_output {NOT_SUPPORTED}", False),
+    "min_p": extension(),
+    "repetition_penalty": extension(),
+    "include_stop_str_in_output": extension(),
     "skip_special_tokens": refused("skip_special_tokens=false is not supported", True),
     "use_beam_search": refused(f"use_beam_search {NOT_SUPPORTED}", False),
 }
@@ -155,8 +155,8 @@ CHAT: dict[str, Field] = {
     "parallel_tool_calls": _PARALLEL_TOOL_CALLS,
     "reasoning_effort": honoured(),
     "response_format": elsewhere("structured output"),
-    "logprobs": refused(f"logprobs {NOT_SUPPORTED}", False),
-    "top_logprobs": refused(f"top_logprobs {NOT_SUPPORTED}", 0),
+    "logprobs": honoured(),
+    "top_logprobs": honoured(),
     "metadata": honoured(),  # tags for stored completions: no effect on the output
     "store": refused("store=true is not supported: completions are not stored", False),
     "service_tier": honoured(only("auto", "default"), "service_tier: only 'auto' and 'default' exist here"),
@@ -180,14 +180,15 @@ COMPLETIONS: dict[str, Field] = {
     **_COMMON,
     "prompt": honoured(),
     "response_format": elsewhere("structured output"),
-    "logprobs": refused(f"logprobs {NOT_SUPPORTED}"),
-    "echo": refused(f"echo {NOT_SUPPORTED}", False),
+    "logprobs": honoured(),
+    "echo": honoured(),  # the prompt (and with logprobs, its logprobs) before the completion
     "best_of": refused("best_of must be 1", 1),
     "suffix": refused(f"suffix {NOT_SUPPORTED}", ""),
 }
 
 RESPONSES: dict[str, Field] = {
     **_COMMON,
+    "n": refused("n must be 1 for responses", 1),
     "stream_options": honoured(
         nested={
             "include_usage": honoured(),  # response.completed carries the usage anyway

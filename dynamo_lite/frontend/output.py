@@ -38,9 +38,11 @@ class OutputState:
         "backend_finished",
     )
 
-    def __init__(self, parser: OutputParser, stops: list[str], max_tokens: int) -> None:
+    def __init__(
+        self, parser: OutputParser, stops: list[str], max_tokens: int, include_stop: bool = False
+    ) -> None:
         self._parser = parser
-        self._stops = StopMatcher(stops) if stops else None
+        self._stops = StopMatcher(stops, include_stop) if stops else None
         self._remaining = max_tokens
         self.completion_tokens = 0
         self.cached_tokens = 0

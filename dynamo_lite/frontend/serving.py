@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from dynamo_lite import tracing
+from dynamo_lite.frontend import choices as n_choices
 from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
@@ -28,6 +29,7 @@ from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_reques
 from dynamo_lite.frontend.extra_fields import nvext_chunk, requested, with_nvext
 from dynamo_lite.frontend.fields import tools_for_prompt
 from dynamo_lite.frontend.guided import check_spec, guided_spec
+from dynamo_lite.frontend.logprobs import ChatLogprobs, CompletionLogprobs, splice, token_bytes
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -81,24 +83,36 @@ class PreparedRequest:
     continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
     received: float = 0.0  # time.perf_counter() before preprocessing (0: not measured)
     extra_fields: frozenset[str] = frozenset()  # nvext.extra_fields to answer ("timing", "worker_id")
+    n: int = 1  # choices (``dynamo_lite.frontend.choices`` when more than one)
+    include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
+    echo: str | None = None  # completions' ``echo``: the prompt's text, before the completion's
+
+    def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
+        """The collector of this request's token logprobs (None: not asked for)."""
+        if self.request.sampling.logprobs is None:
+            return None
+        if self.endpoint == CHAT:
+            return ChatLogprobs(token_bytes(self.pre))
+        prompt = self.request.token_ids if self.echo is not None else None
+        return CompletionLogprobs(token_bytes(self.pre), prompt)
 
     @property
     def model(self) -> str:
         return self.request.model
 
-    def stream_format(self) -> StreamFormat:
+    def stream_format(self, index: int = 0) -> StreamFormat:
         if self.responses is not None:
             return self.responses.stream_format()
         cls = ChatStreamFormat if self.endpoint == CHAT else CompletionStreamFormat
-        return cls(self.response_id, self.created, self.model, self.include_usage)
+        return cls(self.response_id, self.created, self.model, self.include_usage, index)
 
-    def body(self, transcript: Transcript, finish: str, usage: dict) -> bytes:
+    def body(self, transcript: Transcript, finish: str, usage: dict, logprobs: dict | None = None) -> bytes:
         if self.responses is not None:
             return self.responses.body(transcript, finish, usage)
         build = chat_completion if self.endpoint == CHAT else text_completion
-        return build(self.response_id, self.created, self.model, transcript, finish, usage)
+        return build(self.response_id, self.created, self.model, transcript, finish, usage, logprobs)
 
-    def usage(self, out: OutputState) -> dict:
+    def usage(self, out: OutputState | n_choices.Choices) -> dict:
         reasoning = out.reasoning_tokens if self.pre.has_reasoning else None
         return usage_dict(len(self.request.token_ids), out.completion_tokens, out.cached_tokens, reasoning)
 
@@ -177,11 +191,8 @@ class CompletionService:
 
     async def prepare_chat(self, req: ChatCompletionRequest, request_id: str) -> PreparedRequest:
         received = time.perf_counter()
-        _check_common(req)
-        if req.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs")
-        if req.top_logprobs:
-            raise bad_request("top_logprobs are not supported", param="top_logprobs")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs requires logprobs: true", param="top_logprobs")
         guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
@@ -193,14 +204,18 @@ class CompletionService:
             extra=req.template_kwargs(),
         )
         max_tokens = _first(req.max_completion_tokens, req.max_tokens, default=None)
-        prepared = self._prepare(CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prepared = self._prepare(
+            CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, logprobs
+        )
         prepared = _with_guided(prepared, guided)
         prepared.received = received
         return prepared
 
     async def prepare_responses(self, req: ResponsesRequest, request_id: str) -> PreparedRequest:
         received = time.perf_counter()
-        _check_common(req)
+        if req.n not in (None, 1):
+            raise bad_request("n must be 1 for responses", param="n")
         previous = None
         if req.previous_response_id is not None:
             previous = self._responses.get(req.previous_response_id)
@@ -230,11 +245,8 @@ class CompletionService:
 
     async def prepare_completion(self, req: CompletionRequest, request_id: str) -> PreparedRequest:
         received = time.perf_counter()
-        _check_common(req)
-        if req.logprobs is not None:
-            raise bad_request("logprobs are not supported", param="logprobs")
-        if req.echo:
-            raise bad_request("echo is not supported", param="echo")
+        if req.echo and req.n not in (None, 1):
+            raise bad_request("echo is supported with n = 1 only", param="echo")
         if req.best_of not in (None, 1):
             raise bad_request("best_of must be 1", param="best_of")
         if req.suffix:
@@ -259,8 +271,13 @@ class CompletionService:
                 1, min(self._settings.completions_default_max_tokens, card.context_length - len(ids))
             )
         prepared = self._prepare(
-            COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens
+            COMPLETIONS, f"cmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, req.logprobs
         )
+        if req.echo:
+            prepared.echo = (
+                prompt if isinstance(prompt, str) else pre.tokenizer.decode(ids, skip_special_tokens=False)
+            )
+            prepared.request.sampling.prompt_logprobs = req.logprobs  # scored by the engine, when asked
         prepared = _with_guided(prepared, guided)
         prepared.received = received
         return prepared
@@ -275,6 +292,7 @@ class CompletionService:
         pre: ModelPreprocessor,
         ids: list[int],
         max_tokens: int | None,
+        logprobs: int | None = None,
     ) -> PreparedRequest:
         param = {CHAT: "messages", COMPLETIONS: "prompt", RESPONSES: "input"}[endpoint]
         prompt_len = len(ids)
@@ -316,9 +334,14 @@ class CompletionService:
             seed=req.seed,
             ignore_eos=ignore_eos,
             stop_token_ids=list(stop_ids),
+            logprobs=logprobs,
+            **_penalties(req, pre.vocab_size),
         )
         stream = bool(req.stream)
         options = req.stream_options if stream else None
+        n = req.n if req.n is not None else 1
+        if not 1 <= n <= n_choices.MAX_CHOICES:
+            raise bad_request(f"n must be in [1, {n_choices.MAX_CHOICES}]", param="n")
         return PreparedRequest(
             endpoint=endpoint,
             response_id=response_id,
@@ -335,6 +358,8 @@ class CompletionService:
             extra_fields=requested(nv.extra_fields)
             if nv is not None and endpoint != RESPONSES
             else frozenset(),
+            n=n,
+            include_stop=bool(req.include_stop_str_in_output),
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -354,13 +379,18 @@ class CompletionService:
     async def _serve(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
         """Run ``p`` on the backend under its deadlines and answer it, streamed or whole; failures become an
         error response (before the first byte) or the stream's error event (after)."""
-        out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens)
+        out: OutputState | n_choices.Choices
+        if p.n > 1:
+            out = n_choices.Choices(p, p.n)
+        else:
+            out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
         mm = self._metrics.model(p.model)
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)
         mm.inflight.inc()
         mm.input_sequence.observe(len(p.request.token_ids))
         fmt = p.stream_format() if p.stream else None
+        logprobs = p.new_logprobs()
         status = 200
         stream = None
         ttft_s = None
@@ -375,7 +405,11 @@ class CompletionService:
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
-                stream = self._backend.generate(p.model, p.request)
+                if isinstance(out, n_choices.Choices):
+                    requests = n_choices.choice_requests(p.request, p.n)
+                    stream = n_choices.MergedStreams([self._backend.generate(p.model, r) for r in requests])
+                else:
+                    stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
                 t.reschedule(start + settings.timeouts.request_s)
                 first_at = time.perf_counter()
@@ -383,10 +417,13 @@ class CompletionService:
                 mm.ttft.observe(ttft_s)
                 if rt is not None:
                     rt.first_token = first_at
-                if fmt is not None:
-                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, report)
+                if isinstance(out, n_choices.Choices):
+                    write = n_choices.write_stream if p.stream else n_choices.write_whole
+                    await write(p, ex, rid, stream, first, out)
+                elif fmt is not None:
+                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, report, logprobs)
                 else:
-                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl, report)
+                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl, report, logprobs)
                 if root is not None:  # the output loop: detokenizing, stop strings, writing
                     tracing.past_span("detokenize", time.perf_counter() - first_at, parent=root)
         except asyncio.CancelledError:
@@ -427,6 +464,7 @@ class CompletionService:
         out: OutputState,
         itl: Any,
         report: Callable[[], dict] | None,
+        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
     ) -> None:
         perf_counter = time.perf_counter
         now = perf_counter()
@@ -434,11 +472,20 @@ class CompletionService:
         head = fmt.head()
         if head:
             await ex.body(head)
+        echo = p.echo
         while True:
+            counted = out.completion_tokens
             delta = out.process(chunk) if chunk is not None else out.end()
+            if echo:  # the prompt goes out with the first event
+                delta.content, echo = echo + delta.content, None
             finish = out.finish_reason
+            if logprobs is not None and chunk is not None:
+                logprobs.add(chunk, out.completion_tokens - counted)
             if delta or finish:
                 data = fmt.delta(delta, finish)
+                if data and logprobs is not None:
+                    taken = logprobs.take()  # what arrived since the last event, with this event's text
+                    data = splice(data, taken) if taken is not None else data
                 if data:
                     await ex.body(with_usage(data, p.usage(out)) if p.continuous_usage else data)
             if finish:
@@ -463,11 +510,17 @@ class CompletionService:
         out: OutputState,
         itl: Any,
         report: Callable[[], dict] | None,
+        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
     ) -> None:
         transcript = Transcript()
+        if p.echo:
+            transcript.add(Delta(content=p.echo))
         now = time.perf_counter()
         while True:
+            counted = out.completion_tokens
             transcript.add(out.process(chunk) if chunk is not None else out.end())
+            if logprobs is not None and chunk is not None:
+                logprobs.add(chunk, out.completion_tokens - counted)
             if out.finish_reason:
                 break
             chunk = await anext(stream, None)
@@ -475,7 +528,8 @@ class CompletionService:
                 t_chunk = time.perf_counter()
                 itl.observe((t_chunk - now) / len(chunk.token_ids))
                 now = t_chunk
-        body = p.body(transcript, out.finish_reason or "stop", p.usage(out))
+        whole = logprobs.whole() if logprobs is not None else None
+        body = p.body(transcript, out.finish_reason or "stop", p.usage(out), whole)
         if report is not None:
             body = with_nvext(body, report())
         await ex.respond(200, [*JSON_HEADERS, rid], body)
@@ -515,7 +569,9 @@ class CompletionService:
         except Exception as e:
             logger.warning("closing the backend stream failed: %r", e)
 
-    def _done(self, p: PreparedRequest, mm: Any, out: OutputState, status: int, ex: Exchange) -> None:
+    def _done(
+        self, p: PreparedRequest, mm: Any, out: OutputState | n_choices.Choices, status: int, ex: Exchange
+    ) -> None:
         mm.inflight.dec()
         mm.output_tokens.inc(out.completion_tokens)
         mm.output_sequence.observe(out.completion_tokens)
@@ -567,6 +623,24 @@ def _with_guided(p: PreparedRequest, guided: tuple[GuidedSpec, str] | None) -> P
     return p
 
 
-def _check_common(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest) -> None:
-    if req.n not in (None, 1):
-        raise bad_request("n must be 1: one choice per request is supported", param="n")
+def _penalties(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest, vocab_size: int) -> dict:
+    """The request's penalties, min_p and logit_bias as ``SamplingOptions`` fields (ranges checked by the
+    request model; logit_bias keys here)."""
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise bad_request(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+        if not 0 <= token < vocab_size or not -100.0 <= value <= 100.0:
+            raise bad_request(
+                f"logit_bias maps token ids in [0, {vocab_size}) to values in [-100, 100]", param="logit_bias"
+            )
+        bias[token] = float(value)
+    return {
+        "presence_penalty": _first(req.presence_penalty, default=0.0),
+        "frequency_penalty": _first(req.frequency_penalty, default=0.0),
+        "repetition_penalty": _first(req.repetition_penalty, default=1.0),
+        "min_p": _first(req.min_p, default=0.0),
+        "logit_bias": bias,
+    }

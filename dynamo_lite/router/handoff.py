@@ -23,6 +23,8 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 
+import msgspec
+
 from dynamo_lite import timing, tracing
 from dynamo_lite.protocol import (
     GenerateChunk,
@@ -119,10 +121,20 @@ class PrefillHandoff:
                     yield chunk
             return
         if first.finish_reason is not None:  # ended on its first token
-            yield GenerateChunk(first.token_ids, first.finish_reason, None, first.cached_tokens)
+            yield GenerateChunk(
+                first.token_ids,
+                first.finish_reason,
+                None,
+                first.cached_tokens,
+                first.logprobs,
+                first.prompt_logprobs,
+            )
             return
         try:
-            yield GenerateChunk(first.token_ids, None, None, first.cached_tokens)
+            # the first token's logprobs, when asked for, come from the prefill
+            yield GenerateChunk(
+                first.token_ids, None, None, first.cached_tokens, first.logprobs, first.prompt_logprobs
+            )
         except BaseException:
             self.release(first.kv)  # the client left before a decode saw the KV
             raise
@@ -130,7 +142,8 @@ class PrefillHandoff:
             request.request_id,
             model,
             request.token_ids,
-            request.sampling,
+            # the prompt was scored by the prefill: the decode side never scores it again (on a recompute)
+            msgspec.structs.replace(request.sampling, prompt_logprobs=None),
             Phase.DECODE,
             kv=first.kv,
             generated_ids=list(first.token_ids),

@@ -133,7 +133,7 @@ def test_bad_requests_get_openai_errors_and_server_keeps_serving(services: Servi
     cases = [
         (b"{not json", 400),
         (json.dumps({"model": "nope", "messages": msgs}).encode(), 404),
-        (json.dumps({"model": MODEL, "messages": msgs, "n": 2}).encode(), 400),
+        (json.dumps({"model": MODEL, "messages": msgs, "n": 17}).encode(), 400),
         (json.dumps({"model": MODEL, "messages": msgs, "max_tokens": 0}).encode(), 400),
         (b'{"model": "' + MODEL.encode() + b'", "messages": [], "pad": "' + b"x" * (50 << 20) + b'"}', 413),
     ]

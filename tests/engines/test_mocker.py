@@ -209,3 +209,15 @@ async def test_guided_requests_are_refused_with_400(engine: MockerEngine) -> Non
     with pytest.raises(EngineError) as e:
         await collect(engine, GenerateRequest("g", "mock", PROMPT, sampling))
     assert e.value.status == 400 and "structured output" in str(e.value)
+
+
+async def test_logprobs_when_asked_are_well_formed(engine: MockerEngine) -> None:
+    asked = GenerateRequest("r1", "mock", list(PROMPT), SamplingOptions(max_tokens=6, logprobs=3))
+    chunks = await collect(engine, asked)
+    lp = [c.logprobs for c in chunks if c.token_ids]
+    assert all(x is not None for x in lp)
+    chosen = [v for x in lp for v in x.logprobs]
+    tops = [ids for x in lp for ids in x.top_ids]
+    assert len(chosen) == len(tops) == 6 and all(v < 0 for v in chosen)
+    assert [ids[0] for ids in tops] == tokens(chunks) and all(len(ids) == 3 for ids in tops)
+    assert all(c.logprobs is None for c in await collect(engine, request(max_tokens=3)))

@@ -107,3 +107,9 @@ def test_text_without_stop_candidates_is_not_delayed() -> None:
     m = StopMatcher(["###"])
     assert m.feed("plain text") == ("plain text", False)
     assert m.flush() == ""
+
+
+def test_include_stop_keeps_the_matched_stop_and_drops_the_rest() -> None:
+    m = StopMatcher(["STOP", "ST"], include_stop=True)
+    assert m.feed("abc S") == ("abc ", False)
+    assert m.feed("TOP and more") == ("STOP", True)  # at one position, the longest stop is the match

@@ -52,8 +52,17 @@ async def test_malformed_json_is_400(http: httpx.AsyncClient) -> None:
         ({"model": MODEL, "messages": HI, "max_tokens": "5"}, "max_tokens"),  # strict types: no coercion
         ({"model": MODEL, "messages": HI, "max_tokens": 0}, "max_tokens"),
         ({"model": MODEL, "messages": HI, "max_completion_tokens": -1}, "max_completion_tokens"),
-        ({"model": MODEL, "messages": HI, "n": 2}, "n"),
-        ({"model": MODEL, "messages": HI, "logprobs": True}, "logprobs"),
+        ({"model": MODEL, "messages": HI, "n": 0}, "n"),
+        ({"model": MODEL, "messages": HI, "n": 17}, "n"),
+        ({"model": MODEL, "messages": HI, "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
+        ({"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"model": MODEL, "messages": HI, "presence_penalty": 2.5}, "presence_penalty"),
+        ({"model": MODEL, "messages": HI, "frequency_penalty": -3}, "frequency_penalty"),
+        ({"model": MODEL, "messages": HI, "repetition_penalty": 0}, "repetition_penalty"),
+        ({"model": MODEL, "messages": HI, "min_p": 1.5}, "min_p"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"5": 101}}, "logit_bias"),
+        ({"model": MODEL, "messages": HI, "logit_bias": {"99999999": 1}}, "logit_bias"),
         ({"model": MODEL, "messages": HI, "temperature": 3.0}, "temperature"),
         ({"model": MODEL, "messages": HI, "stream": "yes"}, "stream"),
         ({"model": MODEL, "messages": []}, "messages"),
@@ -75,12 +84,12 @@ async def test_invalid_chat_requests_are_400(
 
 async def test_invalid_completion_requests_are_400(http: httpx.AsyncClient, backend: FakeBackend) -> None:
     url = "/v1/completions"
-    assert_error(await http.post(url, json={"model": MODEL, "prompt": "x", "n": 3}), 400, param="n")
+    assert_error(await http.post(url, json={"model": MODEL, "prompt": "x", "n": 99}), 400, param="n")
     assert_error(await http.post(url, json={"model": MODEL, "prompt": ["a", "b"]}), 400, param="prompt")
     assert_error(await http.post(url, json={"model": MODEL, "prompt": [1, 10**9]}), 400, param="prompt")
     assert_error(await http.post(url, json={"model": MODEL, "prompt": ""}), 400, param="prompt")
     assert_error(
-        await http.post(url, json={"model": MODEL, "prompt": "x", "logprobs": 1}), 400, param="logprobs"
+        await http.post(url, json={"model": MODEL, "prompt": "x", "logprobs": 21}), 400, param="logprobs"
     )
     assert_error(await http.post(url, json={"model": MODEL, "prompt": 5}), 400, param="prompt")
     assert backend.requests == []

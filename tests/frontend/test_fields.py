@@ -54,14 +54,16 @@ def test_refused_fields_say_why() -> None:
         ({"some_unknown_field": {"x": 1}}, "some_unknown_field"),
         ({"nvext": {"not_a_thing": 1}}, "nvext.not_a_thing"),
         ({"stream_options": {"include_usage": True, "not_a_thing": 1}}, "stream_options.not_a_thing"),
-        ({"logit_bias": {"28": 5}}, "logit_bias"),
-        ({"min_p": 0.1}, "min_p"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1.0}, "frequency_penalty"),
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 2}, "top_logprobs"),
+        # honoured fields with values out of their range
+        ({"logit_bias": {"28": 500}}, "logit_bias"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.5}, "frequency_penalty"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"echo": True}, "echo"),  # completions' echo, not chat's
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"modalities": ["text", "audio"]}, "modalities"),
         ({"store": True}, "store"),
@@ -79,8 +81,8 @@ async def test_chat_field_refused_or_unknown_is_400_naming_it(
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"echo": True}, "echo"),
-        ({"logprobs": 0}, "logprobs"),
+        ({"echo": True, "n": 2}, "echo"),
+        ({"logprobs": 21}, "logprobs"),
         ({"best_of": 2}, "best_of"),
         ({"zzz": 1}, "zzz"),
     ],
@@ -96,7 +98,12 @@ async def test_completions_field_refused_or_unknown_is_400_naming_it(
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"background": True}, "background"), ({"truncation": "auto"}, "truncation"), ({"zzz": 1}, "zzz")],
+    [
+        ({"background": True}, "background"),
+        ({"truncation": "auto"}, "truncation"),
+        ({"n": 2}, "n"),
+        ({"zzz": 1}, "zzz"),
+    ],
 )
 async def test_responses_field_refused_or_unknown_is_400_naming_it(
     client: openai.AsyncOpenAI, backend: FakeBackend, extra: dict, param: str

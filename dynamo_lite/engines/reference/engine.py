@@ -37,6 +37,12 @@ from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
 from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
 from dynamo_lite.engines.reference.loader import load_weights, model_config
+from dynamo_lite.engines.reference.logits_processors import (
+    apply_penalties,
+    pick_logprobs,
+    raw_logprobs,
+    score_prompts,
+)
 from dynamo_lite.engines.reference.model import LlamaModel, build_step
 from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
 from dynamo_lite.engines.reference.scheduler import (
@@ -50,7 +56,15 @@ from dynamo_lite.engines.reference.scheduler import (
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles, ensure_weights
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase, Role
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Phase,
+    Role,
+    TokenLogprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +208,28 @@ class TorchEngine:
             submitted = True
             if request.phase is Phase.PREFILL:
                 tokens: list[int] = []
+                logprobs: TokenLogprobs | None = None  # the first token's, for the decode side to pass on
+                prompt_logprobs: TokenLogprobs | None = None
                 async for chunk in stream:
                     tokens.extend(chunk.token_ids)
+                    prompt_logprobs = chunk.prompt_logprobs or prompt_logprobs
+                    if chunk.logprobs is not None and logprobs is None:
+                        logprobs = chunk.logprobs
+                    elif chunk.logprobs is not None and logprobs is not None:
+                        logprobs.extend(chunk.logprobs)
                     if chunk.kv is not None:  # exported: the handoff, not an end
                         seq.delivered = True
-                        yield GenerateChunk(token_ids=tokens, kv=chunk.kv)
+                        yield GenerateChunk(
+                            token_ids=tokens, kv=chunk.kv, logprobs=logprobs, prompt_logprobs=prompt_logprobs
+                        )
                         return
                     if chunk.finish_reason is not None:
-                        yield GenerateChunk(token_ids=tokens, finish_reason=chunk.finish_reason)
+                        yield GenerateChunk(
+                            token_ids=tokens,
+                            finish_reason=chunk.finish_reason,
+                            logprobs=logprobs,
+                            prompt_logprobs=prompt_logprobs,
+                        )
                         return
             else:
                 async for chunk in stream:
@@ -561,11 +589,16 @@ class TorchEngine:
                 batch = build_step(
                     decode,
                     [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill],
-                    plan.sample_rows,
+                    plan.sample_rows + plan.score_rows,
                     self.device,
                 )
                 logits = self._model.forward(batch, self._cache)
+                if plan.score:
+                    score_prompts(logits[len(plan.sample_rows) :], plan.score)
+                    logits = logits[: len(plan.sample_rows)]
             samplers = [s.sampler for s in plan.sample]
+            raw = raw_logprobs(logits, plan.sample)  # of the model's distribution, before anything changes it
+            apply_penalties(logits, plan.sample)
             mask_rows(logits, [s.grammar for s in plan.sample])
             # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
             # leave a row with no token at all).
@@ -573,6 +606,7 @@ class TorchEngine:
                 None if s.grammar is not None else suppressed_ids(s, self.eos_ids) for s in plan.sample
             ]
             tokens = sample_batch(logits, samplers, suppress)
+            logprobs = pick_logprobs(raw, plan.sample, tokens)
         except Exception as e:
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
             for seq in plan.sequences:
@@ -584,15 +618,18 @@ class TorchEngine:
             seq.num_computed += 1
         for seq, _, n in plan.prefill:
             seq.num_computed += n
-        for seq, token in zip(plan.sample, tokens, strict=True):
-            self._on_token(seq, token)
+        for seq, token, lp in zip(plan.sample, tokens, logprobs, strict=True):
+            self._on_token(seq, token, lp)
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         assert self._scheduler is not None
         if seq.grammar is not None and not seq.grammar.accept(token):  # masked out: never, unless a bug
             self._scheduler.remove(seq)
             seq.stream.fail(EngineError(f"sampled token {token} outside the request's grammar", status=500))
             return
+        if seq.prompt_scores is not None:  # the prompt's logprobs go out with its first token
+            seq.stream.set_prompt_logprobs(seq.prompt_scores)
+            seq.prompt_scores = None
         seq.tokens.append(token)
         seq.num_generated += 1
         self._stats.total_tokens += 1
@@ -603,13 +640,13 @@ class TorchEngine:
             desc = self._export(seq) if reason is None else None  # reads the slot: before it is freed
             self._scheduler.remove(seq)
             if reason is not None:
-                seq.stream.push(token)
+                seq.stream.push(token, logprobs)
                 seq.stream.finish(reason)
             elif desc is not None:
-                seq.stream.push(token)
+                seq.stream.push(token, logprobs)
                 seq.stream.finish(None, kv=desc)
             return
-        seq.stream.push(token)
+        seq.stream.push(token, logprobs)
         if reason is not None:
             self._scheduler.remove(seq)
             seq.stream.finish(reason, cached_tokens=seq.cached_tokens)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from dynamo_lite.protocol import SamplingOptions
+from dynamo_lite.engines.reference.logits_processors import min_p_filter
+from dynamo_lite.protocol import MAX_LOGPROBS, SamplingOptions
 
 
 class SamplingError(ValueError):
@@ -29,17 +30,37 @@ def validate(opts: SamplingOptions, vocab_size: int) -> None:
     bad = [t for t in opts.stop_token_ids if not 0 <= t < vocab_size]
     if bad:
         raise SamplingError(f"stop_token_ids out of the vocabulary: {bad[:5]}")
+    validate_processing(opts, vocab_size)
+
+
+def validate_processing(opts: SamplingOptions, vocab_size: int) -> None:
+    """Logprobs, penalties, min_p and logit_bias: the ranges OpenAI and vLLM accept."""
+    for name in ("logprobs", "prompt_logprobs"):
+        k = getattr(opts, name)
+        if k is not None and not 0 <= k <= MAX_LOGPROBS:
+            raise SamplingError(f"{name} must be in [0, {MAX_LOGPROBS}], got {k}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2.0 <= getattr(opts, name) <= 2.0:
+            raise SamplingError(f"{name} must be in [-2, 2], got {getattr(opts, name)}")
+    if not opts.repetition_penalty > 0:
+        raise SamplingError(f"repetition_penalty must be > 0, got {opts.repetition_penalty}")
+    if not 0.0 <= opts.min_p <= 1.0:
+        raise SamplingError(f"min_p must be in [0, 1], got {opts.min_p}")
+    bad = [t for t in opts.logit_bias if not 0 <= t < vocab_size]
+    if bad:
+        raise SamplingError(f"logit_bias token ids out of the vocabulary: {bad[:5]}")
 
 
 class Sampler:
     """One request's sampling state."""
 
-    __slots__ = ("temperature", "top_k", "top_p", "greedy", "generator")
+    __slots__ = ("temperature", "top_k", "top_p", "min_p", "greedy", "generator")
 
     def __init__(self, opts: SamplingOptions, device: torch.device) -> None:
         self.temperature = float(opts.temperature)
         self.top_k = int(opts.top_k)
         self.top_p = float(opts.top_p)
+        self.min_p = float(opts.min_p)  # never changes the argmax: greedy ignores it
         self.greedy = self.temperature == 0.0 or self.top_k == 1
         self.generator: torch.Generator | None = None
         if not self.greedy:
@@ -54,6 +75,8 @@ class Sampler:
         if self.greedy:
             return int(logits.argmax())
         logits = logits / self.temperature
+        if self.min_p > 0.0:
+            logits = min_p_filter(logits, self.min_p)
         candidates: torch.Tensor | None = None  # token ids of ``logits`` when narrowed to the top k
         if self.top_k > 0 and self.top_k < logits.shape[-1]:
             logits, candidates = torch.topk(logits, self.top_k)  # sorted, descending

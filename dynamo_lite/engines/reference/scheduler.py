@@ -21,7 +21,7 @@ from typing import Any
 from dynamo_lite.engines.base import TokenStream
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.sampling import Sampler
-from dynamo_lite.protocol import FinishReason, Phase, SamplingOptions
+from dynamo_lite.protocol import FinishReason, Phase, SamplingOptions, TokenLogprobs
 
 
 class SeqState(enum.Enum):
@@ -52,6 +52,7 @@ class Sequence:
     abandoned: bool = False  # the consumer is gone (set by the event loop; the engine thread checks it)
     grammar: Any = None  # a GrammarState when the request is guided (structured output)
     arrival: float = field(default_factory=time.monotonic)
+    prompt_scores: TokenLogprobs | None = None  # prompt logprobs so far (``SamplingOptions.prompt_logprobs``)
 
     @property
     def pending(self) -> int:
@@ -66,6 +67,10 @@ class StepPlan:
     prefill: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, start, length)
     sample: list[Sequence] = field(default_factory=list)  # in flat-row order of ``sample_rows``
     sample_rows: list[int] = field(default_factory=list)
+    # Prompt positions whose logits score the next prompt token: (seq, first position, count), their rows
+    # in ``score_rows`` (after ``sample_rows`` in the logits).
+    score: list[tuple[Sequence, int, int]] = field(default_factory=list)
+    score_rows: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -97,7 +102,8 @@ class Scheduler:
         admitted = []
         while self.waiting and self.cache.free_slots > 0:
             seq = self.waiting.popleft()
-            if seq.pulled is None and seq.num_computed == 0:
+            # A prompt scored for its logprobs is computed whole: cached positions have no logits.
+            if seq.pulled is None and seq.num_computed == 0 and seq.sampling.prompt_logprobs is None:
                 # Prefix caching: a slot that still holds this prompt's first blocks skips computing them.
                 seq.slot, reused = self.cache.allocate_for(seq.tokens)
                 if reused:
@@ -144,6 +150,12 @@ class Scheduler:
             n = min(seq.pending, budget)
             plan.prefill.append((seq, seq.num_computed, n))
             budget -= n
+            if seq.sampling.prompt_logprobs is not None:
+                # positions start.. predict tokens start+1..; the prompt's last position is the sampled row
+                count = min(seq.num_computed + n, seq.prompt_len - 1) - seq.num_computed
+                if count > 0:
+                    plan.score.append((seq, seq.num_computed, count))
+                    plan.score_rows.extend(range(row, row + count))
             row += n
             if n == seq.pending:
                 plan.sample.append(seq)

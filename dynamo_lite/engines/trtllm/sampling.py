@@ -9,18 +9,28 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
 - ``detokenize=False``: the frontend turns ids into text, the engine need not;
 - structured output is ``guided_decoding``, given here as ``GuidedDecodingParams`` keyword arguments (the engine
   builds the object): a choice becomes a regex (TensorRT-LLM has no choice guide).
+- the OpenAI penalties pass through when set; ``logprobs``, ``prompt_logprobs``, ``min_p`` and ``logit_bias``
+  are refused (400): this adapter does not read TensorRT-LLM's logprobs back, and its ``SamplingParams`` facts
+  (``api_facts.yaml``) list no ``min_p`` nor ``logit_bias``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from dynamo_lite.engines.base import EngineError
 from dynamo_lite.engines.guided import choice_regex
 from dynamo_lite.protocol import GuidedKind, GuidedSpec, SamplingOptions
 
 
 def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens."""
+    """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens;
+    ``EngineError`` (400) for options this adapter cannot honour."""
+    for name, off in (("logprobs", None), ("prompt_logprobs", None), ("min_p", 0.0), ("logit_bias", {})):
+        if getattr(options, name) != off:
+            raise EngineError(
+                f"{name} is not supported by the trtllm engine", status=400, code="invalid_request"
+            )
     kwargs: dict[str, Any] = {"max_tokens": max_tokens, "detokenize": False, "ignore_eos": options.ignore_eos}
     if options.temperature <= 0.0:
         kwargs["top_k"] = 1
@@ -38,6 +48,9 @@ def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, A
         kwargs["stop_token_ids"] = list(options.stop_token_ids)
     if options.guided is not None:
         kwargs["guided_decoding"] = guided_decoding_kwargs(options.guided)
+    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+        if getattr(options, name) != off:
+            kwargs[name] = getattr(options, name)
     return kwargs
 
 

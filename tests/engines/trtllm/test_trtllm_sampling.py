@@ -6,6 +6,7 @@ from types import ModuleType
 
 import pytest
 
+from dynamo_lite.engines.base import EngineError
 from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
 from dynamo_lite.protocol import GuidedKind, GuidedSpec, SamplingOptions
 
@@ -31,10 +32,27 @@ def test_stop_conditions() -> None:
     assert "stop_token_ids" not in sampling_kwargs(SamplingOptions(), max_tokens=3)
 
 
+def test_penalties_pass_through_and_what_the_adapter_cannot_honour_is_refused() -> None:
+    options = SamplingOptions(presence_penalty=0.5, frequency_penalty=-0.2, repetition_penalty=1.1)
+    kw = sampling_kwargs(options, max_tokens=4)
+    assert (kw["presence_penalty"], kw["frequency_penalty"], kw["repetition_penalty"]) == (0.5, -0.2, 1.1)
+    assert "presence_penalty" not in sampling_kwargs(SamplingOptions(), max_tokens=4)
+    for refused in (
+        SamplingOptions(logprobs=0),
+        SamplingOptions(prompt_logprobs=1),
+        SamplingOptions(min_p=0.1),
+        SamplingOptions(logit_bias={1: 2.0}),
+    ):
+        with pytest.raises(EngineError) as e:
+            sampling_kwargs(refused, max_tokens=4)
+        assert e.value.status == 400
+
+
 @pytest.mark.parametrize(
     "options",
     [
         SamplingOptions(),
+        SamplingOptions(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2),
         SamplingOptions(temperature=0.0),
         SamplingOptions(temperature=1.3, top_p=0.2, top_k=5, seed=1, min_tokens=2, stop_token_ids=[3]),
     ],
