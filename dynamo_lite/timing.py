@@ -91,6 +91,19 @@ class RequestTiming:
         """Make this the timing of the current task's request (the router adds to it)."""
         _request.set(self)
 
+    def placed(self, prefill: bool, instance_id: str) -> None:
+        """The router placed the request's prefill (else its decode or aggregated run) on ``instance_id`` (the
+        last one counts, after a migration)."""
+        if prefill:
+            self.prefill_instance = instance_id
+        else:
+            self.decode_instance = instance_id
+
+    def instances(self) -> dict[str, str]:
+        """Role → instance id of what the router placed (for the access log)."""
+        pairs = (("prefill", self.prefill_instance), ("decode", self.decode_instance))
+        return {role: instance for role, instance in pairs if instance}
+
     def prefilled(self, instance_id: str, timing: WorkerTiming | None, seconds: float) -> None:
         """The prefill worker ``instance_id`` answered after ``seconds`` (the router's round trip)."""
         self.prefill_instance = instance_id
@@ -142,7 +155,7 @@ class RequestTiming:
 
 
 def current() -> RequestTiming | None:
-    """The timing of the request this task serves, if it asked for one (the router adds to it)."""
+    """The timing of the request this task serves (the frontend binds one per request; the router adds to it)."""
     return _request.get()
 
 

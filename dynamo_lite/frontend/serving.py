@@ -44,7 +44,6 @@ from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_too
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, GuidedSpec, ModelCard, SamplingOptions
-from dynamo_lite.runtime.request_notes import open_notes
 from dynamo_lite.timing import RequestTiming
 
 logger = logging.getLogger(__name__)
@@ -394,11 +393,12 @@ class CompletionService:
         status = 200
         stream = None
         ttft_s = None
-        notes = open_notes()  # the router notes which instances serve the request
-        rt = report = None
-        if p.extra_fields:  # the router adds its part to the task's RequestTiming
-            rt = RequestTiming(p.received or p.arrival, preprocessed=p.arrival)
-            rt.bind()
+        # The router adds its part (instances, queue, prefill, decode) to the task's RequestTiming: the access
+        # log names the instances, nvext.extra_fields returns the rest.
+        rt = RequestTiming(p.received or p.arrival, preprocessed=p.arrival)
+        rt.bind()
+        report = None
+        if p.extra_fields:
             report = lambda: rt.report(p.extra_fields, out.completion_tokens)  # noqa: E731
         root = _request_span(p)
         token = tracing.activate(root)
@@ -415,8 +415,7 @@ class CompletionService:
                 first_at = time.perf_counter()
                 ttft_s = first_at - p.arrival
                 mm.ttft.observe(ttft_s)
-                if rt is not None:
-                    rt.first_token = first_at
+                rt.first_token = first_at
                 if isinstance(out, n_choices.Choices):
                     write = n_choices.write_stream if p.stream else n_choices.write_whole
                     await write(p, ex, rid, stream, first, out)
@@ -450,7 +449,7 @@ class CompletionService:
                 ttft_s=ttft_s,
                 duration_s=time.perf_counter() - p.arrival,
                 finish_reason=out.finish_reason,
-                instances=notes.instances,
+                instances=rt.instances(),
             )
 
     @staticmethod

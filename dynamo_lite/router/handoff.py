@@ -46,7 +46,6 @@ from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import make_policy
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.registry import LiveView
-from dynamo_lite.runtime.request_notes import note_instance
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +185,8 @@ class PrefillHandoff:
                 if not tried and not self.admission.view.instances_of(Role.PREFILL, model):
                     raise
                 return None
-            note_instance(Role.PREFILL.value, instance.instance_id)
+            if rt is not None:
+                rt.placed(True, instance.instance_id)
             busy = False
             result: GenerateChunk | None = None
             sent = time.perf_counter()

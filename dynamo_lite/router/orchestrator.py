@@ -40,7 +40,6 @@ from dynamo_lite.router.policies import Policy, make_policy
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
-from dynamo_lite.runtime.request_notes import note_instance
 from dynamo_lite.runtime.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -223,7 +222,8 @@ class Router:
                 # Once the client has bytes of its answer, wait for room rather than fail its stream.
                 with timing.routing(role):
                     instance = await self.admission.place(role, model, request, tried, bounded=not generated)
-            note_instance(role.value, instance.instance_id)
+            if rt is not None:
+                rt.placed(role == PREFILL, instance.instance_id)
             ask = GenerateRequest(
                 request.request_id,
                 model,
