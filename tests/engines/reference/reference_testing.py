@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing, asynccontextmanager
 
 import pytest
 
-from dynamo_lite.engines.base import Engine
+from dynamo_lite.engines.base import Engine, EngineSettings
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, SamplingOptions
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,3 +57,18 @@ async def collect(engine: Engine, req: GenerateRequest) -> list[GenerateChunk]:
 
 def tokens(chunks: list[GenerateChunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
+
+
+@asynccontextmanager
+async def started_engines(settings: Callable[[str], EngineSettings]) -> AsyncIterator[dict[str, Engine]]:
+    """An aggregated, a prefill and a decode engine built from ``settings(mode)``, started, stopped after."""
+    from dynamo_lite.engines.reference import build_engine
+
+    built = {mode: build_engine(settings(mode)) for mode in ("agg", "prefill", "decode")}
+    for engine in built.values():
+        await engine.start()
+    try:
+        yield built
+    finally:
+        for engine in built.values():
+            await engine.stop()

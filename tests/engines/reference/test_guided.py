@@ -9,7 +9,7 @@ import re
 
 import pytest
 import pytest_asyncio
-from reference_testing import THREADS, chat, collect, needs_smollm2, request, tokens
+from reference_testing import THREADS, chat, collect, needs_smollm2, request, started_engines, tokens
 
 from dynamo_lite.engines.base import EngineError, EngineSettings
 from dynamo_lite.protocol import FinishReason, GuidedKind, GuidedSpec, Phase
@@ -45,16 +45,8 @@ def tokenizer():
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines():
-    from dynamo_lite.engines.reference import build_engine
-
-    built = {mode: build_engine(settings(mode)) for mode in ("agg", "prefill", "decode")}
-    for engine in built.values():
-        await engine.start()
-    try:
+    async with started_engines(settings) as built:
         yield built
-    finally:
-        for engine in built.values():
-            await engine.stop()
 
 
 def guided(kind: GuidedKind, value: str = "", choices: list[str] | None = None, **sampling: object):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import pytest_asyncio
-from reference_testing import THREADS, chat, collect, needs_smollm2, request, tokens
+from reference_testing import THREADS, chat, collect, needs_smollm2, request, started_engines, tokens
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Phase, TokenLogprobs
@@ -36,16 +36,8 @@ def prompt() -> list[int]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines():
-    from dynamo_lite.engines.reference import build_engine
-
-    built = {mode: build_engine(settings(mode)) for mode in ("agg", "prefill", "decode")}
-    for engine in built.values():
-        await engine.start()
-    try:
+    async with started_engines(settings) as built:
         yield built
-    finally:
-        for engine in built.values():
-            await engine.stop()
 
 
 def hf_logprobs(folder, ids: list[int], generated: list[int]):  # noqa: ANN001

@@ -12,7 +12,16 @@ import time
 
 import pytest
 import pytest_asyncio
-from reference_testing import THREADS, chat, collect, museum_question, needs_smollm2, request, tokens
+from reference_testing import (
+    THREADS,
+    chat,
+    collect,
+    museum_question,
+    needs_smollm2,
+    request,
+    started_engines,
+    tokens,
+)
 
 from dynamo_lite.engines.base import EngineError, EngineSettings
 from dynamo_lite.protocol import FinishReason, GenerateRequest, KvDescriptor, Phase, SamplingOptions
@@ -46,16 +55,8 @@ def prompts() -> dict[str, list[int]]:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines():
-    from dynamo_lite.engines.reference import build_engine
-
-    built = {mode: build_engine(settings(mode)) for mode in ("agg", "prefill", "decode")}
-    for engine in built.values():
-        await engine.start()
-    try:
+    async with started_engines(settings) as built:
         yield built
-    finally:
-        for engine in built.values():
-            await engine.stop()
 
 
 @pytest.fixture(scope="module")
