@@ -158,13 +158,13 @@ class TokenStream:
         self._done = False
         self._created = time.perf_counter()
         self._admitted = 0.0  # when the engine took the request into its batch (0: not told)
+        self._logprobs: TokenLogprobs | None = None  # of ``_tokens``, when the engine pushes them
+        self._prompt_logprobs: TokenLogprobs | None = None  # goes out once, with the next chunk
 
     def admitted(self) -> None:
         """The engine took the request from its queue into its batch (the request's timing and trace say how
         long it waited)."""
         self._admitted = time.perf_counter()
-        self._logprobs: TokenLogprobs | None = None  # of ``_tokens``, when the engine pushes them
-        self._prompt_logprobs: TokenLogprobs | None = None  # goes out once, with the next chunk
 
     def _wake(self) -> None:
         # Called with the lock held: schedule at most one wake-up per batch of pushes.

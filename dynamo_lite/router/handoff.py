@@ -123,16 +123,18 @@ class PrefillHandoff:
             yield GenerateChunk(
                 first.token_ids,
                 first.finish_reason,
-                None,
-                first.cached_tokens,
-                first.logprobs,
-                first.prompt_logprobs,
+                cached_tokens=first.cached_tokens,
+                logprobs=first.logprobs,
+                prompt_logprobs=first.prompt_logprobs,
             )
             return
         try:
             # the first token's logprobs, when asked for, come from the prefill
             yield GenerateChunk(
-                first.token_ids, None, None, first.cached_tokens, first.logprobs, first.prompt_logprobs
+                first.token_ids,
+                cached_tokens=first.cached_tokens,
+                logprobs=first.logprobs,
+                prompt_logprobs=first.prompt_logprobs,
             )
         except BaseException:
             self.release(first.kv)  # the client left before a decode saw the KV

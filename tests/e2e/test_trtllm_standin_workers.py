@@ -62,6 +62,23 @@ def test_prefill_and_decode_workers_round_trip_with_opaque_state(services: Servi
         assert finish == "length" and usage is not None
         assert usage.completion_tokens == 40  # the prefill's first token + 39 from the decode worker
         assert usage.prompt_tokens > 5
+        # Logprobs across the handoff: the first token's from the prefill worker, the rest from the decode
+        # worker, the echoed prompt's scored once by the prefill (TensorRT-LLM's top k: null outside it).
+        scored = client.completions.create(
+            model=MODEL,
+            prompt="Disaggregated serving splits prefill and decode.",
+            max_tokens=6,
+            logprobs=2,
+            echo=True,
+            extra_body={"nvext": {"ignore_eos": True}},
+        )
+        lp = scored.choices[0].logprobs
+        assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == scored.usage.prompt_tokens + 6
+        generated = lp.token_logprobs[-6:]
+        # The stand-in reports each sampled token's (the first one's through the handoff's first chunk).
+        assert all(isinstance(v, float) and v < 0 for v in generated), lp.token_logprobs
+        assert all(len(top) == 2 for top in lp.top_logprobs[-6:])
+        assert lp.token_logprobs[0] is None and all(len(top) == 2 for top in lp.top_logprobs[1:-6])
         prefill_log, decode_log = procs[0].log(), procs[1].log()
         assert "Traceback" not in prefill_log + decode_log
     finally:

@@ -36,6 +36,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, StreamPacing
 from dynamo_lite.engines.trtllm.api import TrtllmApi
 from dynamo_lite.engines.trtllm.args import describe_sources
@@ -46,10 +48,18 @@ from dynamo_lite.engines.trtllm.disagg import (
     field_names,
     generation_only_params,
 )
+from dynamo_lite.engines.trtllm.logprobs import generated_logprobs, prompt_logprobs
 from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
 from dynamo_lite.kv.blocks import KvEventSink
 from dynamo_lite.model_files import ModelFiles
-from dynamo_lite.protocol import FinishReason, GenerateChunk, GenerateRequest, KvDescriptor, Phase
+from dynamo_lite.protocol import (
+    FinishReason,
+    GenerateChunk,
+    GenerateRequest,
+    KvDescriptor,
+    Phase,
+    TokenLogprobs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +91,9 @@ class _Plan:
     cached_tokens: int = 0
     context_only: bool = False
     kv_import: bool = False
+    logprobs: int | None = None  # alternatives per generated token the request asked for (None: no logprobs)
+    prompt_logprobs: int | None = None  # alternatives per prompt token (None: the prompt is not scored)
+    prompt_len: int = 0  # the request's prompt: ``inputs[:prompt_len]``
 
 
 class _KvImportFailed(Exception):
@@ -192,7 +205,11 @@ class TrtllmEngine:
         if max_tokens <= 0:
             return GenerateChunk(finish_reason=FinishReason.LENGTH)
         inputs = [*request.token_ids, *request.generated_ids]
-        return _Plan(inputs, self._sampling(request, max_tokens), max_tokens)
+        # With tokens already generated the prompt was scored where they were (a prefill): not again.
+        scored = not request.generated_ids
+        return self._with_logprobs(
+            _Plan(inputs, self._sampling(request, max_tokens, scored), max_tokens), request, scored
+        )
 
     def _prefill_plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
         if request.generated_ids:
@@ -204,13 +221,14 @@ class TrtllmEngine:
         inputs = list(request.token_ids)
         params = self._sampling(request, 1)
         if request.sampling.max_tokens == 1:
-            return _Plan(inputs, params, 1, streaming=False)
+            return self._with_logprobs(_Plan(inputs, params, 1, streaming=False), request)
         fields: dict[str, Any] = {"request_type": "context_only"}
         if self._sets_disagg_request_id:
             # Newer releases (1.2 on) identify a disaggregated request by one id on both sides.
             fields["disagg_request_id"] = secrets.randbits(62) or 1
         disagg = self._api.DisaggregatedParams(**fields)
-        return _Plan(inputs, params, 1, disagg=disagg, streaming=False, context_only=True)
+        plan = _Plan(inputs, params, 1, disagg=disagg, streaming=False, context_only=True)
+        return self._with_logprobs(plan, request)  # the first token's ride on the prefill result
 
     def _decode_plan(self, request: GenerateRequest) -> _Plan | GenerateChunk:
         kv = request.kv
@@ -232,15 +250,16 @@ class TrtllmEngine:
         if request.sampling.max_tokens <= len(generated):
             return GenerateChunk(finish_reason=FinishReason.LENGTH)
         max_tokens = request.sampling.max_tokens  # the output includes the first token(s), as does max_tokens
-        return _Plan(
+        plan = _Plan(
             list(request.token_ids),
-            self._sampling(request, max_tokens),
+            self._sampling(request, max_tokens, scored=False),  # the prefill scored the prompt
             max_tokens,
             disagg=generation_only_params(self._api.DisaggregatedParams, fields),
             skip=len(generated),
             cached_tokens=len(request.token_ids),
             kv_import=True,
         )
+        return self._with_logprobs(plan, request, scored=False)
 
     def _after_kv_failure(self, request: GenerateRequest, reason: str) -> _Plan | GenerateChunk:
         if request.kv is not None and request.kv.release_subject and self.on_kv_unused is not None:
@@ -253,8 +272,18 @@ class TrtllmEngine:
         self._stats.kv_recomputes += 1
         return self._full_plan(request)
 
-    def _sampling(self, request: GenerateRequest, max_tokens: int) -> Any:
-        kwargs = sampling_kwargs(request.sampling, max_tokens=max_tokens)
+    @staticmethod
+    def _with_logprobs(plan: _Plan, request: GenerateRequest, scored: bool = True) -> _Plan:
+        plan.logprobs = request.sampling.logprobs
+        plan.prompt_logprobs = request.sampling.prompt_logprobs if scored else None
+        plan.prompt_len = len(request.token_ids)
+        return plan
+
+    def _sampling(self, request: GenerateRequest, max_tokens: int, scored: bool = True) -> Any:
+        options = request.sampling
+        if not scored and options.prompt_logprobs is not None:
+            options = msgspec.structs.replace(options, prompt_logprobs=None)
+        kwargs = sampling_kwargs(options, max_tokens=max_tokens)
         try:
             if "guided_decoding" in kwargs:
                 kwargs["guided_decoding"] = self._guided_decoding(kwargs["guided_decoding"])
@@ -303,6 +332,9 @@ class TrtllmEngine:
         # The worker's pacing (--stream-interval-ms, adapted to --max-messages-per-s): outputs that come sooner
         # than the interval after the last chunk wait and go with the next one (the first and last never wait).
         held: list[int] = []
+        held_logprobs: TokenLogprobs | None = None
+        scored: TokenLogprobs | None = None  # the prompt's logprobs, until a chunk takes them
+        scored_once = plan.prompt_logprobs is None
         next_chunk_at = 0.0
         loop = asyncio.get_running_loop()
         try:
@@ -315,18 +347,36 @@ class TrtllmEngine:
                 completion = out.outputs[0]
                 ids = completion.token_ids
                 new = list(ids[sent:])
+                if plan.logprobs is not None and new:
+                    lp = generated_logprobs(completion, ids, sent, plan.logprobs)
+                    held_logprobs = lp if held_logprobs is None else _joined(held_logprobs, lp)
+                if not scored_once:
+                    scored = prompt_logprobs(
+                        completion, plan.inputs[: plan.prompt_len], plan.prompt_logprobs or 0
+                    )
+                    scored_once = scored is not None
                 sent = max(sent, len(ids))
                 self._stats.total_tokens += len(new)
                 if out.finished:
                     over = True
                     chunk = self._final_chunk(plan, out, completion, held + new, len(ids))
+                    chunk.logprobs, chunk.prompt_logprobs = (
+                        _trimmed(held_logprobs, len(chunk.token_ids)),
+                        scored,
+                    )
                     if chunk.kv is not None:
                         self._hold(chunk.kv.transfer_id, result)
                     yield chunk
                     return
                 held += new
                 if held and loop.time() >= next_chunk_at:
-                    chunk, held = GenerateChunk(token_ids=held, cached_tokens=plan.cached_tokens), []
+                    chunk = GenerateChunk(
+                        token_ids=held,
+                        cached_tokens=plan.cached_tokens,
+                        logprobs=held_logprobs,
+                        prompt_logprobs=scored,
+                    )
+                    held, held_logprobs, scored = [], None, None
                     next_chunk_at = loop.time() + self.pacing.interval_s
                     yield chunk
             over = True
@@ -429,6 +479,18 @@ class TrtllmEngine:
             pass
         finally:
             _abort_now(result)
+
+
+def _joined(first: TokenLogprobs, then: TokenLogprobs) -> TokenLogprobs:
+    first.extend(then)
+    return first
+
+
+def _trimmed(logprobs: TokenLogprobs | None, count: int) -> TokenLogprobs | None:
+    """``logprobs`` of a chunk's ``count`` tokens (fewer when TensorRT-LLM cut a stop token at the end)."""
+    if logprobs is None or len(logprobs.logprobs) <= count:
+        return logprobs
+    return TokenLogprobs(logprobs.logprobs[:count], logprobs.top_ids[:count], logprobs.top_logprobs[:count])
 
 
 def _abort_now(result: Any) -> None:

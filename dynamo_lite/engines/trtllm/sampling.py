@@ -9,9 +9,14 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
 - ``detokenize=False``: the frontend turns ids into text, the engine need not;
 - structured output is ``guided_decoding``, given here as ``GuidedDecodingParams`` keyword arguments (the engine
   builds the object): a choice becomes a regex (TensorRT-LLM has no choice guide).
-- the OpenAI penalties pass through when set; ``logprobs``, ``prompt_logprobs``, ``min_p`` and ``logit_bias``
-  are refused (400): this adapter does not read TensorRT-LLM's logprobs back, and its ``SamplingParams`` facts
-  (``api_facts.yaml``) list no ``min_p`` nor ``logit_bias``.
+- the OpenAI penalties and ``min_p`` pass through when set;
+- ``logprobs`` / ``prompt_logprobs`` (how many alternatives per token) pass through as at least 1: releases
+  before the TorchSampler change read 0 as "off" (``SamplingParams`` keeps ``logprobs and int(logprobs)``),
+  later ones as "the chosen token only"; asking for 1 gets the chosen token's log-probability from both, and
+  ``logprobs.py`` keeps only the alternatives the request asked for;
+- ``logit_bias`` is refused (400): ``SamplingParams`` has no such field (``api_facts.yaml``); TensorRT-LLM's
+  own server turns it into ``embedding_bias``, a vocabulary-sized float tensor, which this adapter does not
+  build.
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ from dynamo_lite.protocol import GuidedKind, GuidedSpec, SamplingOptions
 def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, Any]:
     """Keyword arguments for ``tensorrt_llm.SamplingParams`` generating at most ``max_tokens`` tokens;
     ``EngineError`` (400) for options this adapter cannot honour."""
-    for name, off in (("logprobs", None), ("prompt_logprobs", None), ("min_p", 0.0), ("logit_bias", {})):
-        if getattr(options, name) != off:
-            raise EngineError(
-                f"{name} is not supported by the trtllm engine", status=400, code="invalid_request"
-            )
+    if options.logit_bias:
+        raise EngineError(
+            "logit_bias is not supported by the trtllm engine: TensorRT-LLM's SamplingParams has no logit_bias "
+            "(only embedding_bias, a vocabulary-sized tensor this adapter does not build)",
+            status=400,
+            code="invalid_request",
+        )
     kwargs: dict[str, Any] = {"max_tokens": max_tokens, "detokenize": False, "ignore_eos": options.ignore_eos}
     if options.temperature <= 0.0:
         kwargs["top_k"] = 1
@@ -48,9 +55,17 @@ def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, A
         kwargs["stop_token_ids"] = list(options.stop_token_ids)
     if options.guided is not None:
         kwargs["guided_decoding"] = guided_decoding_kwargs(options.guided)
-    for name, off in (("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0)):
+    for name, off in (
+        ("presence_penalty", 0.0),
+        ("frequency_penalty", 0.0),
+        ("repetition_penalty", 1.0),
+        ("min_p", 0.0),
+    ):
         if getattr(options, name) != off:
             kwargs[name] = getattr(options, name)
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(options, name) is not None:
+            kwargs[name] = max(getattr(options, name), 1)
     return kwargs
 
 

@@ -120,6 +120,12 @@ def test_every_sampling_keyword_is_in_the_recorded_api(release: str) -> None:
         ignore_eos=True,
         stop_token_ids=[3],
         guided=GuidedSpec(GuidedKind.REGEX, "[a-z]+"),
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        min_p=0.1,
+        logprobs=0,
+        prompt_logprobs=2,
     )
     for options in (everything, SamplingOptions(temperature=0.0)):
         assert _problems(sampling_kwargs(options, max_tokens=4), "SamplingParams", release) == []

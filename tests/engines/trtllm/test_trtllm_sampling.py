@@ -32,20 +32,29 @@ def test_stop_conditions() -> None:
     assert "stop_token_ids" not in sampling_kwargs(SamplingOptions(), max_tokens=3)
 
 
-def test_penalties_pass_through_and_what_the_adapter_cannot_honour_is_refused() -> None:
-    options = SamplingOptions(presence_penalty=0.5, frequency_penalty=-0.2, repetition_penalty=1.1)
+def test_penalties_and_min_p_pass_through() -> None:
+    options = SamplingOptions(
+        presence_penalty=0.5, frequency_penalty=-0.2, repetition_penalty=1.1, min_p=0.05
+    )
     kw = sampling_kwargs(options, max_tokens=4)
     assert (kw["presence_penalty"], kw["frequency_penalty"], kw["repetition_penalty"]) == (0.5, -0.2, 1.1)
-    assert "presence_penalty" not in sampling_kwargs(SamplingOptions(), max_tokens=4)
-    for refused in (
-        SamplingOptions(logprobs=0),
-        SamplingOptions(prompt_logprobs=1),
-        SamplingOptions(min_p=0.1),
-        SamplingOptions(logit_bias={1: 2.0}),
-    ):
-        with pytest.raises(EngineError) as e:
-            sampling_kwargs(refused, max_tokens=4)
-        assert e.value.status == 400
+    assert kw["min_p"] == 0.05
+    plain = sampling_kwargs(SamplingOptions(), max_tokens=4)
+    assert not {"presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"} & set(plain)
+
+
+@pytest.mark.parametrize(("asked", "passed"), [(None, None), (0, 1), (1, 1), (5, 5), (20, 20)])
+def test_logprobs_pass_through_as_at_least_one(asked: int | None, passed: int | None) -> None:
+    """0 (the chosen token only) is asked as 1: releases before TorchSampler read logprobs=0 as off."""
+    kw = sampling_kwargs(SamplingOptions(logprobs=asked, prompt_logprobs=asked), max_tokens=4)
+    assert kw.get("logprobs") == passed
+    assert kw.get("prompt_logprobs") == passed
+
+
+def test_logit_bias_is_refused_saying_why() -> None:
+    with pytest.raises(EngineError, match="SamplingParams has no logit_bias") as e:
+        sampling_kwargs(SamplingOptions(logit_bias={1: 2.0}), max_tokens=4)
+    assert (e.value.status, e.value.code) == (400, "invalid_request")
 
 
 @pytest.mark.parametrize(
@@ -55,6 +64,7 @@ def test_penalties_pass_through_and_what_the_adapter_cannot_honour_is_refused() 
         SamplingOptions(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2),
         SamplingOptions(temperature=0.0),
         SamplingOptions(temperature=1.3, top_p=0.2, top_k=5, seed=1, min_tokens=2, stop_token_ids=[3]),
+        SamplingOptions(min_p=0.1, logprobs=0, prompt_logprobs=3),
     ],
 )
 def test_kwargs_are_accepted_by_sampling_params(standin: ModuleType, options: SamplingOptions) -> None:

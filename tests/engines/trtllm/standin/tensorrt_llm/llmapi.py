@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorrt_llm.disaggregated_params import DisaggregatedParams
+from tensorrt_llm.executor.result import Logprob, TokenLogprobs
 from tensorrt_llm.sampling_params import GuidedDecodingParams, SamplingParams  # noqa: F401 (llmapi exports it)
 
 PENDING_KV: dict[int, int] = {}
@@ -153,6 +154,27 @@ def next_token(context: Sequence[int], vocab_size: int, banned: frozenset[int] =
     return tok
 
 
+def position_logprobs(
+    context: Sequence[int], vocab_size: int, banned: frozenset[int], k: int, sampled: int | None = None
+) -> dict[int, Logprob]:
+    """The stand-in model's log-probabilities after ``context``, in TensorRT-LLM's shape: the ``k`` most likely
+    tokens (rank 1 is :func:`next_token`, then every 7919th id, each 0.5 less likely), plus ``sampled`` with its
+    rank when it is not among them."""
+    first = next_token(context, vocab_size, banned)
+    base = -0.25 - (len(context) % 5) * 0.1
+    out: dict[int, Logprob] = {}
+    tok, rank = first, 1
+    while rank <= max(k, 0) or (sampled is not None and sampled not in out and rank <= 64):
+        if tok >= 3 and tok not in banned and tok not in out:
+            if rank <= k or tok == sampled:
+                out[tok] = Logprob(logprob=base - (rank - 1) * 0.5, rank=rank)
+            rank += 1
+        tok = (tok + 7919) % vocab_size
+    if sampled is not None and sampled not in out:
+        out[sampled] = Logprob(logprob=-30.0, rank=vocab_size // 2)
+    return out
+
+
 def opaque_state_for(ctx_request_id: int, prompt: Sequence[int], first_gen_tokens: Sequence[int]) -> bytes:
     """The stand-in's cache-transceiver state: binds a transfer to its request id, prompt and first token."""
     text = f"{ctx_request_id}|{','.join(map(str, prompt))}|{','.join(map(str, first_gen_tokens))}"
@@ -167,6 +189,8 @@ class CompletionOutput:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     disaggregated_params: DisaggregatedParams | None = None
+    logprobs: TokenLogprobs = field(default_factory=list)  # one entry per generated token, when asked for
+    prompt_logprobs: TokenLogprobs = field(default_factory=list)  # one per prompt position, when asked for
 
 
 class RequestOutput:
@@ -211,9 +235,12 @@ class RequestOutput:
         if isinstance(item, BaseException):
             self._seen_last = True
             raise item
-        token_ids, finished, reason, disagg = item
+        token_ids, finished, reason, disagg, logprobs, prompt_logprobs = item
         out = self.outputs[0]
         out.token_ids = list(token_ids)
+        out.logprobs = list(logprobs)
+        if prompt_logprobs:
+            out.prompt_logprobs = list(prompt_logprobs)
         out.finish_reason = reason
         out.disaggregated_params = disagg
         self.finished = finished
@@ -242,6 +269,19 @@ class RequestOutput:
         if kind in ("context_only", "generation_only") and llm.cache_transceiver_config is None:
             raise RequestError(f"{kind} requests need cache_transceiver_config")
         generated: list[int] = []
+        logprobs: TokenLogprobs = []
+        # Prompt logprobs as TensorRT-LLM computes them from the context logits: the top k of every position
+        # (the last one's is the first generated token's distribution), the prompt's own token only if among them.
+        scored: TokenLogprobs = (
+            [
+                position_logprobs(
+                    self.prompt_token_ids[: t + 1], llm.vocab_size, llm.banned, params.prompt_logprobs
+                )
+                for t in range(len(self.prompt_token_ids))
+            ]
+            if params.prompt_logprobs
+            else []
+        )
         max_tokens = params.max_tokens
         if kind == "context_only":
             max_tokens = (
@@ -249,6 +289,7 @@ class RequestOutput:
             )
         elif kind == "generation_only":
             generated = list(self._check_generation_only(disagg))
+            logprobs = list(disagg.first_gen_log_probs or [])  # the first token's, if the caller passed them
         await asyncio.sleep(0)
         reason: str | None = None
         since_emit = 0
@@ -272,6 +313,12 @@ class RequestOutput:
                 tok = llm.eos_ids[0] if llm.eos_ids else 2
             else:
                 tok = next_token(self.prompt_token_ids + generated, llm.vocab_size, llm.banned)
+            if params.logprobs is not None:
+                logprobs.append(
+                    position_logprobs(
+                        self.prompt_token_ids + generated, llm.vocab_size, llm.banned, params.logprobs, tok
+                    )
+                )
             generated.append(tok)
             since_emit += 1
             if params.stop_token_ids and tok in params.stop_token_ids:
@@ -279,7 +326,7 @@ class RequestOutput:
                 break
             if self.streaming and since_emit >= llm.stream_interval and len(generated) < max_tokens:
                 since_emit = 0
-                self._queue.put_nowait((tuple(generated), False, None, None))
+                self._queue.put_nowait((tuple(generated), False, None, None, tuple(logprobs), scored))
         out_params = None
         if kind == "context_only":
             out_params = DisaggregatedParams(
@@ -291,7 +338,7 @@ class RequestOutput:
             )
             if reason == "length":
                 PENDING_KV[self.request_id] = len(self.prompt_token_ids)
-        self._queue.put_nowait((tuple(generated), True, reason, out_params))
+        self._queue.put_nowait((tuple(generated), True, reason, out_params, tuple(logprobs), scored))
 
     def _check_generation_only(self, disagg: DisaggregatedParams) -> list[int]:
         first = disagg.first_gen_tokens
