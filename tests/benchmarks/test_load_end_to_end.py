@@ -163,7 +163,9 @@ async def test_streaming_chat_counts_tokens_and_ttft(app_url: tuple[str, App], t
         assert TTFT_S <= r.ttft < TTFT_S + 0.5
         assert r.first_response is not None and r.first_response - r.start < r.ttft
         assert r.itl == pytest.approx((r.latency - r.ttft) / 9)
-        assert all(g >= GAP_S * 0.9 for g in r.chunk_gaps)
+        # The server paces text chunks GAP_S apart; a loaded box may hand two to one socket read (a gap of 0,
+        # the next one twice as long), so the gaps are checked as a whole.
+        assert len(r.chunk_gaps) == 4 and sum(r.chunk_gaps) >= 4 * GAP_S * 0.9
     assert s.metrics["tokens_per_chunk"].mean == TOKENS_PER_CHUNK
     assert s.metrics["time_to_first_token_ms"].min >= TTFT_S * 1000
     assert s.client_cpu is not None and s.client_cpu_us_per_request and s.client_cpu_us_per_chunk
