@@ -134,7 +134,7 @@ class _NatsServed:
         self._subs.append(await nc.subscribe(self._address, cb=self._on_request))
         self._subs.append(await nc.subscribe(self._address + ".cancel", cb=self._on_cancel))
         # Until the server has our SUB, a request here gets "no responders"; serving means routable.
-        await _sync_with_server(nc, self._plane.settings.timeouts.connect_s)
+        await sync_with_server(nc, self._plane.settings.timeouts.connect_s)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
 
     @property
@@ -210,7 +210,7 @@ class _NatsServed:
             await _unsubscribe_quietly(sub)
         if self._plane.nc.is_connected:
             with contextlib.suppress(Exception):  # once the server has our UNSUB, new requests get a fast 503
-                await _sync_with_server(self._plane.nc, 1.0)
+                await sync_with_server(self._plane.nc, 1.0)
         if drain_s > 0 and self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=drain_s)
         self._stopping = True
@@ -233,7 +233,7 @@ class _NatsServed:
             task.cancel()  # not stopping: no ERROR frame goes out
 
 
-async def _sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
+async def sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
     """Return once the server has processed every command we sent before (SUB, UNSUB).
 
     nats-py writes a flush's PING straight to the socket, ahead of commands still in its buffer, so one PONG
@@ -372,7 +372,7 @@ class NatsRequestPlane:
 
         # NATS subjects are dot-separated tokens: "a.b." + ">" matches everything below "a.b".
         sub = await self.nc.subscribe(prefix.rstrip(".") + ".>", cb=on_msg)
-        await _sync_with_server(self.nc, self.settings.timeouts.connect_s)
+        await sync_with_server(self.nc, self.settings.timeouts.connect_s)
         return _NatsEventSubscription(sub)
 
     # ---- client side -------------------------------------------------------------------------------------

@@ -23,7 +23,12 @@ from dynamo_lite.protocol import (
     encode,
 )
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
-from dynamo_lite.runtime.request_plane_nats import HEARTBEAT_PREFIX, PROBE_HEADER, NatsRequestPlane
+from dynamo_lite.runtime.request_plane_nats import (
+    HEARTBEAT_PREFIX,
+    PROBE_HEADER,
+    NatsRequestPlane,
+    sync_with_server,
+)
 
 if TYPE_CHECKING:
     from conftest import Launcher, Proc
@@ -175,7 +180,8 @@ class RawInstance:
 
         self.nc = await nats.connect(self.url)
         await self.nc.subscribe(self.addr, cb=self._on_msg)
-        await self.nc.flush()
+        # Not nc.flush(): its PING can overtake the SUB, and a request sent then finds no responder (seen in CI).
+        await sync_with_server(self.nc, 5.0)
         self._beat = asyncio.create_task(self._beating())
         return self
 
@@ -258,8 +264,6 @@ async def test_nats_burst_acknowledged_late_but_in_order_is_not_taken_for_lost(n
 async def test_nats_instance_that_takes_nothing_fails_requests_after_the_ack_timeout(
     launcher: Launcher,
 ) -> None:
-    # Its own nats-server: seen once in CI, the module's shared server dropped this client right at the start
-    # (no-responders at once), which says nothing about the ack timeout this test is about.
     nats = await asyncio.to_thread(launcher.nats)
     settings = RuntimeSettings(
         nats_url=f"nats://127.0.0.1:{nats.port}", timeouts=replace(HEARTBEAT, ack_s=2.0)
