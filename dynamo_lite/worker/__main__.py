@@ -9,7 +9,7 @@ import signal
 import sys
 
 from dynamo_lite import tracing
-from dynamo_lite.engines import ENGINES, default_engine
+from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import DTYPES, QUANTIZATIONS, EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
