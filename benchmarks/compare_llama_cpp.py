@@ -168,7 +168,7 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
 
     dtype, _, quantization = spec.partition("+")
     engine = build_engine(
-        EngineSettings(mode="agg", dtype=dtype, quantization=quantization or "auto", threads=threads)
+        EngineSettings(role="agg", dtype=dtype, quantization=quantization or "auto", threads=threads)
     )
     await engine.start()
     counter = iter(range(1 << 30))
@@ -268,7 +268,7 @@ def profile_decode(spec: str, context: int, threads: int, steps: int = 16) -> st
         from dynamo_lite.engines.reference.kv_cache import KvCache
 
         cfg = engine.model_config
-        cache = KvCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1, context + steps + 1, engine.dtype,
+        cache = KvCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1, context + steps + 8, engine.dtype,
                         engine.device, cfg.layer_windows)  # fmt: skip
         slot, cpu = cache.allocate(), torch.device("cpu")
         ids = [random.Random(0).randrange(3, VOCAB) for _ in range(context)]
