@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from dynamo_lite import tracing
 from dynamo_lite.engines import ENGINES
-from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
+from dynamo_lite.engines.base import DTYPES, QUANTIZATIONS, EngineSettings, EngineUnavailable
 from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.openmp import configure_openmp
@@ -56,12 +56,18 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-host", default=_F.http_host)
     p.add_argument("--http-port", type=int, default=_F.http_port)
     p.add_argument("--router-mode", default=_R.policy, choices=POLICIES)
-    p.add_argument("--dtype", default=_E.dtype)
+    p.add_argument(
+        "--dtype",
+        default=_E.dtype,
+        choices=DTYPES,
+        help="torch engine: auto = what the CPU/GPU runs natively (fp32 on CPUs without AVX512-BF16/AMX)",
+    )
     p.add_argument(
         "--quantization",
         default=_E.quantization,
-        choices=["none", "int8", "int4"],
-        help="torch engine with --dtype bfloat16: weight-only int8 / int4 linears (faster decode on CPU)",
+        choices=QUANTIZATIONS,
+        help="torch engine on CPU: weight-only int8 / int4 linears (faster decode); auto = with --dtype auto, "
+        "the checkpoint's own precision (int4 for the default Q4 GGUF)",
     )
     p.add_argument("--device", default=_E.device)
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores split evenly)")

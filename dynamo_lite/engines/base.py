@@ -255,6 +255,10 @@ class TokenStream:
                 return
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # the --dtype choices of every CLI
+QUANTIZATIONS = ("auto", "none", "int8", "int4")  # the --quantization choices
+
+
 @dataclass(slots=True)
 class EngineSettings:
     """Everything an engine is built from: worker flags, then ``--extra-engine-args`` YAML merged on top
@@ -263,8 +267,10 @@ class EngineSettings:
     role: Role = Role.AGGREGATED
     model_path: str | None = None  # None: the built-in default (SmolLM2)
     served_model_name: str = ""
-    dtype: str = "float32"
-    quantization: str = "none"  # torch engine, CPU + bfloat16: "int8" | "int4" weight-only linears
+    dtype: str = "auto"  # one of DTYPES; torch engine: "auto" is what the device computes natively
+    # torch engine, CPU: "int8" | "int4" weight-only linears; "auto": with dtype auto, the checkpoint's own
+    # precision (a 4-bit GGUF: int4), else "none"
+    quantization: str = "auto"
     device: str = "cpu"
     threads: int = 0  # 0: leave the library default
     max_batch_size: int = 16

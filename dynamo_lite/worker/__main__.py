@@ -10,7 +10,7 @@ import sys
 
 from dynamo_lite import tracing
 from dynamo_lite.engines import ENGINES
-from dynamo_lite.engines.base import EngineSettings, EngineUnavailable
+from dynamo_lite.engines.base import DTYPES, QUANTIZATIONS, EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
 from dynamo_lite.protocol import Role
@@ -122,12 +122,15 @@ def build_parser(
         "engine (omitted: the engine's default; TensorRT-LLM's own for --engine trtllm, where an omitted "
         "--max-seq-len is the model's context length)"
     )
-    e.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "auto"])
+    e.add_argument(
+        "--dtype", default=None, choices=DTYPES, help="torch engine: auto = what the CPU/GPU runs natively"
+    )
     e.add_argument(
         "--quantization",
         default=None,
-        choices=["none", "int8", "int4"],
-        help="torch engine on CPU with --dtype bfloat16: weight-only int8 / int4 linears (faster decode)",
+        choices=QUANTIZATIONS,
+        help="torch engine on CPU: weight-only int8 / int4 linears (faster decode); auto = with --dtype auto, "
+        "the checkpoint's own precision (int4 for the default Q4 GGUF)",
     )
     e.add_argument("--device", default=None)
     e.add_argument("--threads", type=int, default=None)

@@ -39,8 +39,9 @@ CLIENT = str(Path(__file__).with_name("ns_client.py"))
 # Servers and clients in the namespaces must talk to each other, never to a proxy of the host.
 NO_PROXY_ENV = {"http_proxy": "", "https_proxy": "", "HTTP_PROXY": "", "HTTPS_PROXY": "", "grpc_proxy": "",
                 "all_proxy": "", "ALL_PROXY": "", "no_proxy": "*", "NO_PROXY": "*"}  # fmt: skip
-TORCH_WORKER = ("--engine", "torch", "--threads", "1", "--max-batch-size", "4", "--max-seq-len", "2048",
-                "--lease-ttl", str(LEASE_TTL))  # fmt: skip
+# fp32 pinned: the KV byte counts below are fp32's (dtype auto would pick bf16 on an AMX CPU).
+TORCH_WORKER = ("--engine", "torch", "--dtype", "float32", "--threads", "1", "--max-batch-size", "4",
+                "--max-seq-len", "2048", "--lease-ttl", str(LEASE_TTL))  # fmt: skip
 PORTS = {"etcd": 2379, "etcd_peer": 2380, "nats": 4222, "http": 8000, "kv": 7000, "metrics": 9100}
 
 

@@ -6,17 +6,17 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from dynamo_lite.engines.base import EngineSettings
+from dynamo_lite.engines.base import QUANTIZATIONS, EngineSettings
 from dynamo_lite.engines.engine_args import Choice, EngineArgsError, Schema, check_engine_args
+from dynamo_lite.engines.reference.cpu_capability import CpuCapability, choose_dtype
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.protocol import Role
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 DTYPES |= {"float16": "float16", "fp16": "float16", "half": "float16"}
 KV_FAILURE_POLICIES = ("recompute", "fail")
-QUANTIZATIONS = ("none", "int8", "int4")
 LOAD_FORMATS = ("auto", "dummy")
 
 
@@ -33,10 +33,13 @@ class ReferenceConfig:
 
     role: Role = Role.AGGREGATED
     model_path: str | None = None
+    # "auto": what the device computes natively (``cpu_capability``); ``validate`` resolves it to a dtype.
     dtype: str = _E.dtype
-    # "int8" / "int4": weight-only int8 (per-channel scales) / int4 (groups of 32) linears, CPU with dtype
-    # bfloat16: a half / a quarter of the bytes a decode token reads, for memory-bound single-stream decode.
-    # Outputs differ slightly from the bf16 model.
+    # "int8" / "int4": weight-only int8 (per-channel scales) / int4 (groups of 32) linears, CPU, in a model of
+    # ``dtype`` float32 or bfloat16: a quarter / an eighth of fp32's bytes a decode token reads, for memory-bound
+    # single-stream decode. Outputs differ slightly from the unquantized model. "auto": with ``dtype: auto`` on the
+    # CPU, the checkpoint's own weight precision (a 4-bit GGUF: int4, see ``loader.checkpoint_quantization``),
+    # resolved by the engine once it knows the model; otherwise "none".
     quantization: str = _E.quantization
     # "dummy": random weights made on the device from a fixed seed instead of reading the folder's safetensors
     # (gpt-oss models): benchmarks of a real shape whose checkpoint is not on the machine. Every process draws the
@@ -97,11 +100,11 @@ SCHEMA: Schema = {
 }
 
 
-def from_settings(settings: EngineSettings) -> ReferenceConfig:
+def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) -> ReferenceConfig:
     """Build the config: ``settings`` fields, overridden by ``settings.extra`` (the merged YAML).
 
     A value of the wrong type is an error naming the key and the file; an unknown key is a warning (a YAML
-    may carry keys for another engine).
+    may carry keys for another engine). ``cpu``: the CPU ``dtype: auto`` is chosen for (None: this one).
     """
     source = settings.extra_source or "extra engine args"
     extra = dict(settings.extra or {})
@@ -145,25 +148,43 @@ def from_settings(settings: EngineSettings) -> ReferenceConfig:
         use_cuda_ipc=pick("kv_use_cuda_ipc", defaults.use_cuda_ipc),
         cuda_pool_bytes=pick("kv_cuda_pool_bytes", defaults.cuda_pool_bytes),
     )
-    return validate(cfg, source)
+    return validate(cfg, source, cpu)
 
 
-def validate(cfg: ReferenceConfig, source: str = "engine settings") -> ReferenceConfig:
+def validate(
+    cfg: ReferenceConfig, source: str = "engine settings", cpu: CpuCapability | None = None
+) -> ReferenceConfig:
+    """Check every field and resolve ``dtype: auto`` (for ``cpu``; None: this machine's), warning once about an
+    explicit dtype the CPU emulates."""
+
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"{source}: {msg}")
 
     dtype = DTYPES.get(str(cfg.dtype).lower().removeprefix("torch."))
     if dtype is None:
         raise bad(f"dtype {cfg.dtype!r} is not one of {sorted(set(DTYPES.values()))}")
-    cfg.dtype = dtype
     cfg.device = str(cfg.device)
     if cfg.device.split(":")[0] not in ("cpu", "cuda"):
         raise bad(f"device {cfg.device!r} is not cpu or cuda[:N]")
+    choice = choose_dtype(dtype, cfg.device, cpu)
+    if choice.warning:
+        log.warning("torch engine: %s", choice.warning)
+    elif dtype == "auto":
+        log.info("torch engine: dtype %s (%s)", choice.dtype, choice.reason)
+    cfg.dtype = choice.dtype
     cfg.quantization = str(cfg.quantization or "none").lower()
     if cfg.quantization not in QUANTIZATIONS:
         raise bad(f"quantization {cfg.quantization!r} is not one of {QUANTIZATIONS}")
-    if cfg.quantization != "none" and (cfg.device != "cpu" or cfg.dtype != "bfloat16"):
-        raise bad(f"quantization {cfg.quantization} (weight-only) runs on device cpu with dtype bfloat16")
+    if cfg.quantization == "auto" and (dtype != "auto" or cfg.device != "cpu"):
+        # An explicit dtype asks for the dequantized model in that dtype (fp32: transformers' own numbers).
+        cfg.quantization = "none"
+    if cfg.quantization not in ("auto", "none") and (
+        cfg.device != "cpu" or cfg.dtype not in ("float32", "bfloat16")
+    ):
+        raise bad(
+            f"quantization {cfg.quantization} (weight-only) runs on device cpu with dtype float32 or bfloat16 "
+            f"(auto picks the one this CPU computes natively), not {cfg.dtype} on {cfg.device}"
+        )
     cfg.load_format = str(cfg.load_format or "auto").lower()
     if cfg.load_format not in LOAD_FORMATS:
         raise bad(f"load_format {cfg.load_format!r} is not one of {LOAD_FORMATS}")

@@ -27,6 +27,7 @@ import torch
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.engines.reference import decode_attention
 from dynamo_lite.engines.reference.config import ReferenceConfig
+from dynamo_lite.engines.reference.cpu_capability import detect_cpu
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.gpt_oss_loader import (
     GptOssConfig,
@@ -36,7 +37,7 @@ from dynamo_lite.engines.reference.gpt_oss_loader import (
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
 from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
-from dynamo_lite.engines.reference.loader import load_weights, model_config
+from dynamo_lite.engines.reference.loader import checkpoint_quantization, load_weights, model_config
 from dynamo_lite.engines.reference.logits_processors import (
     apply_penalties,
     pick_logprobs,
@@ -83,6 +84,10 @@ class TorchEngine:
         self.config = config
         self.model_files = model_files
         self.model_config = model_config(model_files.config)
+        if config.quantization == "auto":  # dtype auto on a CPU: the checkpoint's own weight precision
+            llama = not isinstance(self.model_config, GptOssConfig)
+            config.quantization = checkpoint_quantization(model_files) if llama else "none"
+            log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
         # Which layers attend to a sliding window (gpt-oss): their cache is a ring, their KV export the tail.
         _, windowed, window = layer_groups(self.model_config.layer_windows)
         self._kv_windows = (window, tuple(windowed))
@@ -377,7 +382,7 @@ class TorchEngine:
             time.perf_counter() - started,
             self.config.dtype,
             "" if self.config.quantization == "none" else f", {self.config.quantization} weights",
-            self.device,
+            self.device if self.device.type != "cpu" else f"cpu {detect_cpu().describe()}",
             self._cache.free_slots,
             self.max_seq_len,
             self._cache.nbytes / 2**20,

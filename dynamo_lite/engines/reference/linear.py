@@ -5,18 +5,26 @@ single-stream decode step ~6x slower than the memory traffic alone; packing each
 (``mkldnn._reorder_linear_weight``, what inductor's freezing does) removes that. Everything else (fp32 on CPU,
 any dtype on CUDA) uses ``F.linear`` unchanged, which keeps fp32 bit-for-bit comparable with transformers.
 
-Weight-only int8 (``quantization: int8``, CPU, bf16 activations): one decode token reads every weight once, so
-a single stream is bound by memory bandwidth; int8 weights with one bf16 scale per output channel halve the bytes
-of bf16. torch's int8 kernel (``_weight_int8pack_mm``) is fastest for a few rows but scales poorly with more
-(measured on 2 cores: 1 row 16 ms vs 36 ms bf16 for all of SmolLM2's linears, 16 rows 61 vs 30 ms), so steps
-of more than ``INT8_MAX_ROWS`` rows use the oneDNN bf16 linear over the *dequantized* weight: both paths
-compute the same quantized model, only the kernel differs.
+Weight-only int8 (``quantization: int8``, CPU): one decode token reads every weight once, so a single stream is
+bound by memory bandwidth; int8 weights with one bf16 scale per output channel halve the bytes of bf16 (a
+quarter of fp32's). torch's int8 kernel (``_weight_int8pack_mm``) is fastest for a few rows but scales poorly
+with more (measured on 2 cores: 1 row 16 ms vs 36 ms bf16 for all of SmolLM2's linears, 16 rows 61 vs 30 ms), so
+steps of more than ``max_rows(...)`` rows use the model dtype's own linear (oneDNN bf16, or fp32 ``F.linear``)
+over the *dequantized* weight: both paths compute the same quantized model, only the kernel differs, and prefill
+runs at the unquantized model's speed.
 
 Weight-only int4 (``quantization: int4``): groups of 32 input channels, each with a bf16 scale and zero point
 (``w = (q - 8) * scale + zero``), torch's ``_weight_int4pack_mm_for_cpu``: a quarter of bf16's bytes and, on 2
 cores, half the int8 kernel's time for a decode token (all of SmolLM2's linears: 7.6 vs 15.7 ms). It is the
 format of the default model's own GGUF (Q4_1: 32-weight blocks with a scale and a minimum), so re-quantizing
 its dequantized weights lands on (nearly) the same 4-bit grid.
+
+Both weight-only kernels take their input rows in bf16 whatever the model's dtype (``KERNEL_DTYPE``): torch
+vectorizes them (AVX2 and AVX-512 alike) only for bf16 and fp16 inputs, and widens to fp32 inside, so bf16 is a
+storage format there, not emulated arithmetic. With fp32 inputs they fall back to a scalar loop: 10-15x slower on
+an AVX2 EPYC (all of SmolLM2's linears for one token, 1 thread: int4 474 ms with fp32 rows vs 31 ms with bf16).
+An fp32 model (``dtype: auto`` on a CPU without native bf16) hands them its rows rounded to bf16 and takes fp32
+back; its prefill, attention, norms and KV cache stay fp32.
 """
 
 from __future__ import annotations
@@ -32,9 +40,26 @@ log = logging.getLogger(__name__)
 
 LinearFn = Callable[[torch.Tensor], torch.Tensor]
 
-INT8_MAX_ROWS = 4  # above this many rows a step is compute-bound and the bf16 kernel wins
 INT4_GROUP = 32
-INT4_MAX_ROWS = 8  # measured: 8 rows 24.6 ms int4 vs 37.3 bf16 for all linears, 2 cores
+KERNEL_DTYPE = torch.bfloat16  # the weight-only kernels' input rows and scales (see the module docstring)
+# Up to this many rows a step takes the weight-only kernel; above it the step is compute-bound and the model
+# dtype's own linear over the dequantized weight wins. Per (quantization, model dtype), measured on 2 cores over
+# all of SmolLM2's linears: bf16 model (AMX Xeon): int8 1 row 16 ms vs 36 bf16, 16 rows 61 vs 30; int4 8 rows
+# 24.6 vs 37.3. fp32 model (AVX2 EPYC): see benchmarks/README.md.
+MAX_ROWS = {
+    ("int8", torch.bfloat16): 4,
+    ("int4", torch.bfloat16): 8,
+    ("int8", torch.float32): 4,
+    ("int4", torch.float32): 8,
+}
+# Kept for callers that predate the per-dtype table: the bf16 model's thresholds.
+INT8_MAX_ROWS = MAX_ROWS[("int8", torch.bfloat16)]
+INT4_MAX_ROWS = MAX_ROWS[("int4", torch.bfloat16)]
+
+
+def max_rows(quantization: str, dtype: torch.dtype) -> int:
+    """Rows up to which ``quantization``'s kernel runs in a model of ``dtype``."""
+    return MAX_ROWS[(quantization, dtype)]
 
 
 @functools.cache
@@ -120,7 +145,8 @@ def make_linear(
     weight: torch.Tensor, bias: torch.Tensor | None = None, quantization: str = "none"
 ) -> LinearFn:
     """``x -> x @ weight.T + bias`` for a weight that never changes (``quantization="int8"`` / ``"int4"``: the
-    weight rounded to int8 per output channel / int4 per group of 32, activations bf16, CPU)."""
+    weight rounded to int8 per output channel / int4 per group of 32, CPU; ``weight.dtype``, float32 or
+    bfloat16, is the model's: what the layer takes and returns)."""
     if quantization == "int8":
         return _int8_linear(weight, bias)
     if quantization == "int4":
@@ -141,17 +167,25 @@ def make_linear(
     return linear
 
 
+def _model_dtype(weight: torch.Tensor, quantization: str, supported: Callable[[], bool]) -> torch.dtype:
+    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.bfloat16) or not supported():
+        raise ValueError(
+            f"{quantization} weights need the CPU, a float32 or bfloat16 model and a torch with the weight-only "
+            f"{quantization} matmul (got {weight.dtype} on {weight.device})"
+        )
+    return weight.dtype
+
+
 def _int8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
-    if weight.device.type != "cpu" or not int8_supported():
-        raise ValueError("int8 weights need the CPU and a torch with aten._weight_int8pack_mm")
+    dtype = _model_dtype(weight, "int8", int8_supported)
     q, scales = quantize_int8(weight)
     op = torch.ops.aten._weight_int8pack_mm.default
-    return _weight_only(lambda x: op(x, q, scales), q.float() * scales.float()[:, None], bias, INT8_MAX_ROWS)
+    dequantized = q.float() * scales.float()[:, None]
+    return _weight_only(lambda x: op(x, q, scales), dequantized, bias, dtype, max_rows("int8", dtype))
 
 
 def _int4_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
-    if weight.device.type != "cpu" or not int4_supported():
-        raise ValueError("int4 weights need the CPU and a torch with aten._weight_int4pack_mm_for_cpu")
+    dtype = _model_dtype(weight, "int4", int4_supported)
     q, scales_zeros = quantize_int4(weight)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     op = torch.ops.aten._weight_int4pack_mm_for_cpu.default
@@ -159,22 +193,23 @@ def _int4_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> LinearFn:
         lambda x: op(x, packed, INT4_GROUP, scales_zeros),
         dequantize_int4(q, scales_zeros),
         bias,
-        INT4_MAX_ROWS,
+        dtype,
+        max_rows("int4", dtype),
     )
 
 
 def _weight_only(
-    small: LinearFn, dequantized: torch.Tensor, bias: torch.Tensor | None, max_rows: int
+    small: LinearFn, dequantized: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, rows: int
 ) -> LinearFn:
-    """The quantized kernel ``small`` for steps of up to ``max_rows`` rows, the bf16 kernel over the
-    ``dequantized`` weight above that: one quantized model, whichever kernel runs it."""
-    bias = None if bias is None else bias.to(torch.bfloat16)
-    wide = make_linear(dequantized.to(torch.bfloat16), bias)
+    """The quantized kernel ``small`` (bf16 rows in and out) for steps of up to ``rows`` rows, the ``dtype``
+    kernel over the ``dequantized`` weight above that: one quantized model, whichever kernel runs it."""
+    bias = None if bias is None else bias.to(dtype)
+    wide = make_linear(dequantized.to(dtype), bias)
 
     def weight_only_linear(x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] > max_rows:
+        if x.shape[0] > rows:
             return wide(x)
-        y = small(x)
+        y = small(x.to(KERNEL_DTYPE)).to(dtype)  # no copies in a bf16 model
         return y if bias is None else y.add_(bias)
 
     return weight_only_linear

@@ -11,18 +11,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, UnsupportedGptOss
-from dynamo_lite.model_files import ensure_weights
+from dynamo_lite.model_files import ModelFiles, ensure_weights
 
 __all__ = [
     "LlamaConfig",
     "LlamaWeights",
     "UnsupportedModel",
+    "checkpoint_quantization",
     "ensure_weights",
     "load_weights",
     "model_config",
@@ -230,3 +232,40 @@ def load_weights(folder: Path, config: LlamaConfig, dtype: torch.dtype, device: 
     if rest:
         log.warning("%s: ignoring %d unused weights, e.g. %s", folder, len(rest), rest[:3])
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head.contiguous())
+
+
+# GGUF tensor types by the weight-only format that holds them without losing precision: 4-bit codes in blocks of
+# 32 (or sub-blocks of 32) are int4 groups of 32; 5- to 8-bit ones fit int8; anything else (F16, BF16, F32) stays.
+_GGUF_INT4 = frozenset({"Q4_0", "Q4_1", "Q4_K", "IQ4_NL", "IQ4_XS"})
+_GGUF_INT8 = frozenset({"Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K"}) | _GGUF_INT4
+_PRECISION_CACHE = "gguf_weight_precision.json"
+
+
+def checkpoint_quantization(files: ModelFiles) -> str:
+    """The weight-only format that holds the checkpoint's layer matrices at their own precision: "int4" for a GGUF
+    whose layers are all 4-bit (the default SmolLM2 is Q4_1), "int8" for one with 5- to 8-bit layers, else "none"
+    (HF folders, F16/F32 GGUFs). The embedding/output matrix is not counted: the model keeps it at 8 bits.
+
+    Reading a GGUF's tensor table takes seconds, so the answer is cached in its converted folder."""
+    if files.gguf_path is None:
+        return "none"
+    cache = files.folder / _PRECISION_CACHE
+    try:
+        return str(json.loads(cache.read_text())["quantization"])
+    except (OSError, ValueError, KeyError):
+        pass
+    from gguf import GGUFReader
+
+    kinds = {
+        t.tensor_type.name
+        for t in GGUFReader(str(files.gguf_path)).tensors
+        if t.name.startswith("blk.") and t.name.endswith(".weight") and len(t.shape) == 2
+    }
+    found = "int4" if kinds and kinds <= _GGUF_INT4 else "int8" if kinds and kinds <= _GGUF_INT8 else "none"
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"quantization": found, "gguf_types": sorted(kinds)}))
+        tmp.replace(cache)
+    except OSError:  # a read-only folder: ask again next time
+        pass
+    return found

@@ -39,8 +39,8 @@ def tiny_folder(tmp_path_factory):  # noqa: ANN001
 
 def settings(folder, mode: str, device: str = "cpu", **extra: object) -> EngineSettings:  # noqa: ANN001
     return EngineSettings(
-        role=mode, model_path=str(folder), device=device, threads=2, max_batch_size=3, max_num_tokens=16,
-        max_seq_len=128, extra=dict(extra),
+        role=mode, model_path=str(folder), device=device, dtype="float32", threads=2, max_batch_size=3,
+        max_num_tokens=16, max_seq_len=128, extra=dict(extra),
     )  # fmt: skip
 
 

@@ -15,12 +15,11 @@ from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.engines.reference.config import ConfigError, from_settings
 from dynamo_lite.engines.reference.linear import (
     INT4_GROUP,
-    INT4_MAX_ROWS,
-    INT8_MAX_ROWS,
     dequantize_int4,
     int4_supported,
     int8_supported,
     make_linear,
+    max_rows,
     quantize_int4,
     quantize_int8,
 )
@@ -62,19 +61,20 @@ def test_quantize_int4_is_per_group_and_within_half_a_step() -> None:
         quantize_int4(torch.randn(4, INT4_GROUP + 1))
 
 
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
-    ("quantization", "max_rows"),
-    [
-        pytest.param("int8", INT8_MAX_ROWS, marks=needs_int8),
-        pytest.param("int4", INT4_MAX_ROWS, marks=needs_int4),
-    ],
+    "quantization", [pytest.param("int8", marks=needs_int8), pytest.param("int4", marks=needs_int4)]
 )
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_small_batch_kernel_and_wide_path_compute_the_same_model(
-    quantization: str, max_rows: int, with_bias: bool
+    quantization: str, with_bias: bool, model_dtype: torch.dtype
 ) -> None:
+    """In an fp32 model (``dtype: auto`` on an AVX2 CPU) the kernel gets bf16 rows and the wide path is fp32
+    ``F.linear``; in a bf16 one both are bf16. Either way one quantized model, and the layer keeps the model's
+    dtype."""
     torch.manual_seed(1)
-    w = (torch.randn(80, 128) * 0.05).to(torch.bfloat16)
+    rows = max_rows(quantization, model_dtype)
+    w = (torch.randn(80, 128) * 0.05).to(model_dtype)
     bias = torch.randn(80) * 0.1 if with_bias else None
     linear = make_linear(w, bias, quantization)
     if quantization == "int8":
@@ -82,23 +82,25 @@ def test_small_batch_kernel_and_wide_path_compute_the_same_model(
         dequantized = q.float() * scales.float()[:, None]
     else:
         dequantized = dequantize_int4(*quantize_int4(w))
-    x = torch.randn(max_rows + 4, 128).to(torch.bfloat16)
+    x = torch.randn(rows + 4, 128).to(model_dtype)
     with torch.inference_mode():
-        few = linear(x[:max_rows])  # the int8 / int4 kernel
-        many = linear(x)  # the bf16 kernel over the dequantized weight
+        few = linear(x[:rows])  # the int8 / int4 kernel
+        many = linear(x)  # the model dtype's kernel over the dequantized weight
     expected = F.linear(x.float(), dequantized, bias)
     scale = expected.abs().max()
-    assert few.dtype == many.dtype == torch.bfloat16
-    assert (few.float() - expected[:max_rows]).abs().max() < 0.02 * scale
+    assert few.dtype == many.dtype == model_dtype
+    assert (few.float() - expected[:rows]).abs().max() < 0.02 * scale
     assert (many.float() - expected).abs().max() < 0.02 * scale
-    assert (few.float() - many[:max_rows].float()).abs().max() < 0.02 * scale
+    assert (few.float() - many[:rows].float()).abs().max() < 0.02 * scale
+    if model_dtype == torch.float32:  # the wide path is the plain fp32 product of the quantized weight
+        torch.testing.assert_close(many, F.linear(x, dequantized, bias))
 
 
 @pytest.mark.parametrize("quantization", ["int8", "int4"])
 @pytest.mark.parametrize(
-    ("dtype", "device", "message"), [("float32", "cpu", "bfloat16"), ("bfloat16", "cuda", "cpu")]
+    ("dtype", "device", "message"), [("float16", "cpu", "float16"), ("bfloat16", "cuda", "cuda")]
 )
-def test_quantization_needs_cpu_and_bfloat16(
+def test_quantization_needs_cpu_and_a_float32_or_bfloat16_model(
     quantization: str, dtype: str, device: str, message: str
 ) -> None:
     settings = EngineSettings(
@@ -108,8 +110,9 @@ def test_quantization_needs_cpu_and_bfloat16(
         from_settings(settings)
     with pytest.raises(ConfigError, match="quantization"):
         from_settings(EngineSettings(extra={"quantization": "int3"}, extra_source="t.yaml"))
-    ok = from_settings(EngineSettings(dtype="bfloat16", extra={"quantization": quantization.upper()}))
-    assert ok.quantization == quantization
+    for model_dtype in ("bfloat16", "float32"):
+        ok = from_settings(EngineSettings(dtype=model_dtype, extra={"quantization": quantization.upper()}))
+        assert ok.quantization == quantization
     # The worker flag, and the YAML winning over it.
     from dynamo_lite.worker.__main__ import parse_args
 
@@ -121,14 +124,37 @@ def test_quantization_needs_cpu_and_bfloat16(
     assert from_settings(flags.engine_settings).quantization == "none"
 
 
+def test_auto_quantization_follows_the_checkpoint_only_with_auto_dtype_on_cpu() -> None:
+    """An explicit dtype means the dequantized model in that dtype (fp32: transformers' numbers)."""
+    assert EngineSettings().quantization == "auto"
+    assert from_settings(EngineSettings()).quantization == "auto"  # the engine resolves it from the model
+    assert from_settings(EngineSettings(dtype="float32")).quantization == "none"
+    assert from_settings(EngineSettings(device="cuda")).quantization == "none"
+    assert from_settings(EngineSettings(dtype="float32", quantization="int4")).quantization == "int4"
+
+
 @needs_smollm2
+def test_the_default_gguf_is_int4_at_its_own_precision(tmp_path) -> None:
+    from dynamo_lite.engines.reference.loader import checkpoint_quantization
+    from dynamo_lite.model_files import ModelFiles, resolve_model
+
+    files = resolve_model()
+    assert (
+        checkpoint_quantization(files) == "int4"
+    )  # Q4_1 layers (cached in the converted folder from now on)
+    assert checkpoint_quantization(ModelFiles(folder=tmp_path)) == "none"  # an HF folder: as it is
+
+
+@needs_smollm2
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "quantization", [pytest.param("int8", marks=needs_int8), pytest.param("int4", marks=needs_int4)]
 )
-def test_smollm2_quantized_stays_close_to_fp32(quantization: str) -> None:
+def test_smollm2_quantized_stays_close_to_fp32(quantization: str, model_dtype: torch.dtype) -> None:
     """Teacher-forced over an answer: next-token argmax agreement with fp32 and the mean KL divergence. Measured
-    on 2026-11-27: int8 0.975 / 0.006, int4 1.000 / 0.003 (its layers are the GGUF's own 4-bit grid), bf16
-    alone 0.95 / 0.001."""
+    on 2026-11-27 (bf16 model): int8 0.975 / 0.006, int4 1.000 / 0.003 (its layers are the GGUF's own 4-bit grid),
+    bf16 alone 0.95 / 0.001. 2026-12-01 on an AVX2 EPYC: fp32 model (what ``auto`` runs there) int8 0.950 / 0.005,
+    int4 0.950 / 0.002; bf16 model int8 0.975 / 0.005, int4 0.975 / 0.003."""
     from tokenizers import Tokenizer
 
     from dynamo_lite.engines.reference.kv_cache import KvCache
@@ -161,9 +187,10 @@ def test_smollm2_quantized_stays_close_to_fp32(quantization: str) -> None:
                 out.append(model.forward(step, cache)[0])
         return torch.stack(out[40:])
 
-    ref, got = logits(torch.float32, "none"), logits(torch.bfloat16, quantization)
+    ref, got = logits(torch.float32, "none"), logits(model_dtype, quantization)
     agreement = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
     kl = F.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    print(f"{quantization} in a {model_dtype} model: agreement {agreement:.3f}, KL {kl:.4f}")
     assert agreement >= 0.9, agreement
     assert kl < 0.02, kl
 
@@ -172,23 +199,26 @@ def test_smollm2_quantized_stays_close_to_fp32(quantization: str) -> None:
 @needs_int4
 @pytest.mark.asyncio
 @pytest.mark.timeout(300)
-async def test_smollm2_with_int4_weights_answers_alone_and_batched() -> None:
+async def test_smollm2_with_default_settings_answers_alone_and_batched() -> None:
+    """The defaults (dtype and quantization auto): the GGUF's int4 layers in the dtype this CPU runs natively."""
     from tokenizers import Tokenizer
 
     from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.engines.reference.cpu_capability import detect_cpu
 
     settings = EngineSettings(
-        role="agg", dtype="bfloat16", threads=THREADS, max_batch_size=12, max_num_tokens=256, max_seq_len=512,
-        extra={"quantization": "int4"}, extra_source="test",
-    )  # fmt: skip
+        role="agg", threads=THREADS, max_batch_size=12, max_num_tokens=256, max_seq_len=512
+    )
     engine = build_engine(settings)
+    assert engine.config.quantization == "int4"
+    assert engine.config.dtype == ("bfloat16" if detect_cpu().bf16_native else "float32")
     await engine.start()
     try:
         tok = Tokenizer.from_file(str(engine.model_files.tokenizer_json))
         ids = tok.encode(chat("What is the capital of Japan?"), add_special_tokens=False).ids
         alone = tok.decode(tokens(await collect(engine, request(ids, "alone", max_tokens=12))))
         assert "Tokyo" in alone, alone
-        # Twelve at once: decode steps of more than INT4_MAX_ROWS rows take the bf16 kernel, same answer.
+        # Twelve at once: decode steps of more than max_rows(...) rows take the wide kernel, same answer.
         batch = await asyncio.gather(
             *(collect(engine, request(ids, f"b{i}", max_tokens=16)) for i in range(12))
         )
