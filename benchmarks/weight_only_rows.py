@@ -63,15 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     weights = [(torch.randn(n, k) * 0.05, k) for n, k in SHAPES]
     for name in args.dtypes:
         dtype = getattr(torch, name)
-        kernels = {"dense": lambda w: linear.make_linear(w.to(dtype))}
+        kernels = {"dense": lambda w, dtype=dtype: linear.make_linear(w.to(dtype))}
         with torch.inference_mode():
             # One linear per (shape, kernel); the weight-only ones are called below their row limit only, so
             # their own kernel is timed (make_linear's fallback would time the dense path again).
             table: dict[str, list[float]] = {}
             if linear.int4_supported():
-                kernels["int4"] = lambda w: _kernel_only("int4", w.to(dtype))
+                kernels["int4"] = lambda w, dtype=dtype: _kernel_only("int4", w.to(dtype))
             if linear.int8_supported():
-                kernels["int8"] = lambda w: _kernel_only("int8", w.to(dtype))
+                kernels["int8"] = lambda w, dtype=dtype: _kernel_only("int8", w.to(dtype))
             built = {kind: [(make(w), k) for w, k in weights] for kind, make in kernels.items()}
             for rows in args.rows:
                 xs = {k: torch.randn(rows, k).to(dtype) for _, k in weights}
