@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import os
 import shutil
@@ -474,7 +475,7 @@ def wait_services(ports: Ports, timeout_s: float) -> None:
             if status == 200 and b"true" in body:
                 with socket.create_connection((LOOPBACK, ports.nats), timeout=1.0):
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet (or another server on the port, briefly)
             pass
         time.sleep(0.1)
     raise TimeoutError("etcd / nats-server did not come up")

@@ -54,6 +54,7 @@ from dynamo_lite.protocol import (
     encode,
 )
 from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.nats_parser import use_fast_parser
 from dynamo_lite.runtime.streams import error_info_for
 
 log = logging.getLogger(__name__)
@@ -338,6 +339,7 @@ class NatsRequestPlane:
             nc = await asyncio.wait_for(nats.connect(**kwargs), settings.timeouts.connect_s + 1)
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
+        use_fast_parser(nc)
         self = cls(nc, settings)
         events.plane = self
         inbox = await nc.subscribe(self._inbox + ".*", cb=self._on_reply)
