@@ -121,6 +121,7 @@ def build_parser(
     p.add_argument(
         "--stream-per-token",
         action="store_true",
+        default=_W.stream_per_token,
         help="one token per message and per SSE event, never coalesced (overrides --stream-interval-ms and "
         "--max-messages-per-s)",
     )
