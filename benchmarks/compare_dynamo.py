@@ -2,6 +2,7 @@
 
     python -m benchmarks.compare_dynamo                       # all four setups, 2 rounds each
     python -m benchmarks.compare_dynamo --setups agg,disagg --rounds 3 --profile auto
+    python -m benchmarks.compare_dynamo --setups disagg --mode both    # also one token per event (per-token)
 
 Dynamo is installed into its own venv (``~/.cache/dynamo_lite/dynamo-1.6.1-venv``, reused when present) from
 PyPI without its unreachable ``aisimulate`` dependency, and gets a model folder made from our cached SmolLM2
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
 import os
 import shutil
@@ -84,6 +86,28 @@ class Setup:
     topology: str  # "agg" | "disagg"
     services: bool  # etcd + NATS
     concurrency: int | None = None  # None: the run's --concurrency
+    per_token: bool = False  # dynamo_lite's workers send one token per message (Dynamo's mocker always does)
+
+
+MODES = ("default", "per-token", "both")
+PER_TOKEN_SUFFIX = "+per_token"
+
+
+def setups_for_mode(setups: Sequence[Setup], mode: str) -> list[Setup]:
+    """``setups`` in the default mode, the per-token mode (named ``<setup>+per_token``) or both, interleaved.
+    Per-token: dynamo_lite's workers run with ``--stream-per-token`` (in the embedded setups, which have no
+    such flag, one token per engine step is what they send already: the events per request column shows it)."""
+    per_token = [
+        dataclasses.replace(
+            s, name=s.name + PER_TOKEN_SUFFIX, title=s.title + ", one token per event", per_token=True
+        )
+        for s in setups
+    ]
+    if mode == "default":
+        return list(setups)
+    if mode == "per-token":
+        return per_token
+    return [x for pair in zip(setups, per_token, strict=True) for x in pair]
 
 
 SETUPS: dict[str, Setup] = {
@@ -225,7 +249,8 @@ def dynamo_lite_commands(
     stream_interval_ms: float | None = None,
 ) -> list[ProcSpec]:
     """dynamo_lite: the embedded mode without services; frontend + worker processes over etcd + NATS.
-    ``stream_interval_ms`` sets the workers' token coalescing window (None: their default)."""
+    ``stream_interval_ms`` sets the workers' token coalescing window (None: their default); a per-token setup
+    gives them ``--stream-per-token``."""
     env = {"HF_HUB_OFFLINE": "1"}
     engine = "--engine mocker --speedup-ratio 0".split()
     http = f"--http-host {LOOPBACK} --http-port {ports.http}".split()
@@ -247,6 +272,8 @@ def dynamo_lite_commands(
         argv = [python, "-m", "dynamo_lite.worker", "--mode", mode, *engine, *runtime]
         if stream_interval_ms is not None:
             argv += ["--stream-interval-ms", f"{stream_interval_ms:g}"]
+        if setup.per_token:
+            argv.append("--stream-per-token")
         specs.append(ProcSpec("worker" if mode == "agg" else mode, argv, env))
     return specs
 
@@ -449,7 +476,7 @@ def wait_services(ports: Ports, timeout_s: float) -> None:
             if status == 200 and b"true" in body:
                 with socket.create_connection((LOOPBACK, ports.nats), timeout=1.0):
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not up yet (or another server on the port, briefly)
             pass
         time.sleep(0.1)
     raise TimeoutError("etcd / nats-server did not come up")
@@ -457,7 +484,37 @@ def wait_services(ports: Ports, timeout_s: float) -> None:
 
 # ---- one measured run ----
 # Which way is better, for the "where dynamo_lite loses" line: +1 higher is better, -1 lower is better.
-BETTER = {"req_s": 1, "tok_s": 1, "ttft_p50_ms": -1, "ttft_p99_ms": -1, "frontend_cpu_us_per_req": -1}
+BETTER = {
+    "req_s": 1,
+    "tok_s": 1,
+    "ttft_p50_ms": -1,
+    "ttft_p99_ms": -1,
+    "frontend_cpu_us_per_req": -1,
+    "events_per_fe_core_s": 1,
+}
+PER_TOKEN_ONLY = {"events_per_fe_core_s"}
+FRONTEND = "frontend"  # the role; its child processes (a multi-process frontend) are "frontend/<pid>"
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            raw = (entry / "stat").read_bytes()
+        except OSError:
+            continue
+        ppid = int(raw[raw.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def run_metrics(summary: Summary, roles: dict[str, int]) -> dict[str, float]:
@@ -473,7 +530,9 @@ def run_metrics(summary: Summary, roles: dict[str, int]) -> dict[str, float]:
         usage = summary.server_cpu.get(pid)
         return usage.seconds if usage is not None else float("nan")
 
-    fe = roles["frontend"]
+    fe_pids = [pid for role, pid in roles.items() if role == FRONTEND or role.startswith(FRONTEND + "/")]
+    fe_cpu_s = sum(cpu_s(p) for p in fe_pids)
+    events = m["events_per_request"].mean if "events_per_request" in m else float("nan")
     out = {
         "req_s": summary.request_throughput,
         "tok_s": summary.output_token_throughput,
@@ -481,8 +540,11 @@ def run_metrics(summary: Summary, roles: dict[str, int]) -> dict[str, float]:
         "ttft_p99_ms": m["time_to_first_token_ms"].p99 if "time_to_first_token_ms" in m else float("nan"),
         "itl_p50_ms": m["inter_token_latency_ms"].p50 if "inter_token_latency_ms" in m else float("nan"),
         "tokens_per_chunk": m["tokens_per_chunk"].mean if "tokens_per_chunk" in m else float("nan"),
-        "frontend_cpu_pct": cpu(fe),
-        "frontend_cpu_us_per_req": 1e6 * cpu_s(fe) / completed,
+        "frontend_cpu_pct": sum(cpu(p) for p in fe_pids),
+        "frontend_cpu_us_per_req": 1e6 * fe_cpu_s / completed,
+        "events_per_req": events,
+        # SSE events the clients got per CPU-second of the frontend's processes (/proc utime + stime).
+        "events_per_fe_core_s": events * summary.completed / fe_cpu_s if fe_cpu_s > 0 else float("nan"),
         "servers_cpu_pct": sum(cpu(p) for p in roles.values()),
         "servers_cpu_us_per_req": 1e6 * sum(cpu_s(p) for p in roles.values()) / completed,
         "client_cpu_pct": summary.client_cpu.percent if summary.client_cpu else float("nan"),
@@ -578,6 +640,9 @@ def run_once(
         ready_s = wait_ready(
             stack, url, ctx.model_name, lambda h: health_ready(system, setup, h), ctx.timeouts
         )
+        roles = dict(stack.pids)
+        for pid in descendants(roles[FRONTEND]):  # a frontend of several processes counts as one
+            roles[f"{FRONTEND}/{pid}"] = pid
         concurrency, count, warmup = ctx.workload.for_setup(setup)
         cfg = BenchmarkConfig(
             url=url,
@@ -591,7 +656,7 @@ def run_once(
             output_tokens_mean=ctx.workload.output_tokens,
             extra_inputs={"ignore_eos": True},
             tokenizer=ctx.tokenizer,
-            server_pids=list(stack.pids.values()),
+            server_pids=list(roles.values()),
             progress=False,
         )
         finish = during(stack.pids) if during else None
@@ -601,14 +666,14 @@ def run_once(
             if finish:
                 finish()
         stack.check_alive()
-        metrics = run_metrics(result.summary, stack.pids)
+        metrics = run_metrics(result.summary, roles)
         summary = result.summary
         return {
             "system": system,
             "setup": setup.name,
             "label": label,
             "ready_s": ready_s,
-            "pids": stack.pids,
+            "pids": roles,
             "completed": summary.completed,
             "errors": summary.errors,
             "errors_by_kind": summary.errors_by_kind,
@@ -657,10 +722,14 @@ def summarize_setup(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"median": medians, "ratio": ratios, "rounds": {s: len(ms) for s, ms in by_system.items()}}
 
 
-def losses(summary: dict[str, Any], tolerance: float = 0.05) -> dict[str, float]:
-    """Metrics where dynamo_lite is worse than Dynamo by more than ``tolerance`` (ratio, as in the table)."""
+def losses(summary: dict[str, Any], tolerance: float = 0.05, per_token: bool = True) -> dict[str, float]:
+    """Metrics where dynamo_lite is worse than Dynamo by more than ``tolerance`` (ratio, as in the table).
+    Events per frontend core-second compare like with like only per token (``per_token``): in the default mode
+    dynamo_lite's events carry several tokens each."""
     out = {}
     for key, sign in BETTER.items():
+        if key in PER_TOKEN_ONLY and not per_token:
+            continue
         r = summary["ratio"].get(key, float("nan"))
         if r == r and ((sign > 0 and r < 1 - tolerance) or (sign < 0 and r > 1 + tolerance)):
             out[key] = r
@@ -673,6 +742,8 @@ _COLUMNS = (
     ("TTFT p50 ms", "ttft_p50_ms", "{:.1f}"),
     ("TTFT p99 ms", "ttft_p99_ms", "{:.1f}"),
     ("tok/chunk", "tokens_per_chunk", "{:.2f}"),
+    ("events/req", "events_per_req", "{:.1f}"),
+    ("events/FE core-s", "events_per_fe_core_s", "{:.0f}"),
     ("FE CPU %", "frontend_cpu_pct", "{:.0f}"),
     ("FE CPU µs/req", "frontend_cpu_us_per_req", "{:.0f}"),
     ("all servers µs/req", "servers_cpu_us_per_req", "{:.0f}"),
@@ -786,6 +857,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, of: {', '.join(SETUPS)}")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="default",
+        help="default: each system as it ships; per-token: dynamo_lite's workers send one token per message "
+        "(--stream-per-token), as Dynamo's mocker does (setups named <setup>+per_token); both: each setup twice",
+    )
     p.add_argument("--rounds", type=int, default=2, help="runs per system and setup, alternating the systems")
     p.add_argument(
         "--systems", default=",".join(SYSTEMS), help="comma-separated subset of: dynamo, dynamo_lite"
@@ -835,7 +913,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"
-    setups = [SETUPS[name] for name in args.setups.split(",") if name]
+    setups = setups_for_mode([SETUPS[name] for name in args.setups.split(",") if name], args.mode)
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:
@@ -902,7 +980,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json_path.write_text(json.dumps(report, indent=1, default=str))
         if set(systems) == set(SYSTEMS):
             report["summary"][setup.name] = summarize_setup(runs)
-            report["summary"][setup.name]["losses"] = losses(report["summary"][setup.name])
+            report["summary"][setup.name]["losses"] = losses(
+                report["summary"][setup.name], per_token=setup.per_token
+            )
     profile = set(args.profile.split(",")) if args.profile and args.profile != "auto" else set()
     if args.profile == "auto":
         profile = {name for name, s in report["summary"].items() if s["losses"]}

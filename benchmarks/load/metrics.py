@@ -125,6 +125,7 @@ def request_metrics(records: Sequence[RequestRecord]) -> dict[str, Stats]:
         ],
         "output_sequence_length": [float(r.output_tokens) for r in ok],
         "chunks_per_request": [float(len(r.chunk_times)) for r in ok if r.chunk_times],
+        "events_per_request": [float(r.events) for r in ok if r.events],
         "tokens_per_chunk": [float(n) for r in ok if r.chunk_times for n in r.chunk_tokens or ()],
         "output_token_throughput_per_request": [
             r.output_tokens / r.latency for r in ok if r.latency > 0 and r.output_tokens

@@ -59,6 +59,7 @@ class StreamRecorder:
     def _handle(self, payloads: list[bytes], t: float) -> None:
         # The per-chunk hot path: keep it flat (no helper calls per event).
         rec = self._rec
+        rec.events += len(payloads)
         for payload in payloads:
             try:
                 obj = orjson.loads(payload)

@@ -27,6 +27,7 @@ class RequestRecord:
     completion_tokens: int | None = None  # from the server's usage
     chunk_tokens: list[int] | None = None  # tokens per text chunk, by the client's tokenizer (after the run)
     done_marker: bool = False  # saw "data: [DONE]"
+    events: int = 0  # SSE "data:" events received, [DONE] included
 
     @property
     def ok(self) -> bool:

@@ -96,15 +96,21 @@ class StreamPacing:
     The worker raises ``interval_s`` above its base when many streams are active, so that the messages per
     second it sends stay bounded (a frontend reads every one): under load, chunks carry more tokens instead of
     piling up as messages nobody can read in time.
+
+    ``per_token``: every token travels alone, whatever the load (no interval, and tokens produced between two
+    wake-ups of a stream's reader go out as one chunk each): the stream a client sees is exactly per token.
     """
 
-    __slots__ = ("interval_s", "base_s")
+    __slots__ = ("interval_s", "base_s", "per_token")
 
-    def __init__(self, base_s: float = 0.0) -> None:
-        self.base_s = base_s
-        self.interval_s = base_s
+    def __init__(self, base_s: float = 0.0, per_token: bool = False) -> None:
+        self.per_token = per_token
+        self.base_s = 0.0 if per_token else base_s
+        self.interval_s = self.base_s
 
     def adapt(self, active_streams: int, max_messages_per_s: float) -> None:
+        if self.per_token:
+            return
         self.interval_s = max(self.base_s, active_streams / max_messages_per_s if max_messages_per_s else 0.0)
 
 
@@ -243,6 +249,16 @@ class TokenStream:
                 if first:
                     first = False
                     note_engine_start(self._created, self._admitted)
+                if len(tokens) > 1 and self._pacing is not None and self._pacing.per_token:
+                    for i in range(len(tokens) - 1):  # all but the last alone; the last carries the end
+                        yield GenerateChunk(
+                            token_ids=tokens[i : i + 1],
+                            cached_tokens=cached,
+                            logprobs=_one_token(logprobs, i),
+                            prompt_logprobs=prompt_logprobs if i == 0 else None,
+                        )
+                    prompt_logprobs, logprobs = None, _one_token(logprobs, len(tokens) - 1)
+                    tokens = tokens[-1:]
                 yield GenerateChunk(
                     token_ids=tokens,
                     finish_reason=finish,
@@ -253,6 +269,14 @@ class TokenStream:
                 )
             if done:
                 return
+
+
+def _one_token(logprobs: TokenLogprobs | None, i: int) -> TokenLogprobs | None:
+    if logprobs is None:
+        return None
+    return TokenLogprobs(
+        logprobs.logprobs[i : i + 1], logprobs.top_ids[i : i + 1], logprobs.top_logprobs[i : i + 1]
+    )
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the --dtype choices of every CLI

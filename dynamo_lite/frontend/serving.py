@@ -42,7 +42,7 @@ from dynamo_lite.frontend.parsers import Delta
 from dynamo_lite.frontend.preprocess import ModelPreprocessor, PreprocessorCache
 from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_tools, input_messages
 from dynamo_lite.frontend.settings import FrontendSettings
-from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange, WatchedResponse
+from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, BufferedBody, Exchange, WatchedResponse
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest, GuidedSpec, ModelCard, SamplingOptions
 from dynamo_lite.timing import RequestTiming
 
@@ -468,36 +468,42 @@ class CompletionService:
         perf_counter = time.perf_counter
         now = perf_counter()
         await ex.start(200, [*SSE_HEADERS, rid])
+        body = BufferedBody(ex)
         head = fmt.head()
         if head:
-            await ex.body(head)
+            body.add(head)
         echo = p.echo
-        while True:
-            counted = out.completion_tokens
-            delta = out.process(chunk) if chunk is not None else out.end()
-            if echo:  # the prompt goes out with the first event
-                delta.content, echo = echo + delta.content, None
-            finish = out.finish_reason
-            if logprobs is not None and chunk is not None:
-                logprobs.add(chunk, out.completion_tokens - counted)
-            if delta or finish:
-                data = fmt.delta(delta, finish)
-                if data and logprobs is not None:
-                    taken = logprobs.take()  # what arrived since the last event, with this event's text
-                    data = splice(data, taken) if taken is not None else data
-                if data:
-                    await ex.body(with_usage(data, p.usage(out)) if p.continuous_usage else data)
-            if finish:
-                break
-            chunk = await anext(stream, None)
-            if chunk is not None and chunk.token_ids:
-                t_chunk = perf_counter()
-                itl.observe((t_chunk - now) / len(chunk.token_ids))
-                now = t_chunk
+        try:
+            while True:
+                counted = out.completion_tokens
+                delta = out.process(chunk) if chunk is not None else out.end()
+                if echo:  # the prompt goes out with the first event
+                    delta.content, echo = echo + delta.content, None
+                finish = out.finish_reason
+                if logprobs is not None and chunk is not None:
+                    logprobs.add(chunk, out.completion_tokens - counted)
+                if delta or finish:
+                    data = fmt.delta(delta, finish)
+                    if data and logprobs is not None:
+                        taken = logprobs.take()  # what arrived since the last event, with this event's text
+                        data = splice(data, taken) if taken is not None else data
+                    if data:
+                        body.add(with_usage(data, p.usage(out)) if p.continuous_usage else data)
+                if finish:
+                    break
+                chunk = await body.next_of(stream)
+                if chunk is not None and chunk.token_ids:
+                    t_chunk = perf_counter()
+                    itl.observe((t_chunk - now) / len(chunk.token_ids))
+                    now = t_chunk
+        except Exception:
+            await body.flush()  # the events that were ready go out before the error event
+            raise
         if report is not None:
             obj = "chat.completion.chunk" if p.endpoint == CHAT else "text_completion"
-            await ex.body(nvext_chunk(p.response_id, p.created, p.model, obj, report()))
-        await ex.end(fmt.tail(p.usage(out), out.finish_reason or "stop"))
+            body.add(nvext_chunk(p.response_id, p.created, p.model, obj, report()))
+        body.add(fmt.tail(p.usage(out), out.finish_reason or "stop"))
+        await ex.end(body.take())
 
     @staticmethod
     async def _write_whole(

@@ -6,7 +6,9 @@ downstream."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any, TypeVar
 
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -17,6 +19,7 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),  # tell reverse proxies not to buffer the stream
 ]
 JSON_HEADERS = [(b"content-type", b"application/json")]
+T = TypeVar("T")
 
 
 class Exchange:
@@ -45,6 +48,73 @@ class Exchange:
         """A whole response in one go (with content-length)."""
         await self.start(status, [*headers, (b"content-length", str(len(data)).encode())])
         await self.end(data)
+
+
+class BufferedBody:
+    """Body bytes of a stream, held until its producer would wait: one socket write for every event that is
+    ready at once (a frontend that falls behind its streams finds several of a stream's tokens queued), each
+    still its own SSE event. Nothing waits for more: whatever is ready goes out before the producer sleeps.
+    """
+
+    __slots__ = ("_exchange", "_parts")
+
+    def __init__(self, exchange: Exchange) -> None:
+        self._exchange = exchange
+        self._parts: list[bytes] = []
+
+    def add(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def take(self) -> bytes:
+        parts, self._parts = self._parts, []
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def flush(self) -> None:
+        if self._parts:
+            await self._exchange.body(self.take())
+
+    def next_of(self, stream: AsyncIterator[T]) -> Awaitable[T | None]:
+        """``anext(stream, None)``, writing what is held first if (and only if) that has to wait."""
+        return _NextFlushing(anext(stream, None), self)
+
+
+class _NextFlushing:
+    """Awaits ``step``; when ``step`` would suspend, ``body.flush()`` runs first (then ``step`` continues where
+    it stopped). A step that completes at once never flushes: the bytes wait for a later suspension or the end.
+    Exceptions thrown in (cancellation) reach ``step``, as they would in a plain ``await step``."""
+
+    __slots__ = ("_step", "_body")
+
+    def __init__(self, step: Awaitable[T], body: BufferedBody) -> None:
+        self._step = step
+        self._body = body
+
+    def __await__(self) -> Generator[Any, Any, T]:
+        it = self._step.__await__()
+        try:
+            pending = it.send(None)
+        except StopIteration as done:
+            return done.value
+        if self._body._parts:
+            try:
+                yield from self._body.flush().__await__()
+            except BaseException as e:  # cancelled while writing: the step gets it too, then the caller
+                with contextlib.suppress(BaseException):
+                    it.throw(e)
+                raise
+        while True:
+            try:
+                sent = yield pending
+            except BaseException as e:  # noqa: BLE001 — delivered to the step, as ``await`` would
+                try:
+                    pending = it.throw(e)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    pending = it.send(sent)
+                except StopIteration as done:
+                    return done.value
 
 
 Producer = Callable[[Exchange], Awaitable[None]]

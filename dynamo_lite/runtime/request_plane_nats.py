@@ -30,6 +30,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NatsClient
@@ -53,6 +54,7 @@ from dynamo_lite.protocol import (
     encode,
 )
 from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.nats_parser import use_fast_parser
 from dynamo_lite.runtime.streams import error_info_for
 
 log = logging.getLogger(__name__)
@@ -243,6 +245,34 @@ async def sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
     await nc.flush(timeout=flush_timeout_s)
 
 
+def _deliver_directly(nc: NatsClient, sub: Any, deliver: Callable[[str, bytes], None]) -> None:
+    """Hand ``sub``'s messages without headers to ``deliver(subject, data)`` as nats-py's parser reads them.
+
+    nats-py otherwise builds a ``Msg``, queues it and wakes a task per subscription that awaits the callback:
+    per streamed token, on the frontend's one event loop. Messages with headers (NATS's status replies) keep
+    that path (``sub``'s callback). Relies on nats-py's ``Client._process_msg(sid, subject, reply, data,
+    headers)`` (2.x); without it every message takes the ordinary path.
+    """
+    process_msg = getattr(nc, "_process_msg", None)
+    sid = getattr(sub, "_id", None)
+    if process_msg is None or sid is None:
+        log.warning("nats-py without Client._process_msg: replies take its callback path")
+        return
+
+    async def fast_process_msg(
+        msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        if msg_sid == sid and not headers:
+            try:
+                deliver(subject.decode(), data)
+            except Exception:  # as nats-py does with a callback's error: the read loop must go on
+                log.exception("reply handling failed")
+        else:
+            await process_msg(msg_sid, subject, reply, data, headers)
+
+    nc._process_msg = fast_process_msg  # type: ignore[method-assign]
+
+
 async def _unsubscribe_quietly(sub) -> None:  # noqa: ANN001
     try:
         await sub.unsubscribe()
@@ -309,9 +339,12 @@ class NatsRequestPlane:
             nc = await asyncio.wait_for(nats.connect(**kwargs), settings.timeouts.connect_s + 1)
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
+        use_fast_parser(nc)
         self = cls(nc, settings)
         events.plane = self
-        self._subs.append(await nc.subscribe(self._inbox + ".*", cb=self._on_reply))
+        inbox = await nc.subscribe(self._inbox + ".*", cb=self._on_reply)
+        self._subs.append(inbox)
+        _deliver_directly(nc, inbox, self._reply)
         self._subs.append(await nc.subscribe(HEARTBEAT_PREFIX + ">", cb=self._on_heartbeat))
         self._tasks.append(asyncio.create_task(self._monitor(), name="nats-stream-monitor"))
         return self
@@ -385,17 +418,21 @@ class NatsRequestPlane:
             self.on_ack(address, now - started)
 
     async def _on_reply(self, msg: Msg) -> None:
-        stream = self._streams.get(msg.subject)
+        self._reply(msg.subject, msg.data, msg.headers)
+
+    def _reply(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        """A message on our inbox: a frame of a stream, an answer to a probe, or NATS's "no responders"."""
+        stream = self._streams.get(subject)
         if stream is None:
-            probe = self._probes.pop(msg.subject, None)
-            if probe is not None and not (msg.headers and msg.headers.get("Status") == "503"):
+            probe = self._probes.pop(subject, None)
+            if probe is not None and not (headers and headers.get("Status") == "503"):
                 self._acknowledged(probe[0], probe[1], None)
             return  # else a late frame of a stream we already left
-        if msg.headers and msg.headers.get("Status") == "503":
+        if headers and headers.get("Status") == "503":
             stream.fail(InstanceUnavailable(f"no instance serves {stream.address}"))
             return
         try:
-            frame = decode(msg.data, Frame)
+            frame = decode(data, Frame)
         except WireError as e:
             stream.fail(StreamError(ErrorInfo(502, f"bad frame from {stream.address}: {e}", "bad_frame")))
             return

@@ -118,6 +118,13 @@ def build_parser(
         default=_W.stream_interval_s * 1000,
         help="coalesce tokens produced within this many ms into one message (0: every step; default %(default)s)",
     )
+    p.add_argument(
+        "--stream-per-token",
+        action="store_true",
+        default=_W.stream_per_token,
+        help="one token per message and per SSE event, never coalesced (overrides --stream-interval-ms and "
+        "--max-messages-per-s)",
+    )
     e = p.add_argument_group(
         "engine (omitted: the engine's default; TensorRT-LLM's own for --engine trtllm, where an omitted "
         "--max-seq-len is the model's context length)"
@@ -197,6 +204,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         max_inflight=args.max_inflight,
         stream_interval_s=args.stream_interval_ms / 1000,
         max_messages_per_s=args.max_messages_per_s,
+        stream_per_token=args.stream_per_token,
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         engine_settings=engine,

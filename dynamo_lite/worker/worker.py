@@ -71,6 +71,9 @@ class WorkerSettings:
     # engine step). Under load the interval grows so that this worker sends at most max_messages_per_s chunks.
     stream_interval_s: float = 0.005
     max_messages_per_s: float = 20_000.0
+    # One token per message, whatever the interval, the load or the engine's steps (a client sees exactly one
+    # token per SSE event; costs a message per token everywhere). TensorRT-LLM: one message per output.
+    stream_per_token: bool = False
     # Output parsers the frontend applies to this model ("" = the model's default: harmony for gpt-oss)
     reasoning_parser: str = ""
     tool_call_parser: str = ""
@@ -88,7 +91,7 @@ class Worker:
             settings.engine = settings.engine or default_engine()
             engine = build_engine(settings.engine, settings.engine_settings)
         self.engine = engine
-        self.engine.pacing = StreamPacing(settings.stream_interval_s)
+        self.engine.pacing = StreamPacing(settings.stream_interval_s, settings.stream_per_token)
         self.runtime: Runtime | None = None
         self.info: InstanceInfo | None = None
         self.card: ModelCard | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,55 @@ def test_cli_defaults() -> None:
     args = cd.parse_args([])
     assert args.rounds == 2 and args.setups.split(",") == list(cd.SETUPS)
     assert args.dynamo_speedup_ratio == cd.DYNAMO_SPEEDUP and args.concurrency == 64
+
+
+def test_modes_name_per_token_setups_and_interleave_both() -> None:
+    assert cd.setups_for_mode([AGG, DISAGG], "default") == [AGG, DISAGG]
+    per_token = cd.setups_for_mode([DISAGG], "per-token")
+    assert [s.name for s in per_token] == ["disagg+per_token"] and per_token[0].per_token
+    assert [s.name for s in cd.setups_for_mode([AGG, DISAGG], "both")] == [
+        "agg", "agg+per_token", "disagg", "disagg+per_token"
+    ]  # fmt: skip
+
+
+def test_per_token_setup_gives_workers_stream_per_token() -> None:
+    ports = cd.Ports(http=1, etcd=2, etcd_peer=3, nats=4, bootstrap=5)
+    [pt] = cd.setups_for_mode([DISAGG], "per-token")
+    specs = {s.role: s.argv for s in cd.dynamo_lite_commands(pt, "py", ports, "ns")}
+    assert all("--stream-per-token" in specs[r] for r in ("prefill", "decode"))
+    assert "--stream-per-token" not in specs["frontend"]
+    plain = {s.role: s.argv for s in cd.dynamo_lite_commands(DISAGG, "py", ports, "ns")}
+    assert not any("--stream-per-token" in argv for argv in plain.values())
+
+
+def test_events_per_frontend_core_second_sums_the_frontends_processes() -> None:
+    events = Stats(count=100, mean=66.0, std=0.0, min=66.0, max=66.0, p50=66.0, p90=66.0, p95=66.0, p99=66.0)
+    summary = Summary(
+        duration_s=2.0, requests=100, completed=100, errors=0, request_throughput=50.0,
+        output_token_throughput=3200.0, goodput=None, total_output_tokens=6400, total_chunks=6400,
+        metrics={"events_per_request": events},
+        server_cpu={11: CpuUsage(0.3, 15.0), 14: CpuUsage(0.3, 15.0), 12: CpuUsage(1.0, 50.0)},
+    )  # fmt: skip
+    m = cd.run_metrics(summary, {"frontend": 11, "frontend/14": 14, "decode": 12})
+    assert m["events_per_req"] == 66.0
+    assert m["events_per_fe_core_s"] == pytest.approx(66.0 * 100 / 0.6)  # the decode worker's CPU not counted
+    assert m["frontend_cpu_us_per_req"] == pytest.approx(6000.0)
+
+
+def test_events_per_core_second_is_a_loss_only_per_token() -> None:
+    s = {"ratio": {"events_per_fe_core_s": 0.2, "req_s": 2.0}}
+    assert cd.losses(s, per_token=True) == {"events_per_fe_core_s": 0.2}
+    assert cd.losses(s, per_token=False) == {}
+
+
+def test_descendants_of_this_process(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in cd.descendants(os.getpid())
+        assert cd.descendants(child.pid) == []
+    finally:
+        child.kill()
+        child.wait()

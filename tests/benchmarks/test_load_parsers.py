@@ -135,6 +135,7 @@ def test_stream_recorder_through_chunked_framing_any_split() -> None:
         assert (rec.prompt_tokens, rec.completion_tokens) == (11, 3)
         assert rec.finish_reason == "length"
         assert rec.done_marker
+        assert rec.events == 6  # every data: event, the role-only one, usage and [DONE] included
         assert rec.ok
 
 
