@@ -69,11 +69,19 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class Supervisor:
-    """Starts ``workers`` children with ``argv`` (the frontend's own flags) and keeps them running."""
+    """Starts ``settings.workers`` children, ``program`` with ``argv`` (the frontend's own flags), and keeps them
+    running."""
 
     def __init__(
-        self, argv: list[str], settings: FrontendSettings, port: int, directory: Path, restarts: Restarts
+        self,
+        argv: list[str],
+        settings: FrontendSettings,
+        port: int,
+        directory: Path,
+        restarts: Restarts,
+        program: tuple[str, ...] = (sys.executable, "-m", "dynamo_lite.frontend"),
     ) -> None:
+        self._program = program
         self._argv = argv
         self._settings = settings
         self._port = port
@@ -105,7 +113,7 @@ class Supervisor:
         return 1 if self._failed else 0
 
     async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
-        cmd = [sys.executable, "-m", "dynamo_lite.frontend", *self._argv]
+        cmd = [*self._program, *self._argv]
         cmd += ["--http-port", str(self._port), "--supervisor-dir", str(self._dir)]
         proc = await asyncio.create_subprocess_exec(
             *cmd,

@@ -112,6 +112,10 @@ def test_both_processes_serve_and_metrics_add_up(frontend: Proc) -> None:
     served = Counter(int(m.group(1)) for m in ACCESS_LINE.finditer(frontend.log()))
     assert set(served) == children, served  # every access line names its process: both served
     assert sum(served.values()) == sent
+    for _ in range(8):  # probes answer from either process (a connection each)
+        for probe in ("live", "ready", "health"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{frontend.port}/{probe}", timeout=5) as r:
+                assert r.status == 200
     for _ in range(4):  # whichever process answers the scrape, it reports the whole frontend
         m = scrape(frontend.port)
         assert m["dynamo_lite_frontend_processes"] == 2
