@@ -10,8 +10,8 @@ children. DIR is a temporary directory the supervisor owns (the children's metri
 The supervisor prints ``READY frontend URL`` once every child is ready, forwards SIGTERM/SIGINT to the children
 (each drains as a lone frontend does) and exits when they have; a child that dies otherwise is restarted with
 backoff. It exits 1 when a child fails before the frontend was ever ready (a bad flag, etcd or NATS unreachable:
-the same error in every child), or when one keeps dying before it gets ready. Children are known by PID only;
-on Linux each also gets SIGTERM if the supervisor itself dies.
+the same error in every child), or when one keeps dying before it gets ready. Children are known by PID only,
+each in a session of its own (see ``_spawn``); on Linux each also gets SIGTERM if the supervisor itself dies.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,12 +61,16 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform == "linux":
-        import ctypes
+def _death_signal() -> Callable[[], None] | None:
+    """On Linux, a function for the child between fork and exec: SIGTERM to it when the supervisor dies.
+    Looked up here, in the parent, so that the child only makes the call (no import, no lock to take)."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
 
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class Supervisor:
@@ -82,6 +87,7 @@ class Supervisor:
         program: tuple[str, ...] = (sys.executable, "-m", "dynamo_lite.frontend"),
     ) -> None:
         self._program = program
+        self._death_signal = _death_signal()
         self._argv = argv
         self._settings = settings
         self._port = port
@@ -115,11 +121,15 @@ class Supervisor:
     async def _spawn(self, slot: int) -> asyncio.subprocess.Process:
         cmd = [*self._program, *self._argv]
         cmd += ["--http-port", str(self._port), "--supervisor-dir", str(self._dir)]
+        # A session of its own: where the kernel shares CPU among sessions (autogroup scheduling, on by default
+        # for processes outside a CPU cgroup), N children weigh as N frontends would, not as one. Signals from
+        # the terminal reach the supervisor, which forwards them; if it dies, the children get SIGTERM.
         proc = await asyncio.create_subprocess_exec(
             *cmd,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=self._death_signal,
+            start_new_session=True,
         )
         self._procs[slot] = proc
         return proc

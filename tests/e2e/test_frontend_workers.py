@@ -125,7 +125,9 @@ def test_both_processes_serve_and_metrics_add_up(frontend: Proc) -> None:
         assert total(m, "dynamo_frontend_inflight_requests") == 0
 
 
-def test_a_killed_process_is_restarted_and_the_port_keeps_answering(frontend: Proc) -> None:
+def test_a_killed_process_is_restarted_and_the_port_keeps_answering_and_none_outlives_the_supervisor(
+    frontend: Proc,
+) -> None:
     victim, survivor = sorted(child_pids(frontend.pid))
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not running(victim), 10, what="the killed process gone")
@@ -138,6 +140,10 @@ def test_a_killed_process_is_restarted_and_the_port_keeps_answering(frontend: Pr
     assert scrape(frontend.port)["dynamo_lite_frontend_processes"] == 2
     for _ in range(6):
         assert chat(frontend.port)
+    frontend.kill(
+        signal.SIGKILL
+    )  # the supervisor itself: its children get SIGTERM from the kernel, and drain
+    wait_until(lambda: not any(running(p) for p in children), 30, what="the orphaned children gone")
 
 
 def test_sigterm_stops_every_process(frontend: Proc) -> None:
