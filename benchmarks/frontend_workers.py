@@ -1,6 +1,6 @@
 """The frontend's ``--workers N`` against ``--workers 1``, in one run on this machine.
 
-    flock /tmp/dl-bench.lock python -m benchmarks.frontend_workers                 # workers 1 and 2, 2 rounds
+    flock /tmp/dl-bench.lock python -m benchmarks.frontend_workers                 # workers 1 and 2, 3 rounds
     flock /tmp/dl-bench.lock python -m benchmarks.frontend_workers --workers 1,2,4 --rounds 3
 
 Disaggregated 1 prefill + 1 decode mocker worker at zero engine time over etcd + NATS (each run starts its own
@@ -196,13 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--workers", default="1,2", help="comma-separated --workers values; ratios are to the first"
     )
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=1024)
     p.add_argument(
         "--request-count", type=int, default=8000, help="measured requests per run (bounded by time)"
     )
     p.add_argument("--warmup-request-count", type=int, default=1024)
-    p.add_argument("--max-seconds", type=float, default=20.0, help="stop a run's measurement after this long")
+    p.add_argument("--max-seconds", type=float, default=15.0, help="stop a run's measurement after this long")
     p.add_argument("--input-tokens", type=int, default=200)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--log-level", default="WARNING", help="--log-level of the servers")
