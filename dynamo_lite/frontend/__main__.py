@@ -150,6 +150,10 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
     )
     if args.workers < 1:
         raise SystemExit("error: --workers must be at least 1")
+    if args.workers > 1 and args.in_memory:
+        raise SystemExit(
+            "error: --workers needs etcd and NATS: in-memory processes would not see each other's workers"
+        )
     return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts), args.supervisor_dir)
 
 

@@ -48,8 +48,16 @@ class Restarts:
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` with SO_REUSEPORT that never listens: it holds the port for the children."""
+    """A socket bound to ``host:port`` with SO_REUSEPORT that never listens: it holds the port for the children.
+
+    A port someone else holds is refused, even one held with SO_REUSEPORT (which the kernel would let this user
+    share: two frontends would then split one port's connections).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port != 0:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:  # as a lone frontend binds: fails if taken
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

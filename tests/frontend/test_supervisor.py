@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dynamo_lite.frontend import __main__ as frontend_cli
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.supervisor import READY, Restarts, Supervisor, reserve_port
 
@@ -71,5 +72,15 @@ def test_the_reserved_port_takes_children_with_so_reuseport_and_nobody_else() ->
         with pytest.raises(OSError):
             stranger.bind(("127.0.0.1", port))
         stranger.close()
+        with pytest.raises(OSError):  # nor a second supervisor, though it would bind with SO_REUSEPORT too
+            reserve_port("127.0.0.1", port).close()
     finally:
         held.close()
+
+
+def test_the_workers_flag() -> None:
+    assert frontend_cli.parse_args([]).frontend.workers == FrontendSettings().workers == 1
+    assert frontend_cli.parse_args(["--workers", "3"]).frontend.workers == 3
+    for bad in (["--workers", "0"], ["--workers", "2", "--in-memory"]):
+        with pytest.raises(SystemExit):
+            frontend_cli.parse_args(bad)
