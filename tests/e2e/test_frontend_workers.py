@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import sys
 import urllib.request
@@ -37,6 +38,12 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def supervisor_dir(child: int) -> Path:
+    """The directory the supervisor gave ``child`` (its metrics socket's)."""
+    cmdline = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+    return Path(cmdline[cmdline.index(b"--supervisor-dir") + 1].decode())
 
 
 def start_frontend_workers(services: Services, namespace: str, *args: str, workers: int = 2) -> Proc:
@@ -140,17 +147,17 @@ def test_a_killed_process_is_restarted_and_the_port_keeps_answering_and_none_out
     assert scrape(frontend.port)["dynamo_lite_frontend_processes"] == 2
     for _ in range(6):
         assert chat(frontend.port)
-    frontend.kill(
-        signal.SIGKILL
-    )  # the supervisor itself: its children get SIGTERM from the kernel, and drain
+    directory = supervisor_dir(survivor)
+    # The supervisor itself: its children get SIGTERM from the kernel, and drain.
+    frontend.kill(signal.SIGKILL)
     wait_until(lambda: not any(running(p) for p in children), 30, what="the orphaned children gone")
+    shutil.rmtree(directory)  # what a SIGKILLed supervisor could not remove
 
 
 def test_sigterm_stops_every_process(frontend: Proc) -> None:
     children = child_pids(frontend.pid)
     assert len(children) == 2
-    cmdline = Path(f"/proc/{min(children)}/cmdline").read_bytes().split(b"\0")
-    directory = Path(cmdline[cmdline.index(b"--supervisor-dir") + 1].decode())
+    directory = supervisor_dir(min(children))
     assert directory.is_dir()
     assert chat(frontend.port)
     frontend.popen.send_signal(signal.SIGTERM)
