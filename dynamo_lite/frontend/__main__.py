@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite.frontend", description=__doc__)
     p.add_argument("--http-host", default=HTTP_HOST)
     p.add_argument("--http-port", type=int, default=_F.http_port)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=_F.workers,
+        help="HTTP processes sharing the port (SO_REUSEPORT), each with its own router view, under a supervisor "
+        "that restarts them; >1 lets the frontend use more than one core",
+    )
+    # Given by the supervisor to the processes it starts (supervisor.py); not a user flag.
+    p.add_argument("--supervisor-dir", default="", help=argparse.SUPPRESS)
     p.add_argument("--router-mode", default=_R.policy, choices=POLICIES)
     p.add_argument(
         "--disagg-threshold",
@@ -106,6 +115,7 @@ class FrontendProcess:
     frontend: FrontendSettings
     router: RouterSettings
     runtime: RuntimeSettings
+    supervisor_dir: str = ""  # set in a process that a --workers supervisor started: the processes' directory
 
 
 def parse_args(argv: list[str] | None = None) -> FrontendProcess:
@@ -132,12 +142,19 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
     frontend = FrontendSettings(
         http_host=args.http_host,
         http_port=args.http_port,
+        workers=args.workers,
         max_body_bytes=args.max_body_bytes,
         max_inflight=args.max_inflight,
         timeouts=timeouts,
         **http_api_settings(args),
     )
-    return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts))
+    if args.workers < 1:
+        raise SystemExit("error: --workers must be at least 1")
+    if args.workers > 1 and args.in_memory:
+        raise SystemExit(
+            "error: --workers needs etcd and NATS: in-memory processes would not see each other's workers"
+        )
+    return FrontendProcess(frontend, router, runtime_settings_from(args, timeouts), args.supervisor_dir)
 
 
 async def run(process: FrontendProcess) -> None:
@@ -154,7 +171,13 @@ async def run(process: FrontendProcess) -> None:
     settings = process.frontend
     metrics = FrontendMetrics()
     runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
-    server = HttpServer(create_app(router, settings, metrics=metrics), settings)
+    supervised = bool(process.supervisor_dir)
+    if supervised:
+        from dynamo_lite.frontend.sibling_metrics import SiblingMetrics
+
+        metrics.siblings = SiblingMetrics(metrics.registry, process.supervisor_dir)
+        await metrics.siblings.start()
+    server = HttpServer(create_app(router, settings, metrics=metrics), settings, reuse_port=supervised)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,20 +186,28 @@ async def run(process: FrontendProcess) -> None:
     print(f"READY frontend {server.url}", flush=True)
     await stop.wait()
     await server.stop()
+    if metrics.siblings is not None:
+        await metrics.siblings.stop()
     await router.stop()
     await view.stop()
     await runtime.close()
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    setup_logging(args)
+    process = settings_from(args)
+    setup_logging(args, process_id=bool(process.supervisor_dir))
+    if process.frontend.workers > 1 and not process.supervisor_dir:
+        from dynamo_lite.frontend.supervisor import supervise
+
+        return supervise(argv, process.frontend)
     raise_fd_limit()
     tracing.setup("dynamo_lite-frontend")  # only if OTEL_* configures it
     try:
         import uvloop
 
-        uvloop.run(run(settings_from(args)))
+        uvloop.run(run(process))
     except ConnectionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -245,7 +245,7 @@ class OpenAIRoutes:
         return _json({"status": "ready" if models else "not_ready", "models": models}, 200 if models else 503)
 
     async def prometheus_metrics(self) -> Response:
-        return Response(self.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await self.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 def create_app(

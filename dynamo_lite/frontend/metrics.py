@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -17,6 +18,9 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 DYNAMO = "dynamo_frontend_"  # Dynamo's names (lib/runtime/src/metrics/prometheus_names.rs)
 PREFIX = "dynamo_lite_frontend_"  # ours, where Dynamo has none
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from dynamo_lite.frontend.sibling_metrics import SiblingMetrics
 
 
 def log_buckets(low: float, high: float, count: int) -> tuple[float, ...]:
@@ -220,6 +224,8 @@ class FrontendMetrics:
         ).labels()
         self._models: dict[str, ModelMetrics] = {}
         self._queued: QueuedRequests | None = None
+        # Set in a process of a frontend with several (``--workers``): /metrics then adds up all of them.
+        self.siblings: SiblingMetrics | None = None
 
     def watch_queue(self, source: Callable[[], dict[str, int]]) -> None:
         """Export ``source()`` (model → requests waiting) as the queued-requests gauge."""
@@ -247,4 +253,9 @@ class FrontendMetrics:
         self.errors.labels(error_type).inc()
 
     def render(self) -> bytes:
+        """This process's metrics."""
         return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """What /metrics answers: the whole frontend's metrics, over all its processes when it has several."""
+        return await self.siblings.render() if self.siblings is not None else self.render()

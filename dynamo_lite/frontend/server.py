@@ -57,14 +57,16 @@ def uvicorn_config(app, settings: FrontendSettings) -> uvicorn.Config:
 
 
 class HttpServer:
-    """A running HTTP server. ``port`` is the bound port (useful with ``http_port=0``).
+    """A running HTTP server. ``port`` is the bound port (useful with ``http_port=0``). ``reuse_port``: bind with
+    SO_REUSEPORT, so that several processes listen on one port and the kernel spreads connections among them.
 
     >>> server = HttpServer(app, FrontendSettings(http_port=0))  # doctest: +SKIP
     >>> await server.start(); print(server.port); await server.stop()  # doctest: +SKIP
     """
 
-    def __init__(self, app, settings: FrontendSettings) -> None:
+    def __init__(self, app, settings: FrontendSettings, *, reuse_port: bool = False) -> None:
         self._settings = settings
+        self._reuse_port = reuse_port
         self._server = _Server(uvicorn_config(app, settings))
         self._sock: socket.socket | None = None
         self._task: asyncio.Task | None = None
@@ -84,6 +86,8 @@ class HttpServer:
         family = socket.AF_INET6 if ":" in self._settings.http_host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((self._settings.http_host, self._settings.http_port))
         except OSError:

@@ -17,6 +17,9 @@ class FrontendSettings:
 
     http_host: str = "127.0.0.1"
     http_port: int = 8000
+    # HTTP processes sharing the port (SO_REUSEPORT, the kernel spreads connections), each with its own router
+    # view, etcd watch and NATS connection, under a supervisor that restarts them; 1: this process serves.
+    workers: int = 1
     max_body_bytes: int = 10 * 1024 * 1024
     timeouts: Timeouts = field(default_factory=Timeouts)  # first token, request, keep-alive, shutdown
     backlog: int = 2048

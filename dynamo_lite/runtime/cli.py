@@ -88,9 +88,10 @@ def runtime_settings_from(args: argparse.Namespace, timeouts: Timeouts) -> Runti
     )
 
 
-def setup_logging(args: argparse.Namespace) -> None:
-    """Logging as ``add_log_level_arg``'s flags say."""
-    configure_logging(args.log_level, args.log_format)
+def setup_logging(args: argparse.Namespace, process_id: bool = False) -> None:
+    """Logging as ``add_log_level_arg``'s flags say; ``process_id``: every line names its process (for processes
+    that share one stderr)."""
+    configure_logging(args.log_level, args.log_format, process_id)
 
 
 def raise_fd_limit() -> None:

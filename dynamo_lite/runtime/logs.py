@@ -19,6 +19,7 @@ import orjson
 LOG_FORMATS = ("text", "json")
 DEFAULT_LOG_FORMAT = "text"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 # Attributes every LogRecord has: anything else on a record came from ``extra=``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -29,7 +30,11 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record, on one line."""
+    """One JSON object per record, on one line; ``process_id``: with the process's ``pid``."""
+
+    def __init__(self, process_id: bool = False) -> None:
+        super().__init__()
+        self._process_id = process_id
 
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -38,6 +43,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._process_id:
+            out["pid"] = record.process
         for key, value in record.__dict__.items():
             if key not in _STANDARD and key not in out:
                 out[key] = value
@@ -48,10 +55,14 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def configure_logging(level: str, log_format: str = DEFAULT_LOG_FORMAT) -> None:
-    """The root logger at ``level``, writing ``log_format`` lines to stderr (replacing earlier handlers)."""
+def configure_logging(level: str, log_format: str = DEFAULT_LOG_FORMAT, process_id: bool = False) -> None:
+    """The root logger at ``level``, writing ``log_format`` lines to stderr (replacing earlier handlers);
+    ``process_id``: each line names the process (several processes writing to one stderr)."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {LOG_FORMATS}, not {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(process_id))
+    else:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT_PID if process_id else TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
