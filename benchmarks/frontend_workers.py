@@ -1,7 +1,7 @@
 """The frontend's ``--workers N`` against ``--workers 1``, in one run on this machine.
 
-    flock /tmp/dl-bench.lock python -m benchmarks.frontend_workers                 # workers 1 and 2, 3 rounds
-    flock /tmp/dl-bench.lock python -m benchmarks.frontend_workers --workers 1,2,4 --rounds 3
+    python -m benchmarks.frontend_workers                 # workers 1 and 2, 3 rounds
+    python -m benchmarks.frontend_workers --workers 1,2,4 --rounds 3
 
 Disaggregated 1 prefill + 1 decode mocker worker at zero engine time over etcd + NATS (each run starts its own
 on free loopback ports), streaming chat at a closed-loop concurrency (default 1024) from ``benchmarks.load``,
