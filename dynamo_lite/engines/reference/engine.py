@@ -37,6 +37,7 @@ from dynamo_lite.engines.reference.gpt_oss_loader import (
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
 from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
+from dynamo_lite.engines.reference.linear import int4_supported, int8_supported
 from dynamo_lite.engines.reference.loader import checkpoint_quantization, load_weights, model_config
 from dynamo_lite.engines.reference.logits_processors import (
     apply_penalties,
@@ -87,6 +88,12 @@ class TorchEngine:
         if config.quantization == "auto":  # dtype auto on a CPU: the checkpoint's own weight precision
             llama = not isinstance(self.model_config, GptOssConfig)
             config.quantization = checkpoint_quantization(model_files) if llama else "none"
+            kernel = {"int4": int4_supported, "int8": int8_supported}.get(config.quantization)
+            if kernel is not None and not kernel():  # a torch build without it: the same weights, dense
+                log.info(
+                    "torch engine: no weight-only %s kernel in this torch; dense weights", config.quantization
+                )
+                config.quantization = "none"
             log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
         # Which layers attend to a sliding window (gpt-oss): their cache is a ring, their KV export the tail.
         _, windowed, window = layer_groups(self.model_config.layer_windows)
