@@ -45,7 +45,8 @@ KERNEL_DTYPE = torch.bfloat16  # the weight-only kernels' input rows and scales 
 # Up to this many rows a step takes the weight-only kernel; above it the step is compute-bound and the model
 # dtype's own linear over the dequantized weight wins. Per (quantization, model dtype), measured on 2 cores over
 # all of SmolLM2's linears: bf16 model (AMX Xeon): int8 1 row 16 ms vs 36 bf16, 16 rows 61 vs 30; int4 8 rows
-# 24.6 vs 37.3. fp32 model (AVX2 EPYC): see benchmarks/README.md.
+# 24.6 vs 37.3. fp32 model (AVX2 EPYC, bf16 rows): int4 1 row 20 ms vs 51 dense fp32, 8 rows 61 vs 85;
+# int8 1 row 19 ms, 4 rows 28 (benchmarks.weight_only_rows).
 MAX_ROWS = {
     ("int8", torch.bfloat16): 4,
     ("int4", torch.bfloat16): 8,
