@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import openai
@@ -119,8 +120,9 @@ def settings() -> FrontendSettings:
     return FrontendSettings(http_port=0, max_body_bytes=10 * 1024 * 1024, timeouts=Timeouts(shutdown_s=1))
 
 
-@pytest.fixture
-async def server(backend: FakeBackend, settings: FrontendSettings) -> AsyncIterator[HttpServer]:
+@asynccontextmanager
+async def serving(backend: FakeBackend, settings: FrontendSettings) -> AsyncIterator[HttpServer]:
+    """The frontend app over ``backend``, served on a free loopback port until the block ends."""
     srv = HttpServer(create_app(backend, settings), settings)
     await srv.start()
     try:
@@ -128,6 +130,12 @@ async def server(backend: FakeBackend, settings: FrontendSettings) -> AsyncItera
     finally:
         async with asyncio.timeout(10):
             await srv.stop()
+
+
+@pytest.fixture
+async def server(backend: FakeBackend, settings: FrontendSettings) -> AsyncIterator[HttpServer]:
+    async with serving(backend, settings) as srv:
+        yield srv
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ unknown (400, or a warning line with ``allow_unknown_fields``) — through HTTP 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -13,7 +12,7 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app
+from dynamo_lite.frontend import FrontendSettings
 from dynamo_lite.frontend.fields import CHAT, COMPLETIONS, NVEXT, RESPONSES, STREAM_OPTIONS, Kind
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -22,7 +21,7 @@ from dynamo_lite.frontend.openai_protocol import (
     ResponsesRequest,
     StreamOptions,
 )
-from tests.frontend.conftest import MODEL, FakeBackend, sse_events
+from tests.frontend.conftest import MODEL, FakeBackend, serving, sse_events
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -193,15 +192,12 @@ async def test_continuous_usage_stats_puts_usage_in_every_chunk(
 @pytest.fixture
 async def lenient(backend: FakeBackend) -> AsyncIterator[openai.AsyncOpenAI]:
     settings = FrontendSettings(http_port=0, allow_unknown_fields=True)
-    srv = HttpServer(create_app(backend, settings), settings)
-    await srv.start()
-    oai = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=10)
-    try:
-        yield oai
-    finally:
-        await oai.close()
-        async with asyncio.timeout(10):
-            await srv.stop()
+    async with serving(backend, settings) as srv:
+        oai = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=10)
+        try:
+            yield oai
+        finally:
+            await oai.close()
 
 
 async def test_allow_unknown_fields_accepts_them_with_one_warning_line(

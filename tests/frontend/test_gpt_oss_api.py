@@ -4,7 +4,6 @@ the frontend is real."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import date
@@ -25,14 +24,14 @@ from openai_harmony import (
 )
 from tokenizers import Tokenizer
 
-from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app
+from dynamo_lite.frontend import FrontendSettings
 from dynamo_lite.frontend.harmony import encoding
 from dynamo_lite.gpt_oss import vocab
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser, resolve_model
 from dynamo_lite.protocol import GenerateChunk, ModelCard
 from dynamo_lite.runtime.config import Timeouts
 
-from .conftest import FakeBackend
+from .conftest import FakeBackend, serving
 
 GPT = "gpt-oss-tiny"
 SEED_MESSAGES = [
@@ -93,15 +92,12 @@ def gpt_backend(shared_backend: FakeBackend) -> FakeBackend:
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def gpt_client(shared_backend: FakeBackend) -> AsyncIterator[openai.AsyncOpenAI]:
     settings = FrontendSettings(http_port=0, timeouts=Timeouts(shutdown_s=1))
-    srv = HttpServer(create_app(shared_backend, settings), settings)
-    await srv.start()
-    client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=20)
-    try:
-        yield client
-    finally:
-        await client.close()
-        async with asyncio.timeout(10):
-            await srv.stop()
+    async with serving(shared_backend, settings) as srv:
+        client = openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=20)
+        try:
+            yield client
+        finally:
+            await client.close()
 
 
 def play(backend: FakeBackend, tok: Tokenizer, raw: str, per_chunk: int = 3) -> list[int]:

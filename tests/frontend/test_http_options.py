@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import ssl
 import subprocess
@@ -14,18 +13,8 @@ import openai
 import pytest
 from tokenizers import Tokenizer
 
-from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app
-from tests.frontend.conftest import MODEL, FakeBackend
-
-
-async def _serving(backend: FakeBackend, settings: FrontendSettings) -> AsyncIterator[HttpServer]:
-    srv = HttpServer(create_app(backend, settings), settings)
-    await srv.start()
-    try:
-        yield srv
-    finally:
-        async with asyncio.timeout(10):
-            await srv.stop()
+from dynamo_lite.frontend import FrontendSettings, HttpServer
+from tests.frontend.conftest import MODEL, FakeBackend, serving
 
 
 @pytest.fixture
@@ -45,7 +34,7 @@ def cert(tmp_path: Path) -> tuple[Path, Path]:
 @pytest.fixture
 async def tls_server(backend: FakeBackend, cert: tuple[Path, Path]) -> AsyncIterator[HttpServer]:
     settings = FrontendSettings(http_port=0, tls_cert_path=str(cert[0]), tls_key_path=str(cert[1]))
-    async for srv in _serving(backend, settings):
+    async with serving(backend, settings) as srv:
         yield srv
 
 
@@ -74,7 +63,7 @@ async def test_https_with_the_configured_certificate(
 @pytest.fixture
 async def cors_http(backend: FakeBackend) -> AsyncIterator[httpx.AsyncClient]:
     settings = FrontendSettings(http_port=0, allowed_origins=("http://ui.example",))
-    async for srv in _serving(backend, settings):
+    async with serving(backend, settings) as srv:
         async with httpx.AsyncClient(base_url=srv.url, timeout=10) as client:
             yield client
 
