@@ -85,9 +85,16 @@ class TorchEngine:
         self.config = config
         self.model_files = model_files
         self.model_config = model_config(model_files.config)
-        if config.quantization == "auto":  # dtype auto on a CPU: the checkpoint's own weight precision
-            llama = not isinstance(self.model_config, GptOssConfig)
-            config.quantization = checkpoint_quantization(model_files) if llama else "none"
+        gpt_oss = isinstance(self.model_config, GptOssConfig)
+        if config.quantization == "auto" and gpt_oss:  # MXFP4 experts stay packed where the kernels run
+            cuda = config.device.startswith("cuda")
+            config.quantization = "mxfp4" if cuda and self.model_config.mxfp4 else "none"
+            log.info("torch engine: %s experts (auto: the checkpoint's precision)",
+                     "MXFP4" if config.quantization == "mxfp4" else "dense")  # fmt: skip
+        elif config.quantization == "auto" and not config.device.startswith("cpu"):
+            config.quantization = "none"  # the weight-only int8/int4 kernels are the CPU's
+        elif config.quantization == "auto":  # dtype auto on a CPU: the checkpoint's own weight precision
+            config.quantization = checkpoint_quantization(model_files)
             kernel = {"int4": int4_supported, "int8": int8_supported}.get(config.quantization)
             if kernel is not None and not kernel():  # a torch build without it: the same weights, dense
                 log.info(
@@ -398,16 +405,21 @@ class TorchEngine:
     def _load_model(self) -> LlamaModel | GptOssModel:
         """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture."""
         cfg, dev = self.model_config, self.device
+        quantization = self.config.quantization
         if isinstance(cfg, GptOssConfig):
-            if self.config.quantization != "none":
-                raise EngineError(
-                    f"quantization {self.config.quantization} is for llama-family models", status=400
-                )
+            if quantization not in ("none", "mxfp4"):
+                raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
+            mxfp4 = quantization == "mxfp4"
             if self.config.load_format == "dummy":
-                weights = random_gpt_oss_weights(cfg, self.dtype, dev)
+                weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
             else:
-                weights = load_gpt_oss_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
-            return GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+                folder = ensure_weights(self.model_files).folder
+                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4)
+            model = GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+            log.info("torch engine: gpt-oss experts run as %s", model.moe_impl)
+            return model
+        if quantization == "mxfp4":
+            raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
         if self.config.load_format == "dummy":
             raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
         weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
