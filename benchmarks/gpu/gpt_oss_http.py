@@ -130,6 +130,16 @@ def run_load(
     }
 
 
+def worker_slots(log_path: Path) -> int:
+    """KV cache slots of a torch worker (its "loaded" log line): the most sequences it decodes at once."""
+    import re
+
+    found = re.findall(r"(\d+) slots x \d+ tokens", log_path.read_text(errors="replace"))
+    if not found:
+        raise RuntimeError(f"no slot count in {log_path}")
+    return int(found[-1])
+
+
 def run_topology(topology: str, folder: Path, args: argparse.Namespace, results: list[dict]) -> dict:
     """Start the deployment, run each concurrency, stop it; ``results`` (with this topology's entry appended) is
     written to ``--json`` after every run, so a timeout keeps what was measured."""
@@ -164,8 +174,12 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
         warm = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
         urllib.request.urlopen(warm, timeout=120).read()  # the first request's one-time costs, unmeasured
         log(f"{topology}: workers ready in {result['workers_ready_s']:.0f} s")
+        slots = worker_slots(Path(stack.tmp) / f"{topology}-{modes[0]}.log")
+        result["decode_slots"] = slots
         runs = []
-        for c in args.concurrency:
+        for c in [
+            c or slots for c in args.concurrency
+        ]:  # 0: as many streams as the decoding worker has slots
             before = {m: metric_total(p, "dynamo_lite_worker_kv_transfers_total") for m, p in ports.items()}
             run = run_load(url, folder.name, folder, c, args, Path(args.out) / f"{topology}-{c}")
             if topology == "disagg":
@@ -199,7 +213,9 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topologies", nargs="+", default=["agg", "disagg"])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=[64, 256], help="0: the decoding worker's slots"
+    )
     p.add_argument("--waves", type=int, default=1, help="requests per stream")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the engine samples row by row)")
     p.add_argument("--isl", type=int, default=1000)

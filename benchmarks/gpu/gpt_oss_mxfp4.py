@@ -83,12 +83,9 @@ def routing(tokens: int, experts: int, top_k: int, dev: torch.device, seed: int)
 def candidate_configs() -> list:
     from dynamo_lite.engines.reference.moe_mxfp4 import DECODE_CONFIG, PREFILL_CONFIG, KernelConfig
 
-    decode = [KernelConfig(16, bn, bk, w, st, sd) for bn in (32, 64, 128) for bk in (128, 256) for w in (4,)
-              for st in (3, 4) for sd in (True, False)]  # fmt: skip
-    decode += [KernelConfig(16, bn, 256, 8, 3, True) for bn in (64, 128)]
-    prefill = [KernelConfig(bm, bn, bk, w, 3, True) for bm in (64, 128) for bn in (64, 128, 256) for bk in (64, 128)
-               for w in (4, 8)]  # fmt: skip
-    prefill += [KernelConfig(bm, 128, 64, 8, 3, False) for bm in (64, 128)]
+    decode = [KernelConfig(16, bn, bk, 4, 3, True, True) for bn in (64, 128) for bk in (128, 256)]
+    decode += [KernelConfig(16, 128, 128, 8, 3, True, True), KernelConfig(32, 128, 128, 4, 3, True, True)]
+    prefill = [KernelConfig(128, 128, 64, 8, 4, True), KernelConfig(128, 256, 64, 8, 3, True)]
     return list(dict.fromkeys([DECODE_CONFIG, PREFILL_CONFIG, *decode, *prefill]))
 
 
@@ -104,7 +101,7 @@ def compiling_configs(configs: list, device: str, parallel: int = 12) -> list:
         while pending and len(running) < parallel:
             cfg = pending.pop(0)
             spec = ",".join(str(int(v)) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
-                                                  cfg.num_stages, cfg.scaled_dot))  # fmt: skip
+                                                  cfg.num_stages, cfg.scaled_dot, cfg.swap_ab))  # fmt: skip
             cmd = [
                 sys.executable,
                 "-m",
@@ -128,12 +125,12 @@ def compiling_configs(configs: list, device: str, parallel: int = 12) -> list:
 def compile_one(args: argparse.Namespace) -> dict:
     from dynamo_lite.engines.reference import moe_mxfp4 as mx
 
-    bm, bn, bk, w, st, sd = (int(v) for v in args.config.split(","))
+    bm, bn, bk, w, st, sd, sw = (int(v) for v in args.config.split(","))
     dev = torch.device(args.device)
     gate_up, gub, down, dnb = layer(dev, experts=2)
     weights, ids = torch.ones(8, 1, device=dev).bfloat16(), torch.zeros(8, 1, dtype=torch.long, device=dev)
     h = torch.randn(8, 2880, device=dev).bfloat16()
-    cfg = mx.KernelConfig(bm, bn, bk, w, st, bool(sd))
+    cfg = mx.KernelConfig(bm, bn, bk, w, st, bool(sd), bool(sw))
     mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg)
     torch.cuda.synchronize()
     return {}
@@ -156,11 +153,11 @@ def kernel(args: argparse.Namespace) -> dict:
     dense = (gate_up.dequantize(torch.bfloat16), gub, down.dequantize(torch.bfloat16), dnb)
     grouped = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_torch)
     checks = []
-    for tokens in (1, 3, 64, 700, 4096):
+    for tokens in (1, 64, 700, 4096):
         weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
         h = torch.randn(tokens, 2880, device=dev).bfloat16()
         ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()
-        for cfg in configs[:: max(1, len(configs) // 6)]:
+        for cfg in configs[:: max(1, len(configs) // 4)]:
             out = torch.full((tokens, 2880), float("nan"), device=dev)
             out.copy_(mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg))
             err = float((out - ref).norm() / ref.norm())
@@ -181,7 +178,7 @@ def kernel(args: argparse.Namespace) -> dict:
         decode = tokens * 4 < mx.PREFILL_FROM_ROWS_PER_EXPERT * 128
         row: dict[str, Any] = {"tokens": tokens, "experts_used": used, "GB": moved / 1e9, "configs": {}}
         for cfg in configs:
-            if decode != (cfg.block_m == 16) and cfg != mx.pick_config(tokens * 4, 128):
+            if decode != (cfg.block_m <= 32) and cfg != mx.pick_config(tokens * 4, 128):
                 continue
             if tokens >= 16384 and cfg.block_m == 16:
                 continue
@@ -233,7 +230,7 @@ def tokens(args: argparse.Namespace) -> dict:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtype, quantization_config=quant
         )
-        return model.to(dev).eval()
+        return model.to(device=dev, dtype=dtype).eval()  # the dequantized experts in ``dtype`` too
 
     hf = hf_model(torch.float32)
     try:
@@ -335,6 +332,8 @@ def load(args: argparse.Namespace) -> dict:
         write_model_folder(folder, shape=args.shape, mxfp4=True)
     result: dict[str, Any] = {"shape": args.shape, "write_s": time.perf_counter() - started}
     result["checkpoint_GB"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+    torch.cuda.set_device(dev)
+    torch.empty(1, device=dev)
     torch.cuda.reset_peak_memory_stats(dev)
     engine = build_engine(EngineSettings(model_path=str(folder), dtype="bfloat16", device=str(dev),
                                          quantization="mxfp4", max_batch_size=4, max_seq_len=1024,

@@ -137,17 +137,53 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     scaled_dot: bool = True
+    swap_ab: bool = False  # with scaled_dot: the weights on the MMA's M side (decode: few rows, many columns)
 
 
 # By rows per expert (token pairs / experts): decode sizes read each expert's weights once and are bound by
 # memory bandwidth; prefill sizes reuse each weight tile over many rows and are bound by the tensor cores.
 DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-PREFILL_CONFIG = KernelConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+PREFILL_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
 PREFILL_FROM_ROWS_PER_EXPERT = 24
 
 
 def pick_config(num_pairs: int, num_experts: int) -> KernelConfig:
     return DECODE_CONFIG if num_pairs < PREFILL_FROM_ROWS_PER_EXPERT * num_experts else PREFILL_CONFIG
+
+
+FUSED_ALIGN_MAX_PAIRS = 4096  # up to this many (token, expert) pairs the grouping runs as one Triton program
+_align_scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _align_fused(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    flat = ids.reshape(-1)
+    num_pairs = flat.numel()
+    blocks = min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    key = (flat.device, e_pow2)
+    scratch = _align_scratch.get(key)
+    if (
+        scratch is None
+    ):  # persistent (CUDA graphs capture its address); the kernel leaves its counters at zero
+        scratch = _align_scratch[key] = torch.zeros(2 * e_pow2, dtype=torch.int32, device=flat.device)
+    sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=flat.device)
+    _align_kernel[(1,)](
+        flat,
+        sorted_pairs,
+        block_expert,
+        scratch,
+        num_pairs,
+        blocks,
+        E=num_experts,
+        E_POW2=e_pow2,
+        BLOCK_M=block_m,
+        P_POW2=triton.next_power_of_2(num_pairs),
+        NB_POW2=triton.next_power_of_2(blocks),
+        ROWS_POW2=triton.next_power_of_2(blocks * block_m),
+        num_warps=4,
+    )
+    return sorted_pairs, block_expert, num_pairs
 
 
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -179,6 +215,48 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 
 
 if HAVE_TRITON:
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        scratch_ptr,
+        num_pairs,
+        num_blocks,
+        E: tl.constexpr,
+        E_POW2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        P_POW2: tl.constexpr,
+        NB_POW2: tl.constexpr,
+        ROWS_POW2: tl.constexpr,
+    ):
+        """``align_pairs`` in one program (decode sizes: one launch instead of a dozen small torch ops). Rows
+        within an expert's group come in the order the atomics hand out, which changes no row's result.
+        ``scratch`` holds [E_POW2] group starts and [E_POW2] counters, zero on entry and left zero."""
+        offs = tl.arange(0, P_POW2)
+        valid = offs < num_pairs
+        experts = tl.load(ids_ptr + offs, mask=valid, other=0).to(tl.int32)
+        counts = tl.histogram(experts, E_POW2, mask=valid)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        pad_end = tl.cumsum(padded, 0)
+        e_offs = tl.arange(0, E_POW2)
+        tl.store(scratch_ptr + e_offs, pad_end - padded)
+        blocks = tl.arange(0, NB_POW2)
+        block_expert = tl.sum((pad_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(
+            block_expert_ptr + blocks, tl.where(block_expert < E, block_expert, -1), mask=blocks < num_blocks
+        )
+        rows = tl.arange(0, ROWS_POW2)
+        tl.store(
+            sorted_ptr + rows, tl.full([ROWS_POW2], 0, tl.int32) + num_pairs, mask=rows < num_blocks * BLOCK_M
+        )
+        tl.debug_barrier()
+        start = tl.load(scratch_ptr + experts, mask=valid, other=0)
+        slot = tl.atomic_add(scratch_ptr + E_POW2 + experts, 1, mask=valid)
+        tl.store(sorted_ptr + start + slot, offs, mask=valid)
+        tl.debug_barrier()
+        tl.store(scratch_ptr + E_POW2 + e_offs, 0)
 
     @triton.jit
     def _dequant_tile(w_ptrs, s_ptrs, mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -227,6 +305,7 @@ if HAVE_TRITON:
         GATE_UP: tl.constexpr,
         DOT_FP32: tl.constexpr,
         SCALED_DOT: tl.constexpr,
+        SWAP_AB: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -259,32 +338,38 @@ if HAVE_TRITON:
         w_base_t = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
         s_base = s_ptr + expert.to(tl.int64) * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = (k0 + offs_k) < K
             x = tl.load(x_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
             kb_ok = (k0 // 2 + offs_kb) < K // 2
-            if (
-                SCALED_DOT
-            ):  # the compiler unpacks the e2m1 operand [BLOCK_K / 2, BLOCK_N] and applies the scales
+            ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            s_mask = n_ok[:, None] & (ks < K // 32)[None, :]
+            if SCALED_DOT and SWAP_AB:
+                # The weights as the product's left side ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows]): for decode's few
+                # rows the wide side fills the MMA, and the compiler unpacks e2m1 (with the scales) in registers.
+                wb = tl.load(
+                    w_base + k0 // 2 + offs_kb[None, :], mask=n_ok[:, None] & kb_ok[None, :], other=0
+                )
+                sc = tl.load(s_base + ks[None, :], mask=s_mask, other=127)
+                acc_t = tl.dot_scaled(wb, sc, "e2m1", tl.trans(x), None, "bf16", acc_t)
+            elif SCALED_DOT:
+                # The compiler unpacks the e2m1 right side [BLOCK_K / 2, BLOCK_N] and applies the scales.
                 wb = tl.load(
                     w_base_t + k0 // 2 + offs_kb[:, None], mask=kb_ok[:, None] & n_ok[None, :], other=0
                 )
-                ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-                sc = tl.load(s_base + ks[None, :], mask=n_ok[:, None] & (ks < K // 32)[None, :], other=127)
+                sc = tl.load(s_base + ks[None, :], mask=s_mask, other=127)
                 acc = tl.dot_scaled(x, None, "bf16", wb, sc, "e2m1", acc)
             else:
                 w_mask = n_ok[:, None] & kb_ok[None, :]
-                w = _dequant_tile(
-                    w_base + k0 // 2 + offs_kb[None, :],
-                    s_base + k0 // 32 + offs_ks[None, :],
-                    w_mask,
-                    BLOCK_N,
-                    BLOCK_K,
-                )
+                w_ptrs = w_base + k0 // 2 + offs_kb[None, :]
+                w = _dequant_tile(w_ptrs, s_base + k0 // 32 + offs_ks[None, :], w_mask, BLOCK_N, BLOCK_K)
                 if DOT_FP32:  # fp32 models (exact checks against fp32 references), and the interpreter
                     acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
                 else:
                     acc += tl.dot(x, tl.trans(w))
+        if SCALED_DOT and SWAP_AB:
+            acc = tl.trans(acc_t)
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
         if GATE_UP:
@@ -345,6 +430,7 @@ def _launch(
         GATE_UP=gate_up,
         DOT_FP32=dot_fp32,
         SCALED_DOT=cfg.scaled_dot and not dot_fp32,
+        SWAP_AB=cfg.swap_ab,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -371,7 +457,8 @@ def experts_mxfp4(
     num_tokens, top_k = ids.shape
     num_experts = gate_up.num_experts
     cfg = config or pick_config(num_tokens * top_k, num_experts)
-    sorted_pairs, block_expert, num_pairs = align_pairs(ids, num_experts, cfg.block_m)
+    align = _align_fused if ids.numel() <= FUSED_ALIGN_MAX_PAIRS else align_pairs
+    sorted_pairs, block_expert, num_pairs = align(ids, num_experts, cfg.block_m)
     inter = gate_up.out_features // 2
     act = torch.empty(sorted_pairs.shape[0], inter, dtype=h.dtype, device=h.device)
     x = h.contiguous()
