@@ -29,6 +29,7 @@ from dynamo_lite import timing, tracing
 from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
+    IncompatibleWire,
     InstanceBusy,
     InstanceInfo,
     KvDescriptor,
@@ -38,6 +39,7 @@ from dynamo_lite.protocol import (
     RequestPlane,
     Role,
     StreamError,
+    WireError,
     decode,
     encode,
 )
@@ -65,7 +67,11 @@ async def stream_chunks(
     payloads = plane.stream(instance.address, encode(request), first_timeout=first_timeout)
     async with aclosing(payloads):
         async for payload in payloads:
-            yield decode(payload, GenerateChunk)
+            try:
+                chunk = decode(payload, GenerateChunk)
+            except WireError as e:
+                raise IncompatibleWire(f"unreadable reply from {instance.instance_id}: {e}") from e
+            yield chunk
 
 
 class PrefillHandoff:

@@ -443,7 +443,7 @@ class NatsRequestPlane:
             self._last_seen[stream.address] = self._loop_time()
         if frame.kind == FrameKind.BUSY:
             stream.fail(InstanceBusy(stream.address))
-        elif frame.kind != FrameKind.ACK:
+        elif frame.seq >= 0:  # ACK (and a newer sender's kind outside the numbering) says nothing more
             stream.put(frame)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
@@ -553,9 +553,10 @@ class NatsRequestPlane:
                 elif frame.kind == FrameKind.END:
                     finished = True
                     return
-                else:
+                elif frame.kind == FrameKind.ERROR:
                     finished = True
                     raise StreamError.from_info(decode(frame.payload, ErrorInfo))
+                # else a kind from a newer sender: it only adds information, skipped
         finally:
             self._streams.pop(reply, None)
             if not finished:

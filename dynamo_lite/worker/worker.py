@@ -22,6 +22,7 @@ from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, S
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
     GenerateRequest,
+    IncompatibleWire,
     InstanceInfo,
     KvDescriptor,
     KvEvent,
@@ -247,6 +248,10 @@ class Worker:
     async def handle(self, payload: bytes) -> AsyncIterator[bytes]:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
+        if (unknown := request.unrecognized()) is not None:
+            raise IncompatibleWire(
+                f"worker {self.instance_id} does not know the request's {unknown} (upgrade it)"
+            )
         phase_name = request.phase.name.lower()
         assert self._handler is not None and self.metrics is not None
         metrics = self.metrics

@@ -10,6 +10,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
 from dynamo_lite.protocol import (
@@ -257,6 +258,28 @@ async def test_nats_burst_acknowledged_late_but_in_order_is_not_taken_for_lost(n
             assert results == [[]] * 64
             assert max(acked) > settings.timeouts.heartbeat_s  # late indeed, and not failed
             assert any(instance.seen)  # the caller probed, and waited for its answer
+    finally:
+        await client.close()
+
+
+async def test_nats_frames_of_a_kind_from_a_newer_sender_are_skipped(nats_server: Proc) -> None:
+    """A newer worker may send a frame kind this caller doesn't know, numbered or not (a rolling upgrade):
+    the caller skips it and the stream goes on, in order, to its END."""
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=HEARTBEAT)
+    client = await NatsRequestPlane.connect(settings)
+
+    class Newer(RawInstance):
+        async def on_request(self, msg, probe: bool) -> None:  # noqa: ANN001
+            await self.ack(msg)
+            newer = msgspec.msgpack.encode([-1, 42, b"", "a next-version field"])  # outside the numbering
+            frames = [encode(Frame(0, FrameKind.DATA, b"a")), msgspec.msgpack.encode([1, 43, b"progress"])]
+            frames += [newer, encode(Frame(2, FrameKind.DATA, b"b")), encode(Frame(3, FrameKind.END))]
+            for frame in frames:
+                await self.nc.publish(msg.reply, frame)
+
+    try:
+        async with Newer(settings.nats_url, settings.timeouts.heartbeat_interval_s) as instance:
+            assert await collect(client, instance.addr, b"x") == [b"a", b"b"]
     finally:
         await client.close()
 
