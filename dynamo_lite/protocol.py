@@ -442,6 +442,14 @@ class InstanceUnavailable(StreamError):
         super().__init__(ErrorInfo(503, message, code))
 
 
+class RequestPlaneDown(InstanceUnavailable):
+    """The request plane itself failed to take a message (NATS disconnected past its buffer, closed, or not
+    answering a flush): nothing was sent. Retryable once the plane is back."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "request_plane_down")
+
+
 class InstanceLost(StreamError):
     """The instance went away mid-request without ending the stream: it fell silent (no heartbeat), frames went
     missing, or the caller lost its connection to the plane. Part of the answer may have been sent: retryable
@@ -553,6 +561,8 @@ class RequestPlane(Protocol):
     - **Cancellation flows down.** Closing the iterator early, or cancelling the task consuming it, cancels the
       handler (it sees ``CancelledError`` and frees what the request holds).
     - **Stopping.** ``Served.stop`` drains, then ends what is left with ``RequestCancelled``.
+    - **Typed failures.** The plane's own failures are ``StreamError``s too: ``RequestPlaneDown`` (503,
+      retryable) when it can't take a message (``stream``, ``subscribe``, ``serve``, ``publish``).
 
     ``StreamError.retryable`` says which failures may be sent again to another instance.
     ``tests/runtime/test_request_plane.py`` runs this contract against every plane.
@@ -579,7 +589,8 @@ class RequestPlane(Protocol):
         ...
 
     async def publish(self, subject: str, payload: bytes) -> None:
-        """Fire-and-forget event (load reports, KV cache events): delivered to current subscribers."""
+        """Fire-and-forget event (load reports, KV cache events): delivered to current subscribers; one sent
+        while the plane is disconnected may be dropped (events are periodic or best effort)."""
         ...
 
     async def subscribe(self, prefix: str, callback: EventCallback) -> Subscription:

@@ -40,6 +40,7 @@ from dynamo_lite.protocol import (
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.nats_fast_path import export_read_path
 from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
 from dynamo_lite.timing import worker_timing
@@ -145,6 +146,7 @@ class Worker:
             "model": self.card.served_name,
         }
         self.metrics = WorkerMetrics(self.engine.stats, labels, component=component)
+        export_read_path(self.metrics.registry, self.runtime.request_plane)
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
