@@ -59,6 +59,21 @@ class Admission:
         """Requests waiting for an instance, per model (models that ever queued stay, at 0)."""
         return dict(self._waiting)
 
+    def refusal(self, models: Collection[str]) -> Overloaded | None:
+        """What any new request would be told, whatever its model, when the queue of every one of ``models`` is
+        full (429 ``queue_full``); None while some request could still be taken."""
+        if not models or any(self._waiting[m] < self.queue_depth for m in models):
+            return None
+        return Overloaded(
+            ErrorInfo(
+                429,
+                f"every model's queue of requests waiting for a worker is full (--queue-depth "
+                f"{self.queue_depth}); retry later",
+                "queue_full",
+            ),
+            self.retry_after_s,
+        )
+
     def has_room(self, instance: InstanceInfo) -> bool:
         iid = instance.instance_id
         if self.load.is_full(iid):
@@ -105,7 +120,8 @@ class Admission:
             raise Overloaded(
                 ErrorInfo(
                     429,
-                    f"{self._waiting[model]} requests for {model!r} already wait for a worker; retry later",
+                    f"{self._waiting[model]} requests for {model!r} already wait for a worker "
+                    f"(--queue-depth {self.queue_depth}); retry later",
                     "queue_full",
                 ),
                 self.retry_after_s,

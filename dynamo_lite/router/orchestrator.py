@@ -28,6 +28,7 @@ from dynamo_lite.protocol import (
     InstanceBusy,
     InstanceInfo,
     ModelCard,
+    Overloaded,
     Phase,
     Role,
     StreamError,
@@ -110,6 +111,11 @@ class Router:
             await self.load.stop()
             if self.settings.policy == "kv":
                 await self.kv_index.stop()
+
+    def refusal(self) -> Overloaded | None:
+        """The refusal every request would get now (each served model's queue is full): the frontend answers
+        it before reading a body."""
+        return self.admission.refusal(list(self.view.cards))
 
     def queued_requests(self) -> dict[str, int]:
         """Requests waiting for an instance with room, per model (the frontend's queued-requests gauge)."""
