@@ -423,6 +423,11 @@ class StreamError(Exception):
         super().__init__(f"{info.status} {info.code}: {info.message}")
         self.info = info
 
+    @property
+    def plane_failed(self) -> bool:
+        """The request plane failed (NATS went down), not the instance: it is as good a choice as before."""
+        return self.info.code == PLANE_DOWN
+
     @staticmethod
     def from_info(info: ErrorInfo) -> StreamError:
         """The error an ``ErrorInfo`` received on a stream stands for (typed by its code)."""
@@ -442,12 +447,16 @@ class InstanceUnavailable(StreamError):
         super().__init__(ErrorInfo(503, message, code))
 
 
+PLANE_DOWN = "request_plane_down"
+"""The code of failures of the request plane itself, not of an instance (``StreamError.plane_failed``)."""
+
+
 class RequestPlaneDown(InstanceUnavailable):
     """The request plane itself failed to take a message (NATS disconnected past its buffer, closed, or not
     answering a flush): nothing was sent. Retryable once the plane is back."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, "request_plane_down")
+        super().__init__(message, PLANE_DOWN)
 
 
 class InstanceLost(StreamError):
@@ -515,7 +524,7 @@ _ERRORS_BY_CODE: dict[str, type[StreamError]] = {
     "instance_unavailable": InstanceUnavailable,
     "instance_lost": InstanceLost,
     "frame_lost": InstanceLost,
-    "request_plane_down": InstanceLost,
+    PLANE_DOWN: InstanceLost,
     "timeout": RequestTimedOut,
     "instance_stopped": RequestCancelled,
     "wire_incompatible": IncompatibleWire,
@@ -570,6 +579,15 @@ class RequestPlane(Protocol):
 
     on_ack: Callable[[str, float], None] | None
     """Observer of acknowledgements: ``(address, seconds from sending to acknowledged)`` (metrics)."""
+
+    on_reachable: list[Callable[[], None]]
+    """Called when addresses may have become reachable again (the plane reconnected, an instance was heard
+    from again): callers holding requests for them (the router's admission queue) try again."""
+
+    def reachable(self, address: str) -> bool:
+        """Whether a request sent to ``address`` now can reach it: the plane is connected and, just after a
+        reconnect, the instance has been heard from again (or has had time to be)."""
+        ...
 
     async def serve(
         self,

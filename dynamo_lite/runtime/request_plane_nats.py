@@ -21,8 +21,11 @@ Reading:   nats-py's read path is patched for speed where it passes a check at c
 Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
            meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
            replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
-           nobody. A server re-sends, once reconnected, the last frame of streams it ended shortly before: an END
-           still in the dead socket would otherwise leave its caller waiting behind a live heartbeat.
+           nobody. While disconnected no address is ``reachable``; once back (to the same server or, with a
+           comma-separated URL, another of the cluster), an address is reachable when its instance has been heard
+           from since (a heartbeat: it is back too), or a heartbeat timeout later; ``on_reachable`` says when.
+           A server re-sends, once reconnected, the last frame of streams it ended shortly before: an END still
+           in the dead socket would otherwise leave its caller waiting behind a live heartbeat.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from nats.aio.msg import Msg
 
 from dynamo_lite import tracing
 from dynamo_lite.protocol import (
+    PLANE_DOWN,
     ErrorInfo,
     EventCallback,
     Frame,
@@ -333,6 +337,8 @@ class NatsRequestPlane:
         # (time, reply, last frame) of streams this process ended, to re-send after a reconnect
         self._recent_ends: deque[tuple[float, str, bytes]] = deque()
         self._cancel_on_reconnect: list[tuple[str, str]] = []  # (address, reply) of streams failed while down
+        self._reconnected_at: float | None = None
+        self.on_reachable: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(cls, settings: RuntimeSettings, name: str = "dynamo_lite") -> NatsRequestPlane:
@@ -382,12 +388,39 @@ class NatsRequestPlane:
         in flight fails now (retryable) rather than wait behind live heartbeats for frames that never come."""
         for stream in list(self._streams.values()):
             stream.fail(
-                InstanceLost(
-                    "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
-                )
+                InstanceLost("lost the connection to NATS; replies sent meanwhile are lost", PLANE_DOWN)
             )
 
+    def reachable(self, address: str) -> bool:
+        if not self.nc.is_connected:
+            return False
+        back_at = self._reconnected_at
+        if back_at is None or self._loop_time() - back_at > self.settings.timeouts.heartbeat_s:
+            return True
+        return self._last_seen.get(address, -1.0) >= back_at
+
+    def _heard(self, address: str, now: float) -> None:
+        """A message from ``address``'s instance (heartbeat, frame): it is alive, and reachable if it is the
+        first since a reconnect."""
+        before = self._last_seen.get(address, -1.0)
+        self._last_seen[address] = now
+        back_at = self._reconnected_at
+        if back_at is not None and before < back_at <= now:
+            self._notify_reachable()
+
+    def _notify_reachable(self) -> None:
+        for callback in list(self.on_reachable):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 — an observer's failure must not stop the read loop
+                log.exception("on_reachable callback failed")
+
     async def on_reconnected(self) -> None:
+        self._reconnected_at = self._loop_time()
+        # Addresses never heard from again become reachable after a heartbeat timeout: look again then.
+        asyncio.get_running_loop().call_later(
+            self.settings.timeouts.heartbeat_s + 0.01, self._notify_reachable
+        )
         pending, self._cancel_on_reconnect = self._cancel_on_reconnect, []
         for address, reply in pending:  # the workers still serving them stop now
             with contextlib.suppress(StreamError):
@@ -441,7 +474,7 @@ class NatsRequestPlane:
         if n > self._acked_upto.get(address, -1):
             self._acked_upto[address] = n
         now = self._loop_time()
-        self._last_seen[address] = now  # a frame is as good as a heartbeat: under load heartbeats queue
+        self._heard(address, now)  # a frame is as good as a heartbeat: under load heartbeats queue
         if self.on_ack is not None and started is not None:
             self.on_ack(address, now - started)
 
@@ -468,14 +501,14 @@ class NatsRequestPlane:
             stream.acked = True
             self._acknowledged(stream.address, stream.n, stream.started)
         else:
-            self._last_seen[stream.address] = self._loop_time()
+            self._heard(stream.address, self._loop_time())
         if frame.kind == FrameKind.BUSY:
             stream.fail(InstanceBusy(stream.address))
         elif frame.seq >= 0:  # ACK (and a newer sender's kind outside the numbering) says nothing more
             stream.put(frame)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        self._last_seen[msg.subject[len(HEARTBEAT_PREFIX) :]] = asyncio.get_running_loop().time()
+        self._heard(msg.subject[len(HEARTBEAT_PREFIX) :], self._loop_time())
 
     async def _monitor(self) -> None:
         """Fail streams whose instance went silent or lost their request (never a hang)."""
@@ -506,7 +539,7 @@ class NatsRequestPlane:
                     elif waited > silence and self.nc.is_connected:
                         await self._probe(stream.address, stream.n, now, silence)
                 elif not self.nc.is_connected and now - stream.started > silence:
-                    stream.fail(InstanceLost("request plane disconnected", "request_plane_down"))
+                    stream.fail(InstanceLost("request plane disconnected", PLANE_DOWN))
 
     async def _probe(self, address: str, after: int, now: float, every: float) -> None:
         """Send ``address`` a request that is only acknowledged: once it is, every request published to

@@ -19,6 +19,7 @@ from dynamo_lite.protocol import (
     InstanceLost,
     InstanceUnavailable,
     RequestPlane,
+    RequestPlaneDown,
     StreamError,
     decode,
     encode,
@@ -133,6 +134,9 @@ async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Lau
         await server.serve(addr, endless(started, finished))
         in_flight = asyncio.create_task(collect(client, addr))
         await asyncio.wait_for(started.wait(), 2.0)
+        assert client.reachable(addr)
+        reachable_again = asyncio.Event()
+        client.on_reachable.append(reachable_again.set)
         nats.kill()
         nats.popen.wait(5)
         killed = time.monotonic()
@@ -145,10 +149,14 @@ async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Lau
         t0 = time.monotonic()
         with pytest.raises(InstanceUnavailable) as err:
             await collect(client, addr, first_timeout=30.0)
-        assert err.value.info.status == 503 and err.value.info.code == "request_plane_down"
+        assert isinstance(err.value, RequestPlaneDown) and err.value.plane_failed
         assert time.monotonic() - t0 < 0.5
-        # NATS back on the same port: both sides reconnect by themselves and the address is served again.
+        assert not client.reachable(addr)  # the router's admission keeps requests waiting meanwhile
+        # NATS back on the same port: both sides reconnect by themselves and the address is served again; it is
+        # reachable again once its instance was heard from (its heartbeat), and the client says so.
         await asyncio.to_thread(launcher.nats, "nats", nats.port)
+        await asyncio.wait_for(reachable_again.wait(), settings.timeouts.heartbeat_s + 5.0)
+        assert client.reachable(addr)
         deadline = time.monotonic() + 10.0
         while True:
             try:
