@@ -277,9 +277,10 @@ class ErrorInfo(_Wire):
 
 
 class FrameKind(WireIntEnum):
-    UNRECOGNIZED = (
-        -1
-    )  # a newer sender's kind: the receiver skips the frame (new kinds only ever add information)
+    """What a reply-stream frame is. A newer sender's kind (``UNRECOGNIZED``) is skipped: new kinds may only
+    ever add information."""
+
+    UNRECOGNIZED = -1
     DATA = 0
     END = 1
     ERROR = 2
