@@ -3,9 +3,11 @@
     python -m benchmarks.chaos                        # 10 min, c=256, single NATS server
     python -m benchmarks.chaos --nats-nodes 3         # the same on a 3-node NATS cluster (a node lost, restarted)
     python -m benchmarks.chaos --ci                   # 60 s, c=32: 2 worker kills, 1 NATS restart; exit 1 on a loss
+    python -m benchmarks.chaos --engine torch --concurrency 8 --duration-s 300 --settle-s 60   # real KV handoffs
 
 Everything on loopback, on free ports, in a temporary folder: etcd, NATS (one server or a cluster), a frontend
-(``--migration-limit``), 2 prefill + 2 decode mocker workers (``--speedup-ratio``: small simulated delays).
+(``--migration-limit``), 2 prefill + 2 decode workers: mocker (``--speedup-ratio``: small simulated delays), or
+the torch engine (SmolLM2 on CPU), whose prefill workers hold real KV for the decode workers to pull.
 Closed-loop streaming chats (``ignore_eos``, a fixed ``max_tokens``) at ``--concurrency``. Every
 ``--worker-every-s`` a random worker is killed -9 and started again; every ``--nats-every-s`` a NATS server
 (with a cluster: one node) is killed -9 and started again on its port ``--nats-down-s`` later; once, at
@@ -176,32 +178,18 @@ class Cluster:
         ]
 
     def _worker(self, mode: str, i: int) -> Proc:
-        cmd = [
-            sys.executable,
-            "-m",
-            "dynamo_lite.worker",
-            "--mode",
-            mode,
-            "--engine",
-            "mocker",
-            "--metrics-port",
-            "0",
-        ]
-        cmd += [
-            "--served-model-name",
-            MODEL,
-            "--speedup-ratio",
-            str(self.args.speedup_ratio),
-            "--lease-ttl",
-            "2",
-        ]
+        engine = self.args.engine
+        cmd = [sys.executable, "-m", "dynamo_lite.worker", "--mode", mode, "--engine", engine]
+        cmd += ["--metrics-port", "0", "--served-model-name", MODEL, "--lease-ttl", "2"]
+        if engine == "mocker":
+            cmd += ["--speedup-ratio", str(self.args.speedup_ratio)]
         proc = self._own(Proc(f"{mode}{i}", [*cmd, *self.runtime_args()], self.tmp / f"{mode}{i}.log"))
         return self.start_worker(proc)
 
     def start_worker(self, proc: Proc) -> Proc:
         seen = proc.text().count("READY worker")
         proc.start()
-        wait_for(lambda: proc.text().count("READY worker") > seen, 60, f"{proc.name} ready")
+        wait_for(lambda: proc.text().count("READY worker") > seen, 180, f"{proc.name} ready")
         line = [ln for ln in proc.text().splitlines() if ln.startswith("READY worker")][-1]
         proc.port = int(dict(p.split("=", 1) for p in line.split()[3:])["metrics_port"])
         return proc
@@ -228,7 +216,7 @@ class Cluster:
                 and len(health["instances"].get("prefill", [])) == 2
             )
 
-        wait_for(ready, 30, "frontend sees every worker")
+        wait_for(ready, 60, "frontend sees every worker")
         return proc
 
     def restart(self, proc: Proc, down_s: float) -> None:
@@ -446,6 +434,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=600.0)
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--engine", choices=("mocker", "torch"), default="mocker")
     p.add_argument("--speedup-ratio", type=float, default=4.0, help="mocker: simulated time divided by this")
     p.add_argument("--migration-limit", type=int, default=3)
     p.add_argument("--nats-nodes", type=int, default=1, choices=(1, 3))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import ssl
@@ -195,11 +196,7 @@ class _NatsServed:
 
     async def _run(self, reply: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         tracing.attach_headers(headers)  # the caller's trace continues here (W3C traceparent)
-        nc = self._plane.nc
-
-        async def publish(subject: str, frame: bytes) -> None:
-            await publish_typed(nc, subject, frame)
-
+        publish = functools.partial(publish_typed, self._plane.nc)
         seq = 0
         gen = self._handler(payload)
         try:
