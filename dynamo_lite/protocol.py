@@ -16,11 +16,19 @@ from __future__ import annotations
 
 import enum
 from collections.abc import AsyncIterator, Callable
-from typing import ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import msgspec
 
 WIRE_VERSION = 1
+"""The wire version this code writes: the ``version`` field of every message sent on its own (requests,
+discovery records, events). A reply stream (``Frame`` and the ``GenerateChunk``/``ErrorInfo`` it carries) is
+written in its request's version. An optional field added at the end of a message, or a new enum value, is no
+new version: a reader one version behind ignores the field and reads the value as ``UNRECOGNIZED``. Bump it
+only for a change that reader would misread; it then refuses such messages (``WireVersionError``), and the
+request fails as a server error (``IncompatibleWire``), never the client's."""
+OLDEST_WIRE_VERSION = 1
+"""The oldest version this code reads."""
 MAX_WIRE_MESSAGE_BYTES = 8 * 1024 * 1024
 MAX_LOGPROBS = (
     20  # most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
@@ -28,39 +36,66 @@ MAX_LOGPROBS = (
 """Hard upper bound on any wire message we decode (requests carry token ids, never KV bytes)."""
 
 
-class Phase(enum.IntEnum):
-    """What a worker is asked to do with a request."""
+class WireIntEnum(enum.IntEnum):
+    """An enum read off the wire: a value this version doesn't know (a newer peer's) decodes to its
+    ``UNRECOGNIZED`` member instead of failing the whole message; each reader says what that case means."""
 
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        return cls.UNRECOGNIZED if isinstance(value, int) else None  # type: ignore[attr-defined]
+
+
+class WireStrEnum(enum.StrEnum):
+    """``WireIntEnum`` for string-valued enums."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> Any:
+        return cls.UNRECOGNIZED if isinstance(value, str) else None  # type: ignore[attr-defined]
+
+
+class Phase(WireIntEnum):
+    """What a worker is asked to do with a request (``UNRECOGNIZED``: the worker refuses it, 503)."""
+
+    UNRECOGNIZED = -1
     AGGREGATED = 0  # prefill + decode on one worker
     PREFILL = 1  # context-only: compute the prompt's KV, return the first token and a KV descriptor
     DECODE = 2  # continue from a KV descriptor (or recompute) and stream the rest
 
 
-class Role(enum.StrEnum):
-    """What a worker does (``--mode``), registered with its instance: which phases of a request it runs."""
+class Role(WireStrEnum):
+    """What a worker does (``--mode``), registered with its instance: which phases of a request it runs.
+    Routers place nothing on an instance of a role they don't know (``UNRECOGNIZED``)."""
 
+    UNRECOGNIZED = "unrecognized"
     PREFILL = "prefill"  # context-only runs: the prompt's KV and the first token
     DECODE = "decode"  # continues from a prefill's KV (or prefills locally)
     AGGREGATED = "agg"  # both, on one worker
 
 
-class FinishReason(enum.StrEnum):
+class FinishReason(WireStrEnum):
     """Why a request ended, on the wire. A prefill that hands its KV over has not ended: its chunk carries
-    ``kv`` and no finish reason."""
+    ``kv`` and no finish reason. A reason the frontend doesn't know (``UNRECOGNIZED``) ends it as ``stop``."""
 
+    UNRECOGNIZED = "unrecognized"
     STOP = "stop"  # eos or a stop token/string
     LENGTH = "length"  # max_tokens or context length
     CANCELLED = "cancelled"
     ERROR = "error"
 
 
-class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, forbid_unknown_fields=True):
-    """Base of every wire message: compact, typed, no cycles."""
+class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """Base of every wire message: compact, typed, no cycles. Fields are positional and every one is written
+    (``omit_defaults`` does not apply to arrays), so a new field only ever goes at the end, with a default: a
+    reader one version behind ignores trailing fields it doesn't know, one ahead fills in the default for a
+    field an older writer didn't send. (Releases before wire versions were read refused any extra field: a
+    field added to a message they read waits until none of them is left in service.)"""
 
 
-class GuidedKind(enum.IntEnum):
-    """Which grammar a guided (structured-output) request's tokens must follow."""
+class GuidedKind(WireIntEnum):
+    """Which grammar a guided (structured-output) request's tokens must follow (``UNRECOGNIZED``: the worker
+    refuses the request, 503)."""
 
+    UNRECOGNIZED = -1
     JSON_SCHEMA = 0  # ``value``: a JSON schema (JSON text)
     JSON_OBJECT = 1  # any JSON object (``response_format`` json_object)
     REGEX = 2  # ``value``: a regular expression the whole output matches
@@ -158,6 +193,14 @@ class GenerateRequest(_Wire):
     remote_prefill: bool = False
     version: int = WIRE_VERSION
 
+    def unrecognized(self) -> str | None:
+        """The first field whose value this version doesn't know (a newer writer's), or None."""
+        if self.phase is Phase.UNRECOGNIZED:
+            return "phase"
+        if self.sampling.guided is not None and self.sampling.guided.kind is GuidedKind.UNRECOGNIZED:
+            return "sampling.guided.kind"
+        return None
+
 
 class WorkerTiming(_Wire):
     """What a worker measured of one request, on its first chunk (``nvext.timing``, ``dynamo_lite.timing``)."""
@@ -209,7 +252,8 @@ class LoadReport(_Wire):
     version: int = WIRE_VERSION
 
 
-class KvEventKind(enum.IntEnum):
+class KvEventKind(WireIntEnum):
+    UNRECOGNIZED = -1  # routers ignore the event
     STORED = 0  # blocks now cached on the instance
     REMOVED = 1  # blocks evicted
     CLEARED = 2  # everything gone (restart, reset)
@@ -232,7 +276,11 @@ class ErrorInfo(_Wire):
     code: str = "internal_error"
 
 
-class FrameKind(enum.IntEnum):
+class FrameKind(WireIntEnum):
+    """What a reply-stream frame is. A newer sender's kind (``UNRECOGNIZED``) is skipped: new kinds may only
+    ever add information."""
+
+    UNRECOGNIZED = -1
     DATA = 0
     END = 1
     ERROR = 2
@@ -301,8 +349,13 @@ class WireError(ValueError):
     """A wire message was malformed, of the wrong type, or too large."""
 
 
+class WireVersionError(WireError):
+    """A wire message of a version this reader can't read: its writer made a change this version would
+    misread. Never the client's fault: a request failing with it is answered 503 (``IncompatibleWire``)."""
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoders: dict[type, msgspec.msgpack.Decoder] = {}
+_decoders: dict[type, tuple[msgspec.msgpack.Decoder, int | None]] = {}
 
 
 def encode(msg: msgspec.Struct) -> bytes:
@@ -313,16 +366,43 @@ T = TypeVar("T")
 
 
 def decode(data: bytes, kind: type[T]) -> T:
-    """Decode ``data`` as ``kind``; raises ``WireError`` on anything unexpected."""
+    """Decode ``data`` as ``kind``; raises ``WireError`` on anything unexpected, ``WireVersionError`` for a
+    message of a version outside ``OLDEST_WIRE_VERSION..WIRE_VERSION``."""
     if len(data) > MAX_WIRE_MESSAGE_BYTES:
         raise WireError(f"{kind.__name__}: message of {len(data)} bytes exceeds {MAX_WIRE_MESSAGE_BYTES}")
-    dec = _decoders.get(kind)
-    if dec is None:
-        dec = _decoders[kind] = msgspec.msgpack.Decoder(kind)
+    entry = _decoders.get(kind)
+    if entry is None:
+        fields = getattr(kind, "__struct_fields__", ())
+        entry = _decoders[kind] = (
+            msgspec.msgpack.Decoder(kind),
+            fields.index("version") if "version" in fields else None,
+        )
+    dec, version_at = entry
     try:
-        return dec.decode(data)
+        msg = dec.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        if version_at is not None:  # a newer layout may fail to decode: say so if its version is newer
+            _check_version(kind, _peek_version(data, version_at))
         raise WireError(f"{kind.__name__}: {e}") from e
+    if version_at is not None:
+        _check_version(kind, msg.version)  # type: ignore[attr-defined]
+    return msg
+
+
+def _check_version(kind: type, version: object) -> None:
+    if isinstance(version, int) and not OLDEST_WIRE_VERSION <= version <= WIRE_VERSION:
+        raise WireVersionError(
+            f"{kind.__name__} of wire version {version}; this process reads versions "
+            f"{OLDEST_WIRE_VERSION}..{WIRE_VERSION} (upgrade it)"
+        )
+
+
+def _peek_version(data: bytes, index: int) -> object:
+    try:
+        fields = msgspec.msgpack.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return fields[index] if isinstance(fields, list) and len(fields) > index else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -344,6 +424,11 @@ class StreamError(Exception):
         super().__init__(f"{info.status} {info.code}: {info.message}")
         self.info = info
 
+    @property
+    def plane_failed(self) -> bool:
+        """The request plane failed (NATS went down), not the instance: it is as good a choice as before."""
+        return self.info.code == PLANE_DOWN
+
     @staticmethod
     def from_info(info: ErrorInfo) -> StreamError:
         """The error an ``ErrorInfo`` received on a stream stands for (typed by its code)."""
@@ -363,6 +448,18 @@ class InstanceUnavailable(StreamError):
         super().__init__(ErrorInfo(503, message, code))
 
 
+PLANE_DOWN = "request_plane_down"
+"""The code of failures of the request plane itself, not of an instance (``StreamError.plane_failed``)."""
+
+
+class RequestPlaneDown(InstanceUnavailable):
+    """The request plane itself failed to take a message (NATS disconnected past its buffer, closed, or not
+    answering a flush): nothing was sent. Retryable once the plane is back."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, PLANE_DOWN)
+
+
 class InstanceLost(StreamError):
     """The instance went away mid-request without ending the stream: it fell silent (no heartbeat), frames went
     missing, or the caller lost its connection to the plane. Part of the answer may have been sent: retryable
@@ -372,6 +469,18 @@ class InstanceLost(StreamError):
 
     def __init__(self, message: str, code: str = "instance_lost", status: int = 503) -> None:
         super().__init__(ErrorInfo(status, message, code))
+
+
+class IncompatibleWire(StreamError):
+    """Two of our processes could not understand each other: a request or reply of a wire version, or with a
+    value, the reader doesn't know (a rolling upgrade across a breaking change), or an unreadable message. A
+    server error (503), never the client's; another instance (already upgraded, or not yet) may serve the
+    request: retryable."""
+
+    retryable = True
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorInfo(503, message, "wire_incompatible"))
 
 
 class RequestTimedOut(StreamError):
@@ -416,9 +525,10 @@ _ERRORS_BY_CODE: dict[str, type[StreamError]] = {
     "instance_unavailable": InstanceUnavailable,
     "instance_lost": InstanceLost,
     "frame_lost": InstanceLost,
-    "request_plane_down": InstanceLost,
+    PLANE_DOWN: InstanceLost,
     "timeout": RequestTimedOut,
     "instance_stopped": RequestCancelled,
+    "wire_incompatible": IncompatibleWire,
 }
 
 
@@ -461,6 +571,8 @@ class RequestPlane(Protocol):
     - **Cancellation flows down.** Closing the iterator early, or cancelling the task consuming it, cancels the
       handler (it sees ``CancelledError`` and frees what the request holds).
     - **Stopping.** ``Served.stop`` drains, then ends what is left with ``RequestCancelled``.
+    - **Typed failures.** The plane's own failures are ``StreamError``s too: ``RequestPlaneDown`` (503,
+      retryable) when it can't take a message (``stream``, ``subscribe``, ``serve``, ``publish``).
 
     ``StreamError.retryable`` says which failures may be sent again to another instance.
     ``tests/runtime/test_request_plane.py`` runs this contract against every plane.
@@ -468,6 +580,15 @@ class RequestPlane(Protocol):
 
     on_ack: Callable[[str, float], None] | None
     """Observer of acknowledgements: ``(address, seconds from sending to acknowledged)`` (metrics)."""
+
+    on_reachable: list[Callable[[], None]]
+    """Called when addresses may have become reachable again (the plane reconnected, an instance was heard
+    from again): callers holding requests for them (the router's admission queue) try again."""
+
+    def reachable(self, address: str) -> bool:
+        """Whether a request sent to ``address`` now can reach it: the plane is connected and, just after a
+        reconnect, the instance has been heard from again (or has had time to be)."""
+        ...
 
     async def serve(
         self,
@@ -487,7 +608,8 @@ class RequestPlane(Protocol):
         ...
 
     async def publish(self, subject: str, payload: bytes) -> None:
-        """Fire-and-forget event (load reports, KV cache events): delivered to current subscribers."""
+        """Fire-and-forget event (load reports, KV cache events): delivered to current subscribers; one sent
+        while the plane is disconnected may be dropped (events are periodic or best effort)."""
         ...
 
     async def subscribe(self, prefix: str, callback: EventCallback) -> Subscription:

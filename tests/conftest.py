@@ -252,11 +252,14 @@ def start_worker(
     engine: str = "mocker",
     name: str | None = None,
     ready_timeout: float = 60.0,
+    launch: tuple[str, ...] = (),
 ) -> Proc:
+    """A worker process (``launch``: a module that runs it, e.g. ``("tests.e2e.next_wire",)``)."""
     name = name or f"worker-{mode}-{free_port()}"
     cmd = [
         sys.executable,
         "-m",
+        *launch,
         "dynamo_lite.worker",
         "--mode",
         mode,
@@ -287,11 +290,14 @@ def start_worker(
     return proc
 
 
-def start_frontend(services: Services, namespace: str, *args: str, ready_timeout: float = 30.0) -> Proc:
+def start_frontend(
+    services: Services, namespace: str, *args: str, ready_timeout: float = 30.0, launch: tuple[str, ...] = ()
+) -> Proc:
     port = free_port()
     cmd = [
         sys.executable,
         "-m",
+        *launch,
         "dynamo_lite.frontend",
         "--http-host",
         "127.0.0.1",

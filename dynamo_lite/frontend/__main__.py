@@ -161,6 +161,7 @@ async def run(process: FrontendProcess) -> None:
     from dynamo_lite.frontend.app import create_app
     from dynamo_lite.frontend.metrics import FrontendMetrics
     from dynamo_lite.frontend.server import HttpServer
+    from dynamo_lite.runtime.nats_fast_path import export_read_path
 
     await check_services(process.runtime)
     runtime = await Runtime.connect(process.runtime, name="dynamo_lite-frontend")
@@ -171,6 +172,7 @@ async def run(process: FrontendProcess) -> None:
     settings = process.frontend
     metrics = FrontendMetrics()
     runtime.request_plane.on_ack = lambda address, seconds: metrics.request_plane_ack.observe(seconds)
+    export_read_path(metrics.registry, runtime.request_plane)
     supervised = bool(process.supervisor_dir)
     if supervised:
         from dynamo_lite.frontend.sibling_metrics import SiblingMetrics

@@ -117,7 +117,8 @@ class OpenAIRoutes:
         }
 
     def refuse(self, request: Request, rid: str) -> Response | None:
-        """401 without the API key, 429 when the in-flight bound is reached: before any body is read."""
+        """401 without the API key, 429 when the in-flight bound is reached or every model's queue is full:
+        before any body is read (nor tokenized). The 429's message names the limit; Retry-After comes with it."""
         settings, metrics = self.settings, self.metrics
         if self._expected_auth:
             given = (request.headers.get("authorization") or "").encode()
@@ -128,11 +129,17 @@ class OpenAIRoutes:
         if settings.max_inflight and self.service.active >= settings.max_inflight:
             err = OpenAIError(
                 429,
-                f"too many requests in flight ({settings.max_inflight}); retry later",
+                f"too many requests in flight (--max-inflight {settings.max_inflight}); retry later",
                 code="too_many_requests",
             )
             metrics.error(err.type)
             return err.response({"x-request-id": rid, "retry-after": str(settings.timeouts.retry_after_s)})
+        refusal = getattr(self.backend, "refusal", None)
+        overloaded = refusal() if refusal is not None else None
+        if overloaded is not None:
+            err = as_openai_error(overloaded)
+            metrics.error(err.type)
+            return err.response({"x-request-id": rid})
         return None
 
     async def completion(self, request: Request, endpoint: str, schema: type[BaseModel]) -> Response:

@@ -15,7 +15,9 @@ class Backend(Protocol):
     Optionally a backend also has ``model_card(model) -> ModelCard | None``: the card of a model that is
     known but not servable right now (a role has no live worker). Its requests then reach ``generate``, which
     answers 503, instead of the frontend answering 404 for a model it cannot see in ``model_cards()``. And
-    ``queued_requests() -> dict[str, int]``: requests waiting for a worker, per model (a gauge).
+    ``queued_requests() -> dict[str, int]``: requests waiting for a worker, per model (a gauge). And
+    ``refusal() -> Overloaded | None``: the refusal any request would get now, whatever its model (every queue
+    is full): the frontend answers it before reading the request's body.
     """
 
     def model_cards(self) -> list[ModelCard]:

@@ -31,7 +31,9 @@ class FrontendSettings:
     max_stop_string_chars: int = 256
     model_owner: str = "dynamo_lite"
     # Requests in flight (queued at the router included) beyond this are refused with 429 + Retry-After (0: no
-    # bound). Above the router's queue depth plus what the workers take, so that the queue limit binds first.
+    # bound), before their body is read. A bound on the frontend's memory, above the router's queue depth plus
+    # what the workers take: the queue limit binds first, and it too refuses before the body is read once
+    # every model's queue is full (``Backend.refusal``).
     max_inflight: int = 8192
     responses_store_size: int = 1024  # /v1/responses kept for previous_response_id (per frontend process)
     api_key: str = ""  # when set, /v1/* needs "Authorization: Bearer <key>" (401 otherwise)

@@ -17,7 +17,7 @@ from dynamo_lite.kv.errors import KvPullError
 _ALIGN = 1 << 16  # pool ranges start on 64 KiB: keeps pitched copies on aligned addresses
 
 
-class CudaIpcRef(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+class CudaIpcRef(msgspec.Struct, array_like=True, frozen=True):
     """What ``KvDescriptor.cuda_ipc`` carries: the exporter's pool and where the hold lies in it."""
 
     handle: bytes  # cudaIpcMemHandle_t of the pool allocation

@@ -38,7 +38,7 @@ from dynamo_lite.kv.errors import KvCapacityError, KvTransferError
 from dynamo_lite.kv.layout import KvLayout, as_tensors, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
-from dynamo_lite.protocol import WIRE_VERSION, KvDescriptor, WireError
+from dynamo_lite.protocol import KvDescriptor, WireError, WireVersionError
 
 log = logging.getLogger(__name__)
 
@@ -391,6 +391,9 @@ class KvExporter:
             try:
                 async with asyncio.timeout(self.config.connect_timeout_s):
                     req = await recv_message(loop, conn, KvRequest)
+            except WireVersionError as e:  # a newer importer, across a breaking change: say why
+                await loop.sock_sendall(conn, frame(KvReply(KvStatus.BAD_REQUEST, str(e))))
+                return
             except (TimeoutError, ConnectionError, WireError, OSError):
                 with self._lock:
                     self._stats.rejected += 1
@@ -429,9 +432,7 @@ class KvExporter:
         now = time.monotonic()
         with self._lock:
             entry = self._entries.get(req.transfer_id)
-            if req.version != WIRE_VERSION:
-                status, msg = KvStatus.BAD_REQUEST, f"wire version {req.version}, expected {WIRE_VERSION}"
-            elif req.op not in (KvOp.CLAIM, KvOp.FETCH, KvOp.STAGE):
+            if req.op not in (KvOp.CLAIM, KvOp.FETCH, KvOp.STAGE):
                 status, msg = KvStatus.BAD_REQUEST, f"unexpected {req.op.name}"
             elif entry is None or entry.state is _State.ALLOCATED or entry.deadline <= now:
                 status, msg = KvStatus.UNKNOWN, "unknown transfer (never published, freed, or lease expired)"

@@ -17,7 +17,6 @@ Each message is a 4-byte big-endian length and a msgpack body, at most ``MAX_HEA
 from __future__ import annotations
 
 import asyncio
-import enum
 import socket
 import struct
 from typing import TypeVar
@@ -25,10 +24,11 @@ from typing import TypeVar
 import msgspec
 
 from dynamo_lite.kv.config import MAX_HEADER_BYTES
-from dynamo_lite.protocol import WIRE_VERSION, WireError, decode, encode
+from dynamo_lite.protocol import WIRE_VERSION, WireError, WireIntEnum, decode, encode
 
 
-class KvOp(enum.IntEnum):
+class KvOp(WireIntEnum):
+    UNRECOGNIZED = -1  # a newer importer's: refused as BAD_REQUEST
     CLAIM = 1
     FETCH = 2
     DONE = 3
@@ -36,7 +36,8 @@ class KvOp(enum.IntEnum):
     STAGE = 5
 
 
-class KvStatus(enum.IntEnum):
+class KvStatus(WireIntEnum):
+    UNRECOGNIZED = -1  # a newer exporter's: the pull failed (the decode worker recomputes)
     OK = 0
     UNKNOWN = 1  # no such transfer: never published, already freed, or its lease expired
     DENIED = 2  # wrong secret
@@ -44,8 +45,9 @@ class KvStatus(enum.IntEnum):
     BAD_REQUEST = 4
 
 
-class _KvWire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, forbid_unknown_fields=True):
-    pass
+class _KvWire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """As ``dynamo_lite.protocol``'s wire messages: trailing fields a reader doesn't know are ignored; a
+    ``KvReply`` is written in its request's version."""
 
 
 class KvRequest(_KvWire):

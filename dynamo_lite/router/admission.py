@@ -9,6 +9,10 @@ Waiting requests are placed in arrival order, per (model, role), as room appears
 load report comes, an instance joins. A request finding ``queue_depth`` requests of its model already waiting,
 or waiting longer than ``queue_timeout_s``, is refused with ``Overloaded`` (429 or 503, with Retry-After),
 which the frontend answers before any byte of a response.
+
+An instance the request plane can't reach now (``RequestPlane.reachable``: NATS is down, or just back and the
+instance not heard from again) has no room: during a request-plane outage requests wait here, within the same
+limits, and are placed once it is back (``on_reachable``) instead of failing at once.
 """
 
 from __future__ import annotations
@@ -18,7 +22,15 @@ from collections import defaultdict, deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from dynamo_lite.protocol import ErrorInfo, GenerateRequest, InstanceInfo, Overloaded, Role, StreamError
+from dynamo_lite.protocol import (
+    ErrorInfo,
+    GenerateRequest,
+    InstanceInfo,
+    Overloaded,
+    RequestPlane,
+    Role,
+    StreamError,
+)
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy
 from dynamo_lite.runtime.registry import LiveView
@@ -45,8 +57,12 @@ class Admission:
         queue_depth: int,
         queue_timeout_s: float,
         retry_after_s: int,
+        plane: RequestPlane | None = None,
     ) -> None:
         self.view = view
+        self._reachable = plane.reachable if plane is not None else None
+        if plane is not None:
+            plane.on_reachable.append(self.dispatch_all)
         self.load = load
         self.policies = policies
         self.queue_depth = queue_depth
@@ -59,9 +75,26 @@ class Admission:
         """Requests waiting for an instance, per model (models that ever queued stay, at 0)."""
         return dict(self._waiting)
 
+    def refusal(self, models: Collection[str]) -> Overloaded | None:
+        """What any new request would be told, whatever its model, when the queue of every one of ``models`` is
+        full (429 ``queue_full``); None while some request could still be taken."""
+        if not models or any(self._waiting[m] < self.queue_depth for m in models):
+            return None
+        return Overloaded(
+            ErrorInfo(
+                429,
+                f"every model's queue of requests waiting for a worker is full (--queue-depth "
+                f"{self.queue_depth}); retry later",
+                "queue_full",
+            ),
+            self.retry_after_s,
+        )
+
     def has_room(self, instance: InstanceInfo) -> bool:
         iid = instance.instance_id
         if self.load.is_full(iid):
+            return False
+        if self._reachable is not None and not self._reachable(instance.address):
             return False
         if instance.max_inflight <= 0:
             return True
@@ -105,7 +138,8 @@ class Admission:
             raise Overloaded(
                 ErrorInfo(
                     429,
-                    f"{self._waiting[model]} requests for {model!r} already wait for a worker; retry later",
+                    f"{self._waiting[model]} requests for {model!r} already wait for a worker "
+                    f"(--queue-depth {self.queue_depth}); retry later",
                     "queue_full",
                 ),
                 self.retry_after_s,
@@ -169,6 +203,11 @@ class Admission:
             self._dequeued(model, waiter)
             self.load.started(chosen.instance_id)
             waiter.future.set_result(chosen)
+
+    def dispatch_all(self) -> None:
+        """Place what now fits, in every queue (instances became reachable)."""
+        for model, role in list(self._queues):
+            self.dispatch(model, Role(role))
 
     def instance_reported(self, instance_id: str) -> None:
         """A load report came: its instance may have room now."""

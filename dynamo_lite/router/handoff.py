@@ -29,6 +29,7 @@ from dynamo_lite import timing, tracing
 from dynamo_lite.protocol import (
     GenerateChunk,
     GenerateRequest,
+    IncompatibleWire,
     InstanceBusy,
     InstanceInfo,
     KvDescriptor,
@@ -38,6 +39,7 @@ from dynamo_lite.protocol import (
     RequestPlane,
     Role,
     StreamError,
+    WireError,
     decode,
     encode,
 )
@@ -48,6 +50,8 @@ from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.registry import LiveView
 
 log = logging.getLogger(__name__)
+
+PLANE_RETRIES = 3  # a request not yet started is placed again this often after the request plane failed
 
 Decode = Callable[[GenerateRequest], AsyncIterator[GenerateChunk]]
 """Runs a request on the decode side (a decode worker over the request plane, or this worker's engine)."""
@@ -65,7 +69,11 @@ async def stream_chunks(
     payloads = plane.stream(instance.address, encode(request), first_timeout=first_timeout)
     async with aclosing(payloads):
         async for payload in payloads:
-            yield decode(payload, GenerateChunk)
+            try:
+                chunk = decode(payload, GenerateChunk)
+            except WireError as e:
+                raise IncompatibleWire(f"unreadable reply from {instance.instance_id}: {e}") from e
+            yield chunk
 
 
 class PrefillHandoff:
@@ -100,6 +108,7 @@ class PrefillHandoff:
             queue_depth=settings.queue_depth,
             queue_timeout_s=settings.timeouts.queue_s,
             retry_after_s=settings.timeouts.retry_after_s,
+            plane=plane,
         )
         view.on_change.append(admission.instances_changed)
         return cls(
@@ -176,6 +185,7 @@ class PrefillHandoff:
         request that ended on that token). None if every try failed with a worker fault."""
         ask = GenerateRequest(request.request_id, model, request.token_ids, request.sampling, Phase.PREFILL)
         tried: set[str] = set()
+        plane_failures = 0
         rt = timing.current()
         while True:
             try:
@@ -208,6 +218,12 @@ class PrefillHandoff:
             except StreamError as e:
                 if e.info.status < 500:
                     raise
+                if e.plane_failed and plane_failures < PLANE_RETRIES:
+                    plane_failures += 1  # NATS, not the worker: placed again once the plane is back
+                    log.warning(
+                        "prefill on %s: request plane failed (%s); placing it again", instance.instance_id, e
+                    )
+                    continue
                 tried.add(instance.instance_id)
                 retry = len(tried) <= self.prefill_retries
                 log.warning(

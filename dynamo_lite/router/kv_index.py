@@ -49,7 +49,7 @@ class KvIndex:
             for h in event.block_hashes:
                 self._holders[h].add(iid)
                 self._blocks[iid].add(h)
-        else:
+        elif event.kind == KvEventKind.REMOVED:
             for h in event.block_hashes:
                 holders = self._holders.get(h)
                 if holders is not None:

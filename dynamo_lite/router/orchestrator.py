@@ -28,12 +28,14 @@ from dynamo_lite.protocol import (
     InstanceBusy,
     InstanceInfo,
     ModelCard,
+    Overloaded,
     Phase,
+    RequestPlaneDown,
     Role,
     StreamError,
 )
 from dynamo_lite.router.admission import Admission
-from dynamo_lite.router.handoff import PrefillHandoff, stream_chunks
+from dynamo_lite.router.handoff import PLANE_RETRIES, PrefillHandoff, stream_chunks
 from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.router.load import LoadTracker
 from dynamo_lite.router.policies import Policy, make_policy
@@ -75,6 +77,7 @@ class Router:
             queue_depth=settings.queue_depth,
             queue_timeout_s=settings.timeouts.queue_s,
             retry_after_s=settings.timeouts.retry_after_s,
+            plane=runtime.request_plane,
         )
         self.load.on_report = self.admission.instance_reported
         view.on_change.append(self.admission.instances_changed)
@@ -110,6 +113,11 @@ class Router:
             await self.load.stop()
             if self.settings.policy == "kv":
                 await self.kv_index.stop()
+
+    def refusal(self) -> Overloaded | None:
+        """The refusal every request would get now (each served model's queue is full): the frontend answers
+        it before reading a body."""
+        return self.admission.refusal(list(self.view.cards))
 
     def queued_requests(self) -> dict[str, int]:
         """Requests waiting for an instance with room, per model (the frontend's queued-requests gauge)."""
@@ -215,7 +223,7 @@ class Router:
         kv = request.kv
         phase = Phase.DECODE if (role == DECODE or generated) else Phase.AGGREGATED
         tried: set[str] = set()
-        migrations = 0
+        migrations = plane_failures = 0
         rt = timing.current()
         while True:
             if instance is None:
@@ -255,6 +263,18 @@ class Router:
             except InstanceBusy:
                 busy = True  # nothing ran there: placed again below (the KV, if any, is still held for us)
             except StreamError as e:
+                if e.plane_failed and not started and plane_failures < PLANE_RETRIES:
+                    # NATS went down, not the worker, and the client has nothing yet: placed again once the
+                    # plane is back (admission waits for it), the same worker as good as any; the KV, if the
+                    # request may have reached the worker, recomputed.
+                    plane_failures += 1
+                    log.warning(
+                        "request %s: request plane failed (%s); placing it again", request.request_id, e
+                    )
+                    if kv is not None and not isinstance(e, RequestPlaneDown):
+                        self.handoff.release(kv)
+                        kv, phase = None, Phase.DECODE
+                    continue
                 if not e.retryable or migrations >= self.settings.migration_limit:
                     raise
                 migrations += 1
@@ -268,10 +288,11 @@ class Router:
                     migrations,
                     self.settings.migration_limit,
                 )
-                tried.add(instance.instance_id)
+                if not e.plane_failed:  # a stream the plane broke may continue on the same worker
+                    tried.add(instance.instance_id)
                 if not started:
                     self.handoff.release(kv)  # the next worker recomputes: nobody will pull it
                 kv, phase = None, Phase.DECODE
             finally:
                 self.admission.release(instance, refused=busy)
-            instance = None
+                instance = None

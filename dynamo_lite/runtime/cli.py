@@ -62,6 +62,13 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--nats-tls-ca", default=os.environ.get("NATS_TLS_CA", ""))
     g.add_argument("--nats-tls-cert", default=os.environ.get("NATS_TLS_CERT", ""))
     g.add_argument("--nats-tls-key", default=os.environ.get("NATS_TLS_KEY", ""))
+    g.add_argument(
+        "--nats-fast-path",
+        action=argparse.BooleanOptionalAction,
+        default=os.environ.get("DYNAMO_LITE_NATS_FAST_PATH", "1").lower() not in ("0", "false", "no", "off"),
+        help="read NATS messages through our patched nats-py paths, checked at start "
+        "(env DYNAMO_LITE_NATS_FAST_PATH=0 turns them off; default %(default)s)",
+    )
     add_log_level_arg(parser)
 
 
@@ -85,6 +92,7 @@ def runtime_settings_from(args: argparse.Namespace, timeouts: Timeouts) -> Runti
         nats_tls_ca=args.nats_tls_ca,
         nats_tls_cert=args.nats_tls_cert,
         nats_tls_key=args.nats_tls_key,
+        nats_fast_path=args.nats_fast_path,
     )
 
 

@@ -72,6 +72,8 @@ class RuntimeSettings:
     nats_tls_key: str = ""
     timeouts: Timeouts = field(default_factory=Timeouts)
     discovery_resync_s: float = 10.0  # a live view re-lists this often, repairing any change its watch missed
+    # nats-py's read path patched for speed (``request_plane_nats``'s fast paths), if they pass their check
+    nats_fast_path: bool = True
 
     @classmethod
     def embedded(cls, **overrides: object) -> RuntimeSettings:

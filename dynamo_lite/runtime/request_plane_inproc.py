@@ -104,6 +104,10 @@ class InProcRequestPlane:
         self._handlers: dict[str, tuple[Handler, _InProcServed]] = {}
         self._subscribers: list[tuple[str, EventCallback]] = []
         self.on_ack: Callable[[str, float], None] | None = None
+        self.on_reachable: list[Callable[[], None]] = []  # never called: every address is always reachable
+
+    def reachable(self, address: str) -> bool:
+        return True
 
     async def publish(self, subject: str, payload: bytes) -> None:
         for prefix, callback in list(self._subscribers):

@@ -14,17 +14,25 @@ Lost:      NATS keeps one publisher's messages in order, and an instance takes i
            still unacknowledged after the heartbeat timeout gets such a later one: a probe (header Dl-Probe, only
            acknowledged). Time alone never decides while the instance heartbeats (a burst queues requests for
            seconds at both ends), except past ``Timeouts.ack_s`` (an instance that heartbeats but takes nothing).
+Failures:  every publish and flush goes through ``publish_typed``/``sync_with_server``: nats-py's errors
+           (closed, disconnected past its buffer, flush timeout, payload too large) become the seam's typed
+           ``RequestPlaneDown`` (503, retryable) or a 413; nothing untyped leaves the plane.
+Reading:   nats-py's read path is patched for speed where it passes a check at connect (``nats_fast_path``).
 Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
            meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
            replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
-           nobody. A server re-sends, once reconnected, the last frame of streams it ended shortly before: an END
-           still in the dead socket would otherwise leave its caller waiting behind a live heartbeat.
+           nobody. While disconnected no address is ``reachable``; once back (to the same server or, with a
+           comma-separated URL, another of the cluster), an address is reachable when its instance has been heard
+           from since (a heartbeat: it is back too), or a heartbeat timeout later; ``on_reachable`` says when.
+           A server re-sends, once reconnected, the last frame of streams it ended shortly before: an END still
+           in the dead socket would otherwise leave its caller waiting behind a live heartbeat.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import ssl
@@ -33,11 +41,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import nats
+from nats import errors as nats_errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from dynamo_lite import tracing
 from dynamo_lite.protocol import (
+    PLANE_DOWN,
     ErrorInfo,
     EventCallback,
     Frame,
@@ -47,6 +57,7 @@ from dynamo_lite.protocol import (
     InstanceLost,
     InstanceUnavailable,
     RequestCancelled,
+    RequestPlaneDown,
     RequestTimedOut,
     StreamError,
     WireError,
@@ -54,7 +65,7 @@ from dynamo_lite.protocol import (
     encode,
 )
 from dynamo_lite.runtime.config import RuntimeSettings
-from dynamo_lite.runtime.nats_parser import use_fast_parser
+from dynamo_lite.runtime.nats_fast_path import FastPaths
 from dynamo_lite.runtime.streams import error_info_for
 
 log = logging.getLogger(__name__)
@@ -133,8 +144,8 @@ class _NatsServed:
 
     async def start(self) -> None:
         nc = self._plane.nc
-        self._subs.append(await nc.subscribe(self._address, cb=self._on_request))
-        self._subs.append(await nc.subscribe(self._address + ".cancel", cb=self._on_cancel))
+        self._subs.append(await subscribe_typed(nc, self._address, self._on_request))
+        self._subs.append(await subscribe_typed(nc, self._address + ".cancel", self._on_cancel))
         # Until the server has our SUB, a request here gets "no responders"; serving means routable.
         await sync_with_server(nc, self._plane.settings.timeouts.connect_s)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
@@ -149,8 +160,8 @@ class _NatsServed:
         while True:
             if self._plane.nc.is_connected:
                 try:
-                    await self._plane.nc.publish(subject, b"")
-                except Exception:  # noqa: BLE001 — reconnecting; the next beat will do
+                    await publish_typed(self._plane.nc, subject, b"")
+                except RequestPlaneDown:  # reconnecting; the next beat will do
                     pass
             await asyncio.sleep(interval)
 
@@ -159,15 +170,20 @@ class _NatsServed:
             return
         # Acknowledge (or refuse) at once, before any work: a request lost on the way (NATS is at-most-once)
         # then fails fast at the caller instead of waiting for a first frame that will never come.
-        if msg.headers and PROBE_HEADER in msg.headers:
-            await self._plane.nc.publish(msg.reply, _ACK)  # only says: every request before it got here
+        nc = self._plane.nc
+        try:
+            if msg.headers and PROBE_HEADER in msg.headers:
+                await publish_typed(nc, msg.reply, _ACK)  # only says: every request before it got here
+                return
+            if self._max_inflight is not None and len(self._tasks) >= self._max_inflight:
+                await publish_typed(nc, msg.reply, _BUSY)
+                if self._on_refused is not None:
+                    self._on_refused()
+                return
+            await publish_typed(nc, msg.reply, _ACK)
+        except RequestPlaneDown as e:  # unacknowledged, it never ran: the caller finds it lost and retries
+            log.warning("request on %s dropped: %s", self._address, e)
             return
-        if self._max_inflight is not None and len(self._tasks) >= self._max_inflight:
-            await self._plane.nc.publish(msg.reply, _BUSY)
-            if self._on_refused is not None:
-                self._on_refused()
-            return
-        await self._plane.nc.publish(msg.reply, _ACK)
         task = asyncio.create_task(self._run(msg.reply, msg.data, msg.headers))
         self._tasks[msg.reply] = task
         # Not in _run's finally: a task cancelled before its first step never runs its body.
@@ -180,7 +196,7 @@ class _NatsServed:
 
     async def _run(self, reply: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         tracing.attach_headers(headers)  # the caller's trace continues here (W3C traceparent)
-        publish = self._plane.nc.publish
+        publish = functools.partial(publish_typed, self._plane.nc)
         seq = 0
         gen = self._handler(payload)
         try:
@@ -192,7 +208,7 @@ class _NatsServed:
             self._plane.remember_last_frame(reply, end)
         except asyncio.CancelledError:
             if self._stopping:  # shut down past the drain: the caller is still there and hears it at once
-                with contextlib.suppress(Exception):
+                with contextlib.suppress(StreamError):
                     info = RequestCancelled(f"{self._address} stopped").info
                     await publish(reply, encode(Frame(seq, FrameKind.ERROR, encode(info))))
             # else the caller went away (cancel message): nobody to answer
@@ -201,7 +217,7 @@ class _NatsServed:
             self._plane.remember_last_frame(reply, error)
             try:
                 await publish(reply, error)
-            except Exception:  # noqa: BLE001 — NATS is down; re-sent on reconnect, else the caller's liveness
+            except StreamError:  # NATS is down: re-sent on reconnect, else the caller's liveness
                 pass
         finally:
             await gen.aclose()
@@ -211,7 +227,7 @@ class _NatsServed:
         for sub in self._subs[:1]:
             await _unsubscribe_quietly(sub)
         if self._plane.nc.is_connected:
-            with contextlib.suppress(Exception):  # once the server has our UNSUB, new requests get a fast 503
+            with contextlib.suppress(RequestPlaneDown):  # once the server has our UNSUB, new requests: 503
                 await sync_with_server(self._plane.nc, 1.0)
         if drain_s > 0 and self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=drain_s)
@@ -241,36 +257,40 @@ async def sync_with_server(nc: NatsClient, flush_timeout_s: float) -> None:
     nats-py writes a flush's PING straight to the socket, ahead of commands still in its buffer, so one PONG
     does not cover them; by the time it arrives the buffer has been written, and a second PING/PONG does.
     """
-    await nc.flush(timeout=flush_timeout_s)
-    await nc.flush(timeout=flush_timeout_s)
+    try:
+        await nc.flush(timeout=flush_timeout_s)
+        await nc.flush(timeout=flush_timeout_s)
+    except (nats_errors.Error, OSError) as e:
+        raise RequestPlaneDown(f"NATS did not confirm our subscriptions: {_describe(e)}") from e
 
 
-def _deliver_directly(nc: NatsClient, sub: Any, deliver: Callable[[str, bytes], None]) -> None:
-    """Hand ``sub``'s messages without headers to ``deliver(subject, data)`` as nats-py's parser reads them.
+async def publish_typed(
+    nc: NatsClient, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+) -> None:
+    """``nc.publish``, its failures typed: ``RequestPlaneDown`` when NATS can't take the message now (closed,
+    draining, disconnected with its reconnect buffer full), a 413 ``StreamError`` when it is too large."""
+    try:
+        await nc.publish(subject, payload, reply=reply, headers=headers)
+    except nats_errors.MaxPayloadError as e:
+        raise StreamError(
+            ErrorInfo(
+                413, f"a message of {len(payload)} bytes exceeds the NATS max payload", "request_too_large"
+            )
+        ) from e
+    except (nats_errors.Error, OSError) as e:
+        raise RequestPlaneDown(f"NATS refused a message to {subject}: {_describe(e)}") from e
 
-    nats-py otherwise builds a ``Msg``, queues it and wakes a task per subscription that awaits the callback:
-    per streamed token, on the frontend's one event loop. Messages with headers (NATS's status replies) keep
-    that path (``sub``'s callback). Relies on nats-py's ``Client._process_msg(sid, subject, reply, data,
-    headers)`` (2.x); without it every message takes the ordinary path.
-    """
-    process_msg = getattr(nc, "_process_msg", None)
-    sid = getattr(sub, "_id", None)
-    if process_msg is None or sid is None:
-        log.warning("nats-py without Client._process_msg: replies take its callback path")
-        return
 
-    async def fast_process_msg(
-        msg_sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
-    ) -> None:
-        if msg_sid == sid and not headers:
-            try:
-                deliver(subject.decode(), data)
-            except Exception:  # as nats-py does with a callback's error: the read loop must go on
-                log.exception("reply handling failed")
-        else:
-            await process_msg(msg_sid, subject, reply, data, headers)
+async def subscribe_typed(nc: NatsClient, subject: str, cb: Callable[[Msg], Any]) -> Any:
+    """``nc.subscribe``, its failures typed (``RequestPlaneDown``)."""
+    try:
+        return await nc.subscribe(subject, cb=cb)
+    except (nats_errors.Error, OSError) as e:
+        raise RequestPlaneDown(f"NATS refused a subscription to {subject}: {_describe(e)}") from e
 
-    nc._process_msg = fast_process_msg  # type: ignore[method-assign]
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
 async def _unsubscribe_quietly(sub) -> None:  # noqa: ANN001
@@ -292,9 +312,12 @@ def _tls_context(settings: RuntimeSettings) -> ssl.SSLContext | None:
 class NatsRequestPlane:
     """A ``RequestPlane`` over NATS. Use ``await NatsRequestPlane.connect(settings)``."""
 
-    def __init__(self, nc: NatsClient, settings: RuntimeSettings) -> None:
+    def __init__(
+        self, nc: NatsClient, settings: RuntimeSettings, fast_paths: FastPaths | None = None
+    ) -> None:
         self.nc = nc
         self.settings = settings
+        self._fast_paths = fast_paths if fast_paths is not None else FastPaths(nc)
         self._inbox = nc.new_inbox()
         self._streams: dict[str, _ReplyStream] = {}
         self._last_seen: dict[str, float] = {}
@@ -311,6 +334,8 @@ class NatsRequestPlane:
         # (time, reply, last frame) of streams this process ended, to re-send after a reconnect
         self._recent_ends: deque[tuple[float, str, bytes]] = deque()
         self._cancel_on_reconnect: list[tuple[str, str]] = []  # (address, reply) of streams failed while down
+        self._reconnected_at: float | None = None
+        self.on_reachable: list[Callable[[], None]] = []
 
     @classmethod
     async def connect(cls, settings: RuntimeSettings, name: str = "dynamo_lite") -> NatsRequestPlane:
@@ -339,15 +364,20 @@ class NatsRequestPlane:
             nc = await asyncio.wait_for(nats.connect(**kwargs), settings.timeouts.connect_s + 1)
         except Exception as e:  # noqa: BLE001
             raise ConnectionError(f"NATS unreachable at {settings.nats_url}: {e!r}") from e
-        use_fast_parser(nc)
-        self = cls(nc, settings)
+        fast_paths = await FastPaths.install(nc, settings.nats_fast_path, settings.timeouts.connect_s)
+        self = cls(nc, settings, fast_paths)
         events.plane = self
-        inbox = await nc.subscribe(self._inbox + ".*", cb=self._on_reply)
+        inbox = await subscribe_typed(nc, self._inbox + ".*", self._on_reply)
         self._subs.append(inbox)
-        _deliver_directly(nc, inbox, self._reply)
-        self._subs.append(await nc.subscribe(HEARTBEAT_PREFIX + ">", cb=self._on_heartbeat))
+        fast_paths.route(inbox, self._reply)
+        self._subs.append(await subscribe_typed(nc, HEARTBEAT_PREFIX + ">", self._on_heartbeat))
         self._tasks.append(asyncio.create_task(self._monitor(), name="nats-stream-monitor"))
         return self
+
+    @property
+    def read_path(self) -> str:
+        """How this connection reads messages: "fast" (nats-py patched, checked at connect) or "standard"."""
+        return self._fast_paths.read_path
 
     # ---- reconnects ----------------------------------------------------------------------------------------
     def on_disconnected(self) -> None:
@@ -355,21 +385,48 @@ class NatsRequestPlane:
         in flight fails now (retryable) rather than wait behind live heartbeats for frames that never come."""
         for stream in list(self._streams.values()):
             stream.fail(
-                InstanceLost(
-                    "lost the connection to NATS; replies sent meanwhile are lost", "request_plane_down"
-                )
+                InstanceLost("lost the connection to NATS; replies sent meanwhile are lost", PLANE_DOWN)
             )
 
+    def reachable(self, address: str) -> bool:
+        if not self.nc.is_connected:
+            return False
+        back_at = self._reconnected_at
+        if back_at is None or self._loop_time() - back_at > self.settings.timeouts.heartbeat_s:
+            return True
+        return self._last_seen.get(address, -1.0) >= back_at
+
+    def _heard(self, address: str, now: float) -> None:
+        """A message from ``address``'s instance (heartbeat, frame): it is alive, and reachable if it is the
+        first since a reconnect."""
+        before = self._last_seen.get(address, -1.0)
+        self._last_seen[address] = now
+        back_at = self._reconnected_at
+        if back_at is not None and before < back_at <= now:
+            self._notify_reachable()
+
+    def _notify_reachable(self) -> None:
+        for callback in list(self.on_reachable):
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 — an observer's failure must not stop the read loop
+                log.exception("on_reachable callback failed")
+
     async def on_reconnected(self) -> None:
+        self._reconnected_at = self._loop_time()
+        # Addresses never heard from again become reachable after a heartbeat timeout: look again then.
+        asyncio.get_running_loop().call_later(
+            self.settings.timeouts.heartbeat_s + 0.01, self._notify_reachable
+        )
         pending, self._cancel_on_reconnect = self._cancel_on_reconnect, []
         for address, reply in pending:  # the workers still serving them stop now
-            with contextlib.suppress(Exception):
-                await self.nc.publish(address + ".cancel", reply.encode())
+            with contextlib.suppress(StreamError):
+                await publish_typed(self.nc, address + ".cancel", reply.encode())
         horizon = self._loop_time() - self.settings.timeouts.heartbeat_s * 4
         for at, reply, frame in list(self._recent_ends):
             if at >= horizon:
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(reply, frame)
+                with contextlib.suppress(StreamError):
+                    await publish_typed(self.nc, reply, frame)
 
     def remember_last_frame(self, reply: str, frame: bytes) -> None:
         """Keep a stream's END/ERROR for a few heartbeat timeouts, to re-send after a reconnect (the caller
@@ -396,15 +453,16 @@ class NatsRequestPlane:
 
     # ---- events --------------------------------------------------------------------------------------------
     async def publish(self, subject: str, payload: bytes) -> None:
+        """Events are periodic: one published while NATS is disconnected is dropped."""
         if self.nc.is_connected:
-            await self.nc.publish(subject, payload)
+            await publish_typed(self.nc, subject, payload)
 
     async def subscribe(self, prefix: str, callback: EventCallback) -> _NatsEventSubscription:
         async def on_msg(msg: Msg) -> None:
             callback(msg.subject, msg.data)
 
         # NATS subjects are dot-separated tokens: "a.b." + ">" matches everything below "a.b".
-        sub = await self.nc.subscribe(prefix.rstrip(".") + ".>", cb=on_msg)
+        sub = await subscribe_typed(self.nc, prefix.rstrip(".") + ".>", on_msg)
         await sync_with_server(self.nc, self.settings.timeouts.connect_s)
         return _NatsEventSubscription(sub)
 
@@ -413,7 +471,7 @@ class NatsRequestPlane:
         if n > self._acked_upto.get(address, -1):
             self._acked_upto[address] = n
         now = self._loop_time()
-        self._last_seen[address] = now  # a frame is as good as a heartbeat: under load heartbeats queue
+        self._heard(address, now)  # a frame is as good as a heartbeat: under load heartbeats queue
         if self.on_ack is not None and started is not None:
             self.on_ack(address, now - started)
 
@@ -440,14 +498,14 @@ class NatsRequestPlane:
             stream.acked = True
             self._acknowledged(stream.address, stream.n, stream.started)
         else:
-            self._last_seen[stream.address] = self._loop_time()
+            self._heard(stream.address, self._loop_time())
         if frame.kind == FrameKind.BUSY:
             stream.fail(InstanceBusy(stream.address))
-        elif frame.kind != FrameKind.ACK:
+        elif frame.seq >= 0:  # ACK (and a newer sender's kind outside the numbering) says nothing more
             stream.put(frame)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
-        self._last_seen[msg.subject[len(HEARTBEAT_PREFIX) :]] = asyncio.get_running_loop().time()
+        self._heard(msg.subject[len(HEARTBEAT_PREFIX) :], self._loop_time())
 
     async def _monitor(self) -> None:
         """Fail streams whose instance went silent or lost their request (never a hang)."""
@@ -478,7 +536,7 @@ class NatsRequestPlane:
                     elif waited > silence and self.nc.is_connected:
                         await self._probe(stream.address, stream.n, now, silence)
                 elif not self.nc.is_connected and now - stream.started > silence:
-                    stream.fail(InstanceLost("request plane disconnected", "request_plane_down"))
+                    stream.fail(InstanceLost("request plane disconnected", PLANE_DOWN))
 
     async def _probe(self, address: str, after: int, now: float, every: float) -> None:
         """Send ``address`` a request that is only acknowledged: once it is, every request published to
@@ -492,8 +550,8 @@ class NatsRequestPlane:
         self._probes[reply] = (address, n)
         self._probed[address] = (n, now)
         try:
-            await self.nc.publish(address, b"", reply=reply, headers={PROBE_HEADER: "1"})
-        except Exception:  # noqa: BLE001 — reconnecting: the next pass probes again
+            await publish_typed(self.nc, address, b"", reply, {PROBE_HEADER: "1"})
+        except StreamError:  # reconnecting: the next pass probes again
             self._probes.pop(reply, None)
 
     def _forget_stale_probes(self, now: float, ack_timeout: float) -> None:
@@ -513,7 +571,7 @@ class NatsRequestPlane:
         self, address: str, payload: bytes, *, first_timeout: float | None
     ) -> AsyncIterator[bytes]:
         if not self.nc.is_connected:
-            raise InstanceUnavailable("request plane (NATS) is not connected", "request_plane_down")
+            raise RequestPlaneDown("request plane (NATS) is not connected")
         if len(payload) > self.nc.max_payload:
             raise StreamError(
                 ErrorInfo(
@@ -530,7 +588,11 @@ class NatsRequestPlane:
         finished = False
         expected = 0
         try:
-            await self.nc.publish(address, payload, reply=reply, headers=tracing.headers())
+            try:
+                await publish_typed(self.nc, address, payload, reply, tracing.headers())
+            except StreamError:
+                finished = True  # never sent: nothing to cancel
+                raise
             while True:
                 try:
                     frame = (
@@ -553,16 +615,17 @@ class NatsRequestPlane:
                 elif frame.kind == FrameKind.END:
                     finished = True
                     return
-                else:
+                elif frame.kind == FrameKind.ERROR:
                     finished = True
                     raise StreamError.from_info(decode(frame.payload, ErrorInfo))
+                # else a kind from a newer sender: it only adds information, skipped
         finally:
             self._streams.pop(reply, None)
             if not finished:
                 if self.nc.is_connected:
                     try:
-                        await self.nc.publish(address + ".cancel", reply.encode())
-                    except Exception:  # noqa: BLE001 — the instance cleans up via its own liveness paths
+                        await publish_typed(self.nc, address + ".cancel", reply.encode())
+                    except StreamError:  # the instance cleans up via its own liveness paths
                         pass
                 else:
                     self._cancel_on_reconnect.append((address, reply))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from dynamo_lite.protocol import ErrorInfo, StreamError, WireError
+from dynamo_lite.protocol import ErrorInfo, IncompatibleWire, StreamError, WireError
 
 log = logging.getLogger(__name__)
 
@@ -13,8 +13,8 @@ def error_info_for(exc: BaseException) -> ErrorInfo:
     """The ``ErrorInfo`` a stream carries for a handler's exception (engines raise ``EngineError``)."""
     if isinstance(exc, StreamError):
         return exc.info
-    if isinstance(exc, WireError):
-        return ErrorInfo(400, str(exc), "invalid_request")
+    if isinstance(exc, WireError):  # our own processes disagree on the wire: never the client's fault
+        return IncompatibleWire(f"unreadable request: {exc}").info
     status = getattr(exc, "status", None)
     if isinstance(status, int):
         return ErrorInfo(status, str(exc), getattr(exc, "code", "engine_error"))

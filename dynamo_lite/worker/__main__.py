@@ -54,7 +54,7 @@ def build_parser(
         "--disaggregation-mode",
         dest="role",
         default=_W.role.value,
-        choices=[r.value for r in Role],
+        choices=[r.value for r in Role if r is not Role.UNRECOGNIZED],
     )
     p.add_argument(
         "--engine",

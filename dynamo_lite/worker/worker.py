@@ -22,6 +22,7 @@ from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, S
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
 from dynamo_lite.protocol import (
     GenerateRequest,
+    IncompatibleWire,
     InstanceInfo,
     KvDescriptor,
     KvEvent,
@@ -39,6 +40,7 @@ from dynamo_lite.protocol import (
 from dynamo_lite.runtime import keys
 from dynamo_lite.runtime.card_files import publish_card_files
 from dynamo_lite.runtime.config import RuntimeSettings
+from dynamo_lite.runtime.nats_fast_path import export_read_path
 from dynamo_lite.runtime.registry import deregister, register
 from dynamo_lite.runtime.runtime import Runtime
 from dynamo_lite.timing import worker_timing
@@ -144,6 +146,7 @@ class Worker:
             "model": self.card.served_name,
         }
         self.metrics = WorkerMetrics(self.engine.stats, labels, component=component)
+        export_read_path(self.metrics.registry, self.runtime.request_plane)
         if s.metrics_port is not None:
             from prometheus_client import start_http_server
 
@@ -247,6 +250,10 @@ class Worker:
     async def handle(self, payload: bytes) -> AsyncIterator[bytes]:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
         request = decode(payload, GenerateRequest)
+        if (unknown := request.unrecognized()) is not None:
+            raise IncompatibleWire(
+                f"worker {self.instance_id} does not know the request's {unknown} (upgrade it)"
+            )
         phase_name = request.phase.name.lower()
         assert self._handler is not None and self.metrics is not None
         metrics = self.metrics

@@ -62,12 +62,14 @@ def test_nats_restart_under_load(services: Services, stack) -> None:
         return results, down_at, up_at
 
     results, down_at, up_at = asyncio.run(run())
+    # Without migration a request whose tokens were flowing when NATS died fails (503); one that arrived
+    # while it was down waits for it (issue 26), within its deadline: never a hang.
     assert all(status in (200, 503) for _, status, _, _ in results), {s for _, s, _, _ in results}
     assert all(tokens == 12 for _, status, tokens, _ in results if status == 200)
-    assert max(seconds for *_, seconds in results) < 5.0  # an outage fails fast, never hangs
+    assert max(seconds for *_, seconds in results) < (up_at - down_at) + 5.0
     assert any(status == 200 for t0, status, _, _ in results if t0 < down_at)
     during = [status for t0, status, _, _ in results if down_at + 0.5 < t0 < up_at]
-    assert during and all(s == 503 for s in during)
+    assert all(s == 200 for s in during), during  # tests/e2e/test_nats_outage.py sends such requests for sure
     late = [status for t0, status, _, _ in results if t0 > up_at + 2.5]
     assert late and all(s == 200 for s in late), late  # reconnected: served again without restarts
 

@@ -237,3 +237,18 @@ async def test_first_token_timeout_is_504(card, tokenizer: Tokenizer) -> None:
 async def test_error_responses_carry_the_request_id(http: httpx.AsyncClient) -> None:
     r = await http.post(CHAT, json={"model": "nope", "messages": HI}, headers={"x-request-id": "abc"})
     assert r.status_code == 404 and r.headers["x-request-id"] == "abc"
+
+
+async def test_when_every_queue_is_full_the_429_comes_before_the_body_is_read(
+    http: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    """The backend says any request would be refused (every model's queue is full): the frontend answers 429
+    with Retry-After without reading the body — a body that is not even JSON gets the 429, not a 400."""
+    refusal = Overloaded(ErrorInfo(429, "every model's queue is full (--queue-depth 4)", "queue_full"), 2)
+    backend.refusal = lambda: refusal  # type: ignore[attr-defined]
+    r = await http.post(CHAT, content=b"{not json", headers={"content-type": "application/json"})
+    err = assert_error(r, 429, code="queue_full")
+    assert "--queue-depth 4" in err["message"] and r.headers["retry-after"] == "2"
+    assert not backend.requests
+    backend.refusal = lambda: None  # type: ignore[attr-defined]
+    assert_error(await http.post(CHAT, content=b"{not json"), 400)

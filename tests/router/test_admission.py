@@ -153,3 +153,45 @@ async def test_an_instance_that_refused_counts_as_full_until_it_reports() -> Non
     assert not waiting.done()
     load._on_report("", encode(LoadReport("a", inflight=3)))
     assert await waiting == a
+
+
+@dataclass
+class Plane:
+    """What Admission reads of a ``RequestPlane``: which addresses it can reach now."""
+
+    down: set[str] = field(default_factory=set)
+    on_reachable: list = field(default_factory=list)
+
+    def reachable(self, address: str) -> bool:
+        return address not in self.down
+
+    def back(self) -> None:
+        self.down.clear()
+        for callback in self.on_reachable:
+            callback()
+
+
+async def test_while_the_request_plane_cannot_reach_an_instance_requests_wait_within_the_limits() -> None:
+    """A NATS outage: the instances are still in discovery but unreachable; requests wait (bounded by the queue's
+    depth and wait, as for room) and are placed once the plane says they are reachable again."""
+    view = View()
+    a, b = view.add("a", 0), view.add("b", 0)
+    plane = Plane({a.address, b.address})
+    adm = Admission(
+        view,  # type: ignore[arg-type]
+        LoadTracker(RouterSettings().load_report_ttl_s),
+        {"decode": RoundRobin()},
+        queue_depth=2,
+        queue_timeout_s=5.0,
+        retry_after_s=1,
+        plane=plane,  # type: ignore[arg-type]
+    )
+    waiting = [asyncio.create_task(adm.place("decode", MODEL, REQ)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert adm.queued() == {MODEL: 2} and not any(w.done() for w in waiting)
+    with pytest.raises(Overloaded) as full:  # the queue's limits still hold
+        await adm.place("decode", MODEL, REQ)
+    assert full.value.info.status == 429
+    plane.back()
+    assert {(await w).instance_id for w in waiting} <= {"a", "b"}
+    assert adm.queued() == {MODEL: 0}

@@ -282,6 +282,9 @@ async def test_queue_full_is_refused_with_429_and_a_wait_past_the_limit_with_503
     await until(lambda: router.load.local_inflight)
     waiting = asyncio.create_task(run(router, req(rid="waits")))
     await until(lambda: router.queued_requests().get(MODEL) == 1)
+    refusal = router.refusal()  # what the frontend answers before reading the next request's body
+    assert refusal is not None and (refusal.info.status, refusal.info.code) == (429, "queue_full")
+    assert "--queue-depth 1" in refusal.info.message and refusal.retry_after_s == 2
     with pytest.raises(Overloaded) as full:
         await run(router, req(rid="one-too-many"))
     assert full.value.info.status == 429 and full.value.info.code == "queue_full"
@@ -289,7 +292,7 @@ async def test_queue_full_is_refused_with_429_and_a_wait_past_the_limit_with_503
     with pytest.raises(Overloaded) as waited:
         await waiting
     assert waited.value.info.status == 503 and waited.value.info.code == "queue_timeout"
-    assert router.queued_requests() == {MODEL: 0}
+    assert router.queued_requests() == {MODEL: 0} and router.refusal() is None
     holder.cancel()
     await asyncio.gather(holder, return_exceptions=True)
     await until(lambda: not router.load.local_inflight)  # every reservation released

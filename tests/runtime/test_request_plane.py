@@ -1,6 +1,7 @@
-"""The request plane's contract (``dynamo_lite.protocol.RequestPlane``), run against every plane: NATS and
-in-process. Accept or refuse at once (ACK, busy), ordered streams with the handler's errors, a lost instance
-and a late first answer fail typed and fast, cancellation flows down, stopping drains then cancels.
+"""The request plane's contract (``dynamo_lite.protocol.RequestPlane``), run against every plane: NATS (read by
+our fast paths, and by nats-py's own as with DYNAMO_LITE_NATS_FAST_PATH=0) and in-process. Accept or refuse at
+once (ACK, busy), ordered streams with the handler's errors, a lost instance and a late first answer fail typed
+and fast, cancellation flows down, stopping drains then cancels.
 What only a network adds is in ``test_request_plane_nats.py``."""
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Planes:
     client: RequestPlane
 
 
-@pytest.fixture(params=["inproc", "nats"])
+@pytest.fixture(params=["inproc", "nats", "nats-standard-read-path"])
 async def planes(request: pytest.FixtureRequest) -> AsyncIterator[Planes]:
     if request.param == "inproc":
         plane = InProcRequestPlane()
@@ -46,10 +47,12 @@ async def planes(request: pytest.FixtureRequest) -> AsyncIterator[Planes]:
         await plane.close()
         return
     port = request.getfixturevalue("nats_server").port
-    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{port}", timeouts=HEARTBEAT)
+    fast = request.param == "nats"  # else as with DYNAMO_LITE_NATS_FAST_PATH=0: nats-py's own read path
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{port}", timeouts=HEARTBEAT, nats_fast_path=fast)
     server = await NatsRequestPlane.connect(settings, name="test-server")
     # The client has its own connection, like a frontend.
     client = await NatsRequestPlane.connect(settings, name="test-client")
+    assert server.read_path == client.read_path == ("fast" if fast else "standard")
     yield Planes(server, client)
     await client.close()
     await server.close()

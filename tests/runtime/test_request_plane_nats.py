@@ -10,6 +10,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 
 from dynamo_lite.protocol import (
@@ -18,6 +19,7 @@ from dynamo_lite.protocol import (
     InstanceLost,
     InstanceUnavailable,
     RequestPlane,
+    RequestPlaneDown,
     StreamError,
     decode,
     encode,
@@ -132,6 +134,9 @@ async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Lau
         await server.serve(addr, endless(started, finished))
         in_flight = asyncio.create_task(collect(client, addr))
         await asyncio.wait_for(started.wait(), 2.0)
+        assert client.reachable(addr)
+        reachable_again = asyncio.Event()
+        client.on_reachable.append(reachable_again.set)
         nats.kill()
         nats.popen.wait(5)
         killed = time.monotonic()
@@ -144,10 +149,14 @@ async def test_nats_down_fails_requests_fast_with_503_and_recovers(launcher: Lau
         t0 = time.monotonic()
         with pytest.raises(InstanceUnavailable) as err:
             await collect(client, addr, first_timeout=30.0)
-        assert err.value.info.status == 503 and err.value.info.code == "request_plane_down"
+        assert isinstance(err.value, RequestPlaneDown) and err.value.plane_failed
         assert time.monotonic() - t0 < 0.5
-        # NATS back on the same port: both sides reconnect by themselves and the address is served again.
+        assert not client.reachable(addr)  # the router's admission keeps requests waiting meanwhile
+        # NATS back on the same port: both sides reconnect by themselves and the address is served again; it is
+        # reachable again once its instance was heard from (its heartbeat), and the client says so.
         await asyncio.to_thread(launcher.nats, "nats", nats.port)
+        await asyncio.wait_for(reachable_again.wait(), settings.timeouts.heartbeat_s + 5.0)
+        assert client.reachable(addr)
         deadline = time.monotonic() + 10.0
         while True:
             try:
@@ -257,6 +266,28 @@ async def test_nats_burst_acknowledged_late_but_in_order_is_not_taken_for_lost(n
             assert results == [[]] * 64
             assert max(acked) > settings.timeouts.heartbeat_s  # late indeed, and not failed
             assert any(instance.seen)  # the caller probed, and waited for its answer
+    finally:
+        await client.close()
+
+
+async def test_nats_frames_of_a_kind_from_a_newer_sender_are_skipped(nats_server: Proc) -> None:
+    """A newer worker may send a frame kind this caller doesn't know, numbered or not (a rolling upgrade):
+    the caller skips it and the stream goes on, in order, to its END."""
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=HEARTBEAT)
+    client = await NatsRequestPlane.connect(settings)
+
+    class Newer(RawInstance):
+        async def on_request(self, msg, probe: bool) -> None:  # noqa: ANN001
+            await self.ack(msg)
+            newer = msgspec.msgpack.encode([-1, 42, b"", "a next-version field"])  # outside the numbering
+            frames = [encode(Frame(0, FrameKind.DATA, b"a")), msgspec.msgpack.encode([1, 43, b"progress"])]
+            frames += [newer, encode(Frame(2, FrameKind.DATA, b"b")), encode(Frame(3, FrameKind.END))]
+            for frame in frames:
+                await self.nc.publish(msg.reply, frame)
+
+    try:
+        async with Newer(settings.nats_url, settings.timeouts.heartbeat_interval_s) as instance:
+            assert await collect(client, instance.addr, b"x") == [b"a", b"b"]
     finally:
         await client.close()
 
