@@ -26,8 +26,9 @@ from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_er
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from dynamo_lite.frontend.prepared import CHAT, COMPLETIONS, RESPONSES
 from dynamo_lite.frontend.preprocess import ModelPreprocessor
-from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
+from dynamo_lite.frontend.serving import CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.frontend.tokenize_api import DetokenizeRequest, detokenize, parse_tokenize, tokenize
 from dynamo_lite.protocol import ModelCard

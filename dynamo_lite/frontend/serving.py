@@ -1,7 +1,5 @@
-"""A parsed OpenAI request → token ids → the backend's stream → text, stop strings, usage → SSE or JSON.
-
-The per-chunk path (``_stream``) is kept lean: one detokenizer call, one stop-string scan (only when the
-request has stop strings), one preformatted byte chunk, one ``send``.
+"""A parsed OpenAI request → validated, tokenized (``PreparedRequest``) → the backend's stream, under the
+request's deadlines → its writer (``writer.py``) → metrics, trace and access log.
 """
 
 from __future__ import annotations
@@ -9,27 +7,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from dynamo_lite import tracing
-from dynamo_lite.frontend import choices as n_choices
 from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
-from dynamo_lite.frontend.chunks import (
-    ChatStreamFormat,
-    CompletionStreamFormat,
-    chat_completion,
-    text_completion,
-    usage_dict,
-    with_usage,
-)
+from dynamo_lite.frontend.choices import Choices, MergedStreams, choice_requests
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, bad_request
-from dynamo_lite.frontend.extra_fields import nvext_chunk, requested, with_nvext
+from dynamo_lite.frontend.extra_fields import requested
 from dynamo_lite.frontend.fields import tools_for_prompt
 from dynamo_lite.frontend.guided import check_spec, guided_spec
-from dynamo_lite.frontend.logprobs import ChatLogprobs, CompletionLogprobs, splice, token_bytes
 from dynamo_lite.frontend.metrics import FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import (
     ChatCompletionRequest,
@@ -37,83 +24,20 @@ from dynamo_lite.frontend.openai_protocol import (
     CompletionRequest,
     ResponsesRequest,
 )
-from dynamo_lite.frontend.output import OutputState, Transcript
-from dynamo_lite.frontend.parsers import Delta
+from dynamo_lite.frontend.prepared import CHAT, COMPLETIONS, RESPONSES, PreparedRequest, StreamFormat
 from dynamo_lite.frontend.preprocess import ModelPreprocessor, PreprocessorCache
 from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_tools, input_messages
 from dynamo_lite.frontend.settings import FrontendSettings
-from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, BufferedBody, Exchange, WatchedResponse
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, GuidedSpec, ModelCard, SamplingOptions
+from dynamo_lite.frontend.sse import JSON_HEADERS, Exchange, WatchedResponse
+from dynamo_lite.frontend.writer import Reply, write_response
+from dynamo_lite.protocol import GenerateRequest, GuidedSpec, ModelCard, SamplingOptions
 from dynamo_lite.timing import RequestTiming
 
 logger = logging.getLogger(__name__)
 
-CHAT, COMPLETIONS, RESPONSES = "chat", "completions", "responses"
+__all__ = ["CHAT", "COMPLETIONS", "RESPONSES", "CompletionService", "PreparedRequest"]
 _DRAIN_TIMEOUT_S = 5.0  # closing a backend stream must not hold a finished response hostage
 _SEND_ERROR_TIMEOUT_S = 5.0  # delivering an error to a client that may have stopped reading
-
-
-class StreamFormat(Protocol):
-    """How one endpoint writes a streamed response (chat/completion chunks, Responses events)."""
-
-    def head(self) -> bytes: ...
-
-    def delta(self, d: Delta, finish_reason: str | None) -> bytes: ...
-
-    def tail(self, usage: dict, finish_reason: str) -> bytes: ...
-
-    def error(self, error_body: bytes) -> bytes: ...
-
-
-@dataclass(slots=True)
-class PreparedRequest:
-    """A validated request, tokenized and ready for the backend."""
-
-    endpoint: str  # CHAT | COMPLETIONS | RESPONSES
-    response_id: str
-    created: int
-    arrival: float  # time.perf_counter() when the request arrived
-    request: GenerateRequest
-    stops: list[str]
-    stream: bool
-    include_usage: bool
-    pre: ModelPreprocessor
-    responses: ResponsesApi | None = None  # RESPONSES: what the response object echoes, and the store
-    continuous_usage: bool = False  # stream_options.continuous_usage_stats: usage in every chunk
-    received: float = 0.0  # time.perf_counter() before preprocessing (0: not measured)
-    extra_fields: frozenset[str] = frozenset()  # nvext.extra_fields to answer ("timing", "worker_id")
-    n: int = 1  # choices (``dynamo_lite.frontend.choices`` when more than one)
-    include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
-    echo: str | None = None  # completions' ``echo``: the prompt's text, before the completion's
-
-    def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
-        """The collector of this request's token logprobs (None: not asked for)."""
-        if self.request.sampling.logprobs is None:
-            return None
-        if self.endpoint == CHAT:
-            return ChatLogprobs(token_bytes(self.pre))
-        prompt = self.request.token_ids if self.echo is not None else None
-        return CompletionLogprobs(token_bytes(self.pre), prompt)
-
-    @property
-    def model(self) -> str:
-        return self.request.model
-
-    def stream_format(self, index: int = 0) -> StreamFormat:
-        if self.responses is not None:
-            return self.responses.stream_format()
-        cls = ChatStreamFormat if self.endpoint == CHAT else CompletionStreamFormat
-        return cls(self.response_id, self.created, self.model, self.include_usage, index)
-
-    def body(self, transcript: Transcript, finish: str, usage: dict, logprobs: dict | None = None) -> bytes:
-        if self.responses is not None:
-            return self.responses.body(transcript, finish, usage)
-        build = chat_completion if self.endpoint == CHAT else text_completion
-        return build(self.response_id, self.created, self.model, transcript, finish, usage, logprobs)
-
-    def usage(self, out: OutputState | n_choices.Choices) -> dict:
-        reasoning = out.reasoning_tokens if self.pre.has_reasoning else None
-        return usage_dict(len(self.request.token_ids), out.completion_tokens, out.cached_tokens, reasoning)
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -339,8 +263,8 @@ class CompletionService:
         stream = bool(req.stream)
         options = req.stream_options if stream else None
         n = req.n if req.n is not None else 1
-        if not 1 <= n <= n_choices.MAX_CHOICES:
-            raise bad_request(f"n must be in [1, {n_choices.MAX_CHOICES}]", param="n")
+        if not 1 <= n <= self._settings.max_choices:
+            raise bad_request(f"n must be in [1, {self._settings.max_choices}]", param="n")
         return PreparedRequest(
             endpoint=endpoint,
             response_id=response_id,
@@ -378,36 +302,27 @@ class CompletionService:
     async def _serve(self, p: PreparedRequest, ex: Exchange, rid: tuple[bytes, bytes]) -> None:
         """Run ``p`` on the backend under its deadlines and answer it, streamed or whole; failures become an
         error response (before the first byte) or the stream's error event (after)."""
-        out: OutputState | n_choices.Choices
-        if p.n > 1:
-            out = n_choices.Choices(p, p.n)
-        else:
-            out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
+        choices = Choices(p)
         mm = self._metrics.model(p.model)
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)
         mm.inflight.inc()
         mm.input_sequence.observe(len(p.request.token_ids))
-        fmt = p.stream_format() if p.stream else None
-        logprobs = p.new_logprobs()
         status = 200
-        stream = None
+        stream: Any = None
         ttft_s = None
         # The router adds its part (instances, queue, prefill, decode) to the task's RequestTiming: the access
         # log names the instances, nvext.extra_fields returns the rest.
         rt = RequestTiming(p.received or p.arrival, preprocessed=p.arrival)
         rt.bind()
-        report = None
-        if p.extra_fields:
-            report = lambda: rt.report(p.extra_fields, out.completion_tokens)  # noqa: E731
         root = _request_span(p)
         token = tracing.activate(root)
         try:
             first_deadline = start + min(settings.timeouts.first_token_s, settings.timeouts.request_s)
             async with asyncio.timeout_at(first_deadline) as t:
-                if isinstance(out, n_choices.Choices):
-                    requests = n_choices.choice_requests(p.request, p.n)
-                    stream = n_choices.MergedStreams([self._backend.generate(p.model, r) for r in requests])
+                if p.n > 1:
+                    requests = choice_requests(p.request, p.n)
+                    stream = MergedStreams([self._backend.generate(p.model, r) for r in requests])
                 else:
                     stream = self._backend.generate(p.model, p.request)
                 first = await anext(stream, None)
@@ -416,128 +331,35 @@ class CompletionService:
                 ttft_s = first_at - p.arrival
                 mm.ttft.observe(ttft_s)
                 rt.first_token = first_at
-                if isinstance(out, n_choices.Choices):
-                    write = n_choices.write_stream if p.stream else n_choices.write_whole
-                    await write(p, ex, rid, stream, first, out)
-                elif fmt is not None:
-                    await self._write_stream(p, ex, rid, fmt, stream, first, out, mm.itl, report, logprobs)
-                else:
-                    await self._write_whole(p, ex, rid, stream, first, out, mm.itl, report, logprobs)
+                await write_response(Reply(p, ex, rid, choices, rt, mm.itl), stream, first)
                 if root is not None:  # the output loop: detokenizing, stop strings, writing
                     tracing.past_span("detokenize", time.perf_counter() - first_at, parent=root)
         except asyncio.CancelledError:
             status = 499 if ex.disconnected else 503
             raise
         except Exception as exc:
-            status = await self._report_failure(exc, ex, rid, fmt)
+            status = await self._report_failure(exc, ex, rid, choices.items[0].fmt)
         finally:
-            await self._close_stream(stream, backend_finished=out.backend_finished)
+            await self._close_stream(stream, backend_finished=choices.backend_finished)
             tracing.deactivate(token)
             if root is not None:
                 root.set_attribute("http.status_code", status)
-                root.set_attribute("completion.tokens", out.completion_tokens)
+                root.set_attribute("completion.tokens", choices.completion_tokens)
                 root.end()
-            self._done(p, mm, out, status, ex)
+            self._done(p, mm, choices, status, ex)
             log_access(
                 request_id=p.request.request_id,
                 endpoint=p.endpoint,
                 model=p.model,
                 status=499 if ex.disconnected else status,
                 prompt_tokens=len(p.request.token_ids),
-                completion_tokens=out.completion_tokens,
-                cached_tokens=out.cached_tokens,
+                completion_tokens=choices.completion_tokens,
+                cached_tokens=choices.cached_tokens,
                 ttft_s=ttft_s,
                 duration_s=time.perf_counter() - p.arrival,
-                finish_reason=out.finish_reason,
+                finish_reason=choices.finish_reason,
                 instances=rt.instances(),
             )
-
-    @staticmethod
-    async def _write_stream(
-        p: PreparedRequest,
-        ex: Exchange,
-        rid: tuple[bytes, bytes],
-        fmt: StreamFormat,
-        stream: Any,
-        chunk: GenerateChunk | None,
-        out: OutputState,
-        itl: Any,
-        report: Callable[[], dict] | None,
-        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
-    ) -> None:
-        perf_counter = time.perf_counter
-        now = perf_counter()
-        await ex.start(200, [*SSE_HEADERS, rid])
-        body = BufferedBody(ex)
-        head = fmt.head()
-        if head:
-            body.add(head)
-        echo = p.echo
-        try:
-            while True:
-                counted = out.completion_tokens
-                delta = out.process(chunk) if chunk is not None else out.end()
-                if echo:  # the prompt goes out with the first event
-                    delta.content, echo = echo + delta.content, None
-                finish = out.finish_reason
-                if logprobs is not None and chunk is not None:
-                    logprobs.add(chunk, out.completion_tokens - counted)
-                if delta or finish:
-                    data = fmt.delta(delta, finish)
-                    if data and logprobs is not None:
-                        taken = logprobs.take()  # what arrived since the last event, with this event's text
-                        data = splice(data, taken) if taken is not None else data
-                    if data:
-                        body.add(with_usage(data, p.usage(out)) if p.continuous_usage else data)
-                if finish:
-                    break
-                chunk = await body.next_of(stream)
-                if chunk is not None and chunk.token_ids:
-                    t_chunk = perf_counter()
-                    itl.observe((t_chunk - now) / len(chunk.token_ids))
-                    now = t_chunk
-        except Exception:
-            await body.flush()  # the events that were ready go out before the error event
-            raise
-        if report is not None:
-            obj = "chat.completion.chunk" if p.endpoint == CHAT else "text_completion"
-            body.add(nvext_chunk(p.response_id, p.created, p.model, obj, report()))
-        body.add(fmt.tail(p.usage(out), out.finish_reason or "stop"))
-        await ex.end(body.take())
-
-    @staticmethod
-    async def _write_whole(
-        p: PreparedRequest,
-        ex: Exchange,
-        rid: tuple[bytes, bytes],
-        stream: Any,
-        chunk: GenerateChunk | None,
-        out: OutputState,
-        itl: Any,
-        report: Callable[[], dict] | None,
-        logprobs: ChatLogprobs | CompletionLogprobs | None = None,
-    ) -> None:
-        transcript = Transcript()
-        if p.echo:
-            transcript.add(Delta(content=p.echo))
-        now = time.perf_counter()
-        while True:
-            counted = out.completion_tokens
-            transcript.add(out.process(chunk) if chunk is not None else out.end())
-            if logprobs is not None and chunk is not None:
-                logprobs.add(chunk, out.completion_tokens - counted)
-            if out.finish_reason:
-                break
-            chunk = await anext(stream, None)
-            if chunk is not None and chunk.token_ids:
-                t_chunk = time.perf_counter()
-                itl.observe((t_chunk - now) / len(chunk.token_ids))
-                now = t_chunk
-        whole = logprobs.whole() if logprobs is not None else None
-        body = p.body(transcript, out.finish_reason or "stop", p.usage(out), whole)
-        if report is not None:
-            body = with_nvext(body, report())
-        await ex.respond(200, [*JSON_HEADERS, rid], body)
 
     async def _report_failure(
         self, exc: Exception, ex: Exchange, rid: tuple[bytes, bytes], stream: StreamFormat | None
@@ -574,12 +396,10 @@ class CompletionService:
         except Exception as e:
             logger.warning("closing the backend stream failed: %r", e)
 
-    def _done(
-        self, p: PreparedRequest, mm: Any, out: OutputState | n_choices.Choices, status: int, ex: Exchange
-    ) -> None:
+    def _done(self, p: PreparedRequest, mm: Any, choices: Choices, status: int, ex: Exchange) -> None:
         mm.inflight.dec()
-        mm.output_tokens.inc(out.completion_tokens)
-        mm.output_sequence.observe(out.completion_tokens)
+        mm.output_tokens.inc(choices.completion_tokens)
+        mm.output_sequence.observe(choices.completion_tokens)
         mm.duration.observe(time.perf_counter() - p.arrival)
         if ex.disconnected:
             self._metrics.disconnects.inc()
