@@ -54,6 +54,23 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"
 
 
+class DisaggregationStrategy(enum.StrEnum):
+    """Who runs a disaggregated request's prefill handoff (a decode worker's ``--disaggregation-strategy``,
+    registered with its instance). On the wire: the value, a plain string."""
+
+    PREFILL_FIRST = "prefill_first"  # the router: prefill worker first, then the decode worker
+    DECODE_FIRST = "decode_first"  # the decode worker, asked first, runs the prefill on a prefill worker
+
+
+class EngineKind(enum.StrEnum):
+    """Which engine holds a prefill's KV (``KvDescriptor.engine``): how a decode worker pulls or releases it.
+    On the wire: the value, a plain string."""
+
+    TORCH = "torch"
+    MOCKER = "mocker"
+    TRTLLM = "trtllm"
+
+
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, forbid_unknown_fields=True):
     """Base of every wire message: compact, typed, no cycles."""
 
@@ -259,7 +276,7 @@ class InstanceInfo(_Wire):
     model: str
     host: str = ""
     metrics_port: int = 0
-    disaggregation_strategy: str = "prefill_first"
+    disaggregation_strategy: DisaggregationStrategy = DisaggregationStrategy.PREFILL_FIRST
     version: int = WIRE_VERSION
     # Requests the instance takes at once (its worker's max_inflight; 0: unbounded). After ``version`` so that
     # records written without it still decode.

@@ -14,7 +14,8 @@ from dynamo_lite import serve
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.frontend import __main__ as frontend_cli
 from dynamo_lite.frontend.settings import FrontendSettings
-from dynamo_lite.protocol import Role
+from dynamo_lite.placement import PlacementSettings
+from dynamo_lite.protocol import DisaggregationStrategy, Role
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.worker import __main__ as worker_cli
@@ -26,6 +27,7 @@ CLIS = [
     ROOT / "dynamo_lite" / "frontend" / "__main__.py",
     ROOT / "dynamo_lite" / "serve.py",
     ROOT / "dynamo_lite" / "runtime" / "cli.py",
+    ROOT / "dynamo_lite" / "placement" / "cli.py",
 ]
 # Flag defaults that are not settings: what a flag means when it is omitted, in the CLI's own terms.
 OWN_DEFAULTS = {
@@ -77,6 +79,18 @@ def test_the_worker_cli_without_flags_is_the_settings_defaults() -> None:
     assert settings.runtime.timeouts == Timeouts(drain_s=7.0)
     assert settings.engine_settings.kv_lease_s == 9.0 and settings.engine_settings.max_batch_size == 4
     assert settings.engine_settings.explicit == {"kv_lease_s", "max_batch_size"}
+
+
+def test_a_decode_first_worker_takes_the_routers_placement_flags() -> None:
+    flags = ["--mode", "decode", "--disaggregation-strategy", "decode_first", "--router-mode", "least-loaded"]
+    settings = worker_cli.settings_from(
+        worker_cli.build_parser().parse_args([*flags, "--queue-timeout", "5"])
+    )
+    assert settings.disaggregation_strategy is DisaggregationStrategy.DECODE_FIRST
+    assert settings.placement == PlacementSettings(policy="least-loaded", timeouts=Timeouts(queue_s=5.0))
+    assert settings.placement.timeouts is settings.runtime.timeouts  # one timeouts object per process
+    router = frontend_cli.parse_args(["--router-mode", "least-loaded", "--queue-timeout", "5"]).router
+    assert router == RouterSettings(policy="least-loaded", timeouts=Timeouts(queue_s=5.0))
 
 
 def test_the_frontend_cli_without_flags_is_the_settings_defaults() -> None:
