@@ -125,7 +125,7 @@ class KvDescriptor(_Wire):
     """
 
     transfer_id: str
-    engine: str  # "torch" | "mocker" | "trtllm"
+    engine: EngineKind
     num_tokens: int
     nbytes: int
     secret: str = ""  # per-transfer token the KV server checks before sending bytes

@@ -44,17 +44,41 @@ def no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+def _literal_default(value: ast.expr) -> ast.Constant | None:
+    """The literal a flag's default comes down to: the default itself, or the fallback of an environment
+    variable it is bound to (``os.environ.get("DYN_LOG", "INFO")``, ``os.getenv(...)``, nested ones)."""
+    if isinstance(value, ast.Constant):
+        return value
+    if isinstance(value, ast.Call) and len(value.args) == 2:
+        func = value.func
+        name = ast.unparse(func)
+        if name in ("os.environ.get", "os.getenv", "environ.get", "getenv"):
+            return _literal_default(value.args[1])
+    return None
+
+
 def flag_defaults(path: Path) -> list[tuple[str, object]]:
-    """(flag, default) of every ``add_argument`` call in ``path`` whose default is a literal."""
+    """(flag, default) of every ``add_argument`` call in ``path`` whose default is a literal, or an environment
+    variable's with a literal fallback."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
             continue
         flag = next((a.value for a in node.args if isinstance(a, ast.Constant)), "?")
         for kw in node.keywords:
-            if kw.arg == "default" and isinstance(kw.value, ast.Constant):
-                found.append((flag, kw.value.value))
+            literal = _literal_default(kw.value) if kw.arg == "default" else None
+            if literal is not None:
+                found.append((flag, literal.value))
     return found
+
+
+def test_hidden_defaults_are_found(tmp_path: Path) -> None:
+    """The check below sees a default hidden behind an environment variable."""
+    path = tmp_path / "cli.py"
+    path.write_text(
+        'p.add_argument("--log-level", default=os.environ.get("DYN_LOG", os.getenv("X", "INFO")))'
+    )
+    assert flag_defaults(path) == [("--log-level", "INFO")]
 
 
 @pytest.mark.parametrize("path", CLIS, ids=lambda p: p.name)

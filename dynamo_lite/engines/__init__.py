@@ -7,8 +7,9 @@ import logging
 import os
 
 from dynamo_lite.engines.base import Engine, EngineSettings, EngineUnavailable
+from dynamo_lite.protocol import EngineKind
 
-ENGINES = ("torch", "mocker", "trtllm")
+ENGINES = tuple(kind.value for kind in EngineKind)  # --engine choices
 
 log = logging.getLogger(__name__)
 

@@ -35,9 +35,9 @@ from dynamo_lite.timing import RequestTiming
 
 logger = logging.getLogger(__name__)
 
+_SAMPLING = SamplingOptions()  # what a request leaves unsaid samples as the engines' defaults
+
 __all__ = ["CHAT", "COMPLETIONS", "RESPONSES", "CompletionService", "PreparedRequest"]
-_DRAIN_TIMEOUT_S = 5.0  # closing a backend stream must not hold a finished response hostage
-_SEND_ERROR_TIMEOUT_S = 5.0  # delivering an error to a client that may have stopped reading
 
 
 def _message_dict(message: ChatMessage) -> dict[str, Any]:
@@ -233,7 +233,7 @@ class CompletionService:
                 code="context_length_exceeded",
             )
         nv = req.nvext
-        min_tokens = _first(req.min_tokens, nv and nv.min_tokens, default=0)
+        min_tokens = _first(req.min_tokens, nv and nv.min_tokens, default=_SAMPLING.min_tokens)
         if min_tokens > max_tokens:
             raise bad_request(
                 f"min_tokens ({min_tokens}) exceeds max_tokens ({max_tokens})", param="min_tokens"
@@ -241,18 +241,18 @@ class CompletionService:
         stop_ids = req.stop_token_ids or []
         if any(i < 0 or i >= pre.vocab_size for i in stop_ids):
             raise bad_request(f"stop_token_ids must be in [0, {pre.vocab_size})", param="stop_token_ids")
-        ignore_eos = _first(req.ignore_eos, nv and nv.ignore_eos, default=False)
+        ignore_eos = _first(req.ignore_eos, nv and nv.ignore_eos, default=_SAMPLING.ignore_eos)
         if not ignore_eos:  # the model's own stop ids travel with the request to every engine
             stop_ids = [*stop_ids, *(i for i in pre.stop_token_ids if i not in stop_ids)]
-        temperature = _first(req.temperature, default=1.0)
+        temperature = _first(req.temperature, default=_SAMPLING.temperature)
         if nv is not None and nv.greed_sampling:
             temperature = 0.0
-        top_k = _first(req.top_k, nv and nv.top_k, default=0)
+        top_k = _first(req.top_k, nv and nv.top_k, default=_SAMPLING.top_k)
         sampling = SamplingOptions(
             max_tokens=max_tokens,
             min_tokens=min_tokens,
             temperature=temperature,
-            top_p=_first(req.top_p, default=1.0),
+            top_p=_first(req.top_p, default=_SAMPLING.top_p),
             top_k=max(top_k, 0),  # -1 (vLLM's "off") and 0 both mean off
             seed=req.seed,
             ignore_eos=ignore_eos,
@@ -369,7 +369,7 @@ class CompletionService:
         err = as_openai_error(exc)
         self._metrics.error(err.type)
         try:
-            async with asyncio.timeout(_SEND_ERROR_TIMEOUT_S):
+            async with asyncio.timeout(self._settings.timeouts.send_error_s):
                 if ex.started and stream is not None:  # its last event says what failed
                     await ex.end(stream.error(err.body()))
                 else:
@@ -384,7 +384,7 @@ class CompletionService:
         if stream is None:
             return
         try:
-            async with asyncio.timeout(_DRAIN_TIMEOUT_S):
+            async with asyncio.timeout(self._settings.timeouts.stream_close_s):
                 if backend_finished:
                     try:
                         await stream.__anext__()
@@ -463,9 +463,9 @@ def _penalties(req: ChatCompletionRequest | CompletionRequest | ResponsesRequest
             )
         bias[token] = float(value)
     return {
-        "presence_penalty": _first(req.presence_penalty, default=0.0),
-        "frequency_penalty": _first(req.frequency_penalty, default=0.0),
-        "repetition_penalty": _first(req.repetition_penalty, default=1.0),
-        "min_p": _first(req.min_p, default=0.0),
+        "presence_penalty": _first(req.presence_penalty, default=_SAMPLING.presence_penalty),
+        "frequency_penalty": _first(req.frequency_penalty, default=_SAMPLING.frequency_penalty),
+        "repetition_penalty": _first(req.repetition_penalty, default=_SAMPLING.repetition_penalty),
+        "min_p": _first(req.min_p, default=_SAMPLING.min_p),
         "logit_bias": bias,
     }

@@ -28,6 +28,7 @@ import msgspec
 from dynamo_lite import timing, tracing
 from dynamo_lite.placement.admission import Admission
 from dynamo_lite.protocol import (
+    EngineKind,
     GenerateChunk,
     GenerateRequest,
     InstanceBusy,
@@ -201,7 +202,7 @@ class PrefillHandoff:
             release: Awaitable[object] = self.plane.publish(
                 kv.release_subject, encode(KvRelease(kv.transfer_id))
             )
-        elif kv.engine == "torch" and kv.port:
+        elif kv.engine == EngineKind.TORCH and kv.port:
             from dynamo_lite.kv.importer import release_kv
 
             release = release_kv(kv)

@@ -71,6 +71,7 @@ class WorkerSettings:
     # waits for room at the frontend, or places them elsewhere).
     max_inflight: int = 1024
     load_report_interval_s: float = 0.5
+    kv_event_interval_s: float = 0.05  # pending KV cache events (kv router) are published at least this often
     # Tokens produced within this long after a chunk went out travel together in the next one (0: a chunk per
     # engine step). Under load the interval grows so that this worker sends at most max_messages_per_s chunks.
     stream_interval_s: float = 0.005
@@ -248,7 +249,7 @@ class Worker:
                     next_report = loop.time() + interval
             except Exception as e:  # noqa: BLE001 — the request plane is reconnecting: report later
                 log.debug("load report failed: %s", e)
-            await asyncio.sleep(min(interval, 0.05))
+            await asyncio.sleep(min(interval, self.settings.kv_event_interval_s))
 
     async def handle(self, payload: bytes) -> AsyncIterator[bytes]:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
@@ -292,7 +293,10 @@ class Worker:
         drain = self.settings.runtime.timeouts.drain_s if drain_s is None else drain_s
         if self.runtime and self.info and self.card:
             try:
-                await asyncio.wait_for(deregister(self.runtime, self.info, self.card), 3.0)
+                await asyncio.wait_for(
+                    deregister(self.runtime, self.info, self.card),
+                    self.settings.runtime.timeouts.deregister_s,
+                )
             except Exception as e:  # noqa: BLE001 — discovery down: our lease expires by itself
                 log.warning("deregister failed: %s", e)
         if self._served:

@@ -58,6 +58,7 @@ class ReferenceConfig:
     # Fault injection for tests: wait this long before pulling a prefill's KV (so a test can kill the prefill
     # worker in between). Never set in production configs.
     fault_kv_pull_delay_s: float = 0.0
+    stop_timeout_s: float = 30.0  # how long stop() waits for the engine thread to finish its step
     # Prefix caching: a freed slot keeps its KV; a prompt starting with the same blocks reuses it (and the worker
     # publishes KV events for the kv router). Off by default: reused KV was computed in another batch shape, so
     # fp32 outputs are no longer bit-comparable with a fresh computation.

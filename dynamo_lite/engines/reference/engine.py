@@ -59,6 +59,7 @@ from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, p
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles, ensure_weights
 from dynamo_lite.protocol import (
+    EngineKind,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
@@ -70,7 +71,6 @@ from dynamo_lite.protocol import (
 
 log = logging.getLogger(__name__)
 
-_STOP_TIMEOUT_S = 30.0  # how long stop() waits for the engine thread to finish its step
 # Largest relative error of the Triton decode attention (checked at load) against the SDPA reference that
 # we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
 _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
@@ -79,7 +79,7 @@ _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.
 class TorchEngine:
     """Continuous-batching engine in plain PyTorch (``--engine torch``): llama-family models and gpt-oss."""
 
-    name = "torch"
+    name = EngineKind.TORCH
 
     def __init__(self, config: ReferenceConfig, model_files: ModelFiles) -> None:
         self.config = config
@@ -148,7 +148,7 @@ class TorchEngine:
         """Fail what is still running (503), stop the thread, free every exported hold."""
         if self._thread is not None:
             self._inbox.put(("stop", None))
-            await asyncio.to_thread(self._thread.join, _STOP_TIMEOUT_S)
+            await asyncio.to_thread(self._thread.join, self.config.stop_timeout_s)
             self._thread = None
         if self.exporter is not None:
             await self.exporter.stop()
