@@ -4,12 +4,15 @@ Wire messages are msgspec Structs encoded as msgpack (``array_like`` keeps them 
 crosses a process boundary is decoded with a typed decoder, so a malformed or oversized message is rejected at
 the edge. Never pickle.
 
-Interfaces (each has several backends, each testable in-process):
+Interfaces here (each has several backends, each testable in-process):
 
-- ``Discovery``      — where instances and model cards live (etcd, memory): ``dynamo_lite.runtime.discovery``
-- ``RequestPlane``   — how a request reaches an instance and its stream comes back (NATS, in-process)
-- ``Engine``         — what produces tokens (torch, mocker, trtllm): ``dynamo_lite.engines``
-- ``KvTransport``    — how KV bytes move from a prefill to a decode worker (shm, TCP): ``dynamo_lite.kv``
+- ``Discovery``      — where instances and model cards live: etcd (``runtime/discovery_etcd.py``), memory
+  (``runtime/discovery_memory.py``)
+- ``RequestPlane``   — how a request reaches an instance and its stream comes back: NATS
+  (``runtime/request_plane_nats.py``), in-process (``runtime/request_plane_inproc.py``)
+
+Elsewhere: ``Engine`` — what produces tokens (torch, mocker, trtllm) — in ``dynamo_lite/engines/base.py``; the
+KV bytes move between workers in ``dynamo_lite/kv`` (shared memory, TCP, CUDA IPC, chosen by locality).
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ import msgspec
 
 WIRE_VERSION = 1
 MAX_WIRE_MESSAGE_BYTES = 8 * 1024 * 1024
-MAX_LOGPROBS = (
-    20  # most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
-)
 """Hard upper bound on any wire message we decode (requests carry token ids, never KV bytes)."""
+MAX_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)."""
 
 
 class Phase(enum.IntEnum):
