@@ -30,6 +30,7 @@ from dynamo_lite.frontend.prepared import CHAT, COMPLETIONS, RESPONSES
 from dynamo_lite.frontend.preprocess import ModelPreprocessor
 from dynamo_lite.frontend.serving import CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.frontend.sse import WatchedResponse
 from dynamo_lite.frontend.tokenize_api import DetokenizeRequest, detokenize, parse_tokenize, tokenize
 from dynamo_lite.protocol import ModelCard
 
@@ -72,15 +73,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+# The generating routes: plain Starlette routes (their answer is an ASGI app, ``sse.WatchedResponse``) that
+# parse their bodies by hand; the OpenAPI document describes them from these pydantic models.
 _BODIES = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/responses": ResponsesRequest,
+    "/v1/chat/completions": (ChatCompletionRequest, "Chat Completions", "chat_completions"),
+    "/v1/completions": (CompletionRequest, "Completions", "completions"),
+    "/v1/responses": (ResponsesRequest, "Responses", "responses"),
 }
 
 
 def _openapi(app: FastAPI) -> dict:
-    """The OpenAPI document, with the request bodies our routes parse by hand (pydantic models) described."""
+    """The OpenAPI document, with the generating routes and the request bodies they parse described."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -89,14 +92,31 @@ def _openapi(app: FastAPI) -> dict:
         title="dynamo_lite", version="1", description="OpenAI-compatible API", routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in _BODIES.items():
+    generating: dict[str, dict] = {}
+    for path, (model, summary, name) in _BODIES.items():
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
-        schema["paths"][path]["post"]["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        operation_id = name + path.replace("/", "_").replace(".", "_") + "_post"
+        generating[path] = {
+            "post": {
+                "summary": summary,
+                "operationId": operation_id,
+                "responses": {
+                    "200": {
+                        "description": "Successful Response",
+                        "content": {"application/json": {"schema": {}}},
+                    }
+                },
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+                    },
+                },
+            }
         }
+    schema["paths"] = {**generating, **schema.get("paths", {})}
     app.openapi_schema = schema
     return schema
 
@@ -136,7 +156,9 @@ class OpenAIRoutes:
             return err.response({"x-request-id": rid, "retry-after": str(settings.timeouts.retry_after_s)})
         return None
 
-    async def completion(self, request: Request, endpoint: str, schema: type[BaseModel]) -> Response:
+    async def completion(
+        self, request: Request, endpoint: str, schema: type[BaseModel]
+    ) -> Response | WatchedResponse:
         """Refuse, read, validate and prepare the request, then answer it (streamed or whole)."""
         rid = request_id_of(request)
         refused = self.refuse(request, rid)
@@ -170,13 +192,13 @@ class OpenAIRoutes:
             raise unknown_fields_error(unknown)
         logger.warning("request %s: ignoring unknown fields: %s", rid, ", ".join(unknown))
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> Response | WatchedResponse:
         return await self.completion(request, CHAT, ChatCompletionRequest)
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Response | WatchedResponse:
         return await self.completion(request, COMPLETIONS, CompletionRequest)
 
-    async def responses(self, request: Request) -> Response:
+    async def responses(self, request: Request) -> Response | WatchedResponse:
         return await self.completion(request, RESPONSES, ResponsesRequest)
 
     async def tokenize(self, request: Request) -> Response:
@@ -281,7 +303,7 @@ def create_app(
         ("/v1/completions", routes.completions),
         ("/v1/responses", routes.responses),
     ):
-        app.add_api_route(path, handler, methods=["POST"])
+        app.add_route(path, handler, methods=["POST"])
     app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
     for path, handler in (
