@@ -58,11 +58,14 @@ def stack(services: Services, tmp_path):
     procs: list[Proc] = []
 
     def launch(decode_yaml: str = "", *decode_args: str) -> tuple[str, Proc, Proc]:
+        # each one owned as soon as it runs: a later one failing to start leaves none behind
         prefill = start_worker(services, ns, "prefill", *TORCH_ARGS, ready_timeout=120)
+        procs.append(prefill)
         extra = ("--extra-engine-args", decode_yaml) if decode_yaml else ()
         decode = start_worker(services, ns, "decode", *TORCH_ARGS, *extra, *decode_args, ready_timeout=120)
+        procs.append(decode)
         frontend = start_frontend(services, ns)
-        procs.extend([prefill, decode, frontend])
+        procs.append(frontend)
         url = f"http://127.0.0.1:{frontend.port}"
         wait_until(lambda: MODEL in httpx.get(url + "/v1/models", timeout=2).text, 20, what="model listed")
         return url, prefill, decode
