@@ -26,6 +26,7 @@ from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_er
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from dynamo_lite.frontend.prepare import RequestPreparer
 from dynamo_lite.frontend.prepared import CHAT, COMPLETIONS, RESPONSES
 from dynamo_lite.frontend.preprocess import ModelPreprocessor
 from dynamo_lite.frontend.serving import CompletionService
@@ -128,13 +129,14 @@ class OpenAIRoutes:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
+        self.preparer = RequestPreparer(backend, settings)
         self.service = CompletionService(backend, settings, metrics)
         self.started = int(time.time())
         self._expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
         self._prepare = {
-            CHAT: self.service.prepare_chat,
-            COMPLETIONS: self.service.prepare_completion,
-            RESPONSES: self.service.prepare_responses,
+            CHAT: self.preparer.prepare_chat,
+            COMPLETIONS: self.preparer.prepare_completion,
+            RESPONSES: self.preparer.prepare_responses,
         }
 
     def refuse(self, request: Request, rid: str) -> Response | None:
@@ -177,7 +179,7 @@ class OpenAIRoutes:
         except Exception as exc:
             err = as_openai_error(exc)
             self.metrics.error(err.type)
-            model = self.service.known_model(getattr(parsed, "model", None))
+            model = self.preparer.known_model(getattr(parsed, "model", None))
             self.metrics.request_done(model, endpoint, err.status, bool(getattr(parsed, "stream", False)))
             log_access(request_id=rid, endpoint=endpoint, model=model, status=err.status)
             return err.response({"x-request-id": rid})
@@ -220,7 +222,7 @@ class OpenAIRoutes:
             return refused
         try:
             req = parse(await read_body(request, self.settings.max_body_bytes))
-            card, pre = await self.service.preprocessor(req.model)
+            card, pre = await self.preparer.preprocessor(req.model)
             return _json(await run(req, card, pre))
         except ClientDisconnect:
             return Response(status_code=499)
@@ -251,7 +253,7 @@ class OpenAIRoutes:
         refused = self.refuse(request, "") if self._expected_auth else None
         if refused is not None:
             return refused
-        return _json(self._model_entry(self.service.find_card(model)))
+        return _json(self._model_entry(self.preparer.find_card(model)))
 
     async def health(self) -> Response:
         try:
