@@ -3,6 +3,8 @@
 serve    the embedded default: frontend + prefill + decode workers in one process (SmolLM2 on CPU)
 prepare  convert the default model once into the local cache (later starts take about a second)
          prepare --tiny-gpt-oss DIR [--metadata-only]: write a small random-weight gpt-oss model folder
+         prepare --gpt-oss-checkpoint DIR [--shape tiny|20b|120b]: random weights in the published checkpoints'
+                 layout (MXFP4 experts, a shard per layer)
 """
 
 from __future__ import annotations
@@ -16,7 +18,19 @@ def prepare(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m dynamo_lite prepare")
     p.add_argument("--tiny-gpt-oss", metavar="DIR", help="write a small random-weight gpt-oss model folder")
     p.add_argument("--metadata-only", action="store_true", help="with --tiny-gpt-oss: no weights")
+    p.add_argument(
+        "--gpt-oss-checkpoint", metavar="DIR", help="write random weights in gpt-oss's MXFP4 layout"
+    )
+    p.add_argument(
+        "--shape", choices=["tiny", "20b", "120b"], default="tiny", help="with --gpt-oss-checkpoint"
+    )
     args = p.parse_args(argv)
+    if args.gpt_oss_checkpoint:
+        from dynamo_lite.gpt_oss.tiny import write_model_folder
+
+        folder = write_model_folder(args.gpt_oss_checkpoint, shape=args.shape, mxfp4=True)
+        print(f"gpt-oss {args.shape}-shape MXFP4 checkpoint ready in {folder}")
+        return 0
     if args.tiny_gpt_oss:
         from dynamo_lite.gpt_oss.tiny import write_model_folder
 

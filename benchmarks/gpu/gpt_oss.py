@@ -35,7 +35,10 @@ import torch
 
 from benchmarks.gpu.common import log
 
-GPT_OSS_20B = {"num_hidden_layers": 24, "num_local_experts": 32}
+SHAPES = {
+    "20b": {"num_hidden_layers": 24, "num_local_experts": 32},
+    "120b": {},
+}  # 120b: the config's defaults
 
 
 # ---- the decode step at the real shape ----
@@ -96,8 +99,18 @@ def time_graph(fn: Any, iters: int = 30, device: torch.device | None = None) -> 
     return statistics.median(times)
 
 
-def nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def nbytes(*tensors: Any) -> int:
+    """Bytes of tensors and of MXFP4 experts (blocks + scales)."""
+    from dynamo_lite.engines.reference.moe_mxfp4 import Mxfp4Experts
+
+    return sum(t.nbytes if isinstance(t, Mxfp4Experts) else t.numel() * t.element_size() for t in tensors)
+
+
+def expert_nbytes(w: Any) -> int:
+    """Bytes of one expert's projection: a slice of a dense tensor, or its MXFP4 blocks + scales."""
+    from dynamo_lite.engines.reference.moe_mxfp4 import Mxfp4Experts
+
+    return w.expert_nbytes() if isinstance(w, Mxfp4Experts) else nbytes(w[0])
 
 
 def step(args: argparse.Namespace) -> dict:
@@ -119,16 +132,19 @@ def step(args: argparse.Namespace) -> dict:
     bw = copy_bandwidth(dev, 4 if cuda else 0.25)
     result["copy_bandwidth_GBps"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    cfg = GptOssConfig.from_dict(gpt_oss_config(**(TINY_SHAPE if args.tiny else GPT_OSS_20B)))
+    cfg = GptOssConfig.from_dict(gpt_oss_config(**(TINY_SHAPE if args.tiny else SHAPES[args.shape])))
     started = time.perf_counter()
-    weights = random_gpt_oss_weights(cfg, torch.bfloat16, dev)
+    mxfp4 = args.quantization == "mxfp4"
+    result["shape"], result["quantization"] = "tiny" if args.tiny else args.shape, args.quantization
+    weights = random_gpt_oss_weights(cfg, torch.bfloat16, dev, mxfp4=mxfp4)
     if cuda:
         torch.cuda.synchronize()
     result["weights_GB"] = (
         sum(nbytes(*(getattr(lw, f) for f in lw.__slots__)) for lw in weights.layers) / 1e9
         + nbytes(weights.embed, weights.norm, weights.lm_head) / 1e9
     )
-    log(f"random 20b-shape weights: {result['weights_GB']:.1f} GB in {time.perf_counter() - started:.1f} s")
+    log(f"random {result['shape']}-shape weights ({args.quantization} experts): {result['weights_GB']:.1f} GB in "
+        f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     triton = None
     if cuda:
         error = decode_attention.self_check(
@@ -174,8 +190,9 @@ def step(args: argparse.Namespace) -> dict:
         )
         for lw in weights.layers
     )
-    expert_bytes = nbytes(weights.layers[0].gate_up[0], weights.layers[0].gate_up_bias[0])
-    expert_bytes += nbytes(weights.layers[0].down[0], weights.layers[0].down_bias[0])
+    lw0 = weights.layers[0]
+    expert_bytes = expert_nbytes(lw0.gate_up) + nbytes(lw0.gate_up_bias[0])
+    expert_bytes += expert_nbytes(lw0.down) + nbytes(lw0.down_bias[0])
     head_bytes = nbytes(weights.lm_head, weights.norm)
     rows = []
     for batch in args.batches:
@@ -307,10 +324,14 @@ def parts(
             True,
         ),
         ("final norm + lm_head", head, head_bytes, True),
-        ("  experts: grouped_mm only", experts_with(grouped), used_bytes, True),
-        ("  experts: dense over all experts", experts_with(moe.experts_dense), all_bytes, True),
-        ("  experts: per-expert loop (eager)", experts_with(loop), used_bytes, False),
     ]
+    dense_experts = isinstance(w.layers[0].gate_up, torch.Tensor)
+    if dense_experts:  # the other forms of the bf16 experts
+        pieces += [
+            ("  experts: grouped_mm only", experts_with(grouped), used_bytes, True),
+            ("  experts: dense over all experts", experts_with(moe.experts_dense), all_bytes, True),
+            ("  experts: per-expert loop (eager)", experts_with(loop), used_bytes, False),
+        ]
     if batch <= 64 and model.decode_attention is not None:  # other forms of the decode attention kernel
         for keys, warps, dot in ((32, 4, True), (64, 8, True), (32, 4, False), (16, 4, False)):
 
@@ -336,10 +357,17 @@ def parts(
     # grouped_mm with the experts' weights K-major (the same values, transposed storage): one layer 24 times.
     lw0 = w.layers[0]
     k_major = (
-        lw0.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
-        lw0.down.transpose(1, 2).contiguous().transpose(1, 2),
+        (
+            lw0.gate_up.transpose(1, 2).contiguous().transpose(1, 2),
+            lw0.down.transpose(1, 2).contiguous().transpose(1, 2),
+        )
+        if dense_experts
+        else None
     )
-    for label, (gu, dn) in (("row-major (as stored)", (lw0.gate_up, lw0.down)), ("K-major", k_major)):
+    layouts = (
+        (("row-major (as stored)", (lw0.gate_up, lw0.down)), ("K-major", k_major)) if dense_experts else ()
+    )
+    for label, (gu, dn) in layouts:
 
         def one_layer(gu: torch.Tensor = gu, dn: torch.Tensor = dn) -> None:
             for _ in range(len(w.layers)):
@@ -541,6 +569,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-out", default="", help="step: write the profiler's table here")
     p.add_argument(
         "--tiny", action="store_true", help="step: the tiny shape (with --device cpu: a smoke test)"
+    )
+    p.add_argument("--shape", choices=sorted(SHAPES), default="20b", help="step: gpt-oss-20b or -120b")
+    p.add_argument(
+        "--quantization", choices=["none", "mxfp4"], default="mxfp4", help="step: the experts' format"
     )
     p.add_argument("--json", default="")
     args = p.parse_args(argv)

@@ -28,17 +28,20 @@ from benchmarks.gpu.common import log
 from benchmarks.local_stack import LocalStack, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-GPT_OSS_20B = {"num_hidden_layers": 24, "num_local_experts": 32}
+SHAPES = {
+    "20b": {"num_hidden_layers": 24, "num_local_experts": 32},
+    "120b": {},
+}  # 120b: the config's defaults
 
 
-def model_folder(folder: Path, tiny: bool = False) -> Path:
-    """config.json of the 20b shape (``tiny``: the tiny model's), gpt-oss's tokenizer and generation config; no
-    weights (dummy)."""
+def model_folder(folder: Path, tiny: bool = False, shape_name: str = "20b") -> Path:
+    """config.json of the ``shape_name`` shape (``tiny``: the tiny model's), gpt-oss's tokenizer and generation
+    config; no weights (dummy)."""
     from dynamo_lite.gpt_oss import vocab
     from dynamo_lite.gpt_oss.tiny import GENERATION_CONFIG, TINY_SHAPE, gpt_oss_config
 
     folder.mkdir(parents=True, exist_ok=True)
-    shape = TINY_SHAPE if tiny else GPT_OSS_20B
+    shape = TINY_SHAPE if tiny else SHAPES[shape_name]
     (folder / "config.json").write_text(json.dumps(gpt_oss_config(**shape), indent=1))
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG))
     if not (folder / "tokenizer.json").exists():
@@ -58,6 +61,7 @@ def start_worker(
     max_batch = args.prefill_batch if mode == "prefill" else args.max_batch
     cmd = [sys.executable, "-m", "dynamo_lite.worker", "--mode", mode, "--engine", "torch", *common]
     cmd += ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(max_batch)]
+    cmd += ["--quantization", args.quantization]
     cmd += ["--max-num-tokens", str(args.chunk), "--max-seq-len", str(args.max_seq), "--metrics-port", "0"]
     cmd += ["--free-gpu-memory-fraction", "0.9", "--extra-engine-args", str(args.yaml)]
     if args.device == "cpu":
@@ -126,6 +130,16 @@ def run_load(
     }
 
 
+def worker_slots(log_path: Path) -> int:
+    """KV cache slots of a torch worker (its "loaded" log line): the most sequences it decodes at once."""
+    import re
+
+    found = re.findall(r"(\d+) slots x \d+ tokens", log_path.read_text(errors="replace"))
+    if not found:
+        raise RuntimeError(f"no slot count in {log_path}")
+    return int(found[-1])
+
+
 def run_topology(topology: str, folder: Path, args: argparse.Namespace, results: list[dict]) -> dict:
     """Start the deployment, run each concurrency, stop it; ``results`` (with this topology's entry appended) is
     written to ``--json`` after every run, so a timeout keeps what was measured."""
@@ -160,8 +174,12 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
         warm = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
         urllib.request.urlopen(warm, timeout=120).read()  # the first request's one-time costs, unmeasured
         log(f"{topology}: workers ready in {result['workers_ready_s']:.0f} s")
+        slots = worker_slots(Path(stack.tmp) / f"{topology}-{modes[0]}.log")
+        result["decode_slots"] = slots
         runs = []
-        for c in args.concurrency:
+        for c in [
+            c or slots for c in args.concurrency
+        ]:  # 0: as many streams as the decoding worker has slots
             before = {m: metric_total(p, "dynamo_lite_worker_kv_transfers_total") for m, p in ports.items()}
             run = run_load(url, folder.name, folder, c, args, Path(args.out) / f"{topology}-{c}")
             if topology == "disagg":
@@ -195,7 +213,9 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topologies", nargs="+", default=["agg", "disagg"])
-    p.add_argument("--concurrency", type=int, nargs="+", default=[64, 256])
+    p.add_argument(
+        "--concurrency", type=int, nargs="+", default=[64, 256], help="0: the decoding worker's slots"
+    )
     p.add_argument("--waves", type=int, default=1, help="requests per stream")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the engine samples row by row)")
     p.add_argument("--isl", type=int, default=1000)
@@ -203,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--tiny", action="store_true", help="the tiny model (a CPU smoke test of the harness)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="20b", help="gpt-oss-20b or gpt-oss-120b")
+    p.add_argument(
+        "--quantization", default="mxfp4", help="the experts: mxfp4 (as the checkpoints) or none (bf16)"
+    )
     p.add_argument("--max-batch", type=int, default=256, help="agg and decode workers")
     p.add_argument("--prefill-batch", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4096, help="max_num_tokens per step")
@@ -210,12 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-pool-gib", type=int, default=8)
     p.add_argument("--start-timeout", type=float, default=300)
     p.add_argument("--load-timeout", type=float, default=400)
-    p.add_argument("--model-dir", default="/tmp/gpt-oss-20b-shape")
+    p.add_argument("--model-dir", default="", help="default: /tmp/gpt-oss-SHAPE-shape")
     p.add_argument("--out", default=os.environ.get("OUT", "/tmp/gpt-oss-http"))
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    folder = model_folder(Path(args.model_dir), args.tiny)
+    folder = model_folder(Path(args.model_dir or f"/tmp/gpt-oss-{args.shape}-shape"), args.tiny, args.shape)
     args.yaml = Path(args.out) / "engine.yaml"
     args.yaml.write_text(
         f"load_format: dummy\nkv_cuda_pool_bytes: {args.kv_pool_gib << 30}\nkv_pull_timeout_s: 60\nkv_lease_s: 120\n"

@@ -281,7 +281,7 @@ def _one_token(logprobs: TokenLogprobs | None, i: int) -> TokenLogprobs | None:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the --dtype choices of every CLI
-QUANTIZATIONS = ("auto", "none", "int8", "int4")  # the --quantization choices
+QUANTIZATIONS = ("auto", "none", "int8", "int4", "mxfp4")  # the --quantization choices
 
 
 _KV = KvTransferConfig()  # the KV transfer's defaults (lease), which the engine flags show
@@ -296,8 +296,9 @@ class EngineSettings:
     model_path: str | None = None  # None: the built-in default (SmolLM2)
     served_model_name: str = ""
     dtype: str = "auto"  # one of DTYPES; torch engine: "auto" is what the device computes natively
-    # torch engine, CPU: "int8" | "int4" weight-only linears; "auto": with dtype auto, the checkpoint's own
-    # precision (a 4-bit GGUF: int4), else "none"
+    # torch engine: "int8" | "int4" weight-only linears (CPU); "mxfp4": gpt-oss experts kept as the checkpoint's
+    # MXFP4; "auto": the checkpoint's own precision where a kernel for it runs here (CPU with dtype auto: a 4-bit
+    # GGUF's int4; CUDA: MXFP4 gpt-oss experts), else "none"
     quantization: str = "auto"
     device: str = "cpu"
     threads: int = 0  # 0: leave the library default

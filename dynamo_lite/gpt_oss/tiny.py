@@ -31,6 +31,14 @@ TINY_SHAPE: dict = {
 }
 
 
+SHAPES: dict[str, dict] = {
+    "tiny": TINY_SHAPE,
+    "20b": {"num_hidden_layers": 24, "num_local_experts": 32},
+    "120b": {},  # the architecture constants below are the 120b's
+}
+"""Model shapes by name: ``gpt_oss_config(**SHAPES[name])``."""
+
+
 def gpt_oss_config(**shape: int) -> dict:
     """``config.json`` of a gpt-oss model: the 120b's architecture constants with ``shape`` overriding sizes."""
     layers = int(shape.get("num_hidden_layers", 36))
@@ -86,17 +94,30 @@ GENERATION_CONFIG = {
 }
 
 
-def write_model_folder(folder: str | os.PathLike[str], *, metadata_only: bool = False, seed: int = 0) -> Path:
-    """Write the tiny gpt-oss folder (config, tokenizer, generation config; weights unless ``metadata_only``)."""
+def write_model_folder(
+    folder: str | os.PathLike[str],
+    *,
+    metadata_only: bool = False,
+    seed: int = 0,
+    shape: str = "tiny",
+    mxfp4: bool = False,
+) -> Path:
+    """Write a gpt-oss folder of ``shape`` (config, tokenizer, generation config; weights unless
+    ``metadata_only``). ``mxfp4``: the weights as the published checkpoints store them (MXFP4 experts, one shard
+    a layer, written a layer at a time); otherwise one bf16 file (the tiny shape)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = gpt_oss_config(**TINY_SHAPE)
+    config = gpt_oss_config(**SHAPES[shape])
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     (folder / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=1))
     if not (folder / "tokenizer.json").exists():
         vocab.write_tokenizer(folder)
-    if not metadata_only:
-        from dynamo_lite.gpt_oss.weights import write_random_weights
+    if metadata_only:
+        return folder
+    from dynamo_lite.gpt_oss.weights import write_mxfp4_checkpoint, write_random_weights
 
+    if mxfp4:
+        write_mxfp4_checkpoint(folder, config, seed=seed)
+    else:
         write_random_weights(folder, config, seed=seed)
     return folder

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -123,4 +124,88 @@ def write_random_weights(
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(folder / "model.safetensors")
+    return folder
+
+
+def write_mxfp4_checkpoint(folder: str | os.PathLike[str], config: dict, seed: int = 0) -> Path:
+    """Write random weights for ``config`` as the published gpt-oss checkpoints are laid out: bf16 attention,
+    router, embeddings and head; experts as MXFP4 ``*_blocks`` + ``*_scales``; one safetensors shard per layer
+    plus ``model.safetensors.index.json``. Made a layer at a time, so the 20b shape (~13 GB) is written within a
+    few GB of memory; no dequantized expert is ever made."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hidden, inter = int(config["hidden_size"]), int(config["intermediate_size"])
+    heads, kv_heads = int(config["num_attention_heads"]), int(config["num_key_value_heads"])
+    head_dim = int(config.get("head_dim") or hidden // heads)
+    experts, vocab_size = int(config["num_local_experts"]), int(config["vocab_size"])
+    layers = int(config["num_hidden_layers"])
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std + mean).to(torch.bfloat16)
+
+    def mxfp4(fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        groups = fan_in // MXFP4_BLOCK
+        blocks = torch.randint(
+            0, 256, (experts, fan_out, groups, MXFP4_BLOCK // 2), generator=gen, dtype=torch.uint8
+        )
+        centre = 127 + round(math.log2(fan_in**-0.5 / 2.3))
+        scales = torch.randint(centre - 1, centre + 2, (experts, fan_out, groups), generator=gen).to(
+            torch.uint8
+        )
+        return blocks, scales
+
+    head = {
+        "model.embed_tokens.weight": normal(vocab_size, hidden, std=1.0),
+        "model.norm.weight": normal(hidden, std=0.1, mean=1.0),
+        "lm_head.weight": normal(vocab_size, hidden, std=hidden**-0.5),
+    }
+    weight_map: dict[str, str] = {}
+    total = 0
+    for i in [-1, *range(layers)]:
+        if i < 0:
+            name, tensors, head = "model-embeddings.safetensors", head, {}
+        else:
+            p = f"model.layers.{i}."
+            gu_blocks, gu_scales = mxfp4(hidden, 2 * inter)
+            dn_blocks, dn_scales = mxfp4(inter, hidden)
+            name = f"model-layer-{i:03d}.safetensors"
+            tensors = {
+                p + "input_layernorm.weight": normal(hidden, std=0.1, mean=1.0),
+                p + "post_attention_layernorm.weight": normal(hidden, std=0.1, mean=1.0),
+                p + "self_attn.q_proj.weight": normal(heads * head_dim, hidden, std=hidden**-0.5),
+                p + "self_attn.q_proj.bias": normal(heads * head_dim, std=0.1),
+                p + "self_attn.k_proj.weight": normal(kv_heads * head_dim, hidden, std=hidden**-0.5),
+                p + "self_attn.k_proj.bias": normal(kv_heads * head_dim, std=0.1),
+                p + "self_attn.v_proj.weight": normal(kv_heads * head_dim, hidden, std=hidden**-0.5),
+                p + "self_attn.v_proj.bias": normal(kv_heads * head_dim, std=0.1),
+                p + "self_attn.o_proj.weight": normal(
+                    hidden, heads * head_dim, std=(heads * head_dim) ** -0.5
+                ),
+                p + "self_attn.o_proj.bias": normal(hidden, std=0.1),
+                p + "self_attn.sinks": normal(heads, std=1.0),
+                p + "mlp.router.weight": normal(experts, hidden, std=hidden**-0.5),
+                p + "mlp.router.bias": normal(experts, std=0.1),
+                p + "mlp.experts.gate_up_proj_blocks": gu_blocks,
+                p + "mlp.experts.gate_up_proj_scales": gu_scales,
+                p + "mlp.experts.gate_up_proj_bias": normal(experts, 2 * inter, std=0.1),
+                p + "mlp.experts.down_proj_blocks": dn_blocks,
+                p + "mlp.experts.down_proj_scales": dn_scales,
+                p + "mlp.experts.down_proj_bias": normal(experts, hidden, std=0.1),
+            }
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map |= dict.fromkeys(tensors, name)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    config = {
+        **config,
+        "quantization_config": {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": MXFP4_MODULES_NOT_CONVERTED,
+        },
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
     return folder

@@ -219,8 +219,8 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
 
 
 async def run(settings: WorkerSettings) -> None:
+    worker = Worker(settings)  # builds the engine: a setting it can't honour fails here, before any service
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
-    worker = Worker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

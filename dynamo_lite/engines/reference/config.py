@@ -37,9 +37,11 @@ class ReferenceConfig:
     dtype: str = _E.dtype
     # "int8" / "int4": weight-only int8 (per-channel scales) / int4 (groups of 32) linears, CPU, in a model of
     # ``dtype`` float32 or bfloat16: a quarter / an eighth of fp32's bytes a decode token reads, for memory-bound
-    # single-stream decode. Outputs differ slightly from the unquantized model. "auto": with ``dtype: auto`` on the
-    # CPU, the checkpoint's own weight precision (a 4-bit GGUF: int4, see ``loader.checkpoint_quantization``),
-    # resolved by the engine once it knows the model; otherwise "none".
+    # single-stream decode. Outputs differ slightly from the unquantized model. "mxfp4": gpt-oss experts stay in
+    # the checkpoint's MXFP4 (Triton kernels on CUDA; routed experts dequantized per step elsewhere). "auto": the
+    # checkpoint's own precision where it runs here (CPU with ``dtype: auto``: a 4-bit GGUF's int4, see
+    # ``loader.checkpoint_quantization``; CUDA: MXFP4 gpt-oss experts), resolved by the engine once it knows the
+    # model; otherwise "none".
     quantization: str = _E.quantization
     # "dummy": random weights made on the device from a fixed seed instead of reading the folder's safetensors
     # (gpt-oss models): benchmarks of a real shape whose checkpoint is not on the machine. Every process draws the
@@ -98,6 +100,10 @@ SCHEMA: Schema = {
     "fault_kv_pull_delay_s": float,
     "enable_prefix_caching": bool,
     "kv_block_size": int,
+    # The TensorRT-LLM YAMLs' parallel sizes: read so that a value the torch engine can't honour is refused.
+    "tensor_parallel_size": int,
+    "moe_expert_parallel_size": int,
+    "enable_attention_dp": bool,
 }
 
 
@@ -138,6 +144,17 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         enable_prefix_caching=bool(pick("enable_prefix_caching", _DEFAULTS.enable_prefix_caching)),
         kv_block_size=int(pick("kv_block_size", settings.kv_block_size)),
     )
+    # Ranks are not implemented in this engine yet: a value that asks for them must not be silently ignored.
+    for flag, key, value in (
+        ("--tensor-parallel-size", "tensor_parallel_size", settings.tensor_parallel_size),
+        ("--expert-parallel-size", "moe_expert_parallel_size", settings.expert_parallel_size),
+    ):
+        value = pick(key, value)
+        if value not in (None, 1):
+            raise ConfigError(
+                f"{flag if key not in extra else f'{key} in {source}'} {value}: the torch engine runs one rank "
+                "(tensor/expert parallelism is not implemented in it yet); use 1, or --engine trtllm"
+            )
     defaults = KvTransferConfig()
     cfg.kv = KvTransferConfig(
         bind_host=pick("kv_bind_host", settings.kv_bind_host),
@@ -176,10 +193,12 @@ def validate(
     cfg.quantization = str(cfg.quantization or "none").lower()
     if cfg.quantization not in QUANTIZATIONS:
         raise bad(f"quantization {cfg.quantization!r} is not one of {QUANTIZATIONS}")
-    if cfg.quantization == "auto" and (dtype != "auto" or cfg.device != "cpu"):
-        # An explicit dtype asks for the dequantized model in that dtype (fp32: transformers' own numbers).
+    if cfg.quantization == "auto" and dtype != "auto" and cfg.device == "cpu":
+        # An explicit dtype on a CPU asks for the dequantized model in that dtype (fp32: transformers' numbers).
         cfg.quantization = "none"
-    if cfg.quantization not in ("auto", "none") and (
+    if cfg.quantization == "mxfp4" and cfg.dtype == "float16":
+        raise bad("quantization mxfp4 computes in bfloat16 (CUDA) or float32/bfloat16 (cpu), not float16")
+    if cfg.quantization in ("int8", "int4") and (
         cfg.device != "cpu" or cfg.dtype not in ("float32", "bfloat16")
     ):
         raise bad(

@@ -2,10 +2,11 @@
 
 ``GptOssConfig`` holds what the forward pass needs: alternating sliding-window / full attention layers with
 learned sinks, YaRN rope, top-k routed experts with a clamped SwiGLU. ``load_gpt_oss_weights`` reads the
-safetensors (bf16/fp32 experts, or MXFP4 blocks + scales as the released checkpoints store them, dequantized
-here) in the checkpoint's own expert layout: ``gate_up`` ``[experts, hidden, 2 * intermediate]`` with gate and
-up columns interleaved, ``down`` ``[experts, intermediate, hidden]``. ``random_gpt_oss_weights`` makes the same
-structure from a seed, on the device (``load_format: dummy``: the real shape's ~42 GB never touch a disk).
+safetensors in the checkpoint's own expert layout: bf16/fp32 experts as ``gate_up`` ``[experts, hidden, 2 *
+intermediate]`` with gate and up columns interleaved and ``down`` ``[experts, intermediate, hidden]``; MXFP4 blocks
++ scales (the released checkpoints) either kept packed (``mxfp4=True``: ``Mxfp4Experts``, read straight to the
+device, no dequantized copy ever made) or dequantized to the model dtype. ``random_gpt_oss_weights`` makes the same
+structure from a seed, on the device (``load_format: dummy``: the real shape never touches a disk).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dynamo_lite.engines.reference.moe_mxfp4 import Mxfp4Experts, random_mxfp4
 from dynamo_lite.engines.reference.mxfp4 import dequantize_mxfp4
 
 log = logging.getLogger(__name__)
@@ -156,9 +158,10 @@ class GptOssLayerWeights:
     post_norm: torch.Tensor  # [hidden]
     router: torch.Tensor  # [experts, hidden]
     router_bias: torch.Tensor  # [experts]
-    gate_up: torch.Tensor  # [experts, hidden, 2 * intermediate]: gate and up columns interleaved
+    # [experts, hidden, 2 * intermediate] (gate and up columns interleaved), or the same as MXFP4 (2I output rows)
+    gate_up: torch.Tensor | Mxfp4Experts
     gate_up_bias: torch.Tensor  # [experts, 2 * intermediate], same order
-    down: torch.Tensor  # [experts, intermediate, hidden]
+    down: torch.Tensor | Mxfp4Experts  # [experts, intermediate, hidden], or MXFP4 (hidden output rows)
     down_bias: torch.Tensor  # [experts, hidden]
 
 
@@ -171,9 +174,10 @@ class GptOssWeights:
 
 
 def load_gpt_oss_weights(
-    folder: Path, config: GptOssConfig, dtype: torch.dtype, device: torch.device
+    folder: Path, config: GptOssConfig, dtype: torch.dtype, device: torch.device, mxfp4: bool = False
 ) -> GptOssWeights:
-    """Read ``folder``'s safetensors onto ``device`` in ``dtype`` (MXFP4 experts dequantized to it)."""
+    """Read ``folder``'s safetensors onto ``device`` in ``dtype``; MXFP4 experts stay packed with ``mxfp4``
+    (the checkpoint must store them so), else are dequantized to ``dtype``."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -196,12 +200,16 @@ def load_gpt_oss_weights(
     def take(key: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
         return raw(key).to(device=device, dtype=as_dtype or dtype).contiguous()
 
-    def experts(p: str, name: str) -> torch.Tensor:
-        """``[experts, in, out]`` in ``dtype``: the bf16/fp32 tensor, or MXFP4 blocks + scales (stored as
-        ``[experts, out, in / 32, 16]``) dequantized."""
+    def experts(p: str, name: str) -> torch.Tensor | Mxfp4Experts:
+        """``[experts, in, out]`` in ``dtype`` (the bf16/fp32 tensor, or MXFP4 blocks + scales stored as
+        ``[experts, out, in / 32, 16]`` dequantized), or with ``mxfp4`` the blocks + scales as they are."""
         if p + name + "_blocks" in where:
-            blocks, scales = raw(p + name + "_blocks"), raw(p + name + "_scales")
-            return dequantize_mxfp4(blocks.to(device), scales.to(device), dtype).transpose(1, 2).contiguous()
+            blocks, scales = raw(p + name + "_blocks").to(device), raw(p + name + "_scales").to(device)
+            if mxfp4:
+                return Mxfp4Experts.from_checkpoint(blocks, scales)
+            return dequantize_mxfp4(blocks, scales, dtype).transpose(1, 2).contiguous()
+        if mxfp4:
+            raise UnsupportedGptOss(f"{folder}: quantization mxfp4 needs MXFP4 experts; {p + name} is dense")
         return take(p + name)
 
     layers = []
@@ -239,12 +247,13 @@ def load_gpt_oss_weights(
 
 
 def random_gpt_oss_weights(
-    config: GptOssConfig, dtype: torch.dtype, device: torch.device, seed: int = 0
+    config: GptOssConfig, dtype: torch.dtype, device: torch.device, seed: int = 0, mxfp4: bool = False
 ) -> GptOssWeights:
     """Random weights made on ``device`` (``load_format: dummy``), the same in every process for one ``seed``:
-    each tensor has its own generator seeded from its name. Scales as ``dynamo_lite.gpt_oss.weights``."""
+    each tensor has its own generator seeded from its name. Scales as ``dynamo_lite.gpt_oss.weights``; with
+    ``mxfp4`` the experts are made packed (the 120b shape's 61 GB instead of 229 GB in bf16)."""
     hidden, inter = config.hidden_size, config.intermediate_size
-    nh, nkv, hd, experts = config.num_heads, config.num_kv_heads, config.head_dim, config.num_experts
+    nh, nkv, hd, num_experts = config.num_heads, config.num_kv_heads, config.head_dim, config.num_experts
 
     def normal(
         name: str, *shape: int, std: float, mean: float = 0.0, as_dtype: torch.dtype | None = None
@@ -258,6 +267,12 @@ def random_gpt_oss_weights(
             part.copy_(torch.randn(part.shape, generator=gen, device=device).mul_(std).add_(mean))
         return out
 
+    def experts(name: str, e: int, fan_in: int, fan_out: int) -> torch.Tensor | Mxfp4Experts:
+        if not mxfp4:
+            return normal(name, e, fan_in, fan_out, std=fan_in**-0.5)
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        return random_mxfp4(e, fan_out, fan_in, fan_in**-0.5, gen, device)
+
     layers = []
     for i in range(config.num_layers):
         p = f"layers.{i}."
@@ -270,12 +285,12 @@ def random_gpt_oss_weights(
                 o_bias=normal(p + "o_bias", hidden, std=0.1),
                 sinks=normal(p + "sinks", nh, std=1.0, as_dtype=torch.float32),
                 post_norm=normal(p + "post_norm", hidden, std=0.1, mean=1.0),
-                router=normal(p + "router", experts, hidden, std=hidden**-0.5),
-                router_bias=normal(p + "router_bias", experts, std=0.1),
-                gate_up=normal(p + "gate_up", experts, hidden, 2 * inter, std=hidden**-0.5),
-                gate_up_bias=normal(p + "gate_up_bias", experts, 2 * inter, std=0.1),
-                down=normal(p + "down", experts, inter, hidden, std=inter**-0.5),
-                down_bias=normal(p + "down_bias", experts, hidden, std=0.1),
+                router=normal(p + "router", num_experts, hidden, std=hidden**-0.5),
+                router_bias=normal(p + "router_bias", num_experts, std=0.1),
+                gate_up=experts(p + "gate_up", num_experts, hidden, 2 * inter),
+                gate_up_bias=normal(p + "gate_up_bias", num_experts, 2 * inter, std=0.1),
+                down=experts(p + "down", num_experts, inter, hidden),
+                down_bias=normal(p + "down_bias", num_experts, hidden, std=0.1),
             )
         )
     return GptOssWeights(

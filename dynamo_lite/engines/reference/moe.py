@@ -17,6 +17,9 @@ Three ways to run the experts; ``pick_experts`` chooses per model and, on a GPU,
   of sequences), it reads the same bytes as grouped_mm and, measured on an H200, is the faster of the two; on a
   GPU the engine times both at load and keeps the faster for each batch size.
 - ``loop`` (CPUs without grouped_mm): a loop over the experts that have rows (a host sync: no graphs).
+
+Experts kept in MXFP4 (``moe_mxfp4``) run in the Triton kernels that unpack the weights in registers on CUDA, and
+elsewhere through the routed experts dequantized one at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from dynamo_lite.engines.reference import moe_mxfp4
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +82,14 @@ def pick_experts(
 ) -> ExpertsPlan:
     """The way to run the experts here: on a CPU ``grouped_mm`` (else ``loop``); on a GPU ``grouped_mm`` in bf16
     with ``dense`` for the token counts where timing one layer's real weights (``sample`` = ``(router,
-    router_bias, gate_up, gate_up_bias, down, down_bias)``) shows dense faster, and ``dense`` in other dtypes."""
+    router_bias, gate_up, gate_up_bias, down, down_bias)``) shows dense faster, and ``dense`` in other dtypes.
+    MXFP4 experts: the Triton kernels on CUDA (bf16 or fp32), the per-expert dequantizing reference elsewhere."""
+    if sample is not None and isinstance(sample[2], moe_mxfp4.Mxfp4Experts):
+        if moe_mxfp4.triton_supported(device) and dtype in (torch.bfloat16, torch.float32):
+            return ExpertsPlan(moe_mxfp4.experts_mxfp4, True, "mxfp4 (Triton, unpacked in registers)")
+        return ExpertsPlan(
+            moe_mxfp4.experts_mxfp4_reference, False, "mxfp4 reference (routed experts dequantized per step)"
+        )
     name, grouped_mm = pick_grouped_mm(dtype, device)
     if device.type != "cuda":
         if name == "grouped_mm":

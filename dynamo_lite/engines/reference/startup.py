@@ -42,17 +42,26 @@ _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.
 
 
 def resolve_quantization(config: ReferenceConfig, model_files: ModelFiles, model_config: Any) -> None:
-    """``quantization: auto`` (dtype auto on a CPU) → the checkpoint's own weight precision, if this torch has
-    its kernel; set on ``config``."""
-    if config.quantization != "auto":
-        return
-    llama = not isinstance(model_config, GptOssConfig)
-    config.quantization = checkpoint_quantization(model_files) if llama else "none"
-    kernel = {"int4": int4_supported, "int8": int8_supported}.get(config.quantization)
-    if kernel is not None and not kernel():  # a torch build without it: the same weights, dense
-        log.info("torch engine: no weight-only %s kernel in this torch; dense weights", config.quantization)
-        config.quantization = "none"
-    log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
+    """``quantization: auto`` → the checkpoint's own precision where a kernel for it runs here (gpt-oss on CUDA:
+    MXFP4 experts; a CPU: the checkpoint's int4/int8, if this torch has the kernel), else "none"; set on
+    ``config``."""
+    gpt_oss = isinstance(model_config, GptOssConfig)
+    if config.quantization == "auto" and gpt_oss:  # MXFP4 experts stay packed where the kernels run
+        cuda = config.device.startswith("cuda")
+        config.quantization = "mxfp4" if cuda and model_config.mxfp4 else "none"
+        log.info("torch engine: %s experts (auto: the checkpoint's precision)",
+                 "MXFP4" if config.quantization == "mxfp4" else "dense")  # fmt: skip
+    elif config.quantization == "auto" and not config.device.startswith("cpu"):
+        config.quantization = "none"  # the weight-only int8/int4 kernels are the CPU's
+    elif config.quantization == "auto":  # dtype auto on a CPU: the checkpoint's own weight precision
+        config.quantization = checkpoint_quantization(model_files)
+        kernel = {"int4": int4_supported, "int8": int8_supported}.get(config.quantization)
+        if kernel is not None and not kernel():  # a torch build without it: the same weights, dense
+            log.info(
+                "torch engine: no weight-only %s kernel in this torch; dense weights", config.quantization
+            )
+            config.quantization = "none"
+        log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
 
 
 class EngineSetup:
@@ -135,16 +144,21 @@ class EngineSetup:
     def _build_model(self) -> LlamaModel | GptOssModel:
         """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture."""
         cfg, dev = self.model_config, self.device
+        quantization = self.config.quantization
         if isinstance(cfg, GptOssConfig):
-            if self.config.quantization != "none":
-                raise EngineError(
-                    f"quantization {self.config.quantization} is for llama-family models", status=400
-                )
+            if quantization not in ("none", "mxfp4"):
+                raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
+            mxfp4 = quantization == "mxfp4"
             if self.config.load_format == "dummy":
-                weights = random_gpt_oss_weights(cfg, self.dtype, dev)
+                weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
             else:
-                weights = load_gpt_oss_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
-            return GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+                folder = ensure_weights(self.model_files).folder
+                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4)
+            model = GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+            log.info("torch engine: gpt-oss experts run as %s", model.moe_impl)
+            return model
+        if quantization == "mxfp4":
+            raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
         if self.config.load_format == "dummy":
             raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
         weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)

@@ -1,0 +1,393 @@
+"""gpt-oss's MXFP4 experts on one GPU: the Triton kernels against dequantize-then-bf16, their speed per tile
+shape, the tiny model token for token against transformers, and a checkpoint in the published layout loaded
+packed.
+
+    python -m benchmarks.gpu.gpt_oss_mxfp4 kernel [--json out.json]   # correctness + timing at the 120b layer
+    python -m benchmarks.gpu.gpt_oss_mxfp4 tokens [--json out.json]   # tiny gpt-oss, MXFP4 experts, vs transformers
+    python -m benchmarks.gpu.gpt_oss_mxfp4 load --shape 20b           # prepare --gpt-oss-checkpoint, then load it
+
+``kernel``: random MXFP4 experts of gpt-oss-120b's layer (128 experts, hidden 2880, intermediate 2880), random
+routings (expert 0 left without rows, expert 1 with one): the kernels' output against the routed experts
+dequantized to bf16 and multiplied by torch's grouped product (relative error), then each tile configuration timed
+(CUDA graphs, median) at decode sizes (1..256 tokens: bytes of the routed experts over the time, vs the copy
+bandwidth) and prefill sizes (FLOP/s vs the dense bf16 matmul rate measured in the same run).
+
+``tokens``: the tiny gpt-oss written as an MXFP4 checkpoint; fp32 engine (the kernels with fp32 products)
+aggregated, 8 batched, and prefill → decode by CUDA IPC against transformers (which dequantizes the same
+checkpoint); bf16 logits of the prompts against transformers' bf16.
+
+``load``: the 20b-shape checkpoint written by ``python -m dynamo_lite prepare --gpt-oss-checkpoint`` read by the
+engine with ``--quantization mxfp4``: peak GPU memory during the load against the packed size, then a few tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.gpu.common import log
+from benchmarks.gpu.gpt_oss import copy_bandwidth, time_graph
+
+LIMIT, ALPHA = 7.0, 1.702
+
+
+def matmul_rate(dev: torch.device) -> float:
+    """Dense bf16 FLOP/s of an 8192^3 matmul on random data (median of 10)."""
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        a @ b
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return 2 * n**3 / statistics.median(times)
+
+
+def layer(
+    dev: torch.device, experts: int = 128, hidden: int = 2880, inter: int = 2880, seed: int = 0
+) -> tuple:
+    from dynamo_lite.engines.reference.moe_mxfp4 import random_mxfp4
+
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    gate_up = random_mxfp4(experts, 2 * inter, hidden, hidden**-0.5, gen, dev)
+    down = random_mxfp4(experts, hidden, inter, inter**-0.5, gen, dev)
+    gub = (torch.randn(experts, 2 * inter, generator=gen, device=dev) * 0.1).bfloat16()
+    dnb = (torch.randn(experts, hidden, generator=gen, device=dev) * 0.1).bfloat16()
+    return gate_up, gub, down, dnb
+
+
+def routing(tokens: int, experts: int, top_k: int, dev: torch.device, seed: int) -> tuple:
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    ids = torch.argsort(torch.rand(tokens, experts - 2, generator=gen, device=dev), dim=1)[:, :top_k] + 2
+    ids[0, 0] = 1  # expert 1: one row; expert 0: none
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen, device=dev), dim=1).bfloat16()
+    return weights, ids
+
+
+def candidate_configs() -> list:
+    from dynamo_lite.engines.reference.moe_mxfp4 import DECODE_CONFIG, PREFILL_CONFIG, KernelConfig
+
+    decode = [KernelConfig(16, bn, bk, 4, 3, True, True) for bn in (64, 128) for bk in (128, 256)]
+    decode += [KernelConfig(16, 128, 128, 8, 3, True, True), KernelConfig(32, 128, 128, 4, 3, True, True)]
+    prefill = [KernelConfig(128, 128, 64, 8, 4, True), KernelConfig(128, 256, 64, 8, 3, True)]
+    return list(dict.fromkeys([DECODE_CONFIG, PREFILL_CONFIG, *decode, *prefill]))
+
+
+def compiling_configs(configs: list, device: str, parallel: int = 12) -> list:
+    """The configs whose kernels compile (each tried in a process of its own: a compiler abort must not end the
+    benchmark); the compiled kernels land in Triton's cache for the timing that follows."""
+    import subprocess
+
+    pending = list(configs)
+    running: list[tuple[Any, Any]] = []
+    ok = []
+    while pending or running:
+        while pending and len(running) < parallel:
+            cfg = pending.pop(0)
+            spec = ",".join(str(int(v)) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
+                                                  cfg.num_stages, cfg.scaled_dot, cfg.swap_ab))  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.gpu.gpt_oss_mxfp4",
+                "compile",
+                "--device",
+                device,
+                "--config",
+                spec,
+            ]
+            running.append((cfg, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        cfg, proc = running.pop(0)
+        _, err = proc.communicate(timeout=300)
+        if proc.returncode == 0:
+            ok.append(cfg)
+        else:
+            log(f"does not compile: {cfg}: {err.decode(errors='replace').strip().splitlines()[:1]}")
+    return ok
+
+
+def compile_one(args: argparse.Namespace) -> dict:
+    from dynamo_lite.engines.reference import moe_mxfp4 as mx
+
+    bm, bn, bk, w, st, sd, sw = (int(v) for v in args.config.split(","))
+    dev = torch.device(args.device)
+    gate_up, gub, down, dnb = layer(dev, experts=2)
+    weights, ids = torch.ones(8, 1, device=dev).bfloat16(), torch.zeros(8, 1, dtype=torch.long, device=dev)
+    h = torch.randn(8, 2880, device=dev).bfloat16()
+    cfg = mx.KernelConfig(bm, bn, bk, w, st, bool(sd), bool(sw))
+    mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg)
+    torch.cuda.synchronize()
+    return {}
+
+
+def kernel(args: argparse.Namespace) -> dict:
+    from dynamo_lite.engines.reference import moe
+    from dynamo_lite.engines.reference import moe_mxfp4 as mx
+
+    dev = torch.device(args.device)
+    torch.cuda.set_device(dev)
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev)}
+    bw = copy_bandwidth(dev)
+    flops = matmul_rate(dev)
+    result |= {"copy_bandwidth_GBps": bw / 1e9, "bf16_matmul_TFLOPs": flops / 1e12}
+    log(f"copy {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    configs = compiling_configs(candidate_configs(), args.device)
+    result["configs_that_compile"] = [str(c) for c in configs]
+    gate_up, gub, down, dnb = layer(dev)
+    dense = (gate_up.dequantize(torch.bfloat16), gub, down.dequantize(torch.bfloat16), dnb)
+    grouped = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_torch)
+    checks = []
+    for tokens in (1, 64, 700, 4096):
+        weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
+        h = torch.randn(tokens, 2880, device=dev).bfloat16()
+        ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()
+        for cfg in configs[:: max(1, len(configs) // 4)]:
+            out = torch.full((tokens, 2880), float("nan"), device=dev)
+            out.copy_(mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg))
+            err = float((out - ref).norm() / ref.norm())
+            checks.append(
+                {"tokens": tokens, "config": str(cfg), "rel_error": err, "nan": bool(out.isnan().any())}
+            )
+            log(f"check {tokens} tokens {cfg}: rel error {err:.2e}")
+    result["checks"] = checks
+    result["correct"] = all(c["rel_error"] < 2e-2 and not c["nan"] for c in checks)
+    expert_bytes = gate_up.expert_nbytes() + down.expert_nbytes()
+    timings = []
+    for tokens in args.tokens:
+        weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
+        h = torch.randn(tokens, 2880, device=dev).bfloat16()
+        used = int(ids.unique().numel())
+        moved = used * expert_bytes
+        work = 2 * tokens * 4 * (2880 * 5760 + 2880 * 2880)
+        decode = tokens * 4 < mx.PREFILL_FROM_ROWS_PER_EXPERT * 128
+        row: dict[str, Any] = {"tokens": tokens, "experts_used": used, "GB": moved / 1e9, "configs": {}}
+        for cfg in configs:
+            if decode != (cfg.block_m <= 32) and cfg != mx.pick_config(tokens * 4, 128):
+                continue
+            if tokens >= 16384 and cfg.block_m == 16:
+                continue
+            fn = functools.partial(
+                mx.experts_mxfp4, h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg
+            )
+            try:
+                seconds = time_graph(fn, iters=20)
+            except Exception as e:
+                row["configs"][str(cfg)] = {"error": repr(e)[:200]}
+                continue
+            row["configs"][str(cfg)] = {"ms": seconds * 1e3, "GBps": moved / seconds / 1e9,
+                                        "TFLOPs": work / seconds / 1e12}  # fmt: skip
+        ok = {k: v for k, v in row["configs"].items() if "ms" in v}
+        best = min(ok, key=lambda k: ok[k]["ms"])
+        chosen = str(mx.pick_config(tokens * 4, 128))
+        row["best"], row["chosen"] = best, chosen
+        b, c = ok[best], ok.get(chosen, {})
+        log(f"{tokens} tokens: best {best} {b['ms']:.3f} ms ({b['GBps']:.0f} GB/s, {b['TFLOPs']:.0f} TFLOP/s); "
+            f"chosen {c.get('ms', float('nan')):.3f} ms; floor {moved / bw * 1e3:.3f} ms")  # fmt: skip
+        row["floor_ms"] = moved / bw * 1e3
+        row["compute_floor_ms"] = work / flops * 1e3
+        timings.append(row)
+    result["timings"] = timings
+    return result
+
+
+def tokens(args: argparse.Namespace) -> dict:
+    import transformers
+
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, load_gpt_oss_weights
+    from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
+    from dynamo_lite.engines.reference.kv_cache import KvCache
+    from dynamo_lite.engines.reference.model import build_step
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+    from dynamo_lite.protocol import GenerateRequest, Phase, SamplingOptions
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "engines" / "reference"))
+    from gpt_oss_testing import NEW_TOKENS, prompts
+
+    dev = torch.device(args.device)
+    folder = write_model_folder(Path(tempfile.mkdtemp(prefix="tiny-mxfp4-")), mxfp4=True, seed=7)
+    quant = transformers.Mxfp4Config(dequantize=True)
+    result: dict[str, Any] = {"device": str(dev)}
+
+    def hf_model(dtype: torch.dtype) -> Any:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=dtype, quantization_config=quant
+        )
+        return model.to(device=dev, dtype=dtype).eval()  # the dequantized experts in ``dtype`` too
+
+    hf = hf_model(torch.float32)
+    try:
+        hf.config._experts_implementation = "eager"
+        for lyr in hf.model.layers:
+            lyr.mlp.experts.config._experts_implementation = "eager"
+    except AttributeError:
+        pass
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts():
+            gen = hf.generate(torch.tensor([ids], device=dev), max_new_tokens=NEW_TOKENS, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)  # fmt: skip
+            expected.append(gen[0, len(ids) :].tolist())
+    del hf
+    # bf16 logits: our model (the kernels with bf16 products) vs transformers in bf16, whole prompts.
+    hf16 = hf_model(torch.bfloat16)
+    cfg = GptOssConfig.from_folder(folder)
+    ours = GptOssModel(cfg, load_gpt_oss_weights(folder, cfg, torch.bfloat16, dev, mxfp4=True), 128)
+    result["bf16_moe_impl"] = ours.moe_impl
+    errors, agree = [], []
+    for ids in prompts():
+        cache = KvCache(
+            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 2, 128, torch.bfloat16, dev, cfg.layer_windows
+        )
+        got = ours.forward(build_step([], [(0, 0, ids)], list(range(len(ids))), dev), cache)
+        with torch.inference_mode():
+            ref = hf16(torch.tensor([ids], device=dev)).logits[0].float()
+        errors.append(float((got - ref).norm() / ref.norm()))
+        agree.append(float((got.argmax(-1) == ref.argmax(-1)).float().mean()))
+    result["bf16_logits_rel_error_max"] = max(errors)
+    result["bf16_argmax_agreement_min"] = min(agree)
+    del hf16, ours
+    torch.cuda.empty_cache()
+
+    def settings(mode: str) -> EngineSettings:
+        return EngineSettings(role=mode, model_path=str(folder), dtype="float32", device=str(dev), quantization="mxfp4",
+                              max_batch_size=8, max_num_tokens=48, max_seq_len=128)  # fmt: skip
+
+    def request(i: int, ids: list[int], **kw: Any) -> GenerateRequest:
+        opts = SamplingOptions(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        return GenerateRequest(request_id=f"r{i}", model="tiny", token_ids=ids, sampling=opts, **kw)
+
+    async def collect(engine: Any, req: GenerateRequest) -> list:
+        return [c async for c in engine.generate(req)]
+
+    async def run() -> dict:
+        out: dict[str, Any] = {}
+        agg = build_engine(settings("agg"))
+        await agg.start()
+        out["engine"] = {"cuda_graphs": agg._graphs is not None, "moe_impl": agg._model.moe_impl}
+        try:
+            seq = [
+                [t for c in await collect(agg, request(i, p)) for t in c.token_ids]
+                for i, p in enumerate(prompts())
+            ]
+            both = await asyncio.gather(*(collect(agg, request(i, p)) for i, p in enumerate(prompts())))
+            batched = [[t for c in chunks for t in c.token_ids] for chunks in both]
+        finally:
+            await agg.stop()
+        prefill, decode = build_engine(settings("prefill")), build_engine(settings("decode"))
+        await prefill.start()
+        await decode.start()
+        disagg = []
+        try:
+            for i, p in enumerate(prompts()):
+                first = (await collect(prefill, request(i, p, phase=Phase.PREFILL)))[0]
+                rest = await collect(
+                    decode, request(i, p, phase=Phase.DECODE, kv=first.kv, generated_ids=first.token_ids)
+                )
+                disagg.append([*first.token_ids, *(t for c in rest for t in c.token_ids)])
+            stats = decode.stats()
+            out["kv_transfers"], out["kv_recomputes"] = stats.kv_transfers, stats.kv_recomputes
+            out["kv_cuda_ipc"] = bool(first.kv is not None and first.kv.cuda_ipc)
+        finally:
+            await prefill.stop()
+            await decode.stop()
+        out["runs"] = {"aggregated": seq, "batched": batched, "disaggregated": disagg}
+        return out
+
+    got = asyncio.run(run())
+    result |= {k: v for k, v in got.items() if k != "runs"}
+    result["exact"] = {name: toks == expected for name, toks in got["runs"].items()}
+    log(f"tokens: {result['exact']}, bf16 logits rel error {result['bf16_logits_rel_error_max']:.2e}, "
+        f"argmax agreement {result['bf16_argmax_agreement_min']:.3f}, engine {result['engine']}")  # fmt: skip
+    return result
+
+
+def load(args: argparse.Namespace) -> dict:
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+    from dynamo_lite.protocol import GenerateRequest, SamplingOptions
+
+    dev = torch.device(args.device)
+    folder = Path(args.model_dir or f"/tmp/gpt-oss-{args.shape}-mxfp4")
+    started = time.perf_counter()
+    if not (folder / "model.safetensors.index.json").exists():
+        write_model_folder(folder, shape=args.shape, mxfp4=True)
+    result: dict[str, Any] = {"shape": args.shape, "write_s": time.perf_counter() - started}
+    result["checkpoint_GB"] = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1e9
+    torch.cuda.set_device(dev)
+    torch.empty(1, device=dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    engine = build_engine(EngineSettings(model_path=str(folder), dtype="bfloat16", device=str(dev),
+                                         quantization="mxfp4", max_batch_size=4, max_seq_len=1024,
+                                         free_gpu_memory_fraction=0.3))  # fmt: skip
+
+    async def run() -> list[int]:
+        await engine.start()
+        try:
+            result["load_s"] = time.perf_counter() - started - result["write_s"]
+            w = engine._model.weights
+            result["weights_GB"] = sum(x.nbytes for lw in w.layers for x in (lw.gate_up, lw.down)) / 1e9
+            result["moe_impl"] = engine._model.moe_impl
+            opts = SamplingOptions(max_tokens=16, temperature=0.0, ignore_eos=True)
+            req = GenerateRequest(request_id="r", model="m", token_ids=list(range(100, 140)), sampling=opts)
+            return [t async for c in engine.generate(req) for t in c.token_ids]
+        finally:
+            await engine.stop()
+
+    before_kv = torch.cuda.memory_allocated(dev)
+    toks = asyncio.run(run())
+    result["tokens"] = toks
+    result["peak_GB"] = torch.cuda.max_memory_allocated(dev) / 1e9
+    result["allocated_before_GB"] = before_kv / 1e9
+    log(f"load {args.shape}: checkpoint {result['checkpoint_GB']:.1f} GB, expert weights on GPU "
+        f"{result['weights_GB']:.1f} GB, peak {result['peak_GB']:.1f} GB, load {result['load_s']:.0f} s, "
+        f"{result['moe_impl']}, tokens {toks}")  # fmt: skip
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["kernel", "tokens", "load", "compile"])
+    p.add_argument("--config", default="", help="compile: BM,BN,BK,warps,stages,scaled_dot")
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 4096, 16384])
+    p.add_argument("--shape", choices=["tiny", "20b", "120b"], default="20b")
+    p.add_argument("--model-dir", default="")
+    p.add_argument("--json", default="")
+    args = p.parse_args(argv)
+    started = time.perf_counter()
+    try:
+        result = {"kernel": kernel, "tokens": tokens, "load": load, "compile": compile_one}[args.what](args)
+    except Exception as e:
+        import traceback
+
+        traceback.print_exc()
+        result = {"error": repr(e)}
+    result["seconds"] = time.perf_counter() - started
+    text = json.dumps(result, indent=1, default=str)
+    if args.json:
+        Path(args.json).write_text(text)
+    print(text[-3000:], flush=True)
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

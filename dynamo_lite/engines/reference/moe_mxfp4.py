@@ -1,0 +1,506 @@
+"""gpt-oss's experts with their weights kept as MXFP4 (the checkpoint's format) and dequantized inside the matmul.
+
+An ``Mxfp4Experts`` holds one projection of every expert exactly as a checkpoint stores it: ``blocks`` ``[E, N,
+K / 2]`` uint8 (two e2m1 values a byte, low nibble first: input ``2j`` then ``2j + 1``) and ``scales`` ``[E, N,
+K / 32]`` uint8 (a power-of-two exponent per 32 inputs, biased by 127), ``N`` output rows like
+``nn.Linear.weight``. 4.25 bits a weight: gpt-oss-120b's experts are 60.9 GB instead of 229 GB in bf16.
+
+``experts_mxfp4`` is an ``moe.ExpertsFn``: the (token, expert) pairs are sorted by expert and each expert's rows
+padded to the kernel's row block (``align_pairs``: torch ops with shapes fixed by the token count, no host sync,
+so a decode step stays capturable in a CUDA graph); one Triton kernel runs gate_up over each expert's rows with
+the weights unpacked to bf16 in registers, adds the bias and applies gpt-oss's clamped SwiGLU before anything is
+written; a second runs down, adds its bias and multiplies by the router weight; the top-k rows of a token are then
+summed. Weights are read once per (expert, row block): at decode sizes once per step.
+
+``experts_mxfp4_reference`` computes the same on any device by dequantizing only the experts a step routed to, one
+at a time (no dequantized copy of the model ever exists): the CPU path, and the reference the kernel is checked
+against.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from dynamo_lite.engines.reference.mxfp4 import dequantize_mxfp4
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # CPU machines: the reference path serves
+    HAVE_TRITON = False
+
+BLOCK = 32  # inputs per scale
+# Triton's interpreter (TRITON_INTERPRET=1, how the kernels are tested on CPUs) multiplies bf16 operands of
+# tl.dot as their raw bits: under it the products always run in fp32.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True, slots=True)
+class Mxfp4Experts:
+    """One projection of every expert in MXFP4: ``blocks`` [E, N, K / 2] uint8, ``scales`` [E, N, K / 32] uint8."""
+
+    blocks: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def from_checkpoint(cls, blocks: torch.Tensor, scales: torch.Tensor) -> Mxfp4Experts:
+        """From a checkpoint's ``*_blocks`` [E, N, K / 32, 16] and ``*_scales`` [E, N, K / 32]."""
+        if blocks.dim() != 4 or blocks.shape[-1] != BLOCK // 2 or blocks.shape[:-1] != scales.shape:
+            raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not fit scales {tuple(scales.shape)}")
+        e, n, groups, width = blocks.shape
+        return cls(blocks.reshape(e, n, groups * width).contiguous(), scales.contiguous())
+
+    @property
+    def num_experts(self) -> int:
+        return self.blocks.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks.shape[2] * 2
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel() + self.scales.numel()
+
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert's projection (what a step reads per routed expert)."""
+        return self.nbytes // self.num_experts
+
+    def dequantize(self, dtype: torch.dtype, experts: slice | int = slice(None)) -> torch.Tensor:
+        """``[E', K, N]`` (inputs first, the dense experts' layout) in ``dtype`` for ``experts``."""
+        blocks = self.blocks[experts]
+        scales = self.scales[experts]
+        w = dequantize_mxfp4(blocks.reshape(*scales.shape, BLOCK // 2), scales, dtype)  # [.., N, K]
+        return w.transpose(-1, -2).contiguous()  # the layout transformers' dequantized experts have
+
+
+def _swiglu(gu: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    gate = gu[..., 0::2].clamp(min=None, max=limit)
+    up = gu[..., 1::2].clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+
+
+def experts_mxfp4_reference(
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: Mxfp4Experts,
+    gate_up_bias: torch.Tensor,
+    down: Mxfp4Experts,
+    down_bias: torch.Tensor,
+    limit: float,
+    alpha: float,
+) -> torch.Tensor:
+    """The routed experts' summed output ``[T, hidden]``, each routed expert dequantized to ``h``'s dtype on its
+    own (one expert's weights at a time in memory; a host sync per step: no CUDA graphs)."""
+    num_tokens, top_k = ids.shape
+    out = torch.zeros(num_tokens, h.shape[1], dtype=torch.float32, device=h.device)
+    flat = ids.reshape(-1)
+    for e in torch.unique(flat).tolist():
+        pairs = (flat == e).nonzero().squeeze(1)
+        tokens = pairs // top_k
+        w_gu = gate_up.dequantize(h.dtype, e)  # [K, 2I]
+        act = _swiglu(h[tokens] @ w_gu + gate_up_bias[e], limit, alpha)
+        y = act @ down.dequantize(h.dtype, e) + down_bias[e]
+        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[pairs, None].float())
+    return out.to(h.dtype)
+
+
+# ---- the Triton path (CUDA) --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KernelConfig:
+    """Tile sizes of one launch: rows per expert block, output columns and inputs per iteration, warps, stages;
+    and whether bf16 products go through ``tl.dot_scaled`` (the compiler's own e2m1 unpacking) or the weights are
+    unpacked by our bit arithmetic first (``_dequant_tile``, also the fp32 and interpreter path)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    scaled_dot: bool = True
+    swap_ab: bool = False  # with scaled_dot: the weights on the MMA's M side (decode: few rows, many columns)
+
+
+# By rows per expert (token pairs / experts): decode sizes read each expert's weights once and are bound by
+# memory bandwidth; prefill sizes reuse each weight tile over many rows and are bound by the tensor cores.
+DECODE_CONFIG = KernelConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+PREFILL_CONFIG = KernelConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=3)
+PREFILL_FROM_ROWS_PER_EXPERT = 24
+
+
+def pick_config(num_pairs: int, num_experts: int) -> KernelConfig:
+    return DECODE_CONFIG if num_pairs < PREFILL_FROM_ROWS_PER_EXPERT * num_experts else PREFILL_CONFIG
+
+
+FUSED_ALIGN_MAX_PAIRS = 4096  # up to this many (token, expert) pairs the grouping runs as one Triton program
+_align_scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _align_fused(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    flat = ids.reshape(-1)
+    num_pairs = flat.numel()
+    blocks = min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts)
+    e_pow2 = triton.next_power_of_2(num_experts)
+    key = (flat.device, e_pow2)
+    scratch = _align_scratch.get(key)
+    if (
+        scratch is None
+    ):  # persistent (CUDA graphs capture its address); the kernel leaves its counters at zero
+        scratch = _align_scratch[key] = torch.zeros(2 * e_pow2, dtype=torch.int32, device=flat.device)
+    sorted_pairs = torch.empty(blocks * block_m, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(blocks, dtype=torch.int32, device=flat.device)
+    _align_kernel[(1,)](
+        flat,
+        sorted_pairs,
+        block_expert,
+        scratch,
+        num_pairs,
+        blocks,
+        E=num_experts,
+        E_POW2=e_pow2,
+        BLOCK_M=block_m,
+        P_POW2=triton.next_power_of_2(num_pairs),
+        NB_POW2=triton.next_power_of_2(blocks),
+        ROWS_POW2=triton.next_power_of_2(blocks * block_m),
+        num_warps=4,
+    )
+    return sorted_pairs, block_expert, num_pairs
+
+
+def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The (token, expert) pairs grouped by expert, each expert's group padded to ``block_m`` rows.
+
+    Returns ``sorted_pairs`` [padded] (pair ids ``token * top_k + j``; padding holds ``num_pairs``),
+    ``block_expert`` [blocks] (the expert of each ``block_m`` rows, -1 past the last) and ``num_pairs``. Shapes
+    depend on ``ids.shape`` alone and nothing is read back to the host.
+    """
+    flat = ids.reshape(-1)
+    num_pairs = flat.numel()
+    dev = flat.device
+    expert_sorted, order = torch.sort(flat, stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat.long(), torch.ones_like(flat, dtype=torch.int64))
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)
+    pad_start = pad_end - padded
+    start = torch.cumsum(counts, 0) - counts
+    dest = pad_start[expert_sorted] + torch.arange(num_pairs, device=dev) - start[expert_sorted]
+    # Every block holds at least one pair, and at most one block per expert is partly padding.
+    blocks = min(num_pairs, (num_pairs + block_m - 1) // block_m + num_experts)
+    sorted_pairs = torch.full((blocks * block_m,), num_pairs, dtype=torch.int32, device=dev)
+    sorted_pairs.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(blocks, device=dev) * block_m
+    block_expert = torch.searchsorted(pad_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_pairs, block_expert, num_pairs
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _align_kernel(
+        ids_ptr,
+        sorted_ptr,
+        block_expert_ptr,
+        scratch_ptr,
+        num_pairs,
+        num_blocks,
+        E: tl.constexpr,
+        E_POW2: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        P_POW2: tl.constexpr,
+        NB_POW2: tl.constexpr,
+        ROWS_POW2: tl.constexpr,
+    ):
+        """``align_pairs`` in one program (decode sizes: one launch instead of a dozen small torch ops). Rows
+        within an expert's group come in the order the atomics hand out, which changes no row's result.
+        ``scratch`` holds [E_POW2] group starts and [E_POW2] counters, zero on entry and left zero."""
+        offs = tl.arange(0, P_POW2)
+        valid = offs < num_pairs
+        experts = tl.load(ids_ptr + offs, mask=valid, other=0).to(tl.int32)
+        counts = tl.histogram(experts, E_POW2, mask=valid)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        pad_end = tl.cumsum(padded, 0)
+        e_offs = tl.arange(0, E_POW2)
+        tl.store(scratch_ptr + e_offs, pad_end - padded)
+        blocks = tl.arange(0, NB_POW2)
+        block_expert = tl.sum((pad_end[None, :] <= (blocks * BLOCK_M)[:, None]).to(tl.int32), axis=1)
+        tl.store(
+            block_expert_ptr + blocks, tl.where(block_expert < E, block_expert, -1), mask=blocks < num_blocks
+        )
+        rows = tl.arange(0, ROWS_POW2)
+        tl.store(
+            sorted_ptr + rows, tl.full([ROWS_POW2], 0, tl.int32) + num_pairs, mask=rows < num_blocks * BLOCK_M
+        )
+        tl.debug_barrier()
+        start = tl.load(scratch_ptr + experts, mask=valid, other=0)
+        slot = tl.atomic_add(scratch_ptr + E_POW2 + experts, 1, mask=valid)
+        tl.store(sorted_ptr + start + slot, offs, mask=valid)
+        tl.debug_barrier()
+        tl.store(scratch_ptr + E_POW2 + e_offs, 0)
+
+    @triton.jit
+    def _dequant_tile(w_ptrs, s_ptrs, mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """[BLOCK_N, BLOCK_K] bf16 weights from [BLOCK_N, BLOCK_K / 2] packed bytes and [BLOCK_N, BLOCK_K / 32]
+        exponents. An e2m1 nibble ``s ee m`` is ``2^(ee - 1) (1 + m / 2)`` (``m / 2`` for ``ee = 0``) times
+        ``2^(scale - 127)``: its bits are the sign, the exponent ``scale - 1 + ee`` and, for ``ee > 0``, ``m`` as the
+        top mantissa bit; zero where ``ee = m = 0``. Exact: FP4 times a power of two is a bf16 value."""
+        packed = tl.load(w_ptrs, mask=mask, other=0).to(tl.int32)  # [BN, BK/2]
+        scale = tl.load(s_ptrs, mask=mask, other=127).to(tl.int32)
+        lo = packed & 0xF
+        hi = packed >> 4
+        vals = tl.join(lo, hi)  # [BN, BK/2, 2]: input 2j, 2j + 1
+        scale2 = tl.join(scale, scale)
+        ee = (vals >> 1) & 3
+        m = vals & 1
+        exponent = tl.maximum(scale2 - 1 + ee, 0)
+        # Built as fp32 bits (bf16 is fp32's upper half: same exponent field), so the cast to bf16 is exact.
+        bits = ((vals & 8) << 28) | (exponent << 23) | tl.where(ee > 0, m << 22, 0)
+        bits = tl.where((vals & 7) == 0, (vals & 8) << 28, bits)
+        w = bits.to(tl.uint32, bitcast=True).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        return tl.reshape(w, [BLOCK_N, BLOCK_K])
+
+    @triton.jit
+    def _moe_mxfp4_kernel(
+        x_ptr,
+        stride_xm,
+        w_ptr,
+        stride_we,
+        stride_wn,
+        s_ptr,
+        stride_se,
+        stride_sn,
+        bias_ptr,
+        stride_be,
+        out_ptr,
+        stride_om,
+        sorted_pairs_ptr,
+        block_expert_ptr,
+        route_w_ptr,
+        num_pairs,
+        limit,
+        alpha,
+        N: tl.constexpr,
+        K: tl.constexpr,
+        TOP_K: tl.constexpr,
+        GATE_UP: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        SCALED_DOT: tl.constexpr,
+        SWAP_AB: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """One expert's block of rows times ``BLOCK_N`` of its output columns.
+
+        GATE_UP: rows of ``x`` are tokens (``pair // TOP_K``); the interleaved gate/up columns get the bias and
+        the clamped SwiGLU; ``out`` [padded, N / 2] is indexed by padded position. Else (down): rows of ``x`` are
+        padded positions; the bias is added and the row multiplied by its router weight; ``out`` [pairs, N] fp32 is
+        indexed by pair id."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pairs = tl.load(sorted_pairs_ptr + offs_m)
+        valid = pairs < num_pairs
+        if GATE_UP:
+            x_rows = pairs // TOP_K
+        else:
+            x_rows = offs_m
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_kb = tl.arange(0, BLOCK_K // 2)
+        offs_ks = tl.arange(0, BLOCK_K // 2) // (32 // 2)
+        x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+        w_base = w_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+        w_base_t = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
+        s_base = s_ptr + expert.to(tl.int64) * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = (k0 + offs_k) < K
+            x = tl.load(x_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
+            kb_ok = (k0 // 2 + offs_kb) < K // 2
+            ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            s_mask = n_ok[:, None] & (ks < K // 32)[None, :]
+            if SCALED_DOT and SWAP_AB:
+                # The weights as the product's left side ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows]): for decode's few
+                # rows the wide side fills the MMA, and the compiler unpacks e2m1 (with the scales) in registers.
+                wb = tl.load(
+                    w_base + k0 // 2 + offs_kb[None, :], mask=n_ok[:, None] & kb_ok[None, :], other=0
+                )
+                sc = tl.load(s_base + ks[None, :], mask=s_mask, other=127)
+                acc_t = tl.dot_scaled(wb, sc, "e2m1", tl.trans(x), None, "bf16", acc_t)
+            elif SCALED_DOT:
+                # The compiler unpacks the e2m1 right side [BLOCK_K / 2, BLOCK_N] and applies the scales.
+                wb = tl.load(
+                    w_base_t + k0 // 2 + offs_kb[:, None], mask=kb_ok[:, None] & n_ok[None, :], other=0
+                )
+                sc = tl.load(s_base + ks[None, :], mask=s_mask, other=127)
+                acc = tl.dot_scaled(x, None, "bf16", wb, sc, "e2m1", acc)
+            else:
+                w_mask = n_ok[:, None] & kb_ok[None, :]
+                w_ptrs = w_base + k0 // 2 + offs_kb[None, :]
+                w = _dequant_tile(w_ptrs, s_base + k0 // 32 + offs_ks[None, :], w_mask, BLOCK_N, BLOCK_K)
+                if DOT_FP32:  # fp32 models (exact checks against fp32 references), and the interpreter
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
+        if SCALED_DOT and SWAP_AB:
+            acc = tl.trans(acc_t)
+        bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+        if GATE_UP:
+            gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N // 2, 2]))
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+            act = (up + 1.0) * (gate * tl.sigmoid(gate * alpha))
+            offs_o = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+            o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_o[None, :]
+            tl.store(o_ptrs, act.to(out_ptr.dtype.element_ty), mask=(offs_o < N // 2)[None, :])
+        else:
+            route_w = tl.load(route_w_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * route_w[:, None]
+            o_ptrs = out_ptr + pairs[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+            tl.store(o_ptrs, acc, mask=valid[:, None] & n_ok[None, :])
+
+
+def _launch(
+    x: torch.Tensor,
+    w: Mxfp4Experts,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    sorted_pairs: torch.Tensor,
+    block_expert: torch.Tensor,
+    route_w: torch.Tensor,
+    num_pairs: int,
+    top_k: int,
+    gate_up: bool,
+    limit: float,
+    alpha: float,
+    cfg: KernelConfig,
+) -> None:
+    n, k = w.out_features, w.in_features
+    dot_fp32 = _INTERPRETED or x.dtype == torch.float32
+    grid = (block_expert.shape[0], triton.cdiv(n, cfg.block_n))
+    _moe_mxfp4_kernel[grid](
+        x,
+        x.stride(0),
+        w.blocks,
+        w.blocks.stride(0),
+        w.blocks.stride(1),
+        w.scales,
+        w.scales.stride(0),
+        w.scales.stride(1),
+        bias,
+        bias.stride(0),
+        out,
+        out.stride(0),
+        sorted_pairs,
+        block_expert,
+        route_w,
+        num_pairs,
+        limit,
+        alpha,
+        N=n,
+        K=k,
+        TOP_K=top_k,
+        GATE_UP=gate_up,
+        DOT_FP32=dot_fp32,
+        SCALED_DOT=cfg.scaled_dot and not dot_fp32,
+        SWAP_AB=cfg.swap_ab,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def experts_mxfp4(
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: Mxfp4Experts,
+    gate_up_bias: torch.Tensor,
+    down: Mxfp4Experts,
+    down_bias: torch.Tensor,
+    limit: float,
+    alpha: float,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """The routed experts' summed output ``[T, hidden]`` through the two Triton kernels (CUDA; bf16 activations
+    on the tensor cores, or fp32 ones in full fp32 products). No host sync; shapes fixed by ``h.shape``:
+    capturable in a CUDA graph."""
+    num_tokens, top_k = ids.shape
+    num_experts = gate_up.num_experts
+    cfg = config or pick_config(num_tokens * top_k, num_experts)
+    align = _align_fused if ids.numel() <= FUSED_ALIGN_MAX_PAIRS else align_pairs
+    sorted_pairs, block_expert, num_pairs = align(ids, num_experts, cfg.block_m)
+    inter = gate_up.out_features // 2
+    act = torch.empty(sorted_pairs.shape[0], inter, dtype=h.dtype, device=h.device)
+    x = h.contiguous()
+    route_w = weights.reshape(-1).contiguous()
+    _launch(x, gate_up, gate_up_bias, act, sorted_pairs, block_expert, route_w, num_pairs, top_k, True,
+            limit, alpha, cfg)  # fmt: skip
+    out = torch.empty(num_pairs, down.out_features, dtype=torch.float32, device=h.device)
+    _launch(act, down, down_bias, out, sorted_pairs, block_expert, route_w, num_pairs, top_k, False,
+            limit, alpha, cfg)  # fmt: skip
+    return out.view(num_tokens, top_k, -1).sum(dim=1).to(h.dtype)
+
+
+def triton_supported(device: torch.device) -> bool:
+    """Whether the Triton MXFP4 kernels can run here: CUDA with bf16 tensor cores (sm80+)."""
+    if not HAVE_TRITON or device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def random_mxfp4(
+    num_experts: int,
+    out_features: int,
+    in_features: int,
+    std: float,
+    gen: torch.Generator,
+    device: torch.device,
+) -> Mxfp4Experts:
+    """Random MXFP4 weights with about ``std`` RMS, made on ``device``: uniform nibbles (RMS ~2.9) times a scale
+    of ``2^round(log2(std / 2.9))``, +-1 per block."""
+    import math
+
+    groups = in_features // BLOCK
+    blocks = torch.randint(
+        0,
+        256,
+        (num_experts, out_features, groups * BLOCK // 2),
+        generator=gen,
+        device=device,
+        dtype=torch.uint8,
+    )
+    centre = 127 + round(math.log2(std / 2.93))
+    scales = torch.randint(
+        centre - 1, centre + 2, (num_experts, out_features, groups), generator=gen, device=device
+    ).to(torch.uint8)
+    return Mxfp4Experts(blocks, scales)

@@ -1,0 +1,224 @@
+"""gpt-oss experts kept in MXFP4: the row grouping, the per-expert reference, the Triton kernels (run here by
+Triton's interpreter; on a GPU by ``benchmarks/gpu/gpt_oss_mxfp4.py``), checkpoints that stay packed from disk to
+the engine, and the engine's tokens against transformers reading the same MXFP4 checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import torch
+
+from dynamo_lite.engines.reference import moe
+from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, load_gpt_oss_weights
+from dynamo_lite.engines.reference.moe_mxfp4 import (
+    Mxfp4Experts,
+    align_pairs,
+    experts_mxfp4_reference,
+    random_mxfp4,
+)
+
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def experts_and_routing(
+    seed: int, num_experts: int, hidden: int, inter: int, tokens: int, top_k: int, dtype: torch.dtype
+) -> tuple:
+    """Random MXFP4 experts and a routing in which expert 0 gets no row and expert 1 exactly one."""
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = random_mxfp4(num_experts, 2 * inter, hidden, hidden**-0.5, gen, CPU)
+    down = random_mxfp4(num_experts, hidden, inter, inter**-0.5, gen, CPU)
+    gate_up_bias = (torch.randn(num_experts, 2 * inter, generator=gen) * 0.1).to(dtype)
+    down_bias = (torch.randn(num_experts, hidden, generator=gen) * 0.1).to(dtype)
+    h = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    ids = torch.stack([torch.randperm(num_experts - 2, generator=gen)[:top_k] + 2 for _ in range(tokens)])
+    ids[0, 0] = 1
+    weights = torch.softmax(torch.randn(tokens, top_k, generator=gen), dim=1).to(dtype)
+    return h, weights, ids, gate_up, gate_up_bias, down, down_bias
+
+
+def test_align_pairs_groups_every_pair_once_by_expert() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for tokens, top_k, experts, block in ((1, 4, 32, 16), (7, 2, 8, 4), (64, 4, 128, 16), (300, 4, 8, 64)):
+        ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+        pairs = tokens * top_k
+        sorted_pairs, block_expert, num_pairs = align_pairs(ids, experts, block)
+        assert num_pairs == pairs and sorted_pairs.shape[0] == block_expert.shape[0] * block
+        real = sorted_pairs[sorted_pairs < pairs]
+        assert sorted(real.tolist()) == list(range(pairs))  # every pair exactly once
+        flat = ids.reshape(-1)
+        for b, e in enumerate(block_expert.tolist()):
+            rows = sorted_pairs[b * block : (b + 1) * block]
+            rows = rows[rows < pairs]
+            if e < 0:
+                assert rows.numel() == 0
+            else:
+                assert rows.numel() > 0 and bool((flat[rows.long()] == e).all())
+        # Shapes depend on the token count alone (what a CUDA graph needs).
+        other = align_pairs(torch.zeros_like(ids), experts, block)
+        assert other[0].shape == sorted_pairs.shape and other[1].shape == block_expert.shape
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 32, 1, 4), (8, 96, 64, 9, 2), (6, 128, 96, 40, 4)])
+def test_reference_equals_the_dequantized_experts(shape: tuple[int, ...]) -> None:
+    """fp32: dequantizing one routed expert at a time computes what the dense experts compute."""
+    h, weights, ids, gate_up, gate_up_bias, down, down_bias = experts_and_routing(0, *shape, torch.float32)
+    dense = (gate_up.dequantize(torch.float32), gate_up_bias, down.dequantize(torch.float32), down_bias)
+    loop = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_loop)
+    expected = loop(h, weights, ids, *dense, 7.0, 1.702)
+    got = experts_mxfp4_reference(h, weights, ids, gate_up, gate_up_bias, down, down_bias, 7.0, 1.702)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+_KERNEL_CHECK = """
+import torch
+from dynamo_lite.engines.reference import moe_mxfp4 as mx
+from tests.engines.reference.test_moe_mxfp4 import experts_and_routing
+
+for seed, shape, dtype, tol in (
+    (1, (8, 64, 32, 1, 4), torch.float32, 1e-5),
+    (2, (8, 96, 64, 9, 2), torch.float32, 1e-5),
+    (3, (6, 128, 96, 40, 4), torch.bfloat16, 2e-2),
+    (4, (8, 64, 64, 70, 2), torch.bfloat16, 2e-2),
+):
+    h, w, ids, gu, gub, dn, dnb = experts_and_routing(seed, *shape, dtype)
+    ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
+    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1)):
+        got = mx.experts_mxfp4(h, w, ids, gu, gub, dn, dnb, 7.0, 1.702, config=cfg)
+        assert got.dtype == dtype and got.shape == ref.shape
+        error = float((got.float() - ref).norm() / ref.norm())
+        assert error < tol, (seed, cfg, error)
+print("kernel ok")
+"""
+
+
+def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
+    """The Triton kernels themselves (grouping, in-register unpacking, SwiGLU, router weights), executed by
+    Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert that gets no
+    rows and one that gets a single row, two tile shapes."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_KERNEL_CHECK)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0 and "kernel ok" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny shape written by ``prepare --gpt-oss-checkpoint`` (the published checkpoints' layout)."""
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+
+    return write_model_folder(tmp_path_factory.mktemp("mxfp4") / "tiny", mxfp4=True, seed=7)
+
+
+def test_a_checkpoint_loads_packed_without_a_dequantized_copy(checkpoint: Path) -> None:
+    cfg = GptOssConfig.from_folder(checkpoint)
+    assert cfg.mxfp4 and len(list(checkpoint.glob("model-layer-*.safetensors"))) == cfg.num_layers
+    packed = load_gpt_oss_weights(checkpoint, cfg, torch.float32, CPU, mxfp4=True)
+    dense = load_gpt_oss_weights(checkpoint, cfg, torch.float32, CPU)
+    for p, d in zip(packed.layers, dense.layers, strict=True):
+        for w, full in ((p.gate_up, d.gate_up), (p.down, d.down)):
+            assert isinstance(w, Mxfp4Experts) and w.blocks.dtype == w.scales.dtype == torch.uint8
+            assert w.nbytes * 8 / full.numel() == 4.25  # 4 bits a weight + 8 bits per 32
+            assert torch.equal(w.dequantize(torch.float32), full)
+    with pytest.raises(ValueError, match="needs MXFP4 experts"):
+        dense_folder = checkpoint.parent / "dense"
+        from dynamo_lite.gpt_oss.tiny import write_model_folder
+
+        write_model_folder(dense_folder)
+        load_gpt_oss_weights(
+            dense_folder, GptOssConfig.from_folder(dense_folder), torch.float32, CPU, mxfp4=True
+        )
+
+
+async def test_engine_with_mxfp4_experts_matches_transformers(checkpoint: Path) -> None:
+    """fp32, aggregated and batched: the engine keeping the experts packed gives transformers' greedy tokens on
+    the same MXFP4 checkpoint (which transformers dequantizes)."""
+    transformers = pytest.importorskip("transformers")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gpt_oss_testing import NEW_TOKENS, prompts
+
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.protocol import GenerateRequest, SamplingOptions
+
+    torch.set_num_threads(2)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        str(checkpoint), dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)
+    ).eval()
+    expected = []
+    with torch.inference_mode():
+        for ids in prompts():
+            gen = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)  # fmt: skip
+            expected.append(gen[0, len(ids) :].tolist())
+    del hf
+    settings = EngineSettings(model_path=str(checkpoint), dtype="float32", quantization="mxfp4", threads=2,
+                              max_batch_size=8, max_num_tokens=48, max_seq_len=128)  # fmt: skip
+    engine = build_engine(settings)
+    await engine.start()
+
+    async def generate(i: int, ids: list[int]) -> list[int]:
+        opts = SamplingOptions(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+        req = GenerateRequest(request_id=f"r{i}", model="tiny", token_ids=ids, sampling=opts)
+        async with aclosing(engine.generate(req)) as chunks:
+            return [t async for c in chunks for t in c.token_ids]
+
+    try:
+        assert "mxfp4" in engine._model.moe_impl
+        assert all(isinstance(lw.gate_up, Mxfp4Experts) for lw in engine._model.weights.layers)
+        one_at_a_time = [await generate(i, ids) for i, ids in enumerate(prompts())]
+        batched = await asyncio.gather(*(generate(i, ids) for i, ids in enumerate(prompts())))
+    finally:
+        await engine.stop()
+    assert one_at_a_time == expected
+    assert list(batched) == expected
+
+
+def test_auto_keeps_mxfp4_experts_packed_on_cuda_only(checkpoint: Path, tmp_path: Path) -> None:
+    """``--quantization auto``: on CUDA an MXFP4 checkpoint's experts stay MXFP4, a dense one stays dense; on a
+    CPU (no kernels) the experts are dequantized. Resolved when the engine is built, before any weight is read."""
+    from dynamo_lite.engines.reference import ReferenceConfig, TorchEngine
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+    from dynamo_lite.model_files import resolve_model
+
+    dense = write_model_folder(tmp_path / "dense", metadata_only=True)
+
+    def resolved(folder: Path, device: str) -> str:
+        cfg = ReferenceConfig(model_path=str(folder), device=device, dtype="bfloat16", quantization="auto")
+        return TorchEngine(cfg, resolve_model(str(folder))).config.quantization
+
+    assert resolved(checkpoint, "cuda") == "mxfp4"
+    assert resolved(dense, "cuda") == "none"
+    assert resolved(checkpoint, "cpu") == "none"
+
+
+def test_the_torch_engine_refuses_ranks_it_does_not_have() -> None:
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import ConfigError, from_settings
+
+    with pytest.raises(ConfigError, match="--tensor-parallel-size 4: the torch engine runs one rank"):
+        from_settings(EngineSettings(tensor_parallel_size=4))
+    with pytest.raises(ConfigError, match="moe_expert_parallel_size in seed.yaml 4"):
+        from_settings(EngineSettings(extra={"moe_expert_parallel_size": 4}, extra_source="seed.yaml"))
+    assert from_settings(EngineSettings(tensor_parallel_size=1)).quantization == "auto"
+
+
+def test_worker_with_tensor_parallel_exits_with_a_clear_message() -> None:
+    run = subprocess.run(
+        [sys.executable, "-m", "dynamo_lite.worker", "--engine", "torch", "--tensor-parallel-size", "4"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "--tensor-parallel-size 4: the torch engine runs one rank" in run.stderr + run.stdout
+    assert "Traceback" not in run.stderr
