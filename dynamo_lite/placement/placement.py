@@ -19,8 +19,9 @@ class Placement:
     handoff over ``plane``. ``start`` subscribes to the workers' load reports (and, in kv mode, KV events) in
     ``namespace``; ``stop`` ends the subscriptions.
 
-    >>> placement = Placement(view, plane, "dynamo", PlacementSettings(policy="least-loaded"), [Role.PREFILL])
-    ... # doctest: +SKIP
+    >>> placement = Placement(view, plane, "dynamo", PlacementSettings(policy="least-loaded"))  # doctest: +SKIP
+    >>> await placement.start()  # doctest: +SKIP
+    >>> instance = await placement.admission.place(Role.PREFILL, model, request)  # doctest: +SKIP
     """
 
     def __init__(
