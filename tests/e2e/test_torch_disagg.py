@@ -275,7 +275,10 @@ def test_decode_first_client_leaving_before_the_kv_pull_frees_the_kv_within_a_se
     held = "dynamo_lite_worker_kv_bytes_held"
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "stream": True}
     with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
-        for line in r.iter_lines():
+        # Held until the block ends: an iterator dropped early closes the connection (the client would leave
+        # before the check below, and the KV could be freed before it looks).
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: {") and '"text"' in line:
                 break  # the first token: the decode worker now waits 5 s before it pulls the KV
         assert sum(metric_values(prefill.port, held)) > 0  # the prompt's KV waits on the prefill worker
