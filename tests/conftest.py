@@ -243,15 +243,14 @@ class Services:
         ]
 
 
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """A fresh etcd and nats-server for one test."""
+@contextmanager
+def _running_services(tmp: Path) -> Iterator[Services]:
     if not (_etcd_binary() and _nats_binary()):
         pytest.skip("etcd and nats-server binaries are needed (apt-get install etcd-server nats-server)")
-    etcd = start_etcd(tmp_path)
+    etcd = start_etcd(tmp)
     with killed_on_failure(etcd):
-        nats = start_nats(tmp_path)
-    services = Services(etcd, nats, tmp_path)
+        nats = start_nats(tmp)
+    services = Services(etcd, nats, tmp)
     try:
         yield services
     finally:
@@ -259,6 +258,20 @@ def services(tmp_path: Path) -> Iterator[Services]:
         for p in {id(p): p for p in (nats, etcd, services.nats, services.etcd)}.values():
             p.kill()
             p.popen.wait(5)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    """A fresh etcd and nats-server for one test."""
+    with _running_services(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """One etcd and nats-server for a whole test module: for stacks that several of its tests share."""
+    with _running_services(tmp_path_factory.mktemp("services")) as running:
+        yield running
 
 
 def start_worker(
