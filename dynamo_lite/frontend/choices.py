@@ -2,9 +2,9 @@
 
 Choice ``i`` of ``n > 1`` is the request with id ``<id>-<i>`` and, when the request is seeded, seed ``seed + i``:
 with a seed the n choices are reproducible (and differ from each other when sampling). Each choice has its own
-output state (detokenizer, stop strings, finish reason), logprobs, and stream format or transcript; streamed,
-their chunks go out interleaved as they come, each with its ``index``; whole, one body with n choices. Usage
-counts the prompt once and every choice's completion tokens.
+output state (detokenizer, stop strings, finish reason), logprobs and, streamed, its stream format; streamed, their
+chunks go out interleaved as they come, each with its ``index``; whole, one body with n choices (``writer.py``).
+Usage counts the prompt once and every choice's completion tokens.
 """
 
 from __future__ import annotations
