@@ -4,12 +4,15 @@ Wire messages are msgspec Structs encoded as msgpack (``array_like`` keeps them 
 crosses a process boundary is decoded with a typed decoder, so a malformed or oversized message is rejected at
 the edge. Never pickle.
 
-Interfaces (each has several backends, each testable in-process):
+Interfaces here (each has several backends, each testable in-process):
 
-- ``Discovery``      — where instances and model cards live (etcd, memory): ``dynamo_lite.runtime.discovery``
-- ``RequestPlane``   — how a request reaches an instance and its stream comes back (NATS, in-process)
-- ``Engine``         — what produces tokens (torch, mocker, trtllm): ``dynamo_lite.engines``
-- ``KvTransport``    — how KV bytes move from a prefill to a decode worker (shm, TCP): ``dynamo_lite.kv``
+- ``Discovery``      — where instances and model cards live: etcd (``runtime/discovery_etcd.py``), memory
+  (``runtime/discovery_memory.py``)
+- ``RequestPlane``   — how a request reaches an instance and its stream comes back: NATS
+  (``runtime/request_plane_nats.py``), in-process (``runtime/request_plane_inproc.py``)
+
+Elsewhere: ``Engine`` — what produces tokens (torch, mocker, trtllm) — in ``dynamo_lite/engines/base.py``; the
+KV bytes move between workers in ``dynamo_lite/kv`` (shared memory, TCP, CUDA IPC, chosen by locality).
 """
 
 from __future__ import annotations
@@ -30,10 +33,9 @@ request fails as a server error (``IncompatibleWire``), never the client's."""
 OLDEST_WIRE_VERSION = 1
 """The oldest version this code reads."""
 MAX_WIRE_MESSAGE_BYTES = 8 * 1024 * 1024
-MAX_LOGPROBS = (
-    20  # most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)
-)
 """Hard upper bound on any wire message we decode (requests carry token ids, never KV bytes)."""
+MAX_LOGPROBS = 20
+"""Most alternatives per token a request may ask for (OpenAI's top_logprobs bound, vLLM's default)."""
 
 
 class WireIntEnum(enum.IntEnum):
@@ -81,6 +83,26 @@ class FinishReason(WireStrEnum):
     LENGTH = "length"  # max_tokens or context length
     CANCELLED = "cancelled"
     ERROR = "error"
+
+
+class DisaggregationStrategy(WireStrEnum):
+    """Who runs a disaggregated request's prefill handoff (a decode worker's ``--disaggregation-strategy``,
+    registered with its instance). On the wire: the value, a plain string (``UNRECOGNIZED``: a newer peer's
+    strategy; the router then treats the instance as prefill_first)."""
+
+    UNRECOGNIZED = "unrecognized"
+    PREFILL_FIRST = "prefill_first"  # the router: prefill worker first, then the decode worker
+    DECODE_FIRST = "decode_first"  # the decode worker, asked first, runs the prefill on a prefill worker
+
+
+class EngineKind(WireStrEnum):
+    """Which engine holds a prefill's KV (``KvDescriptor.engine``): how a decode worker pulls or releases it.
+    On the wire: the value, a plain string (``UNRECOGNIZED``: a KV no engine here can pull; it is recomputed)."""
+
+    UNRECOGNIZED = "unrecognized"
+    TORCH = "torch"
+    MOCKER = "mocker"
+    TRTLLM = "trtllm"
 
 
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -143,7 +165,7 @@ class KvDescriptor(_Wire):
     """
 
     transfer_id: str
-    engine: str  # "torch" | "mocker" | "trtllm"
+    engine: EngineKind
     num_tokens: int
     nbytes: int
     secret: str = ""  # per-transfer token the KV server checks before sending bytes
@@ -307,7 +329,7 @@ class InstanceInfo(_Wire):
     model: str
     host: str = ""
     metrics_port: int = 0
-    disaggregation_strategy: str = "prefill_first"
+    disaggregation_strategy: DisaggregationStrategy = DisaggregationStrategy.PREFILL_FIRST
     version: int = WIRE_VERSION
     # Requests the instance takes at once (its worker's max_inflight; 0: unbounded). After ``version`` so that
     # records written without it still decode.

@@ -20,9 +20,9 @@ from dynamo_lite.engines.base import DTYPES, QUANTIZATIONS, EngineSettings, Engi
 from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
 from dynamo_lite.openmp import configure_openmp
+from dynamo_lite.placement.policies import POLICIES
 from dynamo_lite.protocol import Role
 from dynamo_lite.router.orchestrator import Router
-from dynamo_lite.router.policies import POLICIES
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.cli import add_log_level_arg, setup_logging
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts

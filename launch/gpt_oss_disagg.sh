@@ -98,7 +98,11 @@ worker_cmd() { # MODE GPUS ENGINE_ARGS MAX_BATCH_SIZE EXTRA_FLAGS...
 }
 worker_cmd prefill "$PREFILL_GPUS" "$PREFILL_ENGINE_ARGS" "$PREFILL_MAX_BATCH_SIZE" ${PREFILL_EXTRA[@]+"${PREFILL_EXTRA[@]}"}
 PREFILL_CMD=("${WORKER_CMD[@]}")
-worker_cmd decode "$DECODE_GPUS" "$DECODE_ENGINE_ARGS" "$DECODE_MAX_BATCH_SIZE" ${DECODE_EXTRA[@]+"${DECODE_EXTRA[@]}"}
+# decode_first: the decode worker places prefills itself, as the frontend's --router-mode says
+PLACEMENT=()
+[[ "$DISAGGREGATION_STRATEGY" == decode_first ]] && PLACEMENT=(--router-mode "$ROUTER_MODE")
+worker_cmd decode "$DECODE_GPUS" "$DECODE_ENGINE_ARGS" "$DECODE_MAX_BATCH_SIZE" ${PLACEMENT[@]+"${PLACEMENT[@]}"} \
+    ${DECODE_EXTRA[@]+"${DECODE_EXTRA[@]}"}
 DECODE_CMD=("${WORKER_CMD[@]}")
 
 quote() { # one shell word, quoted only when it needs it

@@ -5,6 +5,7 @@ Every process is started with its own free port and data dir, and killed by PID 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,6 +126,18 @@ class Proc:
         return self.popen.returncode
 
 
+@contextmanager
+def killed_on_failure(proc: Proc) -> Iterator[Proc]:
+    """For a helper that waits on the process it started: if the wait fails, the process goes with it."""
+    try:
+        yield proc
+    except BaseException:
+        proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(5)
+        raise
+
+
 def spawn(name: str, cmd: list[str], tmp: Path, env: dict | None = None) -> Proc:
     log_path = tmp / f"{name}.log"
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
@@ -178,7 +192,8 @@ def start_etcd(tmp: Path, name: str = "etcd", port: int | None = None, peer_port
         except OSError:
             return False
 
-    wait_until(healthy, 15, what=f"etcd on {port}")
+    with killed_on_failure(proc):
+        wait_until(healthy, 15, what=f"etcd on {port}")
     return proc
 
 
@@ -198,7 +213,8 @@ def start_nats(
         except OSError:
             return False
 
-    wait_until(listening, 10, what=f"nats-server on {port}")
+    with killed_on_failure(proc):
+        wait_until(listening, 10, what=f"nats-server on {port}")
     return proc
 
 
@@ -227,14 +243,14 @@ class Services:
         ]
 
 
-@pytest.fixture
-def services(tmp_path: Path) -> Iterator[Services]:
-    """A fresh etcd and nats-server for one test."""
+@contextmanager
+def _running_services(tmp: Path) -> Iterator[Services]:
     if not (_etcd_binary() and _nats_binary()):
         pytest.skip("etcd and nats-server binaries are needed (apt-get install etcd-server nats-server)")
-    etcd = start_etcd(tmp_path)
-    nats = start_nats(tmp_path)
-    services = Services(etcd, nats, tmp_path)
+    etcd = start_etcd(tmp)
+    with killed_on_failure(etcd):
+        nats = start_nats(tmp)
+    services = Services(etcd, nats, tmp)
     try:
         yield services
     finally:
@@ -242,6 +258,20 @@ def services(tmp_path: Path) -> Iterator[Services]:
         for p in {id(p): p for p in (nats, etcd, services.nats, services.etcd)}.values():
             p.kill()
             p.popen.wait(5)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[Services]:
+    """A fresh etcd and nats-server for one test."""
+    with _running_services(tmp_path) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def module_services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
+    """One etcd and nats-server for a whole test module: for stacks that several of its tests share."""
+    with _running_services(tmp_path_factory.mktemp("services")) as running:
+        yield running
 
 
 def start_worker(
@@ -277,12 +307,8 @@ def start_worker(
             raise RuntimeError(f"{name} exited early:\n{proc.log()[-3000:]}")
         return "READY worker" in proc.log()
 
-    try:
+    with killed_on_failure(proc):
         wait_until(ready, ready_timeout, what=f"{name} ready")
-    except BaseException:
-        proc.kill()  # never leak a half-started worker
-        proc.popen.wait(5)
-        raise
     line = next(ln for ln in proc.log().splitlines() if ln.startswith("READY worker"))
     parts = dict(p.split("=", 1) for p in line.split()[3:])
     proc.extra["instance_id"] = line.split()[2]
@@ -318,7 +344,8 @@ def start_frontend(
         except OSError:
             return False
 
-    wait_until(live, ready_timeout, what="frontend /live")
+    with killed_on_failure(proc):
+        wait_until(live, ready_timeout, what="frontend /live")
     return proc
 
 

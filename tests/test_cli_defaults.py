@@ -14,7 +14,8 @@ from dynamo_lite import serve
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.frontend import __main__ as frontend_cli
 from dynamo_lite.frontend.settings import FrontendSettings
-from dynamo_lite.protocol import Role
+from dynamo_lite.placement import PlacementSettings
+from dynamo_lite.protocol import DisaggregationStrategy, Role
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.worker import __main__ as worker_cli
@@ -26,6 +27,7 @@ CLIS = [
     ROOT / "dynamo_lite" / "frontend" / "__main__.py",
     ROOT / "dynamo_lite" / "serve.py",
     ROOT / "dynamo_lite" / "runtime" / "cli.py",
+    ROOT / "dynamo_lite" / "placement" / "cli.py",
 ]
 # Flag defaults that are not settings: what a flag means when it is omitted, in the CLI's own terms.
 OWN_DEFAULTS = {
@@ -42,17 +44,41 @@ def no_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
+def _literal_default(value: ast.expr) -> ast.Constant | None:
+    """The literal a flag's default comes down to: the default itself, or the fallback of an environment
+    variable it is bound to (``os.environ.get("DYN_LOG", "INFO")``, ``os.getenv(...)``, nested ones)."""
+    if isinstance(value, ast.Constant):
+        return value
+    if isinstance(value, ast.Call) and len(value.args) == 2:
+        func = value.func
+        name = ast.unparse(func)
+        if name in ("os.environ.get", "os.getenv", "environ.get", "getenv"):
+            return _literal_default(value.args[1])
+    return None
+
+
 def flag_defaults(path: Path) -> list[tuple[str, object]]:
-    """(flag, default) of every ``add_argument`` call in ``path`` whose default is a literal."""
+    """(flag, default) of every ``add_argument`` call in ``path`` whose default is a literal, or an environment
+    variable's with a literal fallback."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if not (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument"):
             continue
         flag = next((a.value for a in node.args if isinstance(a, ast.Constant)), "?")
         for kw in node.keywords:
-            if kw.arg == "default" and isinstance(kw.value, ast.Constant):
-                found.append((flag, kw.value.value))
+            literal = _literal_default(kw.value) if kw.arg == "default" else None
+            if literal is not None:
+                found.append((flag, literal.value))
     return found
+
+
+def test_hidden_defaults_are_found(tmp_path: Path) -> None:
+    """The check below sees a default hidden behind an environment variable."""
+    path = tmp_path / "cli.py"
+    path.write_text(
+        'p.add_argument("--log-level", default=os.environ.get("DYN_LOG", os.getenv("X", "INFO")))'
+    )
+    assert flag_defaults(path) == [("--log-level", "INFO")]
 
 
 @pytest.mark.parametrize("path", CLIS, ids=lambda p: p.name)
@@ -77,6 +103,18 @@ def test_the_worker_cli_without_flags_is_the_settings_defaults() -> None:
     assert settings.runtime.timeouts == Timeouts(drain_s=7.0)
     assert settings.engine_settings.kv_lease_s == 9.0 and settings.engine_settings.max_batch_size == 4
     assert settings.engine_settings.explicit == {"kv_lease_s", "max_batch_size"}
+
+
+def test_a_decode_first_worker_takes_the_routers_placement_flags() -> None:
+    flags = ["--mode", "decode", "--disaggregation-strategy", "decode_first", "--router-mode", "least-loaded"]
+    settings = worker_cli.settings_from(
+        worker_cli.build_parser().parse_args([*flags, "--queue-timeout", "5"])
+    )
+    assert settings.disaggregation_strategy is DisaggregationStrategy.DECODE_FIRST
+    assert settings.placement == PlacementSettings(policy="least-loaded", timeouts=Timeouts(queue_s=5.0))
+    assert settings.placement.timeouts is settings.runtime.timeouts  # one timeouts object per process
+    router = frontend_cli.parse_args(["--router-mode", "least-loaded", "--queue-timeout", "5"]).router
+    assert router == RouterSettings(policy="least-loaded", timeouts=Timeouts(queue_s=5.0))
 
 
 def test_the_frontend_cli_without_flags_is_the_settings_defaults() -> None:

@@ -153,7 +153,7 @@ def kernel(args: argparse.Namespace) -> dict:
     dense = (gate_up.dequantize(torch.bfloat16), gub, down.dequantize(torch.bfloat16), dnb)
     grouped = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_torch)
     checks = []
-    for tokens in (1, 64, 700, 4096):
+    for tokens in (1, 64, 4096):
         weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
         h = torch.randn(tokens, 2880, device=dev).bfloat16()
         ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()

@@ -7,8 +7,9 @@ import logging
 import os
 
 from dynamo_lite.engines.base import Engine, EngineSettings, EngineUnavailable
+from dynamo_lite.protocol import EngineKind
 
-ENGINES = ("torch", "mocker", "trtllm")
+ENGINES = tuple(k.value for k in EngineKind if k is not EngineKind.UNRECOGNIZED)  # --engine choices
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from dynamo_lite.kv.blocks import KV_BLOCK_SIZE, KvEventSink
-from dynamo_lite.kv.config import KV_LEASE_S
+from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.protocol import (
+    EngineKind,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
@@ -52,7 +53,7 @@ class EngineStats:
 class Engine(Protocol):
     """What a worker runs. Besides the four methods, the worker reads and sets three attributes."""
 
-    name: str
+    name: EngineKind
     model_files: ModelFiles  # tokenizer, chat template, config: the worker publishes them with its model card
     pacing: StreamPacing  # how long a token stream waits between chunks; the worker adapts it to the load
     on_kv_event: (
@@ -283,6 +284,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")  # the --dtype choices of ev
 QUANTIZATIONS = ("auto", "none", "int8", "int4", "mxfp4")  # the --quantization choices
 
 
+_KV = KvTransferConfig()  # the KV transfer's defaults (lease), which the engine flags show
+
+
 @dataclass(slots=True)
 class EngineSettings:
     """Everything an engine is built from: worker flags, then ``--extra-engine-args`` YAML merged on top
@@ -309,7 +313,7 @@ class EngineSettings:
     kv_bind_host: str = "127.0.0.1"
     kv_advertise_host: str = ""  # empty: kv_bind_host
     kv_port: int = 0  # 0: any free port
-    kv_lease_s: float = KV_LEASE_S  # unpulled KV is held this long
+    kv_lease_s: float = _KV.lease_s  # unpulled KV is held this long
     speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
     extra: dict = field(default_factory=dict)
     extra_source: str = ""  # file the extra args came from, for error messages

@@ -30,6 +30,7 @@ from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, S
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import (
+    EngineKind,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
@@ -133,7 +134,7 @@ _MOCKER_KEYS = {
 
 
 class MockerEngine:
-    name = "mocker"
+    name = EngineKind.MOCKER
 
     def __init__(self, settings: EngineSettings, model_files: ModelFiles) -> None:
         for key in settings.extra:
@@ -304,7 +305,7 @@ class MockerEngine:
                 n = len(seq.request.token_ids)
                 desc = KvDescriptor(
                     transfer_id=uuid.uuid4().hex,
-                    engine="mocker",
+                    engine=EngineKind.MOCKER,
                     num_tokens=n,
                     nbytes=self.kv_bytes(n),
                     num_layers=self.layers,

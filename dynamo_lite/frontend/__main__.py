@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from dynamo_lite import tracing
 from dynamo_lite.frontend.cli_args import add_http_api_args, http_api_settings
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.placement.cli import add_placement_args, placement_settings
 from dynamo_lite.router.orchestrator import Router
-from dynamo_lite.router.policies import POLICIES
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
@@ -47,7 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Given by the supervisor to the processes it starts (supervisor.py); not a user flag.
     p.add_argument("--supervisor-dir", default="", help=argparse.SUPPRESS)
-    p.add_argument("--router-mode", default=_R.policy, choices=POLICIES)
     p.add_argument(
         "--disagg-threshold",
         type=int,
@@ -74,12 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--kv-block-size", type=int, default=_R.kv_block_size, help="kv router: tokens per hashed block"
     )
     p.add_argument(
-        "--kv-load-weight",
-        type=float,
-        default=_R.kv_load_weight,
-        help="kv router: cost of one unit of load, in uncached prompt blocks",
-    )
-    p.add_argument(
         "--migration-limit",
         type=int,
         default=_R.migration_limit,
@@ -91,18 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_F.max_inflight,
         help="429 beyond this many requests in flight, queued ones included (0: no bound)",
     )
-    p.add_argument(
-        "--queue-depth",
-        type=int,
-        default=_R.queue_depth,
-        help="requests per model that may wait for a worker with room; more are refused (429 + Retry-After)",
-    )
-    p.add_argument(
-        "--queue-timeout",
-        type=float,
-        default=_T.queue_s,
-        help="seconds a request may wait for a worker with room, then 503 + Retry-After",
-    )
+    add_placement_args(p, "router")
     add_http_api_args(p)
     add_runtime_args(p)
     return p
@@ -130,14 +112,13 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
         queue_s=args.queue_timeout,
         shutdown_s=args.shutdown_timeout,
     )
-    router = RouterSettings(
-        policy=args.router_mode,
+    router = placement_settings(
+        args,
+        timeouts,
+        RouterSettings,
         disagg_threshold=args.disagg_threshold,
         migration_limit=args.migration_limit,
         kv_block_size=args.kv_block_size,
-        kv_load_weight=args.kv_load_weight,
-        queue_depth=args.queue_depth,
-        timeouts=timeouts,
     )
     frontend = FrontendSettings(
         http_host=args.http_host,

@@ -26,9 +26,12 @@ from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_er
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
+from dynamo_lite.frontend.prepare import RequestPreparer
+from dynamo_lite.frontend.prepared import CHAT, COMPLETIONS, RESPONSES
 from dynamo_lite.frontend.preprocess import ModelPreprocessor
-from dynamo_lite.frontend.serving import CHAT, COMPLETIONS, RESPONSES, CompletionService
+from dynamo_lite.frontend.serving import CompletionService
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.frontend.sse import WatchedResponse
 from dynamo_lite.frontend.tokenize_api import DetokenizeRequest, detokenize, parse_tokenize, tokenize
 from dynamo_lite.protocol import ModelCard
 
@@ -71,15 +74,17 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(parts)
 
 
+# The generating routes: plain Starlette routes (their answer is an ASGI app, ``sse.WatchedResponse``) that
+# parse their bodies by hand; the OpenAPI document describes them from these pydantic models.
 _BODIES = {
-    "/v1/chat/completions": ChatCompletionRequest,
-    "/v1/completions": CompletionRequest,
-    "/v1/responses": ResponsesRequest,
+    "/v1/chat/completions": (ChatCompletionRequest, "Chat Completions", "chat_completions"),
+    "/v1/completions": (CompletionRequest, "Completions", "completions"),
+    "/v1/responses": (ResponsesRequest, "Responses", "responses"),
 }
 
 
 def _openapi(app: FastAPI) -> dict:
-    """The OpenAPI document, with the request bodies our routes parse by hand (pydantic models) described."""
+    """The OpenAPI document, with the generating routes and the request bodies they parse described."""
     if app.openapi_schema:
         return app.openapi_schema
     from fastapi.openapi.utils import get_openapi
@@ -88,14 +93,31 @@ def _openapi(app: FastAPI) -> dict:
         title="dynamo_lite", version="1", description="OpenAI-compatible API", routes=app.routes
     )
     components = schema.setdefault("components", {}).setdefault("schemas", {})
-    for path, model in _BODIES.items():
+    generating: dict[str, dict] = {}
+    for path, (model, summary, name) in _BODIES.items():
         body = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(body.pop("$defs", {}))
         components[model.__name__] = body
-        schema["paths"][path]["post"]["requestBody"] = {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        operation_id = name + path.replace("/", "_").replace(".", "_") + "_post"
+        generating[path] = {
+            "post": {
+                "summary": summary,
+                "operationId": operation_id,
+                "responses": {
+                    "200": {
+                        "description": "Successful Response",
+                        "content": {"application/json": {"schema": {}}},
+                    }
+                },
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}
+                    },
+                },
+            }
         }
+    schema["paths"] = {**generating, **schema.get("paths", {})}
     app.openapi_schema = schema
     return schema
 
@@ -107,13 +129,14 @@ class OpenAIRoutes:
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
+        self.preparer = RequestPreparer(backend, settings)
         self.service = CompletionService(backend, settings, metrics)
         self.started = int(time.time())
         self._expected_auth = f"Bearer {settings.api_key}".encode() if settings.api_key else b""
         self._prepare = {
-            CHAT: self.service.prepare_chat,
-            COMPLETIONS: self.service.prepare_completion,
-            RESPONSES: self.service.prepare_responses,
+            CHAT: self.preparer.prepare_chat,
+            COMPLETIONS: self.preparer.prepare_completion,
+            RESPONSES: self.preparer.prepare_responses,
         }
 
     def refuse(self, request: Request, rid: str) -> Response | None:
@@ -142,7 +165,9 @@ class OpenAIRoutes:
             return err.response({"x-request-id": rid})
         return None
 
-    async def completion(self, request: Request, endpoint: str, schema: type[BaseModel]) -> Response:
+    async def completion(
+        self, request: Request, endpoint: str, schema: type[BaseModel]
+    ) -> Response | WatchedResponse:
         """Refuse, read, validate and prepare the request, then answer it (streamed or whole)."""
         rid = request_id_of(request)
         refused = self.refuse(request, rid)
@@ -161,7 +186,7 @@ class OpenAIRoutes:
         except Exception as exc:
             err = as_openai_error(exc)
             self.metrics.error(err.type)
-            model = self.service.known_model(getattr(parsed, "model", None))
+            model = self.preparer.known_model(getattr(parsed, "model", None))
             self.metrics.request_done(model, endpoint, err.status, bool(getattr(parsed, "stream", False)))
             log_access(request_id=rid, endpoint=endpoint, model=model, status=err.status)
             return err.response({"x-request-id": rid})
@@ -176,13 +201,13 @@ class OpenAIRoutes:
             raise unknown_fields_error(unknown)
         logger.warning("request %s: ignoring unknown fields: %s", rid, ", ".join(unknown))
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> Response | WatchedResponse:
         return await self.completion(request, CHAT, ChatCompletionRequest)
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> Response | WatchedResponse:
         return await self.completion(request, COMPLETIONS, CompletionRequest)
 
-    async def responses(self, request: Request) -> Response:
+    async def responses(self, request: Request) -> Response | WatchedResponse:
         return await self.completion(request, RESPONSES, ResponsesRequest)
 
     async def tokenize(self, request: Request) -> Response:
@@ -204,7 +229,7 @@ class OpenAIRoutes:
             return refused
         try:
             req = parse(await read_body(request, self.settings.max_body_bytes))
-            card, pre = await self.service.preprocessor(req.model)
+            card, pre = await self.preparer.preprocessor(req.model)
             return _json(await run(req, card, pre))
         except ClientDisconnect:
             return Response(status_code=499)
@@ -235,7 +260,7 @@ class OpenAIRoutes:
         refused = self.refuse(request, "") if self._expected_auth else None
         if refused is not None:
             return refused
-        return _json(self._model_entry(self.service.find_card(model)))
+        return _json(self._model_entry(self.preparer.find_card(model)))
 
     async def health(self) -> Response:
         try:
@@ -287,7 +312,7 @@ def create_app(
         ("/v1/completions", routes.completions),
         ("/v1/responses", routes.responses),
     ):
-        app.add_api_route(path, handler, methods=["POST"])
+        app.add_route(path, handler, methods=["POST"])
     app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", routes.detokenize, methods=["POST"])
     for path, handler in (

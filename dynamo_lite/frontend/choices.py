@@ -1,10 +1,10 @@
-"""``n > 1``: n choices of one request, as n independent backend requests.
+"""The choices of a response: one, or n as n independent backend requests.
 
-Choice ``i`` is the request with id ``<id>-<i>`` and, when the request is seeded, seed ``seed + i``: with a seed
-the n choices are reproducible (and differ from each other when sampling). Each choice has its own output state
-(detokenizer, stop strings, finish reason) and logprobs; streamed, their chunks go out interleaved as they come,
-each with its ``index``; whole, one body with n choices. Usage counts the prompt once and every choice's
-completion tokens.
+Choice ``i`` of ``n > 1`` is the request with id ``<id>-<i>`` and, when the request is seeded, seed ``seed + i``:
+with a seed the n choices are reproducible (and differ from each other when sampling). Each choice has its own
+output state (detokenizer, stop strings, finish reason), logprobs and, streamed, its stream format; streamed, their
+chunks go out interleaved as they come, each with its ``index``; whole, one body with n choices (``writer.py``).
+Usage counts the prompt once and every choice's completion tokens.
 """
 
 from __future__ import annotations
@@ -12,20 +12,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
 
 import msgspec
-import orjson
 
-from dynamo_lite.frontend.logprobs import ChatLogprobs, CompletionLogprobs, splice
-from dynamo_lite.frontend.output import OutputState, Transcript
-from dynamo_lite.frontend.sse import JSON_HEADERS, SSE_HEADERS, Exchange
+from dynamo_lite.frontend.logprobs import ChatLogprobs, CompletionLogprobs
+from dynamo_lite.frontend.output import OutputState
+from dynamo_lite.frontend.prepared import PreparedRequest, StreamFormat
 from dynamo_lite.protocol import GenerateChunk, GenerateRequest
-
-if TYPE_CHECKING:
-    from dynamo_lite.frontend.serving import PreparedRequest
-
-MAX_CHOICES = 16  # n above this is refused: each choice is a full request on the workers
 
 
 def choice_requests(request: GenerateRequest, n: int) -> list[GenerateRequest]:
@@ -45,7 +38,8 @@ def choice_requests(request: GenerateRequest, n: int) -> list[GenerateRequest]:
 
 class MergedStreams:
     """n backend streams read concurrently, as ``(choice, chunk)``; ``(choice, None)`` when one ends. The
-    consumer stops reading once every choice finished; ``stop`` closes one early (a stop string)."""
+    consumer stops reading once every choice finished; ``stop`` closes one early (a stop string). Never
+    exhausted: the consumer ends by itself."""
 
     def __init__(self, streams: list[AsyncIterator[GenerateChunk]]) -> None:
         self._queue: asyncio.Queue[tuple[int, GenerateChunk | None, BaseException | None]] = asyncio.Queue()
@@ -80,111 +74,51 @@ class MergedStreams:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-class Choices:
-    """The output states of n choices; sums what usage and metrics read (as one ``OutputState`` would)."""
+class Choice:
+    """One choice's state: its output (deltas, stop strings, finish), logprobs, its stream format (streamed
+    responses); ``token_at``: when its last tokens arrived (``time.perf_counter``; 0: none yet)."""
 
-    def __init__(self, p: PreparedRequest, n: int) -> None:
-        self.outs = [
-            OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
-            for _ in range(n)
-        ]
-        self.logprobs = [p.new_logprobs() for _ in range(n)]
-        self.backend_finished = False  # MergedStreams drains each stream itself: close, never drain
+    __slots__ = ("out", "logprobs", "fmt", "token_at")
+
+    def __init__(self, p: PreparedRequest, index: int) -> None:
+        self.out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
+        self.logprobs: ChatLogprobs | CompletionLogprobs | None = p.new_logprobs()
+        self.fmt: StreamFormat | None = p.stream_format(index) if p.stream else None
+        self.token_at = 0.0
+
+
+class Choices:
+    """The n choices of a response; sums what usage, metrics and the access log read."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, p: PreparedRequest) -> None:
+        self.items = [Choice(p, i) for i in range(p.n)]
 
     @property
     def completion_tokens(self) -> int:
-        return sum(o.completion_tokens for o in self.outs)
+        return sum(c.out.completion_tokens for c in self.items)
 
     @property
     def cached_tokens(self) -> int:
-        return max(o.cached_tokens for o in self.outs)
+        return max(c.out.cached_tokens for c in self.items)
 
     @property
     def reasoning_tokens(self) -> int:
-        return sum(o.reasoning_tokens for o in self.outs)
+        return sum(c.out.reasoning_tokens for c in self.items)
 
     @property
     def finish_reason(self) -> str | None:
         """The choices' finish reasons, for the access log ("stop", or e.g. "length,stop" when they differ)."""
-        reasons = sorted({o.finish_reason for o in self.outs if o.finish_reason})
+        reasons = sorted({c.out.finish_reason for c in self.items if c.out.finish_reason})
         return ",".join(reasons) or None
 
     @property
     def finished(self) -> bool:
-        return all(o.finish_reason for o in self.outs)
+        return all(c.out.finish_reason for c in self.items)
 
-    def process(self, i: int, chunk: GenerateChunk | None) -> Any:
-        out, logprobs = self.outs[i], self.logprobs[i]
-        counted = out.completion_tokens
-        delta = out.process(chunk) if chunk is not None else out.end()
-        if logprobs is not None and chunk is not None:
-            logprobs.add(chunk, out.completion_tokens - counted)
-        return delta
-
-
-async def write_stream(
-    p: PreparedRequest,
-    ex: Exchange,
-    rid: tuple[bytes, bytes],
-    merged: MergedStreams,
-    first: tuple[int, GenerateChunk | None] | None,
-    choices: Choices,
-) -> None:
-    fmts = [p.stream_format(index=i) for i in range(len(choices.outs))]
-    await ex.start(200, [*SSE_HEADERS, rid])
-    item = first
-    while item is not None:
-        i, chunk = item
-        out = choices.outs[i]
-        if not out.finish_reason:
-            delta = choices.process(i, chunk)
-            finish = out.finish_reason
-            if delta or finish:
-                data = fmts[i].delta(delta, finish)
-                logprobs = choices.logprobs[i]
-                taken = logprobs.take() if data and logprobs is not None else None
-                if taken is not None:
-                    data = splice(data, taken)
-                if data:
-                    await ex.body(data)
-            if finish and chunk is not None and chunk.finish_reason is None:
-                merged.stop(i)  # ended here (stop string, max_tokens): the backend need not go on
-        if choices.finished:
-            break
-        item = await anext(merged, None)
-    await ex.end(fmts[0].tail(p.usage(choices), "stop"))  # type: ignore[arg-type]
-
-
-async def write_whole(
-    p: PreparedRequest,
-    ex: Exchange,
-    rid: tuple[bytes, bytes],
-    merged: MergedStreams,
-    first: tuple[int, GenerateChunk | None] | None,
-    choices: Choices,
-) -> None:
-    transcripts = [Transcript() for _ in choices.outs]
-    item = first
-    while item is not None:
-        i, chunk = item
-        out = choices.outs[i]
-        if not out.finish_reason:
-            transcripts[i].add(choices.process(i, chunk))
-            if out.finish_reason and chunk is not None and chunk.finish_reason is None:
-                merged.stop(i)
-        if choices.finished:
-            break
-        item = await anext(merged, None)
-    usage = p.usage(choices)  # type: ignore[arg-type]
-    body: dict | None = None
-    for i, (out, transcript) in enumerate(zip(choices.outs, transcripts, strict=True)):
-        logprobs: ChatLogprobs | CompletionLogprobs | None = choices.logprobs[i]
-        one = orjson.loads(
-            p.body(transcript, out.finish_reason or "stop", usage, logprobs.whole() if logprobs else None)
-        )
-        one["choices"][0]["index"] = i
-        if body is None:
-            body = one
-        else:
-            body["choices"].append(one["choices"][0])
-    await ex.respond(200, [*JSON_HEADERS, rid], orjson.dumps(body))
+    @property
+    def backend_finished(self) -> bool:
+        """One choice whose backend stream sent its end: drain that stream rather than close it. n streams
+        (``MergedStreams``) drain themselves: always closed."""
+        return len(self.items) == 1 and self.items[0].out.backend_finished

@@ -168,15 +168,8 @@ class CompletionStreamFormat(_StreamFormat):
         return error_event(error_body) + DONE
 
 
-def chat_completion(
-    response_id: str,
-    created: int,
-    model: str,
-    transcript: Transcript,
-    finish: str,
-    usage: dict,
-    logprobs: dict | None = None,
-) -> bytes:
+def chat_choice(index: int, transcript: Transcript, finish: str, logprobs: dict | None) -> dict:
+    """One choice of a whole ``chat.completion``."""
     message: dict = {"role": "assistant", "content": transcript.text("content")}
     reasoning = transcript.text("reasoning")
     if reasoning:
@@ -185,42 +178,33 @@ def chat_completion(
     if calls:
         message["tool_calls"] = [tool_call_dict(c) for c in calls]
         message["content"] = message["content"] or None
-    return orjson.dumps(
-        {
-            "id": response_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": usage,
-        }
-    )
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
 
 
-def text_completion(
+def text_choice(index: int, transcript: Transcript, finish: str, logprobs: dict | None) -> dict:
+    """One choice of a whole ``text_completion``."""
+    return {"index": index, "text": transcript.text("content"), "logprobs": logprobs, "finish_reason": finish}
+
+
+def completion_body(
     response_id: str,
+    obj: str,
     created: int,
     model: str,
-    transcript: Transcript,
-    finish: str,
+    choices: list[dict],
     usage: dict,
-    logprobs: dict | None = None,
+    nvext: dict | None = None,
 ) -> bytes:
-    text = transcript.text("content")
-    return orjson.dumps(
-        {
-            "id": response_id,
-            "object": "text_completion",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage,
-        }
-    )
+    """A whole ``chat.completion`` or ``text_completion`` (``obj``), encoded once; ``nvext`` when asked for
+    (``nvext.extra_fields``)."""
+    body = {
+        "id": response_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
+    if nvext is not None:
+        body["nvext"] = nvext
+    return orjson.dumps(body)

@@ -1,5 +1,6 @@
-"""``nvext.extra_fields`` in responses, as Dynamo returns them: a response's ``nvext`` object (whole responses)
-or one last chunk carrying it (streams), with what ``dynamo_lite.timing`` measured."""
+"""``nvext.extra_fields`` in responses, as Dynamo returns them: a response's ``nvext`` object (whole responses,
+``chunks.completion_body``) or one last chunk carrying it (streams), with what ``dynamo_lite.timing``
+measured."""
 
 from __future__ import annotations
 
@@ -13,12 +14,6 @@ SUPPORTED = frozenset({TIMING, WORKER_ID})
 def requested(extra_fields: list[str] | None) -> frozenset[str]:
     """The fields asked for that we answer (others are ignored, as by Dynamo)."""
     return SUPPORTED.intersection(extra_fields) if extra_fields else frozenset()
-
-
-def with_nvext(body: bytes, nvext: dict) -> bytes:
-    """A JSON object response ``body`` with ``"nvext": nvext`` added."""
-    assert body.endswith(b"}")
-    return body[:-1] + b',"nvext":' + orjson.dumps(nvext) + b"}"
 
 
 def nvext_chunk(response_id: str, created: int, model: str, obj: str, nvext: dict) -> bytes:

@@ -29,6 +29,7 @@ class FrontendSettings:
     completions_default_max_tokens: int = 16  # OpenAI's default for the legacy /v1/completions
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
+    max_choices: int = 16  # n above this is refused: each choice is a full request on the workers
     model_owner: str = "dynamo_lite"
     # Requests in flight (queued at the router included) beyond this are refused with 429 + Retry-After (0: no
     # bound), before their body is read. A bound on the frontend's memory, above the router's queue depth plus

@@ -1,16 +1,16 @@
-"""A response whose body is produced while the client is watched: whichever ends first — the producer or the
-client's connection — cancels the other (Starlette's ``StreamingResponse`` shape). A client that goes away
-cancels the producer, and the producer's ``finally`` closes the backend stream, which cancels the work
-downstream."""
+"""A response (a plain ASGI app) whose body is produced while the client is watched: whichever ends first — the
+producer or the client's connection — cancels the other (Starlette's ``StreamingResponse`` shape). A client that
+goes away cancels the producer, and the producer's ``finally`` closes the backend stream, which cancels the work
+downstream. ``BufferedBody`` writes a stream's ready events in one go, just before it waits."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
-from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 SSE_HEADERS = [
@@ -75,63 +75,64 @@ class BufferedBody:
 
     def next_of(self, stream: AsyncIterator[T]) -> Awaitable[T | None]:
         """``anext(stream, None)``, writing what is held first if (and only if) that has to wait."""
-        return _NextFlushing(anext(stream, None), self)
+        return _flush_while_waiting(anext(stream, None), self)
 
 
-class _NextFlushing:
-    """Awaits ``step``; when ``step`` would suspend, ``body.flush()`` runs first (then ``step`` continues where
-    it stopped). A step that completes at once never flushes: the bytes wait for a later suspension or the end.
-    Exceptions thrown in (cancellation) reach ``step``, as they would in a plain ``await step``."""
+@types.coroutine
+def _flush_while_waiting(step: Awaitable[T], body: BufferedBody) -> Generator[Any, Any, T]:
+    """``await step``, except that when ``step`` has to wait, ``body.flush()`` runs first.
 
-    __slots__ = ("_step", "_body")
-
-    def __init__(self, step: Awaitable[T], body: BufferedBody) -> None:
-        self._step = step
-        self._body = body
-
-    def __await__(self) -> Generator[Any, Any, T]:
-        it = self._step.__await__()
+    A step that completes at once never flushes: its bytes wait for a later wait or the end. A generator-based
+    coroutine (no task, no extra event-loop round) because it runs once per chunk.
+    """
+    steps = step.__await__()
+    try:
+        waits_on = steps.send(None)  # run ``step`` up to its first wait
+    except StopIteration as ready:
+        return ready.value  # it had an item at once
+    if body._parts:
         try:
-            pending = it.send(None)
-        except StopIteration as done:
-            return done.value
-        if self._body._parts:
+            yield from body.flush().__await__()  # the write goes out while ``step`` waits
+        except BaseException as e:  # cancelled while writing: ``step`` gets it too, then the caller
+            with contextlib.suppress(BaseException):
+                steps.throw(e)
+            raise
+    return (yield from _resume(steps, waits_on))
+
+
+def _resume(steps: Generator[Any, Any, T], waits_on: Any) -> Generator[Any, Any, T]:
+    """The rest of ``await`` on ``steps`` once it has yielded ``waits_on`` (what ``yield from`` does, PEP 380): hand
+    each wait to the event loop, and the loop's answer — a value, or an exception such as a cancellation — back to
+    ``steps``, until it returns."""
+    while True:
+        try:
+            answer = yield waits_on
+        except BaseException as e:  # noqa: BLE001 — delivered to ``steps``, as ``await`` would
             try:
-                yield from self._body.flush().__await__()
-            except BaseException as e:  # cancelled while writing: the step gets it too, then the caller
-                with contextlib.suppress(BaseException):
-                    it.throw(e)
-                raise
-        while True:
+                waits_on = steps.throw(e)
+            except StopIteration as done:
+                return done.value
+        else:
             try:
-                sent = yield pending
-            except BaseException as e:  # noqa: BLE001 — delivered to the step, as ``await`` would
-                try:
-                    pending = it.throw(e)
-                except StopIteration as done:
-                    return done.value
-            else:
-                try:
-                    pending = it.send(sent)
-                except StopIteration as done:
-                    return done.value
+                waits_on = steps.send(answer)
+            except StopIteration as done:
+                return done.value
 
 
 Producer = Callable[[Exchange], Awaitable[None]]
 
 
-class WatchedResponse(Response):
-    """Runs ``producer(exchange)`` and a disconnect listener together.
+class WatchedResponse:
+    """An ASGI app that runs ``producer(exchange)`` and a disconnect listener together.
 
     The producer sends the response itself (status, headers, body), so it can answer an HTTP error as long as
     it hasn't started. It must not raise: errors become error responses or error events inside it.
     """
 
-    def __init__(self, producer: Producer) -> None:  # no Response.__init__: nothing to render
+    __slots__ = ("_producer",)
+
+    def __init__(self, producer: Producer) -> None:
         self._producer = producer
-        self.background = None
-        self.status_code = 200  # what it normally answers; the producer decides
-        self.raw_headers: list[tuple[bytes, bytes]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(send)

@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from dynamo_lite.frontend.errors import bad_request
 from dynamo_lite.frontend.fields import tools_for_prompt
 from dynamo_lite.frontend.openai_protocol import ChatMessage
+from dynamo_lite.frontend.prepare import message_dict
 from dynamo_lite.frontend.preprocess import ModelPreprocessor
-from dynamo_lite.frontend.serving import _message_dict as message_dict
 from dynamo_lite.protocol import ModelCard
 
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KV_LEASE_S = 30.0
-"""How long a prefill worker holds KV nobody pulled (``--kv-lease``), unless told sooner that nobody will."""
-
 MAX_HEADER_BYTES = 4096
 """Upper bound on one control message (claim/fetch/reply); anything longer is refused unread."""
 
@@ -21,7 +18,8 @@ class KvTransferConfig:
     bind_host: str = "127.0.0.1"
     advertise_host: str = ""  # what descriptors name as the host; "" -> bind_host
     port: int = 0  # 0 -> a free port
-    lease_s: float = KV_LEASE_S  # how long an unpulled hold lives
+    # How long a prefill worker holds KV nobody pulled (``--kv-lease``), unless told sooner that nobody will.
+    lease_s: float = 30.0
     use_shm: bool = True  # exporter: back holds by POSIX shm; importer: map it when host_id matches
     pull_timeout_s: float = 10.0  # a whole pull, bytes included; exporter: a claimed hold lives at least this
     connect_timeout_s: float = 2.0  # connect plus the exporter's answer to a claim

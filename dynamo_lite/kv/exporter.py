@@ -38,7 +38,7 @@ from dynamo_lite.kv.errors import KvCapacityError, KvTransferError
 from dynamo_lite.kv.layout import KvLayout, as_tensors, host_id
 from dynamo_lite.kv.shm import ShmSegment, anonymous, bury
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus, frame, recv_message, tune_socket
-from dynamo_lite.protocol import KvDescriptor, WireError, WireVersionError
+from dynamo_lite.protocol import EngineKind, KvDescriptor, WireError, WireVersionError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class KvExporter:
     """Holds KV for transfer and runs the TCP endpoint importers pull from. ``allocate``, ``publish`` and
     ``release`` are thread-safe; ``start``/``stop`` run on the event loop that serves the transfers."""
 
-    def __init__(self, config: KvTransferConfig, engine_name: str = "torch") -> None:
+    def __init__(self, config: KvTransferConfig, engine_name: EngineKind = EngineKind.TORCH) -> None:
         self.config = config
         self.engine_name = engine_name
         self._lock = threading.Lock()

@@ -1,13 +1,14 @@
 """The in-process router: picks instances per role and runs the disaggregation.
 
-prefill_first (default): the prefill → decode handoff (``handoff.py``) on a prefill worker, then a decode worker.
+prefill_first (default): the prefill → decode handoff (``placement/handoff.py``) on a prefill worker, then a
+decode worker.
 decode_first: the decode worker is asked directly and runs the same handoff itself.
 Conditional: prompts shorter than ``disagg_threshold`` go straight to a decode worker, which prefills locally
 (a negative threshold: always). If the prefill worker fails, the decode worker prefills locally (the request
 still completes).
 
-Every instance is reserved before it is asked (``admission.py``): a request no instance has room for waits here,
-in a bounded queue per model. The decode instance is reserved first, so that a request whose first token was
+Every instance is reserved before it is asked (``placement/admission.py``): a request no instance has room for
+waits here, in a bounded queue per model. The decode instance is reserved first, so that a request whose first token was
 sent never finds its decode worker full; a worker that refuses anyway (``InstanceBusy``) is retried elsewhere or
 requeued. A worker that fails in a way the request plane calls ``retryable`` (lost, unreachable) mid-stream is
 replaced by another (``migration_limit``).
@@ -21,7 +22,10 @@ from contextlib import aclosing
 
 from dynamo_lite import timing, tracing
 from dynamo_lite.model_files import cache_root
+from dynamo_lite.placement import Placement
+from dynamo_lite.placement.handoff import PLANE_RETRIES, stream_chunks
 from dynamo_lite.protocol import (
+    DisaggregationStrategy,
     ErrorInfo,
     GenerateChunk,
     GenerateRequest,
@@ -34,11 +38,6 @@ from dynamo_lite.protocol import (
     Role,
     StreamError,
 )
-from dynamo_lite.router.admission import Admission
-from dynamo_lite.router.handoff import PLANE_RETRIES, PrefillHandoff, stream_chunks
-from dynamo_lite.router.kv_index import KvIndex
-from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.policies import Policy, make_policy
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.card_files import CardFileCache
 from dynamo_lite.runtime.registry import LiveView
@@ -56,38 +55,11 @@ class Router:
         self.runtime = runtime
         self.view = view
         self.settings = settings
-        self.load = LoadTracker(settings.load_report_ttl_s)
-        self.kv_index = KvIndex(settings.kv_approx_ttl_s)
-        # kv mode: the prefill (or aggregated) pick follows the cache; the decode pick follows load.
-        decode_policy = "least-loaded" if settings.policy == "kv" else settings.policy
-        self._policies: dict[Role, Policy] = {
-            role: make_policy(
-                decode_policy if role == DECODE else settings.policy,
-                self.load,
-                self.kv_index,
-                settings.kv_block_size,
-                settings.kv_load_weight,
-            )
-            for role in (PREFILL, DECODE, AGG)
-        }
-        self.admission = Admission(
-            view,
-            self.load,
-            self._policies,
-            queue_depth=settings.queue_depth,
-            queue_timeout_s=settings.timeouts.queue_s,
-            retry_after_s=settings.timeouts.retry_after_s,
-            plane=runtime.request_plane,
-        )
-        self.load.on_report = self.admission.instance_reported
-        view.on_change.append(self.admission.instances_changed)
-        self.handoff = PrefillHandoff(
-            runtime.request_plane,
-            self.admission,
-            first_token_s=settings.timeouts.first_token_s,
-            prefill_retries=settings.prefill_retries,
-        )
-        self._subscribed = False
+        self.placement = Placement(view, runtime.request_plane, runtime.settings.namespace, settings)
+        self.load = self.placement.load
+        self.kv_index = self.placement.kv_index
+        self.admission = self.placement.admission
+        self.handoff = self.placement.handoff
         # Model files published with the cards, for the frontend's preprocessors (distributed discovery only).
         self.card_files: CardFileCache | None = None
         if runtime.settings.etcd_endpoints:
@@ -97,22 +69,11 @@ class Router:
             )
 
     async def start(self) -> None:
-        """Subscribe to worker load reports (room for queued requests, least-loaded and kv policies) and, in
-        kv mode, to KV cache events."""
-        if self._subscribed:
-            return
-        ns = self.runtime.settings.namespace
-        await self.load.start(self.runtime.request_plane, ns)
-        if self.settings.policy == "kv":
-            await self.kv_index.start(self.runtime.request_plane, ns)
-            self.view.on_change.append(self._forget_gone_instances)
-        self._subscribed = True
+        """Subscribe to worker load reports (and, in kv mode, KV cache events)."""
+        await self.placement.start()
 
     async def stop(self) -> None:
-        if self._subscribed:
-            await self.load.stop()
-            if self.settings.policy == "kv":
-                await self.kv_index.stop()
+        await self.placement.stop()
 
     def refusal(self) -> Overloaded | None:
         """The refusal every request would get now (each served model's queue is full): the frontend answers
@@ -122,11 +83,6 @@ class Router:
     def queued_requests(self) -> dict[str, int]:
         """Requests waiting for an instance with room, per model (the frontend's queued-requests gauge)."""
         return self.admission.queued()
-
-    def _forget_gone_instances(self) -> None:
-        for iid in self.kv_index.instances():
-            if iid not in self.view.instances:
-                self.kv_index.remove_instance(iid)
 
     # ---- what is servable ---------------------------------------------------------------------------------
     def _roles_missing(self, model: str) -> list[Role]:
@@ -189,7 +145,7 @@ class Router:
         try:
             if not self._disaggregate(request):
                 chunks = on_decoder(request)  # the decode worker prefills locally
-            elif placed[0].disaggregation_strategy == "decode_first":
+            elif placed[0].disaggregation_strategy == DisaggregationStrategy.DECODE_FIRST:
                 # The decode worker runs the prefill on a prefill worker itself.
                 ask = GenerateRequest(
                     request.request_id,

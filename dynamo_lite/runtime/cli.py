@@ -6,21 +6,19 @@ import argparse
 import os
 
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
-from dynamo_lite.runtime.logs import DEFAULT_LOG_FORMAT, LOG_FORMATS, configure_logging
+from dynamo_lite.runtime.logs import LOG_FORMATS, LogSettings, configure_logging
 
-_DEFAULTS = RuntimeSettings()
+_DEFAULTS, _LOG = RuntimeSettings(), LogSettings()
 
 
 def add_log_level_arg(parser: argparse.ArgumentParser) -> None:
-    """``--log-level``, bound to Dynamo's ``DYN_LOG`` (default INFO), and ``--log-format``: JSON lines when
-    Dynamo's ``DYN_LOGGING_JSONL`` is set."""
-    parser.add_argument("--log-level", default=os.environ.get("DYN_LOG", "INFO"))
+    """``--log-level``, bound to Dynamo's ``DYN_LOG``, and ``--log-format``: JSON lines when Dynamo's
+    ``DYN_LOGGING_JSONL`` is set (defaults: ``LogSettings``)."""
+    parser.add_argument("--log-level", default=os.environ.get("DYN_LOG", _LOG.level))
     parser.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
-        default="json"
-        if os.environ.get("DYN_LOGGING_JSONL", "") not in ("", "0", "false")
-        else DEFAULT_LOG_FORMAT,
+        default="json" if os.environ.get("DYN_LOGGING_JSONL", "") not in ("", "0", "false") else _LOG.format,
         help="text lines, or one JSON object per line (env DYN_LOGGING_JSONL=1)",
     )
 

@@ -32,15 +32,21 @@ class Timeouts:
     # fails that request (aiperf counted 14 such errors at 30 s, after its warmup phase).
     keep_alive_s: float = 600.0
     # Stopping (SIGTERM)
+    stream_close_s: float = 5.0  # frontend: closing a finished request's backend stream (never held hostage)
+    send_error_s: float = 5.0  # frontend: delivering an error to a client that may have stopped reading
     shutdown_s: float = 5.0  # frontend: in-flight streams may finish this long
     drain_s: float = (
         30.0  # worker, once deregistered: in-flight requests may finish this long, then cancelled
     )
+    deregister_s: float = 3.0  # worker: removing its records from discovery (else its lease expires them)
     # The runtime: etcd and NATS
     connect_s: float = 5.0
+    close_s: float = 3.0  # closing the NATS connection on the way out
     probe_s: float = 1.5  # the first reachability check of etcd/NATS at start (fail fast)
     heartbeat_interval_s: float = 0.25  # how often a serving instance says it is alive on the request plane
     heartbeat_s: float = 1.25  # a stream whose instance was silent this long fails (never a hang)
+    nats_ping_interval_s: float = 5.0  # the NATS client's pings: a dead server connection is noticed
+    nats_reconnect_wait_s: float = 0.5  # between the NATS client's reconnect attempts (it retries forever)
     # A request that its (heartbeating) instance neither acknowledged nor followed with a later acknowledgement
     # fails after this long; requests are known lost sooner by their order (request_plane_nats.py).
     ack_s: float = 10.0

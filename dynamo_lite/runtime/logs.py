@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import orjson
 
 LOG_FORMATS = ("text", "json")
-DEFAULT_LOG_FORMAT = "text"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TEXT_FORMAT_PID = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    """How a process logs (``--log-level``/``DYN_LOG``, ``--log-format``/``DYN_LOGGING_JSONL``)."""
+
+    level: str = "INFO"
+    format: str = "text"  # one of LOG_FORMATS
+
+
+_DEFAULTS = LogSettings()
+
 
 # Attributes every LogRecord has: anything else on a record came from ``extra=``.
 _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
@@ -55,7 +67,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
-def configure_logging(level: str, log_format: str = DEFAULT_LOG_FORMAT, process_id: bool = False) -> None:
+def configure_logging(level: str, log_format: str = _DEFAULTS.format, process_id: bool = False) -> None:
     """The root logger at ``level``, writing ``log_format`` lines to stderr (replacing earlier handlers);
     ``process_id``: each line names the process (several processes writing to one stderr)."""
     if log_format not in LOG_FORMATS:

@@ -346,8 +346,8 @@ class NatsRequestPlane:
             "connect_timeout": settings.timeouts.connect_s,
             "allow_reconnect": True,
             "max_reconnect_attempts": -1,
-            "reconnect_time_wait": 0.5,
-            "ping_interval": 5,
+            "reconnect_time_wait": settings.timeouts.nats_reconnect_wait_s,
+            "ping_interval": settings.timeouts.nats_ping_interval_s,
             "max_outstanding_pings": 3,
             "error_cb": _log_error,
             "disconnected_cb": events.disconnected,
@@ -638,7 +638,7 @@ class NatsRequestPlane:
         for sub in self._subs:
             await _unsubscribe_quietly(sub)
         try:
-            await asyncio.wait_for(self.nc.close(), 3.0)
+            await asyncio.wait_for(self.nc.close(), self.settings.timeouts.close_s)
         except Exception:  # noqa: BLE001
             pass
 

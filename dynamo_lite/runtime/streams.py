@@ -1,4 +1,4 @@
-"""What the request planes share: mapping failures to ``ErrorInfo`` and running a handler as frames."""
+"""What the request planes share: the ``ErrorInfo`` a stream carries for a handler's failure."""
 
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from dynamo_lite.engines import ENGINES
 from dynamo_lite.engines.base import DTYPES, QUANTIZATIONS, EngineSettings, EngineUnavailable
 from dynamo_lite.model_files import REASONING_PARSERS, TOOL_CALL_PARSERS, ModelNotFound
 from dynamo_lite.openmp import configure_openmp
-from dynamo_lite.protocol import Role
+from dynamo_lite.placement.cli import add_placement_args, placement_settings
+from dynamo_lite.protocol import DisaggregationStrategy, Role
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.config import Timeouts
 from dynamo_lite.runtime.reachable import check_services
@@ -72,8 +73,10 @@ def build_parser(
     p.add_argument("--served-model-name", default=None)
     p.add_argument(
         "--disaggregation-strategy",
-        default=_W.disaggregation_strategy,
-        choices=["prefill_first", "decode_first"],
+        default=_W.disaggregation_strategy.value,
+        choices=[s.value for s in DisaggregationStrategy if s is not DisaggregationStrategy.UNRECOGNIZED],
+        help="decode workers: decode_first runs the prefill handoff here, placing prefills as the placement "
+        "flags say (the frontend's router flags)",
     )
     p.add_argument("--extra-engine-args", default="", help="YAML merged on top of the engine flags")
     p.add_argument(
@@ -158,6 +161,7 @@ def build_parser(
     e.add_argument(
         "--speedup-ratio", type=float, default=None, help="mocker: divide simulated time (0: none)"
     )
+    add_placement_args(p, "placement of prefill workers (decode_first; the frontend's router flags)")
     add_runtime_args(p)
     return p
 
@@ -185,6 +189,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         k: v for k, v in (("model_path", args.model_path), ("served_model_name", args.served_model_name)) if v
     }
     role = Role(args.role)
+    timeouts = Timeouts(drain_s=args.drain_timeout, queue_s=args.queue_timeout)
     engine = EngineSettings(
         role=role,
         extra=extra,
@@ -196,7 +201,7 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
     return WorkerSettings(
         role=role,
         engine=args.engine or "",
-        disaggregation_strategy=args.disaggregation_strategy,
+        disaggregation_strategy=DisaggregationStrategy(args.disaggregation_strategy),
         endpoint=args.endpoint,
         metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
@@ -208,13 +213,18 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         engine_settings=engine,
-        runtime=runtime_settings_from(args, Timeouts(drain_s=args.drain_timeout)),
+        runtime=runtime_settings_from(args, timeouts),
+        placement=placement_settings(args, timeouts),
     )
 
 
 async def run(settings: WorkerSettings) -> None:
-    worker = Worker(settings)  # builds the engine: a setting it can't honour fails here, before any service
+    if settings.engine == "torch":  # a flag the engine can't honour fails before any service is asked
+        from dynamo_lite.engines.reference.config import check_one_rank
+
+        check_one_rank(settings.engine_settings)
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
+    worker = Worker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

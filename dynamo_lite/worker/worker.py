@@ -20,7 +20,9 @@ from dynamo_lite import tracing
 from dynamo_lite.engines import build_engine, default_engine
 from dynamo_lite.engines.base import Engine, EngineSettings, HoldsKvForDecode, StreamPacing
 from dynamo_lite.model_files import default_reasoning_parser, default_tool_call_parser
+from dynamo_lite.placement.settings import PlacementSettings
 from dynamo_lite.protocol import (
+    DisaggregationStrategy,
     GenerateRequest,
     IncompatibleWire,
     InstanceInfo,
@@ -55,12 +57,14 @@ _PHASE_OF_ROLE = {Role.PREFILL: Phase.PREFILL, Role.DECODE: Phase.DECODE, Role.A
 @dataclass(slots=True)
 class WorkerSettings:
     """Every knob of a worker process, with its default, in one place (``python -m dynamo_lite.worker`` flags;
-    engine flags in ``engine_settings``; discovery, request plane and timeouts — ``drain_s`` — in ``runtime``)."""
+    engine flags in ``engine_settings``; discovery, request plane and timeouts — ``drain_s`` — in ``runtime``;
+    the placement of prefills under decode_first in ``placement``)."""
 
     role: Role = Role.AGGREGATED  # --mode
     # "": TensorRT-LLM where it imports and a GPU is present, else torch (engines.default_engine, logged)
     engine: str = ""
-    disaggregation_strategy: str = "prefill_first"  # or "decode_first"
+    # decode workers: who runs the prefill handoff (decode_first: this worker, placing prefills as ``placement``)
+    disaggregation_strategy: DisaggregationStrategy = DisaggregationStrategy.PREFILL_FIRST
     endpoint: str = "generate"
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no metrics server; 0: any free port
@@ -69,6 +73,7 @@ class WorkerSettings:
     # waits for room at the frontend, or places them elsewhere).
     max_inflight: int = 1024
     load_report_interval_s: float = 0.5
+    kv_event_interval_s: float = 0.05  # pending KV cache events (kv router) are published at least this often
     # Tokens produced within this long after a chunk went out travel together in the next one (0: a chunk per
     # engine step). Under load the interval grows so that this worker sends at most max_messages_per_s chunks.
     stream_interval_s: float = 0.005
@@ -81,6 +86,8 @@ class WorkerSettings:
     tool_call_parser: str = ""
     engine_settings: EngineSettings = field(default_factory=EngineSettings)
     runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    # decode_first: how this worker picks prefill workers (the router's flags: --router-mode, --queue-depth, ...)
+    placement: PlacementSettings = field(default_factory=PlacementSettings)
 
 
 class Worker:
@@ -152,7 +159,7 @@ class Worker:
 
             self._metrics_server, _ = start_http_server(s.metrics_port, s.metrics_host, self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
-        self._handler = handler_for(s.role, s.disaggregation_strategy, self.engine, self.runtime)
+        self._handler = handler_for(s.role, s.disaggregation_strategy, s.placement, self.engine, self.runtime)
         await self._handler.start()
         address = keys.request_address(s.runtime.namespace, s.role, s.endpoint, self.runtime.instance_id)
         phase_name, metrics = _PHASE_OF_ROLE[s.role].name.lower(), self.metrics
@@ -245,7 +252,7 @@ class Worker:
                     next_report = loop.time() + interval
             except Exception as e:  # noqa: BLE001 — the request plane is reconnecting: report later
                 log.debug("load report failed: %s", e)
-            await asyncio.sleep(min(interval, 0.05))
+            await asyncio.sleep(min(interval, self.settings.kv_event_interval_s))
 
     async def handle(self, payload: bytes) -> AsyncIterator[bytes]:
         """The endpoint: one ``GenerateRequest`` in, ``GenerateChunk``s out."""
@@ -293,7 +300,10 @@ class Worker:
         drain = self.settings.runtime.timeouts.drain_s if drain_s is None else drain_s
         if self.runtime and self.info and self.card:
             try:
-                await asyncio.wait_for(deregister(self.runtime, self.info, self.card), 3.0)
+                await asyncio.wait_for(
+                    deregister(self.runtime, self.info, self.card),
+                    self.settings.runtime.timeouts.deregister_s,
+                )
             except Exception as e:  # noqa: BLE001 — discovery down: our lease expires by itself
                 log.warning("deregister failed: %s", e)
         if self._served:

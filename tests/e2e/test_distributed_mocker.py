@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import Services, start_frontend, start_worker, wait_until
+from tests.conftest import Proc, Services, start_frontend, start_worker, wait_until
 
 MODEL = "smol-mock"
 WORKER_ARGS = ("--served-model-name", MODEL, "--speedup-ratio", "0", "--lease-ttl", "2")
@@ -47,11 +47,11 @@ def etcd_keys(services: Services, prefix: str) -> list[str]:
 @pytest.fixture
 def stack(services: Services):
     ns = f"t{uuid.uuid4().hex[:8]}"
-    prefill = start_worker(services, ns, "prefill", *WORKER_ARGS)
-    decode = start_worker(services, ns, "decode", *WORKER_ARGS)
-    frontend = start_frontend(services, ns)
-    procs = [prefill, decode, frontend]
+    procs: list[Proc] = []  # each one owned as soon as it runs
     try:
+        procs.append(prefill := start_worker(services, ns, "prefill", *WORKER_ARGS))
+        procs.append(decode := start_worker(services, ns, "decode", *WORKER_ARGS))
+        procs.append(frontend := start_frontend(services, ns))
         yield ns, prefill, decode, frontend, procs
     finally:
         for p in procs:

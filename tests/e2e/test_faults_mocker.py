@@ -50,11 +50,17 @@ async def stream_chat(client: httpx.AsyncClient, url: str, max_tokens: int) -> d
     return seen
 
 
-def start_stack(services: Services, decoders: int, *frontend_args: str) -> tuple[str, list[Proc], list[Proc]]:
+def start_stack(
+    services: Services, procs: list[Proc], decoders: int, *frontend_args: str
+) -> tuple[str, list[Proc]]:
+    """A prefill worker, ``decoders`` decode workers and a frontend, each added to ``procs`` (stopped by the
+    caller) as soon as it runs; the chat URL and the decode workers."""
     ns = f"t{uuid.uuid4().hex[:8]}"
-    procs = [start_worker(services, ns, "prefill", *WORKER_ARGS)]
-    decode = [start_worker(services, ns, "decode", *WORKER_ARGS) for _ in range(decoders)]
-    procs += decode
+    procs.append(start_worker(services, ns, "prefill", *WORKER_ARGS))
+    decode = []
+    for _ in range(decoders):
+        decode.append(start_worker(services, ns, "decode", *WORKER_ARGS))
+        procs.append(decode[-1])
     frontend = start_frontend(services, ns, *frontend_args)
     procs.append(frontend)
 
@@ -63,7 +69,7 @@ def start_stack(services: Services, decoders: int, *frontend_args: str) -> tuple
         return len(health["instances"]["decode"]) == decoders and len(health["instances"]["prefill"]) == 1
 
     wait_until(ready, 10, what="all workers discovered")
-    return f"http://127.0.0.1:{frontend.port}/v1/chat/completions", procs, decode
+    return f"http://127.0.0.1:{frontend.port}/v1/chat/completions", decode
 
 
 @pytest.fixture
@@ -83,8 +89,7 @@ async def kill_after(proc: Proc, delay: float) -> float:
 
 
 def test_decode_killed_mid_stream_migrates_every_request(services: Services, procs_to_stop) -> None:
-    url, procs, decoders = start_stack(services, 2, "--migration-limit", "1")
-    procs_to_stop.extend(procs)
+    url, decoders = start_stack(services, procs_to_stop, 2, "--migration-limit", "1")
 
     async def run() -> list[dict]:
         limits = httpx.Limits(max_connections=80)
@@ -103,8 +108,7 @@ def test_decode_killed_mid_stream_migrates_every_request(services: Services, pro
 def test_decode_killed_without_migration_ends_streams_with_error_fast(
     services: Services, procs_to_stop
 ) -> None:
-    url, procs, decoders = start_stack(services, 1)
-    procs_to_stop.extend(procs)
+    url, decoders = start_stack(services, procs_to_stop, 1)
 
     async def run() -> tuple[float, list[dict], list[float]]:
         async with httpx.AsyncClient(timeout=60) as client:

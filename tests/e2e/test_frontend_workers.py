@@ -16,7 +16,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import Proc, Services, spawn, start_worker, wait_until
+from tests.conftest import Proc, Services, killed_on_failure, spawn, start_worker, wait_until
 
 MODEL = "smol-mock"
 WORKER_ARGS = ("--served-model-name", MODEL, "--speedup-ratio", "0")
@@ -56,12 +56,8 @@ def start_frontend_workers(services: Services, namespace: str, *args: str, worke
             raise RuntimeError(f"frontend exited early:\n{proc.log()[-3000:]}")
         return next((ln for ln in proc.log().splitlines() if ln.startswith("READY frontend ")), None)
 
-    try:
+    with killed_on_failure(proc):
         line = wait_until(ready, 60, what="frontend READY")
-    except BaseException:
-        proc.kill()
-        proc.popen.wait(5)
-        raise
     proc.port = int(line.rsplit(":", 1)[1])
     return proc
 
@@ -99,9 +95,10 @@ def total(samples: dict[str, float], name: str, **labels: str) -> float:
 @pytest.fixture
 def frontend(services: Services):
     ns = f"w{uuid.uuid4().hex[:8]}"
-    workers = [start_worker(services, ns, mode, *WORKER_ARGS) for mode in ("prefill", "decode")]
-    procs = list(workers)
+    procs: list[Proc] = []  # each one owned as soon as it runs
     try:
+        for mode in ("prefill", "decode"):
+            procs.append(start_worker(services, ns, mode, *WORKER_ARGS))
         fe = start_frontend_workers(services, ns)
         procs.append(fe)
         yield fe

@@ -12,7 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import Services, start_frontend, start_worker, wait_until
+from tests.conftest import Proc, Services, start_frontend, start_worker, wait_until
 
 MODEL = "smol-mock"
 # Engine time as the mocker models it (not sped up): prefill and decode take real milliseconds.
@@ -21,16 +21,21 @@ TORCH_ARGS = ("--engine", "torch", "--served-model-name", MODEL, "--threads", "1
 PARTS = ("preprocess_ms", "queue_ms", "prefill_ms", "decode_ms")
 
 
-@pytest.fixture
-def launch(services: Services):
-    procs = []
+@pytest.fixture(scope="module")
+def launch(module_services: Services):
+    """The stack of the workers' args (prefill, decode, frontend): started by the first test that asks for it,
+    shared by the module's other tests."""
+    procs: list[Proc] = []  # each one owned as soon as it runs
+    stacks: dict[tuple[str, ...], list[Proc]] = {}
 
-    def start(*worker_args: str) -> list:
-        ns = f"t{uuid.uuid4().hex[:8]}"
-        procs.append(start_worker(services, ns, "prefill", *worker_args, ready_timeout=120))
-        procs.append(start_worker(services, ns, "decode", *worker_args, ready_timeout=120))
-        procs.append(start_frontend(services, ns))
-        return procs
+    def start(*worker_args: str) -> list[Proc]:
+        if worker_args not in stacks:
+            ns = f"t{uuid.uuid4().hex[:8]}"
+            procs.append(start_worker(module_services, ns, "prefill", *worker_args, ready_timeout=120))
+            procs.append(start_worker(module_services, ns, "decode", *worker_args, ready_timeout=120))
+            procs.append(start_frontend(module_services, ns))
+            stacks[worker_args] = procs[-3:]
+        return stacks[worker_args]
 
     yield start
     for p in procs:

@@ -58,11 +58,14 @@ def stack(services: Services, tmp_path):
     procs: list[Proc] = []
 
     def launch(decode_yaml: str = "", *decode_args: str) -> tuple[str, Proc, Proc]:
+        # each one owned as soon as it runs: a later one failing to start leaves none behind
         prefill = start_worker(services, ns, "prefill", *TORCH_ARGS, ready_timeout=120)
+        procs.append(prefill)
         extra = ("--extra-engine-args", decode_yaml) if decode_yaml else ()
         decode = start_worker(services, ns, "decode", *TORCH_ARGS, *extra, *decode_args, ready_timeout=120)
+        procs.append(decode)
         frontend = start_frontend(services, ns)
-        procs.extend([prefill, decode, frontend])
+        procs.append(frontend)
         url = f"http://127.0.0.1:{frontend.port}"
         wait_until(lambda: MODEL in httpx.get(url + "/v1/models", timeout=2).text, 20, what="model listed")
         return url, prefill, decode
@@ -272,7 +275,10 @@ def test_decode_first_client_leaving_before_the_kv_pull_frees_the_kv_within_a_se
     held = "dynamo_lite_worker_kv_bytes_held"
     body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "stream": True}
     with httpx.Client(timeout=60) as client, client.stream("POST", url + "/v1/completions", json=body) as r:
-        for line in r.iter_lines():
+        # Held until the block ends: an iterator dropped early closes the connection (the client would leave
+        # before the check below, and the KV could be freed before it looks).
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: {") and '"text"' in line:
                 break  # the first token: the decode worker now waits 5 s before it pulls the KV
         assert sum(metric_values(prefill.port, held)) > 0  # the prompt's KV waits on the prefill worker

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from dynamo_lite.placement.admission import Admission
+from dynamo_lite.placement.load import LoadTracker
+from dynamo_lite.placement.policies import RoundRobin
 from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateRequest,
@@ -17,9 +20,6 @@ from dynamo_lite.protocol import (
     StreamError,
     encode,
 )
-from dynamo_lite.router.admission import Admission
-from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.policies import RoundRobin
 from dynamo_lite.router.settings import RouterSettings
 
 MODEL = "m"

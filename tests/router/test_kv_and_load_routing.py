@@ -9,6 +9,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dynamo_lite.kv.blocks import PrefixCacheIndex, block_hashes
+from dynamo_lite.placement.kv_index import KvIndex
+from dynamo_lite.placement.load import LoadTracker
+from dynamo_lite.placement.policies import KvAware, LeastLoaded
 from dynamo_lite.protocol import (
     GenerateRequest,
     InstanceInfo,
@@ -18,9 +21,6 @@ from dynamo_lite.protocol import (
     SamplingOptions,
     encode,
 )
-from dynamo_lite.router.kv_index import KvIndex
-from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.policies import KvAware, LeastLoaded
 from dynamo_lite.router.settings import RouterSettings
 from tests.router.test_orchestrator import Cluster, ntokens, req, run, until
 

@@ -10,7 +10,16 @@ from contextlib import aclosing
 import pytest
 
 from dynamo_lite.engines.base import EngineSettings
-from dynamo_lite.protocol import GenerateChunk, GenerateRequest, Overloaded, SamplingOptions, StreamError
+from dynamo_lite.placement import PlacementSettings
+from dynamo_lite.protocol import (
+    GenerateChunk,
+    GenerateRequest,
+    Overloaded,
+    Phase,
+    SamplingOptions,
+    StreamError,
+    encode,
+)
 from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
@@ -51,6 +60,7 @@ class Cluster:
         speedup: float = 0.0,
         max_inflight: int = 1024,
         timing: dict | None = None,
+        placement: PlacementSettings | None = None,
     ) -> Worker:
         settings = WorkerSettings(
             role=mode,
@@ -61,6 +71,7 @@ class Cluster:
                 speedup_ratio=speedup, served_model_name=model, extra=timing or {}
             ),
             runtime=RuntimeSettings.embedded(namespace=self.ns),
+            placement=placement or PlacementSettings(),
         )
         w = Worker(settings)
         await w.start()
@@ -173,6 +184,37 @@ async def test_decode_first_runs_the_prefill_from_the_decode_worker(cluster: Clu
     assert ntokens(chunks) == 7 and chunks[-1].finish_reason == "length"
     assert prefill.engine.stats().total_tokens == 1
     assert decode.engine.stats().kv_transfers == 1 and decode.engine.stats().total_tokens == 6
+
+
+async def test_decode_first_places_prefills_by_the_router_mode_it_was_given(cluster: Cluster) -> None:
+    """--router-mode least-loaded given to a decode_first worker: of two prefill workers, one busy, every
+    prefill goes to the idle one (round-robin would send every other one to the busy worker)."""
+    slow = {"prefill_base_s": 60.0}  # a prefill on the busy worker holds it for a minute
+    busy = await cluster.worker("prefill", speedup=1.0, timing=slow)
+    idle = await cluster.worker("prefill")
+    decode = await cluster.worker(
+        "decode", strategy="decode_first", placement=PlacementSettings(policy="least-loaded")
+    )
+    router = await cluster.start_router()
+    assert busy.runtime is not None and busy.info is not None
+    held = busy.runtime.request_plane.stream(
+        busy.info.address,
+        encode(GenerateRequest("hold", MODEL, PROMPT, SamplingOptions(), Phase.PREFILL)),
+        first_timeout=None,
+    )
+    holding = asyncio.create_task(anext(held, None))
+    try:
+        # the decode worker's placement has the busy worker's load report
+        load = decode._handler.placement.load  # type: ignore[union-attr]
+        await until(lambda: (r := load.report(busy.instance_id)) is not None and r.inflight == 1, within=5)
+        for i in range(4):
+            async with asyncio.timeout(10):
+                assert ntokens(await run(router, req(max_tokens=3, rid=f"r{i}"))) == 3
+        assert idle.engine.stats().total_tokens == 4 and decode.engine.stats().kv_transfers == 4
+    finally:
+        holding.cancel()
+        await asyncio.gather(holding, return_exceptions=True)
+        await held.aclose()  # type: ignore[attr-defined]
 
 
 async def test_conditional_disaggregation_skips_the_prefill_worker_for_short_prompts(

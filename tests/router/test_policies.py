@@ -6,8 +6,8 @@ import collections
 
 import pytest
 
+from dynamo_lite.placement.policies import Random, RoundRobin, make_policy
 from dynamo_lite.protocol import InstanceInfo
-from dynamo_lite.router.policies import Random, RoundRobin, make_policy
 
 
 def instances(*ids: str) -> list[InstanceInfo]:

@@ -12,6 +12,7 @@ import pytest
 from dynamo_lite.frontend.errors import as_openai_error
 from dynamo_lite.frontend.output import _finish_reason
 from dynamo_lite.kv.wire import KvOp, KvReply, KvRequest, KvStatus
+from dynamo_lite.placement.kv_index import KvIndex
 from dynamo_lite.protocol import (
     WIRE_VERSION,
     ErrorInfo,
@@ -33,7 +34,6 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
-from dynamo_lite.router.kv_index import KvIndex
 from dynamo_lite.runtime.streams import error_info_for
 from tests.runtime.wire_samples import GOLDEN, SAMPLES
 

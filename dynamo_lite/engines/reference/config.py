@@ -60,6 +60,7 @@ class ReferenceConfig:
     # Fault injection for tests: wait this long before pulling a prefill's KV (so a test can kill the prefill
     # worker in between). Never set in production configs.
     fault_kv_pull_delay_s: float = 0.0
+    stop_timeout_s: float = 30.0  # how long stop() waits for the engine thread to finish its step
     # Prefix caching: a freed slot keeps its KV; a prompt starting with the same blocks reuses it (and the worker
     # publishes KV events for the kv router). Off by default: reused KV was computed in another batch shape, so
     # fp32 outputs are no longer bit-comparable with a fresh computation.
@@ -143,17 +144,7 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         enable_prefix_caching=bool(pick("enable_prefix_caching", _DEFAULTS.enable_prefix_caching)),
         kv_block_size=int(pick("kv_block_size", settings.kv_block_size)),
     )
-    # Ranks are not implemented in this engine yet: a value that asks for them must not be silently ignored.
-    for flag, key, value in (
-        ("--tensor-parallel-size", "tensor_parallel_size", settings.tensor_parallel_size),
-        ("--expert-parallel-size", "moe_expert_parallel_size", settings.expert_parallel_size),
-    ):
-        value = pick(key, value)
-        if value not in (None, 1):
-            raise ConfigError(
-                f"{flag if key not in extra else f'{key} in {source}'} {value}: the torch engine runs one rank "
-                "(tensor/expert parallelism is not implemented in it yet); use 1, or --engine trtllm"
-            )
+    check_one_rank(settings)
     defaults = KvTransferConfig()
     cfg.kv = KvTransferConfig(
         bind_host=pick("kv_bind_host", settings.kv_bind_host),
@@ -166,6 +157,23 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         cuda_pool_bytes=pick("kv_cuda_pool_bytes", defaults.cuda_pool_bytes),
     )
     return validate(cfg, source, cpu)
+
+
+def check_one_rank(settings: EngineSettings) -> None:
+    """Refuse tensor/expert parallel sizes other than 1 (flags or the YAML's keys): ranks are not implemented
+    in this engine yet, and a value that asks for them must not be silently ignored."""
+    extra = settings.extra or {}
+    source = settings.extra_source or "extra engine args"
+    for flag, key, value in (
+        ("--tensor-parallel-size", "tensor_parallel_size", settings.tensor_parallel_size),
+        ("--expert-parallel-size", "moe_expert_parallel_size", settings.expert_parallel_size),
+    ):
+        value = extra.get(key, value)
+        if value not in (None, 1):
+            raise ConfigError(
+                f"{flag if key not in extra else f'{key} in {source}'} {value}: the torch engine runs one rank "
+                "(tensor/expert parallelism is not implemented in it yet); use 1, or --engine trtllm"
+            )
 
 
 def validate(

@@ -1,4 +1,5 @@
 """The torch reference engine: one thread runs the step loop; the event loop only queues and streams.
+What the thread builds before its first step (model, KV cache, CUDA pool and graphs) is ``startup.py``.
 
 ``generate()`` validates a request, pulls its KV if it is a decode-phase request (async, on the event loop),
 and hands a ``Sequence`` to the engine thread through a thread-safe queue. The thread admits sequences into
@@ -25,20 +26,12 @@ from typing import Any
 import torch
 
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
-from dynamo_lite.engines.reference import decode_attention
 from dynamo_lite.engines.reference.config import ReferenceConfig
-from dynamo_lite.engines.reference.cpu_capability import detect_cpu
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
-from dynamo_lite.engines.reference.gpt_oss_loader import (
-    GptOssConfig,
-    load_gpt_oss_weights,
-    random_gpt_oss_weights,
-)
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
-from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups, slot_nbytes
-from dynamo_lite.engines.reference.linear import int4_supported, int8_supported
-from dynamo_lite.engines.reference.loader import checkpoint_quantization, load_weights, model_config
+from dynamo_lite.engines.reference.kv_cache import KvCache, layer_groups
+from dynamo_lite.engines.reference.loader import model_config
 from dynamo_lite.engines.reference.logits_processors import (
     apply_penalties,
     pick_logprobs,
@@ -55,10 +48,12 @@ from dynamo_lite.engines.reference.scheduler import (
     stop_reason,
     suppressed_ids,
 )
+from dynamo_lite.engines.reference.startup import EngineSetup, resolve_quantization
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
-from dynamo_lite.model_files import ModelFiles, ensure_weights
+from dynamo_lite.model_files import ModelFiles
 from dynamo_lite.protocol import (
+    EngineKind,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
@@ -70,38 +65,17 @@ from dynamo_lite.protocol import (
 
 log = logging.getLogger(__name__)
 
-_STOP_TIMEOUT_S = 30.0  # how long stop() waits for the engine thread to finish its step
-# Largest relative error of the Triton decode attention (checked at load) against the SDPA reference that
-# we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
-_DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
-
 
 class TorchEngine:
     """Continuous-batching engine in plain PyTorch (``--engine torch``): llama-family models and gpt-oss."""
 
-    name = "torch"
+    name = EngineKind.TORCH
 
     def __init__(self, config: ReferenceConfig, model_files: ModelFiles) -> None:
         self.config = config
         self.model_files = model_files
         self.model_config = model_config(model_files.config)
-        gpt_oss = isinstance(self.model_config, GptOssConfig)
-        if config.quantization == "auto" and gpt_oss:  # MXFP4 experts stay packed where the kernels run
-            cuda = config.device.startswith("cuda")
-            config.quantization = "mxfp4" if cuda and self.model_config.mxfp4 else "none"
-            log.info("torch engine: %s experts (auto: the checkpoint's precision)",
-                     "MXFP4" if config.quantization == "mxfp4" else "dense")  # fmt: skip
-        elif config.quantization == "auto" and not config.device.startswith("cpu"):
-            config.quantization = "none"  # the weight-only int8/int4 kernels are the CPU's
-        elif config.quantization == "auto":  # dtype auto on a CPU: the checkpoint's own weight precision
-            config.quantization = checkpoint_quantization(model_files)
-            kernel = {"int4": int4_supported, "int8": int8_supported}.get(config.quantization)
-            if kernel is not None and not kernel():  # a torch build without it: the same weights, dense
-                log.info(
-                    "torch engine: no weight-only %s kernel in this torch; dense weights", config.quantization
-                )
-                config.quantization = "none"
-            log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
+        resolve_quantization(config, model_files, self.model_config)
         # Which layers attend to a sliding window (gpt-oss): their cache is a ring, their KV export the tail.
         _, windowed, window = layer_groups(self.model_config.layer_windows)
         self._kv_windows = (window, tuple(windowed))
@@ -155,7 +129,7 @@ class TorchEngine:
         """Fail what is still running (503), stop the thread, free every exported hold."""
         if self._thread is not None:
             self._inbox.put(("stop", None))
-            await asyncio.to_thread(self._thread.join, _STOP_TIMEOUT_S)
+            await asyncio.to_thread(self._thread.join, self.config.stop_timeout_s)
             self._thread = None
         if self.exporter is not None:
             await self.exporter.stop()
@@ -338,10 +312,25 @@ class TorchEngine:
             if self.device.type == "cuda":
                 # Graph capture and "current stream" calls follow this thread's device, not the tensors'.
                 torch.cuda.set_device(self.device)
-            with torch.inference_mode():
-                self._load()
-                if self.config.warmup:
-                    self._warmup()
+            setup = EngineSetup(
+                self.config,
+                self.model_files,
+                self.model_config,
+                self.device,
+                self.dtype,
+                self.max_seq_len,
+                self._kv_config,
+                self.exporter,
+                self._kv_event,
+            )
+            try:
+                with torch.inference_mode():
+                    setup.load()
+                    if self.config.warmup:
+                        setup.warmup()
+            finally:  # what was built, also when a later part failed (``stop`` frees the pool)
+                self._model, self._cache, self._graphs = setup.model, setup.cache, setup.graphs
+                self._pool, self._scheduler = setup.pool, setup.scheduler
         except BaseException as e:
             log.exception("torch engine failed to start")
             ready.set_exception(e)
@@ -354,164 +343,6 @@ class TorchEngine:
             log.exception("torch engine thread died")
             self._failure = e
             self._fail_all(EngineError(f"engine failed: {e}", status=503, code="engine_failed"))
-
-    def _load(self) -> None:
-        started = time.perf_counter()
-        self._model = self._load_model()
-        cfg = self.model_config
-        if self.exporter is not None and self.device.type == "cuda" and self._kv_config.use_cuda_ipc:
-            self._make_pool()
-        model = self._model
-        graph_safe = (
-            model.graph_safe if isinstance(model, GptOssModel) else model.decode_attention is not None
-        )
-        use_graphs = self.device.type == "cuda" and self.config.cuda_graphs and graph_safe
-        if self.device.type == "cuda" and self.config.cuda_graphs and not graph_safe:
-            log.warning("decode steps run eagerly: no CUDA graphs without the Triton decode attention%s",
-                        " and grouped expert products" if isinstance(model, GptOssModel) else "")  # fmt: skip
-        self._cache = KvCache(
-            cfg.num_layers,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            self._cache_slots(extra=1 if use_graphs else 0),
-            self.max_seq_len,
-            self.dtype,
-            self.device,
-            cfg.layer_windows,
-        )
-        if use_graphs:  # a slot never given out: padded graph rows write there
-            self._graphs = DecodeGraphs(
-                self._model, self._cache, self._cache.allocate(), self._cache.free_slots
-            )
-        if self.config.enable_prefix_caching and self._cache.windowed_layers:
-            # A freed slot's window layers hold only their last positions, not a reusable prefix.
-            log.warning("prefix caching is off: this model has sliding-window layers")
-        elif self.config.enable_prefix_caching:
-            self._cache.prefix_block = self.config.kv_block_size
-            self._cache.on_kv_event = self._kv_event
-        self._scheduler = Scheduler(self._cache, self.config.max_num_tokens)
-        log.info(
-            "torch engine: %s loaded in %.1f s (%s%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
-            self.model_files.folder.name,
-            time.perf_counter() - started,
-            self.config.dtype,
-            "" if self.config.quantization == "none" else f", {self.config.quantization} weights",
-            self.device if self.device.type != "cpu" else f"cpu {detect_cpu().describe()}",
-            self._cache.free_slots,
-            self.max_seq_len,
-            self._cache.nbytes / 2**20,
-        )
-
-    def _load_model(self) -> LlamaModel | GptOssModel:
-        """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture."""
-        cfg, dev = self.model_config, self.device
-        quantization = self.config.quantization
-        if isinstance(cfg, GptOssConfig):
-            if quantization not in ("none", "mxfp4"):
-                raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
-            mxfp4 = quantization == "mxfp4"
-            if self.config.load_format == "dummy":
-                weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
-            else:
-                folder = ensure_weights(self.model_files).folder
-                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4)
-            model = GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
-            log.info("torch engine: gpt-oss experts run as %s", model.moe_impl)
-            return model
-        if quantization == "mxfp4":
-            raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
-        if self.config.load_format == "dummy":
-            raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
-        weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
-        return LlamaModel(cfg, weights, self.max_seq_len, self._decode_attention(), self.config.quantization)
-
-    def _decode_attention(self) -> Any:
-        """The Triton decode attention on CUDA, if it runs here and agrees with the reference; else None
-        (SDPA over the slot range, and no CUDA graphs)."""
-        cfg = self.model_config
-        if not decode_attention.triton_supported(self.dtype, cfg.head_dim, self.device):
-            if self.device.type == "cuda":
-                log.warning("Triton decode attention unavailable: SDPA decode, no CUDA graphs")
-            return None
-        try:
-            error = decode_attention.self_check(
-                self.dtype,
-                cfg.num_heads,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                self.device,
-                sinks=isinstance(cfg, GptOssConfig),
-            )
-        except Exception as e:
-            log.warning("Triton decode attention failed (%s): SDPA decode, no CUDA graphs", e)
-            return None
-        if not error <= _DECODE_ATTENTION_TOLERANCE[self.dtype]:
-            log.warning("Triton decode attention is off by %.2e: SDPA decode, no CUDA graphs", error)
-            return None
-        return decode_attention.decode_attention_triton
-
-    def _make_pool(self) -> None:
-        assert self.exporter is not None
-        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-        try:
-            self._pool = CudaKvPool(index, self._kv_config.cuda_pool_bytes)
-        except Exception as e:  # no runtime, out of memory: holds stay in host memory
-            log.warning("no CUDA KV pool (%s): KV handoff through host memory", e)
-            return
-        self.exporter.use_cuda_pool(self._pool)
-
-    def _cache_slots(self, extra: int) -> int:
-        """Slots of ``max_seq_len`` tokens: ``max_batch_size`` (+ ``extra``), and on CUDA no more than
-        ``free_gpu_memory_fraction`` of the memory free now (weights and pool already allocated) holds."""
-        wanted = self.config.max_batch_size + extra
-        if self.device.type != "cuda":
-            return wanted
-        cfg = self.model_config
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        slot_bytes = slot_nbytes(
-            cfg.layer_windows, cfg.num_kv_heads, cfg.head_dim, self.max_seq_len, itemsize
-        )
-        free, _ = torch.cuda.mem_get_info(self.device)
-        fits = int(free * self.config.free_gpu_memory_fraction) // slot_bytes
-        if fits < 1 + extra:
-            raise EngineError(
-                f"KV cache: {self.config.free_gpu_memory_fraction:.0%} of {free / 2**30:.1f} GiB free holds no "
-                f"slot of {self.max_seq_len} tokens ({slot_bytes / 2**20:.0f} MiB each)",
-                status=503,
-            )
-        if fits < wanted:
-            log.warning(
-                "KV cache: memory for %d of %d sequences (max_batch_size)", fits - extra, wanted - extra
-            )
-        return min(wanted, fits)
-
-    def _warmup(self) -> None:
-        """One short prefill and decode step in slot 0; the first forward is several times slower."""
-        assert self._model is not None and self._cache is not None
-        slot = self._cache.allocate()
-        try:
-            ids = list(range(1, 9))
-            self._model.forward(build_step([], [(slot, 0, ids)], [len(ids) - 1], self.device), self._cache)
-            eager = self._model.forward(build_step([(slot, len(ids), 1)], [], [0], self.device), self._cache)
-            if self._graphs is not None:
-                self._capture_graphs(slot, len(ids), eager)
-        finally:
-            self._cache.free(slot)
-
-    def _capture_graphs(self, slot: int, position: int, eager: torch.Tensor) -> None:
-        """Capture the decode graphs and check one replay against the eager step it replaces."""
-        assert self._graphs is not None
-        try:
-            self._graphs.capture()
-            replayed = self._graphs.run([(slot, position, 1)])
-            error = float((replayed - eager).norm() / eager.norm())
-        except Exception as e:
-            log.warning("CUDA graph capture failed (%s): eager decode", e)
-            self._graphs = None
-            return
-        if not error < 1e-3:
-            log.warning("CUDA graph replay differs from the eager step by %.2e: eager decode", error)
-            self._graphs = None
 
     def _run(self) -> None:
         sched = self._scheduler

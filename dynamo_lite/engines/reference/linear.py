@@ -53,9 +53,6 @@ MAX_ROWS = {
     ("int8", torch.float32): 4,
     ("int4", torch.float32): 8,
 }
-# Kept for callers that predate the per-dtype table: the bf16 model's thresholds.
-INT8_MAX_ROWS = MAX_ROWS[("int8", torch.bfloat16)]
-INT4_MAX_ROWS = MAX_ROWS[("int4", torch.bfloat16)]
 
 
 def max_rows(quantization: str, dtype: torch.dtype) -> int:

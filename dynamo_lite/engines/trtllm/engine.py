@@ -53,6 +53,7 @@ from dynamo_lite.engines.trtllm.sampling import sampling_kwargs
 from dynamo_lite.kv.blocks import KvEventSink
 from dynamo_lite.model_files import ModelFiles
 from dynamo_lite.protocol import (
+    EngineKind,
     FinishReason,
     GenerateChunk,
     GenerateRequest,
@@ -103,7 +104,7 @@ class _KvImportFailed(Exception):
 class TrtllmEngine:
     """Engine over TensorRT-LLM's LLM API. Build it with ``dynamo_lite.engines.trtllm.build_engine``."""
 
-    name = "trtllm"
+    name = EngineKind.TRTLLM
 
     def __init__(
         self,
@@ -236,7 +237,7 @@ class TrtllmEngine:
             what = (
                 "no KV descriptor"
                 if kv is None
-                else f"a {kv.engine!r} KV descriptor without TensorRT-LLM state"
+                else f"a {str(kv.engine)!r} KV descriptor without TensorRT-LLM state"
             )
             return self._after_kv_failure(request, what)
         try:

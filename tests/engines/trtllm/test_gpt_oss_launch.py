@@ -93,7 +93,8 @@ def test_dry_run_by_environment_with_overrides() -> None:
     assert "--extra-engine-args /etc/p.yaml --disaggregation-strategy decode_first" in lines[3]
     assert "--nats-url nats://10.1.1.1:4222" in lines[3]
     assert lines[4].startswith("+ CUDA_VISIBLE_DEVICES=2,3 ")
-    assert lines[4].endswith("--max-batch-size 128 --kv-failure-policy fail &")
+    # decode_first: the decode worker places prefills with the frontend's --router-mode
+    assert lines[4].endswith("--max-batch-size 128 --router-mode round-robin --kv-failure-policy fail &")
 
 
 def test_unknown_option_is_refused_with_usage() -> None:

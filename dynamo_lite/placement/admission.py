@@ -22,6 +22,8 @@ from collections import defaultdict, deque
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from dynamo_lite.placement.load import LoadTracker
+from dynamo_lite.placement.policies import Policy
 from dynamo_lite.protocol import (
     ErrorInfo,
     GenerateRequest,
@@ -31,8 +33,6 @@ from dynamo_lite.protocol import (
     Role,
     StreamError,
 )
-from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.policies import Policy
 from dynamo_lite.runtime.registry import LiveView
 
 

@@ -1,5 +1,5 @@
 """The prefill → decode handoff, in one place: the router runs it for prefill_first, a decode worker for
-decode_first (``dynamo_lite.worker.handlers``).
+decode_first (``dynamo_lite.worker.handlers``); each gets it from ``placement.build_placement``.
 
 1. The prompt goes to a prefill worker as a context-only request (``Phase.PREFILL``); its one chunk is the first
    token and a ``KvDescriptor`` (where the prompt's KV is held). A worker fault there is retried on another
@@ -26,7 +26,9 @@ from contextlib import aclosing
 import msgspec
 
 from dynamo_lite import timing, tracing
+from dynamo_lite.placement.admission import Admission
 from dynamo_lite.protocol import (
+    EngineKind,
     GenerateChunk,
     GenerateRequest,
     IncompatibleWire,
@@ -43,11 +45,6 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
-from dynamo_lite.router.admission import Admission
-from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.policies import make_policy
-from dynamo_lite.router.settings import RouterSettings
-from dynamo_lite.runtime.registry import LiveView
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +89,6 @@ class PrefillHandoff:
         self.first_token_s = first_token_s
         self.prefill_retries = prefill_retries
         self._background: set[asyncio.Task[None]] = set()
-
-    @classmethod
-    def over(
-        cls, view: LiveView, plane: RequestPlane, settings: RouterSettings | None = None
-    ) -> PrefillHandoff:
-        """A handoff of its own, for a decode worker (decode_first): prefill workers picked as the router would
-        (``settings.policy`` among those with room, waiting in a bounded queue while none has)."""
-        settings = settings or RouterSettings()
-        load = LoadTracker(settings.load_report_ttl_s)
-        admission = Admission(
-            view,
-            load,
-            {Role.PREFILL: make_policy(settings.policy, load)},
-            queue_depth=settings.queue_depth,
-            queue_timeout_s=settings.timeouts.queue_s,
-            retry_after_s=settings.timeouts.retry_after_s,
-            plane=plane,
-        )
-        view.on_change.append(admission.instances_changed)
-        return cls(
-            plane,
-            admission,
-            first_token_s=settings.timeouts.first_token_s,
-            prefill_retries=settings.prefill_retries,
-        )
 
     async def run(self, model: str, request: GenerateRequest, decode: Decode) -> AsyncIterator[GenerateChunk]:
         """Prefill ``request`` on a prefill worker, then ``decode`` it from there: the first token as soon as it
@@ -245,7 +217,7 @@ class PrefillHandoff:
             release: Awaitable[object] = self.plane.publish(
                 kv.release_subject, encode(KvRelease(kv.transfer_id))
             )
-        elif kv.engine == "torch" and kv.port:
+        elif kv.engine == EngineKind.TORCH and kv.port:
             from dynamo_lite.kv.importer import release_kv
 
             release = release_kv(kv)

@@ -6,10 +6,10 @@ import random
 from typing import Protocol
 
 from dynamo_lite.kv.blocks import block_hashes
+from dynamo_lite.placement.kv_index import KvIndex
+from dynamo_lite.placement.load import LoadTracker
+from dynamo_lite.placement.settings import PlacementSettings
 from dynamo_lite.protocol import GenerateRequest, InstanceInfo
-from dynamo_lite.router.kv_index import KvIndex
-from dynamo_lite.router.load import LoadTracker
-from dynamo_lite.router.settings import RouterSettings
 
 
 class Policy(Protocol):
@@ -78,7 +78,7 @@ class KvAware:
         return choice
 
 
-_DEFAULTS = RouterSettings()
+_DEFAULTS = PlacementSettings()
 
 POLICIES = ("round-robin", "random", "least-loaded", "kv")
 """What ``--router-mode`` chooses from."""
