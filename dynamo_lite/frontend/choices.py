@@ -85,7 +85,7 @@ class Choices:
 
     def __init__(self, p: PreparedRequest, n: int) -> None:
         self.outs = [
-            OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
+            OutputState(p.pre.new_parser(p.functions), p.stops, p.request.sampling.max_tokens, p.include_stop)
             for _ in range(n)
         ]
         self.logprobs = [p.new_logprobs() for _ in range(n)]

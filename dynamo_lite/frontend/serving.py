@@ -39,6 +39,7 @@ from dynamo_lite.frontend.openai_protocol import (
 )
 from dynamo_lite.frontend.output import OutputState, Transcript
 from dynamo_lite.frontend.parsers import Delta
+from dynamo_lite.frontend.parsers.harmony import declared_functions
 from dynamo_lite.frontend.preprocess import ModelPreprocessor, PreprocessorCache
 from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_tools, input_messages
 from dynamo_lite.frontend.settings import FrontendSettings
@@ -85,6 +86,7 @@ class PreparedRequest:
     n: int = 1  # choices (``dynamo_lite.frontend.choices`` when more than one)
     include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
     echo: str | None = None  # completions' ``echo``: the prompt's text, before the completion's
+    functions: frozenset[str] = frozenset()  # the function tools the prompt declared (the only tool calls)
 
     def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
         """The collector of this request's token logprobs (None: not asked for)."""
@@ -195,10 +197,11 @@ class CompletionService:
         guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
+        tools = tools_for_prompt(req.tools, req.tool_choice)
         ids = await pre.chat_prompt_ids(
             [_message_dict(m) for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
-            tools=tools_for_prompt(req.tools, req.tool_choice),
+            tools=tools,
             reasoning_effort=req.effort(),
             extra=req.template_kwargs(),
         )
@@ -208,6 +211,7 @@ class CompletionService:
             CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, logprobs
         )
         prepared = _with_guided(prepared, guided)
+        prepared.functions = declared_functions(tools)
         prepared.received = received
         return prepared
 
@@ -227,9 +231,10 @@ class CompletionService:
         guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
+        tools = chat_tools(tools_for_prompt(req.tools, req.tool_choice))
         ids = await pre.chat_prompt_ids(
             messages,
-            tools=chat_tools(tools_for_prompt(req.tools, req.tool_choice)),
+            tools=tools,
             reasoning_effort=req.reasoning.effort if req.reasoning else None,
         )
         api = ResponsesApi(req, conversation, self._responses if req.store is not False else None)
@@ -237,6 +242,7 @@ class CompletionService:
             RESPONSES, api.response_id, request_id, req, card, pre, ids, req.max_output_tokens
         )
         prepared.responses = api
+        prepared.functions = declared_functions(tools)
         _with_guided(prepared, guided)
         prepared.created = api.created_at
         prepared.received = received
@@ -382,7 +388,9 @@ class CompletionService:
         if p.n > 1:
             out = n_choices.Choices(p, p.n)
         else:
-            out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
+            out = OutputState(
+                p.pre.new_parser(p.functions), p.stops, p.request.sampling.max_tokens, p.include_stop
+            )
         mm = self._metrics.model(p.model)
         settings = self._settings
         start = asyncio.get_running_loop().time() - (time.perf_counter() - p.arrival)

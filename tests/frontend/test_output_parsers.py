@@ -36,7 +36,10 @@ def gpt_oss_tokenizer(gpt_oss_folder: Path) -> Tokenizer:
 
 
 def harmony_parser(tok: Tokenizer):  # noqa: ANN201
-    return parser_factory("gpt_oss", "harmony", tok, lambda: make_detokenizer(tok))()
+    """The request declared ``get_weather``."""
+    return parser_factory("gpt_oss", "harmony", tok, lambda: make_detokenizer(tok))(
+        frozenset({"get_weather"})
+    )
 
 
 def run(parser, ids: list[int], chunk: int, max_tokens: int = 10_000, finish: str = "stop"):  # noqa: ANN001, ANN201
