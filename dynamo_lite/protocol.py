@@ -76,6 +76,22 @@ class GuidedSpec(_Wire):
     choices: list[str] = []
 
 
+class ReasoningSpec(_Wire):
+    """Where a reasoning model's answer starts in its output, for engines that act on it: the reasoning budget
+    (after ``budget`` tokens of reasoning the engine writes ``forced_ids``, which close the reasoning and open the
+    answer) and structured output, whose grammar applies only after ``answer_ids``. Token sequences of the
+    model's format, built by the frontend (``dynamo_lite.frontend.reasoning``); engines follow them with
+    ``dynamo_lite.engines.reasoning.ReasoningGate``."""
+
+    budget: int = -1  # reasoning tokens allowed before the answer is forced open (-1: no limit)
+    answer_ids: list[int] = []  # opens the answer (harmony ``<|channel|>final<|message|>``, ``</think>``)
+    forced_ids: list[int] = []  # written when the budget is spent; ends with ``answer_ids``
+    start_ids: list[int] = []  # reasoning starts after these (empty: with the first generated token)
+    end_ids: list[
+        list[int]
+    ] = []  # other ways reasoning ends without an answer (harmony: a commentary message)
+
+
 class SamplingOptions(_Wire):
     """Per-request sampling and stop conditions, as the engines understand them."""
 
@@ -99,6 +115,8 @@ class SamplingOptions(_Wire):
     logit_bias: dict[int, float] = {}
     # Log-probabilities of the prompt's tokens (from the second on) and their top alternatives (None: none).
     prompt_logprobs: int | None = None
+    # Reasoning models: the budget and where the answer starts (structured output applies to the answer only).
+    reasoning: ReasoningSpec | None = None
 
 
 class KvDescriptor(_Wire):

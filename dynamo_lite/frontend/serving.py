@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from dynamo_lite import tracing
 from dynamo_lite.frontend import choices as n_choices
+from dynamo_lite.frontend import reasoning
 from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
@@ -87,6 +88,7 @@ class PreparedRequest:
     include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
     echo: str | None = None  # completions' ``echo``: the prompt's text, before the completion's
     functions: frozenset[str] = frozenset()  # the function tools the prompt declared (the only tool calls)
+    budget: tuple[int, str] | None = None  # the reasoning budget asked for, and its field
 
     def new_logprobs(self) -> ChatLogprobs | CompletionLogprobs | None:
         """The collector of this request's token logprobs (None: not asked for)."""
@@ -365,6 +367,7 @@ class CompletionService:
             else frozenset(),
             n=n,
             include_stop=bool(req.include_stop_str_in_output),
+            budget=reasoning.requested_budget(req),
         )
 
     # -- generation ------------------------------------------------------------------------------------------
@@ -626,13 +629,9 @@ async def _guided(
 
 
 def _with_guided(p: PreparedRequest, guided: tuple[GuidedSpec, str] | None) -> PreparedRequest:
-    if guided is not None:
-        spec, param = guided
-        if p.pre.has_reasoning:  # the grammar would constrain the reasoning (harmony channels) too
-            raise bad_request(
-                f"{param}: structured output is not supported for reasoning models", param=param
-            )
-        p.request.sampling.guided = spec
+    """Structured output and the reasoning budget (``dynamo_lite.frontend.reasoning``): for a reasoning model
+    the grammar constrains only the answer, which the engine finds through the request's ``ReasoningSpec``."""
+    reasoning.apply(p.request.sampling, p.pre, p.budget, guided)
     return p
 
 

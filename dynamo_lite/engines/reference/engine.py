@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
+from dynamo_lite.engines.reasoning import answer_so_far
 from dynamo_lite.engines.reference import decode_attention
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.cpu_capability import detect_cpu
@@ -209,8 +210,11 @@ class TorchEngine:
             stream=stream,
             num_generated=len(generated),
         )
+        answer = generated
+        if opts.reasoning is not None:
+            seq.gate, answer = answer_so_far(opts.reasoning, request.token_ids, generated)
         if opts.guided is not None:
-            seq.grammar = await self._grammar_state(request)
+            seq.grammar = await self._grammar_state(request, answer)
         submitted = False
         try:
             if request.phase is Phase.DECODE and request.kv is not None:
@@ -276,15 +280,13 @@ class TorchEngine:
         except SamplingError as e:
             raise EngineError(str(e), status=400, code="invalid_request") from e
 
-    async def _grammar_state(self, request: GenerateRequest) -> Any:
-        """The request's grammar matcher, past the tokens it already has (compiled off the event loop)."""
+    async def _grammar_state(self, request: GenerateRequest, answer: list[int]) -> Any:
+        """The request's grammar matcher, past the answer tokens it already has (compiled off the event loop)."""
         opts = request.sampling
         assert opts.guided is not None
         stop_ids = [] if opts.ignore_eos else sorted({*opts.stop_token_ids, *self.eos_ids})
         try:
-            return await asyncio.to_thread(
-                self._grammars.state, opts.guided, stop_ids, list(request.generated_ids)
-            )
+            return await asyncio.to_thread(self._grammars.state, opts.guided, stop_ids, answer)
         except GrammarError as e:
             raise EngineError(str(e), status=400, code="invalid_request") from e
 
@@ -611,13 +613,18 @@ class TorchEngine:
             samplers = [s.sampler for s in plan.sample]
             raw = raw_logprobs(logits, plan.sample)  # of the model's distribution, before anything changes it
             apply_penalties(logits, plan.sample)
-            mask_rows(logits, [s.grammar for s in plan.sample])
+            # Reasoning past its budget: the tokens that open the answer are written, not sampled; a grammar
+            # applies once the answer has opened.
+            forced = [s.gate.forced if s.gate is not None else None for s in plan.sample]
+            mask_rows(logits, [s.grammar if _grammar_applies(s) else None for s in plan.sample])
             # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
             # leave a row with no token at all).
             suppress = [
                 None if s.grammar is not None else suppressed_ids(s, self.eos_ids) for s in plan.sample
             ]
             tokens = sample_batch(logits, samplers, suppress)
+            if any(f is not None for f in forced):
+                tokens = [t if f is None else f for t, f in zip(tokens, forced, strict=True)]
             logprobs = pick_logprobs(raw, plan.sample, tokens)
         except Exception as e:
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
@@ -635,10 +642,13 @@ class TorchEngine:
 
     def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         assert self._scheduler is not None
-        if seq.grammar is not None and not seq.grammar.accept(token):  # masked out: never, unless a bug
+        guided = seq.grammar is not None and _grammar_applies(seq)
+        if guided and not seq.grammar.accept(token):  # masked out: never, unless a bug
             self._scheduler.remove(seq)
             seq.stream.fail(EngineError(f"sampled token {token} outside the request's grammar", status=500))
             return
+        if seq.gate is not None:
+            seq.gate.advance(token)
         if seq.prompt_scores is not None:  # the prompt's logprobs go out with its first token
             seq.stream.set_prompt_logprobs(seq.prompt_scores)
             seq.prompt_scores = None
@@ -646,7 +656,7 @@ class TorchEngine:
         seq.num_generated += 1
         self._stats.total_tokens += 1
         reason = stop_reason(seq, token, self.eos_ids, self.max_seq_len)
-        if reason is None and seq.grammar is not None and seq.grammar.terminated:
+        if reason is None and guided and seq.grammar.terminated:
             reason = FinishReason.STOP
         if seq.phase is Phase.PREFILL:
             desc = self._export(seq) if reason is None else None  # reads the slot: before it is freed
@@ -695,3 +705,8 @@ class TorchEngine:
             return None
         self._count_transfer(layout.nbytes, time.perf_counter() - started)
         return desc
+
+
+def _grammar_applies(seq: Sequence) -> bool:
+    """Whether ``seq``'s next token is constrained by its grammar: for a reasoning model only in the answer."""
+    return seq.gate is None or seq.gate.in_answer
