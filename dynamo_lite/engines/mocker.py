@@ -401,7 +401,12 @@ class MockerEngine:
         if self._grammars is None:
             from dynamo_lite.engines.scripted_grammar import ScriptedAnswerCheck
 
-            self._grammars = ScriptedAnswerCheck(self.model_files.tokenizer_json, self.vocab)
+            eos = sorted(self._eos)
+            if not eos:
+                raise EngineError(
+                    "structured output needs the model's eos ids on the mocker", 400, "invalid_request"
+                )
+            self._grammars = ScriptedAnswerCheck(self.model_files.tokenizer_json, self.vocab, eos)
         opts = request.sampling
         assert opts.guided is not None
         answer = script

@@ -12,8 +12,8 @@ from dynamo_lite.protocol import GuidedSpec
 class ScriptedAnswerCheck:
     """Blocking (compiles grammars): call it from a worker thread."""
 
-    def __init__(self, tokenizer_json: Path, vocab_size: int) -> None:
-        self._compiler = GrammarCompiler(tokenizer_json, vocab_size, [])
+    def __init__(self, tokenizer_json: Path, vocab_size: int, eos_ids: list[int]) -> None:
+        self._compiler = GrammarCompiler(tokenizer_json, vocab_size, eos_ids)
 
     def problem(self, spec: GuidedSpec, answer: list[int], stop_ids: list[int]) -> str:
         """What is wrong with ``answer`` (token ids, maybe ending with a stop id) under ``spec``; "" if nothing."""

@@ -49,7 +49,7 @@ def requested_budget(req: Any) -> tuple[int, str] | None:
 def reasoning_spec(pre: ModelPreprocessor, budget: int = -1) -> ReasoningSpec | None:
     """The spec for ``pre``'s model (None: the model has no reasoning the frontend knows how to end)."""
     if pre.harmony:
-        return _harmony_spec(budget)
+        return harmony_spec(budget)
     parser = pre.card.reasoning_parser
     if parser not in ("deepseek_r1", "qwen3"):
         return None
@@ -66,7 +66,9 @@ def reasoning_spec(pre: ModelPreprocessor, budget: int = -1) -> ReasoningSpec | 
     )
 
 
-def _harmony_spec(budget: int) -> ReasoningSpec:
+def harmony_spec(budget: int = -1) -> ReasoningSpec:
+    """gpt-oss's: the answer is the `final` channel; a `commentary` message (a tool call, a preamble) also ends the
+    reasoning."""
     from dynamo_lite.frontend.harmony import encoding
     from dynamo_lite.gpt_oss import vocab
 

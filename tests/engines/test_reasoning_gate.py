@@ -7,7 +7,7 @@ from openai_harmony import Message, Role
 
 from dynamo_lite.engines.reasoning import ANSWER, BEFORE, OTHER, REASONING, ReasoningGate, answer_so_far
 from dynamo_lite.frontend.harmony import encoding, render_prompt
-from dynamo_lite.frontend.reasoning import _harmony_spec
+from dynamo_lite.frontend.reasoning import harmony_spec
 from dynamo_lite.gpt_oss import vocab
 from dynamo_lite.protocol import ReasoningSpec
 
@@ -38,7 +38,7 @@ def analysis(words: int) -> list[int]:
 
 
 def test_budget_closes_the_analysis_and_opens_final() -> None:
-    gate = ReasoningGate(_harmony_spec(5), PROMPT)
+    gate = ReasoningGate(harmony_spec(5), PROMPT)
     out = play(gate, analysis(50))
     assert text(out).endswith("<|end|><|start|>assistant<|channel|>final<|message|>")
     assert text(out).startswith("<|channel|>analysis<|message|>")
@@ -46,13 +46,13 @@ def test_budget_closes_the_analysis_and_opens_final() -> None:
 
 
 def test_budget_zero_opens_final_at_once_using_the_prompts_end() -> None:
-    gate = ReasoningGate(_harmony_spec(0), PROMPT)
+    gate = ReasoningGate(harmony_spec(0), PROMPT)
     assert text(play(gate, analysis(5))) == "<|channel|>final<|message|>"
 
 
 def test_forced_tokens_continue_what_the_model_began() -> None:
     model = analysis(3) + [vocab.START]  # ...<|end|><|start|> then the budget runs out
-    gate = ReasoningGate(_harmony_spec(len(model)), PROMPT)
+    gate = ReasoningGate(harmony_spec(len(model)), PROMPT)
     out = play(gate, model)
     assert text(out) == text(model) + "assistant<|channel|>final<|message|>"
 
@@ -60,7 +60,7 @@ def test_forced_tokens_continue_what_the_model_began() -> None:
 def test_a_model_that_answers_in_time_is_left_alone() -> None:
     final = encoding().render(Message.from_role_and_content(Role.ASSISTANT, "ok").with_channel("final"))
     model = analysis(3) + final
-    gate = ReasoningGate(_harmony_spec(1000), PROMPT)
+    gate = ReasoningGate(harmony_spec(1000), PROMPT)
     out = play(gate, model)
     assert out == model[: len(out)] and gate.phase == ANSWER
     assert text(out).endswith("<|channel|>final<|message|>")
@@ -69,7 +69,7 @@ def test_a_model_that_answers_in_time_is_left_alone() -> None:
 def test_commentary_ends_the_reasoning_without_an_answer() -> None:
     call = Message.from_role_and_content(Role.ASSISTANT, "{}").with_channel("commentary")
     model = analysis(2) + encoding().render(call.with_recipient("functions.f").with_content_type("json"))
-    gate = ReasoningGate(_harmony_spec(len(analysis(2)) + 12), PROMPT)  # the header counts too
+    gate = ReasoningGate(harmony_spec(len(analysis(2)) + 12), PROMPT)  # the header counts too
     for token in model:
         assert gate.forced is None
         gate.advance(token)
@@ -77,7 +77,7 @@ def test_commentary_ends_the_reasoning_without_an_answer() -> None:
 
 
 def test_replay_across_the_handoff_matches_one_run() -> None:
-    spec = _harmony_spec(3)
+    spec = harmony_spec(3)
     one = ReasoningGate(spec, PROMPT)
     out = play(one, analysis(20))
     first, rest = out[:1], out[1:]
