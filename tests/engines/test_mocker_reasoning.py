@@ -48,7 +48,9 @@ async def engine(gpt_oss_folder: Path):
         {"match": "weather plan", "answer_ids": scripted(ANSWER)},
         {"match": "broken plan", "answer_ids": scripted('{"city": 3}')},
     ]
-    eng = MockerEngine(EngineSettings(speedup_ratio=0, extra={"script": script}), resolve_model(gpt_oss_folder))
+    eng = MockerEngine(
+        EngineSettings(speedup_ratio=0, extra={"script": script}), resolve_model(gpt_oss_folder)
+    )
     await eng.start()
     try:
         yield eng
