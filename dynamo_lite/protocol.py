@@ -87,9 +87,9 @@ class ReasoningSpec(_Wire):
     answer_ids: list[int] = []  # opens the answer (harmony ``<|channel|>final<|message|>``, ``</think>``)
     forced_ids: list[int] = []  # written when the budget is spent; ends with ``answer_ids``
     start_ids: list[int] = []  # reasoning starts after these (empty: with the first generated token)
-    end_ids: list[
-        list[int]
-    ] = []  # other ways reasoning ends without an answer (harmony: a commentary message)
+    # other ways reasoning ends without an answer (harmony: a commentary message)
+    end_ids: list[list[int]] = []
+    open_ids: list[int] = []  # written first, before anything is generated: the reasoning's opening
 
 
 class SamplingOptions(_Wire):

@@ -134,8 +134,11 @@ class _Seq:
         """``token`` was emitted."""
         self.generated += 1
         self.kv_tokens += 1
-        if not self.forcing:
-            self.cursor += 1
+        script = self.script
+        if not self.forcing or (
+            script is not None and self.cursor < len(script) and script[self.cursor] == token
+        ):
+            self.cursor += 1  # played, or forced as the script has it anyway
         if self.gate is not None:
             self.gate.advance(token)
             if self.forcing and self.gate.in_answer and self.script is not None:

@@ -4,8 +4,9 @@ structured output constrains the output (``ReasoningSpec``). Plain Python, share
 Phases of one sequence: ``before`` (waiting for ``start_ids``; skipped when there are none), ``reasoning``
 (counted against the budget), ``answer`` (``answer_ids`` seen: the grammar applies from the next token), and
 ``other`` (reasoning ended some other way, e.g. a harmony tool call on ``commentary``: nothing counted, nothing
-constrained, until ``answer_ids`` come). Once ``budget`` reasoning tokens are spent, ``forced`` names the tokens
-the engine must write instead of sampling: the rest of ``forced_ids`` that the output does not already end with.
+constrained, until ``answer_ids`` come). ``forced`` names the tokens the engine must write instead of sampling:
+``open_ids`` first, and once ``budget`` reasoning tokens are spent, the rest of ``forced_ids`` that the output
+does not already end with.
 
     gate = ReasoningGate(spec, prompt_ids)
     for each step:
@@ -42,6 +43,7 @@ class ReasoningGate:
             recent = prompt[-(len(spec.start_ids) + _PROMPT_LOOKBACK) :]
             self.phase = REASONING if _find(recent, spec.start_ids) >= 0 else BEFORE
         self.reasoning_tokens = 0
+        self._queue = list(spec.open_ids)  # the output starts with them
         for token in generated:
             self.advance(token)
 

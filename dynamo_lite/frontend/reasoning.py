@@ -10,7 +10,10 @@ Where clients put the budget (the names other servers use):
 
 After that many generated tokens of reasoning the engine writes the format's own tokens that close the reasoning
 and open the answer (harmony: ``<|end|><|start|>assistant<|channel|>final<|message|>``; ``<think>`` models:
-``\\n</think>``), so an answer always comes. A budget of 0 answers without reasoning.
+``\\n</think>``), so an answer always comes. A budget of 0 answers without reasoning. With a budget, a harmony
+answer opens with the analysis channel (written by the engine), so the budget counts reasoning from its first
+token. The budget counts generated tokens from the start of the reasoning to the answer's opening (a header the
+model writes in between counts too): ``usage.completion_tokens_details.reasoning_tokens`` never exceeds it.
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ def harmony_spec(budget: int = -1) -> ReasoningSpec:
         answer_ids=answer,
         forced_ids=[vocab.END, vocab.START, *word("assistant"), *answer],
         end_ids=[[vocab.CHANNEL, *word("commentary")]],
+        # A budgeted turn reasons first, on the analysis channel (as gpt-oss does anyway): the budget counts
+        # it from its first token, and the forced close lands inside a message, not in a header.
+        open_ids=[vocab.CHANNEL, *word("analysis"), vocab.MESSAGE] if budget > 0 else [],
     )
 
 

@@ -71,7 +71,7 @@ def test_commentary_ends_the_reasoning_without_an_answer() -> None:
     model = analysis(2) + encoding().render(call.with_recipient("functions.f").with_content_type("json"))
     gate = ReasoningGate(harmony_spec(len(analysis(2)) + 12), PROMPT)  # the header counts too
     for token in model:
-        assert gate.forced is None
+        assert gate.forced in (None, token)  # only the analysis opening, as the model writes it
         gate.advance(token)
     assert gate.phase == OTHER and not gate.in_answer
 
@@ -96,3 +96,10 @@ def test_think_tags() -> None:
     assert gate.phase == REASONING
     assert play(gate, [5, 6, 7, 8]) == [5, 6, 13, 900]
     assert ReasoningGate(spec, [1, *think, 13]).phase == REASONING  # the template opened it
+
+
+def test_a_budgeted_harmony_answer_opens_with_analysis() -> None:
+    gate = ReasoningGate(harmony_spec(4), PROMPT)
+    out = play(gate, [vocab.START] * 50)  # whatever the model would write
+    assert text(out).startswith("<|channel|>analysis<|message|>")
+    assert text(out).endswith("<|end|><|start|>assistant<|channel|>final<|message|>")

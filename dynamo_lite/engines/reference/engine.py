@@ -337,6 +337,10 @@ class TorchEngine:
                 self._load()
                 if self.config.warmup:
                     self._warmup()
+            if isinstance(self._model, GptOssModel):
+                # Its 201k-token vocabulary takes xgrammar seconds to index, holding the GIL: done here, before
+                # serving, it can't silence the worker's heartbeats in the middle of a request.
+                self._grammars.warm()
         except BaseException as e:
             log.exception("torch engine failed to start")
             ready.set_exception(e)
