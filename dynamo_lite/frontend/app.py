@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP API as a FastAPI app: ``create_app(backend, settings)``.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``POST /v1/messages``
+(Anthropic's, with ``/v1/messages/count_tokens``), ``GET /v1/models``,
 ``POST /tokenize``, ``POST /detokenize``, ``/health``, ``/live``, ``/ready``, ``/metrics``. Every error,
-FastAPI's own included, answers in OpenAI's shape.
+FastAPI's own included, answers in OpenAI's shape (``/v1/messages``' own in Anthropic's).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_error_handlers
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
+from dynamo_lite.frontend.messages import MessagesRoutes
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from dynamo_lite.frontend.preprocess import ModelPreprocessor
@@ -275,10 +277,13 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["x-request-id"],
         )
+    messages = MessagesRoutes(routes)
     for path, handler in (
         ("/v1/chat/completions", routes.chat_completions),
         ("/v1/completions", routes.completions),
         ("/v1/responses", routes.responses),
+        ("/v1/messages", messages.create),  # Anthropic's Messages API (frontend/messages.py)
+        ("/v1/messages/count_tokens", messages.count_tokens),
     ):
         app.add_api_route(path, handler, methods=["POST"])
     app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])
