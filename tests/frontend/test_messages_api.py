@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import pytest_asyncio
+from msgspec.structs import replace as msgspec_replace
 from openai_harmony import Message, Role
 
 from dynamo_lite.frontend import FrontendSettings
@@ -237,3 +238,36 @@ async def test_errors_in_anthropics_shape(
     with pytest.raises(anthropic.AuthenticationError):
         await wrong.messages.create(model=GPT, max_tokens=5, messages=ASK)
     await wrong.close()
+
+
+async def test_hermes_style_model_thinking_and_tool_use(url: str, card: ModelCard) -> None:
+    """A ``<think>`` + ``<tool_call>`` model (qwen3 / hermes parsers over SmolLM2's tokenizer) through the SDK."""
+    from tokenizers import Tokenizer
+
+    hermes = msgspec_replace(
+        card, served_name="hermes-tiny", reasoning_parser="qwen3", tool_call_parser="hermes"
+    )
+    backend = FakeBackend([hermes])
+    tok = Tokenizer.from_file(card.tokenizer_path)
+    settings = FrontendSettings(http_port=0, timeouts=Timeouts(shutdown_s=1))
+    async with serving(backend, settings) as srv:
+        c = anthropic.AsyncAnthropic(base_url=srv.url, api_key="x", max_retries=0, timeout=20)
+        backend.say(
+            tok,
+            "<think>Need the tool.</think>\n"
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+        )
+        msg = await c.messages.create(
+            model="hermes-tiny",
+            max_tokens=100,
+            messages=ASK,
+            tools=[WEATHER],
+            thinking={"type": "enabled", "budget_tokens": 64},
+        )
+        await c.close()
+    assert [b.type for b in msg.content] == ["thinking", "tool_use"]
+    assert msg.content[0].thinking == "Need the tool." and msg.content[1].input == {"city": "Paris"}
+    assert msg.stop_reason == "tool_use"
+    spec = backend.requests[0].sampling.reasoning
+    assert spec.budget == 64 and tok.decode(spec.answer_ids) == "</think>"
+    assert tok.decode(spec.start_ids) == "<think>"  # qwen3: reasoning only once the output opens it
