@@ -183,6 +183,19 @@ def test_analysis_channel_call_is_a_tool_call_everywhere(gpt_stack) -> None:  # 
     [fc] = [item for item in response.output if item.type == "function_call"]
     assert fc.name == "get_weather" and json.loads(fc.arguments) == {"city": "Tokyo"}
 
+    import anthropic
+
+    claude = anthropic.Anthropic(
+        base_url=str(client.base_url).removesuffix("/v1/"), api_key="x", max_retries=0
+    )
+    tool = {"name": "get_weather", "input_schema": WEATHER_TOOL["function"]["parameters"]}
+    msg = claude.messages.create(model=MODEL, max_tokens=200, messages=messages, tools=[tool])
+    assert [b.type for b in msg.content] == ["thinking", "tool_use"] and msg.stop_reason == "tool_use"
+    assert msg.content[1].name == "get_weather" and msg.content[1].input == {"city": "Tokyo"}
+    with claude.messages.stream(model=MODEL, max_tokens=200, messages=messages, tools=[tool]) as stream:
+        final = stream.get_final_message()
+    assert final.content[1].input == {"city": "Tokyo"} and final.stop_reason == "tool_use"
+
     # Without the tool declared, the call is never returned as one: it is the model's reasoning.
     r = client.chat.completions.create(model=MODEL, messages=messages)
     assert r.choices[0].finish_reason == "stop" and not r.choices[0].message.tool_calls
