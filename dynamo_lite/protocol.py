@@ -92,6 +92,16 @@ class ReasoningSpec(_Wire):
     open_ids: list[int] = []  # written first, before anything is generated: the reasoning's opening
 
 
+class ToolArgsGrammar(_Wire):
+    """A strict tool's arguments (``strict: true``): once the output has written one of ``triggers`` (the tool's
+    call header, as token ids) and then ``open_id``, it follows ``schema`` (a JSON schema, as text) until a stop
+    token. Built by ``dynamo_lite.frontend.strict_tools``; engines with a grammar backend follow it."""
+
+    triggers: list[list[int]]
+    open_id: int
+    schema: str
+
+
 class SamplingOptions(_Wire):
     """Per-request sampling and stop conditions, as the engines understand them."""
 
@@ -117,6 +127,8 @@ class SamplingOptions(_Wire):
     prompt_logprobs: int | None = None
     # Reasoning models: the budget and where the answer starts (structured output applies to the answer only).
     reasoning: ReasoningSpec | None = None
+    # Strict tools: their call arguments follow their schemas.
+    tool_grammars: list[ToolArgsGrammar] = []
 
 
 class KvDescriptor(_Wire):

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from dynamo_lite import tracing
 from dynamo_lite.frontend import choices as n_choices
-from dynamo_lite.frontend import reasoning
+from dynamo_lite.frontend import reasoning, strict_tools
 from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.chunks import (
@@ -214,6 +214,7 @@ class CompletionService:
         )
         prepared = _with_guided(prepared, guided)
         prepared.functions = declared_functions(tools)
+        strict_tools.apply(prepared.request.sampling, pre, tools)
         prepared.received = received
         return prepared
 
@@ -245,6 +246,7 @@ class CompletionService:
         )
         prepared.responses = api
         prepared.functions = declared_functions(tools)
+        strict_tools.apply(prepared.request.sampling, pre, tools)
         _with_guided(prepared, guided)
         prepared.created = api.created_at
         prepared.received = received

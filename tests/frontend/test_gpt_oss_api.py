@@ -505,3 +505,27 @@ async def test_structured_output_for_gpt_oss_constrains_the_answer_only(
     assert sampling.guided is not None and json.loads(sampling.guided.value) == schema
     # no budget: the spec only says where the answer (and so the grammar) starts
     assert sampling.reasoning is not None and sampling.reasoning.budget == -1
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+async def test_strict_tools_send_their_argument_grammar(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer, endpoint: str
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    strict = {**WEATHER_TOOL["function"], "strict": True}
+    time_tool = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}  # not strict
+    if endpoint == "chat":
+        tools = [{"type": "function", "function": f} for f in (strict, time_tool)]
+        await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, tools=tools)
+    else:
+        tools = [{"type": "function", **f} for f in (strict, time_tool)]
+        await gpt_client.responses.create(model=GPT, input="hi", tools=tools)
+    [grammar] = gpt_backend.requests[0].sampling.tool_grammars
+    assert json.loads(grammar.schema) == WEATHER_TOOL["function"]["parameters"]
+    assert grammar.open_id == vocab.MESSAGE
+    headers = [encoding().decode_utf8(t) for t in grammar.triggers]
+    assert headers == [
+        " to=functions.get_weather<|channel|>",
+        " to=functions.get_weather ",
+        " to=functions.get_weather json",
+    ]

@@ -56,6 +56,7 @@ from dynamo_lite.engines.reference.scheduler import (
     stop_reason,
     suppressed_ids,
 )
+from dynamo_lite.engines.tool_args import ToolArgsWatcher
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles, ensure_weights
@@ -63,6 +64,8 @@ from dynamo_lite.protocol import (
     FinishReason,
     GenerateChunk,
     GenerateRequest,
+    GuidedKind,
+    GuidedSpec,
     KvDescriptor,
     Phase,
     Role,
@@ -215,6 +218,8 @@ class TorchEngine:
             seq.gate, answer = answer_so_far(opts.reasoning, request.token_ids, generated)
         if opts.guided is not None:
             seq.grammar = await self._grammar_state(request, answer)
+        if opts.tool_grammars:
+            await self._watch_tools(seq, generated)
         submitted = False
         try:
             if request.phase is Phase.DECODE and request.kv is not None:
@@ -289,6 +294,36 @@ class TorchEngine:
             return await asyncio.to_thread(self._grammars.state, opts.guided, stop_ids, answer)
         except GrammarError as e:
             raise EngineError(str(e), status=400, code="invalid_request") from e
+
+    async def _watch_tools(self, seq: Sequence, generated: list[int]) -> None:
+        """Strict tools: compile their schemas (off the event loop; 400 when one does not compile) and follow
+        the tokens already generated."""
+        specs = [GuidedSpec(GuidedKind.JSON_SCHEMA, g.schema) for g in seq.sampling.tool_grammars]
+        try:
+            for spec in specs:
+                await asyncio.to_thread(self._grammars.compile, spec)
+        except GrammarError as e:
+            raise EngineError(f"a strict tool's parameters: {e}", status=400, code="invalid_request") from e
+        seq.tools = ToolArgsWatcher(seq.sampling.tool_grammars)
+        for token in generated:
+            self._follow_tools(seq, token)
+
+    def _follow_tools(self, seq: Sequence, token: int) -> bool:
+        """Advance ``seq``'s strict-tool state past ``token``; False when the token breaks the arguments' grammar."""
+        if seq.tool_args is not None:
+            if not seq.tool_args.accept(token):
+                return False
+            if seq.tool_args.terminated:
+                seq.tool_args = None
+            return True
+        opened = seq.tools.advance(token)
+        if opened is not None:
+            opts = seq.sampling
+            stop_ids = sorted({*opts.stop_token_ids, *self.eos_ids})
+            seq.tool_args = self._grammars.state(
+                GuidedSpec(GuidedKind.JSON_SCHEMA, opened.schema), stop_ids, []
+            )
+        return True
 
     async def _pull(self, request: GenerateRequest, seq: Sequence) -> tuple[Any, int]:
         """Pull the prefill's KV; ``(None, 0)`` means recompute (policy ``recompute``); else EngineError."""
@@ -620,11 +655,12 @@ class TorchEngine:
             # Reasoning past its budget: the tokens that open the answer are written, not sampled; a grammar
             # applies once the answer has opened.
             forced = [s.gate.forced if s.gate is not None else None for s in plan.sample]
-            mask_rows(logits, [s.grammar if _grammar_applies(s) else None for s in plan.sample])
+            mask_rows(logits, [_row_grammar(s) for s in plan.sample])
             # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
             # leave a row with no token at all).
             suppress = [
-                None if s.grammar is not None else suppressed_ids(s, self.eos_ids) for s in plan.sample
+                None if s.grammar is not None or s.tool_args is not None else suppressed_ids(s, self.eos_ids)
+                for s in plan.sample
             ]
             tokens = sample_batch(logits, samplers, suppress)
             if any(f is not None for f in forced):
@@ -646,8 +682,9 @@ class TorchEngine:
 
     def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         assert self._scheduler is not None
-        guided = seq.grammar is not None and _grammar_applies(seq)
-        if guided and not seq.grammar.accept(token):  # masked out: never, unless a bug
+        guided = seq.grammar is not None and seq.tool_args is None and _grammar_applies(seq)
+        followed = seq.tools is None or self._follow_tools(seq, token)
+        if not followed or (guided and not seq.grammar.accept(token)):  # masked out: never, unless a bug
             self._scheduler.remove(seq)
             seq.stream.fail(EngineError(f"sampled token {token} outside the request's grammar", status=500))
             return
@@ -709,6 +746,13 @@ class TorchEngine:
             return None
         self._count_transfer(layout.nbytes, time.perf_counter() - started)
         return desc
+
+
+def _row_grammar(seq: Sequence) -> Any:
+    """The grammar that masks ``seq``'s next token: a strict tool's arguments, else the answer's (if it applies)."""
+    if seq.tool_args is not None:
+        return seq.tool_args
+    return seq.grammar if _grammar_applies(seq) else None
 
 
 def _grammar_applies(seq: Sequence) -> bool:
