@@ -13,7 +13,7 @@ token across prefill and decode like generated output. It ends at its last token
 A reasoning budget (``SamplingOptions.reasoning``) is honoured as engines do: past it the forced tokens are
 played, then the script resumes at its answer. Structured output is accepted only for a scripted answer that
 follows the grammar (checked with xgrammar, the answer part only for a reasoning model); else 400 (no script) or
-500 (a script that breaks it).
+500 (a script that breaks it). A scripted call to a strict tool is checked against the tool's schema likewise.
 """
 
 from __future__ import annotations
@@ -33,15 +33,19 @@ import yaml
 
 from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.engines.reasoning import ReasoningGate
+from dynamo_lite.engines.tool_args import ToolArgsWatcher
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import (
     FinishReason,
     GenerateChunk,
     GenerateRequest,
+    GuidedKind,
+    GuidedSpec,
     KvDescriptor,
     Phase,
     TokenLogprobs,
+    ToolArgsGrammar,
 )
 from dynamo_lite.timing import note_kv_transfer
 
@@ -370,6 +374,8 @@ class MockerEngine:
                     "structured output needs a scripted answer on the mocker engine", 400, "invalid_request"
                 )
             await self._check_script(request, script)
+        elif request.sampling.tool_grammars and script is not None:
+            await self._check_script(request, script)  # strict tools: the script's calls follow their schemas
         if (
             len(request.token_ids) + request.sampling.max_tokens
             > int(self.settings.extra.get("max_seq_len", self.settings.max_seq_len))
@@ -411,15 +417,46 @@ class MockerEngine:
                 )
             self._grammars = ScriptedAnswerCheck(self.model_files.tokenizer_json, self.vocab, eos)
         opts = request.sampling
-        assert opts.guided is not None
-        answer = script
-        if opts.reasoning is not None:
-            start = answer_start(script, ReasoningGate(opts.reasoning, request.token_ids))
-            answer = script[start:] if start is not None else []
         stop_ids = sorted({*opts.stop_token_ids, *self._eos})
-        problem = await asyncio.to_thread(self._grammars.problem, opts.guided, answer, stop_ids)
-        if problem:
-            raise EngineError(f"the mocker's scripted answer {problem}", 500, "scripted_answer_invalid")
+        checks: list[tuple[str, GuidedSpec, list[int]]] = []
+        if opts.guided is not None:
+            answer = script
+            if opts.reasoning is not None:
+                start = answer_start(script, ReasoningGate(opts.reasoning, request.token_ids))
+                answer = script[start:] if start is not None else []
+            checks.append(("answer", opts.guided, answer))
+        for grammar, arguments in tool_arguments(script, opts.tool_grammars, stop_ids):
+            checks.append(
+                ("arguments of a strict tool", GuidedSpec(GuidedKind.JSON_SCHEMA, grammar.schema), arguments)
+            )
+        for what, spec, tokens in checks:
+            problem = await asyncio.to_thread(self._grammars.problem, spec, tokens, stop_ids)
+            if problem:
+                raise EngineError(f"the mocker's scripted {what} {problem}", 500, "scripted_answer_invalid")
+
+
+def tool_arguments(
+    script: list[int], grammars: list[ToolArgsGrammar], stop_ids: list[int]
+) -> list[tuple[ToolArgsGrammar, list[int]]]:
+    """The strict tools' calls in ``script``: each tool's grammar and its arguments' tokens (up to and with the
+    stop token that ends them)."""
+    if not grammars:
+        return []
+    watcher, out = ToolArgsWatcher(grammars), []
+    current: tuple[ToolArgsGrammar, list[int]] | None = None
+    for token in script:
+        if current is not None:
+            current[1].append(token)
+            if token in stop_ids:
+                out.append(current)
+                current = None
+            continue
+        opened = watcher.advance(token)
+        if opened is not None:
+            current = (opened, [])
+    if current is not None:
+        out.append(current)
+    return out
 
 
 def answer_start(script: list[int], gate: ReasoningGate) -> int | None:

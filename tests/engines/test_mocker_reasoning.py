@@ -42,11 +42,23 @@ def scripted(final: str) -> list[int]:
     return thought[2:] + answer[:-1] + [stop_token_ids()[0]]  # <|return|> ends a final answer
 
 
+def called(arguments: str) -> list[int]:
+    """A call on the analysis channel (gpt-oss's frequent form), rendered by openai-harmony."""
+    call = (
+        Message.from_role_and_content(Role.ASSISTANT, arguments)
+        .with_channel("analysis to=functions.plan")
+        .with_content_type("<|constrain|>json")
+    )
+    return encoding().render(call)[2:-1] + [stop_token_ids()[1]]  # <|call|>
+
+
 @pytest.fixture
 async def engine(gpt_oss_folder: Path):
     script = [
         {"match": "weather plan", "answer_ids": scripted(ANSWER)},
         {"match": "broken plan", "answer_ids": scripted('{"city": 3}')},
+        {"match": "good call", "answer_ids": called('{"city": "Paris", "days": [1]}')},
+        {"match": "bad call", "answer_ids": called('{"city": "Paris"}')},
     ]
     eng = MockerEngine(
         EngineSettings(speedup_ratio=0, extra={"script": script}), resolve_model(gpt_oss_folder)
@@ -105,3 +117,19 @@ async def test_guided_scripted_answer_is_checked(engine: MockerEngine) -> None:
     with pytest.raises(EngineError) as err:  # no script: it cannot make up tokens that follow a grammar
         await collect(engine, request("unscripted", guided=guided, reasoning=harmony_spec()))
     assert err.value.status == 400
+
+
+async def test_strict_tool_calls_in_the_script_are_checked(engine: MockerEngine) -> None:
+    from dynamo_lite.frontend import strict_tools
+
+    class Pre:
+        harmony = True
+
+    sampling = SamplingOptions()
+    tool = {"type": "function", "function": {"name": "plan", "parameters": SCHEMA, "strict": True}}
+    strict_tools.apply(sampling, Pre(), [tool])  # type: ignore[arg-type]
+    grammars = sampling.tool_grammars
+    played(await collect(engine, request("good call", tool_grammars=grammars)))
+    with pytest.raises(EngineError) as err:
+        await collect(engine, request("bad call", tool_grammars=grammars))
+    assert err.value.status == 500 and "strict tool" in str(err.value)

@@ -18,6 +18,8 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
   first token (json / json_object / regex / grammar), which would constrain the reasoning too, and the LLM API
   has no per-request way to write forced tokens, so structured output for a reasoning model and a reasoning
   budget are refused (400 naming the request field); a ``ReasoningSpec`` without either is ignored;
+- strict tools (``options.tool_grammars``) are not constrained: that too would need a grammar starting mid-output.
+  They are ignored rather than refused, as agent SDKs mark every tool ``strict`` by default;
 - ``logit_bias`` is refused (400): ``SamplingParams`` has no such field (``api_facts.yaml``); TensorRT-LLM's
   own server turns it into ``embedding_bias``, a vocabulary-sized float tensor, which this adapter does not
   build.
