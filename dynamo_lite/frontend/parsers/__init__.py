@@ -53,6 +53,6 @@ def parser_factory(
         return lambda functions=frozenset(): TaggedText(
             new_detokenizer(),
             ThinkTags(starts_in_reasoning=think_start) if reasoning_parser else None,
-            HermesToolCalls() if tool_call_parser == "hermes" else None,
+            HermesToolCalls(functions) if tool_call_parser == "hermes" else None,
         )
     return lambda functions=frozenset(): PlainText(new_detokenizer())
