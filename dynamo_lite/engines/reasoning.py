@@ -19,12 +19,13 @@ from __future__ import annotations
 from dynamo_lite.protocol import ReasoningSpec
 
 BEFORE, REASONING, ANSWER, OTHER = "before", "reasoning", "answer", "other"
-_PROMPT_LOOKBACK = (
-    4  # a chat template that opens the reasoning ends the prompt with it (maybe plus a newline)
-)
+# A chat template that opens the reasoning ends the prompt with it (maybe plus a newline or two).
+_PROMPT_LOOKBACK = 4
 
 
 class ReasoningGate:
+    """One sequence's position relative to its reasoning (see the module docstring)."""
+
     __slots__ = ("spec", "_tail", "_keep", "_queue", "phase", "reasoning_tokens")
 
     def __init__(
@@ -37,13 +38,12 @@ class ReasoningGate:
         lengths = [len(spec.answer_ids), len(spec.forced_ids), len(spec.start_ids), *map(len, spec.end_ids)]
         self._keep = max(lengths)
         self._tail = list(prompt[-self._keep :]) if self._keep else []
-        self._queue: list[int] = []
         self.phase = REASONING
         if spec.start_ids:
             recent = prompt[-(len(spec.start_ids) + _PROMPT_LOOKBACK) :]
             self.phase = REASONING if _find(recent, spec.start_ids) >= 0 else BEFORE
         self.reasoning_tokens = 0
-        self._queue = list(spec.open_ids)  # the output starts with them
+        self._queue: list[int] = list(spec.open_ids)  # tokens still to force; the output starts with these
         for token in generated:
             self.advance(token)
 

@@ -652,9 +652,11 @@ class TorchEngine:
             samplers = [s.sampler for s in plan.sample]
             raw = raw_logprobs(logits, plan.sample)  # of the model's distribution, before anything changes it
             apply_penalties(logits, plan.sample)
-            # Reasoning past its budget: the tokens that open the answer are written, not sampled; a grammar
-            # applies once the answer has opened.
-            forced = [s.gate.forced if s.gate is not None else None for s in plan.sample]
+            # Reasoning past its budget: the tokens that open the answer are written, not sampled (never inside a
+            # strict tool's arguments); a grammar applies once the answer has opened.
+            forced = [
+                s.gate.forced if s.gate is not None and s.tool_args is None else None for s in plan.sample
+            ]
             mask_rows(logits, [_row_grammar(s) for s in plan.sample])
             # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
             # leave a row with no token at all).
