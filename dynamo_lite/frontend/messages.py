@@ -77,6 +77,7 @@ class MessagesApi:
     """One Messages request's context (the ``PreparedRequest.responses`` hook: its body and stream format)."""
 
     model: str
+    prompt_tokens: int = 0  # reported by message_start (the cache's share is known only at the end)
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
 
     def message(self, content: list[dict], stop_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
@@ -113,7 +114,10 @@ class MessagesStreamFormat:
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps({"type": kind, **fields}) + b"\n\n"
 
     def head(self) -> bytes:
-        usage = {"input_tokens": 0, "output_tokens": 0}  # the counts come with message_delta
+        usage = {
+            "input_tokens": self._api.prompt_tokens,
+            "output_tokens": 0,
+        }  # message_delta: the final counts
         return self._event("message_start", message=self._api.message([], None, usage))
 
     def delta(self, d: Delta, finish_reason: str | None) -> bytes:
@@ -237,7 +241,8 @@ class MessagesRoutes:
         try:
             body = await self._body(request)
             prepared = await service.prepare_chat(await self._chat(body), rid)
-            prepared.responses = MessagesApi(body["model"])  # type: ignore[assignment]  # its writer hook
+            api = MessagesApi(body["model"], len(prepared.request.token_ids))
+            prepared.responses = api  # type: ignore[assignment]  # the response writer's hook
         except ClientDisconnect:
             return Response(status_code=499)
         except Exception as exc:

@@ -128,6 +128,7 @@ async def test_streamed_has_anthropics_event_sequence(
     assert [b.type for b in final.content] == ["thinking", "tool_use"]
     assert final.content[1].input == {"city": "Paris"} and final.stop_reason == "tool_use"
     assert final.usage.output_tokens == len(ANALYSIS_CALL)
+    assert final.usage.input_tokens == len(backend.requests[0].token_ids)
 
 
 async def test_tool_round_trip(client: anthropic.AsyncAnthropic, backend: FakeBackend) -> None:
