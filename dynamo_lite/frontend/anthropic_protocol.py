@@ -6,8 +6,10 @@ A Messages request becomes the chat request the rest of the frontend already ser
 ``tool_result`` blocks → ``tool`` messages answering ``tool_use_id``; ``tools`` (``input_schema``) → function
 tools; ``tool_choice`` auto/none; ``max_tokens``, ``stop_sequences``, ``temperature``, ``top_p``, ``top_k``;
 ``thinking`` → the reasoning budget (``budget_tokens``; ``disabled`` = 0) for models that reason, ignored for
-others. What agent clients send along is accepted and has no effect: ``cache_control`` on blocks, ``metadata``,
-``service_tier``, the ``anthropic-version``/``anthropic-beta`` headers, ``?beta=true``.
+others; ``output_config.format`` (a JSON schema) → structured output, ``output_config.effort`` → reasoning effort
+(``xhigh``/``max`` as ``high``); a tool's ``strict`` as a strict tool. What agent clients send along is accepted
+and has no effect: ``cache_control`` (on blocks or top level), ``metadata``, ``service_tier``, ``speed`` and the
+like, the ``anthropic-version``/``anthropic-beta`` headers, ``?beta=true``.
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def _tools(body: dict[str, Any]) -> list[dict[str, Any]] | None:
         fn = {"name": tool.get("name"), "parameters": tool.get("input_schema") or {"type": "object"}}
         if tool.get("description"):
             fn["description"] = tool["description"]
+        if tool.get("strict") is True:
+            fn["strict"] = True
         out.append({"type": "function", "function": fn})
     return out
 
@@ -201,4 +205,25 @@ def to_chat(body: dict[str, Any], *, reasons: bool) -> dict[str, Any]:
     budget = thinking_budget(body)
     if budget is not None and reasons:
         chat["thinking_token_budget"] = budget
+    _output_config(body, chat, reasons=reasons)
     return chat
+
+
+def _output_config(body: dict[str, Any], chat: dict[str, Any], *, reasons: bool) -> None:
+    """``output_config``: ``format`` (a JSON schema) → structured output; ``effort`` → reasoning effort."""
+    config = body.get("output_config")
+    if not isinstance(config, dict):
+        return
+    fmt = config.get("format")
+    if isinstance(fmt, dict):
+        if fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
+            raise bad_request(
+                "output_config.format must be a json_schema with a schema", "output_config.format"
+            )
+        chat["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "output", "schema": fmt["schema"]},
+        }
+    effort = config.get("effort")
+    if isinstance(effort, str) and reasons:
+        chat["reasoning_effort"] = {"xhigh": "high", "max": "high"}.get(effort, effort)

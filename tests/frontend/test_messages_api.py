@@ -272,3 +272,23 @@ async def test_hermes_style_model_thinking_and_tool_use(url: str, card: ModelCar
     spec = backend.requests[0].sampling.reasoning
     assert spec.budget == 64 and tok.decode(spec.answer_ids) == "</think>"
     assert tok.decode(spec.start_ids) == "<think>"  # qwen3: reasoning only once the output opens it
+
+
+async def test_output_config_format_is_structured_output(
+    client: anthropic.AsyncAnthropic, backend: FakeBackend
+) -> None:
+    play(backend, harmony(say("Think.", "analysis"), say('{"city": "Paris"}', "final"), stop=vocab.RETURN))
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    msg = await client.messages.create(
+        model=GPT,
+        max_tokens=100,
+        messages=ASK,
+        output_config={"format": {"type": "json_schema", "schema": schema}, "effort": "low"},
+        tools=[{**WEATHER, "strict": True}],
+    )
+    assert msg.content[-1].text == '{"city": "Paris"}'
+    sampling = backend.requests[0].sampling
+    assert sampling.guided is not None and sampling.reasoning is not None  # the grammar applies to the answer
+    assert [g.schema for g in sampling.tool_grammars] and "Reasoning: low" in encoding().decode_utf8(
+        backend.requests[0].token_ids
+    )
