@@ -5,8 +5,9 @@ Phases of one sequence: ``before`` (waiting for ``start_ids``; skipped when ther
 (counted against the budget), ``answer`` (``answer_ids`` seen: the grammar applies from the next token), and
 ``other`` (reasoning ended some other way, e.g. a harmony tool call on ``commentary``: nothing counted, nothing
 constrained, until ``answer_ids`` come). ``forced`` names the tokens the engine must write instead of sampling:
-``open_ids`` first, and once ``budget`` reasoning tokens are spent, the rest of ``forced_ids`` that the output
-does not already end with.
+``open_ids`` first, and when the budget is all but spent, the rest of ``forced_ids`` that the output does not
+already end with. The budget counts every token from the start of the reasoning to the end of what opens the
+answer, the forced ones included (unless the format's own markers alone exceed it).
 
     gate = ReasoningGate(spec, prompt_ids)
     for each step:
@@ -55,8 +56,10 @@ class ReasoningGate:
     @property
     def forced(self) -> int | None:
         """The token the engine must write next (the budget is spent), or None to sample."""
-        if not self._queue and self.phase == REASONING and 0 <= self.spec.budget <= self.reasoning_tokens:
-            self._queue = self._rest_of_forced()
+        if not self._queue and self.phase == REASONING and self.spec.budget >= 0:
+            rest = self._rest_of_forced()
+            if self.reasoning_tokens + len(rest) >= self.spec.budget:  # the closing tokens count too
+                self._queue = rest
         return self._queue[0] if self._queue else None
 
     def _rest_of_forced(self) -> list[int]:

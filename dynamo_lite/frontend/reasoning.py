@@ -12,8 +12,10 @@ After that many generated tokens of reasoning the engine writes the format's own
 and open the answer (harmony: ``<|end|><|start|>assistant<|channel|>final<|message|>``; ``<think>`` models:
 ``\\n</think>``), so an answer always comes. A budget of 0 answers without reasoning. With a budget, a harmony
 answer opens with the analysis channel (written by the engine), so the budget counts reasoning from its first
-token. The budget counts generated tokens from the start of the reasoning to the answer's opening (a header the
-model writes in between counts too): ``usage.completion_tokens_details.reasoning_tokens`` never exceeds it.
+token. The budget counts generated tokens from the start of the reasoning to the end of the answer's opening,
+the forced tokens and any header the model writes in between included, so
+``usage.completion_tokens_details.reasoning_tokens`` never exceeds it (a budget smaller than the format's own
+markers — 9 tokens for harmony — gets just those).
 """
 
 from __future__ import annotations

@@ -38,11 +38,12 @@ def analysis(words: int) -> list[int]:
 
 
 def test_budget_closes_the_analysis_and_opens_final() -> None:
-    gate = ReasoningGate(harmony_spec(5), PROMPT)
+    gate = ReasoningGate(harmony_spec(12), PROMPT)
     out = play(gate, analysis(50))
     assert text(out).endswith("<|end|><|start|>assistant<|channel|>final<|message|>")
     assert text(out).startswith("<|channel|>analysis<|message|>")
-    assert gate.in_answer and gate.reasoning_tokens <= 5 + 6
+    assert gate.in_answer and gate.reasoning_tokens == 12  # the forced tokens within the budget
+    assert len(out) == 12
 
 
 def test_budget_zero_opens_final_at_once_using_the_prompts_end() -> None:
@@ -52,7 +53,7 @@ def test_budget_zero_opens_final_at_once_using_the_prompts_end() -> None:
 
 def test_forced_tokens_continue_what_the_model_began() -> None:
     model = analysis(3) + [vocab.START]  # ...<|end|><|start|> then the budget runs out
-    gate = ReasoningGate(harmony_spec(len(model)), PROMPT)
+    gate = ReasoningGate(harmony_spec(len(model) + 4), PROMPT)  # + assistant<|channel|>final<|message|>
     out = play(gate, model)
     assert text(out) == text(model) + "assistant<|channel|>final<|message|>"
 
@@ -69,7 +70,7 @@ def test_a_model_that_answers_in_time_is_left_alone() -> None:
 def test_commentary_ends_the_reasoning_without_an_answer() -> None:
     call = Message.from_role_and_content(Role.ASSISTANT, "{}").with_channel("commentary")
     model = analysis(2) + encoding().render(call.with_recipient("functions.f").with_content_type("json"))
-    gate = ReasoningGate(harmony_spec(len(analysis(2)) + 12), PROMPT)  # the header counts too
+    gate = ReasoningGate(harmony_spec(len(analysis(2)) + 18), PROMPT)  # the header and the closing count too
     for token in model:
         assert gate.forced in (None, token)  # only the analysis opening, as the model writes it
         gate.advance(token)
@@ -88,7 +89,7 @@ def test_replay_across_the_handoff_matches_one_run() -> None:
 
 def test_think_tags() -> None:
     close, nl, think = [900], [13], [800]
-    spec = ReasoningSpec(budget=2, answer_ids=close, forced_ids=nl + close, start_ids=think)
+    spec = ReasoningSpec(budget=4, answer_ids=close, forced_ids=nl + close, start_ids=think)
     gate = ReasoningGate(spec, [1, 2, 3])
     assert gate.phase == BEFORE  # qwen3: reasoning only once <think> comes
     for token in [7, *think]:
