@@ -205,3 +205,11 @@ def test_preamble_then_call_then_nothing_else(tok: Tokenizer) -> None:
     for transcript, out in each(tok, ids):
         assert_one_call(transcript, out, "get_weather", ARGS)
         assert transcript.text("content") == "Checking the weather for you."
+
+
+def test_output_opening_with_start_assistant_and_a_recipient(tok: Tokenizer) -> None:
+    call = msg(json.dumps(ARGS), "commentary", "functions.get_weather", "<|constrain|>json")
+    ids = completion(call, stop=vocab.CALL, keep_start=True)
+    assert encoding().decode_utf8(ids).startswith("<|start|>assistant to=functions.get_weather<|channel|>")
+    for transcript, out in each(tok, ids):
+        assert_one_call(transcript, out, "get_weather", ARGS)
