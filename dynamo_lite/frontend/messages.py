@@ -172,8 +172,9 @@ class MessagesStreamFormat:
             + self._event("message_stop")
         )
 
-    def error(self, error_body_: bytes) -> bytes:
-        err = orjson.loads(error_body_).get("error", {})
+    def error(self, openai_body: bytes) -> bytes:
+        """The stream's last event for a failure (given in OpenAI's shape), in Anthropic's."""
+        err = orjson.loads(openai_body).get("error", {})
         body = orjson.loads(error_body(500, str(err.get("message", "error"))))
         if err.get("type") in ("rate_limit_error", "service_unavailable"):
             body["error"]["type"] = "overloaded_error"
