@@ -292,3 +292,18 @@ async def test_output_config_format_is_structured_output(
     assert [g.schema for g in sampling.tool_grammars] and "Reasoning: low" in encoding().decode_utf8(
         backend.requests[0].token_ids
     )
+
+
+async def test_a_failure_mid_stream_ends_it_with_an_error_event(
+    client: anthropic.AsyncAnthropic, backend: FakeBackend
+) -> None:
+    play(backend, ANSWER, per_chunk=1)
+    backend.fail_after = 3
+    try:
+        with pytest.raises(anthropic.APIError) as err:
+            async with client.messages.stream(model=GPT, max_tokens=100, messages=ASK) as stream:
+                async for _ in stream:
+                    pass
+        assert "worker lost" in str(err.value)
+    finally:
+        backend.fail_after = None
