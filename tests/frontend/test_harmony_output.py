@@ -213,3 +213,10 @@ def test_output_opening_with_start_assistant_and_a_recipient(tok: Tokenizer) -> 
     assert encoding().decode_utf8(ids).startswith("<|start|>assistant to=functions.get_weather<|channel|>")
     for transcript, out in each(tok, ids):
         assert_one_call(transcript, out, "get_weather", ARGS)
+
+
+def test_output_that_is_no_harmony_header_stays_answer_text(tok: Tokenizer) -> None:
+    """Noise (a random model) with a stray special token is not a cut header: it is shown, without the special."""
+    ids = encoding().encode("Hello<|constrain|> world", allowed_special="all")
+    for transcript, out in each(tok, ids, finish=FinishReason.LENGTH):
+        assert transcript.text("content") == "Hello world" and out.finish_reason == "length"

@@ -198,10 +198,11 @@ class HarmonyOutput:
             self._return_call(out, name, arguments)
         self._drafts = []
         header, self._header = self._header, []
-        if header and not self._kind and all(t < vocab.NUM_BPE_RANKS for t in header):
+        if header and not self._kind:
             text = self._tokenizer.decode(header, skip_special_tokens=True)
-            if not _recipient_header(text):
-                # The model never wrote harmony (no special token, no message): what it wrote is its answer.
+            if header[0] not in (vocab.CHANNEL, vocab.START) and not _recipient_header(text):
+                # The model never wrote a harmony header (it opens with <|channel|>, <|start|> or " to="): what it
+                # wrote is its answer. A header cut short (max_tokens) is dropped.
                 out.content += text
         return out
 
