@@ -110,7 +110,13 @@ class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     (``omit_defaults`` does not apply to arrays), so a new field only ever goes at the end, with a default: a
     reader one version behind ignores trailing fields it doesn't know, one ahead fills in the default for a
     field an older writer didn't send. (Releases before wire versions were read refused any extra field: a
-    field added to a message they read waits until none of them is left in service.)"""
+    field added to a message they read waits until none of them is left in service.)
+
+    A field added after the release that recorded the golden fixtures (``tests/runtime/golden``) is named in its
+    class's ``APPENDED``: ``encode`` leaves such fields off the end while they hold their defaults, so a message
+    that doesn't use them is, byte for byte, what that release wrote (and what every older reader reads)."""
+
+    APPENDED: ClassVar[tuple[str, ...]] = ()
 
 
 class GuidedKind(WireIntEnum):
@@ -131,6 +137,32 @@ class GuidedSpec(_Wire):
     kind: GuidedKind
     value: str = ""
     choices: list[str] = []
+
+
+class ReasoningSpec(_Wire):
+    """Where a reasoning model's answer starts in its output, for engines that act on it: the reasoning budget
+    (after ``budget`` tokens of reasoning the engine writes ``forced_ids``, which close the reasoning and open the
+    answer) and structured output, whose grammar applies only after ``answer_ids``. Token sequences of the
+    model's format, built by the frontend (``dynamo_lite.frontend.reasoning``); engines follow them with
+    ``dynamo_lite.engines.reasoning.ReasoningGate``."""
+
+    budget: int = -1  # reasoning tokens allowed before the answer is forced open (-1: no limit)
+    answer_ids: list[int] = []  # opens the answer (harmony ``<|channel|>final<|message|>``, ``</think>``)
+    forced_ids: list[int] = []  # written when the budget is spent; ends with ``answer_ids``
+    start_ids: list[int] = []  # reasoning starts after these (empty: with the first generated token)
+    # other ways reasoning ends without an answer (harmony: a commentary message)
+    end_ids: list[list[int]] = []
+    open_ids: list[int] = []  # written first, before anything is generated: the reasoning's opening
+
+
+class ToolArgsGrammar(_Wire):
+    """A strict tool's arguments (``strict: true``): once the output has written one of ``triggers`` (the tool's
+    call header, as token ids) and then ``open_id``, it follows ``schema`` (a JSON schema, as text) until a stop
+    token. Built by ``dynamo_lite.frontend.strict_tools``; engines with a grammar backend follow it."""
+
+    triggers: list[list[int]]
+    open_id: int
+    schema: str
 
 
 class SamplingOptions(_Wire):
@@ -156,6 +188,13 @@ class SamplingOptions(_Wire):
     logit_bias: dict[int, float] = {}
     # Log-probabilities of the prompt's tokens (from the second on) and their top alternatives (None: none).
     prompt_logprobs: int | None = None
+    # -- appended after wire version 1's golden fixtures: written only when set (``_Wire``) --
+    # Reasoning models: the budget and where the answer starts (structured output applies to the answer only).
+    reasoning: ReasoningSpec | None = None
+    # Strict tools: their call arguments follow their schemas.
+    tool_grammars: list[ToolArgsGrammar] = []
+
+    APPENDED: ClassVar[tuple[str, ...]] = ("reasoning", "tool_grammars")
 
 
 class KvDescriptor(_Wire):
@@ -381,7 +420,39 @@ _decoders: dict[type, tuple[msgspec.msgpack.Decoder, int | None]] = {}
 
 
 def encode(msg: msgspec.Struct) -> bytes:
+    if type(msg) is GenerateRequest:  # the one message that carries ``APPENDED`` fields (its sampling's)
+        sampling = _trimmed(msg.sampling)
+        if sampling is not msg.sampling:
+            return _encoder.encode(
+                [sampling if f == "sampling" else getattr(msg, f) for f in GenerateRequest.__struct_fields__]
+            )
     return _encoder.encode(msg)
+
+
+def _trimmed(msg: _Wire) -> Any:
+    """``msg`` as the wire writes it: itself, or, when its last ``APPENDED`` fields hold their defaults, the
+    list of its fields without them (encoded as the same array, shorter)."""
+    kind = type(msg)
+    names = kind.__struct_fields__
+    end = len(names)
+    for name in reversed(kind.APPENDED):
+        if names[end - 1] != name or getattr(msg, name) != _default(kind, name):
+            break
+        end -= 1
+    if end == len(names):
+        return msg
+    return [getattr(msg, f) for f in names[:end]]
+
+
+_defaults: dict[tuple[type, str], Any] = {}
+
+
+def _default(kind: type, name: str) -> Any:
+    key = (kind, name)
+    if key not in _defaults:
+        info = next(f for f in msgspec.structs.fields(kind) if f.name == name)
+        _defaults[key] = info.default if info.default is not msgspec.NODEFAULT else info.default_factory()
+    return _defaults[key]
 
 
 T = TypeVar("T")

@@ -10,6 +10,10 @@ A script (engine arg ``script``: a YAML/JSON file or an inline list of ``{match:
 play a fixed answer for prompts whose text contains ``match``: ``answer`` is encoded with the model's tokenizer,
 special tokens included (e.g. a harmony ``<|channel|>analysis<|message|>…<|return|>``), and played token by
 token across prefill and decode like generated output. It ends at its last token (or earlier at a stop id).
+A reasoning budget (``SamplingOptions.reasoning``) is honoured as engines do: past it the forced tokens are
+played, then the script resumes at its answer. Structured output is accepted only for a scripted answer that
+follows the grammar (checked with xgrammar, the answer part only for a reasoning model); else 400 (no script) or
+500 (a script that breaks it). A scripted call to a strict tool is checked against the tool's schema likewise.
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from dynamo_lite.engines.base import EngineError, EngineSettings, EngineStats, StreamPacing, TokenStream
+from dynamo_lite.engines.reasoning import ReasoningGate
+from dynamo_lite.engines.tool_args import ToolArgsWatcher
 from dynamo_lite.kv.blocks import KvEventSink, PrefixCacheIndex, block_hashes
 from dynamo_lite.model_files import ModelFiles, resolve_model
 from dynamo_lite.protocol import (
@@ -34,9 +41,12 @@ from dynamo_lite.protocol import (
     FinishReason,
     GenerateChunk,
     GenerateRequest,
+    GuidedKind,
+    GuidedSpec,
     KvDescriptor,
     Phase,
     TokenLogprobs,
+    ToolArgsGrammar,
 )
 from dynamo_lite.timing import note_kv_transfer
 
@@ -101,20 +111,47 @@ class _Seq:
         "salt",
         "script",
         "stops",
+        "gate",
+        "cursor",
+        "forcing",
     )
 
     def __init__(self, request: GenerateRequest, stream: TokenStream, script: list[int] | None) -> None:
         self.request = request
         self.stream = stream
-        self.generated = len(request.generated_ids)
+        self.generated = 0
         self.target = request.sampling.max_tokens
-        if script is not None:
-            self.target = min(self.target, len(script))
-        self.kv_tokens = len(request.token_ids) + self.generated
+        self.kv_tokens = len(request.token_ids)
         self.cancelled = False
         self.salt = (sum(request.token_ids[:64]) * 2654435761 + len(request.token_ids)) & 0xFFFFFFFF
         self.script = script
         self.stops = frozenset(request.sampling.stop_token_ids)
+        spec = request.sampling.reasoning
+        # A reasoning budget: forced tokens replace the script's, which then resumes at its answer.
+        self.gate = ReasoningGate(spec, request.token_ids) if spec is not None else None
+        self.cursor = 0  # the script's next token
+        self.forcing = False  # the token being emitted was forced
+        for token in request.generated_ids:  # what the prefill worker played, replayed
+            self.forcing = self.gate is not None and self.gate.forced == token
+            self.advance(token)
+
+    def advance(self, token: int) -> None:
+        """``token`` was emitted."""
+        self.generated += 1
+        self.kv_tokens += 1
+        script = self.script
+        if not self.forcing or (
+            script is not None and self.cursor < len(script) and script[self.cursor] == token
+        ):
+            self.cursor += 1  # played, or forced as the script has it anyway
+        if self.gate is not None:
+            self.gate.advance(token)
+            if self.forcing and self.gate.in_answer and self.script is not None:
+                self.cursor = answer_start(self.script, self.gate) or len(self.script)
+
+    @property
+    def script_done(self) -> bool:
+        return self.script is not None and self.cursor >= len(self.script)
 
     def stopped_by(self, token: int) -> bool:
         return token in self.stops and self.generated >= self.request.sampling.min_tokens
@@ -158,6 +195,7 @@ class MockerEngine:
         script = settings.extra.get("script")
         self.script = load_script(script, model_files.tokenizer_json) if script else []
         self._tokenizer = None  # decodes prompts to match the script (loaded with the script)
+        self._grammars: Any = None  # checks scripted answers of guided requests (loaded on the first)
         if self.script:
             from tokenizers import Tokenizer
 
@@ -222,8 +260,12 @@ class MockerEngine:
         return s
 
     def _token(self, seq: _Seq) -> int:
+        forced = seq.gate.forced if seq.gate is not None else None
+        seq.forcing = forced is not None
+        if forced is not None:
+            return forced
         if seq.script is not None:
-            return seq.script[seq.generated]
+            return seq.script[seq.cursor]
         # Deterministic, in vocab, clear of the low special ids, eos and the request's stop ids.
         span = max(self.vocab - 256, 1)
         tok = 256 + (seq.salt + seq.generated * 40503) % span
@@ -289,12 +331,11 @@ class MockerEngine:
     def _emit(self, seq: _Seq) -> None:
         """One token for ``seq``; in prefill phase that token ends the request with a KV descriptor."""
         tok = self._token(seq)
-        seq.generated += 1
-        seq.kv_tokens += 1
+        seq.advance(tok)
         self._stats.total_tokens += 1
         k = seq.request.sampling.logprobs
         seq.stream.push(tok, None if k is None else self._logprobs(tok, k))
-        stopped = seq.stopped_by(tok) or (seq.script is not None and seq.generated >= len(seq.script))
+        stopped = seq.stopped_by(tok) or seq.script_done
         if seq.request.phase == Phase.PREFILL:
             seq.target = seq.generated  # context-only: one token
             if stopped:
@@ -326,12 +367,16 @@ class MockerEngine:
             raise EngineError("engine stopped", 503, "engine_stopped")
         if request.sampling.max_tokens < 1:
             raise EngineError("max_tokens must be at least 1", 400, "invalid_request")
-        if (
-            request.sampling.guided is not None
-        ):  # it simulates timing, not tokens: a grammar can't be honoured
-            raise EngineError(
-                "structured output is not supported by the mocker engine", 400, "invalid_request"
-            )
+        script = self._scripted(request)
+        if request.sampling.guided is not None:
+            # It simulates timing, not tokens: it can only check that its scripted answer follows the grammar.
+            if script is None:
+                raise EngineError(
+                    "structured output needs a scripted answer on the mocker engine", 400, "invalid_request"
+                )
+            await self._check_script(request, script)
+        elif request.sampling.tool_grammars and script is not None:
+            await self._check_script(request, script)  # strict tools: the script's calls follow their schemas
         if (
             len(request.token_ids) + request.sampling.max_tokens
             > int(self.settings.extra.get("max_seq_len", self.settings.max_seq_len))
@@ -347,11 +392,12 @@ class MockerEngine:
             note_kv_transfer(time.perf_counter() - pull_started, request.kv.nbytes, "mocker")
             self._stats.kv_transfers += 1
             self._stats.kv_transfer_bytes += request.kv.nbytes
-        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.pacing), self._scripted(request))
+        seq = _Seq(request, TokenStream(asyncio.get_running_loop(), self.pacing), script)
         if cached:
             seq.stream.set_cached_tokens(cached)
-        if seq.generated >= seq.target:
-            yield GenerateChunk(finish_reason=FinishReason.LENGTH, cached_tokens=cached)
+        if seq.generated >= seq.target or seq.script_done:
+            reason = FinishReason.STOP if seq.script_done else FinishReason.LENGTH
+            yield GenerateChunk(finish_reason=reason, cached_tokens=cached)
             return
         self._waiting.append(seq)
         self._wake.set()
@@ -360,6 +406,69 @@ class MockerEngine:
                 yield chunk
         finally:
             seq.cancelled = True
+
+    async def _check_script(self, request: GenerateRequest, script: list[int]) -> None:
+        if self._grammars is None:
+            from dynamo_lite.engines.scripted_grammar import ScriptedAnswerCheck
+
+            eos = sorted(self._eos)
+            if not eos:
+                raise EngineError(
+                    "structured output needs the model's eos ids on the mocker", 400, "invalid_request"
+                )
+            self._grammars = ScriptedAnswerCheck(self.model_files.tokenizer_json, self.vocab, eos)
+        opts = request.sampling
+        stop_ids = sorted({*opts.stop_token_ids, *self._eos})
+        checks: list[tuple[str, GuidedSpec, list[int]]] = []
+        if opts.guided is not None:
+            answer = script
+            if opts.reasoning is not None:
+                start = answer_start(script, ReasoningGate(opts.reasoning, request.token_ids))
+                answer = script[start:] if start is not None else []
+            checks.append(("answer", opts.guided, answer))
+        for grammar, arguments in tool_arguments(script, opts.tool_grammars, stop_ids):
+            checks.append(
+                ("arguments of a strict tool", GuidedSpec(GuidedKind.JSON_SCHEMA, grammar.schema), arguments)
+            )
+        for what, spec, tokens in checks:
+            problem = await asyncio.to_thread(self._grammars.problem, spec, tokens, stop_ids)
+            if problem:
+                raise EngineError(f"the mocker's scripted {what} {problem}", 500, "scripted_answer_invalid")
+
+
+def tool_arguments(
+    script: list[int], grammars: list[ToolArgsGrammar], stop_ids: list[int]
+) -> list[tuple[ToolArgsGrammar, list[int]]]:
+    """The strict tools' calls in ``script``: each tool's grammar and its arguments' tokens (up to and with the
+    stop token that ends them)."""
+    if not grammars:
+        return []
+    watcher, out = ToolArgsWatcher(grammars), []
+    current: tuple[ToolArgsGrammar, list[int]] | None = None
+    for token in script:
+        if current is not None:
+            current[1].append(token)
+            if token in stop_ids:
+                out.append(current)
+                current = None
+            continue
+        opened = watcher.advance(token)
+        if opened is not None:
+            current = (opened, [])
+    if current is not None:
+        out.append(current)
+    return out
+
+
+def answer_start(script: list[int], gate: ReasoningGate) -> int | None:
+    """Where ``script``'s answer starts (after the spec's ``answer_ids``), replayed through a copy of ``gate``'s
+    spec; None when it never opens one."""
+    probe = ReasoningGate(gate.spec, [])
+    for i, token in enumerate(script):
+        probe.advance(token)
+        if probe.in_answer:
+            return i + 1
+    return None
 
 
 def build_engine(settings: EngineSettings) -> MockerEngine:

@@ -1,17 +1,16 @@
 """The OpenAI-compatible HTTP API as a FastAPI app: ``create_app(backend, settings)``.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``GET /v1/models``,
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/responses``, ``POST /v1/messages``
+(Anthropic's, with ``/v1/messages/count_tokens``), ``GET /v1/models``,
 ``POST /tokenize``, ``POST /detokenize``, ``/health``, ``/live``, ``/ready``, ``/metrics``. Every error,
-FastAPI's own included, answers in OpenAI's shape.
+FastAPI's own included, answers in OpenAI's shape (``/v1/messages``' own in Anthropic's).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import re
 import time
-import uuid
 
 import orjson
 from fastapi import FastAPI, Request
@@ -24,6 +23,8 @@ from dynamo_lite.frontend.access_log import log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, as_openai_error, install_error_handlers
 from dynamo_lite.frontend.fields import check_fields, unknown_fields_error
+from dynamo_lite.frontend.http_in import read_body, request_id_of
+from dynamo_lite.frontend.messages import MessagesRoutes
 from dynamo_lite.frontend.metrics import CONTENT_TYPE, FrontendMetrics
 from dynamo_lite.frontend.openai_protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from dynamo_lite.frontend.prepare import RequestPreparer
@@ -37,41 +38,9 @@ from dynamo_lite.protocol import ModelCard
 
 logger = logging.getLogger(__name__)
 
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
-
 
 def _json(data: object, status: int = 200) -> Response:
     return Response(orjson.dumps(data, default=str), status_code=status, media_type="application/json")
-
-
-def request_id_of(request: Request) -> str:
-    """The client's ``x-request-id`` when it is sane, else a fresh one."""
-    rid = request.headers.get("x-request-id")
-    if rid and _REQUEST_ID.fullmatch(rid):
-        return rid
-    return uuid.uuid4().hex
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; 413 as soon as it is known to exceed ``limit`` (never buffered past it)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise OpenAIError(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise OpenAIError(
-                413, f"request body exceeds the limit of {limit} bytes", code="request_too_large"
-            )
-    parts = []
-    size = 0
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise OpenAIError(
-                413, f"request body exceeds the limit of {limit} bytes", code="request_too_large"
-            )
-        parts.append(part)
-    return b"".join(parts)
 
 
 # The generating routes: plain Starlette routes (their answer is an ASGI app, ``sse.WatchedResponse``) that
@@ -307,10 +276,13 @@ def create_app(
             allow_headers=["*"],
             expose_headers=["x-request-id"],
         )
+    messages = MessagesRoutes(routes.settings, routes.metrics, routes.preparer, routes.service)
     for path, handler in (
         ("/v1/chat/completions", routes.chat_completions),
         ("/v1/completions", routes.completions),
         ("/v1/responses", routes.responses),
+        ("/v1/messages", messages.create),  # Anthropic's Messages API (frontend/messages.py)
+        ("/v1/messages/count_tokens", messages.count_tokens),
     ):
         app.add_route(path, handler, methods=["POST"])
     app.add_api_route("/tokenize", routes.tokenize, methods=["POST"])

@@ -81,7 +81,9 @@ class Choice:
     __slots__ = ("out", "logprobs", "fmt", "token_at")
 
     def __init__(self, p: PreparedRequest, index: int) -> None:
-        self.out = OutputState(p.pre.new_parser(), p.stops, p.request.sampling.max_tokens, p.include_stop)
+        self.out = OutputState(
+            p.pre.new_parser(p.functions), p.stops, p.request.sampling.max_tokens, p.include_stop
+        )
         self.logprobs: ChatLogprobs | CompletionLogprobs | None = p.new_logprobs()
         self.fmt: StreamFormat | None = p.stream_format(index) if p.stream else None
         self.token_at = 0.0

@@ -111,6 +111,7 @@ NVEXT = {
     "guided_decoding_backend": elsewhere("structured output"),
     "guided_whitespace_pattern": elsewhere("structured output"),
     "extra_fields": elsewhere("per-request timing"),
+    "max_thinking_tokens": elsewhere("the reasoning budget (frontend/reasoning.py)"),
 }
 
 # Fields every generating endpoint shares (its pydantic models' _GenerationParams).
@@ -140,6 +141,7 @@ _COMMON: dict[str, Field] = {
     "guided_grammar": elsewhere("structured output"),
     "guided_choice": elsewhere("structured output"),
     "min_p": extension(),
+    "thinking_token_budget": elsewhere("the reasoning budget (frontend/reasoning.py)"),
     "repetition_penalty": extension(),
     "include_stop_str_in_output": extension(),
     "skip_special_tokens": refused("skip_special_tokens=false is not supported", True),

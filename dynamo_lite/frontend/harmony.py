@@ -5,13 +5,15 @@ The conversation becomes harmony messages the way gpt-oss's own chat template la
 - a system message: model identity, knowledge cutoff, the current date and the reasoning effort;
 - a developer message: the request's system and developer texts as ``# Instructions`` and its function
   ``tools`` as the ``functions`` namespace (only when there is either);
-- user turns; assistant turns as an ``analysis`` message (earlier reasoning), a ``final`` message (content) and
+- user turns; assistant turns as an ``analysis`` message (reasoning, kept only for the current tool-calling
+  turn: ``current_turn_start``), a ``final`` message (content; an empty one too when there are no calls) and
   ``commentary`` messages to ``functions.NAME`` (tool calls); tool results as messages from ``functions.NAME``
-  to the assistant — the name found through ``tool_call_id``.
+  to the assistant — the name found through ``tool_call_id``;
+- a function without parameters as ``() => any``, as gpt-oss was trained.
 
-``openai-harmony`` renders the result (it drops the analysis of turns that already have a final answer, as the
-model was trained). Anything it could not render faithfully is a ``HarmonyRequestError`` (a 400 naming the
-field). The encoding loads the bundled o200k_base vocabulary (``dynamo_lite.gpt_oss.vocab``), never a network.
+``openai-harmony`` renders the result. Anything it could not render faithfully is a ``HarmonyRequestError``
+(a 400 naming the field). The encoding loads the bundled o200k_base vocabulary (``dynamo_lite.gpt_oss.vocab``),
+never a network.
 """
 
 from __future__ import annotations
@@ -86,8 +88,33 @@ def _function_tools(tools: list[dict[str, Any]] | None) -> list[Any]:
             raise HarmonyRequestError(
                 "a tool's description must be a string", f"{param}.function.description"
             )
-        out.append(ToolDescription.new(name, description, parameters=schema or None))
+        # No parameters at all renders as gpt-oss was trained on it, ``() => any``.
+        out.append(ToolDescription.new(name, description, parameters=schema if _has_params(schema) else None))
     return out
+
+
+def _has_params(schema: dict[str, Any] | None) -> bool:
+    """Whether an object schema declares any parameter (``{"type": "object", "properties": {}}`` does not)."""
+    if not schema:
+        return False
+    return any(
+        schema.get(k) for k in ("properties", "additionalProperties", "patternProperties", "anyOf", "oneOf")
+    )
+
+
+def current_turn_start(messages: list[dict[str, Any]]) -> int:
+    """Index of the first message whose assistant reasoning the prompt keeps.
+
+    gpt-oss drops the chain of thought of every turn that ended in a final answer and keeps only the current
+    tool-calling turn's (OpenAI's gpt-oss guidance; its chat template): the turn after the last user message,
+    unless an assistant answer (content, no tool calls) already ended it.
+    """
+    start = 0
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role == "user" or (role == "assistant" and not m.get("tool_calls") and m.get("content")):
+            start = i + 1
+    return start
 
 
 def _reasoning_effort(effort: str | None) -> Any:
@@ -142,6 +169,7 @@ def build_conversation(
         out.append(Message.from_role_and_content(Role.DEVELOPER, developer))
 
     call_names: dict[str, str] = {}  # tool_call_id -> function name, from earlier assistant turns
+    keep_reasoning_from = current_turn_start(messages)
     for i, m in enumerate(messages):
         role = m.get("role")
         param = f"messages[{i}]"
@@ -151,12 +179,12 @@ def build_conversation(
             out.append(Message.from_role_and_content(Role.USER, _text(m.get("content"), f"{param}.content")))
         elif role == "assistant":
             reasoning = m.get("reasoning_content") or m.get("reasoning")
-            if reasoning:
+            if reasoning and i >= keep_reasoning_from:
                 text = _text(reasoning, f"{param}.reasoning_content")
                 out.append(Message.from_role_and_content(Role.ASSISTANT, text).with_channel("analysis"))
             content = _text(m.get("content"), f"{param}.content")
             calls = m.get("tool_calls") or []
-            if content:
+            if content or not calls:  # an empty answer is still the assistant's turn
                 # Text next to tool calls is a preamble on the commentary channel; alone it is the answer.
                 channel = "commentary" if calls else "final"
                 out.append(Message.from_role_and_content(Role.ASSISTANT, content).with_channel(channel))

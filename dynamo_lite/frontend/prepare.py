@@ -1,8 +1,9 @@
 """A parsed OpenAI request → validated, rendered and tokenized: a ``PreparedRequest`` for the backend.
 
 The prompt is rendered from the model card (chat template or harmony, ``preprocess.py``) and tokenized; the
-sampling options, stop strings, ``n``, logprobs, structured output and the context length are checked here,
-each failure a 400 naming its field.
+sampling options, stop strings, ``n``, logprobs, structured output (for reasoning models: the answer only,
+with the reasoning budget, ``reasoning.py``), strict tools (``strict_tools.py``) and the context length are
+checked here, each failure a 400 naming its field.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from dynamo_lite.frontend import reasoning, strict_tools
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.errors import OpenAIError, bad_request
 from dynamo_lite.frontend.extra_fields import requested
@@ -21,6 +23,7 @@ from dynamo_lite.frontend.openai_protocol import (
     CompletionRequest,
     ResponsesRequest,
 )
+from dynamo_lite.frontend.parsers.harmony import declared_functions
 from dynamo_lite.frontend.prepared import CHAT, COMPLETIONS, RESPONSES, PreparedRequest
 from dynamo_lite.frontend.preprocess import ModelPreprocessor, PreprocessorCache
 from dynamo_lite.frontend.responses import ResponsesApi, ResponseStore, chat_tools, input_messages
@@ -106,10 +109,11 @@ class RequestPreparer:
         guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
+        tools = tools_for_prompt(req.tools, req.tool_choice)
         ids = await pre.chat_prompt_ids(
             [message_dict(m) for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
-            tools=tools_for_prompt(req.tools, req.tool_choice),
+            tools=tools,
             reasoning_effort=req.effort(),
             extra=req.template_kwargs(),
         )
@@ -119,6 +123,8 @@ class RequestPreparer:
             CHAT, f"chatcmpl-{request_id}", request_id, req, card, pre, ids, max_tokens, logprobs
         )
         prepared = _with_guided(prepared, guided)
+        prepared.functions = declared_functions(tools)
+        strict_tools.apply(prepared.request.sampling, pre, tools)
         prepared.received = received
         return prepared
 
@@ -138,9 +144,10 @@ class RequestPreparer:
         guided = await _guided(req)
         card = self.find_card(req.model)
         pre = await self._models.get(card)
+        tools = chat_tools(tools_for_prompt(req.tools, req.tool_choice))
         ids = await pre.chat_prompt_ids(
             messages,
-            tools=chat_tools(tools_for_prompt(req.tools, req.tool_choice)),
+            tools=tools,
             reasoning_effort=req.reasoning.effort if req.reasoning else None,
         )
         api = ResponsesApi(req, conversation, self._responses if req.store is not False else None)
@@ -148,6 +155,8 @@ class RequestPreparer:
             RESPONSES, api.response_id, request_id, req, card, pre, ids, req.max_output_tokens
         )
         prepared.responses = api
+        prepared.functions = declared_functions(tools)
+        strict_tools.apply(prepared.request.sampling, pre, tools)
         _with_guided(prepared, guided)
         prepared.created = api.created_at
         prepared.received = received
@@ -270,6 +279,7 @@ class RequestPreparer:
             else frozenset(),
             n=n,
             include_stop=bool(req.include_stop_str_in_output),
+            budget=reasoning.requested_budget(req),
         )
 
 
@@ -284,13 +294,9 @@ async def _guided(
 
 
 def _with_guided(p: PreparedRequest, guided: tuple[GuidedSpec, str] | None) -> PreparedRequest:
-    if guided is not None:
-        spec, param = guided
-        if p.pre.has_reasoning:  # the grammar would constrain the reasoning (harmony channels) too
-            raise bad_request(
-                f"{param}: structured output is not supported for reasoning models", param=param
-            )
-        p.request.sampling.guided = spec
+    """Structured output and the reasoning budget (``dynamo_lite.frontend.reasoning``): for a reasoning model
+    the grammar constrains only the answer, which the engine finds through the request's ``ReasoningSpec``."""
+    reasoning.apply(p.request.sampling, p.pre, p.budget, guided)
     return p
 
 

@@ -61,6 +61,8 @@ class PreparedRequest:
     n: int = 1  # choices: n backend requests (``dynamo_lite.frontend.choices``)
     include_stop: bool = False  # include_stop_str_in_output: a matched stop string stays in the text
     echo: str | None = None  # completions' ``echo``: the prompt's text, before the completion's
+    functions: frozenset[str] = frozenset()  # the function tools the prompt declared (the only tool calls)
+    budget: tuple[int, str] | None = None  # the reasoning budget asked for, and its field
 
     @property
     def model(self) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from dynamo_lite.frontend.errors import OpenAIError, bad_request
 from dynamo_lite.frontend.fast_bpe import FastBpeEncoder
 from dynamo_lite.frontend.harmony import HarmonyRequestError, render_prompt
 from dynamo_lite.frontend.harmony import stop_token_ids as harmony_stop_ids
-from dynamo_lite.frontend.parsers import OutputParser, is_harmony, parser_factory
+from dynamo_lite.frontend.parsers import ParserFactory, is_harmony, parser_factory
 from dynamo_lite.protocol import ModelCard
 from dynamo_lite.runtime.card_files import CardFileCache
 
@@ -35,7 +34,7 @@ class ModelPreprocessor:
         self._fast = FastBpeEncoder.try_build(tokenizer_path, self.tokenizer)
         self._thread_chars = tokenize_in_thread_chars
         self.harmony = is_harmony(card.reasoning_parser, card.tool_call_parser)
-        self.new_parser: Callable[[], OutputParser] = parser_factory(
+        self.new_parser: ParserFactory = parser_factory(
             card.reasoning_parser, card.tool_call_parser, self.tokenizer, self.detokenizer
         )
         self.has_reasoning = bool(card.reasoning_parser) or self.harmony

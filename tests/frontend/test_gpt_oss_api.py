@@ -438,3 +438,94 @@ async def test_tokenize_a_chat_goes_through_harmony(
         assert r.json()["tokens"] == sent
         back = await http.post("/detokenize", json={"model": GPT, "tokens": sent})
     assert back.json()["prompt"].startswith("<|start|>system<|message|>")
+
+
+# -- the reasoning budget and structured output for a reasoning model (frontend/reasoning.py) -------------------
+
+
+@pytest.mark.parametrize(
+    "endpoint,extra",
+    [
+        ("chat", {"thinking_token_budget": 7}),
+        ("chat", {"nvext": {"max_thinking_tokens": 7}}),
+        ("responses", {"reasoning": {"effort": "low", "max_tokens": 7}}),
+        ("responses", {"thinking_token_budget": 7}),
+    ],
+)
+async def test_reasoning_budget_reaches_the_engine(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer, endpoint: str, extra: dict
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    if endpoint == "chat":
+        await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, extra_body=extra)
+    else:
+        await gpt_client.responses.create(model=GPT, input="hi", extra_body=extra)
+    spec = gpt_backend.requests[0].sampling.reasoning
+    assert spec is not None and spec.budget == 7
+    enc = encoding()
+    assert enc.decode_utf8(spec.forced_ids) == "<|end|><|start|>assistant<|channel|>final<|message|>"
+    assert enc.decode_utf8(spec.answer_ids) == "<|channel|>final<|message|>"
+
+
+@pytest.mark.parametrize(
+    "model,extra,param",
+    [
+        (GPT, {"thinking_token_budget": -1}, "thinking_token_budget"),
+        (GPT, {"thinking_token_budget": "9"}, "thinking_token_budget"),
+        (
+            GPT,
+            {"thinking_token_budget": 5, "nvext": {"max_thinking_tokens": 5}},
+            "nvext.max_thinking_tokens",
+        ),
+        ("smollm2", {"thinking_token_budget": 5}, "thinking_token_budget"),  # no reasoning to budget
+    ],
+)
+async def test_bad_reasoning_budget_is_400_naming_the_field(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, model: str, extra: dict, param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        await gpt_client.chat.completions.create(model=model, messages=SEED_MESSAGES, extra_body=extra)
+    assert err.value.body["param"] == param
+    assert not gpt_backend.requests
+
+
+async def test_structured_output_for_gpt_oss_constrains_the_answer_only(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer
+) -> None:
+    play(gpt_backend, gpt_tok, answer("Think.", '{"a": 1}'))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    r = await gpt_client.chat.completions.create(
+        model=GPT,
+        messages=SEED_MESSAGES,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert json.loads(r.choices[0].message.content) == {"a": 1}
+    assert r.choices[0].message.model_extra["reasoning_content"] == "Think."
+    sampling = gpt_backend.requests[0].sampling
+    assert sampling.guided is not None and json.loads(sampling.guided.value) == schema
+    # no budget: the spec only says where the answer (and so the grammar) starts
+    assert sampling.reasoning is not None and sampling.reasoning.budget == -1
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+async def test_strict_tools_send_their_argument_grammar(
+    gpt_client: openai.AsyncOpenAI, gpt_backend: FakeBackend, gpt_tok: Tokenizer, endpoint: str
+) -> None:
+    play(gpt_backend, gpt_tok, answer("a", "b"))
+    strict = {**WEATHER_TOOL["function"], "strict": True}
+    time_tool = {"name": "get_time", "parameters": {"type": "object", "properties": {}}}  # not strict
+    if endpoint == "chat":
+        tools = [{"type": "function", "function": f} for f in (strict, time_tool)]
+        await gpt_client.chat.completions.create(model=GPT, messages=SEED_MESSAGES, tools=tools)
+    else:
+        tools = [{"type": "function", **f} for f in (strict, time_tool)]
+        await gpt_client.responses.create(model=GPT, input="hi", tools=tools)
+    [grammar] = gpt_backend.requests[0].sampling.tool_grammars
+    assert json.loads(grammar.schema) == WEATHER_TOOL["function"]["parameters"]
+    assert grammar.open_id == vocab.MESSAGE
+    headers = [encoding().decode_utf8(t) for t in grammar.triggers]
+    assert headers == [
+        " to=functions.get_weather<|channel|>",
+        " to=functions.get_weather ",
+        " to=functions.get_weather json",
+    ]

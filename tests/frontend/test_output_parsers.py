@@ -36,7 +36,10 @@ def gpt_oss_tokenizer(gpt_oss_folder: Path) -> Tokenizer:
 
 
 def harmony_parser(tok: Tokenizer):  # noqa: ANN201
-    return parser_factory("gpt_oss", "harmony", tok, lambda: make_detokenizer(tok))()
+    """The request declared ``get_weather``."""
+    return parser_factory("gpt_oss", "harmony", tok, lambda: make_detokenizer(tok))(
+        frozenset({"get_weather"})
+    )
 
 
 def run(parser, ids: list[int], chunk: int, max_tokens: int = 10_000, finish: str = "stop"):  # noqa: ANN001, ANN201
@@ -176,9 +179,19 @@ def test_hermes_tool_calls(piece: int) -> None:
 def test_tagged_text_counts_reasoning_tokens_and_finds_calls(card, tokenizer: Tokenizer) -> None:  # noqa: ANN001
     raw = '<think>plan it</think>Sure.<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'
     ids = tokenizer.encode(raw, add_special_tokens=False).ids
-    parser = parser_factory("qwen3", "hermes", tokenizer, lambda: make_detokenizer(tokenizer))()
+    parser = parser_factory("qwen3", "hermes", tokenizer, lambda: make_detokenizer(tokenizer))(
+        frozenset({"f"})
+    )
     transcript, finish, out = run(parser, ids, 2)
     assert transcript.text("reasoning") == "plan it" and transcript.text("content") == "Sure."
     assert [c.name for c in transcript.tool_calls] == ["f"] and finish == "tool_calls"
     think_ids = tokenizer.encode("<think>plan it</think>", add_special_tokens=False).ids
     assert abs(out.reasoning_tokens - len(think_ids)) <= 1
+
+
+def test_hermes_call_to_an_undeclared_function_stays_text() -> None:
+    undeclared = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    raw = undeclared + '<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    parser = HermesToolCalls(frozenset({"f"}))
+    answer, calls = parser.feed(raw)
+    assert answer == undeclared and [c.name for c in calls] == ["f"]

@@ -28,6 +28,7 @@ from dynamo_lite.protocol import (
     KvEventKind,
     ModelCard,
     Role,
+    SamplingOptions,
     StreamError,
     WireError,
     WireVersionError,
@@ -77,9 +78,15 @@ def test_the_next_version_reads_todays_bytes_and_writes_what_today_reads(name: s
     assert decode(encode(theirs), type(sample)) == sample
 
 
+def todays_appended_defaults(kind: type, written: list[Any]) -> list[Any]:
+    """The fields of ``kind`` after the ``written`` ones, at their defaults, as a next version writes them (every
+    field before its own, ``APPENDED`` or not)."""
+    return fields(msgspec.msgpack.encode(kind()))[len(written) :]
+
+
 def test_a_nested_next_version_field_is_ignored() -> None:
     request = fields(golden("generate_request_decode"))
-    request[3] = [*request[3], "sampling v2"]  # SamplingOptions
+    request[3] = [*request[3], *todays_appended_defaults(SamplingOptions, request[3]), "sampling v2"]
     request[5] = [*request[5], "kv v2"]  # KvDescriptor
     assert decode(raw(request), GenerateRequest) == SAMPLES["generate_request_decode"]
 
@@ -176,3 +183,87 @@ def test_todays_sampling_defaults_still_fill_in_a_shorter_message() -> None:
     """An older writer's message (fewer trailing fields) reads with this version's defaults."""
     shorter = decode(raw(fields(golden("instance_info_prefill"))[:6]), InstanceInfo)
     assert (shorter.host, shorter.max_inflight, shorter.version) == ("", 0, WIRE_VERSION)
+
+
+# SamplingOptions' fields appended after the golden fixtures (``reasoning``, ``tool_grammars``): trailing, optional,
+# written only when set; the version before them reads a request that sets them, ignoring them.
+
+_APPENDED = SamplingOptions.APPENDED
+
+
+def test_sampling_options_appended_fields_are_trailing_with_defaults() -> None:
+    assert _APPENDED == ("reasoning", "tool_grammars")
+    assert SamplingOptions.__struct_fields__[-len(_APPENDED) :] == _APPENDED
+    defaults = SamplingOptions()
+    assert defaults.reasoning is None and defaults.tool_grammars == []
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if isinstance(SAMPLES[n], GenerateRequest)])
+def test_the_previous_versions_requests_decode_with_the_appended_fields_unset(name: str) -> None:
+    """Bytes of the version before them (the golden requests but the one that sets them, and that one cut to
+    the previous layout) read with their defaults."""
+    request = fields(golden(name))
+    previous = len(SamplingOptions.__struct_fields__) - len(_APPENDED)
+    assert len(request[3]) >= previous
+    request[3] = request[3][:previous]
+    decoded = decode(raw(request), GenerateRequest)
+    assert decoded.sampling.reasoning is None and decoded.sampling.tool_grammars == []
+    sample = SAMPLES[name]
+    assert all(
+        getattr(decoded.sampling, f) == getattr(sample.sampling, f)
+        for f in SamplingOptions.__struct_fields__
+        if f not in _APPENDED
+    )
+
+
+def test_a_request_that_sets_none_of_them_is_written_as_the_previous_version_wrote_it() -> None:
+    previous = len(SamplingOptions.__struct_fields__) - len(_APPENDED)
+    for name in ("generate_request_min", "generate_request_decode", "generate_request_guided_schema"):
+        assert len(fields(encode(SAMPLES[name]))[3]) == previous
+        assert encode(SAMPLES[name]) == golden(name)
+
+
+def test_a_request_writes_the_appended_fields_it_sets_and_those_before_them() -> None:
+    sample = SAMPLES["generate_request_reasoning"]
+    assert len(fields(golden("generate_request_reasoning"))[3]) == len(SamplingOptions.__struct_fields__)
+    only_reasoning = msgspec.structs.replace(
+        sample, sampling=msgspec.structs.replace(sample.sampling, tool_grammars=[])
+    )
+    written = fields(encode(only_reasoning))[3]
+    assert len(written) == len(SamplingOptions.__struct_fields__) - 1
+    assert decode(encode(only_reasoning), GenerateRequest) == only_reasoning
+    only_tools = msgspec.structs.replace(
+        sample, sampling=msgspec.structs.replace(sample.sampling, reasoning=None)
+    )
+    written = fields(encode(only_tools))[3]
+    assert len(written) == len(SamplingOptions.__struct_fields__) and written[-2] is None
+    assert decode(encode(only_tools), GenerateRequest) == only_tools
+
+
+def _previous_layout(kind: type, drop: tuple[str, ...], **nested: type) -> type:
+    """``kind`` as the version before ``drop`` declares it (``nested``: fields of an earlier layout's type)."""
+    specs = []
+    for f in msgspec.structs.fields(kind):
+        if f.name in drop:
+            continue
+        default = (
+            f.default
+            if f.default is not msgspec.NODEFAULT
+            else msgspec.field(default_factory=f.default_factory)
+        )
+        typ = nested.get(f.name, f.type)
+        specs.append((f.name, typ) if f.required else (f.name, typ, default))
+    return msgspec.defstruct(f"Previous{kind.__name__}", specs, array_like=True)
+
+
+def test_the_previous_version_reads_a_request_that_sets_them() -> None:
+    previous_sampling = _previous_layout(SamplingOptions, _APPENDED)
+    previous_request = _previous_layout(GenerateRequest, (), sampling=previous_sampling)
+    sample = SAMPLES["generate_request_reasoning"]
+    theirs = msgspec.msgpack.decode(golden("generate_request_reasoning"), type=previous_request)
+    assert theirs.request_id == sample.request_id and theirs.version == WIRE_VERSION
+    assert all(
+        getattr(theirs.sampling, f) == getattr(sample.sampling, f)
+        for f in SamplingOptions.__struct_fields__
+        if f not in _APPENDED
+    )

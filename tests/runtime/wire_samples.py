@@ -30,9 +30,11 @@ from dynamo_lite.protocol import (
     LoadReport,
     ModelCard,
     Phase,
+    ReasoningSpec,
     Role,
     SamplingOptions,
     TokenLogprobs,
+    ToolArgsGrammar,
     WorkerTiming,
     encode,
 )
@@ -97,6 +99,29 @@ SAMPLES: dict[str, msgspec.Struct] = {
         "m",
         [1],
         SamplingOptions(guided=GuidedSpec(GuidedKind.JSON_SCHEMA, '{"type": "object"}')),
+    ),
+    # SamplingOptions' fields appended after wire version 1's first fixtures (``APPENDED``), set
+    "generate_request_reasoning": GenerateRequest(
+        "req-5",
+        "gpt-oss",
+        [200006, 17360],
+        SamplingOptions(
+            max_tokens=256,
+            guided=GuidedSpec(GuidedKind.JSON_SCHEMA, '{"type": "object"}'),
+            reasoning=ReasoningSpec(
+                budget=64,
+                answer_ids=[200005, 17196, 200008],
+                forced_ids=[200007, 200006, 173781, 200005, 17196, 200008],
+                start_ids=[200005, 35644, 200008],
+                end_ids=[[200005, 12606, 815]],
+                open_ids=[200005, 35644, 200008],
+            ),
+            tool_grammars=[
+                ToolArgsGrammar(
+                    [[316, 28, 44580, 775, 170154], [316, 28, 44580, 775, 170154, 220]], 200008, "{}"
+                )
+            ],
+        ),
     ),
     "generate_chunk_tokens": GenerateChunk([10, 11, 12]),
     "generate_chunk_finished": GenerateChunk([13], FinishReason.LENGTH),

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
+from dynamo_lite.engines.reasoning import answer_so_far
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
@@ -49,6 +50,7 @@ from dynamo_lite.engines.reference.scheduler import (
     suppressed_ids,
 )
 from dynamo_lite.engines.reference.startup import EngineSetup, resolve_quantization
+from dynamo_lite.engines.tool_args import ToolArgsWatcher
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
 from dynamo_lite.model_files import ModelFiles
@@ -57,6 +59,8 @@ from dynamo_lite.protocol import (
     FinishReason,
     GenerateChunk,
     GenerateRequest,
+    GuidedKind,
+    GuidedSpec,
     KvDescriptor,
     Phase,
     Role,
@@ -190,8 +194,13 @@ class TorchEngine:
             stream=stream,
             num_generated=len(generated),
         )
+        answer = generated
+        if opts.reasoning is not None:
+            seq.gate, answer = answer_so_far(opts.reasoning, request.token_ids, generated)
         if opts.guided is not None:
-            seq.grammar = await self._grammar_state(request)
+            seq.grammar = await self._grammar_state(request, answer)
+        if opts.tool_grammars:
+            await self._watch_tools(seq, generated)
         submitted = False
         try:
             if request.phase is Phase.DECODE and request.kv is not None:
@@ -257,17 +266,45 @@ class TorchEngine:
         except SamplingError as e:
             raise EngineError(str(e), status=400, code="invalid_request") from e
 
-    async def _grammar_state(self, request: GenerateRequest) -> Any:
-        """The request's grammar matcher, past the tokens it already has (compiled off the event loop)."""
+    async def _grammar_state(self, request: GenerateRequest, answer: list[int]) -> Any:
+        """The request's grammar matcher, past the answer tokens it already has (compiled off the event loop)."""
         opts = request.sampling
         assert opts.guided is not None
         stop_ids = [] if opts.ignore_eos else sorted({*opts.stop_token_ids, *self.eos_ids})
         try:
-            return await asyncio.to_thread(
-                self._grammars.state, opts.guided, stop_ids, list(request.generated_ids)
-            )
+            return await asyncio.to_thread(self._grammars.state, opts.guided, stop_ids, answer)
         except GrammarError as e:
             raise EngineError(str(e), status=400, code="invalid_request") from e
+
+    async def _watch_tools(self, seq: Sequence, generated: list[int]) -> None:
+        """Strict tools: compile their schemas (off the event loop; 400 when one does not compile) and follow
+        the tokens already generated."""
+        specs = [GuidedSpec(GuidedKind.JSON_SCHEMA, g.schema) for g in seq.sampling.tool_grammars]
+        try:
+            for spec in specs:
+                await asyncio.to_thread(self._grammars.compile, spec)
+        except GrammarError as e:
+            raise EngineError(f"a strict tool's parameters: {e}", status=400, code="invalid_request") from e
+        seq.tools = ToolArgsWatcher(seq.sampling.tool_grammars)
+        for token in generated:
+            self._follow_tools(seq, token)
+
+    def _follow_tools(self, seq: Sequence, token: int) -> bool:
+        """Advance ``seq``'s strict-tool state past ``token``; False when the token breaks the arguments' grammar."""
+        if seq.tool_args is not None:
+            if not seq.tool_args.accept(token):
+                return False
+            if seq.tool_args.terminated:
+                seq.tool_args = None
+            return True
+        opened = seq.tools.advance(token)
+        if opened is not None:
+            opts = seq.sampling
+            stop_ids = sorted({*opts.stop_token_ids, *self.eos_ids})
+            seq.tool_args = self._grammars.state(
+                GuidedSpec(GuidedKind.JSON_SCHEMA, opened.schema), stop_ids, []
+            )
+        return True
 
     async def _pull(self, request: GenerateRequest, seq: Sequence) -> tuple[Any, int]:
         """Pull the prefill's KV; ``(None, 0)`` means recompute (policy ``recompute``); else EngineError."""
@@ -331,6 +368,10 @@ class TorchEngine:
             finally:  # what was built, also when a later part failed (``stop`` frees the pool)
                 self._model, self._cache, self._graphs = setup.model, setup.cache, setup.graphs
                 self._pool, self._scheduler = setup.pool, setup.scheduler
+            if isinstance(self._model, GptOssModel):
+                # Its 201k-token vocabulary takes xgrammar seconds to index, holding the GIL: done here, before
+                # serving, it can't silence the worker's heartbeats in the middle of a request.
+                self._grammars.warm()
         except BaseException as e:
             log.exception("torch engine failed to start")
             ready.set_exception(e)
@@ -454,13 +495,21 @@ class TorchEngine:
             samplers = [s.sampler for s in plan.sample]
             raw = raw_logprobs(logits, plan.sample)  # of the model's distribution, before anything changes it
             apply_penalties(logits, plan.sample)
-            mask_rows(logits, [s.grammar for s in plan.sample])
+            # Reasoning past its budget: the tokens that open the answer are written, not sampled (never inside a
+            # strict tool's arguments); a grammar applies once the answer has opened.
+            forced = [
+                s.gate.forced if s.gate is not None and s.tool_args is None else None for s in plan.sample
+            ]
+            mask_rows(logits, [_row_grammar(s) for s in plan.sample])
             # A grammar decides when its output may end: min_tokens can't hold its stop ids back (that could
             # leave a row with no token at all).
             suppress = [
-                None if s.grammar is not None else suppressed_ids(s, self.eos_ids) for s in plan.sample
+                None if s.grammar is not None or s.tool_args is not None else suppressed_ids(s, self.eos_ids)
+                for s in plan.sample
             ]
             tokens = sample_batch(logits, samplers, suppress)
+            if any(f is not None for f in forced):
+                tokens = [t if f is None else f for t, f in zip(tokens, forced, strict=True)]
             logprobs = pick_logprobs(raw, plan.sample, tokens)
         except Exception as e:
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
@@ -478,10 +527,14 @@ class TorchEngine:
 
     def _on_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None = None) -> None:
         assert self._scheduler is not None
-        if seq.grammar is not None and not seq.grammar.accept(token):  # masked out: never, unless a bug
+        guided = seq.grammar is not None and seq.tool_args is None and _grammar_applies(seq)
+        followed = seq.tools is None or self._follow_tools(seq, token)
+        if not followed or (guided and not seq.grammar.accept(token)):  # masked out: never, unless a bug
             self._scheduler.remove(seq)
             seq.stream.fail(EngineError(f"sampled token {token} outside the request's grammar", status=500))
             return
+        if seq.gate is not None:
+            seq.gate.advance(token)
         if seq.prompt_scores is not None:  # the prompt's logprobs go out with its first token
             seq.stream.set_prompt_logprobs(seq.prompt_scores)
             seq.prompt_scores = None
@@ -489,7 +542,7 @@ class TorchEngine:
         seq.num_generated += 1
         self._stats.total_tokens += 1
         reason = stop_reason(seq, token, self.eos_ids, self.max_seq_len)
-        if reason is None and seq.grammar is not None and seq.grammar.terminated:
+        if reason is None and guided and seq.grammar.terminated:
             reason = FinishReason.STOP
         if seq.phase is Phase.PREFILL:
             desc = self._export(seq) if reason is None else None  # reads the slot: before it is freed
@@ -538,3 +591,15 @@ class TorchEngine:
             return None
         self._count_transfer(layout.nbytes, time.perf_counter() - started)
         return desc
+
+
+def _row_grammar(seq: Sequence) -> Any:
+    """The grammar that masks ``seq``'s next token: a strict tool's arguments, else the answer's (if it applies)."""
+    if seq.tool_args is not None:
+        return seq.tool_args
+    return seq.grammar if _grammar_applies(seq) else None
+
+
+def _grammar_applies(seq: Sequence) -> bool:
+    """Whether ``seq``'s next token is constrained by its grammar: for a reasoning model only in the answer."""
+    return seq.gate is None or seq.gate.in_answer

@@ -93,6 +93,14 @@ class GrammarCompiler:
             self._compiler = xgr.GrammarCompiler(self._info, max_threads=1, cache_enabled=False)
         return self._compiler
 
+    def warm(self) -> None:
+        """Build the tokenizer's vocabulary view now (xgrammar missing: nothing to do)."""
+        try:
+            with self._lock:
+                self._xgr_compiler()
+        except ImportError:
+            pass
+
     def compile(self, spec: GuidedSpec) -> Any:
         """The compiled grammar of ``spec`` (cached); ``GrammarError`` when it does not compile."""
         key = (int(spec.kind), spec.value, tuple(spec.choices))

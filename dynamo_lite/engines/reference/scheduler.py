@@ -51,6 +51,9 @@ class Sequence:
     delivered: bool = False  # prefill phase: the descriptor reached the consumer
     abandoned: bool = False  # the consumer is gone (set by the event loop; the engine thread checks it)
     grammar: Any = None  # a GrammarState when the request is guided (structured output)
+    gate: Any = None  # a ReasoningGate when the request has a ReasoningSpec (budget; the answer's start)
+    tools: Any = None  # a ToolArgsWatcher when the request has strict tools
+    tool_args: Any = None  # the GrammarState of a strict tool's arguments being written
     arrival: float = field(default_factory=time.monotonic)
     prompt_scores: TokenLogprobs | None = None  # prompt logprobs so far (``SamplingOptions.prompt_logprobs``)
 

@@ -14,6 +14,12 @@ TensorRT-LLM's conventions differ from the OpenAI ones in a few places, handled 
   before the TorchSampler change read 0 as "off" (``SamplingParams`` keeps ``logprobs and int(logprobs)``),
   later ones as "the chosen token only"; asking for 1 gets the chosen token's log-probability from both, and
   ``logprobs.py`` keeps only the alternatives the request asked for;
+- reasoning models (``options.reasoning``): ``GuidedDecodingParams`` constrains the whole output from its
+  first token (json / json_object / regex / grammar), which would constrain the reasoning too, and the LLM API
+  has no per-request way to write forced tokens, so structured output for a reasoning model and a reasoning
+  budget are refused (400 naming the request field); a ``ReasoningSpec`` without either is ignored;
+- strict tools (``options.tool_grammars``) are not constrained: that too would need a grammar starting mid-output.
+  They are ignored rather than refused, as agent SDKs mark every tool ``strict`` by default;
 - ``logit_bias`` is refused (400): ``SamplingParams`` has no such field (``api_facts.yaml``); TensorRT-LLM's
   own server turns it into ``embedding_bias``, a vocabulary-sized float tensor, which this adapter does not
   build.
@@ -35,6 +41,20 @@ def sampling_kwargs(options: SamplingOptions, *, max_tokens: int) -> dict[str, A
         raise EngineError(
             "logit_bias is not supported by the trtllm engine: TensorRT-LLM's SamplingParams has no logit_bias "
             "(only embedding_bias, a vocabulary-sized tensor this adapter does not build)",
+            status=400,
+            code="invalid_request",
+        )
+    if options.reasoning is not None and options.guided is not None:
+        raise EngineError(
+            "response_format / guided_*: the trtllm engine cannot constrain only the answer of a reasoning model "
+            "(TensorRT-LLM's guided decoding starts at the first generated token, inside the reasoning)",
+            status=400,
+            code="invalid_request",
+        )
+    if options.reasoning is not None and options.reasoning.budget >= 0:
+        raise EngineError(
+            "thinking_token_budget (reasoning budget): the trtllm engine cannot force the answer open "
+            "(TensorRT-LLM's LLM API has no per-request forced tokens)",
             status=400,
             code="invalid_request",
         )

@@ -79,14 +79,15 @@ class ThinkTags:
 
 
 class HermesToolCalls:
-    """Finds ``<tool_call>{json}</tool_call>`` blocks in the answer text; a block that is not a valid call
-    stays text."""
+    """Finds ``<tool_call>{json}</tool_call>`` blocks in the answer text; a block that is not a valid call, or
+    calls a function not in ``functions`` (the request's declared ones; None: any), stays text."""
 
-    __slots__ = ("_buf", "_in_call", "count")
+    __slots__ = ("_buf", "_in_call", "_functions", "count")
 
-    def __init__(self) -> None:
+    def __init__(self, functions: frozenset[str] | None = None) -> None:
         self._buf = ""
         self._in_call = False
+        self._functions = functions
         self.count = 0
 
     def feed(self, text: str) -> tuple[str, list[ToolCallDelta]]:
@@ -126,6 +127,8 @@ class HermesToolCalls:
             return None
         if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
             return None
+        if self._functions is not None and obj["name"] not in self._functions:
+            return None  # never a call the client did not declare
         args = obj.get("arguments", obj.get("parameters", {}))
         arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
         call = ToolCallDelta(self.count, new_call_id(), obj["name"], arguments)

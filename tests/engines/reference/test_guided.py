@@ -164,3 +164,36 @@ async def test_specs_that_do_not_compile_are_refused_with_400(engines, tokenizer
     with pytest.raises(EngineError) as e:
         await collect(engines["agg"], req)
     assert e.value.status == 400
+
+
+async def test_think_model_budget_then_grammar_on_the_answer_only(engines, tokenizer) -> None:
+    """A ``<think>`` model (deepseek_r1's spec, built by the frontend over SmolLM2's tokenizer): past the budget the
+    engine writes ``\\n</think>``, then the regex constrains the answer; reasoning stays free. Aggregated and
+    across the handoff (the gate and the grammar replay the prefill's token)."""
+    from types import SimpleNamespace
+
+    from dynamo_lite.frontend.reasoning import reasoning_spec
+
+    pre = SimpleNamespace(
+        harmony=False, card=SimpleNamespace(reasoning_parser="deepseek_r1"), tokenizer=tokenizer
+    )
+    budget = 6
+    spec = reasoning_spec(pre, budget)  # type: ignore[arg-type]
+    ids = tokenizer.encode(chat("Give me a product code."), add_special_tokens=False).ids
+    kw = guided(GuidedKind.REGEX, REGEX, temperature=1.0, reasoning=spec)
+    for seed in range(3):
+        whole = tokens(
+            await collect(engines["agg"], request(ids, f"t{seed}", max_tokens=40, seed=seed, **kw))
+        )
+        split = await disaggregated(engines, ids, f"t{seed}", seed=seed, **kw)
+        n = len(spec.answer_ids)
+        for out in (whole, split):
+            end = max(
+                i for i in range(n, len(out) + 1) if out[i - n : i] == spec.answer_ids
+            )  # </think> ends here
+            thought, answer = out[:end], out[end:]
+            assert len(thought) <= budget  # the closing tokens within the budget
+            assert thought[-len(spec.forced_ids) :] == spec.forced_ids  # the engine closed the reasoning
+            assert re.fullmatch(REGEX, tokenizer.decode([t for t in answer if t != EOS])), tokenizer.decode(
+                out
+            )
