@@ -186,6 +186,21 @@ def _align_fused(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     return sorted_pairs, block_expert, num_pairs
 
 
+_fused_align_failed = False
+
+
+def _align(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The one-program grouping where it applies, else (and for good once it failed to build here) torch's."""
+    global _fused_align_failed
+    if ids.numel() <= FUSED_ALIGN_MAX_PAIRS and not _fused_align_failed:
+        try:
+            return _align_fused(ids, num_experts, block_m)
+        except Exception as e:  # a Triton without histogram/atomics support: same grouping, more launches
+            _fused_align_failed = True
+            log.warning("MXFP4 experts: one-program row grouping unavailable (%s); torch ops instead", e)
+    return align_pairs(ids, num_experts, block_m)
+
+
 def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The (token, expert) pairs grouped by expert, each expert's group padded to ``block_m`` rows.
 
@@ -457,8 +472,7 @@ def experts_mxfp4(
     num_tokens, top_k = ids.shape
     num_experts = gate_up.num_experts
     cfg = config or pick_config(num_tokens * top_k, num_experts)
-    align = _align_fused if ids.numel() <= FUSED_ALIGN_MAX_PAIRS else align_pairs
-    sorted_pairs, block_expert, num_pairs = align(ids, num_experts, cfg.block_m)
+    sorted_pairs, block_expert, num_pairs = _align(ids, num_experts, cfg.block_m)
     inter = gate_up.out_features // 2
     act = torch.empty(sorted_pairs.shape[0], inter, dtype=h.dtype, device=h.device)
     x = h.contiguous()

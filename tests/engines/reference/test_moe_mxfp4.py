@@ -96,14 +96,23 @@ for seed, shape, dtype, tol in (
         assert got.dtype == dtype and got.shape == ref.shape
         error = float((got.float() - ref).norm() / ref.norm())
         assert error < tol, (seed, cfg, error)
+gen = torch.Generator().manual_seed(3)
+for tokens, top_k, experts, block in ((1, 4, 32, 16), (7, 2, 8, 4), (64, 4, 128, 16), (300, 4, 8, 64)):
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+    torch_pairs, torch_blocks, _ = mx.align_pairs(ids, experts, block)
+    one_pairs, one_blocks, _ = mx._align_fused(ids, experts, block)  # the one-program grouping
+    assert torch.equal(torch_blocks, one_blocks)
+    for b in range(torch_blocks.shape[0]):  # the same pairs in each block (their order within it is free)
+        rows = slice(b * block, (b + 1) * block)
+        assert sorted(torch_pairs[rows].tolist()) == sorted(one_pairs[rows].tolist())
 print("kernel ok")
 """
 
 
 def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
-    """The Triton kernels themselves (grouping, in-register unpacking, SwiGLU, router weights), executed by
-    Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert that gets no
-    rows and one that gets a single row, two tile shapes."""
+    """The Triton kernels themselves (the one-program grouping, in-register unpacking, SwiGLU, router weights),
+    executed by Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert
+    that gets no rows and one that gets a single row, two tile shapes; the grouping equal to torch's."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(
