@@ -36,12 +36,15 @@ async def request_loop(url: str, until: float, results: list[tuple[float, int, i
 
 @pytest.fixture
 def stack(services: Services):
-    url, procs, _ = start_stack(services, 1)
-    yield url, procs
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.popen.wait(10)
+    procs: list = []  # each process owned here as soon as it runs (a start that fails leaves none behind)
+    try:
+        url, _ = start_stack(services, procs, 1)
+        yield url, procs
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.popen.wait(10)
 
 
 def test_nats_restart_under_load(services: Services, stack) -> None:
