@@ -1,9 +1,8 @@
 """The next interval's load from the last few observed intervals.
 
 Request rate: a least-squares line through the last ``window`` rates, read one interval ahead (``trend``), the
-last rate (``last``) or their mean (``mean``); a trend is never read below 0 nor above twice the largest rate
-seen in the window (one noisy interval must not order a fleet). ISL and OSL: the request-weighted mean over
-the last ``shape_window`` intervals (a single interval may have few completions).
+last rate (``last``) or their mean (``mean``); a falling trend is never read below 0. ISL and OSL: the
+request-weighted mean over the last ``shape_window`` intervals (a single interval may have few completions).
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ class LoadPredictor:
         elif self.method is Method.MEAN:
             rate = sum(rates) / len(rates)
         else:
-            rate = min(max(_line_ahead(rates), 0.0), 2.0 * max(rates))
+            rate = max(_line_ahead(rates), 0.0)
         recent = list(self._seen)[-self.shape_window :]
         self._isl = _weighted([(o.isl, o.request_rate * o.duration_s) for o in recent], self._isl)
         self._osl = _weighted([(o.osl, o.request_rate * o.duration_s) for o in recent], self._osl)
