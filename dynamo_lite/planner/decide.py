@@ -32,6 +32,8 @@ from dynamo_lite.planner.scrape import Observation
 
 PREFILL, DECODE = "prefill", "decode"
 ROLES = (PREFILL, DECODE)
+# What can shape a role's target (a bounded set: the metrics' ``cause`` label)
+CAUSES = ("model", "latency", "kv_usage", "min", "max", "cooldown", "hysteresis", "budget")
 
 
 @dataclass(slots=True, frozen=True)
@@ -76,6 +78,11 @@ class RoleDecision:
     needed: int  # the sizing's answer, before bounds, cool-down and budget
     target: int
     reasons: list[str] = field(default_factory=list)
+    causes: set[str] = field(default_factory=set)  # what shaped ``target``, one of CAUSES each
+
+    def because(self, cause: str, reason: str) -> None:
+        self.causes.add(cause)
+        self.reasons.append(reason)
 
     @property
     def direction(self) -> str:
@@ -158,7 +165,7 @@ class Planner:
             why = f"prefill {s * 1000:.0f} ms/request, ≤{rho:.0%} busy holds TTFT {target * 1000:.0f} ms"
         needed = math.ceil(f.request_rate * s / rho - 1e-9)
         return RoleDecision(
-            PREFILL, current, needed, needed, [f"{f.request_rate:.2f} req/s × {why} → {needed}"]
+            PREFILL, current, needed, needed, [f"{f.request_rate:.2f} req/s × {why} → {needed}"], {"model"}
         )
 
     def _size_decode(self, f: LoadForecast, current: int) -> RoleDecision:
@@ -172,7 +179,9 @@ class Planner:
             why = f"≤{c_max} sequences/worker at context {context:.0f} hold ITL {self.settings.itl_s * 1000:.0f} ms"
         decoding = f.request_rate * f.osl * self.profile.itl(c_max, context) * self.correction[DECODE]
         needed = math.ceil((decoding + math.sqrt(decoding)) / c_max - 1e-9)
-        return RoleDecision(DECODE, current, needed, needed, [f"{decoding:.1f} decoding, {why} → {needed}"])
+        return RoleDecision(
+            DECODE, current, needed, needed, [f"{decoding:.1f} decoding, {why} → {needed}"], {"model"}
+        )
 
     def _update_correction(self, obs: Observation, current: dict[str, int]) -> None:
         """observed ÷ profile latency, where the observation is free of queueing (smoothed, clamped)."""
@@ -194,16 +203,17 @@ class Planner:
         if obs.ttft_p90_s is not None and obs.ttft_p90_s > s.ttft_s and waiting > 0 and cooled[PREFILL]:
             if p.target <= p.current:
                 p.target = p.current + 1
-                p.reasons.append(
-                    f"TTFT p90 {obs.ttft_p90_s * 1000:.0f} ms > target with {waiting:.0f} waiting: +1"
+                p.because(
+                    "latency",
+                    f"TTFT p90 {obs.ttft_p90_s * 1000:.0f} ms > target with {waiting:.0f} waiting: +1",
                 )
         if cooled[DECODE] and d.target <= d.current:
             if obs.itl_p90_s is not None and obs.itl_p90_s > s.itl_s:
                 d.target = d.current + 1
-                d.reasons.append(f"ITL p90 {obs.itl_p90_s * 1000:.0f} ms > target: +1")
+                d.because("latency", f"ITL p90 {obs.itl_p90_s * 1000:.0f} ms > target: +1")
             elif obs.kv_usage_max > s.kv_usage_high:
                 d.target = d.current + 1
-                d.reasons.append(f"KV cache {obs.kv_usage_max:.0%} full: +1")
+                d.because("kv_usage", f"KV cache {obs.kv_usage_max:.0%} full: +1")
 
     # -- limits ---------------------------------------------------------------------------------------------
 
@@ -211,33 +221,34 @@ class Planner:
         low, high = self.settings.bounds(r.role)
         if r.target < low:
             r.target = low
-            r.reasons.append(f"min {low}")
+            r.because("min", f"min {low}")
         elif r.target > high:
             r.target = high
-            r.reasons.append(f"max {high}")
+            r.because("max", f"max {high}")
 
     def _damp(self, r: RoleDecision, now: float) -> None:
         """Cool-down and scale-down hysteresis."""
         s, st = self.settings, self._state[r.role]
         since = now - st.last_change_at
         if r.target > r.current and st.last_direction == "down" and since < s.cooldown_s:
-            r.reasons.append(f"cool-down: scaled down {since:.0f}s ago, holding {r.current}")
+            r.because("cooldown", f"cool-down: scaled down {since:.0f}s ago, holding {r.current}")
             r.target = r.current
         if r.target < r.current:
             if st.last_direction == "up" and since < s.cooldown_s:
-                r.reasons.append(f"cool-down: scaled up {since:.0f}s ago, holding {r.current}")
+                r.because("cooldown", f"cool-down: scaled up {since:.0f}s ago, holding {r.current}")
                 r.target = r.current
                 st.down_streak.clear()
                 return
             st.down_streak.append(r.target)
             if len(st.down_streak) < s.down_stable_intervals:
-                r.reasons.append(
-                    f"asks for {r.target} ({len(st.down_streak)}/{s.down_stable_intervals} intervals), holding"
+                r.because(
+                    "hysteresis",
+                    f"asks for {r.target} ({len(st.down_streak)}/{s.down_stable_intervals} intervals), holding",
                 )
                 r.target = r.current
             else:
                 r.target = max(st.down_streak[-s.down_stable_intervals :])
-                r.reasons.append(f"asked for fewer {s.down_stable_intervals} intervals in a row")
+                r.because("hysteresis", f"asked for fewer {s.down_stable_intervals} intervals in a row")
         else:
             st.down_streak.clear()
 
@@ -252,4 +263,4 @@ class Planner:
         p.target = min(want_p, s.max_total - d.target)  # give back what decode could not use
         for r, want in ((p, want_p), (d, want_d)):
             if r.target < want:
-                r.reasons.append(f"budget {s.max_total}: {want} → {r.target}")
+                r.because("budget", f"budget {s.max_total}: {want} → {r.target}")
