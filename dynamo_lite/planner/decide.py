@@ -10,8 +10,9 @@ Pure code: no clock, no I/O; ``Planner.decide`` takes the time and everything it
 - decode — a batch in each worker. The profile gives the most sequences ``c*`` one worker batches at the
   forecast context (ISL + OSL/2) with ITL within target. Little's law: rate · OSL · ITL(c*) sequences are
   decoding at once; add one standard deviation (√N) for arrivals' noise; workers = ⌈that / c*⌉.
-- correction — when the observed latency is known and unqueued, observed ÷ profile scales the profile
+- correction — when the observed mean latency is known and unqueued, observed ÷ profile scales the profile
   (clamped to ``correction_range``), as NVIDIA Dynamo's planner does: the profile may be off for this host.
+  Means, from the histograms' sums and counts, are exact; their p90s are only as fine as the buckets.
 - reaction — whatever the model says, a role whose latency p90 is over target with work waiting (or a decode
   pool with its KV nearly full) gets one more worker, unless it changed within the cool-down.
 
@@ -184,16 +185,16 @@ class Planner:
         )
 
     def _update_correction(self, obs: Observation, current: dict[str, int]) -> None:
-        """observed ÷ profile latency, where the observation is free of queueing (smoothed, clamped)."""
+        """observed ÷ profile mean latency, where the observation is free of queueing (smoothed, clamped)."""
         low, high = self.settings.correction_range
         unqueued = obs.frontend_queued == 0 and obs.prefill_queued == 0
-        if obs.ttft_p90_s is not None and obs.isl is not None and unqueued:
-            ratio = obs.ttft_p90_s / self.profile.prefill_seconds(obs.isl)
+        if obs.ttft_mean_s is not None and obs.isl is not None and unqueued:
+            ratio = obs.ttft_mean_s / self.profile.prefill_seconds(obs.isl)
             self.correction[PREFILL] = min(max(0.5 * self.correction[PREFILL] + 0.5 * ratio, low), high)
         workers = obs.workers.get(DECODE) or current[DECODE]
-        if obs.itl_p90_s is not None and obs.isl is not None and workers and obs.decode_queued == 0:
+        if obs.itl_mean_s is not None and obs.isl is not None and workers and obs.decode_queued == 0:
             batch = max(obs.decode_active / workers, 1.0)
-            ratio = obs.itl_p90_s / self.profile.itl(batch, obs.isl + (obs.osl or 0) / 2)
+            ratio = obs.itl_mean_s / self.profile.itl(batch, obs.isl + (obs.osl or 0) / 2)
             self.correction[DECODE] = min(max(0.5 * self.correction[DECODE] + 0.5 * ratio, low), high)
 
     def _react(self, p: RoleDecision, d: RoleDecision, obs: Observation, now: float) -> None:

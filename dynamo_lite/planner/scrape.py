@@ -26,8 +26,10 @@ class Observation:
     request_rate: float = 0.0  # requests arriving per second (completed + change in in-flight)
     isl: float | None = None  # mean input tokens of the requests completed
     osl: float | None = None  # mean output tokens of the requests completed
-    ttft_p90_s: float | None = None
+    ttft_p90_s: float | None = None  # from the histogram's buckets: as coarse as they are
     itl_p90_s: float | None = None
+    ttft_mean_s: float | None = None  # from its sum and count: exact
+    itl_mean_s: float | None = None
     frontend_queued: float = 0.0  # requests waiting in the router for a worker with room
     inflight: float = 0.0
     prefill_queued: float = 0.0  # waiting for a batch slot, over all prefill workers
@@ -120,6 +122,12 @@ def observe(
         obs.osl = delta(FRONTEND + "output_sequence_tokens_sum") / osl_n
     obs.ttft_p90_s = histogram_quantile(0.9, _delta_buckets(f, p, FRONTEND + "time_to_first_token_seconds"))
     obs.itl_p90_s = histogram_quantile(0.9, _delta_buckets(f, p, FRONTEND + "inter_token_latency_seconds"))
+    ttft_n = delta(FRONTEND + "time_to_first_token_seconds_count")
+    if ttft_n:
+        obs.ttft_mean_s = delta(FRONTEND + "time_to_first_token_seconds_sum") / ttft_n
+    itl_n = delta(FRONTEND + "inter_token_latency_seconds_count")
+    if itl_n:
+        obs.itl_mean_s = delta(FRONTEND + "inter_token_latency_seconds_sum") / itl_n
     obs.frontend_queued = f.total(FRONTEND + "queued_requests")
     for w in workers:
         role = "prefill" if _has_role(w, "prefill") else "decode"

@@ -127,7 +127,7 @@ def test_slow_ttft_with_a_queue_adds_a_prefill_worker_the_model_did_not_ask_for(
 def test_slow_ttft_without_a_queue_is_a_profile_correction_not_a_reaction() -> None:
     # 300 ms observed where the profile says 36 ms: the correction saturates at 3x, the model sizes with it
     def slow(i: int, current: dict) -> dict:
-        return {"ttft_p90_s": 0.3}
+        return {"ttft_mean_s": 0.3}
 
     run = run_series([(8, 500, 20)] * 4, observe=slow)
     assert run.decisions[-1].correction[PREFILL] == pytest.approx(3.0)

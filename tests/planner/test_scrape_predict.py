@@ -51,6 +51,7 @@ def test_an_interval_is_the_difference_of_two_scrapes() -> None:
     assert obs.isl == pytest.approx(1000) and obs.osl == pytest.approx(100)
     assert _bucket_of(0.2, _TTFT_BUCKETS)[0] < obs.ttft_p90_s <= _bucket_of(0.2, _TTFT_BUCKETS)[1]
     assert _bucket_of(0.02, _ITL_BUCKETS)[0] < obs.itl_p90_s <= _bucket_of(0.02, _ITL_BUCKETS)[1]
+    assert obs.ttft_mean_s == pytest.approx(0.2) and obs.itl_mean_s == pytest.approx(0.02)
     assert obs.frontend_queued == 3 and obs.inflight == 4
     assert obs.workers == {"prefill": 1, "decode": 2}
     assert obs.prefill_queued == 2 and obs.decode_active == 12 and obs.decode_queued == 1
