@@ -89,7 +89,10 @@ class PlannerLoop:
         while not stop.wait(max(next_at - self.clock(), 0.0)):
             if self.clock() >= deadline:
                 break
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 — a failed scale or scrape costs one interval, not the planner
+                log.exception("planner interval failed")
             next_at += interval
 
     def _log(self, decision: Decision, obs: Observation) -> None:
