@@ -17,9 +17,11 @@ import asyncio
 import json
 import re
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.load_trace import day_trace, replay
@@ -59,7 +61,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
     runtime = stack.start_services()
     common = ["--engine", "mocker", "--served-model-name", MODEL, "--lease-ttl", "2", "--drain-timeout", "30"]
     common += ["--max-batch-size", str(args.max_batch_size), *runtime]
-    conn = LocalConnector({PREFILL: common, DECODE: common}, Path(stack.tmp) / "workers", kill_after_s=40)
+    workdir = Path(args.log_dir) / name  # kept: worker logs and the planner's decisions
+    conn = LocalConnector({PREFILL: common, DECODE: common}, workdir / "workers", kill_after_s=40)
     settings = PlannerSettings(
         ttft_s=args.ttft_ms / 1000,
         itl_s=args.itl_ms / 1000,
@@ -78,7 +81,7 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         start = (int(m.group(1)), int(m.group(2)))
     port = free_port()
     loop_thread, stop = None, threading.Event()
-    decisions = Path(stack.tmp) / "decisions.jsonl"
+    decisions = workdir / "decisions.jsonl"
     try:
         conn.scale(PREFILL, start[0])
         conn.scale(DECODE, start[1])
@@ -142,6 +145,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         "trace_s": round(result.duration_s, 1),
         "workers_started": len(conn.workers),
         "timeline": timeline,
+        "failures": [asdict(r) for r in result.results if not r.complete],
+        "logs": str(workdir),
     }
 
 
@@ -166,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--predictor", default="trend")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None)
+    p.add_argument(
+        "--log-dir", default=None, help="worker logs and decisions per config (default: a temp dir)"
+    )
     args = p.parse_args(argv)
+    args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="dl-planner-compare-")
     out = {"machine": machine(), "args": vars(args), "runs": []}
     print(f"machine: {out['machine']['cpu']}, {out['machine']['cores']} cores", flush=True)
     print(f"cpu flags: {out['machine']['flags']}", flush=True)
@@ -174,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         run = run_config(name, args)
         out["runs"].append(run)
-        show = {k: v for k, v in run.items() if k != "timeline"}
+        show = {k: v for k, v in run.items() if k not in ("timeline", "failures")}
         print(json.dumps(show), f"({time.monotonic() - started:.0f}s)", flush=True)
         if run["timeline"]:
             print("timeline (t, prefill, decode):", run["timeline"], flush=True)
+        for failure in run["failures"]:
+            print("failed:", failure, flush=True)
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1))
     print(f"{'config':<12} {'requests':>8} {'failed':>6} {'good':>5} {'TTFT p90':>9} {'ITL p90':>8} "
