@@ -31,6 +31,7 @@ from dynamo_lite.protocol import (
     GenerateRequest,
     InstanceBusy,
     InstanceInfo,
+    InstanceUnavailable,
     ModelCard,
     Overloaded,
     Phase,
@@ -173,13 +174,14 @@ class Router:
         (up to ``migration_limit`` times). The client sees one uninterrupted stream.
 
         An instance in ``placed`` was reserved for this request: this takes it over (and releases it). A worker
-        at capacity (``InstanceBusy``) did nothing: the request is placed again, where there is room."""
+        at capacity (``InstanceBusy``) or one that never got the request (``InstanceUnavailable``) did nothing:
+        the request is placed again, where there is room (on another worker, for the latter)."""
         instance = placed.pop() if placed else None
         generated = list(request.generated_ids)
         kv = request.kv
         phase = Phase.DECODE if (role == DECODE or generated) else Phase.AGGREGATED
         tried: set[str] = set()
-        migrations = plane_failures = 0
+        migrations = plane_failures = unreached = 0
         rt = timing.current()
         while True:
             if instance is None:
@@ -230,6 +232,20 @@ class Router:
                     if kv is not None and not isinstance(e, RequestPlaneDown):
                         self.handoff.release(kv)
                         kv, phase = None, Phase.DECODE
+                    continue
+                if isinstance(e, InstanceUnavailable) and not started and unreached < PLANE_RETRIES:
+                    # Nothing ran there: nobody serves it (a worker that deregistered as we picked it — a
+                    # scale-down) or the request was lost on the way. Placed again on another worker, not a
+                    # migration; the KV, if any, was not pulled and is still held for us.
+                    unreached += 1
+                    tried.add(instance.instance_id)
+                    log.warning(
+                        "request %s: %s worker %s did not take it (%s); placing it again",
+                        request.request_id,
+                        role,
+                        instance.instance_id,
+                        e,
+                    )
                     continue
                 if not e.retryable or migrations >= self.settings.migration_limit:
                     raise

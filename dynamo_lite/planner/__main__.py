@@ -1,0 +1,5 @@
+import sys
+
+from dynamo_lite.planner.cli import main
+
+sys.exit(main())
