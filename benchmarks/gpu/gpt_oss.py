@@ -452,11 +452,61 @@ def profile(model: Any, cache: Any, batch: int, ctx: int, out_path: str) -> list
 # ---- tokens of the tiny model against transformers, fp32 on the GPU ----
 
 
+async def engine_token_runs(settings: Any, request: Any, prompts: list[list[int]]) -> dict:
+    """The engine's greedy tokens for ``prompts`` (``settings(mode)`` builds each engine's settings,
+    ``request(i, ids, **kw)`` each request): aggregated one at a time, all batched, and a prefill engine handing
+    its KV to a decode engine; with the engine's paths and the handoff's counters."""
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.protocol import GenerateRequest, Phase
+
+    async def collect(engine: Any, req: GenerateRequest) -> list:
+        return [c async for c in engine.generate(req)]
+
+    out: dict[str, Any] = {}
+    agg = build_engine(settings("agg"))
+    await agg.start()
+    out["engine"] = {
+        "cuda_graphs": agg._graphs is not None,
+        "triton_decode": agg._model.decode_attention is not None,
+        "moe_impl": agg._model.moe_impl,
+    }
+    try:
+        seq = [
+            [t for c in await collect(agg, request(i, p)) for t in c.token_ids] for i, p in enumerate(prompts)
+        ]
+        both = await asyncio.gather(*(collect(agg, request(i, p)) for i, p in enumerate(prompts)))
+        batched = [[t for c in chunks for t in c.token_ids] for chunks in both]
+    finally:
+        await agg.stop()
+    prefill, decode = build_engine(settings("prefill")), build_engine(settings("decode"))
+    await prefill.start()
+    await decode.start()
+    disagg = []
+    try:
+        for i, p in enumerate(prompts):
+            first = (await collect(prefill, request(i, p, phase=Phase.PREFILL)))[0]
+            rest = await collect(
+                decode, request(i, p, phase=Phase.DECODE, kv=first.kv, generated_ids=first.token_ids)
+            )
+            disagg.append([*first.token_ids, *(t for c in rest for t in c.token_ids)])
+        stats = decode.stats()
+        out["kv_transfers"], out["kv_bytes"], out["kv_recomputes"] = (
+            stats.kv_transfers,
+            stats.kv_transfer_bytes,
+            stats.kv_recomputes,
+        )
+        out["cuda_pool"] = prefill._pool is not None
+    finally:
+        await prefill.stop()
+        await decode.stop()
+    out["runs"] = {"aggregated": seq, "batched": batched, "disaggregated": disagg}
+    return out
+
+
 def tokens(args: argparse.Namespace) -> dict:
     from dynamo_lite.engines.base import EngineSettings
-    from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.gpt_oss.tiny import write_model_folder
-    from dynamo_lite.protocol import GenerateRequest, Phase, SamplingOptions
+    from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "engines" / "reference"))
     from gpt_oss_testing import NEW_TOKENS, PROMPT_LENGTHS, prompts  # the CPU tests' prompts
@@ -499,52 +549,7 @@ def tokens(args: argparse.Namespace) -> dict:
         opts = SamplingOptions(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         return GenerateRequest(request_id=f"r{i}", model="tiny", token_ids=ids, sampling=opts, **kw)
 
-    async def run() -> dict:
-        async def collect(engine: Any, req: GenerateRequest) -> list:
-            return [c async for c in engine.generate(req)]
-
-        out: dict[str, Any] = {}
-        agg = build_engine(settings("agg"))
-        await agg.start()
-        out["engine"] = {
-            "cuda_graphs": agg._graphs is not None,
-            "triton_decode": agg._model.decode_attention is not None,
-            "moe_impl": agg._model.moe_impl,
-        }
-        try:
-            seq = [
-                [t for c in await collect(agg, request(i, p)) for t in c.token_ids]
-                for i, p in enumerate(prompts())
-            ]
-            both = await asyncio.gather(*(collect(agg, request(i, p)) for i, p in enumerate(prompts())))
-            batched = [[t for c in chunks for t in c.token_ids] for chunks in both]
-        finally:
-            await agg.stop()
-        prefill, decode = build_engine(settings("prefill")), build_engine(settings("decode"))
-        await prefill.start()
-        await decode.start()
-        disagg = []
-        try:
-            for i, p in enumerate(prompts()):
-                first = (await collect(prefill, request(i, p, phase=Phase.PREFILL)))[0]
-                rest = await collect(
-                    decode, request(i, p, phase=Phase.DECODE, kv=first.kv, generated_ids=first.token_ids)
-                )
-                disagg.append([*first.token_ids, *(t for c in rest for t in c.token_ids)])
-            stats = decode.stats()
-            out["kv_transfers"], out["kv_bytes"], out["kv_recomputes"] = (
-                stats.kv_transfers,
-                stats.kv_transfer_bytes,
-                stats.kv_recomputes,
-            )
-            out["cuda_pool"] = prefill._pool is not None
-        finally:
-            await prefill.stop()
-            await decode.stop()
-        out["runs"] = {"aggregated": seq, "batched": batched, "disaggregated": disagg}
-        return out
-
-    got = asyncio.run(run())
+    got = asyncio.run(engine_token_runs(settings, request, prompts()))
     result |= {k: v for k, v in got.items() if k != "runs"}
     result["exact"] = {name: toks == expected for name, toks in got["runs"].items()}
     result["first_diff"] = {

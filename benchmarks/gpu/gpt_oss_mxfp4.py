@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from benchmarks.gpu.common import log
-from benchmarks.gpu.gpt_oss import copy_bandwidth, time_graph
+from benchmarks.gpu.gpt_oss import copy_bandwidth, engine_token_runs, time_graph
 
 LIMIT, ALPHA = 7.0, 1.702
 
@@ -210,13 +210,12 @@ def tokens(args: argparse.Namespace) -> dict:
     import transformers
 
     from dynamo_lite.engines.base import EngineSettings
-    from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, load_gpt_oss_weights
     from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
     from dynamo_lite.engines.reference.kv_cache import KvCache
     from dynamo_lite.engines.reference.model import build_step
     from dynamo_lite.gpt_oss.tiny import write_model_folder
-    from dynamo_lite.protocol import GenerateRequest, Phase, SamplingOptions
+    from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "engines" / "reference"))
     from gpt_oss_testing import NEW_TOKENS, prompts
@@ -274,44 +273,7 @@ def tokens(args: argparse.Namespace) -> dict:
         opts = SamplingOptions(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         return GenerateRequest(request_id=f"r{i}", model="tiny", token_ids=ids, sampling=opts, **kw)
 
-    async def collect(engine: Any, req: GenerateRequest) -> list:
-        return [c async for c in engine.generate(req)]
-
-    async def run() -> dict:
-        out: dict[str, Any] = {}
-        agg = build_engine(settings("agg"))
-        await agg.start()
-        out["engine"] = {"cuda_graphs": agg._graphs is not None, "moe_impl": agg._model.moe_impl}
-        try:
-            seq = [
-                [t for c in await collect(agg, request(i, p)) for t in c.token_ids]
-                for i, p in enumerate(prompts())
-            ]
-            both = await asyncio.gather(*(collect(agg, request(i, p)) for i, p in enumerate(prompts())))
-            batched = [[t for c in chunks for t in c.token_ids] for chunks in both]
-        finally:
-            await agg.stop()
-        prefill, decode = build_engine(settings("prefill")), build_engine(settings("decode"))
-        await prefill.start()
-        await decode.start()
-        disagg = []
-        try:
-            for i, p in enumerate(prompts()):
-                first = (await collect(prefill, request(i, p, phase=Phase.PREFILL)))[0]
-                rest = await collect(
-                    decode, request(i, p, phase=Phase.DECODE, kv=first.kv, generated_ids=first.token_ids)
-                )
-                disagg.append([*first.token_ids, *(t for c in rest for t in c.token_ids)])
-            stats = decode.stats()
-            out["kv_transfers"], out["kv_recomputes"] = stats.kv_transfers, stats.kv_recomputes
-            out["kv_cuda_ipc"] = bool(first.kv is not None and first.kv.cuda_ipc)
-        finally:
-            await prefill.stop()
-            await decode.stop()
-        out["runs"] = {"aggregated": seq, "batched": batched, "disaggregated": disagg}
-        return out
-
-    got = asyncio.run(run())
+    got = asyncio.run(engine_token_runs(settings, request, prompts()))
     result |= {k: v for k, v in got.items() if k != "runs"}
     result["exact"] = {name: toks == expected for name, toks in got["runs"].items()}
     log(f"tokens: {result['exact']}, bf16 logits rel error {result['bf16_logits_rel_error_max']:.2e}, "
