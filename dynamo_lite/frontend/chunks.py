@@ -132,7 +132,7 @@ class ChatStreamFormat(_StreamFormat):
         tail = _FINISH[finish_reason] if finish_reason else _NULL_FINISH
         return self._delta + orjson.dumps(obj) + tail
 
-    def tail(self, usage: dict, finish_reason: str = "stop") -> bytes:
+    def tail(self, usage: dict, finish_reason: str = "stop", stop_sequence: str | None = None) -> bytes:
         return self.usage(usage) + DONE if self._include_usage else DONE
 
     def error(self, error_body: bytes) -> bytes:
@@ -161,7 +161,7 @@ class CompletionStreamFormat(_StreamFormat):
     def delta(self, d: Delta, finish_reason: str | None) -> bytes:
         return self.chunk(d.content, finish_reason)
 
-    def tail(self, usage: dict, finish_reason: str = "stop") -> bytes:
+    def tail(self, usage: dict, finish_reason: str = "stop", stop_sequence: str | None = None) -> bytes:
         return self.usage(usage) + DONE if self._include_usage else DONE
 
     def error(self, error_body: bytes) -> bytes:

@@ -136,12 +136,13 @@ class StopMatcher:
     (('hello ', False), ('', True))
     """
 
-    __slots__ = ("_stops", "_pending", "_include")
+    __slots__ = ("_stops", "_pending", "_include", "matched")
 
     def __init__(self, stops: list[str], include_stop: bool = False) -> None:
         self._stops = [s for s in stops if s]
         self._pending = ""
         self._include = include_stop
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
@@ -155,6 +156,7 @@ class StopMatcher:
                 hit, end = i, i + len(stop)
         if hit != -1:
             self._pending = ""
+            self.matched = buf[hit:end]
             return buf[: end if self._include else hit], True
         keep = len(buf)
         for stop in self._stops:

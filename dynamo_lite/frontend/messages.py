@@ -6,10 +6,10 @@ back as Anthropic content blocks — ``thinking`` (the model's reasoning: gpt-os
 ``text``, ``tool_use`` — in one message, or as Anthropic's event stream: ``message_start``, per block
 ``content_block_start`` / ``content_block_delta`` (``thinking_delta``, ``text_delta``, ``input_json_delta``) /
 ``content_block_stop``, then ``message_delta`` (``stop_reason``, usage) and ``message_stop``. ``stop_reason``:
-``tool_use`` after tool calls, ``max_tokens`` when cut, else ``end_turn`` (a matched stop sequence is reported
-as ``end_turn`` too). Usage as Anthropic counts it: ``input_tokens`` excludes the prompt tokens read from a prefix
-cache (``cache_read_input_tokens``). Errors come in Anthropic's shape; with ``--api-key`` the key is taken from
-``x-api-key`` (or ``Authorization: Bearer``).
+``tool_use`` after tool calls, ``max_tokens`` when cut, ``stop_sequence`` (with the sequence) when one of
+``stop_sequences`` ended the answer, else ``end_turn``. Usage as Anthropic counts it: ``input_tokens``
+excludes the prompt tokens read from a prefix cache (``cache_read_input_tokens``). Errors come in Anthropic's
+shape; with ``--api-key`` the key is taken from ``x-api-key`` (or ``Authorization: Bearer``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ if TYPE_CHECKING:
 
 MESSAGES = "messages"
 _STOP_REASONS = {"tool_calls": "tool_use", "length": "max_tokens"}
+
+
+def stop_reason(finish: str, stop_sequence: str | None) -> tuple[str, str | None]:
+    """Anthropic's ``stop_reason`` and ``stop_sequence`` for an OpenAI finish reason and the stop string that
+    ended the answer, if one did."""
+    if finish == "stop" and stop_sequence:
+        return "stop_sequence", stop_sequence
+    return _STOP_REASONS.get(finish, "end_turn"), None
 
 
 def anthropic_usage(usage: dict) -> dict[str, int]:
@@ -85,7 +93,13 @@ class MessagesApi:
     prompt_tokens: int = 0  # reported by message_start (the cache's share is known only at the end)
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
 
-    def message(self, content: list[dict], stop_reason: str | None, usage: dict[str, int]) -> dict[str, Any]:
+    def message(
+        self,
+        content: list[dict],
+        stop_reason: str | None,
+        usage: dict[str, int],
+        stop_sequence: str | None = None,
+    ) -> dict[str, Any]:
         return {
             "id": self.message_id,
             "type": "message",
@@ -93,13 +107,15 @@ class MessagesApi:
             "model": self.model,
             "content": content,
             "stop_reason": stop_reason,
-            "stop_sequence": None,
+            "stop_sequence": stop_sequence,
             "usage": usage,
         }
 
-    def body(self, transcript: Transcript, finish: str, usage: dict) -> bytes:
-        stop = _STOP_REASONS.get(finish, "end_turn")
-        return orjson.dumps(self.message(content_blocks(transcript), stop, anthropic_usage(usage)))
+    def body(
+        self, transcript: Transcript, finish: str, usage: dict, stop_sequence: str | None = None
+    ) -> bytes:
+        stop, sequence = stop_reason(finish, stop_sequence)
+        return orjson.dumps(self.message(content_blocks(transcript), stop, anthropic_usage(usage), sequence))
 
     def stream_format(self) -> MessagesStreamFormat:
         return MessagesStreamFormat(self)
@@ -168,9 +184,9 @@ class MessagesStreamFormat:
         self._open, self._call = "", -1
         return self._event("content_block_stop", index=self._index)
 
-    def tail(self, usage: dict, finish_reason: str = "stop") -> bytes:
-        stop = _STOP_REASONS.get(finish_reason, "end_turn")
-        delta = {"stop_reason": stop, "stop_sequence": None}
+    def tail(self, usage: dict, finish_reason: str = "stop", stop_sequence: str | None = None) -> bytes:
+        stop, sequence = stop_reason(finish_reason, stop_sequence)
+        delta = {"stop_reason": stop, "stop_sequence": sequence}
         return (
             self._close()
             + self._event("message_delta", delta=delta, usage=anthropic_usage(usage))

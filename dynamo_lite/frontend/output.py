@@ -80,6 +80,11 @@ class OutputState:
         self.backend_finished = True
         return self._finish(Delta(), "stop")
 
+    @property
+    def stop_sequence(self) -> str | None:
+        """The stop string that ended the answer (finish reason ``stop``), if one did."""
+        return self._stops.matched if self._stops is not None else None
+
     def _finish(self, delta: Delta, finish: str | None) -> Delta:
         if finish is not None:
             delta.extend(self._parser.flush())

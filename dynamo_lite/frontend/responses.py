@@ -234,7 +234,9 @@ class ResponsesApi:
         if self.store is not None:
             self.store.put(self.response_id, [*self.conversation, assistant_message(transcript)])
 
-    def body(self, transcript: Transcript, finish: str, usage: dict) -> bytes:
+    def body(
+        self, transcript: Transcript, finish: str, usage: dict, stop_sequence: str | None = None
+    ) -> bytes:
         self.done(transcript)
         status = "incomplete" if finish == "length" else "completed"
         return orjson.dumps(self.envelope(status, output_items(transcript), usage, finish))
@@ -343,7 +345,7 @@ class ResponsesStreamFormat:
         self._open, self._text, self._call_index = None, "", -1
         return out
 
-    def tail(self, usage: dict, finish_reason: str = "stop") -> bytes:
+    def tail(self, usage: dict, finish_reason: str = "stop", stop_sequence: str | None = None) -> bytes:
         out = self._close()
         self._api.done(self._transcript)
         if finish_reason == "length":

@@ -112,7 +112,8 @@ async def _write_stream(r: Reply, source: Any, item: Any) -> None:
         obj = "chat.completion.chunk" if p.endpoint == CHAT else "text_completion"
         report = r.timing.report(p.extra_fields, choices.completion_tokens)
         body.add(nvext_chunk(p.response_id, p.created, p.model, obj, report))
-    body.add(formats[0].tail(p.usage(choices), items[0].out.finish_reason or "stop"))
+    first = items[0].out
+    body.add(formats[0].tail(p.usage(choices), first.finish_reason or "stop", first.stop_sequence))
     await ex.end(body.take())
 
 
@@ -151,7 +152,8 @@ async def _write_whole(r: Reply, source: Any, item: Any) -> None:
         item = await anext(source, None)
     usage = p.usage(choices)
     if p.responses is not None:
-        body = p.responses.body(transcripts[0], items[0].out.finish_reason or "stop", usage)
+        first = items[0].out
+        body = p.responses.body(transcripts[0], first.finish_reason or "stop", usage, first.stop_sequence)
     else:
         chat = p.endpoint == CHAT
         choice = chat_choice if chat else text_choice

@@ -210,6 +210,27 @@ async def test_smollm2_text_streamed_and_whole(
     assert backend.requests[-1].sampling.reasoning is None  # no reasoning to budget: thinking is ignored
 
 
+async def test_a_matched_stop_sequence_is_reported(
+    client: anthropic.AsyncAnthropic, backend: FakeBackend
+) -> None:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(backend.cards[1].tokenizer_path)
+    ask = {"model": MODEL, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    backend.say(tok, "Hello from SmolLM2! The end.")
+    msg = await client.messages.create(**ask, stop_sequences=["END", "SmolLM2!"])
+    assert msg.content[0].text == "Hello from "
+    assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "SmolLM2!")
+    backend.say(tok, "Hello from SmolLM2! The end.")
+    async with client.messages.stream(**ask, stop_sequences=["SmolLM2!"]) as stream:
+        text = "".join([t async for t in stream.text_stream])
+        final = await stream.get_final_message()
+    assert text == "Hello from " and (final.stop_reason, final.stop_sequence) == ("stop_sequence", "SmolLM2!")
+    backend.say(tok, "Hello from SmolLM2!")
+    msg = await client.messages.create(**ask, stop_sequences=["nowhere"])
+    assert (msg.stop_reason, msg.stop_sequence) == ("end_turn", None)
+
+
 async def test_max_tokens_stop_reason(client: anthropic.AsyncAnthropic, backend: FakeBackend) -> None:
     play(backend, ANSWER[:5])
     backend.script[-1].finish_reason = "length"
