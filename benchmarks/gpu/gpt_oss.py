@@ -1,15 +1,16 @@
-"""gpt-oss on one GPU: the decode step of the gpt-oss-20b shape against its HBM floor, where its time goes, and
-the tiny model token for token against transformers in fp32.
+"""gpt-oss on one GPU: the decode step of the gpt-oss-20b or -120b shape against its HBM floor, where its time goes,
+and the tiny model token for token against transformers in fp32.
 
-    python -m benchmarks.gpu.gpt_oss step [--json out.json]     # 20b shape, bf16, random weights made on the GPU
+    python -m benchmarks.gpu.gpt_oss step [--shape 20b|120b] [--quantization mxfp4|none] [--json out.json]
     python -m benchmarks.gpu.gpt_oss tokens [--json out.json]   # tiny gpt-oss, fp32, engine vs transformers
 
 ``step``: the engine's own model and cache (``GptOssModel``, ``KvCache``, the CUDA graphs it serves with) at the
-gpt-oss-20b shape (24 layers, 32 experts top-4, hidden 2880, 64/8 heads, window 128) with ``load_format:
-dummy``-style random bf16 weights. Every decode row sits at position ``--context`` (1000) of its own slot. Timed
-with CUDA events over graph replays (median). The floor is the bytes the step must read (every weight of the
-attention and the output head, the experts the step's rows were routed to, the KV of each row: full layers up to
-its position, sliding layers their 128-position window) over the copy bandwidth measured in the same run
+gpt-oss-20b shape (24 layers, 32 experts top-4, hidden 2880, 64/8 heads, window 128) or the 120b's (36 layers, 128
+experts) with ``load_format: dummy``-style random weights: bf16, the experts MXFP4 (the default) or bf16. Every
+decode row sits at position ``--context`` (1000) of its own slot. Timed with CUDA events over graph replays
+(median). The floor is the bytes the step must read (every weight of the attention and the output head, the experts
+the step's rows were routed to in their stored format, the KV of each row: full layers up to its position, sliding
+layers their 128-position window) over the copy bandwidth measured in the same run
 (bytes read + written by a 4 GiB device-to-device copy: ~4240 GB/s on an H200). Then the
 same layers' parts timed alone (graphs again) and a torch.profiler kernel table of eager steps.
 

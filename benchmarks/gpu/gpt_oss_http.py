@@ -1,10 +1,12 @@
-"""The seed's load on the gpt-oss-20b shape through HTTP: one aggregated worker vs a prefill and a decode worker
-(separate processes sharing one GPU, KV by CUDA IPC), measured by ``benchmarks.load`` (genai-perf definitions).
+"""The seed's load on the gpt-oss-20b or -120b shape (``--shape``) through HTTP: one aggregated worker vs a prefill
+and a decode worker (separate processes sharing one GPU, KV by CUDA IPC), measured by ``benchmarks.load``
+(genai-perf definitions).
 
     python -m benchmarks.gpu.gpt_oss_http [--topologies agg disagg] [--concurrency 64 256] [--out DIR]
 
 Each topology is a real deployment on loopback: etcd, nats-server, ``python -m dynamo_lite.worker`` processes
-(torch engine, bf16, the 20b shape with random weights made on the GPU: ``load_format: dummy``, CUDA graphs) and
+(torch engine, bf16 with MXFP4 experts by default (``--quantization``), random weights made on the GPU:
+``load_format: dummy``, CUDA graphs) and
 ``python -m dynamo_lite.frontend``. The load: ``--concurrency`` streaming completions kept in flight (closed loop),
 ISL 1000 (synthetic prompts, exact token counts), OSL 2000 with ``ignore_eos``, greedy (``--temperature``), one
 request per stream (``--waves`` more to measure longer). Reported from the client's records: output tok/s, TTFT

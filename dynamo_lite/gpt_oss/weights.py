@@ -79,6 +79,14 @@ def quantize_mxfp4(weight: torch.Tensor, gen: torch.Generator) -> tuple[torch.Te
     ``weight``'s order of magnitude.
     """
     experts, fan_in, fan_out = weight.shape
+    return random_mxfp4_blocks(experts, fan_in, fan_out, float(weight.std()), gen)
+
+
+def random_mxfp4_blocks(
+    experts: int, fan_in: int, fan_out: int, std: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``[experts, fan_out, fan_in / 32, 16]`` blocks and ``[experts, fan_out, fan_in / 32]`` exponents
+    (a checkpoint's layout) whose values have about ``std``'s order of magnitude."""
     if fan_in % MXFP4_BLOCK:
         raise ValueError(f"MXFP4 needs the input size to be a multiple of {MXFP4_BLOCK}, got {fan_in}")
     groups = fan_in // MXFP4_BLOCK
@@ -86,7 +94,7 @@ def quantize_mxfp4(weight: torch.Tensor, gen: torch.Generator) -> tuple[torch.Te
         0, 256, (experts, fan_out, groups, MXFP4_BLOCK // 2), generator=gen, dtype=torch.uint8
     )
     # FP4 values have mean |x| ~ 2.3: an exponent of log2(std / 2.3) keeps the magnitude, +-1 spreads it.
-    centre = 127 + round(math.log2(float(weight.std()) / 2.3))
+    centre = 127 + round(math.log2(std / 2.3))
     scales = torch.randint(centre - 1, centre + 2, (experts, fan_out, groups), generator=gen).to(torch.uint8)
     return blocks, scales
 
@@ -147,15 +155,7 @@ def write_mxfp4_checkpoint(folder: str | os.PathLike[str], config: dict, seed: i
         return (torch.randn(*shape, generator=gen) * std + mean).to(torch.bfloat16)
 
     def mxfp4(fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        groups = fan_in // MXFP4_BLOCK
-        blocks = torch.randint(
-            0, 256, (experts, fan_out, groups, MXFP4_BLOCK // 2), generator=gen, dtype=torch.uint8
-        )
-        centre = 127 + round(math.log2(fan_in**-0.5 / 2.3))
-        scales = torch.randint(centre - 1, centre + 2, (experts, fan_out, groups), generator=gen).to(
-            torch.uint8
-        )
-        return blocks, scales
+        return random_mxfp4_blocks(experts, fan_in, fan_out, fan_in**-0.5, gen)
 
     head = {
         "model.embed_tokens.weight": normal(vocab_size, hidden, std=1.0),

@@ -20,6 +20,7 @@ against.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -275,10 +276,11 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dequant_tile(w_ptrs, s_ptrs, mask, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """[BLOCK_N, BLOCK_K] bf16 weights from [BLOCK_N, BLOCK_K / 2] packed bytes and [BLOCK_N, BLOCK_K / 32]
-        exponents. An e2m1 nibble ``s ee m`` is ``2^(ee - 1) (1 + m / 2)`` (``m / 2`` for ``ee = 0``) times
-        ``2^(scale - 127)``: its bits are the sign, the exponent ``scale - 1 + ee`` and, for ``ee > 0``, ``m`` as the
-        top mantissa bit; zero where ``ee = m = 0``. Exact: FP4 times a power of two is a bf16 value."""
+        """[BLOCK_N, BLOCK_K] weights (fp32 values exact in bf16, cast to bf16) from [BLOCK_N, BLOCK_K / 2] packed
+        bytes and their blocks' exponents, one per byte (``s_ptrs`` repeats each block's). An e2m1 nibble ``s ee
+        m`` is ``2^(ee - 1) (1 + m / 2)`` (``m / 2`` for ``ee = 0``) times ``2^(scale - 127)``: its bits are the
+        sign, the exponent ``scale - 1 + ee`` and, for ``ee > 0``, ``m`` as the top mantissa bit; zero where ``ee =
+        m = 0``. Exact: FP4 times a power of two is a bf16 value."""
         packed = tl.load(w_ptrs, mask=mask, other=0).to(tl.int32)  # [BN, BK/2]
         scale = tl.load(s_ptrs, mask=mask, other=127).to(tl.int32)
         lo = packed & 0xF
@@ -502,8 +504,6 @@ def random_mxfp4(
 ) -> Mxfp4Experts:
     """Random MXFP4 weights with about ``std`` RMS, made on ``device``: uniform nibbles (RMS ~2.9) times a scale
     of ``2^round(log2(std / 2.9))``, +-1 per block."""
-    import math
-
     groups = in_features // BLOCK
     blocks = torch.randint(
         0,
