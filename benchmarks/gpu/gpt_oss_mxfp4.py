@@ -83,9 +83,14 @@ def routing(tokens: int, experts: int, top_k: int, dev: torch.device, seed: int)
 def candidate_configs() -> list:
     from dynamo_lite.engines.reference.moe_mxfp4 import DECODE_CONFIG, PREFILL_CONFIG, KernelConfig
 
-    decode = [KernelConfig(16, bn, bk, 4, 3, True, True) for bn in (64, 128) for bk in (128, 256)]
+    decode = [
+        KernelConfig(16, bn, bk, 4, st, True, True) for bn in (64, 128) for bk in (128, 256) for st in (3, 5)
+    ]
+    decode += [KernelConfig(16, bn, bk, 4, 4, False, True) for bn in (64, 128) for bk in (128, 256)]
     decode += [KernelConfig(16, 128, 128, 8, 3, True, True), KernelConfig(32, 128, 128, 4, 3, True, True)]
+    decode += [KernelConfig(16, 64, 256, 4, 4, True), KernelConfig(16, 128, 128, 4, 4, True)]
     prefill = [KernelConfig(128, 128, 64, 8, 4, True), KernelConfig(128, 256, 64, 8, 3, True)]
+    prefill += [KernelConfig(64, 128, 64, 4, 4, True), KernelConfig(128, 128, 128, 8, 3, True)]
     return list(dict.fromkeys([DECODE_CONFIG, PREFILL_CONFIG, *decode, *prefill]))
 
 
@@ -136,6 +141,25 @@ def compile_one(args: argparse.Namespace) -> dict:
     return {}
 
 
+def kernel_breakdown(fn: Any, iters: int = 20) -> dict[str, float]:
+    """Mean GPU microseconds per call of each kernel ``fn`` launches (torch.profiler, eager calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", 0.0) or getattr(evt, "cuda_time_total", 0.0)
+        if us > 0 and evt.key:
+            totals[evt.key[:60]] = round(us / iters, 2)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:8])
+
+
 def kernel(args: argparse.Namespace) -> dict:
     from dynamo_lite.engines.reference import moe
     from dynamo_lite.engines.reference import moe_mxfp4 as mx
@@ -157,7 +181,7 @@ def kernel(args: argparse.Namespace) -> dict:
         weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
         h = torch.randn(tokens, 2880, device=dev).bfloat16()
         ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()
-        for cfg in configs[:: max(1, len(configs) // 4)]:
+        for cfg in configs if tokens < 4096 else configs[:: max(1, len(configs) // 4)]:
             out = torch.full((tokens, 2880), float("nan"), device=dev)
             out.copy_(mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg))
             err = float((out - ref).norm() / ref.norm())
@@ -201,6 +225,13 @@ def kernel(args: argparse.Namespace) -> dict:
             f"chosen {c.get('ms', float('nan')):.3f} ms; floor {moved / bw * 1e3:.3f} ms")  # fmt: skip
         row["floor_ms"] = moved / bw * 1e3
         row["compute_floor_ms"] = work / flops * 1e3
+        if tokens <= 256:
+            best_cfg = next(c for c in configs if str(c) == best)
+            fn = functools.partial(
+                mx.experts_mxfp4, h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=best_cfg
+            )
+            row["kernels_us"] = kernel_breakdown(fn)
+            log(f"{tokens} tokens, best config, per kernel (us): {row['kernels_us']}")
         timings.append(row)
     result["timings"] = timings
     return result
@@ -229,7 +260,14 @@ def tokens(args: argparse.Namespace) -> dict:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=dtype, quantization_config=quant
         )
-        return model.to(device=dev, dtype=dtype).eval()  # the dequantized experts in ``dtype`` too
+        model = model.to(device=dev, dtype=dtype).eval()
+        # The dequantized experts may stay in the dtype transformers dequantized them to; cast them too.
+        for module in model.modules():
+            for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+                t = getattr(module, name, None)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype:
+                    setattr(module, name, torch.nn.Parameter(t.data.to(dtype), requires_grad=False))
+        return model
 
     hf = hf_model(torch.float32)
     try:

@@ -138,7 +138,7 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     scaled_dot: bool = True
-    swap_ab: bool = False  # with scaled_dot: the weights on the MMA's M side (decode: few rows, many columns)
+    swap_ab: bool = False  # the weights on the MMA's M side (decode: few rows, many columns)
 
 
 # By rows per expert (token pairs / experts): decode sizes read each expert's weights once and are bound by
@@ -383,9 +383,11 @@ if HAVE_TRITON:
                 w = _dequant_tile(w_ptrs, s_base + k0 // 32 + offs_ks[None, :], w_mask, BLOCK_N, BLOCK_K)
                 if DOT_FP32:  # fp32 models (exact checks against fp32 references), and the interpreter
                     acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                elif SWAP_AB:  # the unpacked weights stay in registers as the MMA's left operand
+                    acc_t += tl.dot(w, tl.trans(x))
                 else:
                     acc += tl.dot(x, tl.trans(w))
-        if SCALED_DOT and SWAP_AB:
+        if SWAP_AB and not DOT_FP32:
             acc = tl.trans(acc_t)
         bias = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + offs_n, mask=n_ok, other=0.0)
         acc += bias.to(tl.float32)[None, :]
