@@ -220,9 +220,9 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
 
 async def run(settings: WorkerSettings) -> None:
     if settings.engine == "torch":  # a flag the engine can't honour fails before any service is asked
-        from dynamo_lite.engines.reference.config import check_one_rank
+        from dynamo_lite.engines.reference.config import parallel_sizes
 
-        check_one_rank(settings.engine_settings)
+        parallel_sizes(settings.engine_settings)
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
     worker = Worker(settings)
     stop = asyncio.Event()
