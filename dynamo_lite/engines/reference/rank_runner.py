@@ -109,6 +109,15 @@ class RankState:
         self.shards = shards  # every rank's, for rank 0 to cut and place KV heads
         self.device = device
         self.kv_bytes_moved = 0  # KV bytes this rank sent or received for imports and exports
+        self.weight_bytes: list[int] = []  # rank 0: every rank's bytes of sharded weights (``ranks``)
+
+    def gather_weight_bytes(self, control: RankComm, mine: int) -> None:
+        """Collect each rank's sharded-weight bytes on rank 0 (what a test or a log line checks: ~1/N each)."""
+        t = torch.tensor([mine], dtype=torch.int64)
+        out = [torch.empty_like(t) for _ in range(self.plan.size)] if self.plan.rank == 0 else None
+        control.gather(out, t)
+        if out is not None:
+            self.weight_bytes = [int(x) for x in out]
 
     def run(self, command: Command, kv: list[torch.Tensor] | None = None) -> torch.Tensor | None:
         if isinstance(command, Step):

@@ -143,3 +143,21 @@ def check_divides(config: Any, plan: ParallelPlan, mxfp4: bool = False) -> None:
             f"MXFP4 experts split {t} ways need {config.intermediate_size} / {t} intermediate columns to be a "
             "multiple of 32 (the scale block); use expert parallel size = tensor parallel size"
         )
+
+
+# The per-layer matrices a rank holds a share of (llama and gpt-oss names); norms, the router, the embedding and
+# the output matrix are replicated on every rank.
+SHARDED_WEIGHTS = ("qkv", "qkv_bias", "o", "sinks", "gate_up", "gate_up_bias", "down")
+
+
+def sharded_nbytes(weights: Any, attention: bool = True) -> int:
+    """Bytes of the sharded matrices in ``weights`` (``LlamaWeights`` / ``GptOssWeights``; MXFP4 experts count
+    their blocks and scales); ``attention=False`` leaves out the attention ones (replicated under attention DP)."""
+    names = SHARDED_WEIGHTS if attention else ("gate_up", "gate_up_bias", "down")
+    total = 0
+    for layer in weights.layers:
+        for name in names:
+            t = getattr(layer, name, None)
+            if t is not None:
+                total += t.nbytes if hasattr(t, "nbytes") else t.numel() * t.element_size()
+    return total

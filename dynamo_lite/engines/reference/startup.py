@@ -33,7 +33,7 @@ from dynamo_lite.engines.reference.loader import checkpoint_quantization, load_w
 from dynamo_lite.engines.reference.model import LlamaModel
 from dynamo_lite.engines.reference.rank_comm import RankComm
 from dynamo_lite.engines.reference.rank_runner import LocalRunner, RankDriver, RankState, Runner
-from dynamo_lite.engines.reference.ranks import ParallelPlan, check_divides, shard_for
+from dynamo_lite.engines.reference.ranks import ParallelPlan, check_divides, shard_for, sharded_nbytes
 from dynamo_lite.engines.reference.scheduler import Scheduler
 from dynamo_lite.kv import KvExporter, KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
@@ -149,6 +149,9 @@ class EngineSetup:
             control, data = self.comms
             shards = [shard_for(cfg, self.plan.for_rank(r)) for r in range(self.plan.size)]
             self.state = RankState(self.plan, self.model, self.cache, data, shards, self.device)
+            self.state.gather_weight_bytes(
+                control, sharded_nbytes(self.model.weights, attention=not self.plan.attention_dp)
+            )
             self.runner = RankDriver(self.state, control, cfg.num_kv_heads)
         else:
             self.runner = LocalRunner(self.model, self.cache, self.device)
