@@ -37,6 +37,7 @@ _ENGINE_FLAGS = (
     "free_gpu_memory_fraction",
     "tensor_parallel_size",
     "expert_parallel_size",
+    "enable_attention_dp",
     "kv_failure_policy",
     "kv_bind_host",
     "kv_advertise_host",
@@ -151,6 +152,13 @@ def build_parser(
     e.add_argument("--free-gpu-memory-fraction", type=float, default=None)
     e.add_argument("--tensor-parallel-size", type=int, default=None)
     e.add_argument("--expert-parallel-size", type=int, default=None)
+    e.add_argument(
+        "--enable-attention-dp",
+        action="store_const",
+        const=True,
+        default=None,
+        help="ranks split attention by sequences (each rank all heads), as the seed's decode YAML",
+    )
     e.add_argument("--kv-failure-policy", default=None, choices=["recompute", "fail"])
     e.add_argument("--kv-bind-host", default=None, help="interface the KV transfer server binds to")
     e.add_argument("--kv-advertise-host", default=None)
@@ -230,11 +238,23 @@ async def run(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
+    failure: list[BaseException] = []
+
+    def engine_failed(error: BaseException) -> None:  # from the engine's thread (a dead rank, a bug)
+        failure.append(error)
+        loop.call_soon_threadsafe(stop.set)
+
+    if hasattr(worker.engine, "on_failure"):
+        worker.engine.on_failure = engine_failed
     print(
         f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
     )
     await stop.wait()
+    if failure:  # deregister at once: its requests have failed already (the router retries or migrates them)
+        log.error("engine failed (%s): deregistering and exiting", failure[0])
+        await worker.stop(drain_s=0)
+        raise EngineUnavailable(f"engine failed: {failure[0]}")
     log.info("draining (up to %.0fs)", settings.runtime.timeouts.drain_s)
     await worker.stop()
 

@@ -155,7 +155,7 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         kv_block_size=int(pick("kv_block_size", settings.kv_block_size)),
     )
     cfg.tensor_parallel_size, cfg.expert_parallel_size = parallel_sizes(settings)
-    cfg.enable_attention_dp = bool(pick("enable_attention_dp", _DEFAULTS.enable_attention_dp))
+    cfg.enable_attention_dp = bool(pick("enable_attention_dp", settings.enable_attention_dp))
     defaults = KvTransferConfig()
     cfg.kv = KvTransferConfig(
         bind_host=pick("kv_bind_host", settings.kv_bind_host),
