@@ -186,9 +186,11 @@ class EngineSetup:
                 raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
             mxfp4 = quantization == "mxfp4"
             if self.config.load_format == "dummy":
+                if shard is not None:  # its generators draw whole tensors: every rank would make all of them
+                    raise EngineError(
+                        "load_format dummy runs on one rank (read a checkpoint for ranks)", status=400
+                    )
                 weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
-                if shard is not None:
-                    raise EngineError("load_format dummy runs on one rank", status=400)
             else:
                 folder = ensure_weights(self.model_files).folder
                 weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4, shard=shard)

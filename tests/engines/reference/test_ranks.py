@@ -44,8 +44,11 @@ def gpt_oss(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_model_folder(tmp_path_factory.mktemp("tiny-gpt-oss"))
 
 
-def settings(folder: Path, mode: str = "agg", tp: int = 1, ep: int = 1, dp: bool = False) -> EngineSettings:
+def settings(
+    folder: Path, mode: str = "agg", tp: int = 1, ep: int = 1, dp: bool = False, quantization: str = "none"
+) -> EngineSettings:
     return EngineSettings(
+        quantization=quantization,
         role=mode,
         model_path=str(folder),
         dtype="float32",
@@ -108,22 +111,33 @@ async def run_engine(folder: Path, **kw: object) -> dict:
 
 
 @pytest.fixture(scope="module")
-def one_rank(llama: Path, gpt_oss: Path) -> dict:
+def gpt_oss_mxfp4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny gpt-oss with its experts stored as the released checkpoints store them (MXFP4 blocks + scales)."""
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+
+    return write_model_folder(tmp_path_factory.mktemp("tiny-gpt-oss-mxfp4"), mxfp4=True)
+
+
+@pytest.fixture(scope="module")
+def one_rank(llama: Path, gpt_oss: Path, gpt_oss_mxfp4: Path) -> dict:
     return {
         "llama": asyncio.run(run_engine(llama)),
         "gpt_oss": asyncio.run(run_engine(gpt_oss)),
+        "gpt_oss_mxfp4": asyncio.run(run_engine(gpt_oss_mxfp4, quantization="mxfp4")),
     }
 
 
-def one_rank_sharded_bytes(folder: Path, attention: bool = True) -> int:
+def one_rank_sharded_bytes(folder: Path, attention: bool = True, mxfp4: bool = False) -> int:
     from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, load_gpt_oss_weights
     from dynamo_lite.engines.reference.loader import load_weights, model_config
     from dynamo_lite.engines.reference.ranks import sharded_nbytes
     from dynamo_lite.model_files import resolve_model
 
     cfg = model_config(resolve_model(str(folder)).config)
-    load = load_gpt_oss_weights if isinstance(cfg, GptOssConfig) else load_weights
-    weights = load(folder, cfg, torch.float32, torch.device("cpu"))
+    if isinstance(cfg, GptOssConfig):
+        weights = load_gpt_oss_weights(folder, cfg, torch.float32, torch.device("cpu"), mxfp4=mxfp4)
+    else:
+        weights = load_weights(folder, cfg, torch.float32, torch.device("cpu"))
     return sharded_nbytes(weights, attention=attention)
 
 
@@ -133,12 +147,23 @@ CASES = [
     pytest.param("gpt_oss", {"tp": 2, "ep": 2}, id="gpt-oss-tp2-ep2"),
     pytest.param("gpt_oss", {"tp": 2, "ep": 1}, id="gpt-oss-tp2-ep1"),
     pytest.param("gpt_oss", {"tp": 2, "ep": 2, "dp": True}, id="gpt-oss-attention-dp2-ep2"),
+    # MXFP4 experts kept packed (the CPU reference path): whole experts per rank, or 32 columns of each.
+    pytest.param("gpt_oss_mxfp4", {"tp": 2, "ep": 2, "quantization": "mxfp4"}, id="gpt-oss-mxfp4-tp2-ep2"),
+    pytest.param("gpt_oss_mxfp4", {"tp": 2, "ep": 1, "quantization": "mxfp4"}, id="gpt-oss-mxfp4-tp2-ep1"),
+    # The seed's 4 + 4 (its prefill and decode YAMLs): 4 query heads over 4 ranks, the 2 KV heads replicated.
+    pytest.param("gpt_oss", {"tp": 4, "ep": 4}, id="gpt-oss-tp4-ep4", marks=pytest.mark.slow),
+    pytest.param(
+        "gpt_oss", {"tp": 4, "ep": 4, "dp": True}, id="gpt-oss-attention-dp4-ep4", marks=pytest.mark.slow
+    ),
+    pytest.param("llama", {"tp": 4}, id="llama-tp4", marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize(("model", "kw"), CASES)
-def test_two_ranks_match_one(model: str, kw: dict, one_rank: dict, llama: Path, gpt_oss: Path) -> None:
-    folder = llama if model == "llama" else gpt_oss
+def test_ranks_match_one(
+    model: str, kw: dict, one_rank: dict, llama: Path, gpt_oss: Path, gpt_oss_mxfp4: Path
+) -> None:
+    folder = {"llama": llama, "gpt_oss": gpt_oss, "gpt_oss_mxfp4": gpt_oss_mxfp4}[model]
     ranked = asyncio.run(run_engine(folder, **kw))
     base = one_rank[model]
     for got, want in zip(ranked["logits"], base["logits"], strict=True):
@@ -148,9 +173,14 @@ def test_two_ranks_match_one(model: str, kw: dict, one_rank: dict, llama: Path, 
     assert (
         all(len(t) == NEW_TOKENS for t in ranked["tokens"]) and len({tuple(t) for t in ranked["tokens"]}) > 1
     )
-    # Every rank holds half the sharded weights (attention-DP ranks: half the FFN; attention replicated).
-    full = one_rank_sharded_bytes(folder, attention=not kw.get("dp", False))
-    assert ranked["weight_bytes"] == [full // 2, full // 2]
+    # Every rank holds 1/N of the sharded weights (attention-DP ranks: of the FFN; attention is replicated).
+    # Exactly, except KV heads replicated over ranks (TP4 of 2 KV heads: each rank keeps 1, not 1/2).
+    n = kw["tp"]
+    full = one_rank_sharded_bytes(folder, not kw.get("dp", False), kw.get("quantization") == "mxfp4")
+    if (model, n, kw.get("dp", False)) == ("gpt_oss", 4, False):
+        assert all(full // n <= b <= full // n * 1.2 for b in ranked["weight_bytes"])
+    else:
+        assert ranked["weight_bytes"] == [full // n] * n
     assert ranked["pids"] and all(not Path(f"/proc/{pid}").exists() for pid in ranked["pids"])
 
 
