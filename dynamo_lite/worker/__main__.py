@@ -226,11 +226,25 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
     )
 
 
+def check_torch_ranks(engine: EngineSettings) -> None:
+    """The torch engine's parallel sizes, and whether the model's heads and experts split that way (reading its
+    ``config.json`` only): ``ValueError`` with what does not fit."""
+    from dynamo_lite.engines.reference.config import parallel_sizes
+
+    tp, ep = parallel_sizes(engine)
+    if tp == 1:
+        return
+    from dynamo_lite.engines.reference.loader import model_config
+    from dynamo_lite.engines.reference.ranks import ParallelPlan, check_divides
+    from dynamo_lite.model_files import resolve_model
+
+    dp = bool((engine.extra or {}).get("enable_attention_dp", engine.enable_attention_dp))
+    check_divides(model_config(resolve_model(engine.model_path).config), ParallelPlan(tp, ep, dp))
+
+
 async def run(settings: WorkerSettings) -> None:
     if settings.engine == "torch":  # a flag the engine can't honour fails before any service is asked
-        from dynamo_lite.engines.reference.config import parallel_sizes
-
-        parallel_sizes(settings.engine_settings)
+        check_torch_ranks(settings.engine_settings)
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
     worker = Worker(settings)
     stop = asyncio.Event()

@@ -214,7 +214,8 @@ class RankState:
             local = src.contiguous()
             gathered = [torch.empty_like(local) for _ in self.shards] if rank == 0 else None
             data.gather(gathered, local)
-            self.kv_bytes_moved += local.nbytes if rank else 0
+            # What crossed between ranks: a follower's shard, or on rank 0 every other rank's.
+            self.kv_bytes_moved += local.nbytes * (len(self.shards) - 1 if rank == 0 else 1)
             if gathered is not None:
                 assert out is not None
                 for shard, part in zip(self.shards, gathered, strict=True):

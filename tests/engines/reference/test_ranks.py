@@ -193,7 +193,7 @@ def test_ranks_match_one(
     ],
 )
 def test_kv_handoff_between_layouts(prefill_kw: dict, decode_kw: dict, one_rank: dict, gpt_oss: Path) -> None:
-    async def run() -> tuple[list[list[int]], object]:
+    async def run() -> tuple[list[list[int]], object, dict]:
         prefill = build_engine(settings(gpt_oss, "prefill", **prefill_kw))
         decode = build_engine(settings(gpt_oss, "decode", **decode_kw))
         await prefill.start()
@@ -210,14 +210,26 @@ def test_kv_handoff_between_layouts(prefill_kw: dict, decode_kw: dict, one_rank:
                 return [*first[0].token_ids, *tokens(rest)]
 
             out = list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts()))))
-            return out, decode.stats()
+            moved = {
+                name: getattr(getattr(e._runner, "state", None), "kv_bytes_moved", 0)
+                for name, e in (("prefill", prefill), ("decode", decode))
+            }
+            return out, decode.stats(), moved
         finally:
             await prefill.stop()
             await decode.stop()
 
-    got, stats = asyncio.run(run())
+    got, stats, moved = asyncio.run(run())
     assert got == one_rank["gpt_oss"]["tokens"]
     assert stats.kv_transfers == len(PROMPT_LENGTHS) and stats.kv_recomputes == 0
+    # KV bytes rank 0 moved to or from the other rank: a 2-rank prefill gathers the other rank's half of the KV
+    # heads (1 of 2); a 2-rank decode sends it that half (head-split) or every sequence it owns (attention DP).
+    if prefill_kw["tp"] == 2:
+        assert moved["prefill"] == stats.kv_transfer_bytes // 2
+    if decode_kw["tp"] == 2 and not decode_kw.get("dp"):
+        assert moved["decode"] == stats.kv_transfer_bytes // 2
+    if decode_kw.get("dp"):
+        assert 0 < moved["decode"] < stats.kv_transfer_bytes
 
 
 def test_heads_that_do_not_divide_are_refused() -> None:
@@ -256,3 +268,18 @@ def test_seed_tp4_ep4_shards_of_the_120b_shape() -> None:
 def test_engine_refuses_a_model_whose_heads_do_not_divide(llama: Path) -> None:
     with pytest.raises(ConfigError, match="query heads"):
         build_engine(settings(llama, tp=3))
+
+
+def test_worker_refuses_heads_that_do_not_divide_before_asking_any_service(llama: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    run = subprocess.run(
+        [sys.executable, "-m", "dynamo_lite.worker", "--engine", "torch", "--model-path", str(llama),
+         "--tensor-parallel-size", "3"],
+        capture_output=True, text=True, timeout=120, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    assert run.returncode != 0 and "Traceback" not in run.stderr
+    assert "8 query heads and 4 KV heads: 3 tensor-parallel ranks" in run.stderr
