@@ -34,11 +34,12 @@ ARGS = (
 )
 
 
-def children(pid: int) -> list[int]:
+def rank_processes(pid: int) -> list[int]:
+    """The follower ranks among ``pid``'s children (a prefill worker has a shared-memory tracker too)."""
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         out.extend(int(c) for c in (task / "children").read_text().split())
-    return out
+    return [c for c in out if b"rank_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
 def gone(pid: int) -> bool:
@@ -73,7 +74,7 @@ def test_a_rank_killed_mid_stream_migrates_and_the_worker_leaves(
         engine="torch", ready_timeout=120,
     )  # fmt: skip
     procs_to_stop.append(ranked)
-    [follower] = children(ranked.pid)
+    [follower] = rank_processes(ranked.pid)
     frontend = start_frontend(services, ns, "--migration-limit", "1", "--router-mode", "round-robin")
     procs_to_stop.append(frontend)
     url = f"http://127.0.0.1:{frontend.port}"
@@ -125,3 +126,73 @@ def test_a_rank_killed_mid_stream_migrates_and_the_worker_leaves(
     wait_until(lambda: decoders() == 1, 10, what="the 2-rank worker deregistered")
     assert "engine failed" in ranked.log()
     assert "migrating" in frontend.log()
+
+
+@pytest.mark.slow
+def test_the_seeds_flags_and_yamls_on_cpu(
+    services: Services, procs_to_stop: list[Proc], tmp_path: Path
+) -> None:
+    """The seed's command lines with ``--engine torch --device cpu``: a TP4/EP4 prefill worker (heads split) and a
+    TP4/EP4 decode worker with the decode YAML's ``enable_attention_dp: true``, tiny gpt-oss, 10 processes on
+    loopback; greedy output equals one rank's, the KV handed from the head-split prefill to the attention-DP
+    decode (no recompute)."""
+    import asyncio as aio
+
+    from tokenizers import Tokenizer
+
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.gpt_oss.tiny import write_model_folder
+    from dynamo_lite.protocol import GenerateRequest, SamplingOptions
+
+    folder = write_model_folder(tmp_path / "tiny-gpt-oss")
+    root = Path(__file__).resolve().parents[2]
+    seed = ("--tensor-parallel-size", "4", "--expert-parallel-size", "4", "--device", "cpu", "--dtype", "float32",
+            "--threads", "1", "--model-path", str(folder), "--lease-ttl", "3")  # fmt: skip
+    ns = f"t{uuid.uuid4().hex[:8]}"
+    yaml = root / "engine_configs" / "gpt_oss"
+    prefill = start_worker(services, ns, "prefill", *seed, "--extra-engine-args", str(yaml / "prefill.yaml"),
+                           engine="torch", ready_timeout=240)  # fmt: skip
+    procs_to_stop.append(prefill)
+    decode = start_worker(services, ns, "decode", *seed, "--extra-engine-args", str(yaml / "decode.yaml"),
+                          engine="torch", ready_timeout=240)  # fmt: skip
+    procs_to_stop.append(decode)
+    assert len(rank_processes(prefill.pid)) == 3 and len(rank_processes(decode.pid)) == 3
+    frontend = start_frontend(services, ns)
+    procs_to_stop.append(frontend)
+    url = f"http://127.0.0.1:{frontend.port}"
+    wait_until(lambda: folder.name in httpx.get(url + "/v1/models", timeout=2).text, 20, what="model listed")
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    prompts = [tok.encode(t).ids for t in ("The quick brown fox jumps over", "Disaggregated serving splits")]
+    texts = []
+    for ids in prompts:
+        r = httpx.post(url + "/v1/completions", timeout=120, json={
+            "model": folder.name, "prompt": ids, "max_tokens": 8, "temperature": 0, "ignore_eos": True})  # fmt: skip
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+
+    async def one_rank() -> list[list[int]]:
+        engine = build_engine(
+            EngineSettings(model_path=str(folder), dtype="float32", threads=1, max_seq_len=128)
+        )
+        await engine.start()
+        try:
+            out = []
+            for ids in prompts:
+                opts = SamplingOptions(max_tokens=8, temperature=0.0, ignore_eos=True)
+                req = GenerateRequest(request_id="r", model="m", token_ids=ids, sampling=opts)
+                out.append([t async for c in engine.generate(req) for t in c.token_ids])
+            return out
+        finally:
+            await engine.stop()
+
+    expected = aio.run(one_rank())
+    assert texts == [tok.decode(ids, skip_special_tokens=True) for ids in expected]
+    metrics = httpx.get(f"http://127.0.0.1:{decode.port}/metrics", timeout=3).text
+    assert "dynamo_lite_worker_kv_transfers_total" in metrics
+    transfers = sum(
+        float(ln.rsplit(" ", 1)[1]) for ln in metrics.splitlines()
+        if ln.startswith("dynamo_lite_worker_kv_transfers_total{")
+    )  # fmt: skip
+    assert transfers == len(prompts)
