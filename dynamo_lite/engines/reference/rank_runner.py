@@ -327,6 +327,7 @@ class RankDriver:
         if self._stopped:
             return
         self._stopped = True
+        log.info("ranks: %d KV bytes crossed between rank 0 and the others", self.state.kv_bytes_moved)
         try:
             self.control.send_command(Stop())
         except Exception as e:  # noqa: BLE001 - a peer already gone

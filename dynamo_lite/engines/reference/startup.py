@@ -152,6 +152,12 @@ class EngineSetup:
             self.state.gather_weight_bytes(
                 control, sharded_nbytes(self.model.weights, attention=not self.plan.attention_dp)
             )
+            if self.plan.rank == 0:
+                log.info(
+                    "torch engine: %s; sharded weights per rank %s MiB",
+                    self.plan.describe(),
+                    [round(b / 2**20, 1) for b in self.state.weight_bytes],
+                )
             self.runner = RankDriver(self.state, control, cfg.num_kv_heads)
         else:
             self.runner = LocalRunner(self.model, self.cache, self.device)
