@@ -3,6 +3,7 @@
 serve    the embedded default: frontend + prefill + decode workers in one process (SmolLM2 on CPU)
 prepare  convert the default model once into the local cache (later starts take about a second)
          prepare --tiny-gpt-oss DIR [--metadata-only]: write a small random-weight gpt-oss model folder
+         prepare --tiny-llama DIR: write a small random-weight llama folder whose heads divide over 2 and 4 ranks
          prepare --gpt-oss-checkpoint DIR [--shape tiny|20b|120b]: random weights in the published checkpoints'
                  layout (MXFP4 experts, a shard per layer)
 """
@@ -17,6 +18,7 @@ def prepare(argv: list[str]) -> int:
 
     p = argparse.ArgumentParser(prog="python -m dynamo_lite prepare")
     p.add_argument("--tiny-gpt-oss", metavar="DIR", help="write a small random-weight gpt-oss model folder")
+    p.add_argument("--tiny-llama", metavar="DIR", help="write a small random-weight llama model folder")
     p.add_argument("--metadata-only", action="store_true", help="with --tiny-gpt-oss: no weights")
     p.add_argument(
         "--gpt-oss-checkpoint", metavar="DIR", help="write random weights in gpt-oss's MXFP4 layout"
@@ -30,6 +32,11 @@ def prepare(argv: list[str]) -> int:
 
         folder = write_model_folder(args.gpt_oss_checkpoint, shape=args.shape, mxfp4=True)
         print(f"gpt-oss {args.shape}-shape MXFP4 checkpoint ready in {folder}")
+        return 0
+    if args.tiny_llama:
+        from dynamo_lite.tiny_llama import write_model_folder as write_llama
+
+        print(f"tiny llama model ready in {write_llama(args.tiny_llama)}")
         return 0
     if args.tiny_gpt_oss:
         from dynamo_lite.gpt_oss.tiny import write_model_folder

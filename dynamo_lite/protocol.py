@@ -619,6 +619,9 @@ _ERRORS_BY_CODE: dict[str, type[StreamError]] = {
     "instance_lost": InstanceLost,
     "frame_lost": InstanceLost,
     PLANE_DOWN: InstanceLost,
+    # The worker's engine failed for good (a torch engine rank died): the instance is going away, so its streams
+    # migrate as for an instance that fell silent, only sooner.
+    "engine_failed": InstanceLost,
     "timeout": RequestTimedOut,
     "instance_stopped": RequestCancelled,
     "wire_incompatible": IncompatibleWire,

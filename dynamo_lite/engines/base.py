@@ -309,6 +309,7 @@ class EngineSettings:
     free_gpu_memory_fraction: float = 0.8
     tensor_parallel_size: int = 1
     expert_parallel_size: int = 1
+    enable_attention_dp: bool = False  # attention split by sequences across the ranks (not by heads)
     kv_failure_policy: str = "recompute"  # "recompute" | "fail"
     kv_bind_host: str = "127.0.0.1"
     kv_advertise_host: str = ""  # empty: kv_bind_host

@@ -37,6 +37,7 @@ _ENGINE_FLAGS = (
     "free_gpu_memory_fraction",
     "tensor_parallel_size",
     "expert_parallel_size",
+    "enable_attention_dp",
     "kv_failure_policy",
     "kv_bind_host",
     "kv_advertise_host",
@@ -151,6 +152,13 @@ def build_parser(
     e.add_argument("--free-gpu-memory-fraction", type=float, default=None)
     e.add_argument("--tensor-parallel-size", type=int, default=None)
     e.add_argument("--expert-parallel-size", type=int, default=None)
+    e.add_argument(
+        "--enable-attention-dp",
+        action="store_const",
+        const=True,
+        default=None,
+        help="ranks split attention by sequences (each rank all heads), as the seed's decode YAML",
+    )
     e.add_argument("--kv-failure-policy", default=None, choices=["recompute", "fail"])
     e.add_argument("--kv-bind-host", default=None, help="interface the KV transfer server binds to")
     e.add_argument("--kv-advertise-host", default=None)
@@ -218,11 +226,25 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
     )
 
 
+def check_torch_ranks(engine: EngineSettings) -> None:
+    """The torch engine's parallel sizes, and whether the model's heads and experts split that way (reading its
+    ``config.json`` only): ``ValueError`` with what does not fit."""
+    from dynamo_lite.engines.reference.config import parallel_sizes
+
+    tp, ep = parallel_sizes(engine)
+    if tp == 1:
+        return
+    from dynamo_lite.engines.reference.loader import model_config
+    from dynamo_lite.engines.reference.ranks import ParallelPlan, check_divides
+    from dynamo_lite.model_files import resolve_model
+
+    dp = bool((engine.extra or {}).get("enable_attention_dp", engine.enable_attention_dp))
+    check_divides(model_config(resolve_model(engine.model_path).config), ParallelPlan(tp, ep, dp))
+
+
 async def run(settings: WorkerSettings) -> None:
     if settings.engine == "torch":  # a flag the engine can't honour fails before any service is asked
-        from dynamo_lite.engines.reference.config import check_one_rank
-
-        check_one_rank(settings.engine_settings)
+        check_torch_ranks(settings.engine_settings)
     await check_services(settings.runtime)  # seconds, not after minutes of model loading
     worker = Worker(settings)
     stop = asyncio.Event()
@@ -230,11 +252,23 @@ async def run(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
+    failure: list[BaseException] = []
+
+    def engine_failed(error: BaseException) -> None:  # from the engine's thread (a dead rank, a bug)
+        failure.append(error)
+        loop.call_soon_threadsafe(stop.set)
+
+    if hasattr(worker.engine, "on_failure"):
+        worker.engine.on_failure = engine_failed
     print(
         f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
     )
     await stop.wait()
+    if failure:  # deregister at once: its requests have failed already (the router retries or migrates them)
+        log.error("engine failed (%s): deregistering and exiting", failure[0])
+        await worker.stop(drain_s=0)
+        raise EngineUnavailable(f"engine failed: {failure[0]}")
     log.info("draining (up to %.0fs)", settings.runtime.timeouts.drain_s)
     await worker.stop()
 

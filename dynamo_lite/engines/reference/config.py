@@ -9,6 +9,7 @@ from typing import Any
 from dynamo_lite.engines.base import QUANTIZATIONS, EngineSettings
 from dynamo_lite.engines.engine_args import Choice, EngineArgsError, Schema, check_engine_args
 from dynamo_lite.engines.reference.cpu_capability import CpuCapability, choose_dtype
+from dynamo_lite.engines.reference.ranks import ParallelPlan
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.protocol import Role
 
@@ -67,9 +68,18 @@ class ReferenceConfig:
     enable_prefix_caching: bool = False
     kv_block_size: int = _E.kv_block_size
     kv: KvTransferConfig | None = None  # None: built from the kv_* settings
+    # Ranks (``ranks.py``): N processes over torch.distributed; experts split M ways (M divides N); attention
+    # split by heads, or by sequences with ``enable_attention_dp`` (the seed's decode YAML).
+    tensor_parallel_size: int = _E.tensor_parallel_size
+    expert_parallel_size: int = _E.expert_parallel_size
+    enable_attention_dp: bool = False
+    rank_timeout_s: float = 60.0  # ranks joining, and any one collective; a dead peer is noticed at once
 
     def kv_config(self) -> KvTransferConfig:
         return self.kv or KvTransferConfig()
+
+    def parallel_plan(self) -> ParallelPlan:
+        return ParallelPlan(self.tensor_parallel_size, self.expert_parallel_size, self.enable_attention_dp)
 
 
 _DEFAULTS = ReferenceConfig()
@@ -100,7 +110,7 @@ SCHEMA: Schema = {
     "fault_kv_pull_delay_s": float,
     "enable_prefix_caching": bool,
     "kv_block_size": int,
-    # The TensorRT-LLM YAMLs' parallel sizes: read so that a value the torch engine can't honour is refused.
+    # The TensorRT-LLM YAMLs' parallel settings, which the torch engine honours with its own ranks.
     "tensor_parallel_size": int,
     "moe_expert_parallel_size": int,
     "enable_attention_dp": bool,
@@ -144,7 +154,8 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         enable_prefix_caching=bool(pick("enable_prefix_caching", _DEFAULTS.enable_prefix_caching)),
         kv_block_size=int(pick("kv_block_size", settings.kv_block_size)),
     )
-    check_one_rank(settings)
+    cfg.tensor_parallel_size, cfg.expert_parallel_size = parallel_sizes(settings)
+    cfg.enable_attention_dp = bool(pick("enable_attention_dp", settings.enable_attention_dp))
     defaults = KvTransferConfig()
     cfg.kv = KvTransferConfig(
         bind_host=pick("kv_bind_host", settings.kv_bind_host),
@@ -159,21 +170,29 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
     return validate(cfg, source, cpu)
 
 
-def check_one_rank(settings: EngineSettings) -> None:
-    """Refuse tensor/expert parallel sizes other than 1 (flags or the YAML's keys): ranks are not implemented
-    in this engine yet, and a value that asks for them must not be silently ignored."""
+def parallel_sizes(settings: EngineSettings) -> tuple[int, int]:
+    """``(tensor, expert)`` parallel sizes from the flags, the YAML's keys overriding; ``ConfigError`` naming the
+    flag or key when they can't work (not positive, or experts split in a way the ranks can't hold). Checked
+    before the worker asks any service: the model's own shape is checked when the engine is built."""
     extra = settings.extra or {}
     source = settings.extra_source or "extra engine args"
+    sizes = []
     for flag, key, value in (
         ("--tensor-parallel-size", "tensor_parallel_size", settings.tensor_parallel_size),
         ("--expert-parallel-size", "moe_expert_parallel_size", settings.expert_parallel_size),
     ):
         value = extra.get(key, value)
-        if value not in (None, 1):
+        if value is None:
+            value = 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(
-                f"{flag if key not in extra else f'{key} in {source}'} {value}: the torch engine runs one rank "
-                "(tensor/expert parallelism is not implemented in it yet); use 1, or --engine trtllm"
+                f"{flag if key not in extra else f'{key} in {source}'} {value}: must be a positive integer"
             )
+        sizes.append(value)
+    tp, ep = sizes
+    if tp % ep:
+        raise ConfigError(f"expert parallel size {ep} must divide the tensor parallel size {tp}")
+    return tp, ep
 
 
 def validate(

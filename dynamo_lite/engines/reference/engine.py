@@ -27,7 +27,7 @@ import torch
 
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.engines.reasoning import answer_so_far
-from dynamo_lite.engines.reference.config import ReferenceConfig
+from dynamo_lite.engines.reference.config import ConfigError, ReferenceConfig
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
@@ -39,7 +39,10 @@ from dynamo_lite.engines.reference.logits_processors import (
     raw_logprobs,
     score_prompts,
 )
-from dynamo_lite.engines.reference.model import LlamaModel, build_step
+from dynamo_lite.engines.reference.model import LlamaModel
+from dynamo_lite.engines.reference.rank_processes import RankProcesses
+from dynamo_lite.engines.reference.rank_runner import RankFailure, Runner
+from dynamo_lite.engines.reference.ranks import ParallelError, check_divides
 from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
 from dynamo_lite.engines.reference.scheduler import (
     Scheduler,
@@ -80,6 +83,12 @@ class TorchEngine:
         self.model_files = model_files
         self.model_config = model_config(model_files.config)
         resolve_quantization(config, model_files, self.model_config)
+        self.plan = config.parallel_plan()
+        if self.plan.ranked:  # a model whose heads or experts don't divide is refused before anything starts
+            try:
+                check_divides(self.model_config, self.plan, mxfp4=config.quantization == "mxfp4")
+            except ParallelError as e:
+                raise ConfigError(str(e)) from e
         # Which layers attend to a sliding window (gpt-oss): their cache is a ring, their KV export the tail.
         _, windowed, window = layer_groups(self.model_config.layer_windows)
         self._kv_windows = (window, tuple(windowed))
@@ -90,6 +99,9 @@ class TorchEngine:
         self.exporter: KvExporter | None = None
         self.pacing = StreamPacing()  # the worker's (adapted to the load); by default every step
         self.on_kv_event: Callable[[tuple[int, list[int]]], None] | None = None  # set by the worker
+        # Called from the engine thread once the engine has failed for good (a dead rank, a bug): the worker
+        # deregisters and exits rather than keep an instance that can only answer 503.
+        self.on_failure: Callable[[BaseException], None] | None = None
         self._grammars = GrammarCompiler(
             model_files.tokenizer_json, self.model_config.vocab_size, sorted(self.eos_ids)
         )
@@ -100,6 +112,8 @@ class TorchEngine:
         self._cache: KvCache | None = None
         self._scheduler: Scheduler | None = None
         self._graphs: DecodeGraphs | None = None
+        self._runner: Runner | None = None
+        self._ranks: RankProcesses | None = None  # ranks 1..N-1 (rank 0 is this engine thread)
         self._pool: CudaKvPool | None = None
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
@@ -349,6 +363,10 @@ class TorchEngine:
             if self.device.type == "cuda":
                 # Graph capture and "current stream" calls follow this thread's device, not the tensors'.
                 torch.cuda.set_device(self.device)
+            comms = None
+            if self.plan.ranked:
+                self._ranks = RankProcesses(self.config, self.plan, self._on_rank_death)
+                comms = self._ranks.start(self.device)
             setup = EngineSetup(
                 self.config,
                 self.model_files,
@@ -359,6 +377,8 @@ class TorchEngine:
                 self._kv_config,
                 self.exporter,
                 self._kv_event,
+                self.plan,
+                comms,
             )
             try:
                 with torch.inference_mode():
@@ -368,22 +388,44 @@ class TorchEngine:
             finally:  # what was built, also when a later part failed (``stop`` frees the pool)
                 self._model, self._cache, self._graphs = setup.model, setup.cache, setup.graphs
                 self._pool, self._scheduler = setup.pool, setup.scheduler
+                self._runner = setup.runner
             if isinstance(self._model, GptOssModel):
                 # Its 201k-token vocabulary takes xgrammar seconds to index, holding the GIL: done here, before
                 # serving, it can't silence the worker's heartbeats in the middle of a request.
                 self._grammars.warm()
         except BaseException as e:
             log.exception("torch engine failed to start")
+            self._stop_ranks(failed=True)
             ready.set_exception(e)
             return
         ready.set_result(None)
         try:
             with torch.inference_mode():
                 self._run()
-        except BaseException as e:  # a bug, not a request's fault: fail everything rather than hang
+        except BaseException as e:  # a bug or a dead rank, not a request's fault: fail everything, never hang
             log.exception("torch engine thread died")
             self._failure = e
+            self._stop_ranks(failed=True)
             self._fail_all(EngineError(f"engine failed: {e}", status=503, code="engine_failed"))
+            on_failure = self.on_failure
+            if on_failure is not None:
+                on_failure(e)
+        else:
+            self._stop_ranks(failed=False)
+
+    def _on_rank_death(self, rank: int, code: int) -> None:
+        """From the rank watcher: wake the engine thread, which fails (a collective may already have)."""
+        self._inbox.put(("rank_died", RankFailure(f"rank {rank} exited with code {code}")))
+
+    def _stop_ranks(self, failed: bool) -> None:
+        """Stop the follower ranks: told to (a clean stop), or killed by PID after a short wait (a failure: they
+        may be blocked in a collective with the rank that died)."""
+        if self._ranks is not None:
+            self._ranks.expect_exit()
+        if self._runner is not None and not failed:
+            self._runner.close()
+        if self._ranks is not None:
+            self._ranks.stop(timeout_s=1.0 if failed else self.config.stop_timeout_s)
 
     def _run(self) -> None:
         sched = self._scheduler
@@ -432,6 +474,8 @@ class TorchEngine:
             block = False
             if kind == "stop":
                 return True
+            if kind == "rank_died":
+                raise seq
             if kind == "add":
                 if seq.abandoned:
                     self._close_pulled(seq)
@@ -445,7 +489,8 @@ class TorchEngine:
     def _update_gauges(self) -> None:
         sched = self._scheduler
         assert sched is not None and self._cache is not None
-        self._stats.kv_usage = sched.kv_tokens / (self._cache.max_slots * self._cache.max_seq_len)
+        slots = sched.cache
+        self._stats.kv_usage = sched.kv_tokens / (slots.max_slots * slots.max_seq_len)
 
     def _close_pulled(self, seq: Sequence) -> None:
         if seq.pulled is not None:
@@ -463,10 +508,13 @@ class TorchEngine:
         if seq.pulled is None:
             return
         assert self._cache is not None
+        assert self._runner is not None
         try:
             n = seq.pulled.layout.num_tokens
-            seq.pulled.write_into(self._cache.slot_parts(seq.slot, n))  # device to device for CUDA IPC
+            self._runner.write_kv(seq.slot, seq.pulled)
             seq.num_computed = n
+        except RankFailure:
+            raise
         except Exception as e:  # closed under us, or bytes that don't fit: recompute instead
             log.warning("request %s: KV copy-in failed (%s); recomputing", seq.request_id, e)
             seq.num_computed, seq.cached_tokens = 0, 0
@@ -476,19 +524,14 @@ class TorchEngine:
             self._close_pulled(seq)
 
     def _step(self, plan: StepPlan) -> None:
-        assert self._model is not None and self._cache is not None and self._scheduler is not None
+        assert self._runner is not None and self._scheduler is not None
         try:
             decode = [(s.slot, s.num_computed, s.tokens[-1]) for s in plan.decode]
             if self._graphs is not None and not plan.prefill and len(decode) <= self._graphs.max_batch:
                 logits = self._graphs.run(decode)  # rows in plan.decode order, as plan.sample
             else:
-                batch = build_step(
-                    decode,
-                    [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill],
-                    plan.sample_rows + plan.score_rows,
-                    self.device,
-                )
-                logits = self._model.forward(batch, self._cache)
+                prefill = [(s.slot, start, s.tokens[start : start + n]) for s, start, n in plan.prefill]
+                logits = self._runner.forward(decode, prefill, plan.sample_rows + plan.score_rows)
                 if plan.score:
                     score_prompts(logits[len(plan.sample_rows) :], plan.score)
                     logits = logits[: len(plan.sample_rows)]
@@ -511,7 +554,11 @@ class TorchEngine:
             if any(f is not None for f in forced):
                 tokens = [t if f is None else f for t, f in zip(tokens, forced, strict=True)]
             logprobs = pick_logprobs(raw, plan.sample, tokens)
+        except RankFailure:
+            raise
         except Exception as e:
+            if self.plan.ranked:  # the ranks may be out of step now: not one request's failure
+                raise RankFailure(f"ranked step failed: {e}") from e
             log.exception("engine step failed; failing its %d sequences", len(plan.sequences))
             for seq in plan.sequences:
                 self._scheduler.remove(seq)
@@ -578,8 +625,10 @@ class TorchEngine:
         try:
             hold = self.exporter.allocate(layout, seq.request_id)
             seq.transfer_id = hold.transfer_id
-            self._cache.read(seq.slot, seq.num_computed, hold.tensors())
+            self._runner.read_kv(seq.slot, seq.num_computed, hold.tensors())
             desc = self.exporter.publish(hold)
+        except RankFailure:
+            raise
         except Exception as e:  # KvCapacityError, or the OS refusing shared memory
             if seq.transfer_id:
                 self.exporter.release(seq.transfer_id)

@@ -22,6 +22,7 @@ import torch
 
 from dynamo_lite.engines.reference.moe_mxfp4 import Mxfp4Experts, random_mxfp4
 from dynamo_lite.engines.reference.mxfp4 import dequantize_mxfp4
+from dynamo_lite.engines.reference.ranks import RankShard
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +175,16 @@ class GptOssWeights:
 
 
 def load_gpt_oss_weights(
-    folder: Path, config: GptOssConfig, dtype: torch.dtype, device: torch.device, mxfp4: bool = False
+    folder: Path,
+    config: GptOssConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    mxfp4: bool = False,
+    shard: RankShard | None = None,
 ) -> GptOssWeights:
     """Read ``folder``'s safetensors onto ``device`` in ``dtype``; MXFP4 experts stay packed with ``mxfp4``
-    (the checkpoint must store them so), else are dequantized to ``dtype``."""
+    (the checkpoint must store them so), else are dequantized to ``dtype``. ``shard``: only this rank's heads and
+    experts are read (``get_slice``: the other ranks' parts never leave the file)."""
     from safetensors import safe_open
 
     files = sorted(Path(folder).glob("*.safetensors"))
@@ -191,46 +198,81 @@ def load_gpt_oss_weights(
         for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
             where[key.removeprefix("model.")] = (str(path), key)
 
-    def raw(key: str) -> torch.Tensor:
+    def raw(key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
         found = where.pop(key, None)
         if found is None:
             raise UnsupportedGptOss(f"{folder}: weight {key!r} is missing")
-        return handles[found[0]].get_tensor(found[1])
+        if index is None:
+            return handles[found[0]].get_tensor(found[1])
+        return handles[found[0]].get_slice(found[1])[index]
 
-    def take(key: str, as_dtype: torch.dtype | None = None) -> torch.Tensor:
-        return raw(key).to(device=device, dtype=as_dtype or dtype).contiguous()
+    def take(
+        key: str, as_dtype: torch.dtype | None = None, index: tuple[slice, ...] | None = None
+    ) -> torch.Tensor:
+        return raw(key, index).to(device=device, dtype=as_dtype or dtype).contiguous()
+
+    hd, every = config.head_dim, slice(None)
+    q_rows = kv_rows = e_rows = cols = heads = None
+    first_heads = first_ffn = True
+    if shard is not None:
+        q_rows = (slice(shard.q_heads[0] * hd, shard.q_heads[1] * hd),)
+        kv_rows = (slice(shard.kv_heads[0] * hd, shard.kv_heads[1] * hd),)
+        e_rows = slice(*shard.experts)
+        heads = (slice(*shard.q_heads),)  # the sinks: one per query head
+        cols = shard.ffn_cols
+        first_heads, first_ffn = shard.first_of_heads, shard.first_of_ffn
 
     def experts(p: str, name: str) -> torch.Tensor | Mxfp4Experts:
         """``[experts, in, out]`` in ``dtype`` (the bf16/fp32 tensor, or MXFP4 blocks + scales stored as
-        ``[experts, out, in / 32, 16]`` dequantized), or with ``mxfp4`` the blocks + scales as they are."""
+        ``[experts, out, in / 32, 16]`` dequantized), or with ``mxfp4`` the blocks + scales as they are. A rank
+        reads its experts and its share of their intermediate columns (gate_up's outputs, down's inputs; gate
+        and up interleave, so a contiguous even range keeps each pair together)."""
+        gate_up = name == "gate_up_proj"
         if p + name + "_blocks" in where:
-            blocks, scales = raw(p + name + "_blocks").to(device), raw(p + name + "_scales").to(device)
+            index = idx_scales = None
+            if cols is not None:  # blocks [E, out, in / 32, 16], scales [E, out, in / 32]
+                if gate_up:
+                    index = idx_scales = (e_rows, slice(2 * cols[0], 2 * cols[1]))
+                else:
+                    index = idx_scales = (e_rows, every, slice(cols[0] // 32, cols[1] // 32))
+            blocks = raw(p + name + "_blocks", index).to(device)
+            scales = raw(p + name + "_scales", idx_scales).to(device)
             if mxfp4:
-                return Mxfp4Experts.from_checkpoint(blocks, scales)
+                return Mxfp4Experts.from_checkpoint(blocks.contiguous(), scales.contiguous())
             return dequantize_mxfp4(blocks, scales, dtype).transpose(1, 2).contiguous()
         if mxfp4:
             raise UnsupportedGptOss(f"{folder}: quantization mxfp4 needs MXFP4 experts; {p + name} is dense")
-        return take(p + name)
+        if cols is None:
+            return take(p + name)
+        if gate_up:  # [E, hidden, 2I]
+            return take(p + name, index=(e_rows, every, slice(2 * cols[0], 2 * cols[1])))
+        return take(p + name, index=(e_rows, slice(*cols)))  # down [E, I, hidden]
 
     layers = []
     for i in range(config.num_layers):
         p = f"layers.{i}."
         a = p + "self_attn."
+        rows = {"q": q_rows, "k": kv_rows, "v": kv_rows}
+        o_cols = None if q_rows is None else (every, q_rows[0])
+        e_cols = None if cols is None else (e_rows, slice(2 * cols[0], 2 * cols[1]))
+        down_bias = take(p + "mlp.experts.down_proj_bias", index=None if e_rows is None else (e_rows,))
+        o_bias = take(a + "o_proj.bias")
         layers.append(
             GptOssLayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
-                qkv=torch.cat([take(a + f"{n}_proj.weight") for n in "qkv"]).contiguous(),
-                qkv_bias=torch.cat([take(a + f"{n}_proj.bias") for n in "qkv"]).contiguous(),
-                o=take(a + "o_proj.weight"),
-                o_bias=take(a + "o_proj.bias"),
-                sinks=take(a + "sinks", torch.float32),
+                qkv=torch.cat([take(a + f"{n}_proj.weight", index=rows[n]) for n in "qkv"]).contiguous(),
+                qkv_bias=torch.cat([take(a + f"{n}_proj.bias", index=rows[n]) for n in "qkv"]).contiguous(),
+                o=take(a + "o_proj.weight", index=o_cols),
+                # A row-parallel sum adds a bias once: on the first rank of the ranks that sum it.
+                o_bias=o_bias if first_heads else torch.zeros_like(o_bias),
+                sinks=take(a + "sinks", torch.float32, index=heads),
                 post_norm=take(p + "post_attention_layernorm.weight"),
                 router=take(p + "mlp.router.weight"),
                 router_bias=take(p + "mlp.router.bias"),
                 gate_up=experts(p + "mlp.experts.", "gate_up_proj"),
-                gate_up_bias=take(p + "mlp.experts.gate_up_proj_bias"),
+                gate_up_bias=take(p + "mlp.experts.gate_up_proj_bias", index=e_cols),
                 down=experts(p + "mlp.experts.", "down_proj"),
-                down_bias=take(p + "mlp.experts.down_proj_bias"),
+                down_bias=down_bias if first_ffn else torch.zeros_like(down_bias),
             )
         )
     embed = take("embed_tokens.weight")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from dynamo_lite.engines.reference import moe
 from dynamo_lite.engines.reference.attention import decode_attention_sinks, prefill_attention
+from dynamo_lite.engines.reference.collectives import ONE_RANK, Collectives
 from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, GptOssWeights, yarn_rope
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.linear import make_linear
@@ -38,8 +39,12 @@ class GptOssModel:
         weights: GptOssWeights,
         max_seq_len: int,
         decode_attention: DecodeAttention | None = None,
+        comm: Collectives = ONE_RANK,
+        first_expert: int = 0,
     ) -> None:
-        self.config = config
+        self.config = config  # a rank's: its number of heads (``ranks.RankShard``)
+        self.comm = comm
+        self.first_expert = first_expert  # this rank's experts are first_expert.. (expert parallel)
         self.weights = weights
         self.decode_attention = decode_attention
         self.device = weights.embed.device
@@ -89,10 +94,22 @@ class GptOssModel:
         return qkv
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        cfg, lw = self.config, self.weights.layers[i]
+        lw = self.weights.layers[i]
         h = self._rms_norm(x, lw.post_norm)
+        return x + self.comm.ffn(h, lambda rows: self._routed_experts(i, rows))
+
+    def _routed_experts(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        cfg, lw = self.config, self.weights.layers[i]
         weights, ids = moe.route(h, lw.router, lw.router_bias, cfg.experts_per_token)
-        out = self._experts(
+        held = lw.gate_up_bias.shape[0]
+        if held != cfg.num_experts:
+            # Expert parallel: pairs routed to another rank's expert weigh 0 here (that rank adds them); their id
+            # points at a local expert so every kernel sees valid ids, at the cost of computing a row it drops.
+            local = ids - self.first_expert
+            mine = (local >= 0) & (local < held)
+            weights = weights * mine
+            ids = torch.where(mine, local, torch.zeros_like(local))
+        return self._experts(
             h,
             weights,
             ids,
@@ -103,7 +120,6 @@ class GptOssModel:
             cfg.swiglu_limit,
             cfg.swiglu_alpha,
         )
-        return x + out
 
     def _decode(
         self, q: torch.Tensor, i: int, cache: KvCache, slots: torch.Tensor, lens: torch.Tensor
@@ -187,7 +203,7 @@ class GptOssModel:
                 attn[sl] = prefill_attention(
                     q[sl], ks, vs, c.start, k_start, layer_window, layer.sinks, self.scale
                 )
-            x = x + self._o[i](attn)
+            x = x + self.comm.attention_out(self._o[i](attn))
             x = self._mlp(i, x)
 
         x = x[batch.sample_rows]
@@ -219,7 +235,8 @@ class GptOssModel:
                 0, ring_store if windowed else store, qkv[:, q_dim:].reshape(-1, hd)
             )
             q = qkv[:, :q_dim].view(num_tokens, nh, hd)
-            x = x + self._o[i](self._decode(q, i, cache, slots, lens_window if windowed else lens))
+            attn = self._decode(q, i, cache, slots, lens_window if windowed else lens)
+            x = x + self.comm.attention_out(self._o[i](attn))
             x = self._mlp(i, x)
         x = self._rms_norm(x, w.norm)
         return self._lm_head(x).float()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, UnsupportedGptOss
+from dynamo_lite.engines.reference.ranks import RankShard
 from dynamo_lite.model_files import ModelFiles, ensure_weights
 
 __all__ = [
@@ -175,60 +176,89 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(folder: Path, config: LlamaConfig, dtype: torch.dtype, device: torch.device) -> LlamaWeights:
-    """Read ``folder``'s safetensors, fuse the projections, cast to ``dtype`` on ``device``."""
+def load_weights(
+    folder: Path,
+    config: LlamaConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    shard: RankShard | None = None,
+) -> LlamaWeights:
+    """Read ``folder``'s safetensors, fuse the projections, cast to ``dtype`` on ``device``. ``shard``: only this
+    rank's part of the sharded matrices is read (``safe_open.get_slice``: the rest never leaves the file)."""
     from safetensors import safe_open
 
-    raw: dict[str, torch.Tensor] = {}
-    for path in _safetensors_files(Path(folder)):
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                raw[key.removeprefix("model.")] = f.get_tensor(key)
+    handles = [safe_open(str(path), framework="pt") for path in _safetensors_files(Path(folder))]
+    where = {key.removeprefix("model."): (f, key) for f in handles for key in f.keys()}  # noqa: SIM118
+    hd = config.head_dim
 
-    def take(key: str) -> torch.Tensor:
+    def take(
+        key: str, rows: tuple[int, int] | None = None, cols: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         try:
-            t = raw.pop(key)
+            f, name = where.pop(key)
         except KeyError:
             raise UnsupportedModel(f"{folder}: weight {key!r} is missing") from None
+        if rows is None and cols is None:
+            t = f.get_tensor(name)
+        elif cols is None:
+            t = f.get_slice(name)[rows[0] : rows[1]]
+        else:
+            t = f.get_slice(name)[:, cols[0] : cols[1]]
         return t.to(device=device, dtype=dtype).contiguous()
 
-    def maybe(key: str) -> torch.Tensor | None:
-        return take(key) if key in raw else None
+    def maybe(key: str, rows: tuple[int, int] | None = None) -> torch.Tensor | None:
+        return take(key, rows) if key in where else None
 
     def cat(*ts: torch.Tensor | None) -> torch.Tensor | None:
         return None if any(t is None for t in ts) else torch.cat(ts, dim=0).contiguous()  # type: ignore[arg-type]
 
+    q_rows = kv_rows = ffn = None
+    first_heads = first_ffn = True
+    if shard is not None:
+        q_rows = (shard.q_heads[0] * hd, shard.q_heads[1] * hd)
+        kv_rows = (shard.kv_heads[0] * hd, shard.kv_heads[1] * hd)
+        ffn, first_heads, first_ffn = shard.ffn_cols, shard.first_of_heads, shard.first_of_ffn
+
     layers = []
     for i in range(config.num_layers):
         p = f"layers.{i}."
+        a = p + "self_attn."
         q, k, v = (
-            take(p + "self_attn.q_proj.weight"),
-            take(p + "self_attn.k_proj.weight"),
-            take(p + "self_attn.v_proj.weight"),
+            take(a + "q_proj.weight", q_rows),
+            take(a + "k_proj.weight", kv_rows),
+            take(a + "v_proj.weight", kv_rows),
         )
-        qb, kb, vb = (maybe(p + f"self_attn.{n}_proj.bias") for n in "qkv")
-        gate, up = take(p + "mlp.gate_proj.weight"), take(p + "mlp.up_proj.weight")
-        gb, ub = maybe(p + "mlp.gate_proj.bias"), maybe(p + "mlp.up_proj.bias")
+        qb, kb, vb = (
+            maybe(a + "q_proj.bias", q_rows),
+            maybe(a + "k_proj.bias", kv_rows),
+            maybe(a + "v_proj.bias", kv_rows),
+        )
+        gate, up = take(p + "mlp.gate_proj.weight", ffn), take(p + "mlp.up_proj.weight", ffn)
+        gb, ub = maybe(p + "mlp.gate_proj.bias", ffn), maybe(p + "mlp.up_proj.bias", ffn)
+        # A row-parallel projection's bias is added by one rank: the all-reduce sums it in once.
+        o_bias, down_bias = maybe(a + "o_proj.bias"), maybe(p + "mlp.down_proj.bias")
         layers.append(
             LayerWeights(
                 input_norm=take(p + "input_layernorm.weight"),
                 qkv=torch.cat([q, k, v], dim=0).contiguous(),
                 qkv_bias=cat(qb, kb, vb),
-                o=take(p + "self_attn.o_proj.weight"),
-                o_bias=maybe(p + "self_attn.o_proj.bias"),
+                o=take(a + "o_proj.weight", cols=q_rows),
+                o_bias=o_bias if first_heads else None,
                 post_norm=take(p + "post_attention_layernorm.weight"),
                 gate_up=torch.cat([gate, up], dim=0).contiguous(),
                 gate_up_bias=cat(gb, ub),
-                down=take(p + "mlp.down_proj.weight"),
-                down_bias=maybe(p + "mlp.down_proj.bias"),
+                down=take(p + "mlp.down_proj.weight", cols=ffn),
+                down_bias=down_bias if first_ffn else None,
             )
         )
         del q, k, v, gate, up
     embed = take("embed_tokens.weight")
-    head = raw.pop("lm_head.weight", None)
-    lm_head = embed if head is None or config.tie_word_embeddings else head.to(device=device, dtype=dtype)
+    head = where.pop("lm_head.weight", None)
+    lm_head = embed
+    if head is not None and not config.tie_word_embeddings:
+        lm_head = head[0].get_tensor(head[1]).to(device=device, dtype=dtype)
     norm = take("norm.weight")
-    rest = [k for k in raw if "rotary_emb" not in k]
+    rest = [k for k in where if "rotary_emb" not in k]
     if rest:
         log.warning("%s: ignoring %d unused weights, e.g. %s", folder, len(rest), rest[:3])
     return LlamaWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head.contiguous())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dynamo_lite.engines.reference.collectives import ONE_RANK, Collectives
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.linear import LinearFn, make_linear
 from dynamo_lite.engines.reference.loader import LlamaConfig, LlamaWeights, inverse_rope_frequencies
@@ -140,6 +141,10 @@ class _LayerOps:
     gate_up: LinearFn
     down: LinearFn
 
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate).mul_(up))
+
 
 class LlamaModel:
     """Weights plus the RoPE tables; ``forward`` runs one step and returns logits of the sampled rows.
@@ -157,8 +162,10 @@ class LlamaModel:
         max_seq_len: int,
         decode_attention: DecodeAttention | None = None,
         quantization: str = "none",
+        comm: Collectives = ONE_RANK,
     ) -> None:
-        self.config = config
+        self.config = config  # a rank's: its number of heads (``ranks.RankShard``)
+        self.comm = comm
         self.decode_attention = decode_attention
         self.weights = weights
         self.device = weights.embed.device
@@ -201,7 +208,7 @@ class LlamaModel:
         q_dim, kv_dim = nh * hd, nkv * hd
         num_tokens = batch.input_ids.shape[0]
         nd = batch.num_decode
-        decode_only = nd == num_tokens
+        decode_only = nd == num_tokens and nd > 0  # an attention-DP rank may have no tokens in a step
 
         x = F.embedding(batch.input_ids, w.embed)
         cos = self.cos[batch.positions].unsqueeze(1)  # [T, 1, D]: broadcast over heads
@@ -259,10 +266,9 @@ class LlamaModel:
                     attn[sl] = o[0].transpose(0, 1).reshape(chunk.length, q_dim)
                 out = attn
 
-            x = x + ops.o(out)
+            x = x + self.comm.attention_out(ops.o(out))
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = ops.gate_up(h).chunk(2, dim=-1)
-            x = x + ops.down(F.silu(gate).mul_(up))
+            x = x + self.comm.ffn(h, ops.mlp)
 
         x = x[batch.sample_rows]
         x = self._rms_norm(x, w.norm)
@@ -296,10 +302,9 @@ class LlamaModel:
             rows.index_copy_(0, store, qkv[:, q_dim:].reshape(-1, hd))
             q = qkv[:, :q_dim].view(num_tokens, nh, hd)
             out = self.decode_attention(q, k_cache, v_cache, slots, lens, self.scale)
-            x = x + ops.o(out)
+            x = x + self.comm.attention_out(ops.o(out))
             h = self._rms_norm(x, layer.post_norm)
-            gate, up = ops.gate_up(h).chunk(2, dim=-1)
-            x = x + ops.down(F.silu(gate).mul_(up))
+            x = x + self.comm.ffn(h, ops.mlp)
         x = self._rms_norm(x, w.norm)
         return self._lm_head(x).float()
 

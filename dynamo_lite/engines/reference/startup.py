@@ -7,6 +7,7 @@ The step loop that runs on them is ``engine.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ import torch
 
 from dynamo_lite.engines.base import EngineError
 from dynamo_lite.engines.reference import decode_attention
+from dynamo_lite.engines.reference.collectives import ONE_RANK, HeadParallel, SequenceParallel
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.cpu_capability import detect_cpu
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
@@ -28,7 +30,10 @@ from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.kv_cache import KvCache, slot_nbytes
 from dynamo_lite.engines.reference.linear import int4_supported, int8_supported
 from dynamo_lite.engines.reference.loader import checkpoint_quantization, load_weights
-from dynamo_lite.engines.reference.model import LlamaModel, build_step
+from dynamo_lite.engines.reference.model import LlamaModel
+from dynamo_lite.engines.reference.rank_comm import RankComm
+from dynamo_lite.engines.reference.rank_runner import LocalRunner, RankDriver, RankState, Runner
+from dynamo_lite.engines.reference.ranks import ParallelPlan, check_divides, shard_for, sharded_nbytes
 from dynamo_lite.engines.reference.scheduler import Scheduler
 from dynamo_lite.kv import KvExporter, KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
@@ -78,6 +83,8 @@ class EngineSetup:
         kv_config: KvTransferConfig,
         exporter: KvExporter | None,
         on_kv_event: Callable[[tuple[int, list[int]]], None],
+        plan: ParallelPlan | None = None,
+        comms: tuple[RankComm, RankComm] | None = None,
     ) -> None:
         self.config = config
         self.model_files = model_files
@@ -93,6 +100,10 @@ class EngineSetup:
         self.graphs: DecodeGraphs | None = None
         self.pool: CudaKvPool | None = None
         self.scheduler: Scheduler | None = None
+        self.plan = plan or ParallelPlan()
+        self.comms = comms  # (control, data) of this rank when ranked
+        self.state: RankState | None = None  # this rank's share of every command (ranked)
+        self.runner: Runner | None = None  # what the engine thread steps through (rank 0)
 
     def load(self) -> None:
         """Weights, CUDA KV pool (prefill workers on CUDA), KV cache, decode graphs (captured by ``warmup``) and
@@ -106,13 +117,16 @@ class EngineSetup:
         graph_safe = (
             model.graph_safe if isinstance(model, GptOssModel) else model.decode_attention is not None
         )
-        use_graphs = self.device.type == "cuda" and self.config.cuda_graphs and graph_safe
+        # Ranks run eagerly: a captured step could not take part in the collectives of another rank's step.
+        use_graphs = (
+            self.device.type == "cuda" and self.config.cuda_graphs and graph_safe and not self.plan.ranked
+        )
         if self.device.type == "cuda" and self.config.cuda_graphs and not graph_safe:
             log.warning("decode steps run eagerly: no CUDA graphs without the Triton decode attention%s",
                         " and grouped expert products" if isinstance(model, GptOssModel) else "")  # fmt: skip
         self.cache = KvCache(
             cfg.num_layers,
-            cfg.num_kv_heads,
+            self.model.config.num_kv_heads,  # this rank's
             cfg.head_dim,
             self._slots(extra=1 if use_graphs else 0),
             self.max_seq_len,
@@ -122,13 +136,32 @@ class EngineSetup:
         )
         if use_graphs:  # a slot never given out: padded graph rows write there
             self.graphs = DecodeGraphs(self.model, self.cache, self.cache.allocate(), self.cache.free_slots)
-        if self.config.enable_prefix_caching and self.cache.windowed_layers:
+        if self.config.enable_prefix_caching and self.plan.ranked:
+            log.warning("prefix caching is off: not implemented across ranks")
+        elif self.config.enable_prefix_caching and self.cache.windowed_layers:
             # A freed slot's window layers hold only their last positions, not a reusable prefix.
             log.warning("prefix caching is off: this model has sliding-window layers")
         elif self.config.enable_prefix_caching:
             self.cache.prefix_block = self.config.kv_block_size
             self.cache.on_kv_event = self.on_kv_event
-        self.scheduler = Scheduler(self.cache, self.config.max_num_tokens)
+        if self.plan.ranked:
+            assert self.comms is not None
+            control, data = self.comms
+            shards = [shard_for(cfg, self.plan.for_rank(r)) for r in range(self.plan.size)]
+            self.state = RankState(self.plan, self.model, self.cache, data, shards, self.device)
+            self.state.gather_weight_bytes(
+                control, sharded_nbytes(self.model.weights, attention=not self.plan.attention_dp)
+            )
+            if self.plan.rank == 0:
+                log.info(
+                    "torch engine: %s; sharded weights per rank %s MiB",
+                    self.plan.describe(),
+                    [round(b / 2**20, 1) for b in self.state.weight_bytes],
+                )
+            self.runner = RankDriver(self.state, control, cfg.num_kv_heads)
+        else:
+            self.runner = LocalRunner(self.model, self.cache, self.device)
+        self.scheduler = Scheduler(self.runner.slots, self.config.max_num_tokens)
         log.info(
             "torch engine: %s loaded in %.1f s (%s%s, %s, %d slots x %d tokens, KV cache %.0f MiB virtual)",
             self.model_files.folder.name,
@@ -142,27 +175,45 @@ class EngineSetup:
         )
 
     def _build_model(self) -> LlamaModel | GptOssModel:
-        """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture."""
+        """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture;
+        ranked, this rank's shard of them, the model told its own number of heads and how to exchange."""
         cfg, dev = self.model_config, self.device
         quantization = self.config.quantization
+        shard, comm, local_cfg = None, ONE_RANK, cfg
+        if self.plan.ranked:
+            assert self.comms is not None
+            check_divides(cfg, self.plan, mxfp4=quantization == "mxfp4")
+            shard = shard_for(cfg, self.plan)
+            local_cfg = dataclasses.replace(cfg, num_heads=shard.num_heads, num_kv_heads=shard.num_kv_heads)
+            data = self.comms[1]
+            comm = SequenceParallel(data) if self.plan.attention_dp else HeadParallel(data)
         if isinstance(cfg, GptOssConfig):
             if quantization not in ("none", "mxfp4"):
                 raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
             mxfp4 = quantization == "mxfp4"
             if self.config.load_format == "dummy":
+                if shard is not None:  # its generators draw whole tensors: every rank would make all of them
+                    raise EngineError(
+                        "load_format dummy runs on one rank (read a checkpoint for ranks)", status=400
+                    )
                 weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
             else:
                 folder = ensure_weights(self.model_files).folder
-                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4)
-            model = GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4, shard=shard)
+            first_expert = shard.experts[0] if shard is not None else 0
+            model = GptOssModel(
+                local_cfg, weights, self.max_seq_len, self._decode_attention(), comm, first_expert
+            )
             log.info("torch engine: gpt-oss experts run as %s", model.moe_impl)
             return model
         if quantization == "mxfp4":
             raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
         if self.config.load_format == "dummy":
             raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
-        weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
-        return LlamaModel(cfg, weights, self.max_seq_len, self._decode_attention(), self.config.quantization)
+        weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev, shard=shard)
+        return LlamaModel(
+            local_cfg, weights, self.max_seq_len, self._decode_attention(), self.config.quantization, comm
+        )
 
     def _decode_attention(self) -> Any:
         """The Triton decode attention on CUDA, if it runs here and agrees with the reference; else None
@@ -226,16 +277,17 @@ class EngineSetup:
 
     def warmup(self) -> None:
         """One short prefill and decode step in slot 0; the first forward is several times slower."""
-        assert self.model is not None and self.cache is not None
-        slot = self.cache.allocate()
+        assert self.runner is not None
+        slots = self.runner.slots
+        slot = slots.allocate()
         try:
             ids = list(range(1, 9))
-            self.model.forward(build_step([], [(slot, 0, ids)], [len(ids) - 1], self.device), self.cache)
-            eager = self.model.forward(build_step([(slot, len(ids), 1)], [], [0], self.device), self.cache)
+            self.runner.forward([], [(slot, 0, ids)], [len(ids) - 1])
+            eager = self.runner.forward([(slot, len(ids), 1)], [], [0])
             if self.graphs is not None:
                 self._capture_graphs(slot, len(ids), eager)
         finally:
-            self.cache.free(slot)
+            slots.free(slot)
 
     def _capture_graphs(self, slot: int, position: int, eager: torch.Tensor) -> None:
         """Capture the decode graphs and check one replay against the eager step it replaces."""

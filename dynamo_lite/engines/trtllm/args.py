@@ -181,6 +181,8 @@ def flag_args(settings: EngineSettings, model: str, model_max_seq_len: int | Non
         _set(args, path, value)
     if not settings.given("max_seq_len") and model_max_seq_len:
         args["max_seq_len"] = model_max_seq_len
+    if settings.enable_attention_dp:  # a switch: only its "on" is passed, TensorRT-LLM's default is off
+        args["enable_attention_dp"] = True
     if settings.role in DISAGGREGATED_ROLES:
         args["cache_transceiver_config"] = {"backend": "DEFAULT"}
     if settings.role == Role.PREFILL:

@@ -212,22 +212,32 @@ def test_auto_keeps_mxfp4_experts_packed_on_cuda_only(checkpoint: Path, tmp_path
     assert resolved(checkpoint, "cpu") == "none"
 
 
-def test_the_torch_engine_refuses_ranks_it_does_not_have() -> None:
+def test_the_torch_engine_takes_ranks_and_refuses_sizes_it_cannot_split() -> None:
     from dynamo_lite.engines.base import EngineSettings
     from dynamo_lite.engines.reference import ConfigError, from_settings
 
-    with pytest.raises(ConfigError, match="--tensor-parallel-size 4: the torch engine runs one rank"):
-        from_settings(EngineSettings(tensor_parallel_size=4))
-    with pytest.raises(ConfigError, match="moe_expert_parallel_size in seed.yaml 4"):
+    seed = from_settings(
+        EngineSettings(
+            tensor_parallel_size=4,
+            expert_parallel_size=4,
+            extra={"enable_attention_dp": True},
+            extra_source="decode.yaml",
+        )
+    )
+    assert (seed.tensor_parallel_size, seed.expert_parallel_size, seed.enable_attention_dp) == (4, 4, True)
+    with pytest.raises(ConfigError, match="expert parallel size 4 must divide the tensor parallel size 1"):
         from_settings(EngineSettings(extra={"moe_expert_parallel_size": 4}, extra_source="seed.yaml"))
+    with pytest.raises(ConfigError, match="tensor_parallel_size in seed.yaml 0: must be a positive integer"):
+        from_settings(EngineSettings(extra={"tensor_parallel_size": 0}, extra_source="seed.yaml"))
     assert from_settings(EngineSettings(tensor_parallel_size=1)).quantization == "auto"
 
 
-def test_worker_with_tensor_parallel_exits_with_a_clear_message() -> None:
+def test_worker_with_sizes_it_cannot_split_exits_with_a_clear_message() -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "dynamo_lite.worker", "--engine", "torch", "--tensor-parallel-size", "4"],
+        [sys.executable, "-m", "dynamo_lite.worker", "--engine", "torch", "--tensor-parallel-size", "4",
+         "--expert-parallel-size", "3"],
         capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert run.returncode != 0
-    assert "--tensor-parallel-size 4: the torch engine runs one rank" in run.stderr + run.stdout
+    assert "expert parallel size 3 must divide the tensor parallel size 4" in run.stderr + run.stdout
     assert "Traceback" not in run.stderr

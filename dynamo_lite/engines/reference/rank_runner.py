@@ -1,0 +1,343 @@
+"""What the engine thread runs a step and moves a sequence's KV through: its one rank, or rank 0 driving N.
+
+``LocalRunner`` (one rank) builds the step and runs the model. ``RankDriver`` (rank 0 of N) broadcasts each
+step's work to the other ranks as a ``rank_comm.Step`` (batch composition, token ids, positions, slots: a few
+hundred bytes of msgpack), runs its own share and returns the logits to sample from; the followers run
+``follow``: receive a command, run it, until ``Stop`` or a dead peer.
+
+Head-split ranks all run the same tokens over their head shard of the KV cache; rank 0's logits are the answer.
+Attention-DP ranks each run their own sequences: the scheduler's slots are numbered over all ranks
+(``SlotSpace``: slot ``g`` is local slot ``g % S`` of rank ``g // S``), rank 0 splits the step by owner and
+gathers the sampled rows' logits back.
+
+A sequence's KV crosses the ranks through rank 0 in the one-rank layout (all KV heads), which is what the KV
+descriptor and the transports carry: an import is scattered as head shards (or sent whole to the owning
+attention-DP rank), an export gathered the same way. So any layout hands off to any other (TP2 → TP1, TP1 → TP2,
+head-split prefill → attention-DP decode), at the price of one extra copy through rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import torch
+
+from dynamo_lite.engines.reference.collectives import SequenceParallel
+from dynamo_lite.engines.reference.kv_cache import KvCache, NoFreeSlot
+from dynamo_lite.engines.reference.model import build_step
+from dynamo_lite.engines.reference.rank_comm import Command, KvRead, KvWrite, RankComm, RankStep, Step, Stop
+from dynamo_lite.engines.reference.ranks import ParallelPlan, RankShard
+
+log = logging.getLogger(__name__)
+
+
+class RankFailure(RuntimeError):
+    """A rank died or a collective failed: the ranks can no longer step together."""
+
+
+Decode = list[tuple[int, int, int]]
+Prefill = list[tuple[int, int, list[int]]]
+
+
+class Runner(Protocol):
+    """The engine thread's view of the model, whatever the number of ranks."""
+
+    slots: Any  # what the scheduler allocates slots from: a ``KvCache`` or a ``SlotSpace``
+
+    def forward(self, decode: Decode, prefill: Prefill, sample_rows: list[int]) -> torch.Tensor: ...
+
+    def read_kv(self, slot: int, num_tokens: int, out: list[torch.Tensor]) -> None: ...
+
+    def write_kv(self, slot: int, pulled: Any) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SlotSpace:
+    """Slots numbered over every attention-DP rank, each rank's ``per_rank`` slots in a row; a new sequence goes
+    to the rank with the most free slots (lowest rank on a tie), so work spreads evenly."""
+
+    def __init__(self, size: int, per_rank: int, max_seq_len: int) -> None:
+        self.size = size
+        self.per_rank = per_rank
+        self.max_slots = size * per_rank
+        self.max_seq_len = max_seq_len
+        self._free = [list(range(per_rank - 1, -1, -1)) for _ in range(size)]
+
+    @property
+    def free_slots(self) -> int:
+        return sum(len(f) for f in self._free)
+
+    def owner(self, slot: int) -> tuple[int, int]:
+        """``(rank, local slot)``."""
+        return divmod(slot, self.per_rank)
+
+    def allocate(self) -> int:
+        rank = max(range(self.size), key=lambda r: (len(self._free[r]), -r))
+        if not self._free[rank]:
+            raise NoFreeSlot("all KV slots are in use")
+        return rank * self.per_rank + self._free[rank].pop()
+
+    def allocate_for(self, tokens: list[int] | None) -> tuple[int, int]:
+        return self.allocate(), 0  # no prefix caching across ranks
+
+    def free(self, slot: int, tokens: list[int] | None = None) -> None:
+        rank, local = self.owner(slot)
+        if not 0 <= slot < self.max_slots or local in self._free[rank]:
+            raise ValueError(f"slot {slot} is not allocated")
+        self._free[rank].append(local)
+        self._free[rank].sort(reverse=True)
+
+
+class RankState:
+    """One rank's model shard, KV cache and data group: runs the commands every rank runs alike."""
+
+    def __init__(
+        self,
+        plan: ParallelPlan,
+        model: Any,
+        cache: KvCache,
+        data: RankComm | None,
+        shards: list[RankShard],
+        device: torch.device,
+    ) -> None:
+        self.plan = plan
+        self.model = model
+        self.cache = cache
+        self.data = data
+        self.shards = shards  # every rank's, for rank 0 to cut and place KV heads
+        self.device = device
+        self.kv_bytes_moved = 0  # KV bytes this rank sent or received for imports and exports
+        self.weight_bytes: list[int] = []  # rank 0: every rank's bytes of sharded weights (``ranks``)
+
+    def gather_weight_bytes(self, control: RankComm, mine: int) -> None:
+        """Collect each rank's sharded-weight bytes on rank 0 (what a test or a log line checks: ~1/N each)."""
+        t = torch.tensor([mine], dtype=torch.int64)
+        out = [torch.empty_like(t) for _ in range(self.plan.size)] if self.plan.rank == 0 else None
+        control.gather(out, t)
+        if out is not None:
+            self.weight_bytes = [int(x) for x in out]
+
+    def run(self, command: Command, kv: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        if isinstance(command, Step):
+            return self.step(command)
+        if isinstance(command, KvWrite):
+            self.write_kv(command, kv)
+        elif isinstance(command, KvRead):
+            self.read_kv(command, kv)
+        return None
+
+    def step(self, step: Step) -> torch.Tensor | None:
+        """Run this rank's part; rank 0 gets the logits of every part's sampled rows, in part order."""
+        plan = self.plan
+        part = step.parts[plan.rank] if plan.attention_dp else step.parts[0]
+        comm = self.model.comm
+        if isinstance(comm, SequenceParallel):
+            comm.rows = [len(p.decode) + sum(len(t) for _, _, t in p.prefill) for p in step.parts]
+        batch = build_step(part.decode, part.prefill, part.sample_rows, self.device)
+        logits = self.model.forward(batch, self.cache)
+        if not plan.attention_dp or plan.size == 1:
+            return logits if plan.rank == 0 else None
+        assert self.data is not None
+        counts = [len(p.sample_rows) for p in step.parts]
+        most = max(counts)
+        if most == 0:
+            return logits if plan.rank == 0 else None
+        padded = logits.new_zeros(most, logits.shape[1])
+        padded[: logits.shape[0]] = logits
+        out = [torch.empty_like(padded) for _ in counts] if plan.rank == 0 else None
+        self.data.gather(out, padded)
+        if out is None:
+            return None
+        return torch.cat([o[:n] for o, n in zip(out, counts, strict=True)])
+
+    def write_kv(self, cmd: KvWrite, full: list[torch.Tensor] | None) -> None:
+        """Take a sequence's KV into local slot ``cmd.slot``: rank 0 holds it whole (``full``, one-rank layout)."""
+        data, rank = self.data, self.plan.rank
+        mine = self.cache.slot_parts(cmd.slot, cmd.num_tokens)
+        if cmd.owner >= 0:  # attention-DP: the owner gets every head
+            if cmd.owner == rank == 0:
+                assert full is not None
+                for dst, src in zip(mine, full, strict=True):
+                    dst.copy_(src)
+            elif rank == 0:
+                assert data is not None and full is not None
+                for src in full:
+                    data.send(src.contiguous(), cmd.owner)
+                    self.kv_bytes_moved += src.nbytes
+            elif rank == cmd.owner:
+                assert data is not None
+                for dst in mine:
+                    buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+                    data.recv(buf, 0)
+                    dst.copy_(buf)
+                    self.kv_bytes_moved += buf.nbytes
+            return
+        assert data is not None
+        for i, dst in enumerate(mine):
+            buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+            parts = None
+            if rank == 0:
+                assert full is not None
+                parts = [full[i][:, :, slice(*s.kv_heads)].contiguous() for s in self.shards]
+                self.kv_bytes_moved += sum(p.nbytes for p in parts[1:])
+            else:
+                self.kv_bytes_moved += buf.nbytes
+            data.scatter(buf, parts)
+            dst.copy_(buf)
+
+    def read_kv(self, cmd: KvRead, out: list[torch.Tensor] | None) -> None:
+        """Hand local slot ``cmd.slot``'s KV to rank 0, which assembles it whole into ``out``."""
+        data, rank = self.data, self.plan.rank
+        mine = self.cache.slot_parts(cmd.slot, cmd.num_tokens)
+        if cmd.owner >= 0:
+            if cmd.owner == rank == 0:
+                assert out is not None
+                for dst, src in zip(out, mine, strict=True):
+                    dst.copy_(src)
+            elif rank == 0:
+                assert data is not None and out is not None
+                for dst in out:
+                    buf = torch.empty(dst.shape, dtype=dst.dtype, device=dst.device)
+                    data.recv(buf, cmd.owner)
+                    dst.copy_(buf)
+                    self.kv_bytes_moved += buf.nbytes
+            elif rank == cmd.owner:
+                assert data is not None
+                for src in mine:
+                    data.send(src.contiguous(), 0)
+                    self.kv_bytes_moved += src.nbytes
+            return
+        assert data is not None
+        for i, src in enumerate(mine):
+            local = src.contiguous()
+            gathered = [torch.empty_like(local) for _ in self.shards] if rank == 0 else None
+            data.gather(gathered, local)
+            # What crossed between ranks: a follower's shard, or on rank 0 every other rank's.
+            self.kv_bytes_moved += local.nbytes * (len(self.shards) - 1 if rank == 0 else 1)
+            if gathered is not None:
+                assert out is not None
+                for shard, part in zip(self.shards, gathered, strict=True):
+                    out[i][:, :, slice(*shard.kv_heads)].copy_(
+                        part
+                    )  # a replicated head: the same bytes again
+
+
+class LocalRunner:
+    """One rank: build the step, run the model, copy KV in and out of the cache."""
+
+    def __init__(self, model: Any, cache: KvCache, device: torch.device) -> None:
+        self.model = model
+        self.cache = cache
+        self.slots: Any = cache
+        self.device = device
+
+    def forward(self, decode: Decode, prefill: Prefill, sample_rows: list[int]) -> torch.Tensor:
+        return self.model.forward(build_step(decode, prefill, sample_rows, self.device), self.cache)
+
+    def read_kv(self, slot: int, num_tokens: int, out: list[torch.Tensor]) -> None:
+        self.cache.read(slot, num_tokens, out)
+
+    def write_kv(self, slot: int, pulled: Any) -> None:
+        pulled.write_into(
+            self.cache.slot_parts(slot, pulled.layout.num_tokens)
+        )  # device to device (CUDA IPC)
+
+    def close(self) -> None:
+        pass
+
+
+class RankDriver:
+    """Rank 0 of N: sends every command to the followers first, then runs its own share of it."""
+
+    def __init__(self, state: RankState, control: RankComm, full_kv_heads: int) -> None:
+        self.state = state
+        self.control = control
+        self.plan = state.plan
+        self.cache = state.cache
+        self.full_kv_heads = full_kv_heads
+        self.slots: Any = (
+            SlotSpace(self.plan.size, state.cache.max_slots, state.cache.max_seq_len)
+            if self.plan.attention_dp
+            else state.cache
+        )
+        self._stopped = False
+
+    def _send(self, command: Command, kv: list[torch.Tensor] | None = None) -> torch.Tensor | None:
+        try:
+            self.control.send_command(command)
+            return self.state.run(command, kv)
+        except RuntimeError as e:  # gloo/NCCL: a peer gone or timed out
+            raise RankFailure(f"ranks failed during {type(command).__name__}: {e}") from e
+
+    def forward(self, decode: Decode, prefill: Prefill, sample_rows: list[int]) -> torch.Tensor:
+        if not self.plan.attention_dp:
+            logits = self._send(Step([RankStep(decode, prefill, sample_rows)]))
+            assert logits is not None
+            return logits
+        space = self.slots
+        parts = [RankStep([], [], []) for _ in range(self.plan.size)]
+        where: list[tuple[int, int]] = []  # flat row of the whole step -> (rank, row in the rank's part)
+        for slot, position, token in sorted(decode):
+            rank, local = space.owner(slot)
+            where.append((rank, len(parts[rank].decode)))
+            parts[rank].decode.append((local, position, token))
+        fed = [len(p.decode) for p in parts]
+        for slot, start, tokens in prefill:
+            rank, local = space.owner(slot)
+            parts[rank].prefill.append((local, start, tokens))
+            where.extend((rank, fed[rank] + j) for j in range(len(tokens)))
+            fed[rank] += len(tokens)
+        order: list[tuple[int, int]] = []  # each sampled row -> (rank, index among that rank's sampled rows)
+        for row in sample_rows:
+            rank, local_row = where[row]
+            order.append((rank, len(parts[rank].sample_rows)))
+            parts[rank].sample_rows.append(local_row)
+        logits = self._send(Step(parts))
+        assert logits is not None
+        first = [0] * self.plan.size
+        for rank in range(1, self.plan.size):
+            first[rank] = first[rank - 1] + len(parts[rank - 1].sample_rows)
+        index = torch.tensor([first[r] + i for r, i in order], dtype=torch.int64, device=logits.device)
+        return logits[index]
+
+    def _kv_target(self, slot: int) -> tuple[int, int]:
+        """``(local slot, owner)``: owner -1 when every rank holds a head shard of the slot."""
+        if self.plan.attention_dp:
+            rank, local = self.slots.owner(slot)
+            return local, rank
+        return slot, -1
+
+    def read_kv(self, slot: int, num_tokens: int, out: list[torch.Tensor]) -> None:
+        local, owner = self._kv_target(slot)
+        self._send(KvRead(local, num_tokens, owner), out)
+
+    def write_kv(self, slot: int, pulled: Any) -> None:
+        local, owner = self._kv_target(slot)
+        layout = pulled.layout
+        full = [
+            torch.empty(shape, dtype=self.cache.dtype, device=self.cache.device) for shape, _ in layout.parts
+        ]
+        pulled.write_into(full)
+        self._send(KvWrite(local, layout.num_tokens, owner), full)
+
+    def close(self) -> None:
+        """Tell the followers to exit (best effort: a dead peer makes this raise, and they exit anyway)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        log.info("ranks: %d KV bytes crossed between rank 0 and the others", self.state.kv_bytes_moved)
+        try:
+            self.control.send_command(Stop())
+        except Exception as e:  # noqa: BLE001 - a peer already gone
+            log.info("ranks: stop not delivered (%s)", e)
+
+
+def follow(state: RankState, control: RankComm) -> None:
+    """A follower's loop: run rank 0's commands until ``Stop``; a dead peer raises out of here."""
+    while True:
+        command = control.receive_command()
+        if isinstance(command, Stop):
+            return
+        state.run(command)
