@@ -491,6 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="dl-chaos-"))
     cluster: Cluster | None = None
+
+    def interrupted(signum: int, frame: Any) -> None:
+        # Stop every child by its PID and leave at once: unwinding 256 streaming clients through asyncio's
+        # cancellation can take minutes, and a benchmark stopped by hand must not leave servers behind.
+        if cluster is not None:
+            cluster.stop()
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
     try:
         cluster = Cluster(tmp, args)
         cluster.start()
