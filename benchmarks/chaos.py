@@ -4,6 +4,7 @@
     python -m benchmarks.chaos --nats-nodes 3         # the same on a 3-node NATS cluster (a node lost, restarted)
     python -m benchmarks.chaos --ci                   # 60 s, c=32: 2 worker kills, 1 NATS restart; exit 1 on a loss
     python -m benchmarks.chaos --engine torch --concurrency 8 --duration-s 300 --settle-s 60   # real KV handoffs
+    python -m benchmarks.chaos --migration-limit 0    # failures expected; exit 1 on one that is not clean
 
 Everything on loopback, on free ports, in a temporary folder: etcd, NATS (one server or a cluster), a frontend
 (``--migration-limit``), 2 prefill + 2 decode workers: mocker (``--speedup-ratio``: small simulated delays), or
@@ -17,7 +18,8 @@ Reported (JSON on stdout, and ``--json FILE``): requests ok / failed (with why) 
 migrated and re-placed (the frontend's log lines), TTFT and ITL p99 per phase (the 10 s after each kind of
 event, and steady state), KV bytes prefill workers still hold at the end, frontend RSS after warm-up and at the
 end. A request counts ok only if its stream ended with ``[DONE]``, no error event, and exactly ``max_tokens``
-tokens.
+tokens. With ``--migration-limit 0`` requests do fail; a failure counts clean if it was an HTTP status or an
+SSE error event followed by ``[DONE]`` (``unclean`` counts the others: hangs, cut streams, short streams).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "chaos-mock"
 PHASE_S = 10.0  # how long after an event its requests count in that event's phase
+RSS_EVERY_S = 30.0  # frontend RSS sampling period
 
 
 def free_port() -> int:
@@ -260,6 +263,12 @@ class Outcome:
     why: str = ""
     ttft_s: float = 0.0
     itl_s: float = 0.0
+    took_s: float = 0.0
+
+
+# Failures a client can act on: an HTTP status before the stream, or an SSE error event and ``[DONE]``. Anything
+# else (a hang, a stream cut without an error event, fewer tokens than asked with no error) is unclean.
+CLEAN = ("http_", "stream_error")
 
 
 async def chat(client: httpx.AsyncClient, url: str, max_tokens: int) -> Outcome:
@@ -272,6 +281,12 @@ async def chat(client: httpx.AsyncClient, url: str, max_tokens: int) -> Outcome:
         "ignore_eos": True,
     }
     t0 = time.monotonic()
+    outcome = await _chat(client, url, body, max_tokens, t0)
+    outcome.took_s = time.monotonic() - t0
+    return outcome
+
+
+async def _chat(client: httpx.AsyncClient, url: str, body: dict, max_tokens: int, t0: float) -> Outcome:
     first = tokens = 0.0
     done, error = False, ""
     try:
@@ -294,8 +309,12 @@ async def chat(client: httpx.AsyncClient, url: str, max_tokens: int) -> Outcome:
     except (httpx.HTTPError, OSError) as e:
         return Outcome(t0, False, type(e).__name__)
     end = time.monotonic()
-    if error or not done:
-        return Outcome(t0, False, f"stream_error: {error}" if error else "no [DONE]")
+    if error:  # clean only if the stream still ended with [DONE] after the error event
+        return Outcome(
+            t0, False, f"stream_error: {error}" if done else f"error event without [DONE]: {error}"
+        )
+    if not done:
+        return Outcome(t0, False, "no [DONE]")
     if tokens != max_tokens:
         return Outcome(t0, False, f"short: {tokens} of {max_tokens} tokens")
     ttft = first - t0 if first else end - t0
@@ -311,7 +330,8 @@ async def load(url: str, args: argparse.Namespace, until: float, outcomes: list[
                         chat(client, url, args.output_tokens), args.request_timeout_s
                     )
                 except TimeoutError:  # a hang is a failure too
-                    outcome = Outcome(time.monotonic() - args.request_timeout_s, False, "timeout")
+                    started = time.monotonic() - args.request_timeout_s
+                    outcome = Outcome(started, False, "timeout", took_s=args.request_timeout_s)
                 outcomes.append(outcome)
 
     await asyncio.gather(*(client_loop() for _ in range(args.concurrency)))
@@ -383,6 +403,7 @@ def report(
     for o in outcomes:
         if not o.ok:
             failed[o.why.split(":")[0]] = failed.get(o.why.split(":")[0], 0) + 1
+    unclean = [o for o in outcomes if not o.ok and not o.why.startswith(CLEAN)]
     log = cluster.frontend.text()
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
@@ -390,6 +411,8 @@ def report(
             "ok": sum(o.ok for o in outcomes),
             "failed": sum(not o.ok for o in outcomes),
             "failed_by": failed,
+            "unclean": len(unclean),  # failures that were not an HTTP status or an SSE error event
+            "longest_s": round(max((o.took_s for o in outcomes), default=0.0), 1),
         },
         "migrated": log.count("migrating with"),
         "replaced_after_request_plane_failure": log.count("placing it again"),
@@ -405,7 +428,7 @@ def report(
         },
         "kv_bytes_held_at_end": cluster.kv_bytes_held(),
         "frontend_rss_mb": rss,
-        "failures_sample": [o.why for o in outcomes if not o.ok][:10],
+        "failures_sample": [o.why for o in unclean][:10] or [o.why for o in outcomes if not o.ok][:10],
     }
 
 
@@ -417,12 +440,22 @@ async def run(cluster: Cluster, args: argparse.Namespace) -> dict:
     until = start + args.duration_s
     loader = asyncio.create_task(load(url, args, until, outcomes))
     chaos_task = asyncio.create_task(chaos(cluster, args, start, until, events))
+    samples: list[tuple[float, float]] = []  # (s since start, MB): does it plateau, or keep growing?
+
+    async def sample_rss() -> None:
+        while True:
+            samples.append((round(time.monotonic() - start), round(cluster.frontend_rss_mb(), 1)))
+            await asyncio.sleep(RSS_EVERY_S)
+
+    sampler = asyncio.create_task(sample_rss())
     await asyncio.sleep(min(args.warmup_s, args.duration_s))
-    rss = {"after_warmup": round(cluster.frontend_rss_mb(), 1)}
+    rss: dict[str, Any] = {"after_warmup": round(cluster.frontend_rss_mb(), 1)}
     await asyncio.gather(loader, chaos_task)
     await asyncio.sleep(args.settle_s)  # KV holds of abandoned transfers expire
+    sampler.cancel()
     rss["end"] = round(cluster.frontend_rss_mb(), 1)
     rss["growth_pct"] = round(100 * (rss["end"] / rss["after_warmup"] - 1), 1)
+    rss["samples"] = samples
     return report(cluster, args, start, outcomes, events, rss)
 
 
@@ -458,6 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="dl-chaos-"))
     cluster: Cluster | None = None
+
+    def interrupted(signum: int, frame: Any) -> None:
+        # Stop every child by its PID and leave at once: unwinding 256 streaming clients through asyncio's
+        # cancellation can take minutes, and a benchmark stopped by hand must not leave servers behind.
+        if cluster is not None:
+            cluster.stop()
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, interrupted)
     try:
         cluster = Cluster(tmp, args)
         cluster.start()
@@ -470,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    return 1 if result["requests"]["failed"] else 0
+    # Migration off: failures are expected, but each must be clean (an HTTP status or an SSE error event).
+    lost = result["requests"]["failed"] if args.migration_limit > 0 else result["requests"]["unclean"]
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":

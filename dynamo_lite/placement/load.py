@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from dynamo_lite.protocol import LoadReport, RequestPlane, Subscription, WireError, decode
 from dynamo_lite.runtime.keys import load_subject
@@ -82,6 +82,14 @@ class LoadTracker:
             del self._full_until[instance_id]
             return False
         return True
+
+    def forget_gone(self, live: Collection[str]) -> None:
+        """Drop what is kept of instances no longer in discovery: workers come and go (restarts, a planner
+        scaling), and a long-running frontend must not keep a report per instance it ever saw. (In-flight counts
+        drop themselves as their requests end.)"""
+        for kept in (self._reports, self._local_at_report, self._full_until):
+            for iid in [iid for iid in kept if iid not in live]:
+                del kept[iid]
 
     def started(self, instance_id: str) -> None:
         self.local_inflight[instance_id] += 1

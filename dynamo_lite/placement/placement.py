@@ -81,7 +81,7 @@ class Placement:
         await self.load.start(self.plane, self.namespace)
         if self.kv_mode:
             await self.kv_index.start(self.plane, self.namespace)
-            self.view.on_change.append(self._forget_gone_instances)
+        self.view.on_change.append(self._forget_gone_instances)
         self._subscribed = True
 
     async def stop(self) -> None:
@@ -91,9 +91,10 @@ class Placement:
         await self.load.stop()
         if self.kv_mode:
             await self.kv_index.stop()
-            self.view.on_change.remove(self._forget_gone_instances)
+        self.view.on_change.remove(self._forget_gone_instances)
 
     def _forget_gone_instances(self) -> None:
+        self.load.forget_gone(self.view.instances)
         for iid in self.kv_index.instances():
             if iid not in self.view.instances:
                 self.kv_index.remove_instance(iid)

@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_PREFIX = "dlhb."
 PROBE_HEADER = "Dl-Probe"
+# An instance silent for this many heartbeat timeouts (and with no stream open) is forgotten: it is gone.
+FORGET_SILENT_AFTER_HEARTBEATS = 60
 _ACK = encode(Frame(-1, FrameKind.ACK))
 _BUSY = encode(Frame(-1, FrameKind.BUSY))
 
@@ -513,7 +515,8 @@ class NatsRequestPlane:
         silence = self.settings.timeouts.heartbeat_s
         ack_timeout = max(self.settings.timeouts.ack_s, silence)
         loop = asyncio.get_running_loop()
-        woke = loop.time()
+        woke = forgot_at = loop.time()
+        forget_after = silence * FORGET_SILENT_AFTER_HEARTBEATS
         while True:
             await asyncio.sleep(interval)
             now = loop.time()
@@ -523,6 +526,9 @@ class NatsRequestPlane:
                 # buffer are not evidence of a dead instance. Judge again once we have caught up.
                 continue
             self._forget_stale_probes(now, ack_timeout)
+            if now - forgot_at > forget_after:
+                forgot_at = now
+                self._forget_silent(now - forget_after)
             for stream in list(self._streams.values()):
                 seen = max(self._last_seen.get(stream.address, 0.0), stream.started)
                 if now - seen > silence:
@@ -559,6 +565,17 @@ class NatsRequestPlane:
             sent = self._probed.get(address)
             if sent is None or sent[0] != n or now - sent[1] > ack_timeout:
                 del self._probes[reply]
+
+    def _forget_silent(self, before: float) -> None:
+        """Drop what is kept of instances silent since ``before`` with no stream open to them: instances come and
+        go (restarts, scaling), and a long-running frontend must not keep an entry per instance it ever heard.
+        One that is merely partitioned is re-learnt from its next heartbeat."""
+        busy = {stream.address for stream in self._streams.values()}
+        gone = [a for a, seen in self._last_seen.items() if seen < before and a not in busy]
+        for address in gone:
+            del self._last_seen[address]
+            self._acked_upto.pop(address, None)
+            self._probed.pop(address, None)
 
     def instance_alive(self, address: str) -> bool:
         seen = self._last_seen.get(address)

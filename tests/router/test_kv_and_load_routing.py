@@ -83,6 +83,17 @@ def test_least_loaded_prefers_the_idle_instance_and_drops_stale_reports() -> Non
     assert load.report("b") is None  # stale: ignored
 
 
+def test_load_view_forgets_instances_that_left_discovery() -> None:
+    """Workers come and go: a long-running router keeps nothing of those that left (issue 26's chaos runs)."""
+    load = LoadTracker(ttl_s=60)
+    for iid in ("a", "b"):
+        load._on_report("x", encode(LoadReport(iid, inflight=1)))
+    load.mark_full("b")
+    load.forget_gone({"a"})
+    assert load.report("a") is not None and load.report("b") is None and not load.is_full("b")
+    assert set(load._reports) == set(load._local_at_report) == {"a"}
+
+
 def test_kv_aware_weighs_cached_prefix_against_load() -> None:
     settings = RouterSettings()
     load, index = LoadTracker(settings.load_report_ttl_s), KvIndex(settings.kv_approx_ttl_s)

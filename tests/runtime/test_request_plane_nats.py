@@ -24,6 +24,7 @@ from dynamo_lite.protocol import (
     decode,
     encode,
 )
+from dynamo_lite.runtime import request_plane_nats
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
 from dynamo_lite.runtime.request_plane_nats import (
     HEARTBEAT_PREFIX,
@@ -412,6 +413,29 @@ async def test_nats_server_resends_the_last_frame_of_streams_it_ended_just_befor
         server.nc.publish = real_publish  # type: ignore[method-assign]
         await server.on_reconnected()  # what nats-py calls once the connection is back
         assert await asyncio.wait_for(stream, 2.0) == [b"0", b"1"]
+    finally:
+        await client.close()
+        await server.close()
+
+
+async def test_nats_instances_long_silent_are_forgotten(
+    nats_server: Proc, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers come and go (restarts, scaling): a long-running caller keeps no state per instance it ever
+    heard, once that instance has been silent for a while and no stream is open to it."""
+    monkeypatch.setattr(request_plane_nats, "FORGET_SILENT_AFTER_HEARTBEATS", 2)
+    timeouts = Timeouts(heartbeat_interval_s=0.05, heartbeat_s=0.25)  # forgotten after 0.5 s of silence
+    settings = RuntimeSettings(nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=timeouts)
+    server, client = await NatsRequestPlane.connect(settings), await NatsRequestPlane.connect(settings)
+    addr = address()
+    try:
+        started, finished = asyncio.Event(), asyncio.Event()
+        await server.serve(addr, endless(started, finished))
+        assert await collect_some(client, addr, 3) and client.instance_alive(addr)
+        await server.close()  # gone: no more heartbeats
+        await asyncio.sleep(1.5)  # a check runs every 0.5 s and forgets what was silent 0.5 s
+        assert addr not in client._last_seen and addr not in client._acked_upto
+        assert not client.instance_alive(addr)
     finally:
         await client.close()
         await server.close()
