@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from dynamo_lite.engines.base import EngineError
-from dynamo_lite.engines.reference import decode_attention
+from dynamo_lite.engines.reference import decode_attention, prefill_attention
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.cpu_capability import detect_cpu
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
@@ -36,8 +36,8 @@ from dynamo_lite.model_files import ModelFiles, ensure_weights
 
 log = logging.getLogger(__name__)
 
-# Largest relative error of the Triton decode attention (checked at load) against the SDPA reference that
-# we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
+# Largest relative error of a Triton attention kernel (decode, and gpt-oss's prefill; checked at load) against
+# its torch reference that we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
 _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
@@ -154,8 +154,14 @@ class EngineSetup:
             else:
                 folder = ensure_weights(self.model_files).folder
                 weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4)
-            model = GptOssModel(cfg, weights, self.max_seq_len, self._decode_attention())
+            model = GptOssModel(
+                cfg, weights, self.max_seq_len, self._decode_attention(), self._prefill_attention()
+            )
             log.info("torch engine: gpt-oss experts run as %s", model.moe_impl)
+            log.info(
+                "torch engine: gpt-oss prefill attention runs as %s",
+                "triton flash" if model.prefill_attention is not None else "eager (chunked scores)",
+            )
             return model
         if quantization == "mxfp4":
             raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
@@ -188,6 +194,24 @@ class EngineSetup:
             log.warning("Triton decode attention is off by %.2e: SDPA decode, no CUDA graphs", error)
             return None
         return decode_attention.decode_attention_triton
+
+    def _prefill_attention(self) -> Any:
+        """The Triton flash prefill attention (gpt-oss) on CUDA, if it runs here and agrees with the eager
+        reference; else None (the eager attention, scores materialized per query block)."""
+        cfg = self.model_config
+        if not prefill_attention.triton_supported(self.dtype, cfg.head_dim, self.device):
+            return None
+        try:
+            error = prefill_attention.self_check(
+                self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device, cfg.sliding_window
+            )
+        except Exception as e:
+            log.warning("Triton prefill attention failed (%s): eager prefill attention", e)
+            return None
+        if not error <= _DECODE_ATTENTION_TOLERANCE[self.dtype]:
+            log.warning("Triton prefill attention is off by %.2e: eager prefill attention", error)
+            return None
+        return prefill_attention.prefill_attention_triton
 
     def _make_pool(self) -> None:
         assert self.exporter is not None
