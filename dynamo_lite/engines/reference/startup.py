@@ -64,6 +64,40 @@ def resolve_quantization(config: ReferenceConfig, model_files: ModelFiles, model
         log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
 
 
+def build_weights(
+    config: ReferenceConfig,
+    model_files: ModelFiles,
+    model_config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Any:
+    """The model's weights as ``config`` asks for them (read from the folder, or random with ``load_format:
+    dummy``): what the engine computes with, and what a weights holder serves."""
+    quantization = config.quantization
+    if isinstance(model_config, GptOssConfig):
+        if quantization not in ("none", "mxfp4"):
+            raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
+        mxfp4 = quantization == "mxfp4"
+        if config.load_format == "dummy":
+            return random_gpt_oss_weights(model_config, dtype, device, mxfp4=mxfp4)
+        folder = ensure_weights(model_files).folder
+        return load_gpt_oss_weights(folder, model_config, dtype, device, mxfp4=mxfp4)
+    if quantization == "mxfp4":
+        raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
+    if config.load_format == "dummy":
+        raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
+    return load_weights(ensure_weights(model_files).folder, model_config, dtype, device)
+
+
+def weights_fingerprint_of(config: ReferenceConfig, model_files: ModelFiles, model_config: Any) -> str:
+    """What a weights holder and a worker must agree on (``shared_weights.weights_fingerprint``)."""
+    from dynamo_lite.engines.reference.shared_weights import weights_fingerprint
+
+    return weights_fingerprint(
+        model_config, model_files.folder.name, config.dtype, config.quantization, config.load_format
+    )
+
+
 class EngineSetup:
     """Builds, on the engine thread, what the step loop runs on (see the module docstring)."""
 
@@ -93,6 +127,7 @@ class EngineSetup:
         self.graphs: DecodeGraphs | None = None
         self.pool: CudaKvPool | None = None
         self.scheduler: Scheduler | None = None
+        self.shared: Any = None  # the weights holder's connection (``shared_weights``)
 
     def load(self) -> None:
         """Weights, CUDA KV pool (prefill workers on CUDA), KV cache, decode graphs (captured by ``warmup``) and
@@ -142,18 +177,14 @@ class EngineSetup:
         )
 
     def _build_model(self) -> LlamaModel | GptOssModel:
-        """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture."""
-        cfg, dev = self.model_config, self.device
-        quantization = self.config.quantization
+        """The weights (read, random with ``load_format: dummy``, or mapped from a weights holder with
+        ``shared_weights``) and the forward pass of the architecture."""
+        cfg = self.model_config
+        if self.config.shared_weights:
+            weights = self._attach_weights()
+        else:
+            weights = build_weights(self.config, self.model_files, cfg, self.dtype, self.device)
         if isinstance(cfg, GptOssConfig):
-            if quantization not in ("none", "mxfp4"):
-                raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
-            mxfp4 = quantization == "mxfp4"
-            if self.config.load_format == "dummy":
-                weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
-            else:
-                folder = ensure_weights(self.model_files).folder
-                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4)
             model = GptOssModel(
                 cfg, weights, self.max_seq_len, self._decode_attention(), self._prefill_attention()
             )
@@ -163,12 +194,30 @@ class EngineSetup:
                 "triton flash" if model.prefill_attention is not None else "eager (chunked scores)",
             )
             return model
-        if quantization == "mxfp4":
-            raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
-        if self.config.load_format == "dummy":
-            raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
-        weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev)
         return LlamaModel(cfg, weights, self.max_seq_len, self._decode_attention(), self.config.quantization)
+
+    def _attach_weights(self) -> Any:
+        """Map the weights holder's copy (``shared_weights``): no copy of our own; we exit if it dies."""
+        from dynamo_lite.engines.reference.shared_weights import SharedWeightsError, attach
+
+        if self.config.quantization not in ("none", "mxfp4"):
+            raise EngineError(
+                f"shared_weights: {self.config.quantization} weights are re-quantized per process; share "
+                "unquantized (or mxfp4 gpt-oss) weights",
+                status=400,
+            )
+        try:
+            self.shared = attach(
+                self.config.shared_weights,
+                weights_fingerprint_of(self.config, self.model_files, self.model_config),
+                self.device,
+                role=str(self.config.role),
+                timeout_s=self.config.shared_weights_timeout_s,
+            )
+        except SharedWeightsError as e:
+            raise EngineError(str(e), status=503) from e
+        self.shared.watch_owner()
+        return self.shared.weights
 
     def _decode_attention(self) -> Any:
         """The Triton decode attention on CUDA, if it runs here and agrees with the reference; else None
