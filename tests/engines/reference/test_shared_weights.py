@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -65,6 +66,13 @@ def test_the_weights_tree_survives_flattening(mxfp4: bool) -> None:
         unflatten(tensors, [("", "os.system", 0)])
 
 
+def _wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """The holder's threads see attaches and detaches a moment after the worker's side does."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def socket_path(tmp_path: Path):  # noqa: ANN201
     # A short path: Unix socket names are limited to ~107 bytes.
@@ -88,15 +96,11 @@ def test_workers_map_one_copy_and_detach(socket_path: Path) -> None:
         a[0] += 1.0
         assert b[0] == a[0]  # ... one file
         a[0] -= 1.0
-        deadline = time.monotonic() + 5
-        while len(holder.attached) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(lambda: len(holder.attached) == 2)
         assert holder.attached == [os.getpid(), os.getpid()] and holder.attaches == 2
         first.close()
         second.close()
-        deadline = time.monotonic() + 5
-        while holder.attached and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for(lambda: not holder.attached)
         assert holder.attached == []
         with pytest.raises(SharedWeightsError, match="serves tiny\\|float32, this worker needs other"):
             attach(socket_path, "other", CPU, timeout_s=5)
@@ -248,9 +252,7 @@ async def test_engine_on_mapped_weights_gives_the_same_tokens(tmp_path_factory, 
         finally:
             await own.stop()
             await mapped.stop()
-        deadline = time.monotonic() + 5
-        while holder.attached and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.to_thread(_wait_for, lambda: not holder.attached)
         assert holder.attached == []  # a clean detach on stop
     finally:
         holder.close()
