@@ -132,15 +132,15 @@ def matmul_rate(device: torch.device) -> float:
     return 2 * n**3 / seconds
 
 
-def flash_fn() -> Any:
-    """The flash kernel where it runs (CUDA, or Triton's interpreter), else None."""
+def flash_fn(device: torch.device) -> Any:
+    """The flash kernel where it runs on ``device`` (CUDA, or a CPU under Triton's interpreter), else None."""
     import os
 
     from dynamo_lite.engines.reference import prefill_attention as pa
 
     if not pa.HAVE_TRITON:
         return None
-    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return pa.prefill_attention_triton
     return None
 
@@ -158,7 +158,7 @@ def kernel(args: argparse.Namespace, device: torch.device) -> dict:
     n, prompts = args.prompt_len, args.prompts
     result: dict[str, Any] = {"heads": nh, "kv_heads": nkv, "head_dim": hd, "window": window}
     result |= {"prompts": prompts, "prompt_len": n}
-    flash = flash_fn()
+    flash = flash_fn(device)
     gen = torch.Generator(device=device).manual_seed(0)
     # One fused qkv buffer for all prompts, as a prefill step holds it; each prompt reads its rows.
     qkv = torch.randn(prompts * n, nh + 2 * nkv, hd, generator=gen, device=device).to(torch.bfloat16)
@@ -295,7 +295,7 @@ def model(args: argparse.Namespace, device: torch.device) -> dict:
         steps.append(build_step([], [(i, 0, ids) for i, ids in enumerate(group)], rows, device))
     result["prompts_per_step"] = per_step
     decode = decode_attention.decode_attention_triton if device.type == "cuda" else None
-    flash = flash_fn()
+    flash = flash_fn(device)
     runs: dict[str, dict] = {}
     for impl, fn in (("flash", flash), ("eager", None)):
         if impl == "flash" and fn is None:
