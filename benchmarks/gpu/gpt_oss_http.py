@@ -2,7 +2,7 @@
 and a decode worker (separate processes sharing one GPU, KV by CUDA IPC), measured by ``benchmarks.load``
 (genai-perf definitions).
 
-    python -m benchmarks.gpu.gpt_oss_http [--topologies agg disagg] [--concurrency 64 256] [--out DIR]
+    python -m benchmarks.gpu.gpt_oss_http [--topologies agg disagg shared] [--concurrency 64 256] [--out DIR]
 
 Each topology is a real deployment on loopback: etcd, nats-server, ``python -m dynamo_lite.worker`` processes
 (torch engine, bf16 with MXFP4 experts by default (``--quantization``), random weights made on the GPU:
@@ -12,6 +12,13 @@ ISL 1000 (synthetic prompts, exact token counts), OSL 2000 with ``ignore_eos``, 
 request per stream (``--waves`` more to measure longer). Reported from the client's records: output tok/s, TTFT
 and ITL p50/p99 (ITL = (latency - TTFT) / (tokens - 1) per request), the inter-chunk gap p99; and the decode
 worker's KV pulls (disagg).
+
+``shared``: ``disagg`` with ONE copy of the weights: a weights holder process
+(``python -m dynamo_lite.engines.reference.shared_weights``) owns them and both workers map them
+(``--shared-weights``); each process's GPU memory (nvidia-smi) is recorded once the workers are up.
+``--kill-decode-after S`` (shared/disagg): S seconds into the first load, the decode worker is killed with SIGKILL
+and started again (it maps the weights again: memory recorded after the restart); the frontend migrates the
+streams it had (``--migration-limit 3``), and the run's error count says whether any request failed.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -142,6 +151,67 @@ def worker_slots(log_path: Path) -> int:
     return int(found[-1])
 
 
+def start_holder(stack: LocalStack, topology: str, folder: Path, args: argparse.Namespace) -> str:
+    """The weights holder of the ``shared`` topology, ready; returns its socket."""
+    sock = str(Path(stack.tmp) / "weights.sock")
+    name = f"{topology}-holder"
+    cmd = [sys.executable, "-m", "dynamo_lite.engines.reference.shared_weights", "--socket", sock]
+    cmd += ["--model-path", str(folder), "--device", args.device, "--dtype", args.dtype]
+    cmd += ["--quantization", args.quantization, "--extra-engine-args", str(args.yaml)]
+    stack.spawn(name, cmd)
+    path = Path(stack.tmp) / f"{name}.log"
+
+    def ready() -> bool:
+        if stack.procs[name].poll() is not None:
+            raise RuntimeError(f"{name} exited:\n{path.read_text(errors='replace')[-4000:]}")
+        return "READY weights holder" in path.read_text(errors="replace")
+
+    wait_for(ready, args.start_timeout, "weights holder ready")
+    return sock
+
+
+def gpu_memory(stack: LocalStack) -> dict[str, float]:
+    """GPU memory per process of ours, in MiB, as nvidia-smi reports it (what proves one copy of the weights:
+    the holder holds them, each worker only its KV cache, activations and context)."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": repr(e)}  # type: ignore[dict-item]
+    by_pid = {str(p.pid): name for name, p in stack.procs.items() if p.poll() is None}
+    found: dict[str, float] = {}
+    for line in out.splitlines():
+        pid, _, used = (x.strip() for x in line.partition(","))
+        if pid in by_pid:
+            found[by_pid[pid]] = float(used)
+    return found
+
+
+def kill_and_restart_decode(
+    stack: LocalStack, topology: str, args: argparse.Namespace, common: list[str], ports: dict, result: dict
+) -> None:
+    """``--kill-decode-after``: SIGKILL the decode worker mid-load, start it again, record what happened."""
+    time.sleep(args.kill_decode_after)
+    info: dict = {}
+    result["decode_restart"] = info
+    try:
+        victim = stack.procs[f"{topology}-decode"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+        info["killed_pid"] = victim.pid
+        started = time.perf_counter()
+        start_worker(stack, f"{topology}-decode-restarted", "decode", args, common)
+        ports["decode"] = wait_worker(stack, f"{topology}-decode-restarted", args.start_timeout)
+        info["restart_ready_s"] = time.perf_counter() - started
+        info["gpu_memory_MiB_after"] = gpu_memory(stack)
+        log(f"{topology}: decode worker killed and restarted in {info['restart_ready_s']:.0f} s; GPU memory "
+            f"(MiB): {info['gpu_memory_MiB_after']}")  # fmt: skip
+    except Exception as e:
+        info["error"] = repr(e)
+
+
 def run_topology(topology: str, folder: Path, args: argparse.Namespace, results: list[dict]) -> dict:
     """Start the deployment, run each concurrency, stop it; ``results`` (with this topology's entry appended) is
     written to ``--json`` after every run, so a timeout keeps what was measured."""
@@ -154,6 +224,9 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
         common = ["--model-path", str(folder), *services]
         modes = ["agg"] if topology == "agg" else ["decode", "prefill"]
         started = time.perf_counter()
+        if topology == "shared":
+            common += ["--shared-weights", start_holder(stack, topology, folder, args)]
+            result["holder_ready_s"] = time.perf_counter() - started
         for mode in modes:
             start_worker(stack, f"{topology}-{mode}", mode, args, common)
         ports = {mode: wait_worker(stack, f"{topology}-{mode}", args.start_timeout) for mode in modes}
@@ -168,6 +241,8 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
             "--http-port",
             str(port),
         ]
+        if args.kill_decode_after:
+            frontend += ["--migration-limit", "3"]
         stack.spawn(f"{topology}-frontend", [*frontend, *services])
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: folder.name in urllib.request.urlopen(url + "/v1/models", timeout=2).read().decode(), 60,
@@ -178,13 +253,27 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
         log(f"{topology}: workers ready in {result['workers_ready_s']:.0f} s")
         slots = worker_slots(Path(stack.tmp) / f"{topology}-{modes[0]}.log")
         result["decode_slots"] = slots
+        result["gpu_memory_MiB"] = gpu_memory(stack)
+        log(f"{topology}: GPU memory per process (MiB): {result['gpu_memory_MiB']}")
         runs = []
         for c in [
             c or slots for c in args.concurrency
         ]:  # 0: as many streams as the decoding worker has slots
             before = {m: metric_total(p, "dynamo_lite_worker_kv_transfers_total") for m, p in ports.items()}
+            killer = None
+            if args.kill_decode_after and topology != "agg" and not runs:
+                killer = threading.Thread(
+                    target=kill_and_restart_decode,
+                    args=(stack, topology, args, common, ports, result),
+                    daemon=True,
+                )
+                killer.start()
             run = run_load(url, folder.name, folder, c, args, Path(args.out) / f"{topology}-{c}")
-            if topology == "disagg":
+            if killer is not None:
+                killer.join(timeout=args.start_timeout)
+                run["decode_killed"] = result.get("decode_restart", {})
+                before["decode"] = 0.0  # a fresh process: its counters started at zero
+            if topology != "agg":
                 d = ports["decode"]
                 run["kv_pulls"] = metric_total(d, "dynamo_lite_worker_kv_transfers_total") - before["decode"]
                 run["kv_recomputes"] = metric_total(d, "dynamo_lite_worker_kv_recomputes_total")
@@ -214,7 +303,13 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--topologies", nargs="+", default=["agg", "disagg"])
+    p.add_argument("--topologies", nargs="+", default=["agg", "disagg"], choices=["agg", "disagg", "shared"])
+    p.add_argument(
+        "--kill-decode-after",
+        type=float,
+        default=0,
+        help="disagg/shared: SIGKILL the decode worker this many seconds into the first load, then restart it",
+    )
     p.add_argument(
         "--concurrency", type=int, nargs="+", default=[64, 256], help="0: the decoding worker's slots"
     )

@@ -316,6 +316,9 @@ class EngineSettings:
     kv_port: int = 0  # 0: any free port
     kv_lease_s: float = _KV.lease_s  # unpulled KV is held this long
     speedup_ratio: float = 1.0  # mocker: engine time divided by this; 0 = no engine time at all
+    shared_weights: str = (
+        ""  # torch engine: a weights holder's socket to map the weights from ("": load them)
+    )
     extra: dict = field(default_factory=dict)
     extra_source: str = ""  # file the extra args came from, for error messages
     # Fields set by a command-line flag (the worker CLI fills this; None: every field counts as given). The

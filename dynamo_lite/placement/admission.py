@@ -10,6 +10,10 @@ load report comes, an instance joins. A request finding ``queue_depth`` requests
 or waiting longer than ``queue_timeout_s``, is refused with ``Overloaded`` (429 or 503, with Retry-After),
 which the frontend answers before any byte of a response.
 
+A started stream (its worker died and it migrates; placed unbounded) whose role has no live instance at all waits
+up to ``queue_timeout_s`` for one to (re)appear — a restarted worker, e.g. the one decode worker of a 1P+1D GPU —
+instead of failing at once; a request that has not started fails at once (503 ``no_workers``).
+
 An instance the request plane can't reach now (``RequestPlane.reachable``: NATS is down, or just back and the
 instance not heard from again) has no room: during a request-plane outage requests wait here, within the same
 limits, and are placed once it is back (``on_reachable``) instead of failing at once.
@@ -43,6 +47,8 @@ class _Waiter:
     exclude: Collection[str]
     future: asyncio.Future[InstanceInfo]
     queued: bool = True
+    patient: bool = False  # a started stream: waits for a worker of its role to come back (bounded)
+    orphan_deadline: float | None = None  # loop time at which a patient waiter stops waiting for a worker
 
 
 class Admission:
@@ -132,7 +138,8 @@ class Admission:
             if chosen is not None:
                 self.load.started(chosen.instance_id)
                 return chosen
-        if not any(i.instance_id not in exclude for i in self.view.instances_of(role, model)):
+        orphan = not any(i.instance_id not in exclude for i in self.view.instances_of(role, model))
+        if orphan and bounded:
             raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
         if bounded and self._waiting[model] >= self.queue_depth:
             raise Overloaded(
@@ -144,8 +151,12 @@ class Admission:
                 ),
                 self.retry_after_s,
             )
-        waiter = _Waiter(role, request, exclude, asyncio.get_running_loop().create_future())
+        waiter = _Waiter(
+            role, request, exclude, asyncio.get_running_loop().create_future(), patient=not bounded
+        )
         queue = self._queues.setdefault((model, role), deque())
+        if orphan:
+            self._fail_orphans_later(model, role, [waiter])
         if bounded:
             queue.append(waiter)
         else:
@@ -216,18 +227,44 @@ class Admission:
             self.dispatch(info.model, info.role)
 
     def instances_changed(self) -> None:
-        """Instances joined or left: place what now fits; fail waiters whose role has no instance left."""
+        """Instances joined or left: place what now fits; fail waiters whose role has no instance left (started
+        streams only after ``queue_timeout_s`` without one: a restarting worker may come back)."""
         for (model, role), queue in list(self._queues.items()):
-            if queue and not self.view.instances_of(role, model):
-                error = StreamError(
-                    ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers")
-                )
-                while queue:
-                    waiter = queue.popleft()
-                    self._dequeued(model, waiter)
-                    if not waiter.future.done():
-                        waiter.future.set_exception(error)
+            if not queue:
+                pass
+            elif self.view.instances_of(role, model):
+                for waiter in queue:  # a worker is back: started streams wait for room as before
+                    waiter.orphan_deadline = None
+            else:
+                self._fail_orphans(model, role)
+                self._fail_orphans_later(model, role, [w for w in queue if w.orphan_deadline is None])
             self.dispatch(model, role)
+
+    def _fail_orphans_later(self, model: str, role: Role, waiters: list[_Waiter]) -> None:
+        """Give ``waiters`` (started streams whose role just lost its last instance) ``queue_timeout_s``."""
+        if not waiters:
+            return
+        loop = asyncio.get_running_loop()
+        for waiter in waiters:
+            waiter.orphan_deadline = loop.time() + self.queue_timeout_s
+        loop.call_later(self.queue_timeout_s, self._fail_orphans, model, role)
+
+    def _fail_orphans(self, model: str, role: Role) -> None:
+        """Fail the waiters of (``model``, ``role``) while it has no live instance: at once those that have not
+        started, started streams once their ``orphan_deadline`` has passed."""
+        queue = self._queues.get((model, role))
+        if not queue or self.view.instances_of(role, model):
+            return
+        now = asyncio.get_running_loop().time()
+        error = StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
+        for waiter in list(queue):
+            deadline = waiter.orphan_deadline
+            if waiter.patient and (deadline is None or deadline > now + 1e-3):
+                continue
+            queue.remove(waiter)
+            self._dequeued(model, waiter)
+            if not waiter.future.done():
+                waiter.future.set_exception(error)
 
     def _dequeued(self, model: str, waiter: _Waiter) -> None:
         if waiter.queued:

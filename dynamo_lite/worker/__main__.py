@@ -44,6 +44,7 @@ _ENGINE_FLAGS = (
     "kv_port",
     "kv_lease_s",
     "speedup_ratio",
+    "shared_weights",
 )
 
 
@@ -168,6 +169,14 @@ def build_parser(
     )
     e.add_argument(
         "--speedup-ratio", type=float, default=None, help="mocker: divide simulated time (0: none)"
+    )
+    e.add_argument(
+        "--shared-weights",
+        default=None,
+        metavar="SOCKET",
+        help="torch engine: map the weights served by the weights holder at this Unix socket (python -m "
+        "dynamo_lite.engines.reference.shared_weights) instead of loading a copy: one copy per GPU for all its "
+        "workers. The worker exits (status 75) if the holder dies",
     )
     add_placement_args(p, "placement of prefill workers (decode_first; the frontend's router flags)")
     add_runtime_args(p)

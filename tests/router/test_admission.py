@@ -140,6 +140,32 @@ async def test_waiters_fail_with_503_when_the_last_instance_goes() -> None:
         await adm.place("decode", MODEL, REQ)
 
 
+async def test_a_started_stream_waits_for_a_worker_of_its_role_to_come_back() -> None:
+    """The one decode worker died (and restarts): a migrating stream (unbounded) waits for the new instance
+    instead of failing; a new request fails at once; without a comeback the wait ends after queue_timeout_s."""
+    view = View()
+    view.add("a", 1)
+    adm = admission(view, timeout=0.3)
+    view.instances.clear()
+    adm.instances_changed()
+    migrating = asyncio.create_task(adm.place("decode", MODEL, REQ, exclude={"a"}, bounded=False))
+    await asyncio.sleep(0.1)
+    assert not migrating.done()
+    with pytest.raises(StreamError):
+        await adm.place("decode", MODEL, REQ)  # not started: no worker, no wait
+    b = view.add("b", 1)  # the restarted worker registers
+    adm.instances_changed()
+    assert await migrating == b
+    adm.release(b)
+    view.instances.clear()
+    adm.instances_changed()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StreamError) as err:
+        await adm.place("decode", MODEL, REQ, bounded=False)
+    assert err.value.info.code == "no_workers" and asyncio.get_running_loop().time() - started >= 0.25
+    assert adm.queued() == {MODEL: 0}
+
+
 async def test_an_instance_that_refused_counts_as_full_until_it_reports() -> None:
     view = View()
     a = view.add("a", 4)

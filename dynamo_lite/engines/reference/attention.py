@@ -13,9 +13,17 @@ heads x 8k x 8k floats); a block of a windowed layer only looks at the keys its 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 QUERY_BLOCK = 1024  # queries per score matrix: heads x 1024 x keys floats at a time
+
+# (q, k, v, q_start, k_start, window, sinks, scale) -> [n, H * D]: ``prefill_attention`` below, or the Triton
+# flash kernel with the same contract (``prefill_attention.prefill_attention_triton``).
+PrefillAttention = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, int, int, int, torch.Tensor, float], torch.Tensor
+]
 
 
 def _softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:

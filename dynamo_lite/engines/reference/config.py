@@ -48,6 +48,11 @@ class ReferenceConfig:
     # (gpt-oss models): benchmarks of a real shape whose checkpoint is not on the machine. Every process draws the
     # same weights, so prefill and decode workers agree.
     load_format: str = "auto"
+    # Unix socket of a weights holder (``python -m dynamo_lite.engines.reference.shared_weights``) on this
+    # engine's device: map its copy of the weights instead of loading one, so the workers on one GPU hold one
+    # copy. Empty: load our own. The engine waits up to ``shared_weights_timeout_s`` for the holder to be ready.
+    shared_weights: str = _E.shared_weights
+    shared_weights_timeout_s: float = 600.0
     device: str = _E.device
     threads: int = _E.threads  # torch threads of the engine thread; 0: the library default
     max_batch_size: int = _E.max_batch_size  # KV cache slots = sequences decoding together
@@ -90,6 +95,8 @@ SCHEMA: Schema = {
     "dtype": Choice(*DTYPES),
     "quantization": Choice(*QUANTIZATIONS),
     "load_format": Choice(*LOAD_FORMATS),
+    "shared_weights": str,
+    "shared_weights_timeout_s": float,
     "device": str,
     "threads": int,
     "max_batch_size": int,
@@ -141,6 +148,8 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         dtype=pick("dtype", settings.dtype),
         quantization=pick("quantization", settings.quantization),
         load_format=pick("load_format", _DEFAULTS.load_format),
+        shared_weights=pick("shared_weights", settings.shared_weights),
+        shared_weights_timeout_s=float(pick("shared_weights_timeout_s", _DEFAULTS.shared_weights_timeout_s)),
         device=pick("device", settings.device),
         threads=pick("threads", settings.threads),
         max_batch_size=pick("max_batch_size", settings.max_batch_size),

@@ -115,6 +115,7 @@ class TorchEngine:
         self._runner: Runner | None = None
         self._ranks: RankProcesses | None = None  # ranks 1..N-1 (rank 0 is this engine thread)
         self._pool: CudaKvPool | None = None
+        self._shared: Any = None  # the weights holder's connection (``shared_weights``)
         self._stats = EngineStats()
         self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
         self._started = False
@@ -156,6 +157,10 @@ class TorchEngine:
                 self.exporter.use_cuda_pool(None)
             self._pool.close()
             self._pool = None
+        if self._shared is not None:  # a clean detach: the holder logs it, our watcher stays quiet
+            self._model = self._graphs = None
+            self._shared.close()
+            self._shared = None
         self._started = False
 
     def stats(self) -> EngineStats:
@@ -389,6 +394,7 @@ class TorchEngine:
                 self._model, self._cache, self._graphs = setup.model, setup.cache, setup.graphs
                 self._pool, self._scheduler = setup.pool, setup.scheduler
                 self._runner = setup.runner
+                self._shared = setup.shared
             if isinstance(self._model, GptOssModel):
                 # Its 201k-token vocabulary takes xgrammar seconds to index, holding the GIL: done here, before
                 # serving, it can't silence the worker's heartbeats in the middle of a request.

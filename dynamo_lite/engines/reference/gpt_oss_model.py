@@ -18,12 +18,18 @@ import torch
 import torch.nn.functional as F
 
 from dynamo_lite.engines.reference import moe
-from dynamo_lite.engines.reference.attention import decode_attention_sinks, prefill_attention
+from dynamo_lite.engines.reference.attention import (
+    PrefillAttention,
+    decode_attention_sinks,
+    prefill_attention,
+)
 from dynamo_lite.engines.reference.collectives import ONE_RANK, Collectives
 from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, GptOssWeights, yarn_rope
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.linear import make_linear
 from dynamo_lite.engines.reference.model import DecodeAttention, StepBatch
+
+_eager_prefill = prefill_attention  # the reference, and the CPU path
 
 
 class GptOssModel:
@@ -31,6 +37,7 @@ class GptOssModel:
 
     ``decode_attention`` (the Triton kernel, taking ``sinks=``) replaces the torch decode attention and, when
     the experts run as one grouped product, makes ``decode_forward`` capturable (``graph_safe``).
+    ``prefill_attention`` (the Triton flash kernel on CUDA) replaces the eager chunked prefill attention.
     """
 
     def __init__(
@@ -41,12 +48,15 @@ class GptOssModel:
         decode_attention: DecodeAttention | None = None,
         comm: Collectives = ONE_RANK,
         first_expert: int = 0,
+        prefill_attention: PrefillAttention | None = None,
     ) -> None:
         self.config = config  # a rank's: its number of heads (``ranks.RankShard``)
         self.comm = comm
         self.first_expert = first_expert  # this rank's experts are first_expert.. (expert parallel)
         self.weights = weights
         self.decode_attention = decode_attention
+        self.prefill_attention = prefill_attention
+        self._prefill = prefill_attention or _eager_prefill
         self.device = weights.embed.device
         self.dtype = weights.embed.dtype
         self.scale = config.head_dim**-0.5
@@ -200,7 +210,7 @@ class GptOssModel:
                         k_cache[c.slot, :, :end].transpose(0, 1),
                         v_cache[c.slot, :, :end].transpose(0, 1),
                     )
-                attn[sl] = prefill_attention(
+                attn[sl] = self._prefill(
                     q[sl], ks, vs, c.start, k_start, layer_window, layer.sinks, self.scale
                 )
             x = x + self.comm.attention_out(self._o[i](attn))

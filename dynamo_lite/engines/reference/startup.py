@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from dynamo_lite.engines.base import EngineError
-from dynamo_lite.engines.reference import decode_attention
+from dynamo_lite.engines.reference import decode_attention, prefill_attention
 from dynamo_lite.engines.reference.collectives import ONE_RANK, HeadParallel, SequenceParallel
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.cpu_capability import detect_cpu
@@ -41,8 +41,8 @@ from dynamo_lite.model_files import ModelFiles, ensure_weights
 
 log = logging.getLogger(__name__)
 
-# Largest relative error of the Triton decode attention (checked at load) against the SDPA reference that
-# we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
+# Largest relative error of a Triton attention kernel (decode, and gpt-oss's prefill; checked at load) against
+# its torch reference that we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
 _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
@@ -67,6 +67,46 @@ def resolve_quantization(config: ReferenceConfig, model_files: ModelFiles, model
             )
             config.quantization = "none"
         log.info("torch engine: %s weights (auto: the checkpoint's precision)", config.quantization)
+
+
+def build_weights(
+    config: ReferenceConfig,
+    model_files: ModelFiles,
+    model_config: Any,
+    dtype: torch.dtype,
+    device: torch.device,
+    shard: Any = None,
+) -> Any:
+    """The model's weights as ``config`` asks for them (read from the folder, or random with ``load_format:
+    dummy``): what the engine computes with, and what a weights holder serves; with ``shard`` (a
+    ``ranks.RankShard``) only this rank's share is read."""
+    quantization = config.quantization
+    if isinstance(model_config, GptOssConfig):
+        if quantization not in ("none", "mxfp4"):
+            raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
+        mxfp4 = quantization == "mxfp4"
+        if config.load_format == "dummy":
+            if shard is not None:  # its generators draw whole tensors: every rank would make all of them
+                raise EngineError(
+                    "load_format dummy runs on one rank (read a checkpoint for ranks)", status=400
+                )
+            return random_gpt_oss_weights(model_config, dtype, device, mxfp4=mxfp4)
+        folder = ensure_weights(model_files).folder
+        return load_gpt_oss_weights(folder, model_config, dtype, device, mxfp4=mxfp4, shard=shard)
+    if quantization == "mxfp4":
+        raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
+    if config.load_format == "dummy":
+        raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
+    return load_weights(ensure_weights(model_files).folder, model_config, dtype, device, shard=shard)
+
+
+def weights_fingerprint_of(config: ReferenceConfig, model_files: ModelFiles, model_config: Any) -> str:
+    """What a weights holder and a worker must agree on (``shared_weights.weights_fingerprint``)."""
+    from dynamo_lite.engines.reference.shared_weights import weights_fingerprint
+
+    return weights_fingerprint(
+        model_config, model_files.folder.name, config.dtype, config.quantization, config.load_format
+    )
 
 
 class EngineSetup:
@@ -104,6 +144,7 @@ class EngineSetup:
         self.comms = comms  # (control, data) of this rank when ranked
         self.state: RankState | None = None  # this rank's share of every command (ranked)
         self.runner: Runner | None = None  # what the engine thread steps through (rank 0)
+        self.shared: Any = None  # the weights holder's connection (``shared_weights``)
 
     def load(self) -> None:
         """Weights, CUDA KV pool (prefill workers on CUDA), KV cache, decode graphs (captured by ``warmup``) and
@@ -175,45 +216,67 @@ class EngineSetup:
         )
 
     def _build_model(self) -> LlamaModel | GptOssModel:
-        """The weights (read, or random with ``load_format: dummy``) and the forward pass of the architecture;
-        ranked, this rank's shard of them, the model told its own number of heads and how to exchange."""
-        cfg, dev = self.model_config, self.device
-        quantization = self.config.quantization
+        """The weights (read, random with ``load_format: dummy``, or mapped from a weights holder with
+        ``shared_weights``) and the forward pass of the architecture; ranked, this rank's shard of them, the model
+        told its own number of heads and how to exchange."""
+        cfg = self.model_config
         shard, comm, local_cfg = None, ONE_RANK, cfg
         if self.plan.ranked:
             assert self.comms is not None
-            check_divides(cfg, self.plan, mxfp4=quantization == "mxfp4")
+            if self.config.shared_weights:  # a holder serves whole tensors; a rank reads only its shard
+                raise EngineError("shared_weights runs on one rank (ranks read their own shards)", status=400)
+            check_divides(cfg, self.plan, mxfp4=self.config.quantization == "mxfp4")
             shard = shard_for(cfg, self.plan)
             local_cfg = dataclasses.replace(cfg, num_heads=shard.num_heads, num_kv_heads=shard.num_kv_heads)
             data = self.comms[1]
             comm = SequenceParallel(data) if self.plan.attention_dp else HeadParallel(data)
+        if self.config.shared_weights:
+            weights = self._attach_weights()
+        else:
+            weights = build_weights(self.config, self.model_files, cfg, self.dtype, self.device, shard)
         if isinstance(cfg, GptOssConfig):
-            if quantization not in ("none", "mxfp4"):
-                raise EngineError(f"quantization {quantization} is for llama-family models", status=400)
-            mxfp4 = quantization == "mxfp4"
-            if self.config.load_format == "dummy":
-                if shard is not None:  # its generators draw whole tensors: every rank would make all of them
-                    raise EngineError(
-                        "load_format dummy runs on one rank (read a checkpoint for ranks)", status=400
-                    )
-                weights = random_gpt_oss_weights(cfg, self.dtype, dev, mxfp4=mxfp4)
-            else:
-                folder = ensure_weights(self.model_files).folder
-                weights = load_gpt_oss_weights(folder, cfg, self.dtype, dev, mxfp4=mxfp4, shard=shard)
             first_expert = shard.experts[0] if shard is not None else 0
             model = GptOssModel(
-                local_cfg, weights, self.max_seq_len, self._decode_attention(), comm, first_expert
+                local_cfg,
+                weights,
+                self.max_seq_len,
+                self._decode_attention(),
+                comm,
+                first_expert,
+                prefill_attention=self._prefill_attention(),
             )
             log.info("torch engine: gpt-oss experts run as %s", model.moe_impl)
+            log.info(
+                "torch engine: gpt-oss prefill attention runs as %s",
+                "triton flash" if model.prefill_attention is not None else "eager (chunked scores)",
+            )
             return model
-        if quantization == "mxfp4":
-            raise EngineError("quantization mxfp4 is for gpt-oss checkpoints with MXFP4 experts", status=400)
-        if self.config.load_format == "dummy":
-            raise EngineError("load_format dummy (random weights) is for gpt_oss models", status=400)
-        weights = load_weights(ensure_weights(self.model_files).folder, cfg, self.dtype, dev, shard=shard)
         return LlamaModel(
             local_cfg, weights, self.max_seq_len, self._decode_attention(), self.config.quantization, comm
         )
+
+    def _attach_weights(self) -> Any:
+        """Map the weights holder's copy (``shared_weights``): no copy of our own; we exit if it dies."""
+        from dynamo_lite.engines.reference.shared_weights import SharedWeightsError, attach
+
+        if self.config.quantization not in ("none", "mxfp4"):
+            raise EngineError(
+                f"shared_weights: {self.config.quantization} weights are re-quantized per process; share "
+                "unquantized (or mxfp4 gpt-oss) weights",
+                status=400,
+            )
+        try:
+            self.shared = attach(
+                self.config.shared_weights,
+                weights_fingerprint_of(self.config, self.model_files, self.model_config),
+                self.device,
+                role=str(self.config.role),
+                timeout_s=self.config.shared_weights_timeout_s,
+            )
+        except SharedWeightsError as e:
+            raise EngineError(str(e), status=503) from e
+        self.shared.watch_owner()
+        return self.shared.weights
 
     def _decode_attention(self) -> Any:
         """The Triton decode attention on CUDA, if it runs here and agrees with the reference; else None
@@ -239,6 +302,24 @@ class EngineSetup:
             log.warning("Triton decode attention is off by %.2e: SDPA decode, no CUDA graphs", error)
             return None
         return decode_attention.decode_attention_triton
+
+    def _prefill_attention(self) -> Any:
+        """The Triton flash prefill attention (gpt-oss) on CUDA, if it runs here and agrees with the eager
+        reference; else None (the eager attention, scores materialized per query block)."""
+        cfg = self.model_config
+        if not prefill_attention.triton_supported(self.dtype, cfg.head_dim, self.device):
+            return None
+        try:
+            error = prefill_attention.self_check(
+                self.dtype, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.device, cfg.sliding_window
+            )
+        except Exception as e:
+            log.warning("Triton prefill attention failed (%s): eager prefill attention", e)
+            return None
+        if not error <= _DECODE_ATTENTION_TOLERANCE[self.dtype]:
+            log.warning("Triton prefill attention is off by %.2e: eager prefill attention", error)
+            return None
+        return prefill_attention.prefill_attention_triton
 
     def _make_pool(self) -> None:
         assert self.exporter is not None
