@@ -17,6 +17,7 @@ from dynamo_lite.placement.cli import add_placement_args, placement_settings
 from dynamo_lite.protocol import DisaggregationStrategy, Role
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.config import Timeouts
+from dynamo_lite.runtime.gc_tuning import tune_for_serving
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.worker.worker import Worker, WorkerSettings
 
@@ -230,6 +231,7 @@ async def run(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
+    tune_for_serving(settings.runtime.gc_young_threshold)
     print(
         f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
