@@ -1,0 +1,121 @@
+"""Paired A/B of two checkouts of dynamo_lite under ``benchmarks.compare_dynamo``, rounds alternating.
+
+    git worktree add ../before <commit>
+    python -m benchmarks.ab_checkouts --before ../before --after . --rounds 5 --mode both --lock /tmp/bench.lock
+
+Each round runs ``python -m benchmarks.compare_dynamo --systems dynamo_lite --rounds 1`` once from the before
+checkout, then once from the after one (each with its own code on ``PYTHONPATH``), so both see the box's load of
+the moment (``--lock``: a shared box's lock file, held for one round at a time). Per setup: req/s and frontend
+CPU µs/request of every run, their medians, and the median of the per-round after/before ratios. The runs' JSON
+goes to the artifact dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("before", "after")
+
+
+def run_side(checkout: Path, out: Path, args: argparse.Namespace) -> dict:
+    """One ``compare_dynamo`` run from ``checkout``; its JSON report."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.compare_dynamo",
+        "--systems",
+        "dynamo_lite",
+        "--setups",
+        args.setups,
+        "--mode",
+        args.mode,
+        "--rounds",
+        "1",
+        "--artifact-dir",
+        str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "compare_dynamo.json").read_text())
+
+
+def _listed(runs: list[dict]) -> str:
+    return ", ".join(f"{r['req_s']:.0f}" for r in runs)
+
+
+@contextlib.contextmanager
+def _held(lock: str) -> Iterator[None]:
+    """``flock(1)`` on ``lock`` (nothing when empty): a box shared with other benchmarks takes turns per round."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ab_checkouts", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--before", required=True, help="checkout of the baseline (a git worktree)")
+    p.add_argument("--after", default=str(ROOT), help="checkout of the change (default: this one)")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--setups", default="disagg")
+    p.add_argument("--mode", default="both", choices=("default", "per-token", "both"))
+    p.add_argument("--lock", default="", help="a file to flock around each round (a shared box's turn)")
+    p.add_argument("--artifact-dir", default="", help="default: artifacts/ab_checkouts-<timestamp>")
+    args = p.parse_args(argv)
+    dirs = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    art = Path(args.artifact_dir or ROOT / "artifacts" / f"ab_checkouts-{stamp}").resolve()
+    runs: dict[tuple[str, str], list[dict]] = {}  # (setup, side) → one metrics dict per round
+    for rnd in range(1, args.rounds + 1):
+        with _held(args.lock):
+            reports = {side: run_side(dirs[side], art / f"r{rnd}-{side}", args) for side in SIDES}
+        for side, report in reports.items():
+            for run in report["runs"]:
+                runs.setdefault((run["setup"], side), []).append({**run["metrics"], "errors": run["errors"]})
+                m = run["metrics"]
+                print(
+                    f"round {rnd} {side:6} {run['setup']:18} {m['req_s']:6.0f} req/s  "
+                    f"FE {m['frontend_cpu_us_per_req']:5.0f} µs/req  errors {run['errors']}  "
+                    f"load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+    print("\n| setup | req/s before | req/s after | median ratio | FE CPU µs/req before → after (medians) |")
+    print("|---|---|---|---|---|")
+    for setup in dict.fromkeys(s for s, _ in runs):
+        b, a = runs[(setup, "before")], runs[(setup, "after")]
+        ratios = [y["req_s"] / x["req_s"] for x, y in zip(b, a, strict=True)]
+        med = {side: statistics.median(r["req_s"] for r in rs) for side, rs in (("b", b), ("a", a))}
+        cpu = {
+            side: statistics.median(r["frontend_cpu_us_per_req"] for r in rs)
+            for side, rs in (("b", b), ("a", a))
+        }
+        print(
+            f"| {setup} | {_listed(b)} → **{med['b']:.0f}** | {_listed(a)} → **{med['a']:.0f}** "
+            f"| **{statistics.median(ratios):.2f}** | {cpu['b']:.0f} → {cpu['a']:.0f} "
+            f"({100 * (cpu['a'] / cpu['b'] - 1):+.0f} %) |"
+        )
+    errors = sum(r["errors"] for rs in runs.values() for r in rs)
+    print(f"\nerrors in all runs: {errors}; JSON under {art}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
