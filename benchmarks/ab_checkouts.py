@@ -3,11 +3,11 @@
     git worktree add ../before <commit>
     python -m benchmarks.ab_checkouts --before ../before --after . --rounds 5 --mode both --lock /tmp/bench.lock
 
-Each round runs ``python -m benchmarks.compare_dynamo --systems dynamo_lite --rounds 1`` once from the before
-checkout, then once from the after one (each with its own code on ``PYTHONPATH``), so both see the box's load of
-the moment (``--lock``: a shared box's lock file, held for one round at a time). Per setup: req/s and frontend
-CPU µs/request of every run, their medians, and the median of the per-round after/before ratios. The runs' JSON
-goes to the artifact dir.
+Each round runs ``python -m benchmarks.compare_dynamo --systems dynamo_lite --rounds 1`` once from each checkout
+(each with its own code on ``PYTHONPATH``; before first in odd rounds, after first in even ones), so both see the
+box's load of the moment (``--lock``: a shared box's lock file, held for one round at a time). Per setup: req/s
+and frontend CPU µs/request of every run, their medians, and the median of the per-round after/before ratios.
+The runs' JSON goes to the artifact dir.
 """
 
 from __future__ import annotations
@@ -86,8 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[tuple[str, str], list[dict]] = {}  # (setup, side) → one metrics dict per round
     for rnd in range(1, args.rounds + 1):
         with _held(args.lock):
-            reports = {side: run_side(dirs[side], art / f"r{rnd}-{side}", args) for side in SIDES}
-        for side, report in reports.items():
+            order = SIDES if rnd % 2 else SIDES[::-1]  # ABBA: neither side always runs first after a wait
+            reports = {side: run_side(dirs[side], art / f"r{rnd}-{side}", args) for side in order}
+        for side, report in sorted(reports.items(), key=lambda kv: SIDES.index(kv[0])):
             for run in report["runs"]:
                 runs.setdefault((run["setup"], side), []).append({**run["metrics"], "errors": run["errors"]})
                 m = run["metrics"]
