@@ -7,7 +7,8 @@ Each round runs ``python -m benchmarks.compare_dynamo --systems dynamo_lite --ro
 (each with its own code on ``PYTHONPATH``; before first in odd rounds, after first in even ones), so both see the
 box's load of the moment (``--lock``: a shared box's lock file, held for one round at a time). Per setup: req/s
 and frontend CPU µs/request of every run, their medians, and the median of the per-round after/before ratios.
-The runs' JSON goes to the artifact dir.
+The runs' JSON goes to the artifact dir; ``--summarize DIR ...`` prints one table over the rounds of earlier
+runs (pooled).
 """
 
 from __future__ import annotations
@@ -68,29 +69,76 @@ def _held(lock: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def load_rounds(art: Path) -> dict[tuple[str, str], list[dict]]:
+    """(setup, side) → the metrics of each round under ``art`` (``r<N>-<side>/compare_dynamo.json``), in
+    round order."""
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for side in SIDES:
+        found = sorted(
+            art.glob(f"r*-{side}/compare_dynamo.json"), key=lambda f: int(f.parent.name[1:].split("-")[0])
+        )
+        for path in found:
+            for run in json.loads(path.read_text())["runs"]:
+                runs.setdefault((run["setup"], side), []).append({**run["metrics"], "errors": run["errors"]})
+    return runs
+
+
+def table(runs: dict[tuple[str, str], list[dict]]) -> str:
+    """Per setup: every round's req/s, the medians, the median per-round ratio, frontend CPU per request."""
+    lines = [
+        "| setup | req/s before | req/s after | median ratio | FE CPU µs/req before → after (medians) |",
+        "|---|---|---|---|---|",
+    ]
+    for setup in dict.fromkeys(s for s, _ in runs):
+        b, a = runs[(setup, "before")], runs[(setup, "after")]
+        ratios = [y["req_s"] / x["req_s"] for x, y in zip(b, a, strict=True)]
+        req = [statistics.median(r["req_s"] for r in rs) for rs in (b, a)]
+        cpu = [statistics.median(r["frontend_cpu_us_per_req"] for r in rs) for rs in (b, a)]
+        lines.append(
+            f"| {setup} ({len(ratios)} rounds) | {_listed(b)} → **{req[0]:.0f}** | {_listed(a)} → **{req[1]:.0f}** "
+            f"| **{statistics.median(ratios):.2f}** | {cpu[0]:.0f} → {cpu[1]:.0f} "
+            f"({100 * (cpu[1] / cpu[0] - 1):+.0f} %) |"
+        )
+    errors = sum(r["errors"] for rs in runs.values() for r in rs)
+    return "\n".join(lines) + f"\n\nerrors in all runs: {errors}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.ab_checkouts", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("--before", required=True, help="checkout of the baseline (a git worktree)")
+    p.add_argument("--before", help="checkout of the baseline (a git worktree)")
     p.add_argument("--after", default=str(ROOT), help="checkout of the change (default: this one)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--setups", default="disagg")
     p.add_argument("--mode", default="both", choices=("default", "per-token", "both"))
     p.add_argument("--lock", default="", help="a file to flock around each round (a shared box's turn)")
     p.add_argument("--artifact-dir", default="", help="default: artifacts/ab_checkouts-<timestamp>")
+    p.add_argument(
+        "--summarize",
+        nargs="+",
+        default=[],
+        help="run nothing: one table over the rounds of these artifact dirs",
+    )
     args = p.parse_args(argv)
+    if args.summarize:
+        pooled: dict[tuple[str, str], list[dict]] = {}
+        for art in args.summarize:
+            for key, rounds in load_rounds(Path(art)).items():
+                pooled.setdefault(key, []).extend(rounds)
+        print(table(pooled))
+        return 0
+    if not args.before:
+        p.error("--before is required (or --summarize)")
     dirs = {"before": Path(args.before).resolve(), "after": Path(args.after).resolve()}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     art = Path(args.artifact_dir or ROOT / "artifacts" / f"ab_checkouts-{stamp}").resolve()
-    runs: dict[tuple[str, str], list[dict]] = {}  # (setup, side) → one metrics dict per round
     for rnd in range(1, args.rounds + 1):
         with _held(args.lock):
             order = SIDES if rnd % 2 else SIDES[::-1]  # ABBA: neither side always runs first after a wait
             reports = {side: run_side(dirs[side], art / f"r{rnd}-{side}", args) for side in order}
         for side, report in sorted(reports.items(), key=lambda kv: SIDES.index(kv[0])):
             for run in report["runs"]:
-                runs.setdefault((run["setup"], side), []).append({**run["metrics"], "errors": run["errors"]})
                 m = run["metrics"]
                 print(
                     f"round {rnd} {side:6} {run['setup']:18} {m['req_s']:6.0f} req/s  "
@@ -98,23 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
-    print("\n| setup | req/s before | req/s after | median ratio | FE CPU µs/req before → after (medians) |")
-    print("|---|---|---|---|---|")
-    for setup in dict.fromkeys(s for s, _ in runs):
-        b, a = runs[(setup, "before")], runs[(setup, "after")]
-        ratios = [y["req_s"] / x["req_s"] for x, y in zip(b, a, strict=True)]
-        med = {side: statistics.median(r["req_s"] for r in rs) for side, rs in (("b", b), ("a", a))}
-        cpu = {
-            side: statistics.median(r["frontend_cpu_us_per_req"] for r in rs)
-            for side, rs in (("b", b), ("a", a))
-        }
-        print(
-            f"| {setup} | {_listed(b)} → **{med['b']:.0f}** | {_listed(a)} → **{med['a']:.0f}** "
-            f"| **{statistics.median(ratios):.2f}** | {cpu['b']:.0f} → {cpu['a']:.0f} "
-            f"({100 * (cpu['a'] / cpu['b'] - 1):+.0f} %) |"
-        )
-    errors = sum(r["errors"] for rs in runs.values() for r in rs)
-    print(f"\nerrors in all runs: {errors}; JSON under {art}")
+    print("\n" + table(load_rounds(art)) + f"; JSON under {art}")
     return 0
 
 
