@@ -231,11 +231,11 @@ async def run(settings: WorkerSettings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await worker.start()
-    tune_for_serving(settings.runtime.gc_young_threshold)
     print(
         f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
     )
+    tune_for_serving(settings.runtime.gc_young_threshold)  # set up: what exists now lives as long as we do
     await stop.wait()
     log.info("draining (up to %.0fs)", settings.runtime.timeouts.drain_s)
     await worker.stop()
