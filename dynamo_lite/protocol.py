@@ -423,36 +423,43 @@ def encode(msg: msgspec.Struct) -> bytes:
     if type(msg) is GenerateRequest:  # the one message that carries ``APPENDED`` fields (its sampling's)
         sampling = _trimmed(msg.sampling)
         if sampling is not msg.sampling:
-            return _encoder.encode(
-                [sampling if f == "sampling" else getattr(msg, f) for f in GenerateRequest.__struct_fields__]
-            )
+            fields = list(msgspec.structs.astuple(msg))  # the same array, its sampling written shorter
+            fields[_SAMPLING_INDEX] = sampling
+            return _encoder.encode(fields)
     return _encoder.encode(msg)
 
 
 def _trimmed(msg: _Wire) -> Any:
     """``msg`` as the wire writes it: itself, or, when its last ``APPENDED`` fields hold their defaults, the
-    list of its fields without them (encoded as the same array, shorter)."""
-    kind = type(msg)
-    names = kind.__struct_fields__
-    end = len(names)
-    for name in reversed(kind.APPENDED):
-        if names[end - 1] != name or getattr(msg, name) != _default(kind, name):
+    tuple of its fields without them (encoded as the same array, shorter)."""
+    values = msgspec.structs.astuple(msg)  # one C call: this runs for every request sent
+    end = len(values)
+    for default in _trailing_defaults(type(msg)):
+        if values[end - 1] != default:
             break
         end -= 1
-    if end == len(names):
-        return msg
-    return [getattr(msg, f) for f in names[:end]]
+    return msg if end == len(values) else values[:end]
 
 
-_defaults: dict[tuple[type, str], Any] = {}
+_SAMPLING_INDEX = GenerateRequest.__struct_fields__.index("sampling")
+_trailing: dict[type, tuple[Any, ...]] = {}
 
 
-def _default(kind: type, name: str) -> Any:
-    key = (kind, name)
-    if key not in _defaults:
-        info = next(f for f in msgspec.structs.fields(kind) if f.name == name)
-        _defaults[key] = info.default if info.default is not msgspec.NODEFAULT else info.default_factory()
-    return _defaults[key]
+def _trailing_defaults(kind: type) -> tuple[Any, ...]:
+    """The defaults of ``kind``'s ``APPENDED`` fields that end its field list, the last field's first."""
+    found = _trailing.get(kind)
+    if found is None:
+        defaults = []
+        names = kind.__struct_fields__
+        end = len(names)
+        for name in reversed(kind.APPENDED):  # type: ignore[attr-defined]
+            if names[end - 1] != name:
+                break
+            info = next(f for f in msgspec.structs.fields(kind) if f.name == name)
+            defaults.append(info.default if info.default is not msgspec.NODEFAULT else info.default_factory())
+            end -= 1
+        found = _trailing[kind] = tuple(defaults)
+    return found
 
 
 T = TypeVar("T")

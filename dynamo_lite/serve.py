@@ -26,6 +26,7 @@ from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.cli import add_log_level_arg, setup_logging
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
+from dynamo_lite.runtime.gc_tuning import tune_for_serving
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
 from dynamo_lite.worker.worker import Worker, WorkerSettings
@@ -153,6 +154,7 @@ async def run(process: ServeProcess) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    tune_for_serving(process.workers[0].runtime.gc_young_threshold)
     model = workers[0].card.served_name if workers[0].card else "?"
     print(
         f"READY serving {model} at {server.url}/v1 "

@@ -20,6 +20,7 @@ from dynamo_lite.router.orchestrator import Router
 from dynamo_lite.router.settings import RouterSettings
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.config import RuntimeSettings, Timeouts
+from dynamo_lite.runtime.gc_tuning import tune_for_serving
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.runtime.registry import LiveView
 from dynamo_lite.runtime.runtime import Runtime
@@ -166,6 +167,7 @@ async def run(process: FrontendProcess) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    tune_for_serving(process.runtime.gc_young_threshold)
     print(f"READY frontend {server.url}", flush=True)
     await stop.wait()
     await server.stop()

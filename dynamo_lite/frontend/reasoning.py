@@ -38,7 +38,8 @@ def requested_budget(req: Any) -> tuple[int, str] | None:
     nvext = getattr(req, "nvext", None)
     if nvext is not None and (nvext.model_extra or {}).get("max_thinking_tokens") is not None:
         found.append((nvext.model_extra["max_thinking_tokens"], "nvext.max_thinking_tokens"))
-    reasoning = getattr(req, "reasoning", None)
+    # Declared by Responses requests only; getattr on a chat request would raise inside pydantic first.
+    reasoning = req.reasoning if "reasoning" in type(req).model_fields else None
     if reasoning is not None and (reasoning.model_extra or {}).get("max_tokens") is not None:
         found.append((reasoning.model_extra["max_tokens"], "reasoning.max_tokens"))
     if not found:

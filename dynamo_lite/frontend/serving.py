@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from dynamo_lite import tracing
-from dynamo_lite.frontend.access_log import log_access
+from dynamo_lite.frontend.access_log import access_logger, log_access
 from dynamo_lite.frontend.backend import Backend
 from dynamo_lite.frontend.choices import Choices, MergedStreams, choice_requests
 from dynamo_lite.frontend.errors import as_openai_error
@@ -95,19 +95,20 @@ class CompletionService:
                 root.set_attribute("completion.tokens", choices.completion_tokens)
                 root.end()
             self._done(p, mm, choices, status, ex)
-            log_access(
-                request_id=p.request.request_id,
-                endpoint=p.endpoint,
-                model=p.model,
-                status=499 if ex.disconnected else status,
-                prompt_tokens=len(p.request.token_ids),
-                completion_tokens=choices.completion_tokens,
-                cached_tokens=choices.cached_tokens,
-                ttft_s=ttft_s,
-                duration_s=time.perf_counter() - p.arrival,
-                finish_reason=choices.finish_reason,
-                instances=rt.instances(),
-            )
+            if access_logger.isEnabledFor(logging.INFO):  # its fields cost a few µs a request to gather
+                log_access(
+                    request_id=p.request.request_id,
+                    endpoint=p.endpoint,
+                    model=p.model,
+                    status=499 if ex.disconnected else status,
+                    prompt_tokens=len(p.request.token_ids),
+                    completion_tokens=choices.completion_tokens,
+                    cached_tokens=choices.cached_tokens,
+                    ttft_s=ttft_s,
+                    duration_s=time.perf_counter() - p.arrival,
+                    finish_reason=choices.finish_reason,
+                    instances=rt.instances(),
+                )
 
     async def _report_failure(
         self, exc: Exception, ex: Exchange, rid: tuple[bytes, bytes], stream: StreamFormat | None

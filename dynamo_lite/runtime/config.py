@@ -80,6 +80,9 @@ class RuntimeSettings:
     discovery_resync_s: float = 10.0  # a live view re-lists this often, repairing any change its watch missed
     # nats-py's read path patched for speed (``request_plane_nats``'s fast paths), if they pass their check
     nats_fast_path: bool = True
+    # Once it serves, the process's startup heap is frozen out of garbage collection and its youngest generation
+    # collected at this many new container objects (CPython: 700) (``runtime.gc_tuning``); 0: CPython's as is
+    gc_young_threshold: int = 10_000
 
     @classmethod
     def embedded(cls, **overrides: object) -> RuntimeSettings:

@@ -17,6 +17,7 @@ from dynamo_lite.placement.cli import add_placement_args, placement_settings
 from dynamo_lite.protocol import DisaggregationStrategy, Role
 from dynamo_lite.runtime.cli import add_runtime_args, raise_fd_limit, runtime_settings_from, setup_logging
 from dynamo_lite.runtime.config import Timeouts
+from dynamo_lite.runtime.gc_tuning import tune_for_serving
 from dynamo_lite.runtime.reachable import check_services
 from dynamo_lite.worker.worker import Worker, WorkerSettings
 
@@ -273,6 +274,7 @@ async def run(settings: WorkerSettings) -> None:
         f"READY worker {worker.instance_id} mode={settings.role} metrics_port={worker.metrics_port}",
         flush=True,
     )
+    tune_for_serving(settings.runtime.gc_young_threshold)  # set up: what exists now lives as long as we do
     await stop.wait()
     if failure:  # deregister at once: its requests have failed already (the router retries or migrates them)
         log.error("engine failed (%s): deregistering and exiting", failure[0])
