@@ -47,7 +47,7 @@ supervise() {  # supervise NAME CMD... : run CMD, restart it when it exits, unle
 
 run_bg holder python -m dynamo_lite.engines.reference.shared_weights --socket "$SOCKET" "${WEIGHTS[@]}"
 run_bg frontend python -m dynamo_lite.frontend --http-host 127.0.0.1 --http-port "$HTTP_PORT" \
-  --router-mode round-robin --namespace "$NAMESPACE"
+  --router-mode round-robin --namespace "$NAMESPACE" --worker-return-timeout "${WORKER_RETURN_TIMEOUT:-120}"
 run_bg prefill supervise prefill python -m dynamo_lite.worker --mode prefill --engine torch \
   --namespace "$NAMESPACE" "${WEIGHTS[@]}" --shared-weights "$SOCKET" \
   --max-num-tokens "${PREFILL_MAX_NUM_TOKENS:-16384}" --max-seq-len "${MAX_SEQ_LEN:-4096}" \

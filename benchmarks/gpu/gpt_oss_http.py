@@ -241,8 +241,8 @@ def run_topology(topology: str, folder: Path, args: argparse.Namespace, results:
             "--http-port",
             str(port),
         ]
-        if args.kill_decode_after:
-            frontend += ["--migration-limit", "3"]
+        if args.kill_decode_after:  # the one decode worker restarts: its streams wait for it, then migrate
+            frontend += ["--migration-limit", "3", "--worker-return-timeout", "120"]
         stack.spawn(f"{topology}-frontend", [*frontend, *services])
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: folder.name in urllib.request.urlopen(url + "/v1/models", timeout=2).read().decode(), 60,

@@ -111,6 +111,7 @@ def settings_from(args: argparse.Namespace) -> FrontendProcess:
         first_token_s=args.first_token_timeout,
         request_s=args.request_timeout,
         queue_s=args.queue_timeout,
+        worker_return_s=args.worker_return_timeout,
         shutdown_s=args.shutdown_timeout,
     )
     router = placement_settings(

@@ -11,8 +11,9 @@ or waiting longer than ``queue_timeout_s``, is refused with ``Overloaded`` (429 
 which the frontend answers before any byte of a response.
 
 A started stream (its worker died and it migrates; placed unbounded) whose role has no live instance at all waits
-up to ``queue_timeout_s`` for one to (re)appear — a restarted worker, e.g. the one decode worker of a 1P+1D GPU —
-instead of failing at once; a request that has not started fails at once (503 ``no_workers``).
+up to ``worker_return_s`` (0 by default: not at all) for one to (re)appear — a restarted worker, e.g. the one
+decode worker of a 1P+1D GPU — instead of failing at once; a request that has not started fails at once (503
+``no_workers``).
 
 An instance the request plane can't reach now (``RequestPlane.reachable``: NATS is down, or just back and the
 instance not heard from again) has no room: during a request-plane outage requests wait here, within the same
@@ -64,6 +65,7 @@ class Admission:
         queue_timeout_s: float,
         retry_after_s: int,
         plane: RequestPlane | None = None,
+        worker_return_s: float = 0.0,
     ) -> None:
         self.view = view
         self._reachable = plane.reachable if plane is not None else None
@@ -73,6 +75,7 @@ class Admission:
         self.policies = policies
         self.queue_depth = queue_depth
         self.queue_timeout_s = queue_timeout_s
+        self.worker_return_s = worker_return_s
         self.retry_after_s = retry_after_s
         self._queues: dict[tuple[str, str], deque[_Waiter]] = {}
         self._waiting: defaultdict[str, int] = defaultdict(int)  # model → requests waiting (all roles)
@@ -139,7 +142,7 @@ class Admission:
                 self.load.started(chosen.instance_id)
                 return chosen
         orphan = not any(i.instance_id not in exclude for i in self.view.instances_of(role, model))
-        if orphan and bounded:
+        if orphan and (bounded or self.worker_return_s <= 0):
             raise StreamError(ErrorInfo(503, f"no live {role} worker for model {model!r}", "no_workers"))
         if bounded and self._waiting[model] >= self.queue_depth:
             raise Overloaded(
@@ -152,7 +155,11 @@ class Admission:
                 self.retry_after_s,
             )
         waiter = _Waiter(
-            role, request, exclude, asyncio.get_running_loop().create_future(), patient=not bounded
+            role,
+            request,
+            exclude,
+            asyncio.get_running_loop().create_future(),
+            patient=not bounded and self.worker_return_s > 0,
         )
         queue = self._queues.setdefault((model, role), deque())
         if orphan:
@@ -228,7 +235,7 @@ class Admission:
 
     def instances_changed(self) -> None:
         """Instances joined or left: place what now fits; fail waiters whose role has no instance left (started
-        streams only after ``queue_timeout_s`` without one: a restarting worker may come back)."""
+        streams only after ``worker_return_s`` without one: a restarting worker may come back)."""
         for (model, role), queue in list(self._queues.items()):
             if not queue:
                 pass
@@ -241,13 +248,13 @@ class Admission:
             self.dispatch(model, role)
 
     def _fail_orphans_later(self, model: str, role: Role, waiters: list[_Waiter]) -> None:
-        """Give ``waiters`` (started streams whose role just lost its last instance) ``queue_timeout_s``."""
+        """Give ``waiters`` (started streams whose role just lost its last instance) ``worker_return_s``."""
         if not waiters:
             return
         loop = asyncio.get_running_loop()
         for waiter in waiters:
-            waiter.orphan_deadline = loop.time() + self.queue_timeout_s
-        loop.call_later(self.queue_timeout_s, self._fail_orphans, model, role)
+            waiter.orphan_deadline = loop.time() + self.worker_return_s
+        loop.call_later(self.worker_return_s, self._fail_orphans, model, role)
 
     def _fail_orphans(self, model: str, role: Role) -> None:
         """Fail the waiters of (``model``, ``role``) while it has no live instance: at once those that have not

@@ -15,7 +15,8 @@ S = TypeVar("S", bound=PlacementSettings)
 
 
 def add_placement_args(parser: argparse.ArgumentParser, title: str = "placement") -> None:
-    """``--router-mode``, ``--kv-load-weight``, ``--queue-depth`` and ``--queue-timeout``."""
+    """``--router-mode``, ``--kv-load-weight``, ``--queue-depth``, ``--queue-timeout`` and
+    ``--worker-return-timeout``."""
     g = parser.add_argument_group(title)
     g.add_argument("--router-mode", default=_P.policy, choices=POLICIES)
     g.add_argument(
@@ -36,13 +37,20 @@ def add_placement_args(parser: argparse.ArgumentParser, title: str = "placement"
         default=_T.queue_s,
         help="seconds a request may wait for a worker with room, then 503 + Retry-After",
     )
+    g.add_argument(
+        "--worker-return-timeout",
+        type=float,
+        default=_T.worker_return_s,
+        help="seconds a started stream whose role lost its last worker waits for one to come back (a restarting "
+        "worker of a one-GPU 1P+1D deployment) before it fails; 0: it fails at once",
+    )
 
 
 def placement_settings(
     args: argparse.Namespace, timeouts: Timeouts, cls: type[S] = PlacementSettings, **fields: Any
 ) -> S:
     """``cls`` (``PlacementSettings`` or a subclass, given its own ``fields``) from ``add_placement_args``'s
-    flags; ``--queue-timeout`` belongs to ``timeouts``, the process's."""
+    flags; ``--queue-timeout`` and ``--worker-return-timeout`` belong to ``timeouts``, the process's."""
     return cls(
         policy=args.router_mode,
         kv_load_weight=args.kv_load_weight,

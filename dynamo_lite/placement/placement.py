@@ -56,6 +56,7 @@ class Placement:
             policies,
             queue_depth=settings.queue_depth,
             queue_timeout_s=settings.timeouts.queue_s,
+            worker_return_s=settings.timeouts.worker_return_s,
             retry_after_s=settings.timeouts.retry_after_s,
             plane=plane,
         )

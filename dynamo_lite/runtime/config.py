@@ -26,6 +26,9 @@ class Timeouts:
     first_token_s: float = 300.0  # accepted → first token (queueing + prefill); also each hop's first answer
     request_s: float = 1800.0  # a whole request, first byte to last
     queue_s: float = 300.0  # waiting for a worker with room, then 503 + Retry-After (the wait counts in TTFT)
+    # A started stream whose role lost its last worker waits this long for one to come back (the restarting
+    # decode worker of a 1P+1D GPU), then fails; 0: it fails at once (a client is never left waiting silently).
+    worker_return_s: float = 0.0
     retry_after_s: int = 1  # what a refused request (429, 503 from the queue) is told to wait: Retry-After
     # Idle keep-alive connections are closed after this long. Longer than clients keep idle connections pooled
     # (aiperf: 300 s), so that the client closes first: a server closing as the client reuses the connection

@@ -207,7 +207,9 @@ def settings_from(args: argparse.Namespace) -> WorkerSettings:
         k: v for k, v in (("model_path", args.model_path), ("served_model_name", args.served_model_name)) if v
     }
     role = Role(args.role)
-    timeouts = Timeouts(drain_s=args.drain_timeout, queue_s=args.queue_timeout)
+    timeouts = Timeouts(
+        drain_s=args.drain_timeout, queue_s=args.queue_timeout, worker_return_s=args.worker_return_timeout
+    )
     engine = EngineSettings(
         role=role,
         extra=extra,

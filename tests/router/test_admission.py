@@ -41,7 +41,13 @@ class View:
         return info
 
 
-def admission(view: View, load: LoadTracker | None = None, depth: int = 8, timeout: float = 5.0) -> Admission:
+def admission(
+    view: View,
+    load: LoadTracker | None = None,
+    depth: int = 8,
+    timeout: float = 5.0,
+    worker_return: float = 0.0,
+) -> Admission:
     return Admission(
         view,  # type: ignore[arg-type]
         load or LoadTracker(RouterSettings().load_report_ttl_s),
@@ -49,6 +55,7 @@ def admission(view: View, load: LoadTracker | None = None, depth: int = 8, timeo
         queue_depth=depth,
         queue_timeout_s=timeout,
         retry_after_s=1,
+        worker_return_s=worker_return,
     )
 
 
@@ -142,10 +149,10 @@ async def test_waiters_fail_with_503_when_the_last_instance_goes() -> None:
 
 async def test_a_started_stream_waits_for_a_worker_of_its_role_to_come_back() -> None:
     """The one decode worker died (and restarts): a migrating stream (unbounded) waits for the new instance
-    instead of failing; a new request fails at once; without a comeback the wait ends after queue_timeout_s."""
+    instead of failing; a new request fails at once; without a comeback the wait ends after worker_return_s."""
     view = View()
     view.add("a", 1)
-    adm = admission(view, timeout=0.3)
+    adm = admission(view, timeout=5.0, worker_return=0.3)
     view.instances.clear()
     adm.instances_changed()
     migrating = asyncio.create_task(adm.place("decode", MODEL, REQ, exclude={"a"}, bounded=False))
@@ -164,6 +171,20 @@ async def test_a_started_stream_waits_for_a_worker_of_its_role_to_come_back() ->
         await adm.place("decode", MODEL, REQ, bounded=False)
     assert err.value.info.code == "no_workers" and asyncio.get_running_loop().time() - started >= 0.25
     assert adm.queued() == {MODEL: 0}
+
+
+async def test_by_default_a_started_stream_fails_at_once_when_its_role_has_no_worker() -> None:
+    """worker_return_s 0 (the default): a migrating stream with no worker of its role left gets its 503 at
+    once, never a silent wait."""
+    view = View()
+    view.add("a", 1)
+    adm = admission(view)
+    view.instances.clear()
+    adm.instances_changed()
+    with pytest.raises(StreamError) as err:
+        await asyncio.wait_for(adm.place("decode", MODEL, REQ, exclude={"a"}, bounded=False), 0.5)
+    assert err.value.info.code == "no_workers"
+    assert not any(adm.queued().values())  # nothing left waiting
 
 
 async def test_an_instance_that_refused_counts_as_full_until_it_reports() -> None:
