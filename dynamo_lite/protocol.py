@@ -345,7 +345,7 @@ class FrameKind(WireIntEnum):
     DATA = 0
     END = 1
     ERROR = 2
-    ACK = 3  # "request received": sent at once, outside the seq numbering (NATS delivers at most once)
+    ACK = 3  # "request received", outside the seq numbering (NATS delivers at most once); any frame also says it
     BUSY = 4  # "refused, at capacity": sent instead of ACK; the request was not accepted and nothing ran
 
 
