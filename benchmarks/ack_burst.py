@@ -4,8 +4,9 @@ how long the worker takes to acknowledge each request, and whether any is taken 
 Starts etcd, nats-server and one mocker worker (agg, zero time, default ``--max-inflight``) on loopback, keeps
 ``--busy`` streams of ``--output-tokens`` running on it, then sends ``--requests`` more, spread evenly over
 ``--window`` seconds, each with a ``--input-tokens`` prompt; every burst stream is read up to its first token
-(to its end with ``--read-all``, the load of a frontend). Prints the acknowledgement latency (publish → ACK or
-BUSY seen) and how the burst's requests ended::
+(to its end with ``--read-all``, the load of a frontend). Prints the acknowledgement latency (publish → ACK,
+BUSY or a first frame seen; a worker holds its ACK up to ``Timeouts.ack_delay_s``) and how the burst's requests
+ended::
 
     python -m benchmarks.ack_burst --requests 2048 --busy 512
 """

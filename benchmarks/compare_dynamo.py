@@ -1,6 +1,6 @@
 """dynamo_lite vs NVIDIA Dynamo 1.6.1 (frontend + mocker), side by side on this machine, same client and load.
 
-    python -m benchmarks.compare_dynamo                       # all four setups, 2 rounds each
+    python -m benchmarks.compare_dynamo                       # all five setups, 2 rounds each
     python -m benchmarks.compare_dynamo --setups agg,disagg --rounds 3 --profile auto
     python -m benchmarks.compare_dynamo --setups disagg --mode both    # also one token per event (per-token)
 
@@ -117,6 +117,13 @@ SETUPS: dict[str, Setup] = {
         Setup("agg_etcd_nats", "aggregated, etcd + NATS", "agg", services=True),
         Setup("disagg", "disaggregated 1 prefill + 1 decode, etcd + NATS", "disagg", services=True),
         Setup("agg_c1", "aggregated, 1 concurrent stream", "agg", services=False, concurrency=1),
+        Setup(
+            "disagg_c1",
+            "disaggregated 1 prefill + 1 decode, etcd + NATS, 1 concurrent stream",
+            "disagg",
+            services=True,
+            concurrency=1,
+        ),
     )
 }
 
@@ -871,7 +878,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--request-count", type=int, default=2000)
     p.add_argument("--warmup-request-count", type=int, default=100)
-    p.add_argument("--c1-request-count", type=int, default=1000, help="measured requests of the agg_c1 setup")
+    p.add_argument("--c1-request-count", type=int, default=1000, help="measured requests of the c=1 setups")
     p.add_argument(
         "--max-seconds", type=float, default=15.0, help="stop a run's measurement after this long (0: no cap)"
     )

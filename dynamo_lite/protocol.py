@@ -345,7 +345,7 @@ class FrameKind(WireIntEnum):
     DATA = 0
     END = 1
     ERROR = 2
-    ACK = 3  # "request received": sent at once, outside the seq numbering (NATS delivers at most once)
+    ACK = 3  # "request received", outside the seq numbering (NATS delivers at most once); any frame also says it
     BUSY = 4  # "refused, at capacity": sent instead of ACK; the request was not accepted and nothing ran
 
 
@@ -662,8 +662,9 @@ class Served(Protocol):
 class RequestPlane(Protocol):
     """Point-to-point streaming RPC to one instance address: the contract every plane keeps.
 
-    - **Accept or refuse, at once.** An instance acknowledges a request before any work (``on_ack`` sees it),
-      or refuses it for capacity (``InstanceBusy``, nothing ran). A request that reaches no serving instance
+    - **Accept or refuse, at once.** An instance acknowledges a request as it takes it (``on_ack`` sees it; over
+      NATS a first frame within ``Timeouts.ack_delay_s`` is the acknowledgement, else an ACK then), or refuses
+      it for capacity (``InstanceBusy``, nothing ran). A request that reaches no serving instance
       fails fast with ``InstanceUnavailable``, never by a timeout.
     - **Ordered, complete streams.** Payloads arrive in the order the handler yielded them; the stream ends
       when the handler returns, or with the ``StreamError`` it raised (its status and code kept).

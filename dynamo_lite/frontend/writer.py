@@ -69,6 +69,7 @@ async def _write_stream(r: Reply, source: Any, item: Any) -> None:
     if head:
         body.add(head)
     echo = p.echo
+    first_pending = True  # no event with output went out yet
     try:
         while True:
             if multi:
@@ -100,6 +101,11 @@ async def _write_stream(r: Reply, source: Any, item: Any) -> None:
                         data = splice(data, taken) if taken is not None else data
                     if data:
                         body.add(with_usage(data, p.usage(choices)) if continuous else data)
+                        if first_pending:
+                            # The first event is what TTFT measures: out now, not when the source next waits.
+                            # In prefill_first that is after the decode request was built and published.
+                            first_pending = False
+                            await body.flush()
                 if finish and multi and chunk is not None and chunk.finish_reason is None:
                     source.stop(i)  # ended here: the backend need not go on
             if out.finish_reason and (not multi or choices.finished):

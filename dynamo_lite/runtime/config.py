@@ -53,6 +53,9 @@ class Timeouts:
     # A request that its (heartbeating) instance neither acknowledged nor followed with a later acknowledgement
     # fails after this long; requests are known lost sooner by their order (request_plane_nats.py).
     ack_s: float = 10.0
+    # A worker holds a request's ACK this long: a first frame sent meanwhile acknowledges the request itself, so a
+    # fast answer (a prefill at c=1) costs no extra message at either end. 0: ACK at once.
+    ack_delay_s: float = 0.005
 
 
 @dataclass(slots=True)

@@ -3,8 +3,11 @@
 The contract it keeps is ``dynamo_lite.protocol.RequestPlane``'s; this is how, on NATS:
 
 Request:   PUB {address} reply={inbox}.{n}        payload = the request bytes
-Accepted:  PUB {inbox}.{n}  Frame(-1, ACK) at once, or Frame(-1, BUSY) instead when the instance is at capacity
-           (the request was not accepted: ``InstanceBusy``, the caller places it elsewhere or later)
+Accepted:  PUB {inbox}.{n}  Frame(-1, ACK), or Frame(-1, BUSY) instead when the instance is at capacity
+           (the request was not accepted: ``InstanceBusy``, the caller places it elsewhere or later). The ACK
+           waits up to ``Timeouts.ack_delay_s``: a first frame sent before then acknowledges the request itself
+           (any frame does, at the caller). Order still holds: before anything else goes to a caller (a frame
+           of another request, a BUSY, a probe's ACK), the held ACKs of requests that came earlier go out.
 Reply:     PUB {inbox}.{n}  Frame(seq, DATA|END|ERROR, payload)   — ended by END or ERROR
 Cancel:    PUB {address}.cancel  payload = {inbox}.{n}   — the server cancels that handler task
 Liveness:  PUB dlhb.{address} every heartbeat interval — a stream whose instance falls silent fails (503)
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import logging
 import ssl
@@ -140,6 +142,9 @@ class _NatsServed:
         self._max_inflight = max_inflight
         self._on_refused = on_refused
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        # Held ACKs (see the module docstring), in the order their requests came: reply → its send-by timer.
+        self._unacked: dict[str, asyncio.TimerHandle] = {}
+        self._ack_senders: set[asyncio.Task[None]] = set()
         self._subs: list = []
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
@@ -173,23 +178,53 @@ class _NatsServed:
         # Acknowledge (or refuse) at once, before any work: a request lost on the way (NATS is at-most-once)
         # then fails fast at the caller instead of waiting for a first frame that will never come.
         nc = self._plane.nc
+        delay = self._plane.settings.timeouts.ack_delay_s
         try:
             if msg.headers and PROBE_HEADER in msg.headers:
+                await self._send_held_acks()
                 await publish_typed(nc, msg.reply, _ACK)  # only says: every request before it got here
                 return
             if self._max_inflight is not None and len(self._tasks) >= self._max_inflight:
+                await self._send_held_acks()
                 await publish_typed(nc, msg.reply, _BUSY)
                 if self._on_refused is not None:
                     self._on_refused()
                 return
-            await publish_typed(nc, msg.reply, _ACK)
+            if delay <= 0:
+                await publish_typed(nc, msg.reply, _ACK)
         except RequestPlaneDown as e:  # unacknowledged, it never ran: the caller finds it lost and retries
             log.warning("request on %s dropped: %s", self._address, e)
             return
+        if delay > 0:
+            loop = asyncio.get_running_loop()
+            self._unacked[msg.reply] = loop.call_later(delay, self._ack_due)
         task = asyncio.create_task(self._run(msg.reply, msg.data, msg.headers))
         self._tasks[msg.reply] = task
         # Not in _run's finally: a task cancelled before its first step never runs its body.
         task.add_done_callback(lambda _, reply=msg.reply: self._tasks.pop(reply, None))
+
+    def _ack_due(self) -> None:
+        """A held ACK's time is up (timers fire in the order they were set: the earlier ones are due too)."""
+        task = asyncio.get_running_loop().create_task(self._send_held_acks())
+        self._ack_senders.add(task)
+        task.add_done_callback(self._ack_senders.discard)
+
+    async def _send_held_acks(self, upto: str | None = None) -> None:
+        """Send the held ACKs, in order: all of them, or those of requests that came before ``upto`` — whose
+        own first frame is about to go out and acknowledges it (its held ACK is dropped)."""
+        if not self._unacked:
+            return
+        due: list[str] = []
+        for reply in list(self._unacked):  # taken at once, so a concurrent sender never repeats one
+            self._unacked.pop(reply).cancel()
+            if reply == upto:
+                break
+            due.append(reply)
+        for reply in due:
+            try:
+                await publish_typed(self._plane.nc, reply, _ACK)
+            except RequestPlaneDown:  # its caller finds it lost (or hears its frames, once we are back)
+                pass
 
     async def _on_cancel(self, msg: Msg) -> None:
         task = self._tasks.get(msg.data.decode(errors="replace"))
@@ -198,7 +233,13 @@ class _NatsServed:
 
     async def _run(self, reply: str, payload: bytes, headers: dict[str, str] | None = None) -> None:
         tracing.attach_headers(headers)  # the caller's trace continues here (W3C traceparent)
-        publish = functools.partial(publish_typed, self._plane.nc)
+        nc = self._plane.nc
+
+        async def publish(subject: str, frame: bytes) -> None:
+            if self._unacked:  # earlier requests' ACKs first; this request's own is this frame
+                await self._send_held_acks(upto=reply)
+            await publish_typed(nc, subject, frame)
+
         seq = 0
         gen = self._handler(payload)
         try:
@@ -222,6 +263,9 @@ class _NatsServed:
             except StreamError:  # NATS is down: re-sent on reconnect, else the caller's liveness
                 pass
         finally:
+            held = self._unacked.pop(reply, None)  # ended with nothing sent (cancelled): no ACK needed now
+            if held is not None:
+                held.cancel()
             await gen.aclose()
 
     async def stop(self, drain_s: float = 0.0) -> None:
@@ -245,6 +289,9 @@ class _NatsServed:
 
     async def kill(self) -> None:
         """Go away at once, saying nothing: no heartbeat, no frame; callers find out by liveness."""
+        for held in self._unacked.values():
+            held.cancel()
+        self._unacked.clear()
         if self._heartbeat:
             self._heartbeat.cancel()
         for sub in self._subs:

@@ -14,7 +14,9 @@ import pytest
 from benchmarks import compare_dynamo as cd
 from benchmarks.load.metrics import CpuUsage, Stats, Summary
 
-AGG, AGG_ETCD, DISAGG, AGG_C1 = (cd.SETUPS[n] for n in ("agg", "agg_etcd_nats", "disagg", "agg_c1"))
+AGG, AGG_ETCD, DISAGG, AGG_C1, DISAGG_C1 = (
+    cd.SETUPS[n] for n in ("agg", "agg_etcd_nats", "disagg", "agg_c1", "disagg_c1")
+)
 
 
 def ports_for(setup: cd.Setup) -> cd.Ports:
@@ -102,7 +104,10 @@ def test_dynamo_lite_without_services_is_the_embedded_mode() -> None:
     assert flag(spec.argv, "--speedup-ratio") == "0" and flag(spec.argv, "--http-host") == "127.0.0.1"
 
 
-@pytest.mark.parametrize(("setup", "roles"), [(AGG_ETCD, ["worker"]), (DISAGG, ["prefill", "decode"])])
+@pytest.mark.parametrize(
+    ("setup", "roles"),
+    [(AGG_ETCD, ["worker"]), (DISAGG, ["prefill", "decode"]), (DISAGG_C1, ["prefill", "decode"])],
+)
 def test_dynamo_lite_distributed(setup: cd.Setup, roles: list[str]) -> None:
     p = ports_for(setup)
     fe, *workers = cd.dynamo_lite_commands(setup, "py", p, "ns", stream_interval_ms=0.0)
@@ -252,6 +257,8 @@ def test_workload_per_setup() -> None:
     w = cd.Workload(concurrency=64, request_count=2000, warmup=100, c1_request_count=500, c1_warmup=10)
     assert w.for_setup(AGG) == (64, 2000, 100)
     assert w.for_setup(AGG_C1) == (1, 500, 10)
+    assert w.for_setup(DISAGG_C1) == (1, 500, 10)  # the disaggregated c=1 setup: etcd + NATS, one stream
+    assert DISAGG_C1.services and DISAGG_C1.topology == "disagg"
 
 
 def test_cli_defaults() -> None:

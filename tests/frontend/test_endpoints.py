@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from dynamo_lite.frontend import FrontendSettings, HttpServer, create_app, serve_http
+from dynamo_lite.protocol import GenerateChunk
 from dynamo_lite.runtime.config import Timeouts
 
 from .conftest import MODEL, FakeBackend
@@ -160,3 +161,52 @@ async def test_serve_http_stops_on_cancel(backend: FakeBackend) -> None:
                 await task
         with pytest.raises(httpx.ConnectError):
             await http.get(f"http://127.0.0.1:{port}/live")
+
+
+async def test_first_event_is_written_before_the_backend_is_asked_for_more(
+    server: HttpServer, backend: FakeBackend, tokenizer: Tokenizer
+) -> None:
+    """The first token's event goes out at once, not when the backend next waits: in prefill_first the backend
+    sends the decode request after the first token without waiting, which the first token must not wait for.
+    Here the backend, once resumed after its first chunk, blocks the event loop until a client thread has
+    read that chunk's event: that can only happen if it was written before."""
+    import http.client
+    import json
+    import threading
+    from urllib.parse import urlsplit
+
+    first_read = threading.Event()
+    seen_before_resume: list[bool] = []
+    ids = tokenizer.encode("Hello there", add_special_tokens=False).ids
+    original = backend.generate
+
+    async def generate(model, request):  # noqa: ANN001, ANN202
+        chunks = original(model, request)
+        yield await anext(chunks)
+        seen_before_resume.append(first_read.wait(timeout=5.0))  # blocks the loop: no write can happen now
+        async for chunk in chunks:
+            yield chunk
+
+    backend.script = [GenerateChunk(token_ids=ids[:1]), GenerateChunk(token_ids=[2], finish_reason="stop")]
+    backend.generate = generate  # type: ignore[method-assign]
+    url = urlsplit(server.url)
+
+    def client() -> list[bytes]:
+        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        body = json.dumps({"model": MODEL, "messages": HI, "stream": True})
+        conn.request("POST", CHAT, body, {"Content-Type": "application/json"})
+        r = conn.getresponse()
+        events = []
+        while line := r.readline():
+            if line.startswith(b"data: "):
+                events.append(line)
+                if b'"content"' in line:
+                    first_read.set()
+                if b"[DONE]" in line:
+                    break
+        conn.close()
+        return events
+
+    events = await asyncio.to_thread(client)
+    assert seen_before_resume == [True]
+    assert events[-1].strip() == b"data: [DONE]"

@@ -439,3 +439,75 @@ async def test_nats_instances_long_silent_are_forgotten(
     finally:
         await client.close()
         await server.close()
+
+
+async def test_nats_ack_is_held_until_a_first_frame_or_its_delay_and_keeps_request_order(
+    nats_server: Proc,
+) -> None:
+    """A served request's ACK waits ``ack_delay_s``: a first frame sent before then acknowledges the request
+    itself (no ACK message at all), a slower request gets its ACK when the delay is up, and a request's frame
+    never overtakes the ACK of one that came before it (callers judge lost requests by that order)."""
+    import nats
+
+    settings = RuntimeSettings(
+        nats_url=f"nats://127.0.0.1:{nats_server.port}", timeouts=replace(HEARTBEAT, ack_delay_s=0.5)
+    )
+    server = await NatsRequestPlane.connect(settings)
+    release_slow = asyncio.Event()
+
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        if payload == b"slow":
+            await release_slow.wait()
+        yield payload
+
+    addr = address()
+    raw = await nats.connect(settings.nats_url)
+    got: list[tuple[str, int, int]] = []  # (reply, seq, kind) in the order they arrived
+    arrived = asyncio.Event()
+
+    async def on_reply(msg) -> None:  # noqa: ANN001
+        frame = decode(msg.data, Frame)
+        got.append((msg.subject.rsplit(".", 1)[1], frame.seq, frame.kind))
+        arrived.set()
+
+    try:
+        await server.serve(addr, handler)
+        await raw.subscribe("rawinbox.*", cb=on_reply)
+        await raw.flush()
+
+        async def wait_for(n: int) -> None:
+            while len(got) < n:
+                arrived.clear()
+                await asyncio.wait_for(arrived.wait(), 5.0)
+
+        # fast: DATA and END, no ACK
+        await raw.publish(addr, b"fast", reply="rawinbox.fast")
+        await wait_for(2)
+        assert got == [("fast", 0, FrameKind.DATA), ("fast", 1, FrameKind.END)]
+        # slow, then fast: the slow one's ACK goes out before the fast one's first frame
+        got.clear()
+        await raw.publish(addr, b"slow", reply="rawinbox.slow")
+        await raw.publish(addr, b"fast", reply="rawinbox.fast2")
+        await wait_for(3)
+        assert got == [
+            ("slow", -1, FrameKind.ACK),
+            ("fast2", 0, FrameKind.DATA),
+            ("fast2", 1, FrameKind.END),
+        ]
+        release_slow.set()
+        await wait_for(5)
+        assert got[3:] == [("slow", 0, FrameKind.DATA), ("slow", 1, FrameKind.END)]
+        # slow alone: its ACK when the delay is up, long before its answer
+        got.clear()
+        release_slow.clear()
+        started = time.monotonic()
+        await raw.publish(addr, b"slow", reply="rawinbox.slow2")
+        await wait_for(1)
+        assert got == [("slow2", -1, FrameKind.ACK)]
+        assert 0.4 < time.monotonic() - started < 2.0
+        release_slow.set()
+        await wait_for(3)
+    finally:
+        release_slow.set()
+        await raw.close()
+        await server.close()
