@@ -17,6 +17,8 @@ import msgspec
 import torch
 import torch.distributed as dist
 
+from dynamo_lite.kv.layout import KvLayout
+
 
 class RankStep(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     """One rank's tokens for a step, in ``model.build_step``'s terms (slots local to the rank)."""
@@ -33,20 +35,28 @@ class Step(msgspec.Struct, tag="step", array_like=True, gc=False):
 
 
 class KvWrite(msgspec.Struct, tag="kv_write", array_like=True, gc=False):
-    """Rank 0 sends a sequence's KV (``num_tokens`` positions) for local ``slot`` of rank ``owner`` (-1: every
-    rank its head shard)."""
+    """Take a sequence's KV (``num_tokens`` positions) into local ``slot`` of rank ``owner`` (-1: every rank its
+    head shard). ``shm_name``: the KV lies in that shared-memory segment in ``layout`` (the one-rank layout,
+    every KV head), and each rank copies its part out of it itself; "" : rank 0 holds it and sends each rank
+    its part over the data group."""
 
     slot: int
     num_tokens: int
     owner: int = -1
+    shm_name: str = ""
+    layout: KvLayout | None = None
 
 
 class KvRead(msgspec.Struct, tag="kv_read", array_like=True, gc=False):
-    """Rank 0 collects a sequence's KV from local ``slot`` of rank ``owner`` (-1: every rank's head shard)."""
+    """Hand a sequence's KV out of local ``slot`` of rank ``owner`` (-1: every rank's head shard). ``shm_name``:
+    each rank writes its part straight into that segment (the export hold, ``layout``); "": rank 0 collects
+    the parts over the data group."""
 
     slot: int
     num_tokens: int
     owner: int = -1
+    shm_name: str = ""
+    layout: KvLayout | None = None
 
 
 class Stop(msgspec.Struct, tag="stop", array_like=True, gc=False):
