@@ -12,12 +12,15 @@ collective on either group raise: that is how a rank's death reaches the others 
 from __future__ import annotations
 
 import datetime
+import logging
 
 import msgspec
 import torch
 import torch.distributed as dist
 
 from dynamo_lite.kv.layout import KvLayout
+
+log = logging.getLogger(__name__)
 
 
 class RankStep(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -72,10 +75,21 @@ _decoder = msgspec.msgpack.Decoder(Command)
 class RankComm:
     """Collectives of one engine's ranks over a process group object (see the module docstring)."""
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, size: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, rank: int, size: int, backend: str = "gloo") -> None:
         self.group = group
         self.rank = rank
         self.size = size
+        self.backend = backend  # "gloo" | "nccl"
+
+    def abort(self) -> None:
+        """Fail what waits on a dead peer (from another thread). NCCL only: its kernels would wait on the GPU
+        until the group's timeout; gloo's wait already failed, its connection to the dead process closed."""
+        if self.backend != "nccl":
+            return
+        try:
+            self.group.abort()
+        except Exception as e:  # noqa: BLE001 - best effort: the engine fails either way
+            log.warning("ranks: aborting the NCCL group failed: %s", e)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         self.group.allreduce([t]).wait()
@@ -119,16 +133,35 @@ class RankComm:
         return _decoder.decode(data.numpy().tobytes())
 
 
+def data_backend(device: torch.device) -> str:
+    """The data group's backend for ranks on ``device``: NCCL on CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def nccl_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A ``ProcessGroupNCCL`` as ``init_process_group`` builds one (options with the timeout, normal-priority
+    streams); its communicator is created at the first collective, on the tensor's device (each rank has set
+    its own with ``torch.cuda.set_device``)."""
+    if not dist.is_nccl_available():
+        raise RuntimeError(
+            "ranks on CUDA need torch.distributed's NCCL backend, which this torch build lacks"
+        )
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = False
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, size, opts)
+
+
 def connect(
     store: dist.Store, rank: int, size: int, device: torch.device, timeout_s: float
 ) -> tuple[RankComm, RankComm]:
     """``(control, data)`` groups of rank ``rank`` over ``store``."""
     timeout = datetime.timedelta(seconds=timeout_s)
     control = dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timeout)
-    if device.type == "cuda":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        data: dist.ProcessGroup = dist.ProcessGroupNCCL(dist.PrefixStore("data/", store), rank, size, opts)
+    backend = data_backend(device)
+    data_store = dist.PrefixStore("data/", store)
+    if backend == "nccl":
+        data: dist.ProcessGroup = nccl_group(data_store, rank, size, timeout)
     else:
-        data = dist.ProcessGroupGloo(dist.PrefixStore("data/", store), rank, size, timeout)
-    return RankComm(control, rank, size), RankComm(data, rank, size)
+        data = dist.ProcessGroupGloo(data_store, rank, size, timeout)
+    return RankComm(control, rank, size), RankComm(data, rank, size, backend)
