@@ -198,6 +198,14 @@ HANDOFFS = [
     # No shared memory (holds in private memory, pulls over TCP): rank 0 relays the parts over the data
     # group, the path device memory (a CUDA hold or a CUDA IPC pull) takes.
     pytest.param({"tp": 2}, {"tp": 2, "ep": 2, "dp": True}, False, id="relayed-tp2-to-attention-dp2"),
+    # The seed's pair: 4 query heads over 4 ranks, the 2 KV heads replicated (ranks 0 and 2 write them).
+    pytest.param(
+        {"tp": 4, "ep": 4},
+        {"tp": 4, "ep": 4, "dp": True},
+        True,
+        id="tp4-to-attention-dp4",
+        marks=pytest.mark.slow,
+    ),
 ]
 
 
@@ -250,12 +258,15 @@ def test_kv_handoff_between_layouts(
             assert direct == [total // 2] * 2 and relayed == [0, 0]
         else:  # rank 0 writes its half and gathers the other's
             assert direct == [total // 2, 0] and relayed == [total // 2] * 2
-    if decode_kw["tp"] == 2:
+    if prefill_kw["tp"] == 4:  # a KV head on two ranks is written by the first
+        assert moved["prefill"] == ([total // 2, 0, total // 2, 0], [0] * 4)
+    if decode_kw["tp"] > 1:
         direct, relayed = moved["decode"]
+        n = decode_kw["tp"]
         if not decode_kw.get("dp"):
             assert direct == [total // 2] * 2 and relayed == [0, 0]
-        elif shm:  # each sequence's owner, all heads: the 4 sequences spread over the 2 ranks
-            assert sum(direct) == total and all(direct) and relayed == [0, 0]
+        elif shm:  # each sequence's owner, all heads: the 4 sequences spread over the ranks
+            assert sum(direct) == total and all(direct) and relayed == [0] * n
         else:  # rank 0 sends the other rank's sequences whole
             assert 0 < relayed[0] == relayed[1] < total and direct[0] + relayed[1] == total and direct[1] == 0
 
