@@ -200,6 +200,37 @@ async def test_a_decode_follower_killed_while_rank_0_waits_on_it(llama: Path, wh
     assert gone(follower) and not shm_segments(os.getpid())
 
 
+async def test_a_rank_that_cannot_copy_its_kv_part_fails_that_handoff_only(llama: Path) -> None:
+    """A follower that can't map the handoff's segment (gone: say, its lease expired) reports so; rank 0 raises
+    ``KvHandoffError`` (the engine recomputes that request, or fails its export) and the ranks stay in step."""
+    import torch
+
+    from dynamo_lite.engines.reference.rank_comm import KvWrite
+    from dynamo_lite.engines.reference.rank_runner import KvHandoffError
+    from dynamo_lite.kv.layout import KvLayout
+
+    engine = build_engine(settings(llama))
+    await engine.start()
+    try:
+        runner, cfg = engine._runner, engine.model_config
+        layout = KvLayout(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, "float32", 4)
+        mine = [
+            torch.zeros(shape) for shape, _ in layout.parts
+        ]  # rank 0's own views of the (missing) segment
+        slot = runner.slots.allocate()
+        try:
+            with torch.inference_mode(), pytest.raises(KvHandoffError, match=r"ranks \[1\] could not"):
+                runner._send(KvWrite(slot, 4, -1, "dlkv_0_gone", layout), mine)
+        finally:
+            runner.slots.free(slot)
+        opts = SamplingOptions(max_tokens=4, temperature=0.0, ignore_eos=True)
+        req = GenerateRequest(request_id="after", model="tiny", token_ids=[1, 2, 3], sampling=opts)
+        async with aclosing(engine.generate(req)) as chunks:
+            assert sum(len(c.token_ids) for c in [c async for c in chunks]) == 4
+    finally:
+        await engine.stop()
+
+
 SCRIPT = """
 import asyncio, sys
 from dynamo_lite.engines.base import EngineSettings
