@@ -62,6 +62,10 @@ class KvPulled:
         self._segment = segment
         self._sock = sock
         self._event: Any = None  # a CUDA copy in flight out of the exporter's pool
+        # A CUDA IPC pull: the descriptor's reference to the hold and its GPU, for other processes of this host
+        # (a ranked engine's followers) to open it themselves (``cuda_ipc.open_source``) while this is open.
+        self.cuda_ipc = b""
+        self.gpu_uuid = ""
         self.buffer: memoryview | None = None
         if not isinstance(owner, CudaSource):
             self.buffer = memoryview(owner).toreadonly()
@@ -259,7 +263,9 @@ async def _pull_cuda(
     try:
         sock = await _connect(desc, cfg)
         await _request(sock, KvRequest(KvOp.CLAIM, desc.transfer_id, desc.secret, []), desc, cfg)
-        return KvPulled(layout, source, "cuda_ipc", time.perf_counter() - started, sock=sock)
+        pulled = KvPulled(layout, source, "cuda_ipc", time.perf_counter() - started, sock=sock)
+        pulled.cuda_ipc, pulled.gpu_uuid = desc.cuda_ipc, desc.gpu_uuid
+        return pulled
     except BaseException:
         if sock is not None:
             sock.close()

@@ -40,14 +40,17 @@ class Step(msgspec.Struct, tag="step", array_like=True, gc=False):
 class KvWrite(msgspec.Struct, tag="kv_write", array_like=True, gc=False):
     """Take a sequence's KV (``num_tokens`` positions) into local ``slot`` of rank ``owner`` (-1: every rank its
     head shard). ``shm_name``: the KV lies in that shared-memory segment in ``layout`` (the one-rank layout,
-    every KV head), and each rank copies its part out of it itself; "" : rank 0 holds it and sends each rank
-    its part over the data group."""
+    every KV head), and each rank copies its part out of it itself; ``cuda_ipc`` (with ``gpu_uuid``): likewise
+    in the prefill worker's GPU pool, which each rank opens by CUDA IPC; neither: rank 0 holds it and sends each
+    rank its part over the data group."""
 
     slot: int
     num_tokens: int
     owner: int = -1
     shm_name: str = ""
     layout: KvLayout | None = None
+    cuda_ipc: bytes = b""
+    gpu_uuid: str = ""
 
 
 class KvRead(msgspec.Struct, tag="kv_read", array_like=True, gc=False):

@@ -16,8 +16,10 @@ attention-DP decode). Where the handoff's memory is a shared-memory segment of t
 pull mapped from the prefill worker's hold, or TCP bytes the importer landed in a segment of its own — rank 0
 only names the segment (``KvRead``/``KvWrite`` with ``shm_name``) and every rank copies its own part between
 its cache and the segment: its KV heads (a replicated head is written by the first rank holding it), or, under
-attention DP, the owning rank every head of its sequence. No KV byte crosses the process group then. Device
-memory (a CUDA hold or a CUDA IPC pull) still goes through rank 0: gathered or scattered over the data group.
+attention DP, the owning rank every head of its sequence. No KV byte crosses the process group then. A CUDA
+IPC pull (the prefill's hold in its GPU pool) is read the same way: each rank opens the pool by CUDA IPC and
+its GPU copies its heads from the prefill's GPU. An export into a device hold (CUDA pool) is still gathered by
+rank 0 over the data group, and an import a rank can't copy itself is relayed by rank 0 likewise.
 Every rank reports its part's outcome and bytes to rank 0 (``_report``) before the hold is published or the
 pull released, so the KV leases are freed exactly as for one rank.
 """
@@ -25,6 +27,7 @@ pull released, so the KV leases are freed exactly as for one rank.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Protocol
 
 import torch
@@ -175,8 +178,9 @@ class RankState:
 
     def write_kv(self, cmd: KvWrite, full: list[torch.Tensor] | None) -> None:
         """Take a sequence's KV into local slot ``cmd.slot``: each rank copies its part out of the shared
-        segment (``cmd.shm_name``), or rank 0 holds it whole (``full``, the one-rank layout) and relays parts."""
-        if cmd.shm_name:
+        segment (``cmd.shm_name``) or the prefill's GPU pool (``cmd.cuda_ipc``), or rank 0 holds it whole
+        (``full``, the one-rank layout) and relays parts."""
+        if cmd.shm_name or cmd.cuda_ipc:
             self._handoff(cmd, full, importing=True)
             return
         data, rank = self.data, self.plan.rank
@@ -263,40 +267,83 @@ class RankState:
 
     def _handoff(self, cmd: KvWrite | KvRead, theirs: list[torch.Tensor] | None, importing: bool) -> None:
         """This rank's part of a handoff through shared memory: copy its KV heads (attention DP: the owner, all
-        of them) between its cache slot and the segment, then report to rank 0. Rank 0 passes its own views of
-        the segment (``theirs``); a follower maps it by name. A rank that can't (segment gone, bytes that don't
-        fit) reports so instead of raising: every rank reaches the report, so the ranks stay in step."""
-        rank, shard = self.plan.rank, self.shards[self.plan.rank]
+        of them) between its cache slot and the segment — or, importing, the prefill's GPU pool, opened by CUDA
+        IPC — then report to rank 0. Rank 0 passes its own views of a segment (``theirs``); a follower maps it
+        by name. A rank that can't (segment gone, no CUDA IPC between the GPUs, bytes that don't fit) reports
+        so instead of raising: every rank reaches the report, so the ranks stay in step."""
+        rank, layout = self.plan.rank, cmd.layout
+        heads: tuple[int, int] | None = self.shards[rank].kv_heads
         if cmd.owner >= 0:
-            heads: slice | None = slice(None) if rank == cmd.owner else None
-        elif importing or self._first_of_kv_heads():
-            heads = slice(*shard.kv_heads)
-        else:
+            heads = (0, layout.num_kv_heads) if rank == cmd.owner and layout is not None else None
+        elif not importing and not self._first_of_kv_heads():
             heads = None  # a KV head replicated on an earlier rank: that rank writes it
         ok, moved = True, 0
         if heads is not None:
-            segment = None
             try:
-                if theirs is None:
-                    assert cmd.layout is not None
-                    segment = ShmSegment.attach(cmd.shm_name, cmd.layout.nbytes)
-                    theirs = as_tensors(segment.mapping, cmd.layout)
                 mine = self.cache.slot_parts(cmd.slot, cmd.num_tokens)
-                for cached, shared in zip(mine, theirs, strict=True):
-                    part = shared[:, :, heads]
-                    if importing:
-                        cached.copy_(part)
-                    else:
-                        part.copy_(cached)
-                    moved += part.numel() * part.element_size()
-            except Exception as e:  # noqa: BLE001 - reported to rank 0, which fails or recomputes the request
-                log.warning("rank %d: KV %s through shared memory failed: %s", rank, cmd.shm_name, e)
+                if isinstance(cmd, KvWrite) and cmd.cuda_ipc:
+                    moved = self._copy_from_gpu_pool(cmd, mine, heads)
+                else:
+                    moved = self._copy_shared(cmd, mine, theirs, heads, importing)
+            except Exception as e:  # noqa: BLE001 - reported to rank 0, which relays, recomputes or fails it
+                log.warning("rank %d: KV part of slot %d not copied: %s", rank, cmd.slot, e)
                 ok = False
-            finally:
-                theirs = None
-                if segment is not None:
-                    segment.close()
         self._report(ok, moved, 0)
+
+    def _copy_shared(
+        self,
+        cmd: KvWrite | KvRead,
+        mine: list[torch.Tensor],
+        theirs: list[torch.Tensor] | None,
+        heads: tuple[int, int],
+        importing: bool,
+    ) -> int:
+        segment = None
+        try:
+            if theirs is None:
+                assert cmd.layout is not None
+                segment = ShmSegment.attach(cmd.shm_name, cmd.layout.nbytes)
+                theirs = as_tensors(segment.mapping, cmd.layout)
+            moved = 0
+            for cached, shared in zip(mine, theirs, strict=True):
+                part = shared[:, :, heads[0] : heads[1]]
+                if importing:
+                    cached.copy_(part)
+                else:
+                    part.copy_(cached)
+                moved += part.numel() * part.element_size()
+            return moved
+        finally:
+            theirs = None
+            if segment is not None:
+                segment.close()
+
+    def _copy_from_gpu_pool(self, cmd: KvWrite, mine: list[torch.Tensor], heads: tuple[int, int]) -> int:
+        """Copy KV heads ``heads`` of every layer out of the prefill worker's pool (CUDA IPC, this rank's GPU
+        pulling from the prefill's) into this rank's slot, and wait for the copy before the report lets rank 0
+        say done."""
+        from dynamo_lite.kv.copy_plan import contiguous_strides
+        from dynamo_lite.kv.cuda_ipc import open_source
+
+        layout = cmd.layout
+        assert layout is not None
+        source = open_source(cmd.cuda_ipc, cmd.gpu_uuid, layout.nbytes, self.device)
+        try:
+            moved, event = 0, None
+            h0, h1 = heads
+            for cached, (shape, offset) in zip(mine, layout.parts, strict=True):
+                layers, kv, _, tokens, dim = shape
+                sub = (layers, kv, h1 - h0, tokens, dim)
+                first = offset + h0 * tokens * dim * layout.itemsize
+                event = source.copy_into(
+                    cached, sub, layout.itemsize, src_offset=first, src_strides=contiguous_strides(shape)
+                )
+                moved += math.prod(sub) * layout.itemsize
+            if event is not None:
+                event.synchronize()
+            return moved
+        finally:
+            source.release()
 
     def _first_of_kv_heads(self) -> bool:
         """Whether no lower rank holds this rank's KV heads (they are replicated when KV heads < ranks)."""
@@ -419,13 +466,22 @@ class RankDriver:
             self._send(KvRead(local, n, owner), hold.tensors())
 
     def write_kv(self, slot: int, pulled: Any) -> None:
-        """Import ``pulled`` (a ``KvPulled``): bytes in shared memory are read by each rank directly (its KV
-        heads, or the owning attention-DP rank all of them); a CUDA IPC pull goes through rank 0."""
+        """Import ``pulled`` (a ``KvPulled``): each rank copies its part itself (its KV heads, or the owning
+        attention-DP rank all of them) out of shared memory, or out of the prefill's GPU pool by CUDA IPC; where
+        a rank can't (no peer access between its GPU and the prefill's, say), rank 0 copies the KV and relays
+        the parts over the data group."""
         local, owner = self._kv_target(slot)
         layout = pulled.layout
-        if pulled.shm_name:
-            self._send(KvWrite(local, layout.num_tokens, owner, pulled.shm_name, layout), pulled.tensors())
-            return
+        n = layout.num_tokens
+        try:
+            if pulled.shm_name:
+                self._send(KvWrite(local, n, owner, pulled.shm_name, layout), pulled.tensors())
+                return
+            if pulled.on_device and pulled.cuda_ipc:
+                self._send(KvWrite(local, n, owner, "", layout, pulled.cuda_ipc, pulled.gpu_uuid))
+                return
+        except KvHandoffError as e:
+            log.warning("ranks: %s; relaying the KV through rank 0", e)
         full = [
             torch.empty(shape, dtype=self.cache.dtype, device=self.cache.device) for shape, _ in layout.parts
         ]

@@ -1,7 +1,8 @@
 """The torch engine's ranks on GPUs (NCCL data group): TP2 and attention-DP2 against one rank, the KV handed
-from a head-split prefill to an attention-DP decode through device memory (CUDA holds and CUDA IPC pulls,
-relayed by rank 0 over NCCL), and a follower killed mid-stream (the NCCL group aborted). Needs 2 GPUs; skipped
-elsewhere. ``bash benchmarks/gpu/run_ranks.sh check`` runs it."""
+from a head-split prefill to an attention-DP decode through device memory (the prefill's CUDA hold gathered by
+its rank 0 over NCCL; each decode rank pulling its sequences from it by CUDA IPC), and a follower killed
+mid-stream (the NCCL group aborted). Needs 2 GPUs; skipped elsewhere. ``bash benchmarks/gpu/run_ranks.sh check``
+runs it."""
 
 from __future__ import annotations
 
@@ -86,6 +87,8 @@ def test_kv_handoff_through_device_memory(one_rank: dict, gpt_oss: Path) -> None
     got, stats, state = asyncio.run(go())
     assert got == one_rank["tokens"] and stats.kv_recomputes == 0
     print("decode KV bytes per rank (direct, relayed):", state.kv_bytes_by_rank, state.kv_relayed_by_rank)
+    # Each sequence's owning rank opened the prefill's pool by CUDA IPC and copied it GPU to GPU itself.
+    assert sum(state.kv_bytes_by_rank) == stats.kv_transfer_bytes and not any(state.kv_relayed_by_rank)
 
 
 def test_a_follower_killed_mid_stream_fails_the_stream(gpt_oss: Path) -> None:
