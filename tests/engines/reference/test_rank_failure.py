@@ -201,8 +201,11 @@ async def test_a_decode_follower_killed_while_rank_0_waits_on_it(llama: Path, wh
 
 
 async def test_a_rank_that_cannot_copy_its_kv_part_fails_that_handoff_only(llama: Path) -> None:
-    """A follower that can't map the handoff's segment (gone: say, its lease expired) reports so; rank 0 raises
-    ``KvHandoffError`` (the engine recomputes that request, or fails its export) and the ranks stay in step."""
+    """A follower that can't map the handoff's segment reports so; rank 0 raises ``KvHandoffError`` and the ranks
+    stay in step. An import then has rank 0 relay the KV over the data group instead; an export fails its request
+    (``kv_export_failed``)."""
+    from types import SimpleNamespace
+
     import torch
 
     from dynamo_lite.engines.reference.rank_comm import KvWrite
@@ -221,6 +224,18 @@ async def test_a_rank_that_cannot_copy_its_kv_part_fails_that_handoff_only(llama
         try:
             with torch.inference_mode(), pytest.raises(KvHandoffError, match=r"ranks \[1\] could not"):
                 runner._send(KvWrite(slot, 4, -1, "dlkv_0_gone", layout), mine)
+            # An import (``write_kv``) then has rank 0 relay the KV to the rank that could not copy it.
+            kv = [torch.randn(shape) for shape, _ in layout.parts]
+            pulled = SimpleNamespace(
+                layout=layout, shm_name="dlkv_0_gone", on_device=False, cuda_ipc=b"",
+                tensors=lambda: kv, write_into=lambda dests: [d.copy_(k) for d, k in zip(dests, kv, strict=True)],
+            )  # fmt: skip
+            state = runner.state
+            with torch.inference_mode():
+                runner.write_kv(slot, pulled)
+            assert state.kv_relayed_by_rank == [layout.nbytes // 2] * 2
+            [part] = engine._cache.slot_parts(slot, 4)
+            assert torch.equal(part, kv[0][:, :, : cfg.num_kv_heads // 2])  # rank 0's half of the heads
         finally:
             runner.slots.free(slot)
         opts = SamplingOptions(max_tokens=4, temperature=0.0, ignore_eos=True)
