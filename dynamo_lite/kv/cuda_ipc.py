@@ -66,6 +66,7 @@ __all__ = [
     "on_device",
     "open_count",
     "open_source",
+    "open_target",
     "plan_copies",
     "set_runtime",
 ]
@@ -232,6 +233,18 @@ def open_source(cuda_ipc: bytes, gpu_uuid: str, nbytes: int, device: Any) -> Cud
         _opened.move_to_end(key)
         entry.in_use += 1
     return CudaSource(entry.ptr + ref.offset, nbytes, index, rt, key, source_index)
+
+
+def open_target(cuda_ipc: bytes, gpu_uuid: str, nbytes: int, device: Any) -> tuple[CudaSource, Any]:
+    """Map a hold another process of this host allocated, for writing into it from ``device`` (a ranked
+    engine's follower filling its KV heads of its rank 0's export hold): ``(mapping, uint8 tensor over the
+    hold)``, the tensor on the hold's GPU; ``mapping.release()`` when done. Raises as ``open_source``."""
+    source = open_source(cuda_ipc, gpu_uuid, nbytes, device)
+    try:
+        return source, source.runtime.as_tensor(source.ptr, nbytes, source.source_index)
+    except BaseException:
+        source.release()
+        raise
 
 
 def _evict_idle(rt: CudaRuntime) -> None:

@@ -20,7 +20,7 @@ import torch
 from dynamo_lite.kv import cuda_ipc
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaKvPool, CudaSource, contiguous_strides, plan_copies
-from dynamo_lite.kv.errors import KvPullError
+from dynamo_lite.kv.errors import KvPullError, KvTransferError
 from dynamo_lite.kv.exporter import KvExporter
 from dynamo_lite.kv.importer import pull_kv, release_kv
 from dynamo_lite.kv.layout import KvLayout
@@ -397,6 +397,44 @@ async def test_each_rank_copies_its_kv_heads_out_of_the_hold(exporter: KvExporte
             assert full[:, :, :3].abs().sum() == 0 and full[:, :, :, :, 40:].abs().sum() == 0
         assert exporter.held_count == 1  # rank 0's claim holds it until every rank reported
     await _until_freed(exporter)
+
+
+async def test_each_rank_writes_its_kv_heads_into_the_export_hold(
+    exporter: KvExporter, fake: FakeRuntime
+) -> None:
+    """A ranked prefill engine exporting into a device hold: each rank opens rank 0's pool (``open_target``,
+    by the hold's ``cuda_ref``) and writes only its KV heads of every layer into it; the published hold then
+    holds every head."""
+    from types import SimpleNamespace
+
+    from dynamo_lite.engines.reference.rank_comm import KvRead
+    from dynamo_lite.engines.reference.rank_runner import RankState
+
+    layout = KvLayout(4, 3, 16, "float32", 40, window=8, windowed_layers=(0, 2))
+    srcs = [torch.randn(shape) for shape, _ in layout.parts]  # what the ranks' caches hold, all heads
+    hold = exporter.allocate(layout, "req-x")
+    cuda_ipc.ALLOW_LOCAL_SHORTCUT = False  # the ranks are other processes
+    cmd = KvRead(3, 40, -1, "", layout, *hold.cuda_ref())
+    for h0, h1 in ((0, 1), (1, 3)):
+        full = torch.zeros(2, 2, 5, h1 - h0, 64, 16)  # [layers, K|V, slots, this rank's heads, max_seq, D]
+        ring = torch.zeros(2, 2, 5, h1 - h0, 8, 16)
+        mine = [full[:, :, 3, :, :40], ring[:, :, 3]]
+        mine[0].copy_(srcs[0][:, :, h0:h1])
+        mine[1].copy_(srcs[1][:, :, h0:h1])
+        rank = SimpleNamespace(device=CPU)
+        moved = RankState._copy_into_gpu_hold(rank, cmd, mine, (h0, h1))  # type: ignore[arg-type]
+        assert moved == layout.nbytes * (h1 - h0) // 3
+    desc = exporter.publish(hold)
+    async with await pull_kv(desc, exporter.config, device=CPU) as pulled:
+        got = [torch.zeros(shape) for shape, _ in layout.parts]
+        pulled.write_into(got)
+    assert all(torch.equal(g, src) for g, src in zip(got, srcs, strict=True))
+    await _until_freed(exporter)
+    exporter.use_cuda_pool(None)  # host memory from here on: no reference to hand out
+    host = exporter.allocate(layout, "req-host")
+    with pytest.raises(KvTransferError, match="not a CUDA hold"):
+        host.cuda_ref()
+    exporter.release(host.transfer_id)
 
 
 def test_copy_into_checks_the_destination(fake: FakeRuntime) -> None:

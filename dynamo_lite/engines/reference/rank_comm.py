@@ -55,14 +55,17 @@ class KvWrite(msgspec.Struct, tag="kv_write", array_like=True, gc=False):
 
 class KvRead(msgspec.Struct, tag="kv_read", array_like=True, gc=False):
     """Hand a sequence's KV out of local ``slot`` of rank ``owner`` (-1: every rank's head shard). ``shm_name``:
-    each rank writes its part straight into that segment (the export hold, ``layout``); "": rank 0 collects
-    the parts over the data group."""
+    each rank writes its part straight into that segment (the export hold, ``layout``); ``cuda_ipc`` (with
+    ``gpu_uuid``): into that device hold, which each rank opens by CUDA IPC; neither: rank 0 collects the parts
+    over the data group."""
 
     slot: int
     num_tokens: int
     owner: int = -1
     shm_name: str = ""
     layout: KvLayout | None = None
+    cuda_ipc: bytes = b""
+    gpu_uuid: str = ""
 
 
 class Stop(msgspec.Struct, tag="stop", array_like=True, gc=False):

@@ -16,10 +16,11 @@ attention-DP decode). Where the handoff's memory is a shared-memory segment of t
 pull mapped from the prefill worker's hold, or TCP bytes the importer landed in a segment of its own — rank 0
 only names the segment (``KvRead``/``KvWrite`` with ``shm_name``) and every rank copies its own part between
 its cache and the segment: its KV heads (a replicated head is written by the first rank holding it), or, under
-attention DP, the owning rank every head of its sequence. No KV byte crosses the process group then. A CUDA
-IPC pull (the prefill's hold in its GPU pool) is read the same way: each rank opens the pool by CUDA IPC and
-its GPU copies its heads from the prefill's GPU. An export into a device hold (CUDA pool) is still gathered by
-rank 0 over the data group, and an import a rank can't copy itself is relayed by rank 0 likewise.
+attention DP, the owning rank every head of its sequence. No KV byte crosses the process group then. Device
+memory is handed off the same way by CUDA IPC: an export hold in rank 0's GPU pool is opened by each rank,
+whose GPU writes its heads into it; a CUDA IPC pull (the prefill's hold in its pool) is opened by each decode
+rank, whose GPU copies its heads out of it. A part a rank can't copy itself (private memory, no peer access
+between two GPUs) is gathered or relayed by rank 0 over the data group instead.
 Every rank reports its part's outcome and bytes to rank 0 (``_report``) before the hold is published or the
 pull released, so the KV leases are freed exactly as for one rank.
 """
@@ -224,7 +225,7 @@ class RankState:
     def read_kv(self, cmd: KvRead, out: list[torch.Tensor] | None) -> None:
         """Hand local slot ``cmd.slot``'s KV out: each rank writes its part straight into the shared segment
         (``cmd.shm_name``), or rank 0 assembles it whole into ``out`` from the parts the others send it."""
-        if cmd.shm_name:
+        if cmd.shm_name or cmd.cuda_ipc:
             self._handoff(cmd, out, importing=False)
             return
         data, rank = self.data, self.plan.rank
@@ -281,8 +282,11 @@ class RankState:
         if heads is not None:
             try:
                 mine = self.cache.slot_parts(cmd.slot, cmd.num_tokens)
-                if isinstance(cmd, KvWrite) and cmd.cuda_ipc:
+                if cmd.cuda_ipc and importing:
+                    assert isinstance(cmd, KvWrite)
                     moved = self._copy_from_gpu_pool(cmd, mine, heads)
+                elif cmd.cuda_ipc and theirs is None:  # a follower writing into rank 0's device hold
+                    moved = self._copy_into_gpu_hold(cmd, mine, heads)
                 else:
                     moved = self._copy_shared(cmd, mine, theirs, heads, importing)
             except Exception as e:  # noqa: BLE001 - reported to rank 0, which relays, recomputes or fails it
@@ -344,6 +348,31 @@ class RankState:
             return moved
         finally:
             source.release()
+
+    def _copy_into_gpu_hold(
+        self, cmd: KvWrite | KvRead, mine: list[torch.Tensor], heads: tuple[int, int]
+    ) -> int:
+        """Write KV heads ``heads`` of this rank's slot into rank 0's device hold (CUDA IPC: this rank's GPU
+        writing to rank 0's), and wait for the copy before the report lets rank 0 publish."""
+        from dynamo_lite.kv.cuda_ipc import open_target
+
+        layout = cmd.layout
+        assert layout is not None
+        mapping, flat = open_target(cmd.cuda_ipc, cmd.gpu_uuid, layout.nbytes, self.device)
+        try:
+            dtype, moved = getattr(torch, layout.dtype), 0
+            for cached, (shape, offset) in zip(mine, layout.parts, strict=True):
+                n = math.prod(shape) * layout.itemsize
+                part = flat[offset : offset + n].view(dtype).view(shape)[:, :, heads[0] : heads[1]]
+                part.copy_(cached)
+                moved += part.numel() * part.element_size()
+            if flat.device.type == "cuda":
+                torch.cuda.synchronize(flat.device)
+                torch.cuda.synchronize(self.device)
+            return moved
+        finally:
+            flat = None
+            mapping.release()
 
     def _first_of_kv_heads(self) -> bool:
         """Whether no lower rank holds this rank's KV heads (they are replicated when KV heads < ranks)."""
@@ -456,14 +485,23 @@ class RankDriver:
         return slot, -1
 
     def read_kv(self, slot: int, hold: Any) -> None:
-        """Export local KV into ``hold`` (a ``KvHold``): a host hold in shared memory is written by each rank
-        directly; a device hold (or private memory) is assembled by rank 0 from parts sent over the data group."""
+        """Export local KV into ``hold`` (a ``KvHold``): each rank writes its part into it itself — a host hold
+        in shared memory, or a device hold opened by CUDA IPC; where a rank can't (private memory; no peer
+        access between its GPU and rank 0's), rank 0 assembles it from parts sent over the data group."""
         local, owner = self._kv_target(slot)
-        n = hold.layout.num_tokens
-        if hold.shm_name and not hold.on_device:
-            self._send(KvRead(local, n, owner, hold.shm_name, hold.layout), hold.tensors())
-        else:
-            self._send(KvRead(local, n, owner), hold.tensors())
+        layout = hold.layout
+        n = layout.num_tokens
+        try:
+            if hold.on_device:
+                ref, uuid = hold.cuda_ref()
+                self._send(KvRead(local, n, owner, "", layout, ref, uuid), hold.tensors())
+                return
+            if hold.shm_name:
+                self._send(KvRead(local, n, owner, hold.shm_name, layout), hold.tensors())
+                return
+        except KvHandoffError as e:
+            log.warning("ranks: %s; gathering the KV on rank 0", e)
+        self._send(KvRead(local, n, owner), hold.tensors())
 
     def write_kv(self, slot: int, pulled: Any) -> None:
         """Import ``pulled`` (a ``KvPulled``): each rank copies its part itself (its KV heads, or the owning

@@ -1,8 +1,8 @@
 """The torch engine's ranks on GPUs (NCCL data group): TP2 and attention-DP2 against one rank, the KV handed
-from a head-split prefill to an attention-DP decode through device memory (the prefill's CUDA hold gathered by
-its rank 0 over NCCL; each decode rank pulling its sequences from it by CUDA IPC), and a follower killed
-mid-stream (the NCCL group aborted). Needs 2 GPUs; skipped elsewhere. ``bash benchmarks/gpu/run_ranks.sh check``
-runs it."""
+from a head-split prefill to an attention-DP decode through device memory rank by rank (each prefill rank writing
+its KV heads into rank 0's CUDA hold, each decode rank copying its sequences out of it, all by CUDA IPC; nothing
+relayed over NCCL), and a follower killed mid-stream (the NCCL group aborted). Needs 2 GPUs; skipped
+elsewhere. ``bash benchmarks/gpu/run_ranks.sh check`` runs it."""
 
 from __future__ import annotations
 
@@ -79,16 +79,19 @@ def test_kv_handoff_through_device_memory(one_rank: dict, gpt_oss: Path) -> None
                 return [*first[0].token_ids, *tokens(rest)]
 
             out = list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts()))))
-            return out, decode.stats(), decode._runner.state
+            return out, decode.stats(), (prefill._runner.state, decode._runner.state)
         finally:
             await prefill.stop()
             await decode.stop()
 
-    got, stats, state = asyncio.run(go())
+    got, stats, (sent, received) = asyncio.run(go())
     assert got == one_rank["tokens"] and stats.kv_recomputes == 0
-    print("decode KV bytes per rank (direct, relayed):", state.kv_bytes_by_rank, state.kv_relayed_by_rank)
-    # Each sequence's owning rank opened the prefill's pool by CUDA IPC and copied it GPU to GPU itself.
-    assert sum(state.kv_bytes_by_rank) == stats.kv_transfer_bytes and not any(state.kv_relayed_by_rank)
+    for name, state in (("prefill", sent), ("decode", received)):
+        print(f"{name} KV bytes per rank (direct, relayed): {state.kv_bytes_by_rank} {state.kv_relayed_by_rank}")
+    # Each prefill rank wrote its half of the heads, each sequence's owning decode rank copied all of them.
+    total = stats.kv_transfer_bytes
+    assert sent.kv_bytes_by_rank == [total // 2] * 2 and not any(sent.kv_relayed_by_rank)
+    assert sum(received.kv_bytes_by_rank) == total and not any(received.kv_relayed_by_rank)
 
 
 def test_a_follower_killed_mid_stream_fails_the_stream(gpt_oss: Path) -> None:
