@@ -87,7 +87,9 @@ def test_kv_handoff_through_device_memory(one_rank: dict, gpt_oss: Path) -> None
     got, stats, (sent, received) = asyncio.run(go())
     assert got == one_rank["tokens"] and stats.kv_recomputes == 0
     for name, state in (("prefill", sent), ("decode", received)):
-        print(f"{name} KV bytes per rank (direct, relayed): {state.kv_bytes_by_rank} {state.kv_relayed_by_rank}")
+        print(
+            f"{name} KV bytes per rank (direct, relayed): {state.kv_bytes_by_rank} {state.kv_relayed_by_rank}"
+        )
     # Each prefill rank wrote its half of the heads, each sequence's owning decode rank copied all of them.
     total = stats.kv_transfer_bytes
     assert sent.kv_bytes_by_rank == [total // 2] * 2 and not any(sent.kv_relayed_by_rank)
