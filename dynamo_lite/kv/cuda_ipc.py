@@ -66,7 +66,6 @@ __all__ = [
     "on_device",
     "open_count",
     "open_source",
-    "open_target",
     "plan_copies",
     "set_runtime",
 ]
@@ -132,15 +131,7 @@ class CudaSource:
         first's start)."""
         if tuple(dest.shape) != tuple(shape) or dest.element_size() != itemsize:
             raise ValueError(f"destination {tuple(dest.shape)}x{dest.element_size()} != {shape}x{itemsize}")
-        if src_strides is None:
-            nbytes = math.prod(shape) * itemsize
-        elif len(src_strides) != len(shape) or min(src_strides, default=1) < 0:
-            raise ValueError(f"source strides {src_strides} for a shape {tuple(shape)}")
-        else:  # from the first element to one past the last
-            last = sum((n - 1) * st for n, st in zip(shape, src_strides, strict=True))
-            nbytes = 0 if 0 in shape else (last + 1) * itemsize
-        if src_offset < 0 or src_offset + nbytes > self.nbytes:
-            raise ValueError(f"bytes {src_offset}..{src_offset + nbytes} outside a hold of {self.nbytes}")
+        self._check_range(shape, itemsize, src_offset, src_strides)
         rt = self.runtime
         index = rt.usable(dest.device)
         if index < 0:
@@ -167,6 +158,53 @@ class CudaSource:
                         stream,
                     )
             return rt.record_event(index, timing=timing)
+
+    def copy_from(
+        self, src: Any, itemsize: int, *, dst_offset: int = 0, dst_strides: tuple[int, ...] | None = None
+    ) -> Any:
+        """The reverse of ``copy_into``: write the torch tensor ``src`` (any strides with a dense last dimension,
+        on a GPU of this process) into the hold at byte ``dst_offset``, C-contiguous or laid out by
+        ``dst_strides`` (elements) — a ranked engine's follower writing its KV heads into rank 0's export hold.
+        Pitched copies on ``src``'s current stream: the source GPU's copy engines write to the hold's GPU, no
+        kernel runs there. Returns an event to wait on."""
+        shape = tuple(src.shape)
+        if src.element_size() != itemsize:
+            raise ValueError(f"source of {src.element_size()}-byte elements, expected {itemsize}")
+        self._check_range(shape, itemsize, dst_offset, dst_strides)
+        rt = self.runtime
+        index = rt.usable(src.device)
+        if index < 0:
+            raise ValueError(f"can't copy {src.device} memory into device memory")
+        plan = plan_copies(shape, dst_strides or contiguous_strides(shape), tuple(src.stride()), itemsize)
+        base, dst = src.data_ptr(), self.ptr + dst_offset
+        with on_device(rt, index):
+            stream = rt.stream(index)
+            for c in plan:
+                rt.memcpy_2d_async(
+                    dst + c.dst_offset,
+                    c.dst_pitch,
+                    base + c.src_offset,
+                    c.src_pitch,
+                    c.width,
+                    c.height,
+                    stream,
+                )
+            return rt.record_event(index)
+
+    def _check_range(
+        self, shape: tuple[int, ...], itemsize: int, offset: int, strides: tuple[int, ...] | None
+    ) -> None:
+        """Raise unless ``shape`` at byte ``offset`` of the hold (C-contiguous, or laid out by ``strides``) lies
+        within it."""
+        if strides is None:
+            nbytes = math.prod(shape) * itemsize
+        elif len(strides) != len(shape) or min(strides, default=1) < 0:
+            raise ValueError(f"hold strides {strides} for a shape {tuple(shape)}")
+        else:  # from the first element to one past the last
+            last = sum((n - 1) * st for n, st in zip(shape, strides, strict=True))
+            nbytes = 0 if 0 in shape else (last + 1) * itemsize
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"bytes {offset}..{offset + nbytes} outside a hold of {self.nbytes}")
 
     def _copy_by_kernel(self, plan: tuple[Copy2D, ...], base: int, src: int, index: int) -> bool:
         """The one-launch row copy, where chosen and possible (real CUDA, Triton, aligned rows)."""
@@ -233,18 +271,6 @@ def open_source(cuda_ipc: bytes, gpu_uuid: str, nbytes: int, device: Any) -> Cud
         _opened.move_to_end(key)
         entry.in_use += 1
     return CudaSource(entry.ptr + ref.offset, nbytes, index, rt, key, source_index)
-
-
-def open_target(cuda_ipc: bytes, gpu_uuid: str, nbytes: int, device: Any) -> tuple[CudaSource, Any]:
-    """Map a hold another process of this host allocated, for writing into it from ``device`` (a ranked
-    engine's follower filling its KV heads of its rank 0's export hold): ``(mapping, uint8 tensor over the
-    hold)``, the tensor on the hold's GPU; ``mapping.release()`` when done. Raises as ``open_source``."""
-    source = open_source(cuda_ipc, gpu_uuid, nbytes, device)
-    try:
-        return source, source.runtime.as_tensor(source.ptr, nbytes, source.source_index)
-    except BaseException:
-        source.release()
-        raise
 
 
 def _evict_idle(rt: CudaRuntime) -> None:

@@ -402,9 +402,9 @@ async def test_each_rank_copies_its_kv_heads_out_of_the_hold(exporter: KvExporte
 async def test_each_rank_writes_its_kv_heads_into_the_export_hold(
     exporter: KvExporter, fake: FakeRuntime
 ) -> None:
-    """A ranked prefill engine exporting into a device hold: each rank opens rank 0's pool (``open_target``,
-    by the hold's ``cuda_ref``) and writes only its KV heads of every layer into it; the published hold then
-    holds every head."""
+    """A ranked prefill engine exporting into a device hold: each rank opens rank 0's pool (by the hold's
+    ``cuda_ref``) and writes only its KV heads of every layer into it (``copy_from`` a strided part of its cache
+    into a strided part of the hold); the published hold then holds every head."""
     from types import SimpleNamespace
 
     from dynamo_lite.engines.reference.rank_comm import KvRead
@@ -448,7 +448,7 @@ def test_copy_into_checks_the_destination(fake: FakeRuntime) -> None:
     heads = (LAYOUT.num_layers, 2, 2, LAYOUT.num_tokens, LAYOUT.head_dim)  # 2 of the 3 heads
     with pytest.raises(ValueError, match="outside"):  # heads 1..2 start one head in: 2..3 would reach past it
         source.copy_into(torch.empty(heads), heads, 4, src_offset=2 * 40 * 16 * 4, src_strides=strides)
-    with pytest.raises(ValueError, match="source strides"):
+    with pytest.raises(ValueError, match="hold strides"):
         source.copy_into(torch.empty(heads), heads, 4, src_strides=strides[1:])
     pool.close()
 

@@ -354,25 +354,27 @@ class RankState:
     ) -> int:
         """Write KV heads ``heads`` of this rank's slot into rank 0's device hold (CUDA IPC: this rank's GPU
         writing to rank 0's), and wait for the copy before the report lets rank 0 publish."""
-        from dynamo_lite.kv.cuda_ipc import open_target
+        from dynamo_lite.kv.copy_plan import contiguous_strides
+        from dynamo_lite.kv.cuda_ipc import open_source
 
         layout = cmd.layout
         assert layout is not None
-        mapping, flat = open_target(cmd.cuda_ipc, cmd.gpu_uuid, layout.nbytes, self.device)
+        hold = open_source(cmd.cuda_ipc, cmd.gpu_uuid, layout.nbytes, self.device)
         try:
-            dtype, moved = getattr(torch, layout.dtype), 0
+            moved, event = 0, None
+            h0 = heads[0]
             for cached, (shape, offset) in zip(mine, layout.parts, strict=True):
-                n = math.prod(shape) * layout.itemsize
-                part = flat[offset : offset + n].view(dtype).view(shape)[:, :, heads[0] : heads[1]]
-                part.copy_(cached)
-                moved += part.numel() * part.element_size()
-            if flat.device.type == "cuda":
-                torch.cuda.synchronize(flat.device)
-                torch.cuda.synchronize(self.device)
+                tokens, dim = shape[3], shape[4]
+                first = offset + h0 * tokens * dim * layout.itemsize
+                event = hold.copy_from(
+                    cached, layout.itemsize, dst_offset=first, dst_strides=contiguous_strides(shape)
+                )
+                moved += cached.numel() * layout.itemsize
+            if event is not None:
+                event.synchronize()
             return moved
         finally:
-            flat = None
-            mapping.release()
+            hold.release()
 
     def _first_of_kv_heads(self) -> bool:
         """Whether no lower rank holds this rank's KV heads (they are replicated when KV heads < ranks)."""
