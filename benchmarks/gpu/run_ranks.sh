@@ -2,8 +2,9 @@
 # The torch engine's ranks on several GPUs (issue 28), each part bounded in time; JSON and logs under $OUT (default
 # /tmp/gpu-out). Needs 2 GPUs (4 for the seed-tp4 part). Run from the repo root:
 #   bash benchmarks/gpu/run_ranks.sh [check] [tiny] [step-20b] [step-120b] [seed-tp4]    (no argument: the first four)
-# check: tests/engines/reference/test_ranks_cuda.py (TP2 and attention-DP2 vs one GPU, KV handoff through device
-#   memory relayed over NCCL, a follower killed mid-stream) and the CPU ranks tests as a control (minutes).
+# check: tests/engines/reference/test_ranks_cuda.py (TP2 and attention-DP2 vs one GPU, the KV handed off rank by
+#   rank through device memory by CUDA IPC, a follower killed mid-stream), the NCCL stand-in and the CUDA IPC
+#   tests (minutes).
 # tiny / step-20b / step-120b: benchmarks/gpu/ranks.py, a decode step at batch 1 and 64 (context 1000) at TP2/EP2
 #   against each GPU's HBM floor; the 20b/120b checkpoints are random MXFP4 written under $WORK first (~13 / ~65 GB).
 # seed-tp4: the seed's prefill layout, TP4/EP4, 120b shape.
@@ -28,7 +29,7 @@ for part in $PARTS; do
     case $part in
     check) timeout ${CHECK_TIMEOUT:-420} python3 -m pytest -q -s -p no:cacheprovider \
         tests/engines/reference/test_ranks_cuda.py tests/engines/reference/test_rank_comm.py \
-        >"$OUT/ranks_check.log" 2>&1 ;;
+        tests/kv/test_cuda_ipc.py >"$OUT/ranks_check.log" 2>&1 ;;
     tiny) bench tiny ${TINY_TIMEOUT:-240} --shape tiny --folder "$WORK/tiny" --dtype float32 --batches 1 8 \
         --context 100 ;;
     step-20b) bench step_20b ${STEP_TIMEOUT:-540} --shape 20b --folder "$WORK/20b" --tp 2 --ep 2 ;;
