@@ -132,6 +132,12 @@ class TorchEngine:
         if self.config.role == Role.PREFILL:
             self.exporter = KvExporter(self._kv_config, engine_name=self.name)
             await self.exporter.start()
+        elif self.plan.ranked and self._kv_config.use_shm:
+            from multiprocessing import resource_tracker
+
+            # A ranked import lands TCP bytes in a segment of ours (``pull_kv(shared=True)``): start the tracker
+            # that unlinks it if we die now, rather than inside the first pull.
+            resource_tracker.ensure_running()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="torch-engine")
         self._thread.daemon = True
