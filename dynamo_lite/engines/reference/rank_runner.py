@@ -267,11 +267,12 @@ class RankState:
         self._report(True, own, relayed)
 
     def _handoff(self, cmd: KvWrite | KvRead, theirs: list[torch.Tensor] | None, importing: bool) -> None:
-        """This rank's part of a handoff through shared memory: copy its KV heads (attention DP: the owner, all
-        of them) between its cache slot and the segment — or, importing, the prefill's GPU pool, opened by CUDA
-        IPC — then report to rank 0. Rank 0 passes its own views of a segment (``theirs``); a follower maps it
-        by name. A rank that can't (segment gone, no CUDA IPC between the GPUs, bytes that don't fit) reports
-        so instead of raising: every rank reaches the report, so the ranks stay in step."""
+        """This rank's part of a rank-by-rank handoff: copy its KV heads (attention DP: the owner, all of them)
+        between its cache slot and the handoff's memory — a shared segment, mapped by name; an export's device
+        hold or the prefill's GPU pool, opened by CUDA IPC — then report to rank 0. Rank 0 passes its own views
+        of an export hold (``theirs``). A rank that can't (segment gone, no peer access between the GPUs, bytes
+        that don't fit) reports so instead of raising: every rank reaches the report, so the ranks stay in
+        step."""
         rank, layout = self.plan.rank, cmd.layout
         heads: tuple[int, int] | None = self.shards[rank].kv_heads
         if cmd.owner >= 0:
