@@ -36,6 +36,13 @@ from dynamo_lite.gpt_oss.tiny import TINY_SHAPE, gpt_oss_config
 from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
 ROOT = Path(__file__).resolve().parents[3]
+
+
+def _pythonpath() -> str:
+    """The project first, then whatever the caller's path held (a device's wheels in a folder of their own)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 CPU = torch.device("cpu")
 
 
@@ -139,7 +146,7 @@ while True:  # a worker computing with the weights until the holder goes
 
 
 def _start_worker(folder: Path, socket_path: Path, timeout: float = 60) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(_WORKER), str(folder), str(socket_path), str(timeout)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
@@ -167,7 +174,7 @@ def test_restarted_worker_remaps_and_the_holders_death_ends_workers(tmp_path_fac
     with SIGKILL, restarts and maps the same arena (still one file, the same bytes); then the holder is killed
     with SIGKILL and the worker exits by itself with HOLDER_LOST_EXIT and a message saying why."""
     folder = tiny_folder(tmp_path_factory)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": _pythonpath()}
     holder = subprocess.Popen(
         [sys.executable, "-m", "dynamo_lite.engines.reference.shared_weights", "--socket", str(socket_path),
          "--model-path", str(folder), "--dtype", "float32", "--device", "cpu"],
@@ -277,7 +284,7 @@ print("ALLOCATED", torch.cuda.memory_allocated(), "TOTAL", repr(total))
 """
     try:
         run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)  # fmt: skip
+                             env={**os.environ, "PYTHONPATH": _pythonpath()}, cwd=ROOT)  # fmt: skip
         assert run.returncode == 0, run.stderr[-3000:]
         words = run.stdout.split()
         expected = sum(float(t.double().sum()) for t in flatten(weights)[0].values())
