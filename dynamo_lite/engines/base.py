@@ -301,7 +301,8 @@ class EngineSettings:
     # GGUF's int4; CUDA: MXFP4 gpt-oss experts), else "none"
     quantization: str = "auto"
     device: str = "cpu"
-    threads: int = 0  # 0: leave the library default
+    # torch engine on CPU: 0 = this process's cores, shared step by step by its engines with work
+    threads: int = 0
     max_batch_size: int = 16
     max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)
     max_seq_len: int = 4096
