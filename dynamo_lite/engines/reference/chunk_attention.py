@@ -1,17 +1,18 @@
-"""A prefill chunk's causal attention on CPU for bf16/fp16 models: query blocks, fp32 scores, no full matrix.
+"""A prefill chunk's causal attention on CPU for bf16/fp16 models: query blocks, bf16 matmuls, no full matrix.
 
-torch's CPU SDPA (its flash kernel) ran SmolLM2's 1000-token prompt at ~50 GFLOP/s on this box's AVX512-BF16
-EPYC (one thread: 19-23 ms per layer, half of the whole prefill) while oneDNN's bf16 GEMMs ran the linears at
-~400. Here each block of queries is three batched matmuls: the queries of the heads that share a KV head stacked
-as rows (GQA without repeating K or V), scores ``q·kᵀ`` in fp32 (q and k widened: the same precision as SDPA's
-kernel, which also accumulates in fp32; bf16 scores would be 1.7x faster but 5x less accurate), softmax in fp32,
-probabilities rounded to the model's dtype for ``p·v`` (as SDPA's kernel does). A block sees only the keys up to
-its last query, and only its diagonal square is masked. One thread, 1000 tokens, all 30 layers: ~13 ms per layer
-against SDPA's 19-23 (``benchmarks.compare_vllm_cpu``'s README section has the measurements).
+torch's CPU SDPA kernel (flash-style, fp32 inside) ran SmolLM2's 1000-token prompt at ~50 GFLOP/s on an
+AVX512-BF16 EPYC (one thread: 19-23 ms per layer, half of the whole prefill) while oneDNN's bf16 GEMMs ran the
+linears at ~400. Here each block of queries is two batched bf16 matmuls and a softmax: the queries of the heads
+that share a KV head stacked as rows (GQA without repeating K or V), scores ``q·kᵀ`` and probabilities in the
+model's dtype (the softmax accumulates in fp32 inside), ``p·v``. That is transformers' eager attention in bf16;
+SDPA's kernel keeps the scores in fp32. Teacher-forced over 1000 tokens of real text, SmolLM2 bf16 against fp32:
+KL 0.00118 vs SDPA's 0.00112, argmax agreement 0.984 vs 0.982 (fp32 scores cost 1.4x the time here: torch's fp32
+GEMM runs ~90 GFLOP/s on this CPU). A block sees only the keys up to its last query, and only its diagonal square
+is masked. One thread, 1000 tokens: ~10 ms per layer against SDPA's 19-23.
 
-Blocks are sized so that one block's fp32 scores stay near ``SCORE_BLOCK_BYTES`` (cache-resident: larger blocks
-were slower, not faster), never below ``MIN_BLOCK`` queries (per-op overhead). Keys and values are read from
-the slot's cache (``[kv_heads, positions, head_dim]``), which already holds the chunk's own.
+Blocks are sized so that one block's scores stay near ``SCORE_BLOCK_BYTES`` (cache-resident: larger blocks were
+slower, not faster), never below ``MIN_BLOCK`` queries (per-op overhead). Keys and values are read from the
+slot's cache (``[kv_heads, positions, head_dim]``), which already holds the chunk's own.
 """
 
 from __future__ import annotations
