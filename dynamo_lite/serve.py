@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ _E, _F, _R = EngineSettings(), FrontendSettings(), RouterSettings()  # the defau
 SERVE_ENGINE = "torch"  # no GPU assumed: the built-in reference engine, rather than detecting TensorRT-LLM
 SERVE_STREAM_INTERVAL_S = 0.0  # in one process a chunk costs no request-plane message: each token as it comes
 SERVE_DRAIN_S = 2.0  # the HTTP server has closed its streams before the workers stop: Ctrl-C ends in seconds
+# --threads 0 splits this machine's cores between the workers (they share the process), not the library default
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
@@ -69,12 +71,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         "the checkpoint's own precision (int4 for the default Q4 GGUF)",
     )
     p.add_argument("--device", default=_E.device)
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=_E.threads,
-        help="torch threads per worker (0: the machine's cores, split step by step between the workers with work)",
-    )
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: cores split evenly)")
     p.add_argument("--max-batch-size", type=int, default=_E.max_batch_size)
     p.add_argument("--max-seq-len", type=int, default=_E.max_seq_len)
     p.add_argument(
@@ -100,6 +97,7 @@ class ServeProcess:
 def settings_from(args: argparse.Namespace) -> ServeProcess:
     timeouts = Timeouts(drain_s=SERVE_DRAIN_S)
     roles = [Role.PREFILL, Role.DECODE] if args.topology == "disagg" else [Role.AGGREGATED]
+    threads = args.threads or max(1, (os.cpu_count() or 2) // len(roles))
     workers = [
         WorkerSettings(
             role=role,
@@ -112,7 +110,7 @@ def settings_from(args: argparse.Namespace) -> ServeProcess:
                 dtype=args.dtype,
                 quantization=args.quantization,
                 device=args.device,
-                threads=args.threads,
+                threads=threads,
                 max_batch_size=args.max_batch_size,
                 max_seq_len=args.max_seq_len,
                 speedup_ratio=args.speedup_ratio,

@@ -32,6 +32,7 @@ CLIS = [
 # Flag defaults that are not settings: what a flag means when it is omitted, in the CLI's own terms.
 OWN_DEFAULTS = {
     ("serve.py", "--topology"): "disagg",  # which workers serve starts, not a setting of any of them
+    ("serve.py", "--threads"): 0,  # 0: this machine's cores split between serve's workers (see serve.py)
 }
 
 
@@ -132,12 +133,13 @@ def test_serve_without_flags_differs_from_the_settings_defaults_only_where_it_sa
     timeouts = Timeouts(drain_s=serve.SERVE_DRAIN_S)
     assert process.frontend == FrontendSettings(timeouts=timeouts)
     assert process.router == RouterSettings(timeouts=timeouts)
+    threads = max(1, (os.cpu_count() or 2) // 2)
     assert process.workers == [
         WorkerSettings(
             role=role,
             engine=serve.SERVE_ENGINE,
             stream_interval_s=serve.SERVE_STREAM_INTERVAL_S,
-            engine_settings=EngineSettings(role=role),
+            engine_settings=EngineSettings(role=role, threads=threads),
             runtime=RuntimeSettings.embedded(timeouts=timeouts),
         )
         for role in (Role.PREFILL, Role.DECODE)

@@ -301,8 +301,7 @@ class EngineSettings:
     # GGUF's int4; CUDA: MXFP4 gpt-oss experts), else "none"
     quantization: str = "auto"
     device: str = "cpu"
-    # torch engine on CPU: 0 = this process's cores, shared step by step by its engines with work
-    threads: int = 0
+    threads: int = 0  # 0: leave the library default
     max_batch_size: int = 16
     max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)
     max_seq_len: int = 4096

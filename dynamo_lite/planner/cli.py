@@ -165,7 +165,7 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--speedup-ratio", type=float, default=1.0, help="mocker: simulated time divided by this")
-    p.add_argument("--threads", type=int, default=0, help="torch: CPU threads (0: the cores, shared)")
+    p.add_argument("--threads", type=int, default=0, help="torch: CPU threads (0: library default)")
     p.add_argument("--isls", type=_ints, default=DEFAULT_ISLS)
     p.add_argument("--concurrencies", type=_ints, default=DEFAULT_CONCURRENCIES)
     p.add_argument("--contexts", type=_ints, default=DEFAULT_CONTEXTS)

@@ -54,8 +54,7 @@ class ReferenceConfig:
     shared_weights: str = _E.shared_weights
     shared_weights_timeout_s: float = 600.0
     device: str = _E.device
-    # torch threads of the engine thread; 0: the process's cores, shared with its other engines (``cores``)
-    threads: int = _E.threads
+    threads: int = _E.threads  # torch threads of the engine thread; 0: the library default
     max_batch_size: int = _E.max_batch_size  # KV cache slots = sequences decoding together
     max_num_tokens: int = _E.max_num_tokens  # tokens fed per step (decode tokens + prefill chunks)
     max_seq_len: int = _E.max_seq_len  # prompt + generated, per sequence (the cache's length per slot)

@@ -28,7 +28,6 @@ import torch
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.engines.reasoning import answer_so_far
 from dynamo_lite.engines.reference.config import ConfigError, ReferenceConfig
-from dynamo_lite.engines.reference.cores import PROCESS_CORES, CoreLease
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
@@ -121,10 +120,6 @@ class TorchEngine:
         self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
         self._started = False
         self._failure: BaseException | None = None
-        # threads 0 on a CPU: this process's cores, shared step by step with its other engines (``cores``)
-        self._cores: CoreLease | None = None
-        if not config.threads and self.device.type == "cpu":
-            self._cores = PROCESS_CORES.lease()
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -423,9 +418,6 @@ class TorchEngine:
                 on_failure(e)
         else:
             self._stop_ranks(failed=False)
-        finally:
-            if self._cores is not None:
-                self._cores.idle()
 
     def _on_rank_death(self, rank: int, code: int) -> None:
         """From the rank watcher: wake the engine thread, which fails (a collective may already have)."""
@@ -445,10 +437,7 @@ class TorchEngine:
         sched = self._scheduler
         assert sched is not None
         stopping = False
-        cores = self._cores
         while not stopping:
-            if cores is not None and not sched.has_work:
-                cores.idle()  # about to wait: the other engines may use our cores meanwhile
             stopping = self._drain(block=not sched.has_work)
             if stopping:
                 break
@@ -459,8 +448,6 @@ class TorchEngine:
                 continue
             plan = sched.plan()
             if plan.num_tokens:
-                if cores is not None:
-                    cores.step()
                 self._step(plan)
             self._update_gauges()
         self._fail_all(EngineError("engine stopped", status=503, code="engine_stopped"))
