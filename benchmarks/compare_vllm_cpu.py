@@ -6,15 +6,13 @@
 Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 layers for small steps):
 
 - ``lite``: ``python -m dynamo_lite serve`` with its defaults (dtype/quantization auto: bf16 activations with the
-  GGUF's int4 weights on a CPU with AVX512-BF16 or AMX; prefill and decode workers in one process, sharing the
-  cores step by step);
+  GGUF's int4 weights on a CPU with AVX512-BF16 or AMX; prefill and decode workers in one process, the cores
+  split evenly between them: one thread each on 2 cores);
 - ``lite-bf16``: the same with ``--dtype bfloat16 --quantization none`` (vLLM's precision exactly);
 - ``vllm``: ``vllm serve --dtype bfloat16`` as its CPU docs set it up (``VLLM_CPU_OMP_THREADS_BIND=auto``: on a
   2-core box that reserves one core for its API server and engine core, and computes on the other);
 - ``vllm-2t``: the same computing on every core (``VLLM_CPU_OMP_THREADS_BIND=0-N``, none reserved): threads
-  like ours;
-- ``lite-t1``, ``lite-bf16-t1`` (not in the default set): ``lite`` / ``lite-bf16`` with ``--threads 1`` (each
-  worker on one thread, whatever the other does).
+  as many as ours together.
 
 vLLM reads the dequantized fp32 safetensors dynamo_lite converted from the GGUF (bf16 on load, as ours), through
 a folder of links made from our cached model files. vLLM is installed into its own venv
@@ -74,7 +72,6 @@ MODEL = "SmolLM2-135M-Instruct"
 VLLM_MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
 SYSTEMS = ("lite", "vllm", "lite-bf16", "vllm-2t")
-EXTRA_SYSTEMS = ("lite-t1", "lite-bf16-t1")  # the workers on one thread each (serve --threads 1), for A/B
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,10 +189,8 @@ def server_spec(system: str, port: int, vllm_python: Path | None, vllm_model: Pa
     if system.startswith("lite"):
         argv = [sys.executable, "-m", "dynamo_lite", "serve", "--http-port", str(port)]
         argv += ["--served-model-name", MODEL, "--log-level", "WARNING"]
-        if system.startswith("lite-bf16"):
+        if system == "lite-bf16":
             argv += ["--dtype", "bfloat16", "--quantization", "none"]
-        if system.endswith("-t1"):
-            argv += ["--threads", "1"]
         return ProcSpec(system, argv, env={"PYTHONPATH": str(ROOT)})
     assert vllm_python is not None and vllm_model is not None
     cores = len(os.sched_getaffinity(0))
@@ -311,8 +306,7 @@ def order(systems: Sequence[str], rnd: int) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = (*SYSTEMS, *EXTRA_SYSTEMS)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(choices)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--lock", default="", help="flock this file while measuring (e.g. /tmp/bench.lock)")
     p.add_argument(
@@ -326,9 +320,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--artifact-dir", default="artifacts/compare_vllm_cpu")
     args = p.parse_args(argv)
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(args.systems) - set(choices)
+    unknown = set(args.systems) - set(SYSTEMS)
     if unknown:
-        p.error(f"unknown systems {sorted(unknown)}; choose from {choices}")
+        p.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     return args
 
 
