@@ -3,8 +3,9 @@
 One engine step is one call of ``LlamaModel.forward``. All tokens of the step (one per decoding sequence, a
 chunk per prefilling one) are concatenated, so every matmul runs once per layer for the whole batch; only
 attention is split: decode tokens attend together (one SDPA over their slots' caches with a length mask),
-each prefill chunk attends alone (causal). K and V of every token are written straight into the preallocated
-slot cache with one indexed store per layer; nothing else of the cache is copied.
+each prefill chunk attends alone (causal; bf16 on a CPU in query blocks, ``chunk_attention``). K and V of
+every token are written straight into the preallocated slot cache with one indexed store per layer; nothing
+else of the cache is copied.
 
 The arithmetic follows transformers' llama step for step (RMSNorm in fp32, rotate-half RoPE with the same
 frequency table, SDPA), so fp32 greedy output matches ``generate`` token for token.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dynamo_lite.engines.reference.chunk_attention import causal_chunk_attention
 from dynamo_lite.engines.reference.collectives import ONE_RANK, Collectives
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.linear import LinearFn, make_linear
@@ -195,6 +197,9 @@ class LlamaModel:
         # SmolLM2: 0.058 vs 0.003 per token).
         self._lm_head = make_linear(weights.lm_head, None, "int8" if quantization == "int4" else quantization)
         self._norm_shape = (config.hidden_size,)
+        # bf16/fp16 on a CPU: prefill chunks attend in query blocks of bf16 matmuls (``chunk_attention``: 2x faster
+        # than torch's CPU SDPA kernel); fp32 keeps SDPA, the path whose outputs equal transformers' token for token.
+        self._chunk_attention = self.device.type == "cpu" and self.dtype in (torch.bfloat16, torch.float16)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # One fused op; in fp32 it is bit-identical to transformers' pow/mean/rsqrt sequence.
@@ -248,6 +253,10 @@ class LlamaModel:
                 v = qkv[:, q_dim + kv_dim :].view(num_tokens, nkv, hd)
                 for chunk, mask in zip(batch.prefills, batch.prefill_masks, strict=True):
                     sl = slice(chunk.offset, chunk.offset + chunk.length)
+                    if self._chunk_attention:  # its keys (the chunk's own too) are in the slot's cache now
+                        ks, vs = k_cache[chunk.slot], v_cache[chunk.slot]
+                        causal_chunk_attention(q[sl], ks, vs, chunk.start, self.scale, attn[sl])
+                        continue
                     qs = q[sl].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
                     if mask is None:
                         ks, vs = k[sl].transpose(0, 1), v[sl].transpose(0, 1)
