@@ -44,7 +44,30 @@ def import_llama_cpp() -> Any:
             f"llama-cpp-python {version} is installed; --engine llamacpp reads the KV state format of "
             f"{LLAMA_CPP_VERSION}: pip install llama-cpp-python=={LLAMA_CPP_VERSION}"
         )
+    _route_log(llama_cpp)
     return llama_cpp
+
+
+_GGML_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level WARN, ERROR; DEBUG/INFO dropped
+_GGML_LOG_CONT = 5  # a line continuing the previous message
+_log_state: dict[str, Any] = {}
+
+
+def _route_log(L: Any) -> None:
+    """llama.cpp's log (hundreds of lines per model load on stderr) into ours: its warnings and errors only."""
+    if "callback" in _log_state:
+        return
+
+    @L.llama_log_callback
+    def callback(level: int, text: bytes, _user: Any) -> None:
+        if level == _GGML_LOG_CONT:
+            level = _log_state.get("last", 0)
+        _log_state["last"] = level
+        if level in _GGML_LOG_LEVELS and text.strip():
+            log.log(_GGML_LOG_LEVELS[level], "llama.cpp: %s", text.decode(errors="replace").rstrip())
+
+    _log_state["callback"] = callback  # C keeps only the pointer: the object must live
+    L.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 class LlamaCppError(RuntimeError):
