@@ -580,8 +580,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--quantization", choices=["none", "mxfp4"], default="mxfp4", help="step: the experts' format"
     )
+    p.add_argument(
+        "--mxfp4-order", choices=["k", "n"], default="", help="step: how the packed experts are stored"
+    )
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
+    if args.mxfp4_order:
+        from dynamo_lite.engines.reference import moe_mxfp4
+
+        moe_mxfp4.WEIGHT_ORDER = args.mxfp4_order
     started = time.perf_counter()
     try:
         result = step(args) if args.what == "step" else tokens(args)

@@ -83,12 +83,15 @@ def routing(tokens: int, experts: int, top_k: int, dev: torch.device, seed: int)
 def candidate_configs() -> list:
     from dynamo_lite.engines.reference.moe_mxfp4 import DECODE_CONFIG, PREFILL_CONFIG, KernelConfig
 
+    # Measured 2026-12-07 on an H100: the weights as the MMA's left side (swap_ab) and our own unpacking were
+    # slower at every decode size, and larger tiles slower than 16x64x128; so smaller tiles and warps here.
     decode = [
-        KernelConfig(16, bn, bk, 4, st, True, True) for bn in (64, 128) for bk in (128, 256) for st in (3, 5)
+        KernelConfig(16, bn, bk, w, st, True)
+        for bn, bk in ((32, 64), (32, 128), (64, 64), (32, 256), (64, 128))
+        for w in (2, 4)
+        for st in (3, 5)
     ]
-    decode += [KernelConfig(16, bn, bk, 4, 4, False, True) for bn in (64, 128) for bk in (128, 256)]
-    decode += [KernelConfig(16, 128, 128, 8, 3, True, True), KernelConfig(32, 128, 128, 4, 3, True, True)]
-    decode += [KernelConfig(16, 64, 256, 4, 4, True), KernelConfig(16, 128, 128, 4, 4, True)]
+    decode += [KernelConfig(16, 64, 128, 4, 4, False), KernelConfig(16, 64, 128, 4, 4, True, True)]
     prefill = [KernelConfig(128, 128, 64, 8, 4, True), KernelConfig(128, 256, 64, 8, 3, True)]
     prefill += [KernelConfig(64, 128, 64, 4, 4, True), KernelConfig(128, 128, 128, 8, 3, True)]
     return list(dict.fromkeys([DECODE_CONFIG, PREFILL_CONFIG, *decode, *prefill]))
@@ -175,6 +178,8 @@ def kernel(args: argparse.Namespace) -> dict:
     result["configs_that_compile"] = [str(c) for c in configs]
     gate_up, gub, down, dnb = layer(dev)
     dense = (gate_up.dequantize(torch.bfloat16), gub, down.dequantize(torch.bfloat16), dnb)
+    # The same weights stored output-rows-innermost ("n", keyed "<config> n"): read by the kernels through strides.
+    orders = {"k": (gate_up, down), "n": (gate_up.n_major(), down.n_major())}
     grouped = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_torch)
     checks = []
     for tokens in (1, 64, 4096):
@@ -182,13 +187,17 @@ def kernel(args: argparse.Namespace) -> dict:
         h = torch.randn(tokens, 2880, device=dev).bfloat16()
         ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()
         for cfg in configs if tokens < 4096 else configs[:: max(1, len(configs) // 4)]:
-            out = torch.full((tokens, 2880), float("nan"), device=dev)
-            out.copy_(mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg))
-            err = float((out - ref).norm() / ref.norm())
-            checks.append(
-                {"tokens": tokens, "config": str(cfg), "rel_error": err, "nan": bool(out.isnan().any())}
-            )
-            log(f"check {tokens} tokens {cfg}: rel error {err:.2e}")
+            for order, (gu_w, dn_w) in orders.items():
+                if order == "n" and (tokens == 4096 or cfg.block_m > 32):
+                    continue
+                out = torch.full((tokens, 2880), float("nan"), device=dev)
+                out.copy_(mx.experts_mxfp4(h, weights, ids, gu_w, gub, dn_w, dnb, LIMIT, ALPHA, config=cfg))
+                err = float((out - ref).norm() / ref.norm())
+                name = str(cfg) + (" n" if order == "n" else "")
+                checks.append(
+                    {"tokens": tokens, "config": name, "rel_error": err, "nan": bool(out.isnan().any())}
+                )
+                log(f"check {tokens} tokens {name}: rel error {err:.2e}")
     result["checks"] = checks
     result["correct"] = all(c["rel_error"] < 2e-2 and not c["nan"] for c in checks)
     expert_bytes = gate_up.expert_nbytes() + down.expert_nbytes()
@@ -201,21 +210,23 @@ def kernel(args: argparse.Namespace) -> dict:
         work = 2 * tokens * 4 * (2880 * 5760 + 2880 * 2880)
         decode = tokens * 4 < mx.PREFILL_FROM_ROWS_PER_EXPERT * 128
         row: dict[str, Any] = {"tokens": tokens, "experts_used": used, "GB": moved / 1e9, "configs": {}}
-        for cfg in configs:
+        for cfg, order in ((c, o) for c in configs for o in orders):
             if decode != (cfg.block_m <= 32) and cfg != mx.pick_config(tokens * 4, 128):
                 continue
-            if tokens >= 16384 and cfg.block_m == 16:
+            if (tokens >= 16384 and cfg.block_m == 16) or (order == "n" and (not decode or cfg.swap_ab)):
                 continue
+            gu_w, dn_w = orders[order]
             fn = functools.partial(
-                mx.experts_mxfp4, h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg
+                mx.experts_mxfp4, h, weights, ids, gu_w, gub, dn_w, dnb, LIMIT, ALPHA, config=cfg
             )
+            name = str(cfg) + (" n" if order == "n" else "")
             try:
                 seconds = time_graph(fn, iters=20)
             except Exception as e:
-                row["configs"][str(cfg)] = {"error": repr(e)[:200]}
+                row["configs"][name] = {"error": repr(e)[:200]}
                 continue
-            row["configs"][str(cfg)] = {"ms": seconds * 1e3, "GBps": moved / seconds / 1e9,
-                                        "TFLOPs": work / seconds / 1e12}  # fmt: skip
+            row["configs"][name] = {"ms": seconds * 1e3, "GBps": moved / seconds / 1e9,
+                                    "TFLOPs": work / seconds / 1e12}  # fmt: skip
         ok = {k: v for k, v in row["configs"].items() if "ms" in v}
         best = min(ok, key=lambda k: ok[k]["ms"])
         chosen = str(mx.pick_config(tokens * 4, 128))
@@ -226,9 +237,10 @@ def kernel(args: argparse.Namespace) -> dict:
         row["floor_ms"] = moved / bw * 1e3
         row["compute_floor_ms"] = work / flops * 1e3
         if tokens <= 256:
-            best_cfg = next(c for c in configs if str(c) == best)
+            best_cfg = next(c for c in configs if best.startswith(str(c)))
+            gu_w, dn_w = orders["n" if best.endswith(" n") else "k"]
             fn = functools.partial(
-                mx.experts_mxfp4, h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=best_cfg
+                mx.experts_mxfp4, h, weights, ids, gu_w, gub, dn_w, dnb, LIMIT, ALPHA, config=best_cfg
             )
             row["kernels_us"] = kernel_breakdown(fn)
             log(f"{tokens} tokens, best config, per kernel (us): {row['kernels_us']}")

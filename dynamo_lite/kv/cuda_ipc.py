@@ -118,29 +118,34 @@ class CudaSource:
         itemsize: int,
         *,
         src_offset: int = 0,
+        src_strides: tuple[int, ...] | None = None,
         timing: bool = False,
         time_start: bool = True,
     ) -> Any:
         """Copy the C-contiguous ``shape`` at byte ``src_offset`` of the hold into the torch tensor ``dest``
         (same shape, any strides with a dense last dimension) on ``dest``'s current stream; returns an event to
-        wait on (or None). ``timing`` (benchmarks): both events time the copy, ``started`` being recorded just
-        before it (unless ``time_start`` is False: a later part of one transfer keeps the first's start)."""
+        wait on (or None). ``src_strides`` (elements, innermost dense): the source is a strided part of the hold
+        instead — say some KV heads of every layer, what one rank of a ranked engine takes (pitched copies
+        then, never the row kernel). ``timing`` (benchmarks): both events time the copy, ``started`` being
+        recorded just before it (unless ``time_start`` is False: a later part of one transfer keeps the
+        first's start)."""
         if tuple(dest.shape) != tuple(shape) or dest.element_size() != itemsize:
             raise ValueError(f"destination {tuple(dest.shape)}x{dest.element_size()} != {shape}x{itemsize}")
-        nbytes = math.prod(shape) * itemsize
-        if src_offset < 0 or src_offset + nbytes > self.nbytes:
-            raise ValueError(f"bytes {src_offset}..{src_offset + nbytes} outside a hold of {self.nbytes}")
+        self._check_range(shape, itemsize, src_offset, src_strides)
         rt = self.runtime
         index = rt.usable(dest.device)
         if index < 0:
             raise ValueError(f"can't copy device memory into {dest.device}")
-        plan = _cached_plan(tuple(shape), tuple(dest.stride()), itemsize)
+        if src_strides is None:
+            plan = _cached_plan(tuple(shape), tuple(dest.stride()), itemsize)
+        else:
+            plan = tuple(plan_copies(tuple(shape), tuple(dest.stride()), tuple(src_strides), itemsize))
         base = dest.data_ptr()
         src = self.ptr + src_offset
         with on_device(rt, index):
             if time_start:
                 self.started = rt.record_event(index, timing=True) if timing else None
-            if not self._copy_by_kernel(plan, base, src, index):
+            if src_strides is not None or not self._copy_by_kernel(plan, base, src, index):
                 stream = rt.stream(index)
                 for c in plan:
                     rt.memcpy_2d_async(
@@ -153,6 +158,53 @@ class CudaSource:
                         stream,
                     )
             return rt.record_event(index, timing=timing)
+
+    def copy_from(
+        self, src: Any, itemsize: int, *, dst_offset: int = 0, dst_strides: tuple[int, ...] | None = None
+    ) -> Any:
+        """The reverse of ``copy_into``: write the torch tensor ``src`` (any strides with a dense last dimension,
+        on a GPU of this process) into the hold at byte ``dst_offset``, C-contiguous or laid out by
+        ``dst_strides`` (elements) — a ranked engine's follower writing its KV heads into rank 0's export hold.
+        Pitched copies on ``src``'s current stream: the source GPU's copy engines write to the hold's GPU, no
+        kernel runs there. Returns an event to wait on."""
+        shape = tuple(src.shape)
+        if src.element_size() != itemsize:
+            raise ValueError(f"source of {src.element_size()}-byte elements, expected {itemsize}")
+        self._check_range(shape, itemsize, dst_offset, dst_strides)
+        rt = self.runtime
+        index = rt.usable(src.device)
+        if index < 0:
+            raise ValueError(f"can't copy {src.device} memory into device memory")
+        plan = plan_copies(shape, dst_strides or contiguous_strides(shape), tuple(src.stride()), itemsize)
+        base, dst = src.data_ptr(), self.ptr + dst_offset
+        with on_device(rt, index):
+            stream = rt.stream(index)
+            for c in plan:
+                rt.memcpy_2d_async(
+                    dst + c.dst_offset,
+                    c.dst_pitch,
+                    base + c.src_offset,
+                    c.src_pitch,
+                    c.width,
+                    c.height,
+                    stream,
+                )
+            return rt.record_event(index)
+
+    def _check_range(
+        self, shape: tuple[int, ...], itemsize: int, offset: int, strides: tuple[int, ...] | None
+    ) -> None:
+        """Raise unless ``shape`` at byte ``offset`` of the hold (C-contiguous, or laid out by ``strides``) lies
+        within it."""
+        if strides is None:
+            nbytes = math.prod(shape) * itemsize
+        elif len(strides) != len(shape) or min(strides, default=1) < 0:
+            raise ValueError(f"hold strides {strides} for a shape {tuple(shape)}")
+        else:  # from the first element to one past the last
+            last = sum((n - 1) * st for n, st in zip(shape, strides, strict=True))
+            nbytes = 0 if 0 in shape else (last + 1) * itemsize
+        if offset < 0 or offset + nbytes > self.nbytes:
+            raise ValueError(f"bytes {offset}..{offset + nbytes} outside a hold of {self.nbytes}")
 
     def _copy_by_kernel(self, plan: tuple[Copy2D, ...], base: int, src: int, index: int) -> bool:
         """The one-launch row copy, where chosen and possible (real CUDA, Triton, aligned rows)."""

@@ -86,6 +86,15 @@ class KvHold:
             raise ValueError("a layout of full and windowed layers has two parts: use tensors()")
         return parts[0]
 
+    def cuda_ref(self) -> tuple[bytes, str]:
+        """A CUDA hold's reference and GPU (as its descriptor will carry them), for other processes of this host
+        to write into it before it is published (a ranked engine's followers: ``cuda_ipc.open_source``, then
+        ``CudaSource.copy_from``)."""
+        if not self.on_device or self._owner is None:
+            raise KvTransferError(f"transfer {self.transfer_id} is not a CUDA hold")
+        pool: CudaKvPool = self._owner
+        return encode_ref(pool.ref(self.cuda_offset)), pool.uuid
+
 
 @dataclass(slots=True)
 class ExporterStats:

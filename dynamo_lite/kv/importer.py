@@ -62,6 +62,10 @@ class KvPulled:
         self._segment = segment
         self._sock = sock
         self._event: Any = None  # a CUDA copy in flight out of the exporter's pool
+        # A CUDA IPC pull: the descriptor's reference to the hold and its GPU, for other processes of this host
+        # (a ranked engine's followers) to open it themselves (``cuda_ipc.open_source``) while this is open.
+        self.cuda_ipc = b""
+        self.gpu_uuid = ""
         self.buffer: memoryview | None = None
         if not isinstance(owner, CudaSource):
             self.buffer = memoryview(owner).toreadonly()
@@ -69,6 +73,12 @@ class KvPulled:
     @property
     def on_device(self) -> bool:
         return isinstance(self._owner, CudaSource)
+
+    @property
+    def shm_name(self) -> str:
+        """The shared-memory segment the bytes lie in ("" for private memory or a CUDA IPC pull): another
+        process of this host (an engine's other ranks) may map it and read its part while this is open."""
+        return self._segment.name if self._segment is not None and not self.closed else ""
 
     def tensors(self) -> list[Any]:
         """Torch views of ``layout.parts`` over the bytes (no copy): the full layers' part, then the windowed
@@ -170,11 +180,15 @@ class KvPulled:
                 self.close()
 
 
-async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None, device: Any = None) -> KvPulled:
+async def pull_kv(
+    desc: KvDescriptor, config: KvTransferConfig | None = None, device: Any = None, shared: bool = False
+) -> KvPulled:
     """Pull the KV ``desc`` describes; raises ``KvPullError`` on any failure (within ``pull_timeout_s``).
 
     ``device`` (a torch device) is where the caller will copy the KV: a CUDA device lets a CUDA hold on this
-    host come by IPC, device to device.
+    host come by IPC, device to device. ``shared``: bytes fetched over TCP land in a shared-memory segment of
+    our own (``KvPulled.shm_name``, unlinked at ``close``) rather than private memory, so that other processes
+    of this host — a ranked engine's followers — read their part of it in place.
     """
     cfg = config or KvTransferConfig()
     try:
@@ -198,7 +212,7 @@ async def pull_kv(desc: KvDescriptor, config: KvTransferConfig | None = None, de
             elif desc.cuda_ipc and same_host and cfg.use_shm:
                 pulled = await _pull_staged(desc, cfg, layout, started)
             else:
-                pulled = await _pull_tcp(desc, cfg, layout, started)
+                pulled = await _pull_tcp(desc, cfg, layout, started, shared and cfg.use_shm)
         note_kv_transfer(pulled.seconds, pulled.nbytes, pulled.transport)  # the request's timing and trace
         return pulled
     except TimeoutError as e:
@@ -249,7 +263,9 @@ async def _pull_cuda(
     try:
         sock = await _connect(desc, cfg)
         await _request(sock, KvRequest(KvOp.CLAIM, desc.transfer_id, desc.secret, []), desc, cfg)
-        return KvPulled(layout, source, "cuda_ipc", time.perf_counter() - started, sock=sock)
+        pulled = KvPulled(layout, source, "cuda_ipc", time.perf_counter() - started, sock=sock)
+        pulled.cuda_ipc, pulled.gpu_uuid = desc.cuda_ipc, desc.gpu_uuid
+        return pulled
     except BaseException:
         if sock is not None:
             sock.close()
@@ -310,14 +326,19 @@ async def _pull_shm(
         raise
 
 
-async def _pull_tcp(desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout, started: float) -> KvPulled:
+async def _pull_tcp(
+    desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout, started: float, shared: bool = False
+) -> KvPulled:
     loop = asyncio.get_running_loop()
     sock = await _connect(desc, cfg)
+    segment: ShmSegment | None = None
     try:
         offered = list(ck.SUPPORTED)
         reply = await _request(sock, KvRequest(KvOp.FETCH, desc.transfer_id, desc.secret, offered), desc, cfg)
         hasher = _hasher(reply)
-        buf = anonymous(desc.nbytes)
+        if shared:
+            segment = ShmSegment.create(desc.nbytes)
+        buf = segment.mapping if segment is not None else anonymous(desc.nbytes)
         view = memoryview(buf)
         got = 0
         while got < desc.nbytes:
@@ -329,7 +350,11 @@ async def _pull_tcp(desc: KvDescriptor, cfg: KvTransferConfig, layout: KvLayout,
         if hasher.value != reply.checksum:
             raise KvPullError(f"KV transfer {desc.transfer_id}: corrupt bytes ({hasher.algo} mismatch)")
         view.release()
-        return KvPulled(layout, buf, "tcp", time.perf_counter() - started)
+        return KvPulled(layout, buf, "tcp", time.perf_counter() - started, segment)
+    except BaseException:
+        if segment is not None:
+            segment.close()
+        raise
     finally:
         sock.close()
 

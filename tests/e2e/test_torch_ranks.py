@@ -135,7 +135,7 @@ def test_the_seeds_flags_and_yamls_on_cpu(
     """The seed's command lines with ``--engine torch --device cpu``: a TP4/EP4 prefill worker (heads split) and a
     TP4/EP4 decode worker with the decode YAML's ``enable_attention_dp: true``, tiny gpt-oss, 10 processes on
     loopback; greedy output equals one rank's, the KV handed from the head-split prefill to the attention-DP
-    decode (no recompute)."""
+    decode (no recompute), each rank copying its own part of the KV."""
     import asyncio as aio
 
     from tokenizers import Tokenizer
@@ -196,3 +196,6 @@ def test_the_seeds_flags_and_yamls_on_cpu(
         if ln.startswith("dynamo_lite_worker_kv_transfers_total{")
     )  # fmt: skip
     assert transfers == len(prompts)
+    # Rank by rank: every rank of both workers copied its own part through shared memory, none fell back to rank 0.
+    assert "gathering the KV on rank 0" not in prefill.log() and "relaying the KV" not in decode.log()
+    assert "not copied" not in prefill.log() + decode.log()

@@ -20,7 +20,7 @@ import torch
 from dynamo_lite.kv import cuda_ipc
 from dynamo_lite.kv.config import KvTransferConfig
 from dynamo_lite.kv.cuda_ipc import CudaKvPool, CudaSource, contiguous_strides, plan_copies
-from dynamo_lite.kv.errors import KvPullError
+from dynamo_lite.kv.errors import KvPullError, KvTransferError
 from dynamo_lite.kv.exporter import KvExporter
 from dynamo_lite.kv.importer import pull_kv, release_kv
 from dynamo_lite.kv.layout import KvLayout
@@ -362,6 +362,81 @@ async def test_windowed_layout_copies_both_parts_from_their_offsets(
     await _until_freed(exporter)
 
 
+async def test_each_rank_copies_its_kv_heads_out_of_the_hold(exporter: KvExporter, fake: FakeRuntime) -> None:
+    """A ranked decode engine: every rank opens the prefill's pool itself and its GPU copies only its KV heads of
+    every layer (a strided part of the hold: ``copy_into(src_strides=...)``) into its own cache slot, both parts
+    of a windowed layout from their offsets; the claim (rank 0's pull) stays open until they are done."""
+    from types import SimpleNamespace
+
+    from dynamo_lite.engines.reference.rank_comm import KvWrite
+    from dynamo_lite.engines.reference.rank_runner import RankState
+
+    layout = KvLayout(4, 3, 16, "float32", 40, window=8, windowed_layers=(0, 2))
+    hold = exporter.allocate(layout, "req-r")
+    srcs = [torch.randn(shape) for shape, _ in layout.parts]
+    for part, src in zip(hold.tensors(), srcs, strict=True):
+        part.copy_(src)
+    desc = exporter.publish(hold)
+    cuda_ipc.ALLOW_LOCAL_SHORTCUT = False  # the ranks are other processes
+    async with await pull_kv(desc, exporter.config, device=CPU) as pulled:
+        assert pulled.transport == "cuda_ipc" and (pulled.cuda_ipc, pulled.gpu_uuid) == (
+            desc.cuda_ipc,
+            "fake-gpu-0",
+        )
+        cmd = KvWrite(3, 40, -1, "", layout, pulled.cuda_ipc, pulled.gpu_uuid)
+        for h0, h1 in ((0, 1), (1, 3)):  # two ranks' KV heads (any ranges: one, then two heads)
+            full = torch.zeros(
+                2, 2, 5, h1 - h0, 64, 16
+            )  # [layers, K|V, slots, this rank's heads, max_seq, D]
+            ring = torch.zeros(2, 2, 5, h1 - h0, 8, 16)
+            mine = [full[:, :, 3, :, :40], ring[:, :, 3]]
+            rank = SimpleNamespace(device=CPU)
+            moved = RankState._copy_from_gpu_pool(rank, cmd, mine, (h0, h1))  # type: ignore[arg-type]
+            assert moved == layout.nbytes * (h1 - h0) // 3
+            assert torch.equal(mine[0], srcs[0][:, :, h0:h1]) and torch.equal(mine[1], srcs[1][:, :, h0:h1])
+            assert full[:, :, :3].abs().sum() == 0 and full[:, :, :, :, 40:].abs().sum() == 0
+        assert exporter.held_count == 1  # rank 0's claim holds it until every rank reported
+    await _until_freed(exporter)
+
+
+async def test_each_rank_writes_its_kv_heads_into_the_export_hold(
+    exporter: KvExporter, fake: FakeRuntime
+) -> None:
+    """A ranked prefill engine exporting into a device hold: each rank opens rank 0's pool (by the hold's
+    ``cuda_ref``) and writes only its KV heads of every layer into it (``copy_from`` a strided part of its cache
+    into a strided part of the hold); the published hold then holds every head."""
+    from types import SimpleNamespace
+
+    from dynamo_lite.engines.reference.rank_comm import KvRead
+    from dynamo_lite.engines.reference.rank_runner import RankState
+
+    layout = KvLayout(4, 3, 16, "float32", 40, window=8, windowed_layers=(0, 2))
+    srcs = [torch.randn(shape) for shape, _ in layout.parts]  # what the ranks' caches hold, all heads
+    hold = exporter.allocate(layout, "req-x")
+    cuda_ipc.ALLOW_LOCAL_SHORTCUT = False  # the ranks are other processes
+    cmd = KvRead(3, 40, -1, "", layout, *hold.cuda_ref())
+    for h0, h1 in ((0, 1), (1, 3)):
+        full = torch.zeros(2, 2, 5, h1 - h0, 64, 16)  # [layers, K|V, slots, this rank's heads, max_seq, D]
+        ring = torch.zeros(2, 2, 5, h1 - h0, 8, 16)
+        mine = [full[:, :, 3, :, :40], ring[:, :, 3]]
+        mine[0].copy_(srcs[0][:, :, h0:h1])
+        mine[1].copy_(srcs[1][:, :, h0:h1])
+        rank = SimpleNamespace(device=CPU)
+        moved = RankState._copy_into_gpu_hold(rank, cmd, mine, (h0, h1))  # type: ignore[arg-type]
+        assert moved == layout.nbytes * (h1 - h0) // 3
+    desc = exporter.publish(hold)
+    async with await pull_kv(desc, exporter.config, device=CPU) as pulled:
+        got = [torch.zeros(shape) for shape, _ in layout.parts]
+        pulled.write_into(got)
+    assert all(torch.equal(g, src) for g, src in zip(got, srcs, strict=True))
+    await _until_freed(exporter)
+    exporter.use_cuda_pool(None)  # host memory from here on: no reference to hand out
+    host = exporter.allocate(layout, "req-host")
+    with pytest.raises(KvTransferError, match="not a CUDA hold"):
+        host.cuda_ref()
+    exporter.release(host.transfer_id)
+
+
 def test_copy_into_checks_the_destination(fake: FakeRuntime) -> None:
     pool = CudaKvPool(0, 1 << 20, fake)
     source = CudaSource(pool.ptr, LAYOUT.nbytes, 0, fake)
@@ -369,6 +444,12 @@ def test_copy_into_checks_the_destination(fake: FakeRuntime) -> None:
         source.copy_into(torch.empty(1, 2, 3), LAYOUT.shape, 4)
     with pytest.raises(ValueError, match="outside"):  # a part reaching past the hold
         source.copy_into(torch.empty(LAYOUT.shape), LAYOUT.shape, 4, src_offset=64)
+    strides = contiguous_strides(LAYOUT.shape)
+    heads = (LAYOUT.num_layers, 2, 2, LAYOUT.num_tokens, LAYOUT.head_dim)  # 2 of the 3 heads
+    with pytest.raises(ValueError, match="outside"):  # heads 1..2 start one head in: 2..3 would reach past it
+        source.copy_into(torch.empty(heads), heads, 4, src_offset=2 * 40 * 16 * 4, src_strides=strides)
+    with pytest.raises(ValueError, match="hold strides"):
+        source.copy_into(torch.empty(heads), heads, 4, src_strides=strides[1:])
     pool.close()
 
 

@@ -99,6 +99,23 @@ async def test_shm_hold_served_over_tcp_to_an_importer_without_shm(make_exporter
     assert not shm.exists(desc.shm_name)
 
 
+async def test_a_shared_tcp_pull_lands_in_a_segment_others_can_map(make_exporter: MakeExporter) -> None:
+    """``shared=True`` (a ranked engine): bytes fetched over TCP land in a shared-memory segment of the
+    importer's own, which another process may map by name while the pull is open; close unlinks it."""
+    exporter = await make_exporter(use_shm=False)  # e.g. a prefill worker on another host: TCP only
+    desc = publish(exporter)
+    assert not desc.shm_name
+    with await pull_kv(desc, KvTransferConfig(), shared=True) as pulled:
+        name = pulled.shm_name
+        assert pulled.transport == "tcp" and name and shm.exists(name)
+        other = shm.ShmSegment.attach(name, SMALL.nbytes)  # what a follower rank does
+        assert bytes(other.buffer) == pattern(SMALL.nbytes, 7).tobytes()
+        other.close()
+    assert pulled.shm_name == "" and not shm.exists(name)
+    with await pull_kv(publish(exporter), KvTransferConfig()) as private:  # not shared: private memory
+        assert private.transport == "tcp" and private.shm_name == ""
+
+
 async def test_torch_views_write_in_place_and_outlive_close(make_exporter: MakeExporter) -> None:
     torch = pytest.importorskip("torch")
     exporter = await make_exporter()

@@ -133,6 +133,12 @@ class TorchEngine:
         if self.config.role == Role.PREFILL:
             self.exporter = KvExporter(self._kv_config, engine_name=self.name)
             await self.exporter.start()
+        elif self.plan.ranked and self._kv_config.use_shm:
+            from multiprocessing import resource_tracker
+
+            # A ranked import lands TCP bytes in a segment of ours (``pull_kv(shared=True)``): start the tracker
+            # that unlinks it if we die now, rather than inside the first pull.
+            resource_tracker.ensure_running()
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._thread_main, args=(ready,), name="torch-engine")
         self._thread.daemon = True
@@ -350,7 +356,9 @@ class TorchEngine:
                 raise KvPullError(f"KV of {desc.num_tokens} tokens for a sequence of {len(seq.tokens)}")
             if self.config.fault_kv_pull_delay_s:
                 await asyncio.sleep(self.config.fault_kv_pull_delay_s)
-            pulled = await pull_kv(desc, self._kv_config, self.device if self.device.type == "cuda" else None)
+            device = self.device if self.device.type == "cuda" else None
+            # Ranked: bytes fetched over TCP land in shared memory, where each rank reads its part itself.
+            pulled = await pull_kv(desc, self._kv_config, device, shared=self.plan.ranked)
         except KvPullError as e:
             if self.config.kv_failure_policy == "fail":
                 raise EngineError(f"KV import failed: {e}", status=503, code="kv_transfer_failed") from e
@@ -636,7 +644,7 @@ class TorchEngine:
         try:
             hold = self.exporter.allocate(layout, seq.request_id)
             seq.transfer_id = hold.transfer_id
-            self._runner.read_kv(seq.slot, seq.num_computed, hold.tensors())
+            self._runner.read_kv(seq.slot, hold)
             desc = self.exporter.publish(hold)
         except RankFailure:
             raise

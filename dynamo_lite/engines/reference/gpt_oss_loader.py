@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dynamo_lite.engines.reference.moe_mxfp4 import Mxfp4Experts, random_mxfp4
+from dynamo_lite.engines.reference.moe_mxfp4 import Mxfp4Experts, for_kernels, random_mxfp4
 from dynamo_lite.engines.reference.mxfp4 import dequantize_mxfp4
 from dynamo_lite.engines.reference.ranks import RankShard
 
@@ -238,7 +238,7 @@ def load_gpt_oss_weights(
             blocks = raw(p + name + "_blocks", index).to(device)
             scales = raw(p + name + "_scales", idx_scales).to(device)
             if mxfp4:
-                return Mxfp4Experts.from_checkpoint(blocks.contiguous(), scales.contiguous())
+                return for_kernels(Mxfp4Experts.from_checkpoint(blocks.contiguous(), scales.contiguous()))
             return dequantize_mxfp4(blocks, scales, dtype).transpose(1, 2).contiguous()
         if mxfp4:
             raise UnsupportedGptOss(f"{folder}: quantization mxfp4 needs MXFP4 experts; {p + name} is dense")
@@ -313,7 +313,7 @@ def random_gpt_oss_weights(
         if not mxfp4:
             return normal(name, e, fan_in, fan_out, std=fan_in**-0.5)
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        return random_mxfp4(e, fan_out, fan_in, fan_in**-0.5, gen, device)
+        return for_kernels(random_mxfp4(e, fan_out, fan_in, fan_in**-0.5, gen, device))
 
     layers = []
     for i in range(config.num_layers):

@@ -79,6 +79,14 @@ class Mxfp4Experts:
     def nbytes(self) -> int:
         return self.blocks.numel() + self.scales.numel()
 
+    def n_major(self) -> Mxfp4Experts:
+        """The same weights stored with the output rows innermost (``blocks.stride(1) == 1``): a copy whose
+        ``[E, N, K / 2]`` view the kernels read through its strides."""
+        return Mxfp4Experts(
+            self.blocks.transpose(1, 2).contiguous().transpose(1, 2),
+            self.scales.transpose(1, 2).contiguous().transpose(1, 2),
+        )
+
     def expert_nbytes(self) -> int:
         """Bytes of one expert's projection (what a step reads per routed expert)."""
         return self.nbytes // self.num_experts
@@ -303,9 +311,11 @@ if HAVE_TRITON:
         w_ptr,
         stride_we,
         stride_wn,
+        stride_wk,
         s_ptr,
         stride_se,
         stride_sn,
+        stride_sk,
         bias_ptr,
         stride_be,
         out_ptr,
@@ -362,25 +372,23 @@ if HAVE_TRITON:
             kb_ok = (k0 // 2 + offs_kb) < K // 2
             ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             s_mask = n_ok[:, None] & (ks < K // 32)[None, :]
+            kb = k0 // 2 + offs_kb
             if SCALED_DOT and SWAP_AB:
                 # The weights as the product's left side ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows]): for decode's few
                 # rows the wide side fills the MMA, and the compiler unpacks e2m1 (with the scales) in registers.
-                wb = tl.load(
-                    w_base + k0 // 2 + offs_kb[None, :], mask=n_ok[:, None] & kb_ok[None, :], other=0
-                )
-                sc = tl.load(s_base + ks[None, :], mask=s_mask, other=127)
+                wb = tl.load(w_base + kb[None, :] * stride_wk, mask=n_ok[:, None] & kb_ok[None, :], other=0)
+                sc = tl.load(s_base + ks[None, :] * stride_sk, mask=s_mask, other=127)
                 acc_t = tl.dot_scaled(wb, sc, "e2m1", tl.trans(x), None, "bf16", acc_t)
             elif SCALED_DOT:
                 # The compiler unpacks the e2m1 right side [BLOCK_K / 2, BLOCK_N] and applies the scales.
-                wb = tl.load(
-                    w_base_t + k0 // 2 + offs_kb[:, None], mask=kb_ok[:, None] & n_ok[None, :], other=0
-                )
-                sc = tl.load(s_base + ks[None, :], mask=s_mask, other=127)
+                wb = tl.load(w_base_t + kb[:, None] * stride_wk, mask=kb_ok[:, None] & n_ok[None, :], other=0)
+                sc = tl.load(s_base + ks[None, :] * stride_sk, mask=s_mask, other=127)
                 acc = tl.dot_scaled(x, None, "bf16", wb, sc, "e2m1", acc)
             else:
                 w_mask = n_ok[:, None] & kb_ok[None, :]
-                w_ptrs = w_base + k0 // 2 + offs_kb[None, :]
-                w = _dequant_tile(w_ptrs, s_base + k0 // 32 + offs_ks[None, :], w_mask, BLOCK_N, BLOCK_K)
+                w_ptrs = w_base + kb[None, :] * stride_wk
+                s_ptrs = s_base + (k0 // 32 + offs_ks[None, :]) * stride_sk
+                w = _dequant_tile(w_ptrs, s_ptrs, w_mask, BLOCK_N, BLOCK_K)
                 if DOT_FP32:  # fp32 models (exact checks against fp32 references), and the interpreter
                     acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
                 elif SWAP_AB:  # the unpacked weights stay in registers as the MMA's left operand
@@ -430,9 +438,11 @@ def _launch(
         w.blocks,
         w.blocks.stride(0),
         w.blocks.stride(1),
+        w.blocks.stride(2),
         w.scales,
         w.scales.stride(0),
         w.scales.stride(1),
+        w.scales.stride(2),
         bias,
         bias.stride(0),
         out,
@@ -487,6 +497,18 @@ def experts_mxfp4(
     _launch(act, down, down_bias, out, sorted_pairs, block_expert, route_w, num_pairs, top_k, False,
             limit, alpha, cfg)  # fmt: skip
     return out.view(num_tokens, top_k, -1).sum(dim=1).to(h.dtype)
+
+
+# How the kernels want the packed weights stored on CUDA: "k" keeps the checkpoint's order (each output row's
+# inputs contiguous), "n" stores the output rows innermost. The kernels read either through strides.
+WEIGHT_ORDER = "k"
+
+
+def for_kernels(w: Mxfp4Experts) -> Mxfp4Experts:
+    """``w`` stored as ``WEIGHT_ORDER`` says where the Triton kernels will read it (CUDA), else as it is."""
+    if WEIGHT_ORDER == "n" and w.device.type == "cuda" and w.blocks.stride(1) != 1:
+        return w.n_major()
+    return w
 
 
 def triton_supported(device: torch.device) -> bool:

@@ -12,10 +12,15 @@ collective on either group raise: that is how a rank's death reaches the others 
 from __future__ import annotations
 
 import datetime
+import logging
 
 import msgspec
 import torch
 import torch.distributed as dist
+
+from dynamo_lite.kv.layout import KvLayout
+
+log = logging.getLogger(__name__)
 
 
 class RankStep(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -33,20 +38,34 @@ class Step(msgspec.Struct, tag="step", array_like=True, gc=False):
 
 
 class KvWrite(msgspec.Struct, tag="kv_write", array_like=True, gc=False):
-    """Rank 0 sends a sequence's KV (``num_tokens`` positions) for local ``slot`` of rank ``owner`` (-1: every
-    rank its head shard)."""
+    """Take a sequence's KV (``num_tokens`` positions) into local ``slot`` of rank ``owner`` (-1: every rank its
+    head shard). ``shm_name``: the KV lies in that shared-memory segment in ``layout`` (the one-rank layout,
+    every KV head), and each rank copies its part out of it itself; ``cuda_ipc`` (with ``gpu_uuid``): likewise
+    in the prefill worker's GPU pool, which each rank opens by CUDA IPC; neither: rank 0 holds it and sends each
+    rank its part over the data group."""
 
     slot: int
     num_tokens: int
     owner: int = -1
+    shm_name: str = ""
+    layout: KvLayout | None = None
+    cuda_ipc: bytes = b""
+    gpu_uuid: str = ""
 
 
 class KvRead(msgspec.Struct, tag="kv_read", array_like=True, gc=False):
-    """Rank 0 collects a sequence's KV from local ``slot`` of rank ``owner`` (-1: every rank's head shard)."""
+    """Hand a sequence's KV out of local ``slot`` of rank ``owner`` (-1: every rank's head shard). ``shm_name``:
+    each rank writes its part straight into that segment (the export hold, ``layout``); ``cuda_ipc`` (with
+    ``gpu_uuid``): into that device hold, which each rank opens by CUDA IPC; neither: rank 0 collects the parts
+    over the data group."""
 
     slot: int
     num_tokens: int
     owner: int = -1
+    shm_name: str = ""
+    layout: KvLayout | None = None
+    cuda_ipc: bytes = b""
+    gpu_uuid: str = ""
 
 
 class Stop(msgspec.Struct, tag="stop", array_like=True, gc=False):
@@ -62,10 +81,21 @@ _decoder = msgspec.msgpack.Decoder(Command)
 class RankComm:
     """Collectives of one engine's ranks over a process group object (see the module docstring)."""
 
-    def __init__(self, group: dist.ProcessGroup, rank: int, size: int) -> None:
+    def __init__(self, group: dist.ProcessGroup, rank: int, size: int, backend: str = "gloo") -> None:
         self.group = group
         self.rank = rank
         self.size = size
+        self.backend = backend  # "gloo" | "nccl"
+
+    def abort(self) -> None:
+        """Fail what waits on a dead peer (from another thread). NCCL only: its kernels would wait on the GPU
+        until the group's timeout; gloo's wait already failed, its connection to the dead process closed."""
+        if self.backend != "nccl":
+            return
+        try:
+            self.group.abort()
+        except Exception as e:  # noqa: BLE001 - best effort: the engine fails either way
+            log.warning("ranks: aborting the NCCL group failed: %s", e)
 
     def all_reduce(self, t: torch.Tensor) -> None:
         self.group.allreduce([t]).wait()
@@ -109,16 +139,35 @@ class RankComm:
         return _decoder.decode(data.numpy().tobytes())
 
 
+def data_backend(device: torch.device) -> str:
+    """The data group's backend for ranks on ``device``: NCCL on CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def nccl_group(store: dist.Store, rank: int, size: int, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """A ``ProcessGroupNCCL`` as ``init_process_group`` builds one (options with the timeout, normal-priority
+    streams); its communicator is created at the first collective, on the tensor's device (each rank has set
+    its own with ``torch.cuda.set_device``)."""
+    if not dist.is_nccl_available():
+        raise RuntimeError(
+            "ranks on CUDA need torch.distributed's NCCL backend, which this torch build lacks"
+        )
+    opts = dist.ProcessGroupNCCL.Options()
+    opts.is_high_priority_stream = False
+    opts._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, size, opts)
+
+
 def connect(
     store: dist.Store, rank: int, size: int, device: torch.device, timeout_s: float
 ) -> tuple[RankComm, RankComm]:
     """``(control, data)`` groups of rank ``rank`` over ``store``."""
     timeout = datetime.timedelta(seconds=timeout_s)
     control = dist.ProcessGroupGloo(dist.PrefixStore("control/", store), rank, size, timeout)
-    if device.type == "cuda":
-        opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
-        data: dist.ProcessGroup = dist.ProcessGroupNCCL(dist.PrefixStore("data/", store), rank, size, opts)
+    backend = data_backend(device)
+    data_store = dist.PrefixStore("data/", store)
+    if backend == "nccl":
+        data: dist.ProcessGroup = nccl_group(data_store, rank, size, timeout)
     else:
-        data = dist.ProcessGroupGloo(dist.PrefixStore("data/", store), rank, size, timeout)
-    return RankComm(control, rank, size), RankComm(data, rank, size)
+        data = dist.ProcessGroupGloo(data_store, rank, size, timeout)
+    return RankComm(control, rank, size), RankComm(data, rank, size, backend)

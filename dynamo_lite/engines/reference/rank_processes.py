@@ -6,10 +6,20 @@ rank, the port and the engine's config as JSON on the command line. A follower d
 (``PR_SET_PDEATHSIG``), exits when a collective finds rank 0 gone, and rank 0 watches the followers' PIDs: a rank
 that dies fails the engine (``on_death``) even while it is idle. ``stop`` waits for the followers and kills,
 by PID, any that did not exit.
+
+How fast rank 0 learns of a death, wherever it waits:
+- joining the groups (a follower still importing torch or loading): the join runs on a helper thread while rank
+  0 polls the followers' PIDs every ``WATCH_INTERVAL_S``, so a follower that dies before it joined fails the
+  start at once instead of after the store's ``rank_timeout_s``;
+- in a collective (a step, a KV handoff, the weight-bytes gather after loading): gloo's connection to the dead
+  peer closes with its process, and the collective raises at once. NCCL notices nothing by itself (its kernels
+  wait on the GPU), so the watcher aborts the data group (``ProcessGroupNCCL.abort``), which fails them;
+- idle: the watcher's ``on_death`` wakes the engine thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import logging
 import os
@@ -24,11 +34,12 @@ import torch.distributed as dist
 
 from dynamo_lite.engines.reference.config import ReferenceConfig
 from dynamo_lite.engines.reference.rank_comm import RankComm, connect
+from dynamo_lite.engines.reference.rank_runner import RankFailure
 from dynamo_lite.engines.reference.ranks import ParallelPlan
 
 log = logging.getLogger(__name__)
 
-WATCH_INTERVAL_S = 0.1  # how often rank 0 checks that the followers live
+WATCH_INTERVAL_S = 0.05  # how often rank 0 checks that the followers live
 
 
 class RankArgs(msgspec.Struct):
@@ -61,6 +72,8 @@ class RankProcesses:
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
         self.store: dist.TCPStore | None = None
+        self.comms: tuple[RankComm, RankComm] | None = None  # rank 0's (control, data), once joined
+        self.joined = threading.Event()  # set once every rank joined the groups
 
     @property
     def pids(self) -> list[int]:
@@ -89,17 +102,52 @@ class RankProcesses:
         log.info("torch engine: %s, followers pids %s", self.plan.describe(), self.pids)
         self._watcher = threading.Thread(target=self._watch, name="rank-watch", daemon=True)
         self._watcher.start()
-        return connect(self.store, 0, self.plan.size, device, timeout)
+        self.comms = self._join(device, timeout)
+        self.joined.set()
+        return self.comms
+
+    def _join(self, device: torch.device, timeout: float) -> tuple[RankComm, RankComm]:
+        """``connect`` on a helper thread, watching the followers meanwhile: the groups' rendezvous waits on the
+        store for every rank, and a rank that died before it joined would otherwise hold it ``timeout`` s. On a
+        death the helper is left to its store timeout (a daemon thread blocked in the store, holding nothing)."""
+        assert self.store is not None
+        done: concurrent.futures.Future[tuple[RankComm, RankComm]] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                done.set_result(connect(self.store, 0, self.plan.size, device, timeout))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                done.set_exception(e)
+
+        threading.Thread(target=run, name="rank-join", daemon=True).start()
+        while True:
+            try:
+                return done.result(WATCH_INTERVAL_S)
+            except concurrent.futures.TimeoutError:
+                dead = self.dead()
+                if dead is not None:
+                    rank, code = dead
+                    raise RankFailure(f"rank {rank} exited with code {code} before it joined") from None
+
+    def dead(self) -> tuple[int, int] | None:
+        """``(rank, exit code)`` of a follower that exited, if one did."""
+        for rank, proc in self.procs.items():
+            code = proc.poll()
+            if code is not None:
+                return rank, code
+        return None
 
     def _watch(self) -> None:
         while not self._stopping.wait(WATCH_INTERVAL_S):
-            for rank, proc in self.procs.items():
-                code = proc.poll()
-                if code is not None and not self._stopping.is_set():
-                    log.error("torch engine: rank %d (pid %d) exited with %s", rank, proc.pid, code)
-                    self._stopping.set()
-                    self.on_death(rank, code)
-                    return
+            dead = self.dead()
+            if dead is not None and not self._stopping.is_set():
+                rank, code = dead
+                log.error("torch engine: rank %d (pid %d) exited with %s", rank, self.procs[rank].pid, code)
+                self._stopping.set()
+                if self.comms is not None:
+                    self.comms[1].abort()  # NCCL: fail the kernels waiting for the dead rank (gloo: nothing)
+                self.on_death(rank, code)
+                return
 
     def expect_exit(self) -> None:
         """From now on a follower exiting is the stop, not a death."""

@@ -189,7 +189,7 @@ class EngineSetup:
             assert self.comms is not None
             control, data = self.comms
             shards = [shard_for(cfg, self.plan.for_rank(r)) for r in range(self.plan.size)]
-            self.state = RankState(self.plan, self.model, self.cache, data, shards, self.device)
+            self.state = RankState(self.plan, self.model, self.cache, data, shards, self.device, control)
             self.state.gather_weight_bytes(
                 control, sharded_nbytes(self.model.weights, attention=not self.plan.attention_dp)
             )

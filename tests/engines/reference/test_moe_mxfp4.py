@@ -92,10 +92,11 @@ for seed, shape, dtype, tol in (
     h, w, ids, gu, gub, dn, dnb = experts_and_routing(seed, *shape, dtype)
     ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
     for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1)):
-        got = mx.experts_mxfp4(h, w, ids, gu, gub, dn, dnb, 7.0, 1.702, config=cfg)
-        assert got.dtype == dtype and got.shape == ref.shape
-        error = float((got.float() - ref).norm() / ref.norm())
-        assert error < tol, (seed, cfg, error)
+        for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major())):  # either storage order, read by strides
+            got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
+            assert got.dtype == dtype and got.shape == ref.shape
+            error = float((got.float() - ref).norm() / ref.norm())
+            assert error < tol, (seed, cfg, gu_w.blocks.stride(), error)
 gen = torch.Generator().manual_seed(3)
 for tokens, top_k, experts, block in ((1, 4, 32, 16), (7, 2, 8, 4), (64, 4, 128, 16), (300, 4, 8, 64)):
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
@@ -112,7 +113,8 @@ print("kernel ok")
 def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
     """The Triton kernels themselves (the one-program grouping, in-register unpacking, SwiGLU, router weights),
     executed by Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert
-    that gets no rows and one that gets a single row, two tile shapes; the grouping equal to torch's."""
+    that gets no rows and one that gets a single row, two tile shapes, the weights stored K- or N-innermost; the
+    grouping equal to torch's."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
     run = subprocess.run(

@@ -184,18 +184,41 @@ def test_ranks_match_one(
     assert ranked["pids"] and all(not Path(f"/proc/{pid}").exists() for pid in ranked["pids"])
 
 
-@pytest.mark.parametrize(
-    ("prefill_kw", "decode_kw"),
-    [
-        pytest.param({"tp": 2}, {"tp": 1}, id="tp2-to-tp1"),
-        pytest.param({"tp": 1}, {"tp": 2}, id="tp1-to-tp2"),
-        pytest.param({"tp": 2, "ep": 2}, {"tp": 2, "ep": 2, "dp": True}, id="tp2-to-attention-dp2"),
-    ],
-)
-def test_kv_handoff_between_layouts(prefill_kw: dict, decode_kw: dict, one_rank: dict, gpt_oss: Path) -> None:
+def rank_bytes(engine) -> tuple[list[int], list[int]] | None:  # noqa: ANN001
+    """``(copied directly, relayed over the data group)`` KV handoff bytes per rank, or None for one rank."""
+    state = getattr(engine._runner, "state", None)
+    return None if state is None else (state.kv_bytes_by_rank, state.kv_relayed_by_rank)
+
+
+HANDOFFS = [
+    pytest.param({"tp": 2}, {"tp": 2}, True, id="tp2-to-tp2"),
+    pytest.param({"tp": 2}, {"tp": 1}, True, id="tp2-to-tp1"),
+    pytest.param({"tp": 1}, {"tp": 2}, True, id="tp1-to-tp2"),
+    pytest.param({"tp": 2, "ep": 2}, {"tp": 2, "ep": 2, "dp": True}, True, id="tp2-to-attention-dp2"),
+    # No shared memory (holds in private memory, pulls over TCP): rank 0 relays the parts over the data
+    # group, the path device memory (a CUDA hold or a CUDA IPC pull) takes.
+    pytest.param({"tp": 2}, {"tp": 2, "ep": 2, "dp": True}, False, id="relayed-tp2-to-attention-dp2"),
+    # The seed's pair: 4 query heads over 4 ranks, the 2 KV heads replicated (ranks 0 and 2 write them).
+    pytest.param(
+        {"tp": 4, "ep": 4},
+        {"tp": 4, "ep": 4, "dp": True},
+        True,
+        id="tp4-to-attention-dp4",
+        marks=pytest.mark.slow,
+    ),
+]
+
+
+@pytest.mark.parametrize(("prefill_kw", "decode_kw", "shm"), HANDOFFS)
+def test_kv_handoff_between_layouts(
+    prefill_kw: dict, decode_kw: dict, shm: bool, one_rank: dict, gpt_oss: Path
+) -> None:
     async def run() -> tuple[list[list[int]], object, dict]:
-        prefill = build_engine(settings(gpt_oss, "prefill", **prefill_kw))
-        decode = build_engine(settings(gpt_oss, "decode", **decode_kw))
+        def engine(mode: str, kw: dict):  # noqa: ANN202
+            s = settings(gpt_oss, mode, **kw)
+            return build_engine(dataclasses.replace(s, extra={**s.extra, "kv_use_shm": shm}))
+
+        prefill, decode = engine("prefill", prefill_kw), engine("decode", decode_kw)
         await prefill.start()
         await decode.start()
         try:
@@ -210,11 +233,12 @@ def test_kv_handoff_between_layouts(prefill_kw: dict, decode_kw: dict, one_rank:
                 return [*first[0].token_ids, *tokens(rest)]
 
             out = list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts()))))
-            moved = {
-                name: getattr(getattr(e._runner, "state", None), "kv_bytes_moved", 0)
-                for name, e in (("prefill", prefill), ("decode", decode))
-            }
-            return out, decode.stats(), moved
+            held = prefill.exporter.held_bytes
+            return (
+                out,
+                decode.stats(),
+                {"prefill": rank_bytes(prefill), "decode": rank_bytes(decode), "held": held},
+            )
         finally:
             await prefill.stop()
             await decode.stop()
@@ -222,14 +246,29 @@ def test_kv_handoff_between_layouts(prefill_kw: dict, decode_kw: dict, one_rank:
     got, stats, moved = asyncio.run(run())
     assert got == one_rank["gpt_oss"]["tokens"]
     assert stats.kv_transfers == len(PROMPT_LENGTHS) and stats.kv_recomputes == 0
-    # KV bytes rank 0 moved to or from the other rank: a 2-rank prefill gathers the other rank's half of the KV
-    # heads (1 of 2); a 2-rank decode sends it that half (head-split) or every sequence it owns (attention DP).
+    assert moved["held"] == 0  # every prefill hold freed once pulled
+    total = stats.kv_transfer_bytes  # every sequence's KV, all heads
+    print(f"KV handoff bytes per rank (direct, relayed) of {total}: prefill {moved['prefill']}, decode "
+          f"{moved['decode']}")  # fmt: skip
+    # Shared memory: each rank copies its own KV heads (half of them, the tiny gpt-oss having 2 KV heads) or,
+    # attention DP, the owning rank all of its sequences' heads; nothing is relayed through rank 0.
     if prefill_kw["tp"] == 2:
-        assert moved["prefill"] == stats.kv_transfer_bytes // 2
-    if decode_kw["tp"] == 2 and not decode_kw.get("dp"):
-        assert moved["decode"] == stats.kv_transfer_bytes // 2
-    if decode_kw.get("dp"):
-        assert 0 < moved["decode"] < stats.kv_transfer_bytes
+        direct, relayed = moved["prefill"]
+        if shm:
+            assert direct == [total // 2] * 2 and relayed == [0, 0]
+        else:  # rank 0 writes its half and gathers the other's
+            assert direct == [total // 2, 0] and relayed == [total // 2] * 2
+    if prefill_kw["tp"] == 4:  # a KV head on two ranks is written by the first
+        assert moved["prefill"] == ([total // 2, 0, total // 2, 0], [0] * 4)
+    if decode_kw["tp"] > 1:
+        direct, relayed = moved["decode"]
+        n = decode_kw["tp"]
+        if not decode_kw.get("dp"):
+            assert direct == [total // 2] * 2 and relayed == [0, 0]
+        elif shm:  # each sequence's owner, all heads: the 4 sequences spread over the ranks
+            assert sum(direct) == total and all(direct) and relayed == [0] * n
+        else:  # rank 0 sends the other rank's sequences whole
+            assert 0 < relayed[0] == relayed[1] < total and direct[0] + relayed[1] == total and direct[1] == 0
 
 
 def test_heads_that_do_not_divide_are_refused() -> None:
