@@ -112,8 +112,10 @@ class LlamaCppRunner:
         rank = {r: i for i, r in enumerate(sorted(set(sample_rows)))}
         return torch.from_numpy(logits[[rank[r] for r in sample_rows]])
 
-    def read_kv(self, slot: int, num_tokens: int, out: list[torch.Tensor]) -> None:
+    def read_kv(self, slot: int, hold: Any) -> None:
+        """Sequence ``slot``'s KV into the exporter's ``hold`` (its layout's one full-attention part)."""
         kv = parse(self.lib.state_of(slot), *self._shape, k_permuted=self._k_permuted)
+        out, num_tokens = hold.tensors(), hold.layout.num_tokens
         if kv.shape[3] != num_tokens or len(out) != 1:
             raise KvStateError(f"{kv.shape[3]} positions in llama.cpp's KV, {num_tokens} expected")
         out[0].copy_(torch.from_numpy(kv))
