@@ -41,6 +41,7 @@ QUESTIONS = {
     "story": ("Tell me a short story about a robot who learns to paint. " * 6, 16),  # > one 128-token chunk
 }
 MAX_NUM_TOKENS = 128
+PROMPT_LOGPROBS: dict = {}  # the ``reference`` fixture's: llama.cpp's log_softmax at each prompt position
 TOP = 5
 
 
@@ -106,6 +107,10 @@ def reference(prompts: dict[str, list[int]]) -> dict[str, tuple[list[int], list]
         for name, ids in prompts.items():
             llm.reset()
             llm.eval(ids)
+            prompt_rows = torch.from_numpy(np.array(llm.scores[: len(ids) - 1], dtype=np.float32))
+            PROMPT_LOGPROBS[name] = torch.log_softmax(
+                prompt_rows, dim=-1
+            )  # positions 0..n-2 score tokens 1..n-1
             generated, rows = [], []
             for _ in range(QUESTIONS[name][1]):
                 logits = torch.from_numpy(np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32))
@@ -162,6 +167,27 @@ async def test_greedy_tokens_and_logprobs_equal_llama_cpp_s_own(engines, prompts
         assert torch.allclose(torch.tensor(lp), chosen, atol=1e-3, rtol=0), name
         values = torch.stack([torch.topk(r, TOP).values for r in rows])
         assert torch.allclose(torch.tensor(top), values, atol=1e-3, rtol=0), name
+
+
+async def test_prompt_logprobs_equal_llama_cpp_s_over_chunks_and_the_handoff(
+    engines, prompts, reference
+) -> None:
+    import torch
+
+    ids = prompts["story"]  # two prefill chunks of MAX_NUM_TOKENS
+    expected = PROMPT_LOGPROBS["story"]
+    ask = dict(max_tokens=2, prompt_logprobs=2)
+    first, _ = await disaggregated(engines, ids, name="pl", **ask)
+    chunks = await collect(engines["agg"], request(ids, "pl-agg", **ask))
+    for lp in (chunks[0].prompt_logprobs, first.prompt_logprobs):
+        assert lp is not None and len(lp.logprobs) == len(ids) - 1
+        chosen = expected.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lp.logprobs), chosen, atol=1e-3, rtol=0)
+        values, top = torch.topk(expected, 2, dim=-1)
+        assert torch.allclose(torch.tensor(lp.top_logprobs), values, atol=1e-3, rtol=0)
+        assert (
+            sum(a == b for a, b in zip(lp.top_ids, top.tolist(), strict=True)) >= len(ids) - 3
+        )  # ties aside
 
 
 async def test_concurrent_batch_follows_llama_cpp_up_to_rounding(engines, prompts, reference) -> None:
