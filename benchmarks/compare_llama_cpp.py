@@ -3,6 +3,7 @@
     python -m benchmarks.compare_llama_cpp                          # SmolLM2's GGUF, 2 threads, 3 rounds
     python -m benchmarks.compare_llama_cpp --rounds 5 --configs auto float32 auto+int4 bfloat16
     python -m benchmarks.compare_llama_cpp --profile                # + where a decode step of ours spends its time
+    python -m benchmarks.compare_llama_cpp --configs llamacpp auto  # --engine llamacpp (and the torch default)
 
 Figures, single stream unless said: prefill tokens/s of a 128- and a 1024-token prompt; decode ms/token at
 context 128 and 2048; total decode tokens/s of 8 and 16 streams decoding together (context 128). Our engine runs
@@ -13,6 +14,9 @@ on, "llama.cpp best" being the better of the two per figure. Both read SmolLM2's
 converted (dequantized) once by ``dynamo_lite.model_files``, llama.cpp's as it is (Q4_1 layers, Q8_0 embedding).
 Prompts are random token ids (seeded), the same for both; generation is greedy and ignores EOS.
 
+Config ``llamacpp`` is ``--engine llamacpp`` (flash attention on, its default; ``llamacpp+fa-off``: off). When
+llama-cpp-python is installed in this interpreter (the ``llamacpp`` extra), llama.cpp's side runs with it: the same
+build our engine loads, like for like (``--llama-cpp-venv same``, the default then). Otherwise
 llama-cpp-python is compiled from its PyPI sdist (llama.cpp's default native build, ~10 min on 2 cores) into a
 wheel cached under ``~/.cache/dynamo_lite/wheels/`` (keyed on the version and this CPU's flags, since the build
 targets them) and installed into its own venv (``~/.cache/dynamo_lite/llama-cpp-python-VERSION-venv``).
