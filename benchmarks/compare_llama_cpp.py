@@ -3,6 +3,7 @@
     python -m benchmarks.compare_llama_cpp                          # SmolLM2's GGUF, 2 threads, 3 rounds
     python -m benchmarks.compare_llama_cpp --rounds 5 --configs auto float32 auto+int4 bfloat16
     python -m benchmarks.compare_llama_cpp --profile                # + where a decode step of ours spends its time
+    python -m benchmarks.compare_llama_cpp --configs llamacpp auto  # --engine llamacpp (and the torch default)
 
 Figures, single stream unless said: prefill tokens/s of a 128- and a 1024-token prompt; decode ms/token at
 context 128 and 2048; total decode tokens/s of 8 and 16 streams decoding together (context 128). Our engine runs
@@ -13,6 +14,9 @@ on, "llama.cpp best" being the better of the two per figure. Both read SmolLM2's
 converted (dequantized) once by ``dynamo_lite.model_files``, llama.cpp's as it is (Q4_1 layers, Q8_0 embedding).
 Prompts are random token ids (seeded), the same for both; generation is greedy and ignores EOS.
 
+Config ``llamacpp`` is ``--engine llamacpp`` (flash attention on, its default; ``llamacpp+fa-off``: off). When
+llama-cpp-python is installed in this interpreter (the ``llamacpp`` extra), llama.cpp's side runs with it: the same
+build our engine loads, like for like (``--llama-cpp-venv same``, the default then). Otherwise
 llama-cpp-python is compiled from its PyPI sdist (llama.cpp's default native build, ~10 min on 2 cores) into a
 wheel cached under ``~/.cache/dynamo_lite/wheels/`` (keyed on the version and this CPU's flags, since the build
 targets them) and installed into its own venv (``~/.cache/dynamo_lite/llama-cpp-python-VERSION-venv``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -166,10 +171,23 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
     from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
-    dtype, _, quantization = spec.partition("+")
-    engine = build_engine(
-        EngineSettings(role="agg", dtype=dtype, quantization=quantization or "auto", threads=threads)
-    )
+    if spec.startswith("llamacpp"):  # --engine llamacpp; "llamacpp+fa-off": flash attention off
+        from dynamo_lite.engines.llamacpp import build_engine as build_llamacpp
+
+        longest = max(
+            len(p) for p in [*work.prefill, *work.decode, *(q for v in work.batched.values() for q in v)]
+        )
+        engine = build_llamacpp(
+            EngineSettings(
+                role="agg", threads=threads, max_batch_size=max([1, *work.batched]), max_num_tokens=512,
+                max_seq_len=longest + work.steps + 8, extra={"flash_attn": not spec.endswith("fa-off")},
+            )
+        )  # fmt: skip
+    else:
+        dtype, _, quantization = spec.partition("+")
+        engine = build_engine(
+            EngineSettings(role="agg", dtype=dtype, quantization=quantization or "auto", threads=threads)
+        )
     await engine.start()
     counter = iter(range(1 << 30))
 
@@ -182,7 +200,11 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
             (time.perf_counter(), len(c.token_ids)) async for c in engine.generate(request(ids, max_tokens))
         ]
 
-    out: dict = {"dtype": engine.config.dtype, "quantization": engine.config.quantization}
+    llamacpp = spec.startswith("llamacpp")
+    out: dict = {
+        "dtype": "gguf" if llamacpp else engine.config.dtype,
+        "quantization": "gguf" if llamacpp else engine.config.quantization,
+    }
     try:
         await stream(work.prefill[0][:8], 2)  # warm up
 
@@ -306,15 +328,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2, help="measurements per figure and round (best kept)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-llama-cpp", action="store_true", help="ours only (no venv, no build)")
-    p.add_argument("--llama-cpp-venv", default=str(CACHE_DIR / f"llama-cpp-python-{LLAMA_CPP_VERSION}-venv"))
+    p.add_argument(
+        "--llama-cpp-venv",
+        default="",
+        help="llama.cpp's side: 'same' = this interpreter's llama-cpp-python (the build --engine llamacpp "
+        "runs; the default when it is installed), or a venv to build a native one into",
+    )
     p.add_argument("--profile", action="store_true", help="also profile the first config's decode steps")
     p.add_argument("--json", default="", help="also write every sample here")
     args = p.parse_args(argv)
+    if not args.llama_cpp_venv:
+        installed = importlib.util.find_spec("llama_cpp") is not None
+        args.llama_cpp_venv = (
+            "same" if installed else str(CACHE_DIR / f"llama-cpp-python-{LLAMA_CPP_VERSION}-venv")
+        )
 
     from dynamo_lite.model_files import smollm2_gguf
 
     gguf = smollm2_gguf()
-    python = None if args.no_llama_cpp else ensure_llama_cpp_venv(Path(args.llama_cpp_venv))
+    python: Path | None = None
+    if args.no_llama_cpp:
+        pass
+    elif args.llama_cpp_venv == "same":  # the build --engine llamacpp loads: llama.cpp measured like for like
+        python = Path(sys.executable)
+    else:
+        python = ensure_llama_cpp_venv(Path(args.llama_cpp_venv))
     work = make_work(args)
     cpu = cpu_line()
     print(f"CPU: {cpu}; model {gguf.name}; {args.threads} threads; {args.rounds} rounds", flush=True)
@@ -336,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         first = ours[c][0]
         weights = "" if first["quantization"] == "none" else f", {first['quantization']} weights"
         labels[c] = f"{c} ({first['dtype']}{weights})"
+        if first["dtype"] == "gguf":
+            labels[c] = f"{c} (the GGUF as it is)"
     table = report({labels[c]: runs for c, runs in ours.items()}, llama, work, cpu)
     print()
     if info:

@@ -103,6 +103,7 @@ class EngineKind(WireStrEnum):
     TORCH = "torch"
     MOCKER = "mocker"
     TRTLLM = "trtllm"
+    LLAMACPP = "llamacpp"  # added after the golden fixtures: an older reader sees UNRECOGNIZED (recomputes)
 
 
 class _Wire(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):

@@ -60,6 +60,8 @@ def build_engine(name: str, settings: EngineSettings) -> Engine:
         from dynamo_lite.engines.reference import build_engine as build
     elif name == "trtllm":
         from dynamo_lite.engines.trtllm import build_engine as build
+    elif name == "llamacpp":
+        from dynamo_lite.engines.llamacpp import build_engine as build
     else:
         raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
     return build(settings)

@@ -217,7 +217,7 @@ class PrefillHandoff:
             release: Awaitable[object] = self.plane.publish(
                 kv.release_subject, encode(KvRelease(kv.transfer_id))
             )
-        elif kv.engine == EngineKind.TORCH and kv.port:
+        elif kv.engine in (EngineKind.TORCH, EngineKind.LLAMACPP) and kv.port:
             from dynamo_lite.kv.importer import release_kv
 
             release = release_kv(kv)

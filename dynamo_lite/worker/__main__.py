@@ -1,4 +1,4 @@
-"""``python -m dynamo_lite.worker --mode prefill|decode|agg --engine torch|mocker|trtllm ...``"""
+"""``python -m dynamo_lite.worker --mode prefill|decode|agg --engine torch|llamacpp|mocker|trtllm ...``"""
 
 from __future__ import annotations
 

@@ -94,6 +94,7 @@ class TorchEngine:
         self._kv_windows = (window, tuple(windowed))
         self.device = torch.device(config.device)
         self.dtype: torch.dtype = getattr(torch, config.dtype)
+        self.kv_dtype = config.dtype  # of the KV it exports (the cache's)
         self.eos_ids = frozenset(model_files.eos_token_ids)
         self.max_seq_len = min(config.max_seq_len, self.model_config.max_position_embeddings)
         self.exporter: KvExporter | None = None
@@ -371,44 +372,9 @@ class TorchEngine:
 
     def _thread_main(self, ready: concurrent.futures.Future[None]) -> None:
         try:
-            if self.config.threads:
-                torch.set_num_threads(self.config.threads)
-            if self.device.type == "cuda":
-                # Graph capture and "current stream" calls follow this thread's device, not the tensors'.
-                torch.cuda.set_device(self.device)
-            comms = None
-            if self.plan.ranked:
-                self._ranks = RankProcesses(self.config, self.plan, self._on_rank_death)
-                comms = self._ranks.start(self.device)
-            setup = EngineSetup(
-                self.config,
-                self.model_files,
-                self.model_config,
-                self.device,
-                self.dtype,
-                self.max_seq_len,
-                self._kv_config,
-                self.exporter,
-                self._kv_event,
-                self.plan,
-                comms,
-            )
-            try:
-                with torch.inference_mode():
-                    setup.load()
-                    if self.config.warmup:
-                        setup.warmup()
-            finally:  # what was built, also when a later part failed (``stop`` frees the pool)
-                self._model, self._cache, self._graphs = setup.model, setup.cache, setup.graphs
-                self._pool, self._scheduler = setup.pool, setup.scheduler
-                self._runner = setup.runner
-                self._shared = setup.shared
-            if isinstance(self._model, GptOssModel):
-                # Its 201k-token vocabulary takes xgrammar seconds to index, holding the GIL: done here, before
-                # serving, it can't silence the worker's heartbeats in the middle of a request.
-                self._grammars.warm()
+            self._load()
         except BaseException as e:
-            log.exception("torch engine failed to start")
+            log.exception("%s engine failed to start", self.name.value)
             self._stop_ranks(failed=True)
             ready.set_exception(e)
             return
@@ -417,7 +383,7 @@ class TorchEngine:
             with torch.inference_mode():
                 self._run()
         except BaseException as e:  # a bug or a dead rank, not a request's fault: fail everything, never hang
-            log.exception("torch engine thread died")
+            log.exception("%s engine thread died", self.name.value)
             self._failure = e
             self._stop_ranks(failed=True)
             self._fail_all(EngineError(f"engine failed: {e}", status=503, code="engine_failed"))
@@ -426,6 +392,46 @@ class TorchEngine:
                 on_failure(e)
         else:
             self._stop_ranks(failed=False)
+
+    def _load(self) -> None:
+        """On the engine thread, before the first step: what ``_run`` steps through (``_runner``, ``_scheduler``)
+        and what ``stop`` frees. Here: the torch model, its KV cache, CUDA graphs and ranks (``EngineSetup``)."""
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        if self.device.type == "cuda":
+            # Graph capture and "current stream" calls follow this thread's device, not the tensors'.
+            torch.cuda.set_device(self.device)
+        comms = None
+        if self.plan.ranked:
+            self._ranks = RankProcesses(self.config, self.plan, self._on_rank_death)
+            comms = self._ranks.start(self.device)
+        setup = EngineSetup(
+            self.config,
+            self.model_files,
+            self.model_config,
+            self.device,
+            self.dtype,
+            self.max_seq_len,
+            self._kv_config,
+            self.exporter,
+            self._kv_event,
+            self.plan,
+            comms,
+        )
+        try:
+            with torch.inference_mode():
+                setup.load()
+                if self.config.warmup:
+                    setup.warmup()
+        finally:  # what was built, also when a later part failed (``stop`` frees the pool)
+            self._model, self._cache, self._graphs = setup.model, setup.cache, setup.graphs
+            self._pool, self._scheduler = setup.pool, setup.scheduler
+            self._runner = setup.runner
+            self._shared = setup.shared
+        if isinstance(self._model, GptOssModel):
+            # Its 201k-token vocabulary takes xgrammar seconds to index, holding the GIL: done here, before
+            # serving, it can't silence the worker's heartbeats in the middle of a request.
+            self._grammars.warm()
 
     def _on_rank_death(self, rank: int, code: int) -> None:
         """From the rank watcher: wake the engine thread, which fails (a collective may already have)."""
@@ -502,7 +508,7 @@ class TorchEngine:
 
     def _update_gauges(self) -> None:
         sched = self._scheduler
-        assert sched is not None and self._cache is not None
+        assert sched is not None
         slots = sched.cache
         self._stats.kv_usage = sched.kv_tokens / (slots.max_slots * slots.max_seq_len)
 
@@ -521,7 +527,6 @@ class TorchEngine:
         """Copy an imported KV into the sequence's new slot, then let the exporter free it."""
         if seq.pulled is None:
             return
-        assert self._cache is not None
         assert self._runner is not None
         try:
             n = seq.pulled.layout.num_tokens
@@ -623,7 +628,7 @@ class TorchEngine:
     def _export(self, seq: Sequence) -> KvDescriptor | None:
         """Copy the computed prompt KV into an exporter hold and publish it; None (stream failed, or nobody
         listens any more) when that is not possible."""
-        assert self.exporter is not None and self._cache is not None
+        assert self.exporter is not None and self._runner is not None
         started = time.perf_counter()
         cfg = self.model_config
         window, windowed = self._kv_windows
@@ -631,7 +636,7 @@ class TorchEngine:
             cfg.num_layers,
             cfg.num_kv_heads,
             cfg.head_dim,
-            self.config.dtype,
+            self.kv_dtype,
             seq.num_computed,
             window,
             windowed,
