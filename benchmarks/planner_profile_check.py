@@ -1,11 +1,25 @@
-"""Does a profile predict the real thing? Measure an engine's profile in-process, then serve it (1 prefill + 1
-decode worker, etcd, NATS, a frontend on loopback) and compare the profile's TTFT and ITL with what clients see
-at a few concurrencies (closed loop).
+"""Does a profile predict the real thing? Serve an engine (1 prefill + 1 decode worker, etcd, NATS, a frontend
+on loopback), measure its profile, then compare the profile's TTFT and ITL with what clients see at a few
+concurrencies (closed loop).
 
-Predicted, with the planner's own model (``decide.py``): ITL = the profile's decode step at (concurrency,
-ISL + OSL/2); TTFT = the prefill time s plus the M/D/1 wait ρ·s / (2(1 − ρ)), where ρ = λ·s and the closed
-loop's arrival rate λ = concurrency / (TTFT + OSL · ITL) — solved by iteration.
-Measured: the mean over requests of TTFT and of each request's mean ITL, through HTTP.
+Two profiles, both with the planner's ``measure_profile`` and the same grid:
+
+- ``served`` (the default prediction): measured through the frontend, on the very worker processes the load
+  then runs on (same threads, same processes, same box at the same minutes). Prefill = TTFT of a lone
+  ``max_tokens=1`` request (answered by the prefill worker alone); decode = the steady ITL of ``c`` streams
+  decoding together on the decode worker.
+- ``alone`` (``--alone``, for comparison): the engine in one process by itself
+  (``python -m dynamo_lite.planner profile``), as the previous version of this check did.
+
+Predicted: the closed loop is a closed queueing network — ``c`` clients cycling through the prefill worker (one
+FCFS server, deterministic service ``s``) and the decode worker (a batch: every decoding client is served at
+once, so a delay station whose time is OSL steps of ITL(number decoding)). Mean value analysis solves it
+(``closed_loop``), with the residual service of a deterministic server (s/2) for the request already in
+service. The first token comes from the prefill worker and the second after the KV hand-off, so a request's
+mean ITL is (hand-off + (OSL − 2) · ITL) / (OSL − 1), the hand-off measured on the served stack as the
+profile is. The planner's own M/D/1 formula (for open-loop, Poisson arrivals) is printed beside it.
+Measured: the mean over requests of TTFT and of each request's mean ITL, through HTTP, after each client's
+first request (the start, where every client arrives at once, is not the steady loop the model describes).
 
     python -m benchmarks.planner_profile_check --engine torch --threads 1 --concurrency 1,2,4
 """
@@ -15,37 +29,191 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from benchmarks.load_trace import TracePoint, _one
+from benchmarks.load_trace import RequestResult, TracePoint, _one
 from benchmarks.local_stack import LocalStack, free_port, wait_for
-from dynamo_lite.planner.profile import EngineProfile
+from benchmarks.planner_compare import BoxSampler, machine
+from dynamo_lite.planner.profile import EngineProfile, measure_profile
+from dynamo_lite.protocol import GenerateChunk, GenerateRequest
 
 MODEL = "profiled"
 
 
-async def closed_loop(url: str, concurrency: int, requests: int, isl: int, osl: int) -> list:
-    """``concurrency`` clients, each sending its next request when its last one ends."""
+class ServedEngine:
+    """The ``Engine`` face of a running frontend: ``generate`` streams ``/v1/completions`` with the request's
+    token ids as the prompt, one chunk per token. ``measure_profile`` measures through it as it does an
+    engine in-process."""
+
+    name = "served"
+
+    def __init__(self, url: str, model: str) -> None:
+        self.url, self.model = url, model
+        self._client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        self._client = httpx.AsyncClient(timeout=300)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        assert self._client is not None
+        body = {
+            "model": self.model,
+            "prompt": request.token_ids,
+            "max_tokens": request.sampling.max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": request.sampling.ignore_eos,
+        }
+        sent = 0
+        async with self._client.stream("POST", self.url + "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                    sent += 1
+                    yield GenerateChunk(token_ids=[0])
+                if chunk.get("usage") and chunk["usage"].get("completion_tokens", 0) > sent:
+                    # tokens that came coalesced (or without text) count at the end
+                    yield GenerateChunk(token_ids=[0] * (chunk["usage"]["completion_tokens"] - sent))
+
+
+async def busy_profile(url: str, keep_busy: str, isl: int, **measure) -> EngineProfile:
+    """``measure_profile`` through the frontend while the other role's worker is kept busy: ``"decode"``
+    — one long stream decoding throughout (for the prefill table); ``"prefill"`` — prefill-only requests
+    (``max_tokens=1``) back to back (for the decode table). On a box whose cores the two workers share, that
+    is how each role runs while the other works."""
+    from dynamo_lite.protocol import SamplingOptions
+
+    background = ServedEngine(url, MODEL)
+    await background.start()
+    max_tokens = 1 if keep_busy == "prefill" else 4 * isl
+
+    async def keep() -> None:
+        for n in range(10**9):
+            ids = [500 + (n * 31 + i * 17) % 700 for i in range(isl)]
+            req = GenerateRequest(
+                f"busy-{n}", MODEL, ids, SamplingOptions(max_tokens=max_tokens, ignore_eos=True)
+            )
+            async for _ in background.generate(req):
+                pass
+
+    task = asyncio.create_task(keep())
+    try:
+        await asyncio.sleep(2.0)  # the background's own prefill done: it is decoding (or prefilling) now
+        return await measure_profile(ServedEngine(url, MODEL), **measure)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await background.stop()
+
+
+async def handoff_s(url: str, isl: int, repeats: int = 3) -> float:
+    """First → second token of a lone request: the KV hand-off from the prefill to the decode worker plus one
+    decode step. Median of ``repeats``."""
+    gaps = []
+    async with httpx.AsyncClient(timeout=300) as client:
+        for i in range(repeats):
+            times = []
+            body = {"model": MODEL, "prompt": [300 + (i * 7 + j) % 900 for j in range(isl)], "max_tokens": 3}
+            body |= {"stream": True, "ignore_eos": True}
+            async with client.stream("POST", url + "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and '"text"' in line:
+                        times.append(time.perf_counter())
+            if len(times) >= 2:
+                gaps.append(times[1] - times[0])
+    return sorted(gaps)[len(gaps) // 2]
+
+
+async def closed_loop(
+    url: str, concurrency: int, requests: int, isl: int, osl: int, warm_up: bool = False
+) -> list[RequestResult]:
+    """``concurrency`` clients, each sending its next request when its last one ends; each client's first
+    request is left out of the results (all clients start at once: a burst, not the steady loop)."""
     point = TracePoint(0.0, 0.0, isl, osl)
-    results, serial = [], iter(range(10**9))
+    results: list[RequestResult] = []
+    base = (7 * concurrency + (3 if warm_up else 0)) * 10**6  # distinct prompts in every loop: no cache hits
+    serial = iter(range(base, base + 10**6))
     async with httpx.AsyncClient(timeout=300) as client:
 
         async def client_loop() -> None:
+            await _one(client, url, MODEL, point, next(serial))
             while len(results) < requests:
-                results.append(await _one(client, url, MODEL, point, next(serial) + 7 * concurrency * 10**6))
+                results.append(await _one(client, url, MODEL, point, next(serial)))
 
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
     return results
 
 
-def predicted_ttft(s: float, concurrency: int, decode_s: float) -> float:
-    """TTFT of a closed loop of ``concurrency`` clients: prefill ``s`` plus the M/D/1 wait at its utilization."""
+@dataclass(slots=True)
+class LoopPrediction:
+    ttft_s: float
+    itl_s: float  # a request's mean ITL, hand-off included
+    step_s: float  # the decode step at the mean number decoding
+    decoding: float  # mean number of clients decoding
+    prefill_busy: float  # prefill worker utilization
+
+
+def predict_closed_loop(
+    profile: EngineProfile,
+    clients: int,
+    isl: int,
+    osl: int,
+    handoff: float,
+    busy: tuple[EngineProfile, EngineProfile] | None = None,
+) -> LoopPrediction:
+    """Mean value analysis of the closed loop: prefill = one FCFS server with deterministic service s
+    (an arriving request waits for the queue ahead of it and half a service for the one being served);
+    decode = a delay of hand-off + (OSL − 1) steps, a step taking ITL(number decoding, ISL + OSL/2).
+
+    ``busy``: the profiles measured with the other role kept busy (prefill while decoding, decode while
+    prefilling). Then a prefill takes s_alone + (s_busy − s_alone)·P(the decode worker is busy), and a decode
+    step likewise with P(the prefill worker is busy); each P from where the other n − 1 clients are (each
+    decoding or at the prefill worker for its share of the cycle, independently)."""
+    context = isl + osl / 2
+    s_busy = profile if busy is None else busy[0]
+    itl_busy = profile if busy is None else busy[1]
+    queue, util = 0.0, 0.0  # at the prefill worker: mean number there and utilization, with one client fewer
+    s, step = profile.prefill_seconds(isl), profile.itl(1, context)
+    resp, rate, decoding = s, 0.0, 0.0
+    for n in range(1, clients + 1):
+        # arrival theorem: a request sees the loop as it is with n - 1 clients
+        for _ in range(200):  # fixed point: the times depend on the overlap, which depends on the times
+            resp = s + s * (queue - util) + util * s / 2
+            delay = handoff + (osl - 1) * step
+            rate = n / (resp + delay)
+            decoding = rate * (osl - 1) * step  # Little: clients in the decode batch
+            p_decode_busy = 1 - (1 - delay / (resp + delay)) ** (n - 1)
+            p_prefill_busy = 1 - (1 - resp / (resp + delay)) ** (n - 1)
+            s0, s1 = profile.prefill_seconds(isl), s_busy.prefill_seconds(isl)
+            batch = max(decoding, 1.0)
+            i0, i1 = profile.itl(batch, context), itl_busy.itl(batch, context)
+            new_s, new_step = s0 + (s1 - s0) * p_decode_busy, i0 + (i1 - i0) * p_prefill_busy
+            if abs(new_s - s) < 1e-7 and abs(new_step - step) < 1e-7:
+                break
+            s, step = 0.5 * s + 0.5 * new_s, 0.5 * step + 0.5 * new_step
+        queue, util = rate * resp, min(rate * s, 1.0)
+    itl = (handoff + (osl - 2) * step) / (osl - 1)
+    return LoopPrediction(resp, itl, step, decoding, util)
+
+
+def md1_ttft(s: float, concurrency: int, decode_s: float) -> float:
+    """The planner's open-loop model (M/D/1 wait at the loop's utilization), for comparison."""
     ttft = s
     for _ in range(100):
         rho = min(concurrency / (ttft + decode_s) * s, 0.99)
@@ -62,14 +230,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isl", type=int, default=256)
     p.add_argument("--osl", type=int, default=32)
     p.add_argument("--concurrency", default="1,2,4")
-    p.add_argument("--requests", type=int, default=12, help="measured requests per concurrency")
-    p.add_argument("--profile", default=None, help="use this profile instead of measuring one")
+    p.add_argument("--requests", type=int, default=16, help="measured requests per concurrency")
+    p.add_argument("--repeats", type=int, default=3, help="profile: runs per point (best of)")
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=128,
+        help="profile: tokens per decode stream (enough that the first stream still decodes when the last "
+        "one's prefill ends)",
+    )
+    p.add_argument("--alone", action="store_true", help="also measure the profile in-process, alone")
+    p.add_argument("--no-busy", action="store_true", help="don't measure with the other role kept busy")
+    p.add_argument("--output", default=None, help="write profiles, predictions and measurements here (JSON)")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    grid = {
+        "isls": (args.isl // 2, args.isl, args.isl * 2),
+        "concurrencies": tuple(sorted({1, *levels})),
+        "contexts": (args.isl + args.osl // 2,),
+    }
+    out: dict = {"machine": machine(), "args": vars(args), "profiles": {}, "rows": []}
+    print(f"machine: {out['machine']['cpu']}, {out['machine']['cores']} cores", flush=True)
+    print(f"cpu flags: {out['machine']['flags']}", flush=True)
     stack = LocalStack()
+    profiles: dict[str, EngineProfile] = {}
+    busy: tuple[EngineProfile, EngineProfile] | None = None
     try:
-        path = args.profile or str(Path(stack.tmp) / "profile.json")
-        if not args.profile:
+        if args.alone:
+            path = str(Path(stack.tmp) / "profile.json")
             cmd = [
                 sys.executable,
                 "-m",
@@ -81,42 +269,21 @@ def main(argv: list[str] | None = None) -> int:
                 path,
             ]
             cmd += ["--threads", str(args.threads), "--max-batch-size", str(max(levels))]
-            cmd += [
-                "--isls",
-                f"{args.isl // 2},{args.isl},{args.isl * 2}",
-                "--concurrencies",
-                ",".join(map(str, levels)),
-            ]
-            cmd += ["--contexts", f"{args.isl},{args.isl + args.osl}", "--decode-tokens", str(args.osl)]
+            cmd += ["--isls", ",".join(map(str, grid["isls"]))]
+            cmd += ["--concurrencies", ",".join(map(str, grid["concurrencies"]))]
+            cmd += ["--contexts", ",".join(map(str, grid["contexts"]))]
+            cmd += ["--decode-tokens", str(args.decode_tokens)]
             subprocess.run(cmd, check=True, capture_output=True, timeout=600)
-        profile = EngineProfile.load(path)
+            profiles["alone"] = EngineProfile.load(path)
         runtime = stack.start_services()
-        worker = [
-            sys.executable,
-            "-m",
-            "dynamo_lite.worker",
-            "--engine",
-            args.engine,
-            "--served-model-name",
-            MODEL,
-        ]
-        worker += ["--threads", str(args.threads), "--max-batch-size", str(max(levels)), *runtime]
+        worker = [sys.executable, "-m", "dynamo_lite.worker", "--engine", args.engine]
+        worker += ["--served-model-name", MODEL, "--threads", str(args.threads)]
+        worker += ["--max-batch-size", str(max(levels)), *runtime]
         stack.spawn("prefill", [*worker, "--mode", "prefill"])
         stack.spawn("decode", [*worker, "--mode", "decode"])
         port = free_port()
-        stack.spawn(
-            "frontend",
-            [
-                sys.executable,
-                "-m",
-                "dynamo_lite.frontend",
-                "--http-host",
-                "127.0.0.1",
-                "--http-port",
-                str(port),
-            ]
-            + runtime,
-        )
+        frontend = [sys.executable, "-m", "dynamo_lite.frontend", "--http-host", "127.0.0.1"]
+        stack.spawn("frontend", [*frontend, "--http-port", str(port), *runtime])
 
         def ready() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
@@ -125,29 +292,88 @@ def main(argv: list[str] | None = None) -> int:
 
         wait_for(ready, 180, "workers registered")
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(closed_loop(url, 1, 2, args.isl, args.osl))  # warm-up
-        rows = []
-        for c in levels:
-            started = time.monotonic()
-            res = [
-                r for r in asyncio.run(closed_loop(url, c, args.requests, args.isl, args.osl)) if r.complete
-            ]
-            ttft = sum(r.ttft_s for r in res) / len(res)
-            itl = sum(r.itl_s for r in res) / len(res)
-            want_itl = profile.itl(c, args.isl + args.osl / 2)
-            want_ttft = predicted_ttft(profile.prefill_seconds(args.isl), c, args.osl * want_itl)
-            rows.append((c, len(res), ttft, want_ttft, itl, want_itl, time.monotonic() - started))
+        with BoxSampler() as box:
+            asyncio.run(closed_loop(url, 1, 2, args.isl, args.osl, warm_up=True))
+            measure = {"max_batch_size": max(levels), "decode_tokens": args.decode_tokens}
+            measure |= {"repeats": args.repeats, **grid}
+            profiles["served"] = asyncio.run(measure_profile(ServedEngine(url, MODEL), **measure))
+            if not args.no_busy:
+                busy = (  # prefill while the decode worker decodes; decode while the prefill worker prefills
+                    asyncio.run(busy_profile(url, "decode", args.isl, **(measure | {"concurrencies": (1,)}))),
+                    asyncio.run(busy_profile(url, "prefill", args.isl, **(measure | {"isls": (args.isl,)}))),
+                )
+            handoff = asyncio.run(handoff_s(url, args.isl))
+            measured = {}
+            for c in levels:
+                res = asyncio.run(closed_loop(url, c, args.requests, args.isl, args.osl))
+                measured[c] = [r for r in res if r.complete]
+        out["box"] = box.summary()
     finally:
         stack.stop()
-    print(f"engine {args.engine}, ISL {args.isl}, OSL {args.osl}, {args.threads} thread(s) per worker")
-    print("concurrency  requests  TTFT measured  predicted  error   ITL measured  predicted  error")
-    for c, n, ttft, wt, itl, wi, _ in rows:
+    out["handoff_s"] = handoff
+    if busy is not None:
+        profiles["served+busy"] = profiles["served"]  # predicted with the busy tables too
+        out["profiles"]["decode_busy"] = json.loads(busy[0].to_json())
+        out["profiles"]["prefill_busy"] = json.loads(busy[1].to_json())
         print(
-            f"{c:>11}  {n:>8}  {ttft * 1000:>10.1f} ms  {wt * 1000:>6.1f} ms  {(wt - ttft) / ttft:>+5.0%}"
-            f"  {itl * 1000:>9.1f} ms  {wi * 1000:>6.1f} ms  {(wi - itl) / itl:>+5.0%}"
+            f"profile served, decode worker busy: prefill {busy[0].prefill_seconds(args.isl) * 1000:.0f} ms; "
+            "prefill worker busy: decode step "
+            + ", ".join(
+                f"c{c}: {row[-1] * 1000:.1f} ms"
+                for c, row in zip(busy[1].concurrencies, busy[1].itl_s, strict=True)
+            )
         )
+    for name, prof in profiles.items():
+        out["profiles"][name] = json.loads(prof.to_json())
+    print(
+        f"engine {args.engine}, ISL {args.isl}, OSL {args.osl}, {args.threads} thread(s) per worker; "
+        f"hand-off {handoff * 1000:.0f} ms; box CPU busy {out['box']['box_cpu_busy']:.0%}, load average "
+        f"{out['box']['load_avg_mean']:.2f}, this check's processes {out['box']['stack_cpu_busy']:.0%}"
+    )
+    for name, prof in profiles.items():
+        if name == "served+busy":
+            continue
+        pre = ", ".join(f"{n}: {s * 1000:.0f} ms" for n, s in zip(prof.isls, prof.prefill_s, strict=True))
+        itl = ", ".join(
+            f"c{c}: {row[-1] * 1000:.1f} ms" for c, row in zip(prof.concurrencies, prof.itl_s, strict=True)
+        )
+        print(f"profile {name}: prefill {pre}; decode step at context {prof.contexts[-1]} {itl}")
+    print(
+        "profile  clients  requests  TTFT measured  predicted  error   M/D/1  error   "
+        "ITL measured  predicted  error"
+    )
+    for c in levels:
+        res = measured[c]
+        ttft = sum(r.ttft_s for r in res) / len(res)
+        itl = sum(r.itl_s for r in res) / len(res)
+        for name, prof in profiles.items():
+            want = predict_closed_loop(
+                prof, c, args.isl, args.osl, handoff, busy if name == "served+busy" else None
+            )
+            md1 = md1_ttft(prof.prefill_seconds(args.isl), c, args.osl * prof.itl(c, args.isl + args.osl / 2))
+            row = {
+                "profile": name,
+                "clients": c,
+                "requests": len(res),
+                "ttft_measured_s": ttft,
+                "ttft_predicted_s": want.ttft_s,
+                "ttft_md1_s": md1,
+                "itl_measured_s": itl,
+                "itl_predicted_s": want.itl_s,
+                "decoding": want.decoding,
+                "prefill_busy": want.prefill_busy,
+            }
+            out["rows"].append(row)
+            print(
+                f"{name:<7}  {c:>7}  {len(res):>8}  {ttft * 1000:>10.1f} ms  {want.ttft_s * 1000:>6.1f} ms  "
+                f"{(want.ttft_s - ttft) / ttft:>+5.0%}  {md1 * 1000:>6.0f}  {(md1 - ttft) / ttft:>+5.0%}"
+                f"  {itl * 1000:>9.1f} ms  {want.itl_s * 1000:>6.1f} ms  {(want.itl_s - itl) / itl:>+5.0%}"
+            )
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=1))
     return 0
 
 
 if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     raise SystemExit(main())

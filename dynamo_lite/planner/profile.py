@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
@@ -140,13 +141,15 @@ async def measure_profile(
     from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
     vocab = 1000
+    first = random.Random().getrandbits(32)  # prompts of one measurement differ from another's: no cache hits
     serial = 0
 
     def request(n_prompt: int, max_tokens: int) -> GenerateRequest:
         nonlocal serial
         serial += 1
-        # distinct prompts: no prefix cache hit between measurements
-        ids = [256 + (serial * 7919 + i * 104729) % vocab for i in range(n_prompt)]
+        # distinct prompts: no prefix cache hit between requests, nor with an earlier measurement's
+        rng = random.Random(first + serial)
+        ids = [256 + rng.randrange(vocab) for _ in range(n_prompt)]
         return GenerateRequest(
             f"profile-{serial}", "profile", ids, SamplingOptions(max_tokens=max_tokens, ignore_eos=True)
         )
