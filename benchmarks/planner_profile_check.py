@@ -35,6 +35,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,16 +93,16 @@ class ServedEngine:
                     yield GenerateChunk(token_ids=[0] * (chunk["usage"]["completion_tokens"] - sent))
 
 
-async def busy_profile(url: str, keep_busy: str, isl: int, **measure) -> EngineProfile:
-    """``measure_profile`` through the frontend while the other role's worker is kept busy: ``"decode"``
-    — one long stream decoding throughout (for the prefill table); ``"prefill"`` — prefill-only requests
-    (``max_tokens=1``) back to back (for the decode table). On a box whose cores the two workers share, that
-    is how each role runs while the other works."""
+@asynccontextmanager
+async def kept_busy(url: str, role: str, isl: int) -> AsyncIterator[None]:
+    """While inside, keep ``role``'s worker busy through the frontend: ``"decode"`` — one long stream
+    decoding throughout; ``"prefill"`` — prefill-only requests (``max_tokens=1``) back to back. On a box whose
+    cores the two workers share, that is how one role runs while the other works."""
     from dynamo_lite.protocol import SamplingOptions
 
     background = ServedEngine(url, MODEL)
     await background.start()
-    max_tokens = 1 if keep_busy == "prefill" else 4 * isl
+    max_tokens = 1 if role == "prefill" else 4 * isl
 
     async def keep() -> None:
         for n in range(10**9):
@@ -115,22 +116,31 @@ async def busy_profile(url: str, keep_busy: str, isl: int, **measure) -> EngineP
     task = asyncio.create_task(keep())
     try:
         await asyncio.sleep(2.0)  # the background's own prefill done: it is decoding (or prefilling) now
-        return await measure_profile(ServedEngine(url, MODEL), **measure)
+        yield
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await background.stop()
 
 
-async def handoff_s(url: str, isl: int, repeats: int = 3) -> float:
+async def busy_profile(url: str, role: str, isl: int, **measure) -> EngineProfile:
+    """``measure_profile`` through the frontend while ``role``'s worker is kept busy."""
+    async with kept_busy(url, role, isl):
+        return await measure_profile(ServedEngine(url, MODEL), **measure)
+
+
+async def handoff_s(url: str, isl: int, repeats: int = 3, busy: str = "") -> float:
     """First → second token of a lone request: the KV hand-off from the prefill to the decode worker plus one
-    decode step. Median of ``repeats``."""
+    decode step. Median of ``repeats``; with ``busy``, while that role's worker is kept busy."""
+    if busy:
+        async with kept_busy(url, busy, isl):
+            return await handoff_s(url, isl, repeats)
     gaps = []
     async with httpx.AsyncClient(timeout=300) as client:
         for i in range(repeats):
             times = []
-            body = {"model": MODEL, "prompt": [300 + (i * 7 + j) % 900 for j in range(isl)], "max_tokens": 3}
-            body |= {"stream": True, "ignore_eos": True}
+            prompt = [300 + (i * 7 + j + 97 * len(busy)) % 900 for j in range(isl)]
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "stream": True, "ignore_eos": True}
             async with client.stream("POST", url + "/v1/completions", json=body) as r:
                 async for line in r.aiter_lines():
                     if line.startswith("data: {") and '"text"' in line:
@@ -179,7 +189,7 @@ def predict_closed_loop(
 ) -> LoopPrediction:
     """Mean value analysis of the closed loop: prefill = one FCFS server with deterministic service s
     (an arriving request waits for the queue ahead of it and half a service for the one being served);
-    decode = a delay of hand-off + (OSL − 1) steps, a step taking ITL(number decoding, ISL + OSL/2).
+    decode = a delay of hand-off + (OSL − 2) steps, a step taking ITL(number decoding, ISL + OSL/2).
 
     ``busy``: the profiles measured with the other role kept busy (prefill while decoding, decode while
     prefilling). Then a prefill takes s_alone + (s_busy − s_alone)·P(the decode worker is busy), and a decode
@@ -195,7 +205,7 @@ def predict_closed_loop(
         # arrival theorem: a request sees the loop as it is with n - 1 clients
         for _ in range(200):  # fixed point: the times depend on the overlap, which depends on the times
             resp = s + s * (queue - util) + util * s / 2
-            delay = handoff + (osl - 1) * step
+            delay = handoff + (osl - 2) * step  # the hand-off includes the first decode step
             rate = n / (resp + delay)
             decoding = rate * (osl - 1) * step  # Little: clients in the decode batch
             p_decode_busy = 1 - (1 - delay / (resp + delay)) ** (n - 1)
@@ -210,6 +220,78 @@ def predict_closed_loop(
         queue, util = rate * resp, min(rate * s, 1.0)
     itl = (handoff + (osl - 2) * step) / (osl - 1)
     return LoopPrediction(resp, itl, step, decoding, util)
+
+
+def simulate_closed_loop(
+    profile: EngineProfile,
+    clients: int,
+    isl: int,
+    osl: int,
+    handoff: float,
+    requests: int,
+    busy: tuple[EngineProfile, EngineProfile] | None = None,
+    handoff_busy: float | None = None,
+    dt: float = 0.0005,
+) -> LoopPrediction:
+    """The closed loop run step by step (``dt``) on the profile's times, as the benchmark runs it: every
+    client sends at t = 0, its first request is left out, ``requests`` are kept. The prefill worker serves one
+    request at a time in arrival order; a request's KV then travels (``handoff`` less the one step it includes,
+    ``handoff_busy`` while the prefill worker is busy with the next) and it joins the decode batch at the next
+    step; a step emits one token for every sequence in the batch and takes ITL(batch size). With ``busy``, a
+    prefill advances at the pace of the decode-busy profile while the decode batch is not empty, and a step at
+    the pace of the prefill-busy profile while a prefill runs — the overlap as it happens, not its average."""
+    context = isl + osl / 2
+    s_busy = profile if busy is None else busy[0]
+    itl_busy = profile if busy is None else busy[1]
+    s0, s1 = profile.prefill_seconds(isl), s_busy.prefill_seconds(isl)
+    transfer = max(handoff - profile.itl(1, context), 0.0)
+    transfer_busy = transfer if handoff_busy is None else max(handoff_busy - itl_busy.itl(1, context), 0.0)
+    queue = list(range(clients))  # clients waiting for (or at) the prefill worker, in order
+    sent = [0.0] * clients
+    count = [0] * clients
+    joining: list[tuple[float, int]] = []  # (joins at, client)
+    batch: list[int] = []
+    tokens = [0] * clients
+    first = [0.0] * clients
+    prefill_done, step_done = 0.0, 0.0  # fractions of the current prefill and decode step
+    kept: list[tuple[float, float]] = []  # (TTFT, mean ITL)
+    decoding_time, prefill_busy_time = 0.0, 0.0
+    t = 0.0
+    while len(kept) < requests and t < 3600:
+        prefilling = bool(queue)
+        if prefilling:
+            prefill_done += dt / (s1 if batch else s0)
+        if batch:
+            n = len(batch)
+            step_done += dt / (itl_busy.itl(n, context) if prefilling else profile.itl(n, context))
+        t += dt
+        decoding_time += len(batch) * dt
+        prefill_busy_time += dt if prefilling else 0.0
+        if prefilling and prefill_done >= 1.0:
+            c = queue.pop(0)
+            prefill_done = 0.0
+            first[c], tokens[c] = t, 1
+            joining.append((t + (transfer_busy if queue else transfer), c))
+        if batch and step_done >= 1.0:
+            step_done = 0.0
+            for c in list(batch):
+                tokens[c] += 1
+                if tokens[c] == osl:  # done: the client sends its next request at once
+                    batch.remove(c)
+                    if count[c] > 0:
+                        kept.append((first[c] - sent[c], (t - first[c]) / (osl - 1)))
+                    count[c] += 1
+                    sent[c] = t
+                    queue.append(c)
+        if not batch:
+            step_done = 0.0
+        ready = [c for at, c in joining if at <= t]
+        if ready:
+            joining = [(at, c) for at, c in joining if at > t]
+            batch.extend(ready)  # they join at the next step boundary (a step in flight is not restarted)
+    ttft = sum(k[0] for k in kept) / len(kept)
+    itl = sum(k[1] for k in kept) / len(kept)
+    return LoopPrediction(ttft, itl, 0.0, decoding_time / t, prefill_busy_time / t)
 
 
 def md1_ttft(s: float, concurrency: int, decode_s: float) -> float:
@@ -231,7 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--osl", type=int, default=32)
     p.add_argument("--concurrency", default="1,2,4")
     p.add_argument("--requests", type=int, default=16, help="measured requests per concurrency")
-    p.add_argument("--repeats", type=int, default=3, help="profile: runs per point (best of)")
+    p.add_argument("--repeats", type=int, default=3, help="profile: runs per point")
+    p.add_argument(
+        "--statistic",
+        choices=("best", "median"),
+        default="median",
+        help="profile: a point is the best or the median of its runs (median: the typical time on this box, "
+        "as the measured means are)",
+    )
     p.add_argument(
         "--decode-tokens",
         type=int,
@@ -255,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = LocalStack()
     profiles: dict[str, EngineProfile] = {}
     busy: tuple[EngineProfile, EngineProfile] | None = None
+    handoff_busy: float | None = None
     try:
         if args.alone:
             path = str(Path(stack.tmp) / "profile.json")
@@ -272,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd += ["--isls", ",".join(map(str, grid["isls"]))]
             cmd += ["--concurrencies", ",".join(map(str, grid["concurrencies"]))]
             cmd += ["--contexts", ",".join(map(str, grid["contexts"]))]
-            cmd += ["--decode-tokens", str(args.decode_tokens)]
+            cmd += ["--decode-tokens", str(args.decode_tokens)]  # (in-process: best of its runs)
             subprocess.run(cmd, check=True, capture_output=True, timeout=600)
             profiles["alone"] = EngineProfile.load(path)
         runtime = stack.start_services()
@@ -295,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         with BoxSampler() as box:
             asyncio.run(closed_loop(url, 1, 2, args.isl, args.osl, warm_up=True))
             measure = {"max_batch_size": max(levels), "decode_tokens": args.decode_tokens}
-            measure |= {"repeats": args.repeats, **grid}
+            measure |= {"repeats": args.repeats, "statistic": args.statistic, **grid}
             profiles["served"] = asyncio.run(measure_profile(ServedEngine(url, MODEL), **measure))
             if not args.no_busy:
                 busy = (  # prefill while the decode worker decodes; decode while the prefill worker prefills
@@ -303,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(busy_profile(url, "prefill", args.isl, **(measure | {"isls": (args.isl,)}))),
                 )
             handoff = asyncio.run(handoff_s(url, args.isl))
+            handoff_busy = None if args.no_busy else asyncio.run(handoff_s(url, args.isl, busy="prefill"))
             measured = {}
             for c in levels:
                 res = asyncio.run(closed_loop(url, c, args.requests, args.isl, args.osl))
@@ -310,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         out["box"] = box.summary()
     finally:
         stack.stop()
-    out["handoff_s"] = handoff
+    out["handoff_s"], out["handoff_prefill_busy_s"] = handoff, handoff_busy
     if busy is not None:
         profiles["served+busy"] = profiles["served"]  # predicted with the busy tables too
         out["profiles"]["decode_busy"] = json.loads(busy[0].to_json())
@@ -327,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         out["profiles"][name] = json.loads(prof.to_json())
     print(
         f"engine {args.engine}, ISL {args.isl}, OSL {args.osl}, {args.threads} thread(s) per worker; "
-        f"hand-off {handoff * 1000:.0f} ms; box CPU busy {out['box']['box_cpu_busy']:.0%}, load average "
+        f"hand-off {handoff * 1000:.0f} ms"
+        + ("" if handoff_busy is None else f" ({handoff_busy * 1000:.0f} ms with the prefill worker busy)")
+        + f"; box CPU busy {out['box']['box_cpu_busy']:.0%}, load average "
         f"{out['box']['load_avg_mean']:.2f}, this check's processes {out['box']['stack_cpu_busy']:.0%}"
     )
     for name, prof in profiles.items():
@@ -339,35 +432,50 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"profile {name}: prefill {pre}; decode step at context {prof.contexts[-1]} {itl}")
     print(
-        "profile  clients  requests  TTFT measured  predicted  error   M/D/1  error   "
-        "ITL measured  predicted  error"
+        "prediction   clients  requests  TTFT measured  predicted  error  MVA error  M/D/1 error   "
+        "ITL measured  predicted  error  MVA error"
     )
     for c in levels:
         res = measured[c]
         ttft = sum(r.ttft_s for r in res) / len(res)
         itl = sum(r.itl_s for r in res) / len(res)
         for name, prof in profiles.items():
-            want = predict_closed_loop(
-                prof, c, args.isl, args.osl, handoff, busy if name == "served+busy" else None
+            with_busy = busy if name == "served+busy" else None
+            sim = simulate_closed_loop(
+                prof,
+                c,
+                args.isl,
+                args.osl,
+                handoff,
+                args.requests,
+                with_busy,
+                handoff_busy if with_busy else None,
             )
+            mva = predict_closed_loop(prof, c, args.isl, args.osl, handoff, with_busy)
             md1 = md1_ttft(prof.prefill_seconds(args.isl), c, args.osl * prof.itl(c, args.isl + args.osl / 2))
             row = {
-                "profile": name,
+                "prediction": name,
                 "clients": c,
                 "requests": len(res),
                 "ttft_measured_s": ttft,
-                "ttft_predicted_s": want.ttft_s,
+                "ttft_predicted_s": sim.ttft_s,
+                "ttft_mva_s": mva.ttft_s,
                 "ttft_md1_s": md1,
                 "itl_measured_s": itl,
-                "itl_predicted_s": want.itl_s,
-                "decoding": want.decoding,
-                "prefill_busy": want.prefill_busy,
+                "itl_predicted_s": sim.itl_s,
+                "itl_mva_s": mva.itl_s,
+                "decoding": sim.decoding,
+                "prefill_busy": sim.prefill_busy,
             }
             out["rows"].append(row)
+
+            def err(x: float, ref: float) -> str:
+                return f"{(x - ref) / ref:>+5.0%}"
+
             print(
-                f"{name:<7}  {c:>7}  {len(res):>8}  {ttft * 1000:>10.1f} ms  {want.ttft_s * 1000:>6.1f} ms  "
-                f"{(want.ttft_s - ttft) / ttft:>+5.0%}  {md1 * 1000:>6.0f}  {(md1 - ttft) / ttft:>+5.0%}"
-                f"  {itl * 1000:>9.1f} ms  {want.itl_s * 1000:>6.1f} ms  {(want.itl_s - itl) / itl:>+5.0%}"
+                f"{name:<11}  {c:>7}  {len(res):>8}  {ttft * 1000:>10.1f} ms  {sim.ttft_s * 1000:>6.1f} ms  "
+                f"{err(sim.ttft_s, ttft)}  {err(mva.ttft_s, ttft):>9}  {err(md1, ttft):>11}  "
+                f"{itl * 1000:>9.1f} ms  {sim.itl_s * 1000:>6.1f} ms  {err(sim.itl_s, itl)}  {err(mva.itl_s, itl):>9}"
             )
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1))
