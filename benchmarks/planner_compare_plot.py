@@ -1,8 +1,8 @@
 """An SVG of a ``benchmarks.planner_compare`` output (no plotting library needed): left, goodput per
 worker-second per configuration (each round a dot, the median a bar); right, the planner's prefill and decode
-workers over the trace in each round, under the trace's request rate.
+workers over the trace in each round, under the trace's request rate. ``--table`` prints the README's table.
 
-    python -m benchmarks.planner_compare_plot out.json benchmarks/planner_compare.svg
+    python -m benchmarks.planner_compare_plot out.json benchmarks/planner_compare.svg --table
 """
 
 from __future__ import annotations
@@ -123,14 +123,56 @@ def render(data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def table(data: dict) -> str:
+    """Markdown: per configuration the median over rounds, then each round."""
+    runs = data["runs"]
+    configs = list(dict.fromkeys(r["config"] for r in runs))
+    head = (
+        "| configuration | round | requests | failed | good | TTFT p90 | ITL p90 | worker-s | good / worker-s "
+        "| box CPU busy (peak 30 s) | load avg | this benchmark's CPU |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cells(r: dict) -> list[str]:
+        return [
+            f"{r['requests']}",
+            f"{r['failed']}",
+            f"{r['good']}",
+            f"{r['ttft_p90_s'] * 1000:.0f} ms",
+            f"{r['itl_p90_s'] * 1000:.0f} ms",
+            f"{r['worker_seconds']:.0f}",
+            f"{r['goodput_per_worker_s']:.3f}",
+            f"{r['box_cpu_busy']:.0%} ({r['box_cpu_busy_peak']:.0%})",
+            f"{r['load_avg_mean']:.1f}",
+            f"{r['stack_cpu_busy']:.0%} ({r['stack_cpu_busy_peak']:.0%})",
+        ]
+
+    for name in configs:
+        mine = sorted((r for r in runs if r["config"] == name), key=lambda r: r.get("round", 0))
+        med = {
+            k: statistics.median(r[k] for r in mine)
+            for k in mine[0]
+            if isinstance(mine[0][k], int | float) and not isinstance(mine[0][k], bool)
+        }
+        bold = [f"**{c}**" if i == 6 else c for i, c in enumerate(cells(med))]
+        lines.append(f"| **{name}** | median of {len(mine)} | " + " | ".join(bold) + " |")
+        for r in mine:
+            lines.append(f"| | {r.get('round', 0) + 1} | " + " | ".join(cells(r)) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.planner_compare_plot", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("input")
     p.add_argument("output")
+    p.add_argument("--table", action="store_true", help="also print the README's markdown table")
     args = p.parse_args(argv)
-    Path(args.output).write_text(render(json.loads(Path(args.input).read_text())))
+    data = json.loads(Path(args.input).read_text())
+    Path(args.output).write_text(render(data))
+    if args.table:
+        print(table(data))
     return 0
 
 
