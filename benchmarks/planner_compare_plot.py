@@ -135,9 +135,9 @@ def table(data: dict) -> str:
 
     def cells(r: dict) -> list[str]:
         return [
-            f"{r['requests']}",
-            f"{r['failed']}",
-            f"{r['good']}",
+            f"{r['requests']:.0f}",
+            f"{r['failed']:.0f}",
+            f"{r['good']:.0f}",
             f"{r['ttft_p90_s'] * 1000:.0f} ms",
             f"{r['itl_p90_s'] * 1000:.0f} ms",
             f"{r['worker_seconds']:.0f}",
