@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import statistics
 import time
 from bisect import bisect_left
 from dataclasses import asdict, dataclass, field
@@ -146,7 +147,7 @@ async def measure_profile(
     def pick(values: list[float]) -> float:
         if not values:
             return float("nan")
-        return min(values) if statistic == "best" else sorted(values)[len(values) // 2]
+        return min(values) if statistic == "best" else statistics.median(values)
 
     from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
