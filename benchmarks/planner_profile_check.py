@@ -2,26 +2,27 @@
 on loopback), measure its profile, then compare the profile's TTFT and ITL with what clients see at a few
 concurrencies (closed loop).
 
-Two profiles, both with the planner's ``measure_profile`` and the same grid:
+Profiles, all with the planner's ``measure_profile`` on the same grid:
 
-- ``served`` (the default prediction): measured through the frontend, on the very worker processes the load
-  then runs on (same threads, same processes, same box at the same minutes). Prefill = TTFT of a lone
-  ``max_tokens=1`` request (answered by the prefill worker alone); decode = the steady ITL of ``c`` streams
-  decoding together on the decode worker.
+- ``served``: measured through the frontend, on the very worker processes the load then runs on (same threads,
+  same processes, same box in the same minutes). Prefill = TTFT of a lone ``max_tokens=1`` request (answered by
+  the prefill worker alone); decode = the steady ITL of ``c`` streams decoding together.
+- the same with the other role kept busy (``kept_busy``): prefill while one long stream decodes, decode steps
+  while prefill-only requests run back to back — on a box whose cores the two workers share, each slows the
+  other; and the KV hand-off (first → second token) idle and with the prefill worker busy.
 - ``alone`` (``--alone``, for comparison): the engine in one process by itself
-  (``python -m dynamo_lite.planner profile``), as the previous version of this check did.
+  (``python -m dynamo_lite.planner profile``), as the first version of this check did.
 
-Predicted: the closed loop is a closed queueing network — ``c`` clients cycling through the prefill worker (one
-FCFS server, deterministic service ``s``) and the decode worker (a batch: every decoding client is served at
-once, so a delay station whose time is OSL steps of ITL(number decoding)). Mean value analysis solves it
-(``closed_loop``), with the residual service of a deterministic server (s/2) for the request already in
-service. The first token comes from the prefill worker and the second after the KV hand-off, so a request's
-mean ITL is (hand-off + (OSL − 2) · ITL) / (OSL − 1), the hand-off measured on the served stack as the
-profile is. The planner's own M/D/1 formula (for open-loop, Poisson arrivals) is printed beside it.
+Predicted (``simulate_closed_loop``): the closed loop run step by step on the profile's times — ``c`` clients
+through one FCFS prefill worker, the hand-off, and the decode batch whose step takes ITL(batch size); each
+phase at the alone or the busy pace as the other worker is idle or busy at that moment. Clients of a closed loop
+fall into step (the second queues behind the first, then each prefills while the other decodes), which is why
+neither the planner's M/D/1 formula (open loop, Poisson arrivals) nor mean value analysis (``predict_closed_loop``,
+which treats where each client is as independent) is the prediction; both are printed beside it.
 Measured: the mean over requests of TTFT and of each request's mean ITL, through HTTP, after each client's
-first request (the start, where every client arrives at once, is not the steady loop the model describes).
+first request (the start, where every client arrives at once, is not the loop's steady state).
 
-    python -m benchmarks.planner_profile_check --engine torch --threads 1 --concurrency 1,2,4
+    flock /tmp/bench.lock python -m benchmarks.planner_profile_check --engine torch --threads 1 --concurrency 1,2,4
 """
 
 from __future__ import annotations
