@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import sys
 import tempfile
@@ -43,12 +44,80 @@ def cpu_times() -> tuple[float, float]:
     return sum(fields) - idle, sum(fields)
 
 
+class BoxSampler:
+    """The whole box's CPU busy fraction and load average, sampled every ``every_s`` on a thread: mean over the
+    window and the busiest ``peak_window_s`` (other jobs on the box included)."""
+
+    def __init__(self, every_s: float = 5.0, peak_window_s: float = 30.0) -> None:
+        self.every_s, self.peak_window_s = every_s, peak_window_s
+        # (t, box busy jiffies, box total jiffies, load1, this benchmark's processes' CPU seconds)
+        self.samples: list[tuple[float, float, float, float, float]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        busy, total = cpu_times()
+        self.samples.append((time.monotonic(), busy, total, os.getloadavg()[0], own_cpu_s()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> BoxSampler:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def summary(self) -> dict:
+        s = self.samples
+        busy = (s[-1][1] - s[0][1]) / max(s[-1][2] - s[0][2], 1)
+        k = max(1, round(self.peak_window_s / self.every_s))
+        peak = max(
+            ((s[i + k][1] - s[i][1]) / max(s[i + k][2] - s[i][2], 1) for i in range(len(s) - k)),
+            default=busy,
+        )
+        loads = [x[3] for x in s[1:]] or [s[0][3]]
+        cores = os.cpu_count() or 1
+        own = (s[-1][4] - s[0][4]) / max(s[-1][0] - s[0][0], 1e-9) / cores
+        own_peak = max(
+            ((s[i + k][4] - s[i][4]) / max(s[i + k][0] - s[i][0], 1e-9) / cores for i in range(len(s) - k)),
+            default=own,
+        )
+        return {
+            "box_cpu_busy": busy,
+            "box_cpu_busy_peak": peak,
+            "stack_cpu_busy": own,  # this benchmark's processes over the trace, a fraction of all cores
+            "stack_cpu_busy_peak": own_peak,
+            "load_avg_mean": sum(loads) / len(loads),
+            "load_avg_max": max(loads),
+        }
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its children (frontend, etcd, NATS, workers): those still running read
+    from /proc, those already waited for from ``os.times()``."""
+    t = os.times()
+    total = t.user + t.system + t.children_user + t.children_system
+    me, tick = os.getpid(), os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == me:  # fields after the name: state, ppid, ..., utime (12), stime (13)
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def machine() -> dict:
     info = Path("/proc/cpuinfo").read_text()
     model = re.search(r"model name\s*:\s*(.*)", info)
     flags = re.search(r"flags\s*:\s*(.*)", info)
-    import os
-
     return {
         "cpu": model.group(1) if model else "?",
         "cores": os.cpu_count(),
@@ -56,12 +125,14 @@ def machine() -> dict:
     }
 
 
-def run_config(name: str, args: argparse.Namespace) -> dict:
+def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") -> dict:
+    started_wall = time.time()
+    cpu_before = own_cpu_s()
     stack = LocalStack()
     runtime = stack.start_services()
     common = ["--engine", "mocker", "--served-model-name", MODEL, "--lease-ttl", "2", "--drain-timeout", "30"]
     common += ["--max-batch-size", str(args.max_batch_size), *runtime]
-    workdir = Path(args.log_dir) / name  # kept: worker logs and the planner's decisions
+    workdir = Path(args.log_dir) / f"{tag}{name}"  # kept: worker logs and the planner's decisions
     conn = LocalConnector({PREFILL: common, DECODE: common}, workdir / "workers", kill_after_s=40)
     settings = PlannerSettings(
         ttft_s=args.ttft_ms / 1000,
@@ -118,11 +189,10 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         trace = day_trace(
             args.duration_s, args.peak_rate, args.night_rate, (args.isl_short, args.isl_long), args.osl
         )
-        cpu0 = cpu_times()
-        result = asyncio.run(
-            replay(trace, f"http://127.0.0.1:{port}", MODEL, settings.ttft_s, settings.itl_s, seed=args.seed)
-        )
-        cpu1 = cpu_times()
+        with BoxSampler() as box:
+            result = asyncio.run(
+                replay(trace, f"http://127.0.0.1:{port}", MODEL, settings.ttft_s, settings.itl_s, seed=seed)
+            )
     finally:
         stop.set()
         if loop_thread is not None:
@@ -130,6 +200,8 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         conn.close(timeout_s=40)
         stack.stop()
     worker_s = conn.worker_seconds()
+    wall_s = time.time() - started_wall
+    stack_cpu_s = own_cpu_s() - cpu_before
     s = result.summary()
     timeline = []
     if decisions.exists():
@@ -141,7 +213,12 @@ def run_config(name: str, args: argparse.Namespace) -> dict:
         **s,
         "worker_seconds": round(worker_s, 1),
         "goodput_per_worker_s": s["good"] / worker_s if worker_s else 0.0,
-        "box_cpu_busy": (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1),
+        **box.summary(),
+        "stack_cpu_s": round(stack_cpu_s, 1),  # this benchmark's own processes, start to stop
+        "stack_cpu_share": stack_cpu_s / wall_s / (os.cpu_count() or 1),
+        "wall_s": round(wall_s, 1),
+        "seed": seed,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_wall)),
         "trace_s": round(result.duration_s, 1),
         "workers_started": len(conn.workers),
         "timeline": timeline,
@@ -169,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cooldown-s", type=float, default=30.0)
     p.add_argument("--down-stable-intervals", type=int, default=3)
     p.add_argument("--predictor", default="trend")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--resume", action="store_true", help="keep the runs already in --output, run the rest")
     p.add_argument("--output", default=None)
     p.add_argument(
         "--log-dir", default=None, help="worker logs and decisions per config (default: a temp dir)"
@@ -177,28 +256,40 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     args.log_dir = args.log_dir or tempfile.mkdtemp(prefix="dl-planner-compare-")
     out = {"machine": machine(), "args": vars(args), "runs": []}
+    if args.resume and args.output and Path(args.output).exists():
+        out["runs"] = json.loads(Path(args.output).read_text())["runs"]  # finished runs are kept
+    done = {(r.get("round", 0), r["config"]) for r in out["runs"]}
     print(f"machine: {out['machine']['cpu']}, {out['machine']['cores']} cores", flush=True)
     print(f"cpu flags: {out['machine']['flags']}", flush=True)
-    for name in args.configs.split(","):
-        started = time.monotonic()
-        run = run_config(name, args)
-        out["runs"].append(run)
-        show = {k: v for k, v in run.items() if k not in ("timeline", "failures")}
-        print(json.dumps(show), f"({time.monotonic() - started:.0f}s)", flush=True)
-        if run["timeline"]:
-            print("timeline (t, prefill, decode):", run["timeline"], flush=True)
-        for failure in run["failures"]:
-            print("failed:", failure, flush=True)
-    if args.output:
-        Path(args.output).write_text(json.dumps(out, indent=1))
-    print(f"{'config':<12} {'requests':>8} {'failed':>6} {'good':>5} {'TTFT p90':>9} {'ITL p90':>8} "
-          f"{'worker-s':>9} {'good/worker-s':>13} {'CPU':>5}")  # fmt: skip
+    configs = args.configs.split(",")
+    for rnd in range(args.rounds):
+        # a round: every configuration on the same trace and seed; the order alternates between rounds
+        order = configs if rnd % 2 == 0 else configs[::-1]
+        for name in order:
+            if (rnd, name) in done:
+                continue
+            started = time.monotonic()
+            run = run_config(name, args, seed=args.seed + rnd, tag=f"r{rnd}-")
+            run["round"] = rnd
+            out["runs"].append(run)
+            if args.output:
+                Path(args.output).write_text(json.dumps(out, indent=1))
+            show = {k: v for k, v in run.items() if k not in ("timeline", "failures")}
+            print(json.dumps(show), f"({time.monotonic() - started:.0f}s)", flush=True)
+            if run["timeline"]:
+                print("timeline (t, prefill, decode):", run["timeline"], flush=True)
+            for failure in run["failures"]:
+                print("failed:", failure, flush=True)
+    print(f"{'round':>5} {'config':<12} {'requests':>8} {'failed':>6} {'good':>5} {'TTFT p90':>9} {'ITL p90':>8} "
+          f"{'worker-s':>9} {'good/worker-s':>13} {'CPU':>5} {'peak':>5} {'load':>5}")  # fmt: skip
     for r in out["runs"]:
         ttft = f"{r['ttft_p90_s'] * 1000:.0f} ms" if r["ttft_p90_s"] is not None else "-"
         itl = f"{r['itl_p90_s'] * 1000:.0f} ms" if r["itl_p90_s"] is not None else "-"
         print(
-            f"{r['config']:<12} {r['requests']:>8} {r['failed']:>6} {r['good']:>5} {ttft:>9} {itl:>8} "
-            f"{r['worker_seconds']:>9.0f} {r['goodput_per_worker_s']:>13.3f} {r['box_cpu_busy']:>5.0%}"
+            f"{r.get('round', 0):>5} {r['config']:<12} {r['requests']:>8} {r['failed']:>6} {r['good']:>5} "
+            f"{ttft:>9} {itl:>8} "
+            f"{r['worker_seconds']:>9.0f} {r['goodput_per_worker_s']:>13.3f} {r['box_cpu_busy']:>5.0%} "
+            f"{r.get('box_cpu_busy_peak', 0):>5.0%} {r.get('load_avg_mean', 0):>5.2f}"
         )
     return 0
 

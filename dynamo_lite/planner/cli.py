@@ -170,6 +170,13 @@ def profile_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrencies", type=_ints, default=DEFAULT_CONCURRENCIES)
     p.add_argument("--contexts", type=_ints, default=DEFAULT_CONTEXTS)
     p.add_argument("--decode-tokens", type=int, default=16, help="measured: tokens per decode stream")
+    p.add_argument(
+        "--statistic",
+        choices=("best", "median"),
+        default="best",
+        help="measured: each point the best of its runs (what the engine can do) or their median (what it "
+        "typically does on this machine)",
+    )
     return p
 
 
@@ -193,7 +200,13 @@ def profile_main(argv: list[str]) -> int:
         settings.extra = {"enable_prefix_caching": False} if args.engine == "mocker" else {}
         engine = build_engine(args.engine, settings)
         profile = asyncio.run(
-            measure_profile(engine, args.max_batch_size, decode_tokens=args.decode_tokens, **grid)
+            measure_profile(
+                engine,
+                args.max_batch_size,
+                decode_tokens=args.decode_tokens,
+                statistic=args.statistic,
+                **grid,
+            )
         )
     profile.save(args.output)
     print(f"wrote {args.output}: {profile.source} profile of {profile.engine}", flush=True)

@@ -73,11 +73,14 @@ class PlannerLoop:
         decision = self.planner.decide(now - self.started_at, forecast, self.connector.replicas(), obs)
         self.metrics.record(decision, obs)
         log.info("%s", decision.describe())
-        self._log(decision, obs)
         for role in ROLES:
             r = decision.role(role)
             if r.target != r.current:
                 self.connector.scale(role, r.target)
+        try:  # after scaling: a log that can't be written (disk full, folder gone) must not stop the planner
+            self._log(decision, obs)
+        except OSError:
+            log.exception("could not log the decision to %s", self.decisions_log)
         return decision
 
     def run(self, stop: threading.Event, duration_s: float = 0.0) -> None:

@@ -82,6 +82,25 @@ def test_the_loop_scrapes_decides_scales_and_logs(served, tmp_path, capsys) -> N
     assert 'dynamo_lite_planner_scaling_total{cause="model",direction="up",role="prefill"} 1.0' in text
 
 
+def test_a_decisions_log_that_cannot_be_written_does_not_stop_the_scaling(served, tmp_path) -> None:
+    frontend, (frontend_url, worker_url) = served
+    clock = Clock()
+    connector = DryRunConnector({PREFILL: 1, DECODE: 1}, [worker_url])
+    loop = PlannerLoop(
+        Planner(PlannerSettings(interval_s=10), mocker_profile()),
+        LoadPredictor(method=Method.LAST),
+        connector,
+        frontend_url,
+        decisions_log=tmp_path / "gone" / "decisions.jsonl",  # its folder does not exist
+        clock=clock,
+    )
+    loop.prime()
+    clock.t += 10
+    _serve(frontend, 120, 3000, 20)
+    assert loop.step() is not None
+    assert connector.replicas() == {PREFILL: 3, DECODE: 1}
+
+
 def test_no_decision_without_the_frontend(tmp_path) -> None:
     connector = DryRunConnector({PREFILL: 1, DECODE: 1})
     metrics = PlannerMetrics()
