@@ -261,6 +261,17 @@ def _running_services(tmp: Path) -> Iterator[Services]:
 
 
 @pytest.fixture
+def procs_to_stop() -> Iterator[list[Proc]]:
+    """Processes a test starts (workers, frontends): killed and reaped when it ends, passed or failed."""
+    procs: list[Proc] = []
+    yield procs
+    for p in procs:
+        p.kill()
+    for p in procs:
+        p.popen.wait(10)
+
+
+@pytest.fixture
 def services(tmp_path: Path) -> Iterator[Services]:
     """A fresh etcd and nats-server for one test."""
     with _running_services(tmp_path) as running:

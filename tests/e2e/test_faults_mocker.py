@@ -9,7 +9,6 @@ import uuid
 
 import httpx
 import orjson
-import pytest
 
 from tests.conftest import Proc, Services, start_frontend, start_worker, wait_until
 
@@ -70,16 +69,6 @@ def start_stack(
 
     wait_until(ready, 10, what="all workers discovered")
     return f"http://127.0.0.1:{frontend.port}/v1/chat/completions", decode
-
-
-@pytest.fixture
-def procs_to_stop():
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.popen.wait(10)
 
 
 async def kill_after(proc: Proc, delay: float) -> float:

@@ -13,22 +13,11 @@ import uuid
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import Proc, Services, free_port, start_frontend, start_nats, start_worker, wait_until
 from tests.e2e.test_faults_mocker import WORKER_ARGS, stream_chat
 
 TOKENS = 40  # at speedup 1 (~10 ms a step) a stream lasts ~0.4 s: many are mid-way when NATS dies
-
-
-@pytest.fixture
-def procs_to_stop():
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.popen.wait(10)
 
 
 def start_stack(services: Services, procs: list[Proc], nats_url: str, *frontend_args: str) -> str:

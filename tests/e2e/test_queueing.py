@@ -8,23 +8,12 @@ import uuid
 
 import httpx
 import orjson
-import pytest
 
-from tests.conftest import Proc, Services, start_frontend, start_worker, wait_until
+from tests.conftest import Services, start_frontend, start_worker, wait_until
 
 MODEL = "smol-mock"
 # speedup 1: a decode step takes ~10 ms, so 60 tokens hold a worker's slot for ~0.6 s.
 WORKER_ARGS = ("--served-model-name", MODEL, "--speedup-ratio", "1", "--max-inflight", "2")
-
-
-@pytest.fixture
-def procs_to_stop():
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.popen.wait(10)
 
 
 async def chat(client: httpx.AsyncClient, url: str) -> dict:

@@ -10,23 +10,12 @@ import time
 import uuid
 
 import httpx
-import pytest
 
 from tests.conftest import Proc, Services, start_frontend, start_worker, wait_until
 from tests.e2e.test_faults_mocker import WORKER_ARGS
 from tests.e2e.test_nats_outage import complete, one
 
 NEXT = ("tests.e2e.next_wire",)
-
-
-@pytest.fixture
-def procs_to_stop():
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.popen.wait(10)
 
 
 def workers_in(frontend: Proc) -> dict[str, list[str]]:

@@ -49,16 +49,6 @@ def gone(pid: int) -> bool:
         return True
 
 
-@pytest.fixture
-def procs_to_stop():
-    procs: list[Proc] = []
-    yield procs
-    for p in procs:
-        p.kill()
-    for p in procs:
-        p.popen.wait(10)
-
-
 def test_a_rank_killed_mid_stream_migrates_and_the_worker_leaves(
     services: Services, procs_to_stop: list[Proc], tmp_path: Path
 ) -> None:
