@@ -65,8 +65,9 @@ def layer(
     from dynamo_lite.engines.reference.moe_mxfp4 import random_mxfp4
 
     gen = torch.Generator(device=dev).manual_seed(seed)
-    gate_up = random_mxfp4(experts, 2 * inter, hidden, hidden**-0.5, gen, dev)
-    down = random_mxfp4(experts, hidden, inter, inter**-0.5, gen, dev)
+    # Scale rows aligned as the engine stores them on CUDA (``for_kernels``), so word-read scales apply.
+    gate_up = random_mxfp4(experts, 2 * inter, hidden, hidden**-0.5, gen, dev).with_aligned_scales()
+    down = random_mxfp4(experts, hidden, inter, inter**-0.5, gen, dev).with_aligned_scales()
     gub = (torch.randn(experts, 2 * inter, generator=gen, device=dev) * 0.1).bfloat16()
     dnb = (torch.randn(experts, hidden, generator=gen, device=dev) * 0.1).bfloat16()
     return gate_up, gub, down, dnb
@@ -84,16 +85,28 @@ def candidate_configs() -> list:
     from dynamo_lite.engines.reference.moe_mxfp4 import DECODE_CONFIG, PREFILL_CONFIG, KernelConfig
 
     # Measured 2026-12-07 on an H100: the weights as the MMA's left side (swap_ab) and our own unpacking were
-    # slower at every decode size, and larger tiles slower than 16x64x128; so smaller tiles and warps here.
+    # slower at every decode size, and larger tiles slower than 16x64x128. Then found (the compiled kernels' IR):
+    # byte-wide scale loads were never pipelined, so each K step waited for its scales; read as 32-bit words they
+    # are. So: the word-read scales over tile shapes, warps and stages, and the inputs split over 2 or 4 programs.
     decode = [
-        KernelConfig(16, bn, bk, w, st, True)
-        for bn, bk in ((32, 64), (32, 128), (64, 64), (32, 256), (64, 128))
-        for w in (2, 4)
-        for st in (3, 5)
+        KernelConfig(16, bn, bk, w, st, True, scale_words=True)
+        for bn, bk in ((32, 128), (64, 128), (128, 128), (32, 256), (64, 256))
+        for w, st in ((4, 3), (4, 5), (2, 4))
     ]
-    decode += [KernelConfig(16, 64, 128, 4, 4, False), KernelConfig(16, 64, 128, 4, 4, True, True)]
+    decode += [
+        KernelConfig(16, bn, 128, 4, 4, True, split_k=sk, scale_words=True)
+        for bn in (32, 64)
+        for sk in (2, 4)
+    ]
+    decode += [KernelConfig(16, 64, 128, 4, 4, True, True, scale_words=True)]
     prefill = [KernelConfig(128, 128, 64, 8, 4, True), KernelConfig(128, 256, 64, 8, 3, True)]
     prefill += [KernelConfig(64, 128, 64, 4, 4, True), KernelConfig(128, 128, 128, 8, 3, True)]
+    prefill += [
+        KernelConfig(128, 128, 128, 8, 3, True, scale_words=True),
+        KernelConfig(128, 128, 128, 4, 3, True, scale_words=True),
+        KernelConfig(64, 128, 128, 4, 4, True, scale_words=True),
+        KernelConfig(128, 256, 128, 8, 3, True, scale_words=True),
+    ]
     return list(dict.fromkeys([DECODE_CONFIG, PREFILL_CONFIG, *decode, *prefill]))
 
 
@@ -109,7 +122,8 @@ def compiling_configs(configs: list, device: str, parallel: int = 12) -> list:
         while pending and len(running) < parallel:
             cfg = pending.pop(0)
             spec = ",".join(str(int(v)) for v in (cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
-                                                  cfg.num_stages, cfg.scaled_dot, cfg.swap_ab))  # fmt: skip
+                                                  cfg.num_stages, cfg.scaled_dot, cfg.swap_ab, cfg.split_k,
+                                                  cfg.scale_words))  # fmt: skip
             cmd = [
                 sys.executable,
                 "-m",
@@ -133,12 +147,12 @@ def compiling_configs(configs: list, device: str, parallel: int = 12) -> list:
 def compile_one(args: argparse.Namespace) -> dict:
     from dynamo_lite.engines.reference import moe_mxfp4 as mx
 
-    bm, bn, bk, w, st, sd, sw = (int(v) for v in args.config.split(","))
+    bm, bn, bk, w, st, sd, sw, sk, wd = (int(v) for v in args.config.split(","))
     dev = torch.device(args.device)
     gate_up, gub, down, dnb = layer(dev, experts=2)
     weights, ids = torch.ones(8, 1, device=dev).bfloat16(), torch.zeros(8, 1, dtype=torch.long, device=dev)
     h = torch.randn(8, 2880, device=dev).bfloat16()
-    cfg = mx.KernelConfig(bm, bn, bk, w, st, bool(sd), bool(sw))
+    cfg = mx.KernelConfig(bm, bn, bk, w, st, bool(sd), bool(sw), sk, bool(wd))
     mx.experts_mxfp4(h, weights, ids, gate_up, gub, down, dnb, LIMIT, ALPHA, config=cfg)
     torch.cuda.synchronize()
     return {}
@@ -188,7 +202,7 @@ def kernel(args: argparse.Namespace) -> dict:
         ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()
         for cfg in configs if tokens < 4096 else configs[:: max(1, len(configs) // 4)]:
             for order, (gu_w, dn_w) in orders.items():
-                if order == "n" and (tokens == 4096 or cfg.block_m > 32):
+                if order == "n" and (tokens == 4096 or cfg.block_m > 32 or not cfg.scale_words):
                     continue
                 out = torch.full((tokens, 2880), float("nan"), device=dev)
                 out.copy_(mx.experts_mxfp4(h, weights, ids, gu_w, gub, dn_w, dnb, LIMIT, ALPHA, config=cfg))
@@ -213,7 +227,9 @@ def kernel(args: argparse.Namespace) -> dict:
         for cfg, order in ((c, o) for c in configs for o in orders):
             if decode != (cfg.block_m <= 32) and cfg != mx.pick_config(tokens * 4, 128):
                 continue
-            if (tokens >= 16384 and cfg.block_m == 16) or (order == "n" and (not decode or cfg.swap_ab)):
+            if (tokens >= 16384 and cfg.block_m == 16) or (
+                order == "n" and (not decode or cfg.swap_ab or not cfg.scale_words)
+            ):
                 continue
             gu_w, dn_w = orders[order]
             fn = functools.partial(

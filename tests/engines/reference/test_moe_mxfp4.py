@@ -91,7 +91,8 @@ for seed, shape, dtype, tol in (
 ):
     h, w, ids, gu, gub, dn, dnb = experts_and_routing(seed, *shape, dtype)
     ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
-    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1)):
+    split = mx.KernelConfig(16, 32, 32, 4, 1, split_k=3)  # inputs in 3 slices, summed after (decode sizes)
+    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split):
         for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major())):  # either storage order, read by strides
             got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
             assert got.dtype == dtype and got.shape == ref.shape
@@ -106,6 +107,30 @@ for tokens, top_k, experts, block in ((1, 4, 32, 16), (7, 2, 8, 4), (64, 4, 128,
     for b in range(torch_blocks.shape[0]):  # the same pairs in each block (their order within it is free)
         rows = slice(b * block, (b + 1) * block)
         assert sorted(torch_pairs[rows].tolist()) == sorted(one_pairs[rows].tolist())
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def read_scales(s_ptr, stride_n, out_ptr, N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, WORDS: tl.constexpr):
+    rows = tl.arange(0, N)
+    for step in range(0, (K // 32 + G - 1) // G):
+        groups = step * G + tl.arange(0, G)
+        sc = mx._load_scales(s_ptr + rows[:, None] * stride_n, 1, rows < N, groups, K, WORDS)
+        tl.store(out_ptr + rows[:, None] * 128 + groups[None, :], sc)
+
+
+# Scales read as 32-bit words from 16-byte aligned rows equal byte-wise reads, 127 past K (90 blocks a row).
+packed = mx.random_mxfp4(2, 8, 2880, 0.02, torch.Generator().manual_seed(5), torch.device("cpu"))
+aligned = packed.with_aligned_scales()
+assert aligned.scales_word_aligned() and not packed.scales_word_aligned() and torch.equal(aligned.scales, packed.scales)
+for words in (False, True):
+    for g in (4, 8):
+        got = torch.zeros(8, 128, dtype=torch.uint8)
+        read_scales[(1,)](aligned.scales[1], aligned.scales.stride(1), got, N=8, K=2880, G=g, WORDS=words)
+        past = got[:, 90 : (90 + g - 1) // g * g]
+        assert torch.equal(got[:, :90], packed.scales[1]) and bool((past == 127).all()), (words, g)
 print("kernel ok")
 """
 
@@ -113,7 +138,8 @@ print("kernel ok")
 def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
     """The Triton kernels themselves (the one-program grouping, in-register unpacking, SwiGLU, router weights),
     executed by Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert
-    that gets no rows and one that gets a single row, two tile shapes, the weights stored K- or N-innermost; the
+    that gets no rows and one that gets a single row, three tile shapes (one splitting the inputs), the weights stored
+    K- or N-innermost; the
     grouping equal to torch's."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
