@@ -143,7 +143,10 @@ def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") ->
         interval_s=args.interval_s,
         cooldown_s=args.cooldown_s,
         down_stable_intervals=args.down_stable_intervals,
+        up_stable_intervals=args.up_stable_intervals,
     )
+    given = (("window", args.window), ("significance", args.significance))
+    predictor_args = {k: v for k, v in given if v is not None}  # else the predictor's defaults
     if name == "planner":
         start = (settings.min_prefill, settings.min_decode)
     else:
@@ -179,7 +182,7 @@ def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") ->
         if name == "planner":
             loop = PlannerLoop(
                 Planner(settings, mocker_profile(max_batch_size=args.max_batch_size)),
-                LoadPredictor(window=4, method=Method(args.predictor)),
+                LoadPredictor(method=Method(args.predictor), **predictor_args),
                 conn,
                 f"http://127.0.0.1:{port}/metrics",
                 decisions_log=decisions,
@@ -245,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-s", type=float, default=5.0)
     p.add_argument("--cooldown-s", type=float, default=30.0)
     p.add_argument("--down-stable-intervals", type=int, default=3)
+    p.add_argument("--up-stable-intervals", type=int, default=PlannerSettings().up_stable_intervals)
     p.add_argument("--predictor", default="trend")
+    p.add_argument("--window", type=int, default=None, help="intervals the predictor reads (default 8)")
+    p.add_argument(
+        "--significance", type=float, default=None, help="trend: standard errors its slope is shrunk by (2)"
+    )
     p.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep the runs already in --output, run the rest")
