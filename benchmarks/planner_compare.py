@@ -30,7 +30,7 @@ from benchmarks.local_stack import LocalStack, free_port, wait_for
 from dynamo_lite.planner.connectors.local import LocalConnector
 from dynamo_lite.planner.decide import DECODE, PREFILL, Planner, PlannerSettings
 from dynamo_lite.planner.loop import PlannerLoop
-from dynamo_lite.planner.predict import LoadPredictor, Method
+from dynamo_lite.planner.predict import DEFAULT_SIGNIFICANCE, DEFAULT_WINDOW, LoadPredictor, Method
 from dynamo_lite.planner.profile import mocker_profile
 
 MODEL = "smol-mock"
@@ -145,8 +145,6 @@ def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") ->
         down_stable_intervals=args.down_stable_intervals,
         up_stable_intervals=args.up_stable_intervals,
     )
-    given = (("window", args.window), ("significance", args.significance))
-    predictor_args = {k: v for k, v in given if v is not None}  # else the predictor's defaults
     if name == "planner":
         start = (settings.min_prefill, settings.min_decode)
     else:
@@ -182,7 +180,7 @@ def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") ->
         if name == "planner":
             loop = PlannerLoop(
                 Planner(settings, mocker_profile(max_batch_size=args.max_batch_size)),
-                LoadPredictor(method=Method(args.predictor), **predictor_args),
+                LoadPredictor(args.window, method=Method(args.predictor), significance=args.significance),
                 conn,
                 f"http://127.0.0.1:{port}/metrics",
                 decisions_log=decisions,
@@ -250,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-stable-intervals", type=int, default=3)
     p.add_argument("--up-stable-intervals", type=int, default=PlannerSettings().up_stable_intervals)
     p.add_argument("--predictor", default="trend")
-    p.add_argument("--window", type=int, default=None, help="intervals the predictor reads (default 8)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="intervals the predictor reads")
     p.add_argument(
-        "--significance", type=float, default=None, help="trend: standard errors its slope is shrunk by (2)"
+        "--significance",
+        type=float,
+        default=DEFAULT_SIGNIFICANCE,
+        help="trend: standard errors its slope is shrunk by",
     )
     p.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
     p.add_argument("--rounds", type=int, default=1)

@@ -19,6 +19,9 @@ from enum import StrEnum
 
 from dynamo_lite.planner.scrape import Observation
 
+DEFAULT_WINDOW = 8  # intervals
+DEFAULT_SIGNIFICANCE = 2.0  # standard errors
+
 
 class Method(StrEnum):
     TREND = "trend"
@@ -43,10 +46,10 @@ class LoadPredictor:
 
     def __init__(
         self,
-        window: int = 8,
+        window: int = DEFAULT_WINDOW,
         shape_window: int = 2,
         method: Method = Method.TREND,
-        significance: float = 2.0,
+        significance: float = DEFAULT_SIGNIFICANCE,
         default_isl: float = 1024.0,
         default_osl: float = 128.0,
     ) -> None:
