@@ -30,7 +30,7 @@ from benchmarks.local_stack import LocalStack, free_port, wait_for
 from dynamo_lite.planner.connectors.local import LocalConnector
 from dynamo_lite.planner.decide import DECODE, PREFILL, Planner, PlannerSettings
 from dynamo_lite.planner.loop import PlannerLoop
-from dynamo_lite.planner.predict import LoadPredictor, Method
+from dynamo_lite.planner.predict import DEFAULT_SIGNIFICANCE, DEFAULT_WINDOW, LoadPredictor, Method
 from dynamo_lite.planner.profile import mocker_profile
 
 MODEL = "smol-mock"
@@ -143,6 +143,7 @@ def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") ->
         interval_s=args.interval_s,
         cooldown_s=args.cooldown_s,
         down_stable_intervals=args.down_stable_intervals,
+        up_stable_intervals=args.up_stable_intervals,
     )
     if name == "planner":
         start = (settings.min_prefill, settings.min_decode)
@@ -179,7 +180,7 @@ def run_config(name: str, args: argparse.Namespace, seed: int, tag: str = "") ->
         if name == "planner":
             loop = PlannerLoop(
                 Planner(settings, mocker_profile(max_batch_size=args.max_batch_size)),
-                LoadPredictor(window=4, method=Method(args.predictor)),
+                LoadPredictor(args.window, method=Method(args.predictor), significance=args.significance),
                 conn,
                 f"http://127.0.0.1:{port}/metrics",
                 decisions_log=decisions,
@@ -245,7 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--interval-s", type=float, default=5.0)
     p.add_argument("--cooldown-s", type=float, default=30.0)
     p.add_argument("--down-stable-intervals", type=int, default=3)
+    p.add_argument("--up-stable-intervals", type=int, default=PlannerSettings().up_stable_intervals)
     p.add_argument("--predictor", default="trend")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="intervals the predictor reads")
+    p.add_argument(
+        "--significance",
+        type=float,
+        default=DEFAULT_SIGNIFICANCE,
+        help="trend: standard errors its slope is shrunk by",
+    )
     p.add_argument("--seed", type=int, default=0, help="round r uses seed + r")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--resume", action="store_true", help="keep the runs already in --output, run the rest")

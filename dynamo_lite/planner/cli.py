@@ -24,7 +24,7 @@ import threading
 from dataclasses import fields
 
 from dynamo_lite.planner.decide import DECODE, PREFILL, Planner, PlannerSettings
-from dynamo_lite.planner.predict import LoadPredictor, Method
+from dynamo_lite.planner.predict import DEFAULT_SIGNIFICANCE, DEFAULT_WINDOW, LoadPredictor, Method
 from dynamo_lite.planner.profile import (
     DEFAULT_CONCURRENCIES,
     DEFAULT_CONTEXTS,
@@ -59,8 +59,15 @@ def run_parser() -> argparse.ArgumentParser:
     d.add_argument("--interval-s", type=float, default=_P.interval_s, help="adjustment interval")
     d.add_argument("--cooldown-s", type=float, default=_P.cooldown_s, help="no reversal within this")
     d.add_argument("--down-stable-intervals", type=int, default=_P.down_stable_intervals)
+    d.add_argument("--up-stable-intervals", type=int, default=_P.up_stable_intervals)
     d.add_argument("--predictor", choices=[m.value for m in Method], default=Method.TREND.value)
-    d.add_argument("--window", type=int, default=6, help="intervals the predictor reads")
+    d.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="intervals the predictor reads")
+    d.add_argument(
+        "--significance",
+        type=float,
+        default=DEFAULT_SIGNIFICANCE,
+        help="trend: standard errors its slope is shrunk by (0: the plain line)",
+    )
     c = p.add_argument_group("connector")
     c.add_argument("--connector", choices=("local", "kubernetes", "none"), default="none")
     c.add_argument("--dry-run", action="store_true", help="print decisions, scale nothing")
@@ -136,7 +143,7 @@ def run_main(argv: list[str]) -> int:
     connector = build_connector(args, settings)
     loop = PlannerLoop(
         planner,
-        LoadPredictor(window=args.window, method=Method(args.predictor)),
+        LoadPredictor(args.window, method=Method(args.predictor), significance=args.significance),
         connector,
         args.frontend_url.rstrip("/") + "/metrics",
         metrics,

@@ -18,8 +18,10 @@ Pure code: no clock, no I/O; ``Planner.decide`` takes the time and everything it
 
 Then the bounds (``--min``/``--max`` per role), the cool-down (a role never reverses direction within
 ``cooldown_s`` of its last change; it scales down only after ``down_stable_intervals`` intervals in a row asked
-for less, and then to the most any of them asked for), and the budget (``max_total`` workers; a hard limit,
-shared in proportion to what each role asked for).
+for less, and then to the most any of them asked for), the same for the way up (``up_stable_intervals`` in a
+row, then the least any of them asked for: one noisy forecast must not buy a worker) unless the role is already
+overloaded — its latency p90 over target, work waiting for it, or (decode) its batches or KV cache full: then
+at once — and the budget (``max_total`` workers; a hard limit, shared in proportion to what each role asked for).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class PlannerSettings:
     interval_s: float = 10.0  # adjustment interval
     cooldown_s: float = 60.0  # no reversal of a role's direction within this long of its last change
     down_stable_intervals: int = 3  # intervals in a row that must ask for fewer before a scale-down
+    up_stable_intervals: int = 2  # … for more before a scale-up, unless the role is overloaded already
     max_utilization: float = 0.9  # prefill: the busiest a worker is planned to be
     kv_usage_high: float = 0.9  # decode: a KV cache this full asks for one more worker
     correction_range: tuple[float, float] = (0.5, 3.0)
@@ -118,6 +121,7 @@ class _RoleState:
     last_change_at: float = -math.inf
     last_direction: str = "hold"
     down_streak: list[int] = field(default_factory=list)  # what each interval in a row below current asked
+    up_streak: list[int] = field(default_factory=list)  # … above current asked
 
 
 class Planner:
@@ -139,17 +143,20 @@ class Planner:
             self._update_correction(obs, current)
         p = self._size_prefill(forecast, current[PREFILL])
         d = self._size_decode(forecast, current[DECODE])
+        overloaded = {PREFILL: False, DECODE: False}
         if obs is not None:
             self._react(p, d, obs, now)
+            overloaded = self._overloaded(obs)
         for r in (p, d):
             self._bound(r)
-            self._damp(r, now)
+            self._damp(r, now, overloaded[r.role])
         self._budget(p, d)
         for r in (p, d):
             st = self._state[r.role]
             if r.direction != "hold":
                 st.last_change_at, st.last_direction = now, r.direction
                 st.down_streak.clear()
+                st.up_streak.clear()
         return Decision(now, forecast, p, d, dict(self.correction))
 
     # -- sizing ---------------------------------------------------------------------------------------------
@@ -216,6 +223,20 @@ class Planner:
                 d.target = d.current + 1
                 d.because("kv_usage", f"KV cache {obs.kv_usage_max:.0%} full: +1")
 
+    def _overloaded(self, obs: Observation) -> dict[str, bool]:
+        """Per role: is it short of workers now (not only by forecast)? Such a role scales up at once."""
+        s = self.settings
+        decoders = obs.workers.get(DECODE, 0)
+        # the router's queue waits for a worker with room of either role: it counts for both
+        return {
+            PREFILL: obs.prefill_queued + obs.frontend_queued > 0
+            or (obs.ttft_p90_s is not None and obs.ttft_p90_s > s.ttft_s),
+            DECODE: obs.decode_queued + obs.frontend_queued > 0
+            or (decoders > 0 and obs.decode_active >= decoders * self.profile.max_batch_size)  # batches full
+            or obs.kv_usage_max > s.kv_usage_high
+            or (obs.itl_p90_s is not None and obs.itl_p90_s > s.itl_s),
+        }
+
     # -- limits ---------------------------------------------------------------------------------------------
 
     def _bound(self, r: RoleDecision) -> None:
@@ -227,13 +248,28 @@ class Planner:
             r.target = high
             r.because("max", f"max {high}")
 
-    def _damp(self, r: RoleDecision, now: float) -> None:
-        """Cool-down and scale-down hysteresis."""
+    def _damp(self, r: RoleDecision, now: float, overloaded: bool) -> None:
+        """Cool-down and hysteresis both ways (a scale-up without it when the role is overloaded)."""
         s, st = self.settings, self._state[r.role]
         since = now - st.last_change_at
-        if r.target > r.current and st.last_direction == "down" and since < s.cooldown_s:
-            r.because("cooldown", f"cool-down: scaled down {since:.0f}s ago, holding {r.current}")
-            r.target = r.current
+        if r.target > r.current:
+            st.down_streak.clear()
+            st.up_streak.append(r.target)  # counted through a cool-down: demand that lasts is real
+            if st.last_direction == "down" and since < s.cooldown_s:
+                r.because("cooldown", f"cool-down: scaled down {since:.0f}s ago, holding {r.current}")
+                r.target = r.current
+            elif overloaded or len(st.up_streak) >= s.up_stable_intervals:
+                if not overloaded and s.up_stable_intervals > 1:
+                    r.target = min(st.up_streak[-s.up_stable_intervals :])
+                    r.because("hysteresis", f"asked for more {s.up_stable_intervals} intervals in a row")
+            else:
+                r.because(
+                    "hysteresis",
+                    f"asks for {r.target} ({len(st.up_streak)}/{s.up_stable_intervals} intervals), holding",
+                )
+                r.target = r.current
+            return
+        st.up_streak.clear()
         if r.target < r.current:
             if st.last_direction == "up" and since < s.cooldown_s:
                 r.because("cooldown", f"cool-down: scaled up {since:.0f}s ago, holding {r.current}")

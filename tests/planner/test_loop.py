@@ -19,6 +19,9 @@ from dynamo_lite.planner.predict import LoadPredictor, Method
 from dynamo_lite.planner.profile import EngineProfile, mocker_profile
 from dynamo_lite.worker.metrics import WorkerMetrics
 
+# the loop's plumbing, not the damping: a scale-up on the first interval that asks for it
+PLUMBING = PlannerSettings(interval_s=10, up_stable_intervals=1)
+
 
 class Clock:
     def __init__(self) -> None:
@@ -58,7 +61,7 @@ def test_the_loop_scrapes_decides_scales_and_logs(served, tmp_path, capsys) -> N
     connector = DryRunConnector({PREFILL: 1, DECODE: 1}, [worker_url])
     metrics = PlannerMetrics()
     loop = PlannerLoop(
-        Planner(PlannerSettings(interval_s=10), mocker_profile()),
+        Planner(PLUMBING, mocker_profile()),
         LoadPredictor(method=Method.LAST),
         connector,
         frontend_url,
@@ -87,7 +90,7 @@ def test_a_decisions_log_that_cannot_be_written_does_not_stop_the_scaling(served
     clock = Clock()
     connector = DryRunConnector({PREFILL: 1, DECODE: 1}, [worker_url])
     loop = PlannerLoop(
-        Planner(PlannerSettings(interval_s=10), mocker_profile()),
+        Planner(PLUMBING, mocker_profile()),
         LoadPredictor(method=Method.LAST),
         connector,
         frontend_url,

@@ -79,18 +79,33 @@ def _obs(rate: float, isl: float | None = 1000, osl: float | None = 100) -> Obse
 
 
 def test_trend_reads_the_line_one_interval_ahead() -> None:
-    p = LoadPredictor(window=4)
+    p = LoadPredictor(window=4, significance=0)
     for rate in (1, 2, 3, 4):
         p.add(_obs(rate))
     assert p.forecast().request_rate == pytest.approx(5)
 
 
+def test_trend_counts_only_the_slope_that_stands_out_of_the_noise() -> None:
+    # 1, 2, 3, 4 req/s over 10 s intervals: a perfect line, but Poisson alone puts ±√(2.5/10) = ±0.5 on each
+    # rate, so the slope (1 ± 0.22 per interval) is read 2 standard errors smaller
+    p = LoadPredictor(window=4, significance=2)
+    for rate in (1, 2, 3, 4):
+        p.add(_obs(rate))
+    stderr = (2.5 / 10 / 5) ** 0.5
+    assert p.forecast().request_rate == pytest.approx(2.5 + (1 - 2 * stderr) * 2.5)
+    # a wobble around a level is read as the level
+    q = LoadPredictor(window=4, significance=2)
+    for rate in (3.0, 2.6, 3.2, 3.4):
+        q.add(_obs(rate))
+    assert q.forecast().request_rate == pytest.approx(3.05)
+
+
 def test_trend_is_never_negative() -> None:
-    p = LoadPredictor(window=3)
+    p = LoadPredictor(window=3, significance=0)
     for rate in (0, 0, 10):
         p.add(_obs(rate))
     assert p.forecast().request_rate == pytest.approx(10 / 3 + 5 * 2)
-    q = LoadPredictor(window=3)
+    q = LoadPredictor(window=3, significance=0)
     for rate in (10, 2, 0):
         q.add(_obs(rate))
     assert q.forecast().request_rate == 0
