@@ -127,6 +127,9 @@ class WatchedResponse:
 
     The producer sends the response itself (status, headers, body), so it can answer an HTTP error as long as
     it hasn't started. It must not raise: errors become error responses or error events inside it.
+
+    The producer runs in the server's task for this request, the listener in a task beside it that cancels that
+    task when the client leaves: the request's work starts at once, not a loop turn later in a task of its own.
     """
 
     __slots__ = ("_producer",)
@@ -136,10 +139,18 @@ class WatchedResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange = Exchange(send)
-        async with asyncio.TaskGroup() as group:
-            produce = group.create_task(self._producer(exchange))
-            listen = group.create_task(_listen_for_disconnect(receive, exchange, produce))
-            produce.add_done_callback(lambda _: listen.cancel())
+        this = asyncio.current_task()
+        assert this is not None
+        listen = asyncio.get_running_loop().create_task(_listen_for_disconnect(receive, exchange, this))
+        try:
+            await self._producer(exchange)
+        except asyncio.CancelledError:
+            # Our listener's cancellation (the client left) ends this response, not the server's task; any
+            # other (a shutdown) goes on.
+            if not exchange.disconnected or this.uncancel() > 0:
+                raise
+        finally:
+            listen.cancel()  # after this no disconnect can cancel ``this``: the listener never runs again
 
 
 async def _listen_for_disconnect(receive: Receive, exchange: Exchange, produce: asyncio.Task) -> None:
