@@ -12,9 +12,9 @@ Names prove nothing: a release may keep them and change what they mean. So ``Fas
 message through each path on a private subject — a plain one delivered directly, one with a reply subject
 delivered directly with it, a plain one to an ordinary subscription (our parser, then nats-py's
 ``_process_msg``), one with headers (nats-py's parser, which ours hands over to) — and checks each arrives intact
-by the way it should. If one does not, every patch is undone,
-the fallback is logged, and the connection reads messages nats-py's own way. ``RuntimeSettings.nats_fast_path``
-(``DYNAMO_LITE_NATS_FAST_PATH=0``) leaves them off; ``read_path`` says which way runs (a metric exports it).
+by the way it should. If one does not, every patch is undone, the fallback is logged, and the connection reads
+messages nats-py's own way. ``RuntimeSettings.nats_fast_path`` (``DYNAMO_LITE_NATS_FAST_PATH=0``) leaves them
+off; ``read_path`` says which way runs (a metric exports it).
 """
 
 from __future__ import annotations

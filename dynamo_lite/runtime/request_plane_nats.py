@@ -145,7 +145,7 @@ class _NatsServed:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Held ACKs (see the module docstring), in the order their requests came: reply → its send-by timer.
         self._unacked: dict[str, asyncio.TimerHandle] = {}
-        self._ack_senders: set[asyncio.Task[None]] = set()
+        self._ack_senders: set[asyncio.Task[None]] = set()  # held ACKs due; requests answered before they run
         self._subs: list = []
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
