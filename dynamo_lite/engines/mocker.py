@@ -307,17 +307,19 @@ class MockerEngine:
                 if not seq.cancelled:
                     seq.stream.admitted()
                     admitted.append(seq)
+            t = self.timing
+            step_s = 0.0
             if admitted:
                 self._active.extend(admitted)  # before the prefill time, so that stop() sees them too
                 prompt = sum(self._uncached_prompt_tokens(s) for s in admitted if s.request.kv is None)
-                await self._sleep(self.timing.prefill_base_s + prompt * self.timing.prefill_per_token_s)
+                step_s = t.prefill_base_s + prompt * t.prefill_per_token_s
             if not self._active:
                 continue
             kv = sum(s.kv_tokens for s in self._active)
-            t = self.timing
-            await self._sleep(
-                t.decode_base_s + len(self._active) * t.decode_per_seq_s + kv * t.decode_per_kv_token_s
-            )
+            # The prefill and the decode step after it, slept as one: the same simulated time, and at zero time
+            # one loop turn per step, not two (a prefill worker's first token comes a turn sooner).
+            step_s += t.decode_base_s + len(self._active) * t.decode_per_seq_s + kv * t.decode_per_kv_token_s
+            await self._sleep(step_s)
             still: list[_Seq] = []
             for seq in self._active:
                 if seq.cancelled:

@@ -1,4 +1,5 @@
-"""Serving the app with uvicorn (httptools parser, no access log, TCP_NODELAY on every accepted socket).
+"""Serving the app with uvicorn (httptools parser, no access log, TCP_NODELAY on every accepted socket, a
+response's headers written with its first body bytes where the app asks for it: ``sse.HEADERS_WITH_BODY``).
 
 Run it under uvloop (``asyncio.run(main(), loop_factory=uvloop.new_event_loop)`` or ``uvloop.run(main())``):
 uvicorn's ``loop`` setting only applies when uvicorn creates the loop itself, which it doesn't here.
@@ -11,16 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from dynamo_lite.frontend.settings import FrontendSettings
+from dynamo_lite.frontend.sse import HEADERS_WITH_BODY
 
 
 class NoDelayHttpToolsProtocol(HttpToolsProtocol):
     """httptools protocol that disables Nagle on its connection: an SSE chunk leaves at once instead of
-    waiting for the client's delayed ACK (~40 ms stalls on keep-alive connections)."""
+    waiting for the client's delayed ACK (~40 ms stalls on keep-alive connections). Its requests get the
+    ``HEADERS_WITH_BODY`` extension."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         sock = transport.get_extra_info("socket")
@@ -28,6 +32,73 @@ class NoDelayHttpToolsProtocol(HttpToolsProtocol):
             with contextlib.suppress(OSError, AttributeError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().connection_made(transport)
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn's hook between making a request's cycle and starting its app (a uvicorn without it runs
+        # without the extension: apps then send their headers the ordinary way).
+        cycle.send = _HeadersWithBody(cycle)
+        cycle.scope.setdefault("extensions", {})[HEADERS_WITH_BODY] = {}
+        super()._start_asgi_task(cycle, app)
+
+
+class _HeadersWithBody:
+    """A request cycle's ``send`` that holds a ``http.response.start`` marked ``HEADERS_WITH_BODY`` until the
+    next message and has uvicorn write both in one ``transport.write``: status line, headers and the first
+    event leave in one segment (uvicorn writes each message at once, so a TTFT paid two writes and two
+    wake-ups of the client)."""
+
+    __slots__ = ("_cycle", "_send", "_held")
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+        self._send = cycle.send
+        self._held: dict | None = None
+
+    async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            # A start replaces one still held (uvicorn's 500 after an app failed past its start).
+            self._held = message if message.get(HEADERS_WITH_BODY) else None
+            if self._held is None:
+                await self._send(message)
+            return
+        held, self._held = self._held, None
+        if held is None:
+            await self._send(message)
+            return
+        cycle = self._cycle
+        transport = cycle.transport
+        joined = cycle.transport = _JoinedWrites(transport)
+        try:
+            await self._send(held)
+            await self._send(message)
+        finally:
+            cycle.transport = transport
+            joined.flush()
+
+
+class _JoinedWrites:
+    """A transport whose writes are gathered until ``flush`` (or ``close``): one write to the real one."""
+
+    __slots__ = ("_transport", "_parts")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def flush(self) -> None:
+        if self._parts:
+            parts, self._parts = self._parts, []
+            self._transport.write(b"".join(parts))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 class _Server(uvicorn.Server):

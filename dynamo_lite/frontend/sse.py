@@ -19,29 +19,43 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),  # tell reverse proxies not to buffer the stream
 ]
 JSON_HEADERS = [(b"content-type", b"application/json")]
+HEADERS_WITH_BODY = "dynamo_lite.headers_with_body"
+"""An ASGI extension of our server (``server.py``): a ``http.response.start`` that carries this key set to True
+is written together with the next body message, in one socket write (one TCP segment, one wake-up of the
+client instead of two). An app that sends one must send a body message right after, without waiting."""
 T = TypeVar("T")
 
 
 class Exchange:
-    """One request/response exchange as the producer sees it."""
+    """One request/response exchange as the producer sees it. ``join_headers``: the server writes the status and
+    headers with the first body bytes (``HEADERS_WITH_BODY``); ``headers_held`` says they still wait for them."""
 
-    __slots__ = ("send", "started", "disconnected", "complete")
+    __slots__ = ("send", "started", "disconnected", "complete", "join_headers", "headers_held")
 
-    def __init__(self, send: Send) -> None:
+    def __init__(self, send: Send, *, join_headers: bool = False) -> None:
         self.send = send
         self.started = False  # status and headers are sent: failures now go into the body
         self.disconnected = False  # the client went away before the response was complete
         self.complete = False  # the last body message is being sent: a disconnect now is the normal end
+        self.join_headers = join_headers
+        self.headers_held = False
 
     async def start(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """Commit to ``status``: the caller sends a body message next, without waiting in between."""
         self.started = True
-        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+        message = {"type": "http.response.start", "status": status, "headers": headers}
+        if self.join_headers:
+            message[HEADERS_WITH_BODY] = True
+            self.headers_held = True
+        await self.send(message)
 
     async def body(self, data: bytes) -> None:
+        self.headers_held = False
         await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end(self, data: bytes = b"") -> None:
         self.complete = True
+        self.headers_held = False
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
 
     async def respond(self, status: int, headers: list[tuple[bytes, bytes]], data: bytes) -> None:
@@ -69,8 +83,13 @@ class BufferedBody:
         parts, self._parts = self._parts, []
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
+    @property
+    def pending(self) -> bool:
+        """Whether a flush would write: held events, or the status and headers still held by the server."""
+        return bool(self._parts) or self._exchange.headers_held
+
     async def flush(self) -> None:
-        if self._parts:
+        if self.pending:
             await self._exchange.body(self.take())
 
     def next_of(self, stream: AsyncIterator[T]) -> Awaitable[T | None]:
@@ -90,7 +109,7 @@ def _flush_while_waiting(step: Awaitable[T], body: BufferedBody) -> Generator[An
         waits_on = steps.send(None)  # run ``step`` up to its first wait
     except StopIteration as ready:
         return ready.value  # it had an item at once
-    if body._parts:
+    if body.pending:
         try:
             yield from body.flush().__await__()  # the write goes out while ``step`` waits
         except BaseException as e:  # cancelled while writing: ``step`` gets it too, then the caller
@@ -127,6 +146,9 @@ class WatchedResponse:
 
     The producer sends the response itself (status, headers, body), so it can answer an HTTP error as long as
     it hasn't started. It must not raise: errors become error responses or error events inside it.
+
+    The producer runs in the server's task for this request, the listener in a task beside it that cancels that
+    task when the client leaves: the request's work starts at once, not a loop turn later in a task of its own.
     """
 
     __slots__ = ("_producer",)
@@ -135,11 +157,19 @@ class WatchedResponse:
         self._producer = producer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange = Exchange(send)
-        async with asyncio.TaskGroup() as group:
-            produce = group.create_task(self._producer(exchange))
-            listen = group.create_task(_listen_for_disconnect(receive, exchange, produce))
-            produce.add_done_callback(lambda _: listen.cancel())
+        exchange = Exchange(send, join_headers=HEADERS_WITH_BODY in (scope.get("extensions") or {}))
+        this = asyncio.current_task()
+        assert this is not None
+        listen = asyncio.get_running_loop().create_task(_listen_for_disconnect(receive, exchange, this))
+        try:
+            await self._producer(exchange)
+        except asyncio.CancelledError:
+            # Our listener's cancellation (the client left) ends this response, not the server's task; any
+            # other (a shutdown) goes on.
+            if not exchange.disconnected or this.uncancel() > 0:
+                raise
+        finally:
+            listen.cancel()  # after this no disconnect can cancel ``this``: the listener never runs again
 
 
 async def _listen_for_disconnect(receive: Receive, exchange: Exchange, produce: asyncio.Task) -> None:

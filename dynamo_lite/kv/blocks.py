@@ -6,31 +6,36 @@ the same way. A block hash covers its block and everything before it, so equal h
 
 from __future__ import annotations
 
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Callable
 
-import xxhash
+from xxhash import xxh3_64_intdigest
 
 from dynamo_lite.protocol import KvEventKind
 
 KvEventSink = Callable[[tuple[int, list[int]]], None]
 
+_INT32 = next(code for code in "ilh" if array(code).itemsize == 4)  # "i" wherever C's int is 32 bits
 KV_BLOCK_SIZE = 32
 """Tokens per hashed block (``--kv-block-size``): the engines' and the kv router's must agree."""
 
 
 def block_hashes(token_ids: list[int], block_size: int) -> list[int]:
-    """Chained 64-bit hashes of the full ``block_size``-token blocks of ``token_ids``."""
+    """Chained 64-bit hashes of the full ``block_size``-token blocks of ``token_ids``: each block's hash is
+    xxh3-64 of its parent's hash (8 bytes, little-endian) then its tokens (int32 each, little-endian)."""
     out: list[int] = []
     parent = 0
     n_full = len(token_ids) // block_size * block_size
-    for start in range(0, n_full, block_size):
-        h = xxhash.xxh3_64()
-        h.update(parent.to_bytes(8, "little"))
-        h.update(
-            b"".join(t.to_bytes(4, "little", signed=True) for t in token_ids[start : start + block_size])
-        )
-        parent = h.intdigest()
+    # Every token's bytes in one conversion (a per-token int.to_bytes cost ~0.5 µs a token, on the request path).
+    tokens = array(_INT32, token_ids[:n_full])
+    if sys.byteorder != "little":
+        tokens.byteswap()
+    data = memoryview(tokens).cast("B")
+    step = block_size * 4
+    for start in range(0, n_full * 4, step):
+        parent = xxh3_64_intdigest(parent.to_bytes(8, "little") + data[start : start + step])
         out.append(parent)
     return out
 

@@ -20,7 +20,8 @@ Lost:      NATS keeps one publisher's messages in order, and an instance takes i
 Failures:  every publish and flush goes through ``publish_typed``/``sync_with_server``: nats-py's errors
            (closed, disconnected past its buffer, flush timeout, payload too large) become the seam's typed
            ``RequestPlaneDown`` (503, retryable) or a 413; nothing untyped leaves the plane.
-Reading:   nats-py's read path is patched for speed where it passes a check at connect (``nats_fast_path``).
+Reading:   nats-py's read path is patched for speed where it passes a check at connect (``nats_fast_path``):
+           replies, requests and cancels without headers are handled as they are parsed.
 Reconnects: NATS core is at-most-once, and a client that loses its server loses what was sent to it
            meanwhile. The caller fails every stream it had in flight the moment its connection drops (their
            replies may be gone; 503, retryable) and cancels them once reconnected, so no worker keeps working for
@@ -144,15 +145,20 @@ class _NatsServed:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Held ACKs (see the module docstring), in the order their requests came: reply → its send-by timer.
         self._unacked: dict[str, asyncio.TimerHandle] = {}
-        self._ack_senders: set[asyncio.Task[None]] = set()
+        self._ack_senders: set[asyncio.Task[None]] = set()  # held ACKs due; requests answered before they run
         self._subs: list = []
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         nc = self._plane.nc
-        self._subs.append(await subscribe_typed(nc, self._address, self._on_request))
-        self._subs.append(await subscribe_typed(nc, self._address + ".cancel", self._on_cancel))
+        requests = await subscribe_typed(nc, self._address, self._on_request)
+        cancels = await subscribe_typed(nc, self._address + ".cancel", self._on_cancel)
+        self._subs += [requests, cancels]
+        # Read straight off the connection where the fast path is on (``nats_fast_path``): a request's task
+        # starts as its message is parsed, not a loop turn later from the subscription's own task.
+        self._plane.fast_paths.route_requests(requests, self._on_request_read)
+        self._plane.fast_paths.route(cancels, self._cancel)
         # Until the server has our SUB, a request here gets "no responders"; serving means routable.
         await sync_with_server(nc, self._plane.settings.timeouts.connect_s)
         self._heartbeat = asyncio.create_task(self._beat(), name=f"heartbeat {self._address}")
@@ -173,35 +179,58 @@ class _NatsServed:
             await asyncio.sleep(interval)
 
     async def _on_request(self, msg: Msg) -> None:
-        if not msg.reply:
+        if msg.reply:
+            await self._take(msg.reply, msg.data, msg.headers)
+
+    def _on_request_read(self, subject: str, reply: str, data: bytes) -> None:
+        """A request without headers, straight from the connection's reader (no awaiting here). The common
+        case — room, and the ACK held — starts its task now; the others (an ACK or BUSY to send first) go the
+        awaiting way in a task of their own: tasks run in the order they were made, so answers keep the order
+        of the requests (no request is taken here before that task ran: nothing frees room meanwhile)."""
+        if not reply:
             return
+        if self._plane.settings.timeouts.ack_delay_s > 0 and not self._full():
+            self._start(reply, data, None)
+            return
+        task = asyncio.get_running_loop().create_task(self._take(reply, data, None))
+        self._ack_senders.add(task)
+        task.add_done_callback(self._ack_senders.discard)
+
+    def _full(self) -> bool:
+        return self._max_inflight is not None and len(self._tasks) >= self._max_inflight
+
+    async def _take(self, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
         # Acknowledge (or refuse) at once, before any work: a request lost on the way (NATS is at-most-once)
         # then fails fast at the caller instead of waiting for a first frame that will never come.
         nc = self._plane.nc
-        delay = self._plane.settings.timeouts.ack_delay_s
         try:
-            if msg.headers and PROBE_HEADER in msg.headers:
+            if headers and PROBE_HEADER in headers:
                 await self._send_held_acks()
-                await publish_typed(nc, msg.reply, _ACK)  # only says: every request before it got here
+                await publish_typed(nc, reply, _ACK)  # only says: every request before it got here
                 return
-            if self._max_inflight is not None and len(self._tasks) >= self._max_inflight:
+            if self._full():
                 await self._send_held_acks()
-                await publish_typed(nc, msg.reply, _BUSY)
+                await publish_typed(nc, reply, _BUSY)
                 if self._on_refused is not None:
                     self._on_refused()
                 return
-            if delay <= 0:
-                await publish_typed(nc, msg.reply, _ACK)
+            if self._plane.settings.timeouts.ack_delay_s <= 0:
+                await publish_typed(nc, reply, _ACK)
         except RequestPlaneDown as e:  # unacknowledged, it never ran: the caller finds it lost and retries
             log.warning("request on %s dropped: %s", self._address, e)
             return
+        self._start(reply, data, headers)
+
+    def _start(self, reply: str, data: bytes, headers: dict[str, str] | None) -> None:
+        """Run an accepted request in a task of its own (its ACK held, when ``ack_delay_s`` says so)."""
+        loop = asyncio.get_running_loop()
+        delay = self._plane.settings.timeouts.ack_delay_s
         if delay > 0:
-            loop = asyncio.get_running_loop()
-            self._unacked[msg.reply] = loop.call_later(delay, self._ack_due)
-        task = asyncio.create_task(self._run(msg.reply, msg.data, msg.headers))
-        self._tasks[msg.reply] = task
+            self._unacked[reply] = loop.call_later(delay, self._ack_due)
+        task = loop.create_task(self._run(reply, data, headers))
+        self._tasks[reply] = task
         # Not in _run's finally: a task cancelled before its first step never runs its body.
-        task.add_done_callback(lambda _, reply=msg.reply: self._tasks.pop(reply, None))
+        task.add_done_callback(lambda _, reply=reply: self._tasks.pop(reply, None))
 
     def _ack_due(self) -> None:
         """A held ACK's time is up (timers fire in the order they were set: the earlier ones are due too)."""
@@ -227,7 +256,10 @@ class _NatsServed:
                 pass
 
     async def _on_cancel(self, msg: Msg) -> None:
-        task = self._tasks.get(msg.data.decode(errors="replace"))
+        self._cancel(msg.subject, msg.data)
+
+    def _cancel(self, subject: str, data: bytes) -> None:
+        task = self._tasks.get(data.decode(errors="replace"))
         if task is not None:
             task.cancel()
 
@@ -271,6 +303,7 @@ class _NatsServed:
     async def stop(self, drain_s: float = 0.0) -> None:
         """Stop taking requests; let in-flight ones finish for up to ``drain_s``; cancel the rest."""
         for sub in self._subs[:1]:
+            self._plane.fast_paths.unroute(sub)
             await _unsubscribe_quietly(sub)
         if self._plane.nc.is_connected:
             with contextlib.suppress(RequestPlaneDown):  # once the server has our UNSUB, new requests: 503
@@ -283,6 +316,7 @@ class _NatsServed:
         if self._tasks:
             await asyncio.wait(list(self._tasks.values()), timeout=2.0)
         for sub in self._subs[1:]:
+            self._plane.fast_paths.unroute(sub)
             await _unsubscribe_quietly(sub)
         if self._heartbeat:
             self._heartbeat.cancel()
@@ -295,6 +329,7 @@ class _NatsServed:
         if self._heartbeat:
             self._heartbeat.cancel()
         for sub in self._subs:
+            self._plane.fast_paths.unroute(sub)
             await _unsubscribe_quietly(sub)
         for task in list(self._tasks.values()):
             task.cancel()  # not stopping: no ERROR frame goes out
@@ -427,6 +462,10 @@ class NatsRequestPlane:
     def read_path(self) -> str:
         """How this connection reads messages: "fast" (nats-py patched, checked at connect) or "standard"."""
         return self._fast_paths.read_path
+
+    @property
+    def fast_paths(self) -> FastPaths:
+        return self._fast_paths
 
     # ---- reconnects ----------------------------------------------------------------------------------------
     def on_disconnected(self) -> None:

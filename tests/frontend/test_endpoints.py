@@ -210,3 +210,49 @@ async def test_first_event_is_written_before_the_backend_is_asked_for_more(
     events = await asyncio.to_thread(client)
     assert seen_before_resume == [True]
     assert events[-1].strip() == b"data: [DONE]"
+
+
+class _RecordedWrites:
+    """A connection's transport that records each write (as one segment with TCP_NODELAY)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        self.transport.write(data)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.transport, name)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_headers_leave_with_the_first_event_in_one_write(
+    server: HttpServer, backend: FakeBackend, tokenizer: Tokenizer, stream: bool
+) -> None:
+    """Status line, headers and the first event (or the whole body) leave in one socket write: one segment, one
+    wake-up of the client (TTFT), not two."""
+    import json
+    from urllib.parse import urlsplit
+
+    backend.say(tokenizer, "Hello there")
+    url = urlsplit(server.url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        conns = server._server.server_state.connections
+        async with asyncio.timeout(5):
+            while not conns:  # noqa: ASYNC110 — the server's accept is not ours to signal
+                await asyncio.sleep(0.01)
+        (proto,) = conns
+        recorded = proto.transport = _RecordedWrites(proto.transport)
+        body = json.dumps({"model": MODEL, "messages": HI, "stream": stream}).encode()
+        head = f"POST {CHAT} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+        writer.write(head.encode() + b"\r\n\r\n" + body)
+        async with asyncio.timeout(5):
+            await reader.readexactly(1)  # the first write arrived
+        first = recorded.writes[0]
+        assert first.startswith(b"HTTP/1.1 200")
+        assert (b"data: {" if stream else b'"choices"') in first
+    finally:
+        writer.close()

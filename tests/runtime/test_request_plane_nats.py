@@ -511,3 +511,49 @@ async def test_nats_ack_is_held_until_a_first_frame_or_its_delay_and_keeps_reque
         release_slow.set()
         await raw.close()
         await server.close()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_nats_without_an_ack_delay_acks_before_the_first_frame(nats_server: Proc, fast: bool) -> None:
+    """``ack_delay_s = 0``: every request is acknowledged before anything runs, on either read path (the fast
+    one takes requests as they are parsed and leaves the ACK to a task: it still goes first)."""
+    import nats
+
+    settings = RuntimeSettings(
+        nats_url=f"nats://127.0.0.1:{nats_server.port}",
+        timeouts=replace(HEARTBEAT, ack_delay_s=0.0),
+        nats_fast_path=fast,
+    )
+    server = await NatsRequestPlane.connect(settings)
+
+    async def handler(payload: bytes) -> AsyncIterator[bytes]:
+        yield payload
+
+    addr = address()
+    raw = await nats.connect(settings.nats_url)
+    got: list[tuple[str, int, int]] = []
+    three = asyncio.Event()
+
+    async def on_reply(msg) -> None:  # noqa: ANN001
+        frame = decode(msg.data, Frame)
+        got.append((msg.subject.rsplit(".", 1)[1], frame.seq, frame.kind))
+        if len(got) == 6:
+            three.set()
+
+    try:
+        await server.serve(addr, handler)
+        await raw.subscribe("rawinbox.*", cb=on_reply)
+        await raw.flush()
+        await raw.publish(addr, b"a", reply="rawinbox.a")
+        await raw.publish(addr, b"b", reply="rawinbox.b")
+        await asyncio.wait_for(three.wait(), 5.0)
+        for reply in ("a", "b"):
+            assert [(s, k) for r, s, k in got if r == reply] == [
+                (-1, FrameKind.ACK),
+                (0, FrameKind.DATA),
+                (1, FrameKind.END),
+            ]
+        assert [r for r, s, _ in got if s == -1] == ["a", "b"]
+    finally:
+        await raw.close()
+        await server.close()
