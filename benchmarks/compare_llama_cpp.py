@@ -14,9 +14,10 @@ on, "llama.cpp best" being the better of the two per figure. Both read SmolLM2's
 converted (dequantized) once by ``dynamo_lite.model_files``, llama.cpp's as it is (Q4_1 layers, Q8_0 embedding).
 Prompts are random token ids (seeded), the same for both; generation is greedy and ignores EOS.
 
-Config ``llamacpp`` is ``--engine llamacpp`` (flash attention on, its default; ``llamacpp+fa-off``: off). When
-llama-cpp-python is installed in this interpreter (the ``llamacpp`` extra), llama.cpp's side runs with it: the same
-build our engine loads, like for like (``--llama-cpp-venv same``, the default then). Otherwise
+Config ``llamacpp`` is ``--engine llamacpp`` (flash attention on, its default; ``llamacpp+fa-off``: off;
+``llamacpp+fixed-threads``: every step on ``--threads`` threads, not the faster of that or one less as
+measured). When llama-cpp-python is installed in this interpreter (the ``llamacpp`` extra), llama.cpp's side
+runs with it: the same build our engine loads, like for like (``--llama-cpp-venv same``, the default then). Otherwise
 llama-cpp-python is compiled from its PyPI sdist (llama.cpp's default native build, ~10 min on 2 cores) into a
 wheel cached under ``~/.cache/dynamo_lite/wheels/`` (keyed on the version and this CPU's flags, since the build
 targets them) and installed into its own venv (``~/.cache/dynamo_lite/llama-cpp-python-VERSION-venv``).
@@ -48,8 +49,6 @@ if str(ROOT) not in sys.path:  # run as a file, not only as ``python -m benchmar
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dynamo_lite.openmp import configure_openmp  # noqa: E402
-
-configure_openmp()  # what the worker sets; must precede torch
 
 LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_CPP_DEPS = ("numpy>=1.20", "typing-extensions>=4.5", "diskcache>=5.6.1", "jinja2>=2.11.3")
@@ -84,6 +83,11 @@ def build_key() -> str:
     except (OSError, StopIteration):
         flags = platform.processor()
     return hashlib.sha1(f"{cpu_model()}|{flags}".encode()).hexdigest()[:10]
+
+
+def _load() -> str:
+    """The 1-minute load average, printed with every round (other jobs on a shared box move every figure)."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 # ---- llama-cpp-python's venv ----
@@ -171,7 +175,7 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
     from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
-    if spec.startswith("llamacpp"):  # --engine llamacpp; "llamacpp+fa-off": flash attention off
+    if spec.startswith("llamacpp"):  # --engine llamacpp; +fa-off: flash attention off; +fixed-threads
         from dynamo_lite.engines.llamacpp import build_engine as build_llamacpp
 
         longest = max(
@@ -180,7 +184,8 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
         engine = build_llamacpp(
             EngineSettings(
                 role="agg", threads=threads, max_batch_size=max([1, *work.batched]), max_num_tokens=512,
-                max_seq_len=longest + work.steps + 8, extra={"flash_attn": not spec.endswith("fa-off")},
+                max_seq_len=longest + work.steps + 8,
+                extra={"flash_attn": "fa-off" not in spec, "adaptive_threads": "fixed-threads" not in spec},
             )
         )  # fmt: skip
     else:
@@ -337,6 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="also profile the first config's decode steps")
     p.add_argument("--json", default="", help="also write every sample here")
     args = p.parse_args(argv)
+    # What the worker sets for the first config's engine, before torch loads; one OpenMP runtime per process,
+    # so a second engine's configs run with the first's spin (GOMP_SPINCOUNT is printed below).
+    configure_openmp("llamacpp" if args.configs[0].startswith("llamacpp") else "torch")
     if not args.llama_cpp_venv:
         installed = importlib.util.find_spec("llama_cpp") is not None
         args.llama_cpp_venv = (
@@ -355,20 +363,27 @@ def main(argv: list[str] | None = None) -> int:
         python = ensure_llama_cpp_venv(Path(args.llama_cpp_venv))
     work = make_work(args)
     cpu = cpu_line()
-    print(f"CPU: {cpu}; model {gguf.name}; {args.threads} threads; {args.rounds} rounds", flush=True)
+    print(
+        f"CPU: {cpu}; model {gguf.name}; {args.threads} threads; {args.rounds} rounds; load average "
+        f"{os.getloadavg()[0]:.2f}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} (ours; llama.cpp's child: "
+        "libgomp's default)",
+        flush=True,
+    )
     ours: dict[str, list[dict]] = {c: [] for c in args.configs}
     llama: dict[str, list[dict]] = {} if python is None else {"flash_attn off": [], "flash_attn on": []}
     info = ""
     for rnd in range(args.rounds):
         for config in args.configs:
             ours[config].append(asyncio.run(run_ours(config, work, args.threads)))
-            print(f"round {rnd + 1} ours {config}: {json.dumps(ours[config][-1])}", flush=True)
+            print(
+                f"round {rnd + 1} ours {config} (load {_load()}): {json.dumps(ours[config][-1])}", flush=True
+            )
         for label in llama:
             assert python is not None
             result = run_llama_cpp(python, gguf, work, args.threads, flash_attn=label.endswith("on"))
             info = result.pop("system_info", info) + f" (llama-cpp-python {result.pop('version', '?')})"
             llama[label].append(result)
-            print(f"round {rnd + 1} llama.cpp {label}: {json.dumps(result)}", flush=True)
+            print(f"round {rnd + 1} llama.cpp {label} (load {_load()}): {json.dumps(result)}", flush=True)
     labels = {}
     for c in args.configs:
         first = ours[c][0]
