@@ -3,6 +3,8 @@
     python -m benchmarks.compare_llama_cpp                          # SmolLM2's GGUF, 2 threads, 3 rounds
     python -m benchmarks.compare_llama_cpp --rounds 5 --configs auto float32 auto+int4 bfloat16
     python -m benchmarks.compare_llama_cpp --profile                # + where a decode step of ours spends its time
+    python -m benchmarks.compare_llama_cpp --rounds 0 --profile --configs bfloat16+none --threads 1 \
+        --prefill-lengths 1000 --decode-contexts 128                # only the profiles: a 1000-token bf16 prefill
     python -m benchmarks.compare_llama_cpp --configs llamacpp auto  # --engine llamacpp (and the torch default)
 
 Figures, single stream unless said: prefill tokens/s of a 128- and a 1024-token prompt; decode ms/token at
@@ -43,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file, not only as ``python -m benchmarks.compare_llama_cpp``
@@ -279,39 +282,97 @@ def report(ours: dict[str, list[dict]], llama: dict[str, list[dict]], work: Work
     return "\n".join(lines)
 
 
+def _loaded(spec: str, threads: int, max_len: int) -> tuple[Any, Any]:
+    """Our engine for ``spec``, loaded on this thread (no engine thread), and a one-slot KV cache."""
+
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.engines.reference.kv_cache import KvCache
+
+    dtype, _, quantization = spec.partition("+")
+    engine = build_engine(EngineSettings(dtype=dtype, quantization=quantization or "auto", threads=threads))
+    engine._load()  # the engine's own loading (and its torch.set_num_threads), without its thread
+    cfg = engine.model_config
+    cache = KvCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1, max_len, engine.dtype, engine.device,
+                    cfg.layer_windows)  # fmt: skip
+    return engine, cache
+
+
+# Where a profiled step's CPU time goes: the op names of each kind (self CPU time; the rest is "other").
+OP_KINDS = {
+    "linears": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::_weight_int4pack_mm_for_cpu",
+                "aten::_weight_int8pack_mm"),
+    "attention": ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+}  # fmt: skip
+
+
+def _by_kind(prof: Any) -> str:
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    kinds = {kind: sum(self_us.get(op, 0) for op in ops) for kind, ops in OP_KINDS.items()}
+    kinds["other (norms, RoPE, SiLU, adds, copies)"] = total - sum(kinds.values())
+    return ", ".join(f"{k} {v / 1e3:.0f} ms ({100 * v / total:.0f} %)" for k, v in kinds.items())
+
+
 def profile_decode(spec: str, context: int, threads: int, steps: int = 16) -> str:
     """torch profiler table of ``steps`` single-stream decode steps of ours at ``context``."""
     import torch
 
-    from dynamo_lite.engines.base import EngineSettings
-    from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.engines.reference.model import build_step
 
-    dtype, _, quantization = spec.partition("+")
-    engine = build_engine(EngineSettings(dtype=dtype, quantization=quantization or "auto", threads=threads))
-    torch.set_num_threads(threads)
     with torch.inference_mode():
-        engine._model = engine._load_model()  # the engine's own loading, without its thread
-        from dynamo_lite.engines.reference.kv_cache import KvCache
-
-        cfg = engine.model_config
-        cache = KvCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1, context + steps + 8, engine.dtype,
-                        engine.device, cfg.layer_windows)  # fmt: skip
+        engine, cache = _loaded(spec, threads, context + steps + 8)
+        model = engine._model
         slot, cpu = cache.allocate(), torch.device("cpu")
         ids = [random.Random(0).randrange(3, VOCAB) for _ in range(context)]
         for start in range(0, context, 512):
-            engine._model.forward(build_step([], [(slot, start, ids[start : start + 512])], [0], cpu), cache)
+            model.forward(build_step([], [(slot, start, ids[start : start + 512])], [0], cpu), cache)
         for pos in range(context, context + 4):  # warm up
-            engine._model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
+            model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             started = time.perf_counter()
             for pos in range(context + 4, context + 4 + steps):
-                engine._model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
+                model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
             elapsed = (time.perf_counter() - started) / steps * 1e3
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     return (
         f"decode step profile, {spec} ({engine.config.dtype}), context {context}: {elapsed:.1f} ms/step "
         f"under the profiler\n{table}"
+    )
+
+
+def profile_prefill(spec: str, length: int, threads: int, chunk: int = 512, repeats: int = 3) -> str:
+    """Wall and CPU time of a ``length``-token prefill of ours (``chunk``-token steps, the default
+    ``max_num_tokens``), best of ``repeats``, then one run under the profiler: CPU time by kind and by op."""
+    import torch
+
+    from dynamo_lite.engines.reference.model import build_step
+
+    with torch.inference_mode():
+        engine, cache = _loaded(spec, threads, length + 8)
+        model, cpu = engine._model, torch.device("cpu")
+        slot = cache.allocate()
+        ids = [random.Random(0).randrange(3, VOCAB) for _ in range(length)]
+
+        def prefill() -> None:
+            for start in range(0, length, chunk):
+                part = ids[start : start + chunk]
+                model.forward(build_step([], [(slot, start, part)], [len(part) - 1], cpu), cache)
+
+        prefill()  # warm up
+        runs = []
+        for _ in range(repeats):
+            wall, cpu_s = time.perf_counter(), time.process_time()
+            prefill()
+            runs.append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu_s) * 1e3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            prefill()
+    wall_ms, cpu_ms = min(runs)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return (
+        f"prefill profile, {spec} ({engine.config.dtype}), {length} tokens in {chunk}-token chunks, {threads} "
+        f"thread(s): best of {repeats} {wall_ms:.0f} ms wall, {cpu_ms:.0f} ms CPU (load {_load()})\n"
+        f"under the profiler, self CPU time: {_by_kind(prof)}\n{table}"
     )
 
 
@@ -324,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ours: DTYPE or DTYPE+int4/int8/none; the first is the one compared (auto = the default)",
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="0: no measured rounds (with --profile)")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--streams", type=int, nargs="+", default=[8, 16])
@@ -339,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         help="llama.cpp's side: 'same' = this interpreter's llama-cpp-python (the build --engine llamacpp "
         "runs; the default when it is installed), or a venv to build a native one into",
     )
-    p.add_argument("--profile", action="store_true", help="also profile the first config's decode steps")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile the first config's decode steps and prefills"
+    )
     p.add_argument("--json", default="", help="also write every sample here")
     args = p.parse_args(argv)
     # What the worker sets for the first config's engine, before torch loads; one OpenMP runtime per process,
@@ -384,22 +447,25 @@ def main(argv: list[str] | None = None) -> int:
             info = result.pop("system_info", info) + f" (llama-cpp-python {result.pop('version', '?')})"
             llama[label].append(result)
             print(f"round {rnd + 1} llama.cpp {label} (load {_load()}): {json.dumps(result)}", flush=True)
-    labels = {}
-    for c in args.configs:
-        first = ours[c][0]
-        weights = "" if first["quantization"] == "none" else f", {first['quantization']} weights"
-        labels[c] = f"{c} ({first['dtype']}{weights})"
-        if first["dtype"] == "gguf":
-            labels[c] = f"{c} (the GGUF as it is)"
-    table = report({labels[c]: runs for c, runs in ours.items()}, llama, work, cpu)
-    print()
-    if info:
-        print(f"llama.cpp: {info}")
-    print(table)
+    if args.rounds:
+        labels = {}
+        for c in args.configs:
+            first = ours[c][0]
+            weights = "" if first["quantization"] == "none" else f", {first['quantization']} weights"
+            labels[c] = f"{c} ({first['dtype']}{weights})"
+            if first["dtype"] == "gguf":
+                labels[c] = f"{c} (the GGUF as it is)"
+        table = report({labels[c]: runs for c, runs in ours.items()}, llama, work, cpu)
+        print()
+        if info:
+            print(f"llama.cpp: {info}")
+        print(table)
     if args.profile:
         print()
         for context in args.decode_contexts:
             print(profile_decode(args.configs[0], context, args.threads))
+        for length in args.prefill_lengths:
+            print(profile_prefill(args.configs[0], length, args.threads))
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu, "llama_cpp": info, "ours": ours, "llama": llama}))
     return 0
