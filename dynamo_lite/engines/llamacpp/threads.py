@@ -5,7 +5,8 @@ cores and one core taken by anything else — our own event loop, the other work
 every barrier waits for the descheduled thread to get a core back, and the step stalls: on 2 cores beside one
 busy process, llama.cpp itself (2 threads) decoded SmolLM2 at 22-24 ms/token where 1 thread took 7-14, and 8
 streams at 74-78 tok/s where 1 thread gave 144-164. On a quiet box N threads win (8 streams: ~240 tok/s vs ~150).
-So each step size has two candidates, every core or one core less, and the faster by recent measurement runs.
+So each step size has two candidates, every core or one core less, and the faster by recent measurement runs
+(one less only when it is clearly faster, ``MARGIN``).
 
 Measurement: an exponential average of a step's seconds per (rows bucket, threads) for the candidate in
 use; the other one is timed again (its average replaced by that step's time) now and then, at an interval that
@@ -20,6 +21,9 @@ from dataclasses import dataclass, field
 ALPHA = 0.3  # weight of the newest step in the average: a few steps follow a change of load
 MIN_INTERVAL = 16  # steps of a bucket between trials of the other candidate, at first ...
 MAX_INTERVAL = 512  # ... doubling while it loses, up to this
+# One core less must be faster by this fraction to be chosen: on a quiet box a single decode row took about as
+# long on 1 thread as on 2 (within ~10 %, in noise), and flipping between them cost ~1 ms/token on average.
+MARGIN = 0.15
 
 
 @dataclass(slots=True)
@@ -63,7 +67,10 @@ class StepThreads:
         b.seconds[threads] = seconds if fresh else old + ALPHA * (seconds - old)
         if len(b.seconds) < len(self.candidates):
             return
+        most = self.candidates[0]
         best = min(b.seconds, key=b.seconds.__getitem__)
+        if b.seconds[best] > (1 - MARGIN) * b.seconds[most]:
+            best = most
         if b.trial:  # a trial step: back off while the incumbent holds, start over when it lost
             b.interval = min(MAX_INTERVAL, b.interval * 2) if best == b.best else MIN_INTERVAL
             b.until_trial = b.interval

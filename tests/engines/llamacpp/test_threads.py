@@ -49,3 +49,9 @@ def test_buckets_by_rows() -> None:
     run(chooser, {2: 0.010, 1: 0.030}, 100, rows=8)  # 8 rows: 2 threads faster
     assert chooser.choose(1) == 1
     assert chooser.choose(8) == 2
+
+
+def test_all_cores_unless_one_less_is_clearly_faster() -> None:
+    chooser = StepThreads(2)
+    used = run(chooser, {2: 0.0070, 1: 0.0065}, 200)  # a quiet box, one row: within the margin
+    assert used[2:].count(2) >= len(used[2:]) - 8  # only the trials ran on one thread
