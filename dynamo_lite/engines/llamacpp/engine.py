@@ -42,9 +42,8 @@ log = logging.getLogger(__name__)
 FLASH_ATTN_KEY = "flash_attn"
 FLASH_ATTN_DEFAULT = True  # llama.cpp's faster setting for short contexts on CPU (benchmarks/README.md)
 ADAPTIVE_THREADS_KEY = "adaptive_threads"
-ADAPTIVE_THREADS_DEFAULT = (
-    True  # per step all cores or one less, as measured (``threads``; benchmarks/README.md)
-)
+# Each step on all cores or one less, whichever measures faster (``threads``; benchmarks/README.md).
+ADAPTIVE_THREADS_DEFAULT = True
 # Models whose GGUF holds Q/K permuted for llama.cpp's interleaved RoPE (``kv_state``).
 K_PERMUTED_MODEL_TYPES = ("llama", "mistral")
 

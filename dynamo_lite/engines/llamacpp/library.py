@@ -85,9 +85,7 @@ class ContextShape:
     n_ctx: int  # KV cells over all sequences (one unified cache)
     n_batch: int  # rows one ``decode`` may take
     flash_attn: bool
-    adaptive_threads: bool = (
-        True  # per step, all ``threads`` or one less, the faster as measured (``threads``)
-    )
+    adaptive_threads: bool = True  # per step all ``threads`` or one less, as measured (``threads``)
 
 
 class LlamaCpp:
