@@ -3,6 +3,8 @@
     python -m benchmarks.compare_llama_cpp                          # SmolLM2's GGUF, 2 threads, 3 rounds
     python -m benchmarks.compare_llama_cpp --rounds 5 --configs auto float32 auto+int4 bfloat16
     python -m benchmarks.compare_llama_cpp --profile                # + where a decode step of ours spends its time
+    python -m benchmarks.compare_llama_cpp --rounds 0 --profile --configs bfloat16+none --threads 1 \
+        --prefill-lengths 1000 --decode-contexts 128                # only the profiles: a 1000-token bf16 prefill
     python -m benchmarks.compare_llama_cpp --configs llamacpp auto  # --engine llamacpp (and the torch default)
 
 Figures, single stream unless said: prefill tokens/s of a 128- and a 1024-token prompt; decode ms/token at
@@ -14,9 +16,10 @@ on, "llama.cpp best" being the better of the two per figure. Both read SmolLM2's
 converted (dequantized) once by ``dynamo_lite.model_files``, llama.cpp's as it is (Q4_1 layers, Q8_0 embedding).
 Prompts are random token ids (seeded), the same for both; generation is greedy and ignores EOS.
 
-Config ``llamacpp`` is ``--engine llamacpp`` (flash attention on, its default; ``llamacpp+fa-off``: off). When
-llama-cpp-python is installed in this interpreter (the ``llamacpp`` extra), llama.cpp's side runs with it: the same
-build our engine loads, like for like (``--llama-cpp-venv same``, the default then). Otherwise
+Config ``llamacpp`` is ``--engine llamacpp`` (flash attention on, its default; ``llamacpp+fa-off``: off;
+``llamacpp+fixed-threads``: every step on ``--threads`` threads, not the faster of that or one less as
+measured). When llama-cpp-python is installed in this interpreter (the ``llamacpp`` extra), llama.cpp's side
+runs with it: the same build our engine loads, like for like (``--llama-cpp-venv same``, the default then). Otherwise
 llama-cpp-python is compiled from its PyPI sdist (llama.cpp's default native build, ~10 min on 2 cores) into a
 wheel cached under ``~/.cache/dynamo_lite/wheels/`` (keyed on the version and this CPU's flags, since the build
 targets them) and installed into its own venv (``~/.cache/dynamo_lite/llama-cpp-python-VERSION-venv``).
@@ -42,14 +45,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file, not only as ``python -m benchmarks.compare_llama_cpp``
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from dynamo_lite.openmp import configure_openmp  # noqa: E402
-
-configure_openmp()  # what the worker sets; must precede torch
 
 LLAMA_CPP_VERSION = "0.3.36"
 LLAMA_CPP_DEPS = ("numpy>=1.20", "typing-extensions>=4.5", "diskcache>=5.6.1", "jinja2>=2.11.3")
@@ -84,6 +86,11 @@ def build_key() -> str:
     except (OSError, StopIteration):
         flags = platform.processor()
     return hashlib.sha1(f"{cpu_model()}|{flags}".encode()).hexdigest()[:10]
+
+
+def _load() -> str:
+    """The 1-minute load average, printed with every round (other jobs on a shared box move every figure)."""
+    return f"{os.getloadavg()[0]:.2f}"
 
 
 # ---- llama-cpp-python's venv ----
@@ -171,7 +178,7 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
     from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.protocol import GenerateRequest, SamplingOptions
 
-    if spec.startswith("llamacpp"):  # --engine llamacpp; "llamacpp+fa-off": flash attention off
+    if spec.startswith("llamacpp"):  # --engine llamacpp; +fa-off: flash attention off; +fixed-threads
         from dynamo_lite.engines.llamacpp import build_engine as build_llamacpp
 
         longest = max(
@@ -180,7 +187,8 @@ async def run_ours(spec: str, work: Work, threads: int) -> dict:
         engine = build_llamacpp(
             EngineSettings(
                 role="agg", threads=threads, max_batch_size=max([1, *work.batched]), max_num_tokens=512,
-                max_seq_len=longest + work.steps + 8, extra={"flash_attn": not spec.endswith("fa-off")},
+                max_seq_len=longest + work.steps + 8,
+                extra={"flash_attn": "fa-off" not in spec, "adaptive_threads": "fixed-threads" not in spec},
             )
         )  # fmt: skip
     else:
@@ -274,39 +282,97 @@ def report(ours: dict[str, list[dict]], llama: dict[str, list[dict]], work: Work
     return "\n".join(lines)
 
 
+def _loaded(spec: str, threads: int, max_len: int) -> tuple[Any, Any]:
+    """Our engine for ``spec``, loaded on this thread (no engine thread), and a one-slot KV cache."""
+
+    from dynamo_lite.engines.base import EngineSettings
+    from dynamo_lite.engines.reference import build_engine
+    from dynamo_lite.engines.reference.kv_cache import KvCache
+
+    dtype, _, quantization = spec.partition("+")
+    engine = build_engine(EngineSettings(dtype=dtype, quantization=quantization or "auto", threads=threads))
+    engine._load()  # the engine's own loading (and its torch.set_num_threads), without its thread
+    cfg = engine.model_config
+    cache = KvCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1, max_len, engine.dtype, engine.device,
+                    cfg.layer_windows)  # fmt: skip
+    return engine, cache
+
+
+# Where a profiled step's CPU time goes: the op names of each kind (self CPU time; the rest is "other").
+OP_KINDS = {
+    "linears": ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::_weight_int4pack_mm_for_cpu",
+                "aten::_weight_int8pack_mm"),
+    "attention": ("aten::bmm", "aten::_softmax", "aten::_scaled_dot_product_flash_attention_for_cpu"),
+}  # fmt: skip
+
+
+def _by_kind(prof: Any) -> str:
+    self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    total = sum(self_us.values())
+    kinds = {kind: sum(self_us.get(op, 0) for op in ops) for kind, ops in OP_KINDS.items()}
+    kinds["other (norms, RoPE, SiLU, adds, copies)"] = total - sum(kinds.values())
+    return ", ".join(f"{k} {v / 1e3:.0f} ms ({100 * v / total:.0f} %)" for k, v in kinds.items())
+
+
 def profile_decode(spec: str, context: int, threads: int, steps: int = 16) -> str:
     """torch profiler table of ``steps`` single-stream decode steps of ours at ``context``."""
     import torch
 
-    from dynamo_lite.engines.base import EngineSettings
-    from dynamo_lite.engines.reference import build_engine
     from dynamo_lite.engines.reference.model import build_step
 
-    dtype, _, quantization = spec.partition("+")
-    engine = build_engine(EngineSettings(dtype=dtype, quantization=quantization or "auto", threads=threads))
-    torch.set_num_threads(threads)
     with torch.inference_mode():
-        engine._model = engine._load_model()  # the engine's own loading, without its thread
-        from dynamo_lite.engines.reference.kv_cache import KvCache
-
-        cfg = engine.model_config
-        cache = KvCache(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 1, context + steps + 8, engine.dtype,
-                        engine.device, cfg.layer_windows)  # fmt: skip
+        engine, cache = _loaded(spec, threads, context + steps + 8)
+        model = engine._model
         slot, cpu = cache.allocate(), torch.device("cpu")
         ids = [random.Random(0).randrange(3, VOCAB) for _ in range(context)]
         for start in range(0, context, 512):
-            engine._model.forward(build_step([], [(slot, start, ids[start : start + 512])], [0], cpu), cache)
+            model.forward(build_step([], [(slot, start, ids[start : start + 512])], [0], cpu), cache)
         for pos in range(context, context + 4):  # warm up
-            engine._model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
+            model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             started = time.perf_counter()
             for pos in range(context + 4, context + 4 + steps):
-                engine._model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
+                model.forward(build_step([(slot, pos, 5)], [], [0], cpu), cache)
             elapsed = (time.perf_counter() - started) / steps * 1e3
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
     return (
         f"decode step profile, {spec} ({engine.config.dtype}), context {context}: {elapsed:.1f} ms/step "
         f"under the profiler\n{table}"
+    )
+
+
+def profile_prefill(spec: str, length: int, threads: int, chunk: int = 512, repeats: int = 3) -> str:
+    """Wall and CPU time of a ``length``-token prefill of ours (``chunk``-token steps, the default
+    ``max_num_tokens``), best of ``repeats``, then one run under the profiler: CPU time by kind and by op."""
+    import torch
+
+    from dynamo_lite.engines.reference.model import build_step
+
+    with torch.inference_mode():
+        engine, cache = _loaded(spec, threads, length + 8)
+        model, cpu = engine._model, torch.device("cpu")
+        slot = cache.allocate()
+        ids = [random.Random(0).randrange(3, VOCAB) for _ in range(length)]
+
+        def prefill() -> None:
+            for start in range(0, length, chunk):
+                part = ids[start : start + chunk]
+                model.forward(build_step([], [(slot, start, part)], [len(part) - 1], cpu), cache)
+
+        prefill()  # warm up
+        runs = []
+        for _ in range(repeats):
+            wall, cpu_s = time.perf_counter(), time.process_time()
+            prefill()
+            runs.append(((time.perf_counter() - wall) * 1e3, (time.process_time() - cpu_s) * 1e3))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            prefill()
+    wall_ms, cpu_ms = min(runs)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    return (
+        f"prefill profile, {spec} ({engine.config.dtype}), {length} tokens in {chunk}-token chunks, {threads} "
+        f"thread(s): best of {repeats} {wall_ms:.0f} ms wall, {cpu_ms:.0f} ms CPU (load {_load()})\n"
+        f"under the profiler, self CPU time: {_by_kind(prof)}\n{table}"
     )
 
 
@@ -319,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         help="ours: DTYPE or DTYPE+int4/int8/none; the first is the one compared (auto = the default)",
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="0: no measured rounds (with --profile)")
     p.add_argument("--prefill-lengths", type=int, nargs="+", default=[128, 1024])
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[128, 2048])
     p.add_argument("--streams", type=int, nargs="+", default=[8, 16])
@@ -334,9 +400,14 @@ def main(argv: list[str] | None = None) -> int:
         help="llama.cpp's side: 'same' = this interpreter's llama-cpp-python (the build --engine llamacpp "
         "runs; the default when it is installed), or a venv to build a native one into",
     )
-    p.add_argument("--profile", action="store_true", help="also profile the first config's decode steps")
+    p.add_argument(
+        "--profile", action="store_true", help="also profile the first config's decode steps and prefills"
+    )
     p.add_argument("--json", default="", help="also write every sample here")
     args = p.parse_args(argv)
+    # What the worker sets for the first config's engine, before torch loads; one OpenMP runtime per process,
+    # so a second engine's configs run with the first's spin (GOMP_SPINCOUNT is printed below).
+    configure_openmp("llamacpp" if args.configs[0].startswith("llamacpp") else "torch")
     if not args.llama_cpp_venv:
         installed = importlib.util.find_spec("llama_cpp") is not None
         args.llama_cpp_venv = (
@@ -355,36 +426,46 @@ def main(argv: list[str] | None = None) -> int:
         python = ensure_llama_cpp_venv(Path(args.llama_cpp_venv))
     work = make_work(args)
     cpu = cpu_line()
-    print(f"CPU: {cpu}; model {gguf.name}; {args.threads} threads; {args.rounds} rounds", flush=True)
+    print(
+        f"CPU: {cpu}; model {gguf.name}; {args.threads} threads; {args.rounds} rounds; load average "
+        f"{os.getloadavg()[0]:.2f}; GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')} (ours; llama.cpp's child: "
+        "libgomp's default)",
+        flush=True,
+    )
     ours: dict[str, list[dict]] = {c: [] for c in args.configs}
     llama: dict[str, list[dict]] = {} if python is None else {"flash_attn off": [], "flash_attn on": []}
     info = ""
     for rnd in range(args.rounds):
         for config in args.configs:
             ours[config].append(asyncio.run(run_ours(config, work, args.threads)))
-            print(f"round {rnd + 1} ours {config}: {json.dumps(ours[config][-1])}", flush=True)
+            print(
+                f"round {rnd + 1} ours {config} (load {_load()}): {json.dumps(ours[config][-1])}", flush=True
+            )
         for label in llama:
             assert python is not None
             result = run_llama_cpp(python, gguf, work, args.threads, flash_attn=label.endswith("on"))
             info = result.pop("system_info", info) + f" (llama-cpp-python {result.pop('version', '?')})"
             llama[label].append(result)
-            print(f"round {rnd + 1} llama.cpp {label}: {json.dumps(result)}", flush=True)
-    labels = {}
-    for c in args.configs:
-        first = ours[c][0]
-        weights = "" if first["quantization"] == "none" else f", {first['quantization']} weights"
-        labels[c] = f"{c} ({first['dtype']}{weights})"
-        if first["dtype"] == "gguf":
-            labels[c] = f"{c} (the GGUF as it is)"
-    table = report({labels[c]: runs for c, runs in ours.items()}, llama, work, cpu)
-    print()
-    if info:
-        print(f"llama.cpp: {info}")
-    print(table)
+            print(f"round {rnd + 1} llama.cpp {label} (load {_load()}): {json.dumps(result)}", flush=True)
+    if args.rounds:
+        labels = {}
+        for c in args.configs:
+            first = ours[c][0]
+            weights = "" if first["quantization"] == "none" else f", {first['quantization']} weights"
+            labels[c] = f"{c} ({first['dtype']}{weights})"
+            if first["dtype"] == "gguf":
+                labels[c] = f"{c} (the GGUF as it is)"
+        table = report({labels[c]: runs for c, runs in ours.items()}, llama, work, cpu)
+        print()
+        if info:
+            print(f"llama.cpp: {info}")
+        print(table)
     if args.profile:
         print()
         for context in args.decode_contexts:
             print(profile_decode(args.configs[0], context, args.threads))
+        for length in args.prefill_lengths:
+            print(profile_prefill(args.configs[0], length, args.threads))
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu, "llama_cpp": info, "ours": ours, "llama": llama}))
     return 0

@@ -9,6 +9,10 @@ Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 
   GGUF's int4 weights on a CPU with AVX512-BF16 or AMX; prefill and decode workers in one process, the cores
   split evenly between them: one thread each on 2 cores);
 - ``lite-bf16``: the same with ``--dtype bfloat16 --quantization none`` (vLLM's precision exactly);
+- ``lite-llamacpp``: the same with ``--engine llamacpp`` (the GGUF's Q4_1 layers on llama.cpp's kernels: not
+  vLLM's precision; build item 2's engine); ``lite-llamacpp-all``: each of its two workers on every core
+  (``--threads N``), a step taking all or one less as measured (``engines/llamacpp/threads.py``);
+  ``lite-llamacpp-agg``: one aggregated worker on every core (``--topology agg``), as llama-server batches;
 - ``vllm``: ``vllm serve --dtype bfloat16`` as its CPU docs set it up (``VLLM_CPU_OMP_THREADS_BIND=auto``: on a
   2-core box that reserves one core for its API server and engine core, and computes on the other);
 - ``vllm-2t``: the same computing on every core (``VLLM_CPU_OMP_THREADS_BIND=0-N``, none reserved): threads
@@ -71,7 +75,7 @@ MODEL = "SmolLM2-135M-Instruct"
 # vLLM's dependencies built against another torch than its own "+cpu" pin: they fail to load and are not needed.
 VLLM_MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-SYSTEMS = ("lite", "vllm", "lite-bf16", "vllm-2t")
+SYSTEMS = ("lite", "vllm", "lite-bf16", "vllm-2t", "lite-llamacpp", "lite-llamacpp-all", "lite-llamacpp-agg")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +195,14 @@ def server_spec(system: str, port: int, vllm_python: Path | None, vllm_model: Pa
         argv += ["--served-model-name", MODEL, "--log-level", "WARNING"]
         if system == "lite-bf16":
             argv += ["--dtype", "bfloat16", "--quantization", "none"]
+        if system.startswith("lite-llamacpp"):
+            argv += ["--engine", "llamacpp"]
+        if system == "lite-llamacpp-all":  # each worker may take every core, or one less per step as measured
+            argv += ["--threads", str(len(os.sched_getaffinity(0)))]
+        if (
+            system == "lite-llamacpp-agg"
+        ):  # one worker: a step is one llama_decode of prefill chunks and decode rows
+            argv += ["--topology", "agg"]
         return ProcSpec(system, argv, env={"PYTHONPATH": str(ROOT)})
     assert vllm_python is not None and vllm_model is not None
     cores = len(os.sched_getaffinity(0))
@@ -306,7 +318,9 @@ def order(systems: Sequence[str], rnd: int) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma-separated, of {', '.join(SYSTEMS)}")
+    p.add_argument(
+        "--systems", default=",".join(SYSTEMS[:4]), help=f"comma-separated, of {', '.join(SYSTEMS)}"
+    )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--lock", default="", help="flock this file while measuring (e.g. /tmp/bench.lock)")
     p.add_argument(

@@ -171,10 +171,10 @@ async def run(process: ServeProcess) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    configure_openmp()  # before torch loads
     p = argparse.ArgumentParser(prog="python -m dynamo_lite serve", description=__doc__)
     add_serve_args(p)
     args = p.parse_args(argv)
+    configure_openmp(args.engine)  # before torch loads: parsing the flags does not import it
     setup_logging(args)
     tracing.setup("dynamo_lite")  # only if OTEL_* configures it; one process, one service
     try:

@@ -291,9 +291,9 @@ def main(
     engine_default: str | None = None,
     prog: str = "python -m dynamo_lite.worker",
 ) -> int:
-    configure_openmp()  # before torch loads
     try:
         settings = parse_args(argv, engine_default, prog)
+        configure_openmp(settings.engine)  # before torch loads: parsing the flags does not import it
         tracing.setup(f"dynamo_lite-{settings.role.value}")  # only if OTEL_* configures it
         import uvloop
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dynamo_lite.openmp import configure_openmp
 
-configure_openmp()  # before torch loads (the sampling runs on torch)
+configure_openmp("llamacpp")  # before torch loads (the sampling runs on torch); see dynamo_lite.openmp
 
 from dynamo_lite.engines.base import EngineSettings  # noqa: E402
 from dynamo_lite.engines.llamacpp.library import import_llama_cpp  # noqa: E402
@@ -27,5 +27,5 @@ def build_engine(settings: EngineSettings) -> LlamaCppEngine:  # noqa: F821 — 
     import_llama_cpp()
     from dynamo_lite.engines.llamacpp.engine import LlamaCppEngine, config_from_settings
 
-    config, flash_attn = config_from_settings(settings)
-    return LlamaCppEngine(config, resolve_model(config.model_path), flash_attn)
+    config, options = config_from_settings(settings)
+    return LlamaCppEngine(config, resolve_model(config.model_path), options)

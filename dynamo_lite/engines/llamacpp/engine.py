@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # Keys of --extra-engine-args only this engine reads (the rest are the torch engine's).
 FLASH_ATTN_KEY = "flash_attn"
 FLASH_ATTN_DEFAULT = True  # llama.cpp's faster setting for short contexts on CPU (benchmarks/README.md)
+ADAPTIVE_THREADS_KEY = "adaptive_threads"
+# Each step on all cores or one less, whichever measures faster (``threads``; benchmarks/README.md).
+ADAPTIVE_THREADS_DEFAULT = True
 # Models whose GGUF holds Q/K permuted for llama.cpp's interleaved RoPE (``kv_state``).
 K_PERMUTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -136,7 +139,7 @@ class LlamaCppEngine(TorchEngine):
 
     name = EngineKind.LLAMACPP
 
-    def __init__(self, config: ReferenceConfig, model_files: ModelFiles, flash_attn: bool) -> None:
+    def __init__(self, config: ReferenceConfig, model_files: ModelFiles, options: LlamaCppOptions) -> None:
         if model_files.gguf_path is None:
             raise ConfigError(f"--engine llamacpp serves GGUF models; {model_files.folder} has none")
         super().__init__(config, model_files)
@@ -145,7 +148,8 @@ class LlamaCppEngine(TorchEngine):
                 "--engine llamacpp serves llama-family GGUFs (gpt-oss: --engine torch or trtllm)"
             )
         self.kv_dtype = "float16"  # llama.cpp's cache type
-        self.flash_attn = flash_attn
+        self.flash_attn = options.flash_attn
+        self.adaptive_threads = options.adaptive_threads
         self._k_permuted = model_files.model_type in K_PERMUTED_MODEL_TYPES
         self._lib: LlamaCpp | None = None
 
@@ -162,6 +166,7 @@ class LlamaCppEngine(TorchEngine):
             n_ctx=conf.max_batch_size * self.max_seq_len,  # every slot may fill its max_seq_len
             n_batch=conf.max_num_tokens + conf.max_batch_size,  # a step: prefill budget + decode rows
             flash_attn=self.flash_attn,
+            adaptive_threads=self.adaptive_threads,
         )
         assert self.model_files.gguf_path is not None
         self._lib = lib = LlamaCpp(str(self.model_files.gguf_path), shape)
@@ -178,11 +183,12 @@ class LlamaCppEngine(TorchEngine):
             self._runner.forward([], [(0, 0, [1, 2, 3, 4])], [3])
             lib.drop(0)
         log.info(
-            "llamacpp engine: %s loaded in %.1f s (%d threads, %d sequences x %d tokens, F16 KV %.0f MiB, flash "
-            "attention %s): %s",
+            "llamacpp engine: %s loaded in %.1f s (%d threads%s, %d sequences x %d tokens, F16 KV %.0f MiB, "
+            "flash attention %s): %s",
             self.model_files.gguf_path.name,
             time.perf_counter() - started,
             shape.threads,
+            " or one less per step, as measured" if shape.adaptive_threads and shape.threads > 1 else "",
             shape.n_seq,
             self.max_seq_len,
             shape.n_ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2 / 2**20,
@@ -196,15 +202,26 @@ class LlamaCppEngine(TorchEngine):
             self._lib.close()
 
 
-def config_from_settings(settings: EngineSettings) -> tuple[ReferenceConfig, bool]:
+@dataclasses.dataclass(frozen=True, slots=True)
+class LlamaCppOptions:
+    """What only this engine reads from the extra engine args."""
+
+    flash_attn: bool = FLASH_ATTN_DEFAULT
+    adaptive_threads: bool = ADAPTIVE_THREADS_DEFAULT
+
+
+def config_from_settings(settings: EngineSettings) -> tuple[ReferenceConfig, LlamaCppOptions]:
     """The torch engine's config from ``settings`` (dtype and quantization are the GGUF's own here, so those
-    flags are ignored), and ``flash_attn`` from the extra engine args."""
+    flags are ignored), and this engine's own keys of the extra engine args."""
     extra = dict(settings.extra or {})
-    flash_attn = extra.pop(FLASH_ATTN_KEY, FLASH_ATTN_DEFAULT)
-    if not isinstance(flash_attn, bool):
-        raise ConfigError(
-            f"{FLASH_ATTN_KEY} in {settings.extra_source or 'extra engine args'}: true or false"
-        )
+    flags = {}
+    for key, default in (
+        (FLASH_ATTN_KEY, FLASH_ATTN_DEFAULT),
+        (ADAPTIVE_THREADS_KEY, ADAPTIVE_THREADS_DEFAULT),
+    ):
+        flags[key] = extra.pop(key, default)
+        if not isinstance(flags[key], bool):
+            raise ConfigError(f"{key} in {settings.extra_source or 'extra engine args'}: true or false")
     for key in ("dtype", "quantization"):
         if settings.given(key) and getattr(settings, key) != "auto":
             log.warning("llamacpp engine: --%s ignored (llama.cpp computes with the GGUF's own types)", key)
@@ -212,4 +229,4 @@ def config_from_settings(settings: EngineSettings) -> tuple[ReferenceConfig, boo
     if settings.device != "cpu":
         raise ConfigError("--engine llamacpp runs on device cpu")
     settings = dataclasses.replace(settings, dtype="float32", quantization="none", extra=extra)
-    return from_settings(settings), flash_attn
+    return from_settings(settings), LlamaCppOptions(**flags)

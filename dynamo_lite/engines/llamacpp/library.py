@@ -14,12 +14,14 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dynamo_lite.engines.base import EngineUnavailable
+from dynamo_lite.engines.llamacpp.threads import StepThreads
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +80,12 @@ class LlamaCppError(RuntimeError):
 class ContextShape:
     """What a context is created with."""
 
-    threads: int
+    threads: int  # the most a step uses
     n_seq: int  # sequences (the engine's batch slots)
     n_ctx: int  # KV cells over all sequences (one unified cache)
     n_batch: int  # rows one ``decode`` may take
     flash_attn: bool
+    adaptive_threads: bool = True  # per step all ``threads`` or one less, as measured (``threads``)
 
 
 class LlamaCpp:
@@ -139,6 +142,8 @@ class LlamaCpp:
         self._batch.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         self._batch.seq_id = self._seq_ptrs
         self._batch.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._threads = StepThreads(shape.threads, shape.adaptive_threads)
+        self._n_threads = shape.threads
 
     @property
     def system_info(self) -> str:
@@ -158,11 +163,17 @@ class LlamaCpp:
         self._seq[:n] = seqs
         self._logits[:n] = want
         self._batch.n_tokens = n
+        threads = self._threads.choose(n)
+        if threads != self._n_threads:
+            self.L.llama_set_n_threads(self.ctx, threads, threads)
+            self._n_threads = threads
+        started = time.perf_counter()
         rc = self.L.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise LlamaCppError(
                 f"llama_decode returned {rc}" + (" (no room in the KV cache)" if rc == 1 else "")
             )
+        self._threads.record(n, threads, time.perf_counter() - started)
         rows = int(np.count_nonzero(want))
         if not rows:
             return np.empty((0, self.n_vocab), np.float32)
