@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import aclosing
 from pathlib import Path
@@ -20,6 +21,7 @@ import pytest
 
 from dynamo_lite.engines.base import EngineError, EngineSettings
 from dynamo_lite.engines.reference import build_engine
+from dynamo_lite.engines.reference.rank_runner import RankState
 from dynamo_lite.protocol import GenerateRequest, Phase, SamplingOptions
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -111,11 +113,21 @@ async def test_a_follower_killed_while_idle_fails_the_engine(llama: Path) -> Non
 
 @pytest.mark.parametrize("when", ["spawned", "joined"])
 async def test_a_follower_dying_while_the_engine_starts_fails_the_start_at_once(
-    llama: Path, when: str
+    llama: Path, when: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``spawned``: the follower dies while importing torch, before it joined the groups (rank 0 waits in the
-    rendezvous, which alone would wait ``rank_timeout_s``); ``joined``: it dies as the ranks load (rank 0 loads,
-    then gathers every rank's weight bytes)."""
+    rendezvous, which alone would wait ``rank_timeout_s``); ``joined``: it dies as the ranks load (rank 0 loaded,
+    held before it gathers every rank's weight bytes until the follower is dead: the tiny model loads faster than
+    a kill could otherwise land in that window)."""
+    killed = threading.Event()
+    gather = RankState.gather_weight_bytes
+
+    def gather_once_killed(self: RankState, *args: object) -> None:
+        killed.wait(120)
+        gather(self, *args)
+
+    if when == "joined":
+        monkeypatch.setattr(RankState, "gather_weight_bytes", gather_once_killed)
     engine = build_engine(settings(llama))
     starting = asyncio.create_task(engine.start())
 
@@ -130,6 +142,7 @@ async def test_a_follower_dying_while_the_engine_starts_fails_the_start_at_once(
         await asyncio.to_thread(ranks.joined.wait, 120)
     os.kill(follower, signal.SIGKILL)
     killed_at = time.monotonic()
+    killed.set()
     try:
         with pytest.raises(Exception, match="rank 1 exited|Connection|closed|reset"):
             await asyncio.wait_for(starting, 30)
