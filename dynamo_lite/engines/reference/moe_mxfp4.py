@@ -95,15 +95,14 @@ class Mxfp4Experts:
         return Mxfp4Experts(self.blocks, padded[..., :groups])
 
     def scales_word_aligned(self) -> bool:
-        """Whether every row of scales starts 16-byte aligned, inputs innermost, padding after K (see above)."""
+        """Whether every row of scales starts 16-byte aligned with the inputs innermost (a row's last word may
+        reach into the padding: ``with_aligned_scales`` fills it with 127)."""
         sc = self.scales
-        groups = sc.shape[2]
         return (
             sc.stride(2) == 1
             and sc.stride(1) % 16 == 0
             and sc.stride(0) % 16 == 0
             and sc.data_ptr() % 16 == 0
-            and (groups % 4 == 0 or sc.stride(1) >= -(-groups // 4) * 4)
         )
 
     def expert_nbytes(self) -> int:
@@ -529,11 +528,14 @@ def _launch(
 ) -> None:
     n, k = w.out_features, w.in_features
     dot_fp32 = _INTERPRETED or x.dtype == torch.float32
-    scale_words = cfg.scale_words and cfg.block_k % 128 == 0 and w.scales_word_aligned()
-    if cfg.scaled_dot and not dot_fp32 and not scale_words and w.blocks.stride(1) == 1:
-        # Measured on an H100 (Triton 3.6): this combination computes wrong sums (rel. error ~1.4), while
-        # output-rows-innermost weights with word-read scales and K-innermost ones with either are exact.
-        raise ValueError("MXFP4 weights stored output-rows-innermost need word-read scales (scale_words)")
+    # Output-rows-innermost weights always take word-read scales: with byte-read ones the scaled-dot kernel
+    # computed wrong sums on an H100 (Triton 3.6, rel. error ~1.4); K-innermost weights are exact with either.
+    n_major = w.blocks.stride(1) == 1
+    scale_words = (cfg.scale_words or n_major) and cfg.block_k % 128 == 0 and w.scales_word_aligned()
+    if cfg.scaled_dot and not dot_fp32 and n_major and not scale_words:
+        raise ValueError(
+            "MXFP4 weights stored output-rows-innermost need block_k % 128 == 0 and aligned scales"
+        )
     grid = (block_expert.shape[0], triton.cdiv(n, cfg.block_n), cfg.split_k)
     _moe_mxfp4_kernel[grid](
         x,
