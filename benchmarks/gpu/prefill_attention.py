@@ -342,6 +342,7 @@ def parts(cfg: Any, weights: Any, flash: Any, batch: Any, device: torch.device, 
 
     from dynamo_lite.engines.reference.attention import prefill_attention
     from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
+    from dynamo_lite.engines.reference.rope import rope_
 
     m = GptOssModel(cfg, weights, batch.positions.numel() + 16, None, prefill_attention=flash)
     tokens = batch.input_ids.shape[0]
@@ -373,8 +374,7 @@ def parts(cfg: Any, weights: Any, flash: Any, batch: Any, device: torch.device, 
         sin = m.sin[batch.positions].unsqueeze(1)
         for lw in weights.layers:
             F.rms_norm(h, (cfg.hidden_size,), lw.input_norm, cfg.rms_norm_eps)
-            qk = qkv[:, : nh + nkv]
-            torch.roll(qk, hd // 2, dims=-1) * sin + qk * cos
+            rope_(qkv[:, : nh + nkv], cos, sin)  # the model's own (in place)
 
     out: dict[str, Any] = {"tokens": tokens}
     for name, fn in (("attention", attention), ("qkv_o_linears", linears), ("mlp_router_experts", experts),

@@ -28,6 +28,7 @@ from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, GptOssWei
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.linear import make_linear
 from dynamo_lite.engines.reference.model import DecodeAttention, StepBatch
+from dynamo_lite.engines.reference.rope import rope_
 
 _eager_prefill = prefill_attention  # the reference, and the CPU path
 
@@ -99,8 +100,7 @@ class GptOssModel:
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self._qkv[i](h)
         qk = qkv[:, : (nh + nkv) * hd].view(h.shape[0], nh + nkv, hd)
-        rotated = torch.roll(qk, hd // 2, dims=-1).mul_(sin)
-        qk.mul_(cos).add_(rotated)
+        rope_(qk, cos, sin)
         return qkv
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ def pick_experts(
     MXFP4 experts: the Triton kernels on CUDA (bf16 or fp32), the per-expert dequantizing reference elsewhere."""
     if sample is not None and isinstance(sample[2], moe_mxfp4.Mxfp4Experts):
         if moe_mxfp4.triton_supported(device) and dtype in (torch.bfloat16, torch.float32):
-            return ExpertsPlan(moe_mxfp4.experts_mxfp4, True, "mxfp4 (Triton, unpacked in registers)")
+            how = "32-bit words unpacked by PTX" if sample[2].words else "e2m1 unpacked by the compiler"
+            return ExpertsPlan(moe_mxfp4.experts_mxfp4, True, f"mxfp4 (Triton, {how})")
         return ExpertsPlan(
             moe_mxfp4.experts_mxfp4_reference, False, "mxfp4 reference (routed experts dequantized per step)"
         )

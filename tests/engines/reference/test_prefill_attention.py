@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from gpt_oss_testing import tiny_folder
+from reference_testing import project_env
 
 from dynamo_lite.engines.reference import prefill_attention as pa
 
@@ -147,11 +148,8 @@ print("model ok")
 
 def _interpret(script: str, *args: str) -> None:
     pytest.importorskip("triton")
-    env = {
-        **os.environ,
-        "TRITON_INTERPRET": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(Path(__file__).parent)]),
-    }
+    env = project_env(TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(Path(__file__).parent)])
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script), *args],
         capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
@@ -199,7 +197,7 @@ def test_the_compiled_kernel_builds_for_hopper() -> None:
     pytest.importorskip("triton")
     run = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(_COMPILE_CHECK)],
-        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=project_env(),
     )  # fmt: skip
     if run.returncode and "ptxas" in run.stderr.lower() and "not found" in run.stderr.lower():
         pytest.skip("no ptxas in this Triton install")

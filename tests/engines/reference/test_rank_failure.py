@@ -18,6 +18,7 @@ from contextlib import aclosing
 from pathlib import Path
 
 import pytest
+from reference_testing import project_env
 
 from dynamo_lite.engines.base import EngineError, EngineSettings
 from dynamo_lite.engines.reference import build_engine
@@ -282,7 +283,7 @@ def test_rank_zero_killed_takes_its_follower_down(llama: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env=project_env(),
     )
     try:
         follower = int(proc.stdout.readline())
