@@ -3,6 +3,7 @@ shape, the tiny model token for token against transformers, and a checkpoint in 
 packed.
 
     python -m benchmarks.gpu.gpt_oss_mxfp4 kernel [--json out.json]   # correctness + timing at the 120b layer
+    python -m benchmarks.gpu.gpt_oss_mxfp4 words [--json out.json]    # the engine's word layout vs bytes
     python -m benchmarks.gpu.gpt_oss_mxfp4 tokens [--json out.json]   # tiny gpt-oss, MXFP4 experts, vs transformers
     python -m benchmarks.gpu.gpt_oss_mxfp4 load --shape 20b           # prepare --gpt-oss-checkpoint, then load it
 
@@ -265,6 +266,66 @@ def kernel(args: argparse.Namespace) -> dict:
     return result
 
 
+def words(args: argparse.Namespace) -> dict:
+    """The engine's weight layout on CUDA (``mxfp4_words``, unpacked by PTX) against the checkpoint's bytes (the
+    compiler's e2m1 unpacking): each word tile checked against dequantize-then-bf16, then timed beside the byte
+    layout's chosen tiles, at decode and prefill sizes of the 120b layer."""
+    from dynamo_lite.engines.reference import moe
+    from dynamo_lite.engines.reference import moe_mxfp4 as mx
+
+    k = mx.KernelConfig
+    dev = torch.device(args.device)
+    torch.cuda.set_device(dev)
+    bw, flops = copy_bandwidth(dev), matmul_rate(dev)
+    result: dict[str, Any] = {"gpu": torch.cuda.get_device_name(dev), "copy_bandwidth_GBps": bw / 1e9,
+                              "bf16_matmul_TFLOPs": flops / 1e12, "checks": {}, "timings": {}}  # fmt: skip
+    gate_up, gub, down, dnb = layer(dev)
+    gu_words, dn_words = gate_up.as_words(), down.as_words()
+    dense = (gate_up.dequantize(torch.bfloat16), gub, down.dequantize(torch.bfloat16), dnb)
+    grouped = functools.partial(moe.experts, grouped_mm=moe._grouped_mm_torch)
+    decode = [mx.WORDS_SMALL_DECODE_CONFIG, mx.WORDS_DECODE_CONFIG]
+    decode += [k(16, bn, bk, 4, st, False, sw, 1, True) for bn, bk, st, sw in
+               ((64, 128, 4, False), (128, 128, 3, True), (32, 128, 4, True), (64, 256, 4, True))]  # fmt: skip
+    prefill = [mx.WORDS_PREFILL_CONFIG]
+    prefill += [k(bm, bn, bk, w, st, False, sw, 1, True) for bm, bn, bk, w, st, sw in
+                ((128, 128, 64, 4, 5, True), (128, 128, 128, 8, 3, True), (256, 128, 128, 8, 3, True),
+                 (128, 128, 128, 4, 4, False))]  # fmt: skip
+    decode, prefill = list(dict.fromkeys(decode)), list(dict.fromkeys(prefill))
+    for tokens in (1, 64, 4096):
+        weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
+        h = torch.randn(tokens, 2880, device=dev).bfloat16()
+        ref = grouped(h, weights, ids, *dense, LIMIT, ALPHA).float()
+        for cfg in decode if tokens < 4096 else prefill:
+            out = mx.experts_mxfp4(
+                h, weights, ids, gu_words, gub, dn_words, dnb, LIMIT, ALPHA, config=cfg
+            ).float()
+            result["checks"][f"{tokens} {cfg}"] = float((out - ref).norm() / ref.norm())
+    result["correct"] = all(e < 2e-2 for e in result["checks"].values())
+    log(f"word tiles within {max(result['checks'].values()):.2e} of dequantize-then-bf16")
+    expert_bytes = gate_up.expert_nbytes() + down.expert_nbytes()
+    for tokens in args.tokens:
+        weights, ids = routing(tokens, 128, 4, dev, seed=tokens)
+        h = torch.randn(tokens, 2880, device=dev).bfloat16()
+        moved = int(ids.unique().numel()) * expert_bytes
+        rows: dict[str, float] = {}
+        byte_cfg = mx.pick_config(tokens * 4, 128)
+        runs = [("bytes " + str(byte_cfg), gate_up, down, byte_cfg)]
+        runs += [("words " + str(c), gu_words, dn_words, c) for c in (decode if tokens <= 256 else prefill)]
+        for name, gu_w, dn_w, cfg in runs:
+            if tokens >= 16384 and cfg.block_m == 16:
+                continue
+            fn = functools.partial(
+                mx.experts_mxfp4, h, weights, ids, gu_w, gub, dn_w, dnb, LIMIT, ALPHA, config=cfg
+            )
+            rows[name] = time_graph(fn, iters=20) * 1e3
+        chosen = "words " + str(mx.pick_config(tokens * 4, 128, words=True))
+        result["timings"][str(tokens)] = {"floor_ms": moved / bw * 1e3, "ms": rows, "chosen": chosen}
+        best = min(rows, key=rows.get)
+        log(f"{tokens} tokens: bytes {rows[runs[0][0]]:.3f} ms, words (chosen) {rows.get(chosen, float('nan')):.3f}"
+            f" ms, best {best} {rows[best]:.3f} ms; floor {moved / bw * 1e3:.3f} ms")  # fmt: skip
+    return result
+
+
 def tokens(args: argparse.Namespace) -> dict:
     import transformers
 
@@ -393,7 +454,7 @@ def load(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["kernel", "tokens", "load", "compile"])
+    p.add_argument("what", choices=["kernel", "words", "tokens", "load", "compile"])
     p.add_argument("--config", default="", help="compile: BM,BN,BK,warps,stages,scaled_dot")
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 64, 256, 4096, 16384])
@@ -403,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     started = time.perf_counter()
     try:
-        result = {"kernel": kernel, "tokens": tokens, "load": load, "compile": compile_one}[args.what](args)
+        run = {"kernel": kernel, "words": words, "tokens": tokens, "load": load, "compile": compile_one}
+        result = run[args.what](args)
     except Exception as e:
         import traceback
 
