@@ -217,9 +217,9 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 
 # The same sizes with the weights as ``mxfp4_words`` (what CUDA loads; unpacked by our PTX, ~1.6 instructions a
 # weight against ~6 for the compiler's e2m1): the weights on the MMA's left side win at every decode size. Picked
-# by `.stage-bin`-style sweeps on an H100, 2026-12-07 (120b layer, ms, words vs the byte configs above): 1 token
-# 0.060 vs 0.086; 8 tokens 0.256 vs 0.359; 64 tokens 0.868 vs 1.215; 256 tokens 0.999 vs 1.377; 4096 tokens
-# 3.436 vs 4.310; 16384 tokens 10.09 vs 12.47 (323 TFLOP/s).
+# by sweeps like `benchmarks.gpu.gpt_oss_mxfp4 words` on an H100, 2026-12-07 (120b layer, ms, words vs the byte
+# configs above): 1 token 0.060 vs 0.086; 8 tokens 0.264 vs 0.359; 64 tokens 0.868 vs 1.215; 256 tokens 0.999 vs
+# 1.377; 4096 tokens 3.436 vs 4.310; 16384 tokens 10.09 vs 12.47 (323 TFLOP/s).
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
     block_n=64,
