@@ -11,7 +11,7 @@ Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 
 - ``lite-bf16``: the same with ``--dtype bfloat16 --quantization none`` (vLLM's precision exactly);
 - ``lite-llamacpp``: the same with ``--engine llamacpp`` (the GGUF's Q4_1 layers on llama.cpp's kernels: not
   vLLM's precision; build item 2's engine); ``lite-llamacpp-all``: each of its two workers on every core
-  (``--threads N``), a step taking all or one less as measured (``engines/llamacpp/threads.py``);
+  (``--threads N``), a step taking all or one less as measured (``engines/step_threads.py``);
   ``lite-llamacpp-agg``: one aggregated worker on every core (``--topology agg``), as llama-server batches;
 - ``vllm``: ``vllm serve --dtype bfloat16`` as its CPU docs set it up (``VLLM_CPU_OMP_THREADS_BIND=auto``: on a
   2-core box that reserves one core for its API server and engine core, and computes on the other);

@@ -1,4 +1,5 @@
-"""How many threads each ``llama_decode`` gets, chosen by measuring steps rather than assumed.
+"""How many threads an engine step gets, chosen by measuring steps rather than assumed: each ``llama_decode``
+of the llamacpp engine, and the torch engine's prefill steps on cores another engine left idle (``cores``).
 
 ggml runs a step's graph on N threads that meet at a barrier after every op (hundreds a step). With N = the
 cores and one core taken by anything else — our own event loop, the other worker of ``serve``, another tenant —

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dynamo_lite.engines.llamacpp.threads import MAX_INTERVAL, StepThreads
+from dynamo_lite.engines.step_threads import MAX_INTERVAL, StepThreads
 
 
 def run(chooser: StepThreads, seconds: dict[int, float], steps: int, rows: int = 1) -> list[int]:
