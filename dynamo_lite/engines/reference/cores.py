@@ -11,7 +11,9 @@ least ``BORROW_MIN_ROWS`` rows. ``StepThreads`` picks all of them or one less by
 box whose other core is taken by another tenant falls back. Single-row decode keeps the engine's own threads:
 lending every core to whichever engine worked alone, single rows included (commit 88ef1a4, reverted), made c=1
 inter-token latency worse. An engine that gets work during another's borrowed step shares the cores with it
-until that step ends (one decode step, or one prefill chunk, at most).
+until that step ends (one decode step, or one prefill chunk, at most); such a step's time is not what the
+threads cost alone, and is not counted (a 2-thread prefill chunk overlapped by decode steps measured slower
+than one thread, and the long prompts after it kept one thread).
 """
 
 from __future__ import annotations
@@ -30,11 +32,16 @@ class EngineActivity:
 
     def __init__(self) -> None:
         self._working = 0
+        self._starts = 0  # times an engine went from idle to working
         self._lock = threading.Lock()
 
     @property
     def working(self) -> int:
         return self._working
+
+    @property
+    def starts(self) -> int:
+        return self._starts
 
     def lease(self) -> ActivityLease:
         """A handle for one engine thread, counted as idle until it says otherwise."""
@@ -43,6 +50,7 @@ class EngineActivity:
     def _add(self, delta: int) -> None:
         with self._lock:
             self._working += delta
+            self._starts += delta > 0
 
 
 class ActivityLease:

@@ -579,9 +579,10 @@ class TorchEngine:
         if threads != self._threads_now:
             torch.set_num_threads(threads)
             self._threads_now = threads
-        started = time.perf_counter()
+        starts, started = self._activity.activity.starts, time.perf_counter()
         self._step(plan)
-        if borrowing:
+        # Timed only if no other engine started work meanwhile (``cores``: not what the threads cost alone).
+        if borrowing and self._activity.activity.starts == starts:
             borrow.record(tokens, threads, (time.perf_counter() - started) / tokens)
 
     def _step(self, plan: StepPlan) -> None:

@@ -24,7 +24,7 @@ def test_a_lease_counts_once_and_is_alone_without_other_work() -> None:
     mine.working()
     assert activity.working == 1 and mine.alone()
     other.working()
-    assert not mine.alone() and not other.alone()
+    assert not mine.alone() and not other.alone() and activity.starts == 2
     other.idle()
     other.idle()
     assert activity.working == 1 and mine.alone()
