@@ -134,7 +134,7 @@ class TorchEngine:
         self._activity: ActivityLease | None = PROCESS_ENGINES.lease() if cpu_alone else None
         self._borrow: StepThreads | None = None
         if cpu_alone and 0 < config.threads < config.alone_threads:
-            self._borrow = StepThreads(config.alone_threads)
+            self._borrow = StepThreads(config.alone_threads, favor_fewer=True)
         self._threads_now = config.threads
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
