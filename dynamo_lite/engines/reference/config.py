@@ -55,7 +55,7 @@ class ReferenceConfig:
     shared_weights_timeout_s: float = 600.0
     device: str = _E.device
     threads: int = _E.threads  # torch threads of the engine thread; 0: the library default
-    # Up to this many threads for a step while no other engine of this process has work, the faster of all and
+    # Up to this many threads for a prefill step while no other engine of this process has work: all of them or
     # one less as measured (``cores``); 0, or not above ``threads``: ``threads`` always.
     alone_threads: int = _E.alone_threads
     max_batch_size: int = _E.max_batch_size  # KV cache slots = sequences decoding together

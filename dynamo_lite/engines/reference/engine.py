@@ -28,12 +28,7 @@ import torch
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.engines.reasoning import answer_so_far
 from dynamo_lite.engines.reference.config import ConfigError, ReferenceConfig
-from dynamo_lite.engines.reference.cores import (
-    BORROW_MIN_ROWS,
-    BORROW_MIN_TOKENS,
-    PROCESS_ENGINES,
-    ActivityLease,
-)
+from dynamo_lite.engines.reference.cores import BORROW_MIN_TOKENS, PROCESS_ENGINES, ActivityLease
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
@@ -129,7 +124,7 @@ class TorchEngine:
         self._started = False
         self._failure: BaseException | None = None
         # CPU: whether this engine has work, for the process's other engines; and, with ``alone_threads``, the
-        # threads its steps take while the others have none (``cores``).
+        # threads its prefill steps take while the others have none (``cores``).
         cpu_alone = self.device.type == "cpu" and not self.plan.ranked
         self._activity: ActivityLease | None = PROCESS_ENGINES.lease() if cpu_alone else None
         self._borrow: StepThreads | None = None
@@ -566,15 +561,14 @@ class TorchEngine:
             self._close_pulled(seq)
 
     def _timed_step(self, plan: StepPlan) -> None:
-        """``_step`` on this thread's threads, or, for a step big enough while the process's other engines have no
-        work, on the threads ``StepThreads`` picks (timed per token for its next choice)."""
+        """``_step`` on this thread's threads, or, for a prefill step while the process's other engines have no
+        work, on the threads ``StepThreads`` picks (timed per prompt token for its next choice)."""
         borrow, tokens = self._borrow, plan.num_tokens
         if borrow is None:
             self._step(plan)
             return
         assert self._activity is not None
-        big = tokens >= BORROW_MIN_TOKENS or (not plan.prefill and tokens >= BORROW_MIN_ROWS)
-        borrowing = big and self._activity.alone()
+        borrowing = not plan.decode and tokens >= BORROW_MIN_TOKENS and self._activity.alone()
         threads = borrow.choose(tokens) if borrowing else self.config.threads
         if threads != self._threads_now:
             torch.set_num_threads(threads)
