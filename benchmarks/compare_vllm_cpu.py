@@ -11,6 +11,7 @@ Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 
 - ``lite-bf16``: the same with ``--dtype bfloat16 --quantization none`` (vLLM's precision exactly); its prefill
   steps take the decode worker's core while that one has no work (``engines/reference/cores.py``);
   ``lite-bf16-split``: the same with ``--threads`` given (half the cores each, no borrowing: before issue 29);
+  ``lite-bf16-agg``: one aggregated worker on every core (``--topology agg``), as vLLM's one engine;
 - ``lite-llamacpp``: the same with ``--engine llamacpp`` (the GGUF's Q4_1 layers on llama.cpp's kernels: not
   vLLM's precision; build item 2's engine); ``lite-llamacpp-all``: each of its two workers on every core
   (``--threads N``), a step taking all or one less as measured (``engines/step_threads.py``);
@@ -83,6 +84,7 @@ SYSTEMS = (
     "lite-bf16",
     "vllm-2t",
     "lite-bf16-split",
+    "lite-bf16-agg",
     "lite-llamacpp",
     "lite-llamacpp-all",
     "lite-llamacpp-agg",
@@ -208,6 +210,8 @@ def server_spec(system: str, port: int, vllm_python: Path | None, vllm_model: Pa
             argv += ["--dtype", "bfloat16", "--quantization", "none"]
         if system == "lite-bf16-split":  # --threads given: the cores split, no prefill borrowing idle ones
             argv += ["--threads", str(max(1, len(os.sched_getaffinity(0)) // 2))]
+        if system == "lite-bf16-agg":  # one worker on every core: a step mixes prefill chunks and decode rows
+            argv += ["--topology", "agg"]
         if system.startswith("lite-llamacpp"):
             argv += ["--engine", "llamacpp"]
         if system == "lite-llamacpp-all":  # each worker may take every core, or one less per step as measured
