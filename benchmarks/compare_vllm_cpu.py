@@ -8,10 +8,13 @@ Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 
 - ``lite``: ``python -m dynamo_lite serve`` with its defaults (dtype/quantization auto: bf16 activations with the
   GGUF's int4 weights on a CPU with AVX512-BF16 or AMX; prefill and decode workers in one process, the cores
   split evenly between them: one thread each on 2 cores);
-- ``lite-bf16``: the same with ``--dtype bfloat16 --quantization none`` (vLLM's precision exactly);
+- ``lite-bf16``: the same with ``--dtype bfloat16 --quantization none`` (vLLM's precision exactly); its prefill
+  steps take the decode worker's core while that one has no work (``engines/reference/cores.py``);
+  ``lite-bf16-split``: the same with ``--threads`` given (half the cores each, no borrowing: before issue 29);
+  ``lite-bf16-agg``: one aggregated worker on every core (``--topology agg``), as vLLM's one engine;
 - ``lite-llamacpp``: the same with ``--engine llamacpp`` (the GGUF's Q4_1 layers on llama.cpp's kernels: not
   vLLM's precision; build item 2's engine); ``lite-llamacpp-all``: each of its two workers on every core
-  (``--threads N``), a step taking all or one less as measured (``engines/llamacpp/threads.py``);
+  (``--threads N``), a step taking all or one less as measured (``engines/step_threads.py``);
   ``lite-llamacpp-agg``: one aggregated worker on every core (``--topology agg``), as llama-server batches;
 - ``vllm``: ``vllm serve --dtype bfloat16`` as its CPU docs set it up (``VLLM_CPU_OMP_THREADS_BIND=auto``: on a
   2-core box that reserves one core for its API server and engine core, and computes on the other);
@@ -75,7 +78,17 @@ MODEL = "SmolLM2-135M-Instruct"
 # vLLM's dependencies built against another torch than its own "+cpu" pin: they fail to load and are not needed.
 VLLM_MISMATCHED = ("torchvision", "torchaudio", "torchcodec")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
-SYSTEMS = ("lite", "vllm", "lite-bf16", "vllm-2t", "lite-llamacpp", "lite-llamacpp-all", "lite-llamacpp-agg")
+SYSTEMS = (
+    "lite",
+    "vllm",
+    "lite-bf16",
+    "vllm-2t",
+    "lite-bf16-split",
+    "lite-bf16-agg",
+    "lite-llamacpp",
+    "lite-llamacpp-all",
+    "lite-llamacpp-agg",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,8 +206,12 @@ def server_spec(system: str, port: int, vllm_python: Path | None, vllm_model: Pa
     if system.startswith("lite"):
         argv = [sys.executable, "-m", "dynamo_lite", "serve", "--http-port", str(port)]
         argv += ["--served-model-name", MODEL, "--log-level", "WARNING"]
-        if system == "lite-bf16":
+        if system.startswith("lite-bf16"):
             argv += ["--dtype", "bfloat16", "--quantization", "none"]
+        if system == "lite-bf16-split":  # --threads given: the cores split, no prefill borrowing idle ones
+            argv += ["--threads", str(max(1, len(os.sched_getaffinity(0)) // 2))]
+        if system == "lite-bf16-agg":  # one worker on every core: a step mixes prefill chunks and decode rows
+            argv += ["--topology", "agg"]
         if system.startswith("lite-llamacpp"):
             argv += ["--engine", "llamacpp"]
         if system == "lite-llamacpp-all":  # each worker may take every core, or one less per step as measured

@@ -97,7 +97,11 @@ class ServeProcess:
 def settings_from(args: argparse.Namespace) -> ServeProcess:
     timeouts = Timeouts(drain_s=SERVE_DRAIN_S)
     roles = [Role.PREFILL, Role.DECODE] if args.topology == "disagg" else [Role.AGGREGATED]
-    threads = args.threads or max(1, (os.cpu_count() or 2) // len(roles))
+    cores = os.cpu_count() or 2
+    threads = args.threads or max(1, cores // len(roles))
+    # With the cores split (no --threads), the prefill worker's steps take the decode worker's cores while it has
+    # no work (``engines/reference/cores.py``): a long prompt alone prefills on the whole machine.
+    alone_threads = {Role.PREFILL: cores} if not args.threads and len(roles) > 1 else {}
     workers = [
         WorkerSettings(
             role=role,
@@ -111,6 +115,7 @@ def settings_from(args: argparse.Namespace) -> ServeProcess:
                 quantization=args.quantization,
                 device=args.device,
                 threads=threads,
+                alone_threads=alone_threads.get(role, 0),
                 max_batch_size=args.max_batch_size,
                 max_seq_len=args.max_seq_len,
                 speedup_ratio=args.speedup_ratio,

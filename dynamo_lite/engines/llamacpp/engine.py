@@ -148,6 +148,8 @@ class LlamaCppEngine(TorchEngine):
                 "--engine llamacpp serves llama-family GGUFs (gpt-oss: --engine torch or trtllm)"
             )
         self.kv_dtype = "float16"  # llama.cpp's cache type
+        # llama.cpp picks its own threads per step (``StepThreads`` in ``library``); torch here only samples
+        self._borrow = None
         self.flash_attn = options.flash_attn
         self.adaptive_threads = options.adaptive_threads
         self._k_permuted = model_files.model_type in K_PERMUTED_MODEL_TYPES

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dynamo_lite.engines.base import EngineUnavailable
-from dynamo_lite.engines.llamacpp.threads import StepThreads
+from dynamo_lite.engines.step_threads import StepThreads
 
 log = logging.getLogger(__name__)
 

@@ -55,6 +55,9 @@ class ReferenceConfig:
     shared_weights_timeout_s: float = 600.0
     device: str = _E.device
     threads: int = _E.threads  # torch threads of the engine thread; 0: the library default
+    # Up to this many threads for a prefill step while no other engine of this process has work: all of them or
+    # one less as measured (``cores``); 0, or not above ``threads``: ``threads`` always.
+    alone_threads: int = _E.alone_threads
     max_batch_size: int = _E.max_batch_size  # KV cache slots = sequences decoding together
     max_num_tokens: int = _E.max_num_tokens  # tokens fed per step (decode tokens + prefill chunks)
     max_seq_len: int = _E.max_seq_len  # prompt + generated, per sequence (the cache's length per slot)
@@ -99,6 +102,7 @@ SCHEMA: Schema = {
     "shared_weights_timeout_s": float,
     "device": str,
     "threads": int,
+    "alone_threads": int,
     "max_batch_size": int,
     "max_num_tokens": int,
     "max_seq_len": int,
@@ -152,6 +156,7 @@ def from_settings(settings: EngineSettings, cpu: CpuCapability | None = None) ->
         shared_weights_timeout_s=float(pick("shared_weights_timeout_s", _DEFAULTS.shared_weights_timeout_s)),
         device=pick("device", settings.device),
         threads=pick("threads", settings.threads),
+        alone_threads=pick("alone_threads", settings.alone_threads),
         max_batch_size=pick("max_batch_size", settings.max_batch_size),
         max_num_tokens=pick("max_num_tokens", settings.max_num_tokens),
         max_seq_len=pick("max_seq_len", settings.max_seq_len),
@@ -245,10 +250,11 @@ def validate(
         raise bad(f"load_format {cfg.load_format!r} is not one of {LOAD_FORMATS}")
     if cfg.kv_failure_policy not in KV_FAILURE_POLICIES:
         raise bad(f"kv_failure_policy {cfg.kv_failure_policy!r} is not one of {KV_FAILURE_POLICIES}")
-    for name in ("threads", "max_batch_size", "max_num_tokens", "max_seq_len"):
+    for name in ("threads", "alone_threads", "max_batch_size", "max_num_tokens", "max_seq_len"):
         value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "threads" else 1):
-            raise bad(f"{name} must be a {'non-negative' if name == 'threads' else 'positive'} integer")
+        counts = name.endswith("threads")  # 0 allowed
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if counts else 1):
+            raise bad(f"{name} must be a {'non-negative' if counts else 'positive'} integer")
     if cfg.max_seq_len < 2:
         raise bad("max_seq_len must be at least 2")
     cfg.warmup = bool(cfg.warmup)

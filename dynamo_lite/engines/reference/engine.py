@@ -28,6 +28,7 @@ import torch
 from dynamo_lite.engines.base import EngineError, EngineStats, StreamPacing, TokenStream
 from dynamo_lite.engines.reasoning import answer_so_far
 from dynamo_lite.engines.reference.config import ConfigError, ReferenceConfig
+from dynamo_lite.engines.reference.cores import BORROW_MIN_TOKENS, PROCESS_ENGINES, ActivityLease
 from dynamo_lite.engines.reference.cuda_graphs import DecodeGraphs
 from dynamo_lite.engines.reference.gpt_oss_model import GptOssModel
 from dynamo_lite.engines.reference.grammar import GrammarCompiler, GrammarError, mask_rows
@@ -53,6 +54,7 @@ from dynamo_lite.engines.reference.scheduler import (
     suppressed_ids,
 )
 from dynamo_lite.engines.reference.startup import EngineSetup, resolve_quantization
+from dynamo_lite.engines.step_threads import StepThreads
 from dynamo_lite.engines.tool_args import ToolArgsWatcher
 from dynamo_lite.kv import KvCapacityError, KvExporter, KvLayout, KvPullError, pull_kv
 from dynamo_lite.kv.cuda_ipc import CudaKvPool
@@ -121,6 +123,14 @@ class TorchEngine:
         self._stats_lock = threading.Lock()  # for counters both the event loop and the engine thread bump
         self._started = False
         self._failure: BaseException | None = None
+        # CPU: whether this engine has work, for the process's other engines; and, with ``alone_threads``, the
+        # threads its prefill steps take while the others have none (``cores``).
+        cpu_alone = self.device.type == "cpu" and not self.plan.ranked
+        self._activity: ActivityLease | None = PROCESS_ENGINES.lease() if cpu_alone else None
+        self._borrow: StepThreads | None = None
+        if cpu_alone and 0 < config.threads < config.alone_threads:
+            self._borrow = StepThreads(config.alone_threads, favor_fewer=True)
+        self._threads_now = config.threads
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
 
@@ -392,6 +402,9 @@ class TorchEngine:
                 on_failure(e)
         else:
             self._stop_ranks(failed=False)
+        finally:
+            if self._activity is not None:
+                self._activity.idle()
 
     def _load(self) -> None:
         """On the engine thread, before the first step: what ``_run`` steps through (``_runner``, ``_scheduler``)
@@ -451,10 +464,15 @@ class TorchEngine:
         sched = self._scheduler
         assert sched is not None
         stopping = False
+        activity = self._activity
         while not stopping:
+            if activity is not None and not sched.has_work:
+                activity.idle()  # about to wait: another engine's prefill may take our cores meanwhile
             stopping = self._drain(block=not sched.has_work)
             if stopping:
                 break
+            if activity is not None and sched.has_work:
+                activity.working()
             for seq in sched.admit():
                 self._on_admit(seq)
             self._update_gauges()
@@ -462,7 +480,7 @@ class TorchEngine:
                 continue
             plan = sched.plan()
             if plan.num_tokens:
-                self._step(plan)
+                self._timed_step(plan)
             self._update_gauges()
         self._fail_all(EngineError("engine stopped", status=503, code="engine_stopped"))
 
@@ -541,6 +559,25 @@ class TorchEngine:
             self._count_recompute()
         finally:
             self._close_pulled(seq)
+
+    def _timed_step(self, plan: StepPlan) -> None:
+        """``_step`` on this thread's threads, or, for a prefill step while the process's other engines have no
+        work, on the threads ``StepThreads`` picks (timed per prompt token for its next choice)."""
+        borrow, tokens = self._borrow, plan.num_tokens
+        if borrow is None:
+            self._step(plan)
+            return
+        assert self._activity is not None
+        borrowing = not plan.decode and tokens >= BORROW_MIN_TOKENS and self._activity.alone()
+        threads = borrow.choose(tokens) if borrowing else self.config.threads
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
+        starts, started = self._activity.activity.starts, time.perf_counter()
+        self._step(plan)
+        # Timed only if no other engine started work meanwhile (``cores``: not what the threads cost alone).
+        if borrowing and self._activity.activity.starts == starts:
+            borrow.record(tokens, threads, (time.perf_counter() - started) / tokens)
 
     def _step(self, plan: StepPlan) -> None:
         assert self._runner is not None and self._scheduler is not None

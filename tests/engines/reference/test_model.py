@@ -9,7 +9,7 @@ import torch
 
 from dynamo_lite.engines.reference.kv_cache import KvCache
 from dynamo_lite.engines.reference.loader import LlamaConfig, UnsupportedModel, load_weights
-from dynamo_lite.engines.reference.model import LlamaModel, build_step
+from dynamo_lite.engines.reference.model import LlamaModel, build_step, rms_norm_reduced
 
 transformers = pytest.importorskip("transformers")
 
@@ -116,6 +116,20 @@ def test_bf16_stays_close_to_fp32(tiny) -> None:
         got = model.forward(build_step([], [(0, 0, ids)], list(range(20)), torch.device("cpu")), cache)
     expected = reference_logits(hf, ids)
     assert (got - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_rms_norm_equals_transformers(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(37, 576) * 3).to(dtype)
+    weight = (torch.rand(576) + 0.5).to(dtype)
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(576, eps=1e-5).to(dtype)
+    norm.weight.data.copy_(weight)
+    with torch.inference_mode():
+        got, expected = rms_norm_reduced(x, weight, 1e-5), norm(x)
+    # The mean square goes through the fp32 norm (a square root, then squared): one ulp apart now and then.
+    torch.testing.assert_close(got, expected)
+    assert (got != expected).float().mean() < 1e-3
 
 
 def test_unsupported_architectures_are_refused() -> None:

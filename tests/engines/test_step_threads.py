@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dynamo_lite.engines.llamacpp.threads import MAX_INTERVAL, StepThreads
+from dynamo_lite.engines.step_threads import MAX_INTERVAL, StepThreads
 
 
 def run(chooser: StepThreads, seconds: dict[int, float], steps: int, rows: int = 1) -> list[int]:
@@ -55,3 +55,12 @@ def test_all_cores_unless_one_less_is_clearly_faster() -> None:
     chooser = StepThreads(2)
     used = run(chooser, {2: 0.0070, 1: 0.0065}, 200)  # a quiet box, one row: within the margin
     assert used[2:].count(2) >= len(used[2:]) - 8  # only the trials ran on one thread
+
+
+def test_borrowed_cores_only_when_clearly_faster() -> None:
+    chooser = StepThreads(2, favor_fewer=True)
+    used = run(chooser, {2: 0.0065, 1: 0.0070}, 200)  # 2 threads a little faster: within the margin
+    assert used[2:].count(1) >= len(used[2:]) - 8  # only the trials borrowed
+    chooser = StepThreads(2, favor_fewer=True)
+    used = run(chooser, {2: 0.30, 1: 0.45}, 200)  # a long prefill on a quiet box
+    assert used[2:].count(2) >= len(used[2:]) - 8

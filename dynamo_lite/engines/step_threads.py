@@ -1,4 +1,5 @@
-"""How many threads each ``llama_decode`` gets, chosen by measuring steps rather than assumed.
+"""How many threads an engine step gets, chosen by measuring steps rather than assumed: each ``llama_decode``
+of the llamacpp engine, and the torch engine's prefill steps on cores another engine left idle (``cores``).
 
 ggml runs a step's graph on N threads that meet at a barrier after every op (hundreds a step). With N = the
 cores and one core taken by anything else — our own event loop, the other worker of ``serve``, another tenant —
@@ -39,8 +40,11 @@ class StepThreads:
     """``choose(rows)`` before a step, ``record(rows, threads, seconds)`` after it. Not thread-safe: the engine
     thread alone calls it."""
 
-    def __init__(self, max_threads: int, adaptive: bool = True) -> None:
+    def __init__(self, max_threads: int, adaptive: bool = True, favor_fewer: bool = False) -> None:
         self.candidates = (max_threads, max_threads - 1) if adaptive and max_threads > 1 else (max_threads,)
+        # The candidate that runs unless the other is clearly faster (``MARGIN``): every thread, or, for cores
+        # borrowed from another engine (``engines/reference/cores.py``), one less.
+        self.favored = self.candidates[-1] if favor_fewer else self.candidates[0]
         self._buckets: dict[int, _Bucket] = {}
 
     def choose(self, rows: int) -> int:
@@ -67,10 +71,10 @@ class StepThreads:
         b.seconds[threads] = seconds if fresh else old + ALPHA * (seconds - old)
         if len(b.seconds) < len(self.candidates):
             return
-        most = self.candidates[0]
+        favored = self.favored
         best = min(b.seconds, key=b.seconds.__getitem__)
-        if b.seconds[best] > (1 - MARGIN) * b.seconds[most]:
-            best = most
+        if b.seconds[best] > (1 - MARGIN) * b.seconds[favored]:
+            best = favored
         if b.trial:  # a trial step: back off while the incumbent holds, start over when it lost
             b.interval = min(MAX_INTERVAL, b.interval * 2) if best == b.best else MIN_INTERVAL
             b.until_trial = b.interval
