@@ -82,3 +82,21 @@ async def started_engines(settings: Callable[[str], EngineSettings]) -> AsyncIte
     finally:
         for engine in built.values():
             await engine.stop()
+
+
+def write_tiny_hf_llama(folder: Path) -> Path:
+    """A 2-layer random llama (vocab 128) saved by transformers into ``folder``, with an empty tokenizer (the
+    engine tests feed token ids: the engine never tokenizes)."""
+    import json
+
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    (folder / "tokenizer.json").write_text(json.dumps({}))
+    return folder

@@ -3,11 +3,9 @@ the process has work, on its own ``threads`` otherwise, and never for decode row
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from reference_testing import collect, request
+from reference_testing import collect, request, write_tiny_hf_llama
 
 from dynamo_lite.engines.base import EngineSettings
 from dynamo_lite.engines.reference import build_engine
@@ -34,15 +32,7 @@ def test_a_lease_counts_once_and_is_alone_without_other_work() -> None:
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):  # noqa: ANN001
-    folder = tmp_path_factory.mktemp("tiny-llama-cores")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    (folder / "tokenizer.json").write_text(json.dumps({}))
-    return folder
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("tiny-llama-cores"))
 
 
 async def test_prefill_steps_borrow_threads_only_while_alone(tiny_folder) -> None:

@@ -5,11 +5,10 @@ present (the same tokens as on CPU)."""
 from __future__ import annotations
 
 import asyncio
-import json
 
 import pytest
 import torch
-from reference_testing import collect, request, tokens
+from reference_testing import collect, request, tokens, write_tiny_hf_llama
 
 from dynamo_lite.engines.base import EngineError, EngineSettings
 from dynamo_lite.engines.reference import build_engine
@@ -26,15 +25,7 @@ PROMPTS = [list(range(3, 40)), [5, 9, 11], list(range(100, 20, -1))]
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):  # noqa: ANN001
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=2,
-    )  # fmt: skip
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    (folder / "tokenizer.json").write_text(json.dumps({}))  # the engine never tokenizes
-    return folder
+    return write_tiny_hf_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def settings(folder, mode: str, device: str = "cpu", **extra: object) -> EngineSettings:  # noqa: ANN001
