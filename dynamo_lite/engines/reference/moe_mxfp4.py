@@ -3,7 +3,9 @@
 An ``Mxfp4Experts`` holds one projection of every expert exactly as a checkpoint stores it: ``blocks`` ``[E, N,
 K / 2]`` uint8 (two e2m1 values a byte, low nibble first: input ``2j`` then ``2j + 1``) and ``scales`` ``[E, N,
 K / 32]`` uint8 (a power-of-two exponent per 32 inputs, biased by 127), ``N`` output rows like
-``nn.Linear.weight``. 4.25 bits a weight: gpt-oss-120b's experts are 60.9 GB instead of 229 GB in bf16.
+``nn.Linear.weight``. 4.25 bits a weight: gpt-oss-120b's experts are 60.9 GB instead of 229 GB in bf16. On CUDA
+the packed values are stored as ``mxfp4_words`` instead (the same bits permuted within 32-bit words at load, so
+the kernels unpack them in ~1.6 instructions a weight; ``for_kernels``).
 
 ``experts_mxfp4`` is an ``moe.ExpertsFn``: the (token, expert) pairs are sorted by expert and each expert's rows
 padded to the kernel's row block (``align_pairs``: torch ops with shapes fixed by the token count, no host sync,
@@ -177,8 +179,9 @@ def experts_mxfp4_reference(
 @dataclass(frozen=True, slots=True)
 class KernelConfig:
     """Tile sizes of one launch: rows per expert block, output columns and inputs per iteration, warps, stages;
-    and whether bf16 products go through ``tl.dot_scaled`` (the compiler's own e2m1 unpacking) or the weights are
-    unpacked by our bit arithmetic first (``_dequant_tile``, also the fp32 and interpreter path)."""
+    and, for weights in the checkpoint's bytes, whether bf16 products go through ``tl.dot_scaled`` (the compiler's
+    own e2m1 unpacking) or the weights are unpacked by our bit arithmetic first (``_dequant_tile``, also the fp32
+    and interpreter path). Weights as ``mxfp4_words`` always take the words' own unpacking."""
 
     block_m: int
     block_n: int
