@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import statistics
@@ -286,7 +287,8 @@ def words(args: argparse.Namespace) -> dict:
     decode = [mx.WORDS_SMALL_DECODE_CONFIG, mx.WORDS_DECODE_CONFIG]
     decode += [k(16, bn, bk, 4, st, False, sw, 1, True) for bn, bk, st, sw in
                ((64, 128, 4, False), (128, 128, 3, True), (32, 128, 4, True), (64, 256, 4, True))]  # fmt: skip
-    prefill = [mx.WORDS_PREFILL_CONFIG]
+    prefill = [mx.WORDS_PREFILL_CONFIG, mx.WORDS_LONG_PREFILL_CONFIG]
+    prefill += [dataclasses.replace(c, columns_first=False) for c in prefill]  # the launch order's effect
     prefill += [k(bm, bn, bk, w, st, False, sw, 1, True) for bm, bn, bk, w, st, sw in
                 ((128, 128, 64, 4, 5, True), (128, 128, 128, 8, 3, True), (256, 128, 128, 8, 3, True),
                  (128, 128, 128, 4, 4, False))]  # fmt: skip

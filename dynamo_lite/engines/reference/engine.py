@@ -140,6 +140,9 @@ class TorchEngine:
             return
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda requested but CUDA is not available", status=503)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" means the current device; torch.cuda.set_device (the engine thread's) needs its index.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if self.config.role == Role.PREFILL:
             self.exporter = KvExporter(self._kv_config, engine_name=self.name)
             await self.exporter.start()

@@ -199,6 +199,11 @@ class KernelConfig:
     # loads through shared memory but not byte-wide scale loads (below cp.async's 4 bytes a thread): each K step
     # would wait a full memory latency for its scales.
     scale_words: bool = False
+    # Launch order: all column blocks of a row block before the next row block (prefill). By default the row
+    # blocks go first, so a row block's activations are read again from HBM for every column block (at 16k tokens
+    # of the 120b layer ~13 GB a layer); column-first, the programs in flight share them through L2, and an
+    # expert's row blocks, being adjacent, still share its weight tiles.
+    columns_first: bool = False
 
 
 # By rows per expert (token pairs / experts): decode sizes read each expert's weights once and are bound by
@@ -223,6 +228,7 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 # by sweeps like `benchmarks.gpu.gpt_oss_mxfp4 words` on an H100, 2026-12-07 (120b layer, ms, words vs the byte
 # configs above): 1 token 0.060 vs 0.086; 8 tokens 0.264 vs 0.359; 64 tokens 0.868 vs 1.215; 256 tokens 0.999 vs
 # 1.377; 4096 tokens 3.436 vs 4.310; 16384 tokens 10.09 vs 12.47 (323 TFLOP/s).
+# One token: split-K 2 (0.0567 vs 0.0597 ms on the H100, 2026-12-07; 3 and 4 slower: 0.062).
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
     block_n=64,
@@ -231,6 +237,7 @@ WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     num_stages=3,
     scaled_dot=False,
     swap_ab=True,
+    split_k=2,
     scale_words=True,
 )
 WORDS_DECODE_CONFIG = KernelConfig(
@@ -244,8 +251,32 @@ WORDS_DECODE_CONFIG = KernelConfig(
     scale_words=True,
 )
 WORDS_PREFILL_CONFIG = KernelConfig(
-    block_m=128, block_n=256, block_k=128, num_warps=8, num_stages=3, scaled_dot=False, scale_words=True
+    block_m=128,
+    block_n=256,
+    block_k=128,
+    num_warps=8,
+    num_stages=3,
+    scaled_dot=False,
+    scale_words=True,
+    columns_first=True,
 )
+
+
+# Long prompts' steps (16k tokens of the 120b layer: 512 rows an expert): the weights on the MMA's left side, where
+# the unpacked words feed it from registers, columns first. H100, 2026-12-07 (ms): 16384 tokens 8.69 vs 9.99 for
+# WORDS_PREFILL_CONFIG (10.39 in row-blocks-first order); 4096 tokens (128 rows an expert) 3.61 vs 3.44.
+WORDS_LONG_PREFILL_CONFIG = KernelConfig(
+    block_m=256,
+    block_n=128,
+    block_k=128,
+    num_warps=8,
+    num_stages=3,
+    scaled_dot=False,
+    swap_ab=True,
+    scale_words=True,
+    columns_first=True,
+)
+LONG_PREFILL_FROM_ROWS_PER_EXPERT = 256
 
 
 def pick_config(num_pairs: int, num_experts: int, words: bool = False) -> KernelConfig:
@@ -254,6 +285,8 @@ def pick_config(num_pairs: int, num_experts: int, words: bool = False) -> Kernel
         return WORDS_SMALL_DECODE_CONFIG if words else SMALL_DECODE_CONFIG
     if num_pairs < PREFILL_FROM_ROWS_PER_EXPERT * num_experts:
         return WORDS_DECODE_CONFIG if words else DECODE_CONFIG
+    if words and num_pairs >= LONG_PREFILL_FROM_ROWS_PER_EXPERT * num_experts:
+        return WORDS_LONG_PREFILL_CONFIG
     return WORDS_PREFILL_CONFIG if words else PREFILL_CONFIG
 
 
@@ -529,6 +562,7 @@ if HAVE_TRITON:
         PACKED_WORDS: tl.constexpr,
         ASM: tl.constexpr,
         X_BY_PAIR: tl.constexpr,
+        COLUMNS_FIRST: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -544,6 +578,10 @@ if HAVE_TRITON:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
+        if COLUMNS_FIRST:  # programs start in launch order (axis 0 fastest): renumber so columns come first
+            launched = pid_m + pid_n * tl.num_programs(0)
+            pid_m = launched // tl.num_programs(1)
+            pid_n = launched % tl.num_programs(1)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
@@ -730,6 +768,7 @@ def _launch(
         PACKED_WORDS=w.words,
         ASM=not _INTERPRETED,
         X_BY_PAIR=x_by_pair,
+        COLUMNS_FIRST=cfg.columns_first,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,

@@ -93,7 +93,8 @@ for seed, shape, dtype, tol in (
     h, w, ids, gu, gub, dn, dnb = experts_and_routing(seed, *shape, dtype)
     ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
     split = mx.KernelConfig(16, 32, 32, 4, 1, split_k=3)  # inputs in 3 slices, summed after (decode sizes)
-    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split):
+    columns_first = mx.KernelConfig(16, 32, 32, 4, 1, columns_first=True)  # prefill's launch order
+    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split, columns_first):
         # Either byte order read by strides, and the words pre-arranged for the kernels (``mxfp4_words``).
         for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major()), (gu.as_words(), dn.as_words())):
             got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
@@ -196,12 +197,13 @@ async def test_engine_with_mxfp4_experts_matches_transformers(checkpoint: Path) 
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(checkpoint), dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)
     ).eval()
-    expected = []
+    expected, scores = [], []
     with torch.inference_mode():
         for ids in prompts():
             gen = hf.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)  # fmt: skip
-            expected.append(gen[0, len(ids) :].tolist())
+                              pad_token_id=0, output_scores=True, return_dict_in_generate=True)  # fmt: skip
+            expected.append(gen.sequences[0, len(ids) :].tolist())
+            scores.append(torch.stack(gen.scores)[:, 0].float())
     del hf
     settings = EngineSettings(model_path=str(checkpoint), dtype="float32", quantization="mxfp4", threads=2,
                               max_batch_size=8, max_num_tokens=48, max_seq_len=128)  # fmt: skip
@@ -221,8 +223,20 @@ async def test_engine_with_mxfp4_experts_matches_transformers(checkpoint: Path) 
         batched = await asyncio.gather(*(generate(i, ids) for i, ids in enumerate(prompts())))
     finally:
         await engine.stop()
-    assert one_at_a_time == expected
-    assert list(batched) == expected
+    for got in (one_at_a_time, list(batched)):
+        for k, (tokens, want) in enumerate(zip(got, expected, strict=True)):
+            assert same_greedy(tokens, want, scores[k]), (k, tokens, want)
+
+
+def same_greedy(got: list[int], want: list[int], want_scores: torch.Tensor, tie: float = 5e-3) -> bool:
+    """``got`` equals transformers' greedy ``want``, or first differs where transformers' own logits put ``got``'s
+    token within ``tie`` of its top: a near tie that another transformers build decides the other way (one
+    transformers on a GPU host picked 53505 over 122054 at a gap of 1.3e-3, where ours and this box's agree)."""
+    first = next((j for j, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+    if first is None:
+        return True
+    row = want_scores[first]
+    return bool(row[got[first]] >= row.max() - tie)
 
 
 def test_auto_keeps_mxfp4_experts_packed_on_cuda_only(checkpoint: Path, tmp_path: Path) -> None:
