@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dynamo_lite.engines.reference import moe_mxfp4
+from dynamo_lite.engines.reference import moe_mxfp4, route_topk
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,8 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, k], expert ids [T, k])``: the top-k router logits, softmaxed among themselves."""
     logits = F.linear(h, weight, bias)
+    if logits.is_cuda and route_topk.fused_topk_applies(logits):
+        return route_topk.topk_softmax(logits, top_k)
     top, ids = torch.topk(logits, top_k, dim=-1)
     return torch.softmax(top, dim=1, dtype=top.dtype), ids
 

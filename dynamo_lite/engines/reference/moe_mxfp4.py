@@ -290,7 +290,20 @@ def pick_config(num_pairs: int, num_experts: int, words: bool = False) -> Kernel
     return WORDS_PREFILL_CONFIG if words else PREFILL_CONFIG
 
 
+def prefill_token_classes(num_experts: int, top_k: int) -> tuple[int, ...]:
+    """Prompt lengths whose prefill steps between them use every kernel variant a prefill step can: the decode
+    tiles with the largest grouping program, the prefill tiles, the long-prefill tiles (CUDA warms these up)."""
+    pairs = (ALIGN_PAIR_CLASSES[1] + 1, PREFILL_FROM_ROWS_PER_EXPERT * num_experts,
+             LONG_PREFILL_FROM_ROWS_PER_EXPERT * num_experts)  # fmt: skip
+    return tuple(-(-p // top_k) for p in pairs)
+
+
 FUSED_ALIGN_MAX_PAIRS = 4096  # up to this many (token, expert) pairs the grouping runs as one Triton program
+ALIGN_PAIR_CLASSES = (
+    16,
+    256,
+    FUSED_ALIGN_MAX_PAIRS,
+)  # its program's sizes: the smallest class that holds the pairs
 _align_scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -298,6 +311,9 @@ def _align_fused(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
     flat = ids.reshape(-1)
     num_pairs = flat.numel()
     blocks = min(num_pairs, triton.cdiv(num_pairs, block_m) + num_experts)
+    # The program's sizes by class of pair counts, not each count's power of two: one compiled kernel per class.
+    most_pairs = next(c for c in ALIGN_PAIR_CLASSES if num_pairs <= c)
+    most_blocks = min(most_pairs, triton.cdiv(most_pairs, block_m) + num_experts)
     e_pow2 = triton.next_power_of_2(num_experts)
     key = (flat.device, e_pow2)
     scratch = _align_scratch.get(key)
@@ -317,9 +333,9 @@ def _align_fused(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[tor
         E=num_experts,
         E_POW2=e_pow2,
         BLOCK_M=block_m,
-        P_POW2=triton.next_power_of_2(num_pairs),
-        NB_POW2=triton.next_power_of_2(blocks),
-        ROWS_POW2=triton.next_power_of_2(blocks * block_m),
+        P_POW2=most_pairs,
+        NB_POW2=triton.next_power_of_2(most_blocks),
+        ROWS_POW2=triton.next_power_of_2(most_blocks * block_m),
         num_warps=4,
     )
     return sorted_pairs, block_expert, num_pairs
@@ -370,7 +386,7 @@ def align_pairs(ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 
 if HAVE_TRITON:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_pairs", "num_blocks"])
     def _align_kernel(
         ids_ptr,
         sorted_ptr,
@@ -528,7 +544,9 @@ if HAVE_TRITON:
         odd = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
         return tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
 
-    @triton.jit
+    # Sizes that change from step to step are not specialized on (Triton would compile a kernel for each of their
+    # divisibility classes, on first use, in the middle of serving).
+    @triton.jit(do_not_specialize=["num_pairs"])
     def _moe_mxfp4_kernel(
         x_ptr,
         stride_xm,

@@ -164,7 +164,9 @@ if HAVE_TRITON:
                 )  # fmt: skip
         return acc, m_i, l_i
 
-    @triton.jit
+    # Lengths and offsets change with every chunk: not specialized on (else a compile per divisibility class of
+    # each, on first use, while serving).
+    @triton.jit(do_not_specialize=["n", "q_start", "k_start", "window"])
     def _prefill_kernel(
         Q,
         K,

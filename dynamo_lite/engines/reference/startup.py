@@ -31,6 +31,7 @@ from dynamo_lite.engines.reference.kv_cache import KvCache, slot_nbytes
 from dynamo_lite.engines.reference.linear import int4_supported, int8_supported
 from dynamo_lite.engines.reference.loader import checkpoint_quantization, load_weights
 from dynamo_lite.engines.reference.model import LlamaModel
+from dynamo_lite.engines.reference.moe_mxfp4 import prefill_token_classes
 from dynamo_lite.engines.reference.rank_comm import RankComm
 from dynamo_lite.engines.reference.rank_runner import LocalRunner, RankDriver, RankState, Runner
 from dynamo_lite.engines.reference.ranks import ParallelPlan, check_divides, shard_for, sharded_nbytes
@@ -41,9 +42,21 @@ from dynamo_lite.model_files import ModelFiles, ensure_weights
 
 log = logging.getLogger(__name__)
 
+WARM_PREFILL_TOKENS = 4096  # CUDA warmup's longest prefill step: past every kernel choice's prefill threshold
+WARM_PREFILL_DEVICES = ("cuda",)  # where prompt-sized steps compile kernels of their own on first use
+
 # Largest relative error of a Triton attention kernel (decode, and gpt-oss's prefill; checked at load) against
 # its torch reference that we accept: fp32 lands near 1e-7, bf16/fp16 near 1e-3 (the output's own rounding).
 _DECODE_ATTENTION_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def warm_prefill_lengths(limit: int, num_experts: int = 0, top_k: int = 0) -> list[int]:
+    """The prompt lengths CUDA's warmup prefills (at most ``limit`` tokens each): ``WARM_PREFILL_TOKENS``, and for
+    routed experts one length per class of expert tiles (``moe_mxfp4.prefill_token_classes``)."""
+    wanted = {WARM_PREFILL_TOKENS}
+    if num_experts:
+        wanted.update(prefill_token_classes(num_experts, top_k))
+    return sorted({min(n, limit) for n in wanted if min(n, limit) > 8})
 
 
 def resolve_quantization(config: ReferenceConfig, model_files: ModelFiles, model_config: Any) -> None:
@@ -357,11 +370,14 @@ class EngineSetup:
         return min(wanted, fits)
 
     def warmup(self) -> None:
-        """One short prefill and decode step in slot 0; the first forward is several times slower."""
+        """One short prefill and decode step in slot 0; the first forward is several times slower. On CUDA also
+        prompt-sized prefills first (``_warm_long_prefills``)."""
         assert self.runner is not None
         slots = self.runner.slots
         slot = slots.allocate()
         try:
+            if self.device.type in WARM_PREFILL_DEVICES:
+                self._warm_long_prefills(slot)
             ids = list(range(1, 9))
             self.runner.forward([], [(slot, 0, ids)], [len(ids) - 1])
             eager = self.runner.forward([(slot, len(ids), 1)], [], [0])
@@ -369,6 +385,24 @@ class EngineSetup:
                 self._capture_graphs(slot, len(ids), eager)
         finally:
             slots.free(slot)
+
+    def _warm_long_prefills(self, slot: int) -> None:
+        """Prefill steps of prompts' sizes: such steps use Triton kernels of their own (the expert tiles for many
+        rows per expert, the flash prefill attention) that the compiler builds on first use; without this the
+        first prompts served wait seconds for it. One step per kernel variant (``warm_prefill_lengths``)."""
+        assert self.runner is not None
+        cfg = self.model_config
+        experts = (cfg.num_experts, cfg.experts_per_token) if isinstance(self.model, GptOssModel) else (0, 0)
+        limit = min(self.config.max_num_tokens, self.max_seq_len - 1)
+        lengths = warm_prefill_lengths(limit, *experts)
+        started = time.perf_counter()
+        for n in lengths:
+            self.runner.forward([], [(slot, 0, list(range(1, n + 1)))], [n - 1])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        log.info(
+            "prefill kernels warmed (steps of %s tokens) in %.1f s", lengths, time.perf_counter() - started
+        )
 
     def _capture_graphs(self, slot: int, position: int, eager: torch.Tensor) -> None:
         """Capture the decode graphs and check one replay against the eager step it replaces."""

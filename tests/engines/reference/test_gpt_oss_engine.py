@@ -71,6 +71,43 @@ async def test_aggregated_one_at_a_time_token_exact(folder, expected) -> None:  
     assert got == expected
 
 
+def test_warm_prefill_lengths_cover_each_class_of_expert_tiles() -> None:
+    from dynamo_lite.engines.reference import moe_mxfp4, startup
+
+    # gpt-oss-120b (128 experts, top 4): the decode tiles past the small grouping programs, the prefill tiles, the
+    # long-prefill tiles; 20b (32 experts) reaches the last at 2048 tokens.
+    assert moe_mxfp4.prefill_token_classes(128, 4) == (65, 768, 8192)
+    assert startup.warm_prefill_lengths(16384, 128, 4) == [65, 768, 4096, 8192]
+    assert startup.warm_prefill_lengths(3000, 32, 4) == [65, 192, 2048, 3000]
+    assert startup.warm_prefill_lengths(512) == [512]  # no experts: one long prompt
+
+
+async def test_warm_prefills_leave_no_trace(folder, expected, monkeypatch) -> None:  # noqa: ANN001
+    """The prompt-sized prefills CUDA's warmup runs (forced here on the CPU) leave nothing behind: every prompt's
+    tokens after them are transformers'."""
+    from dynamo_lite.engines.reference import rank_runner, startup
+
+    monkeypatch.setattr(startup, "WARM_PREFILL_DEVICES", ("cpu",))
+    prefills: list[int] = []
+    real_forward = rank_runner.LocalRunner.forward
+
+    def observed_forward(self, decode, prefill, sample):  # noqa: ANN001, ANN202 - records, then runs
+        prefills.extend(len(ids) for _, _, ids in prefill)
+        return real_forward(self, decode, prefill, sample)
+
+    monkeypatch.setattr(rank_runner.LocalRunner, "forward", observed_forward)
+    engine = build_engine(settings(folder))
+    await engine.start()
+    try:
+        cfg = engine._model.config
+        warmed = startup.warm_prefill_lengths(48, cfg.num_experts, cfg.experts_per_token)  # max_num_tokens 48
+        assert prefills[: len(warmed) + 1] == [*warmed, 8]  # then the short warmup step
+        got = await asyncio.gather(*(generate(engine, request(i, ids)) for i, ids in enumerate(prompts())))
+    finally:
+        await engine.stop()
+    assert [tokens(c) for c in got] == expected
+
+
 async def test_eight_batched_together_token_exact(folder, expected) -> None:  # noqa: ANN001
     engine = build_engine(settings(folder))
     await engine.start()
