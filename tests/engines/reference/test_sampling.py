@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynamo_lite.engines.reference.sampling import Sampler, SamplingError, sample_batch, validate
+from dynamo_lite.engines.reference.sampling import BLOCK, Sampler, SamplingError, draw, sample_batch, validate
 from dynamo_lite.protocol import SamplingOptions
 
 CPU = torch.device("cpu")
@@ -46,6 +46,38 @@ def test_batch_mixes_greedy_and_sampled_rows_and_suppresses() -> None:
     hot = Sampler(SamplingOptions(temperature=0.7, top_k=3, seed=3), CPU)
     out = sample_batch(batch, [greedy, sampled, hot], [[1], None, None])
     assert out[0] == 4 and out[1] == 1 and out[2] in {1, 2, 4}
+
+
+def test_draw_follows_the_probabilities_across_blocks_and_never_picks_a_zero() -> None:
+    # Mass at both sides of block boundaries and in the tail block (600 entries: 2 whole blocks + 88).
+    n = 2 * BLOCK + 88
+    support = {0: 0.1, BLOCK - 1: 0.2, BLOCK: 0.3, 2 * BLOCK: 0.15, n - 1: 0.25}
+    probs = torch.zeros(n)
+    for i, p in support.items():
+        probs[i] = p
+    gen = torch.Generator().manual_seed(5)
+    picked = draw((probs * 3).expand(20_000, n), [gen] * 20_000)  # any positive total
+    assert set(picked) <= set(support)
+    for i, p in support.items():
+        assert abs(picked.count(i) / len(picked) - p) < 0.015
+
+
+def test_temperature_rows_draw_the_same_alone_and_in_a_batch() -> None:
+    torch.manual_seed(0)
+    rows = torch.randn(4, 1000) * 2
+
+    def samplers() -> list[Sampler]:
+        return [
+            Sampler(SamplingOptions(temperature=1.0, seed=11), CPU),
+            Sampler(SamplingOptions(temperature=0.0), CPU),
+            Sampler(SamplingOptions(temperature=0.6, seed=12), CPU),
+            Sampler(SamplingOptions(temperature=1.0, top_k=50, seed=13), CPU),
+        ]
+
+    batched, alone = samplers(), samplers()
+    for _ in range(20):
+        together = sample_batch(rows.clone(), batched, [None] * 4)
+        assert together == [s.sample(rows[i].clone()) for i, s in enumerate(alone)]
 
 
 @pytest.mark.parametrize(
