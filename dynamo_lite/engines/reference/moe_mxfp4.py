@@ -227,7 +227,8 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 # weight against ~6 for the compiler's e2m1): the weights on the MMA's left side win at every decode size. Picked
 # by sweeps like `benchmarks.gpu.gpt_oss_mxfp4 words` on an H100, 2026-12-07 (120b layer, ms, words vs the byte
 # configs above): 1 token 0.060 vs 0.086; 8 tokens 0.264 vs 0.359; 64 tokens 0.868 vs 1.215; 256 tokens 0.999 vs
-# 1.377; 4096 tokens 3.436 vs 4.310; 16384 tokens 10.09 vs 12.47 (323 TFLOP/s).
+# 1.377; 4096 tokens 3.436 vs 4.310; 16384 tokens 10.09 vs 12.47 (323 TFLOP/s; such steps now take
+# WORDS_LONG_PREFILL_CONFIG below: 8.69 ms).
 # One token: split-K 2 (0.0567 vs 0.0597 ms on the H100, 2026-12-07; 3 and 4 slower: 0.062).
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
