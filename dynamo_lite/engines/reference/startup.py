@@ -42,7 +42,7 @@ from dynamo_lite.model_files import ModelFiles, ensure_weights
 
 log = logging.getLogger(__name__)
 
-WARM_PREFILL_TOKENS = 4096  # CUDA warmup's longest prefill step: past every kernel choice's prefill threshold
+WARM_PREFILL_TOKENS = 4096  # a long prompt CUDA's warmup prefills (plus one length per class of expert tiles)
 WARM_PREFILL_DEVICES = ("cuda",)  # where prompt-sized steps compile kernels of their own on first use
 
 # Largest relative error of a Triton attention kernel (decode, and gpt-oss's prefill; checked at load) against
