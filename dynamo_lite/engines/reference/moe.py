@@ -181,7 +181,7 @@ def route(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, k], expert ids [T, k])``: the top-k router logits, softmaxed among themselves."""
     logits = F.linear(h, weight, bias)
-    if logits.is_cuda and route_topk.fused_topk_applies(logits):
+    if route_topk.fused_topk_applies(logits):
         return route_topk.topk_softmax(logits, top_k)
     top, ids = torch.topk(logits, top_k, dim=-1)
     return torch.softmax(top, dim=1, dtype=top.dtype), ids

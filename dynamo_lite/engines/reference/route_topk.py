@@ -25,10 +25,10 @@ _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fused_topk_applies(logits: torch.Tensor) -> bool:
-    """Whether ``topk_softmax`` runs for these logits (else torch's ops)."""
+    """Whether the router runs ``topk_softmax`` for these logits (else torch's ops)."""
     return (
         HAVE_TRITON
-        and (logits.is_cuda or _INTERPRETED)
+        and logits.is_cuda
         and logits.dtype in (torch.bfloat16, torch.float16)
         and logits.dim() == 2
     )
