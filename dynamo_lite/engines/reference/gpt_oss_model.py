@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynamo_lite.engines.reference import moe
+from dynamo_lite.engines.reference import moe, residual_norm
 from dynamo_lite.engines.reference.attention import (
     PrefillAttention,
     decode_attention_sinks,
@@ -95,12 +95,20 @@ class GptOssModel:
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self._norm_shape, weight, self.config.rms_norm_eps)
 
-    def _qkv_rope(self, i: int, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _qkv_rope(
+        self,
+        i: int,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        store: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Layer ``i``'s q|k|v for ``h``, q and k rotated; ``store = (rows, index)``: K and V also stored there."""
         cfg = self.config
         nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         qkv = self._qkv[i](h)
         qk = qkv[:, : (nh + nkv) * hd].view(h.shape[0], nh + nkv, hd)
-        rope_(qk, cos, sin)
+        rope_(qk, cos, sin, None if store is None else (qkv[:, nh * hd :], *store))
         return qkv
 
     def _mlp(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,8 @@ class GptOssModel:
         h = self._rms_norm(x, lw.post_norm)
         return x + self.comm.ffn(h, lambda rows: self._routed_experts(i, rows))
 
-    def _routed_experts(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def _route(self, i: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router weights and ids of layer ``i``'s experts for ``h``, in this rank's expert numbering."""
         cfg, lw = self.config, self.weights.layers[i]
         weights, ids = moe.route(h, lw.router, lw.router_bias, cfg.experts_per_token)
         held = lw.gate_up_bias.shape[0]
@@ -119,7 +128,12 @@ class GptOssModel:
             mine = (local >= 0) & (local < held)
             weights = weights * mine
             ids = torch.where(mine, local, torch.zeros_like(local))
-        return self._experts(
+        return weights, ids
+
+    def _routed_experts(self, i: int, h: torch.Tensor, fn: moe.ExpertsFn | None = None) -> torch.Tensor:
+        cfg, lw = self.config, self.weights.layers[i]
+        weights, ids = self._route(i, h)
+        return (fn or self._experts)(
             h,
             weights,
             ids,
@@ -130,6 +144,18 @@ class GptOssModel:
             cfg.swiglu_limit,
             cfg.swiglu_alpha,
         )
+
+    def _mlp_add_norm(
+        self, i: int, x: torch.Tensor, h: torch.Tensor, norm: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` plus layer ``i``'s experts' output for ``h`` (its post-attention norm), and that sum normed by
+        ``norm`` (the next layer's input norm, or the final one)."""
+        eps, partials = self.config.rms_norm_eps, self.experts_plan.partials
+        if partials is not None and self.comm is ONE_RANK and residual_norm.fused_applies(x):
+            parts = self._routed_experts(i, h, partials)
+            return residual_norm.moe_add_rms_norm(parts, x, norm, eps)
+        y = self.comm.ffn(h, lambda rows: self._routed_experts(i, rows))
+        return residual_norm.add_rms_norm(x, y, norm, eps)
 
     def _decode(
         self, q: torch.Tensor, i: int, cache: KvCache, slots: torch.Tensor, lens: torch.Tensor
@@ -237,16 +263,17 @@ class GptOssModel:
         ring_store = cache.store_index(slots, positions, window) if cache.windowed_layers else None
         lens = positions + 1
         lens_window = lens.clamp(max=window) if window else lens
-        for i, layer in enumerate(w.layers):
-            h = self._rms_norm(x, layer.input_norm)
-            qkv = self._qkv_rope(i, h, cos, sin)
+        layers = w.layers
+        eps = cfg.rms_norm_eps
+        # Each residual add runs with the norm after it (one kernel on CUDA in bf16: ``residual_norm``).
+        h = self._rms_norm(x, layers[0].input_norm)
+        for i, layer in enumerate(layers):
             windowed = self.windows[i] > 0
-            cache.layer_rows[i].index_copy_(
-                0, ring_store if windowed else store, qkv[:, q_dim:].reshape(-1, hd)
-            )
+            qkv = self._qkv_rope(i, h, cos, sin, (cache.layer_rows[i], ring_store if windowed else store))
             q = qkv[:, :q_dim].view(num_tokens, nh, hd)
             attn = self._decode(q, i, cache, slots, lens_window if windowed else lens)
-            x = x + self.comm.attention_out(self._o[i](attn))
-            x = self._mlp(i, x)
-        x = self._rms_norm(x, w.norm)
-        return self._lm_head(x).float()
+            x, h = residual_norm.add_rms_norm(
+                x, self.comm.attention_out(self._o[i](attn)), layer.post_norm, eps
+            )
+            x, h = self._mlp_add_norm(i, x, h, layers[i + 1].input_norm if i + 1 < len(layers) else w.norm)
+        return self._lm_head(h).float()

@@ -65,11 +65,13 @@ DENSE_MIN_COVERAGE = 0.9  # share of the experts a step's tokens must reach befo
 @dataclass(frozen=True, slots=True)
 class ExpertsPlan:
     """How a model runs its experts: ``fn`` (an ``ExpertsFn``), whether a CUDA graph can capture it, and a
-    one-line description for logs and benchmarks."""
+    one-line description for logs and benchmarks. ``partials``: the same experts before their sum, as fp32
+    ``[slices, T, k, hidden]`` (``residual_norm.moe_add_rms_norm`` folds the sum into the residual add)."""
 
     fn: ExpertsFn
     graph_safe: bool
     name: str
+    partials: ExpertsFn | None = None
 
 
 def pick_experts(
@@ -87,7 +89,9 @@ def pick_experts(
     if sample is not None and isinstance(sample[2], moe_mxfp4.Mxfp4Experts):
         if moe_mxfp4.triton_supported(device) and dtype in (torch.bfloat16, torch.float32):
             how = "32-bit words unpacked by PTX" if sample[2].words else "e2m1 unpacked by the compiler"
-            return ExpertsPlan(moe_mxfp4.experts_mxfp4, True, f"mxfp4 (Triton, {how})")
+            return ExpertsPlan(
+                moe_mxfp4.experts_mxfp4, True, f"mxfp4 (Triton, {how})", moe_mxfp4.experts_mxfp4_partials
+            )
         return ExpertsPlan(
             moe_mxfp4.experts_mxfp4_reference, False, "mxfp4 reference (routed experts dequantized per step)"
         )

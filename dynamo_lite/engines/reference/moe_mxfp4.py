@@ -21,6 +21,7 @@ against.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -204,6 +205,12 @@ class KernelConfig:
     # of the 120b layer ~13 GB a layer); column-first, the programs in flight share them through L2, and an
     # expert's row blocks, being adjacent, still share its weight tiles.
     columns_first: bool = False
+    # The down kernel's own split (None: ``split_k``): at one token the gate_up kernel (twice the columns) has
+    # programs enough unsplit, while the down kernel still gains from shorter ones.
+    down_split_k: int | None = None
+    # One routed pair a row block, its expert read from the router's ids: no grouping program (one-token steps,
+    # whose k experts are distinct; a pair sharing an expert with another would read its weights twice).
+    pair_blocks: bool = False
 
 
 # By rows per expert (token pairs / experts): decode sizes read each expert's weights once and are bound by
@@ -229,7 +236,9 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 # configs above): 1 token 0.060 vs 0.086; 8 tokens 0.264 vs 0.359; 64 tokens 0.868 vs 1.215; 256 tokens 0.999 vs
 # 1.377; 4096 tokens 3.436 vs 4.310; 16384 tokens 10.09 vs 12.47 (323 TFLOP/s; such steps now take
 # WORDS_LONG_PREFILL_CONFIG below: 8.69 ms).
-# One token: split-K 2 (0.0567 vs 0.0597 ms on the H100, 2026-12-07; 3 and 4 slower: 0.062).
+# One token: gate_up unsplit, down split-K 2, no grouping program. The kernels timed apart (120b layer, H100,
+# 2026-12-07, µs, 10 launches a graph): gate_up 25.8 unsplit vs 28.5 split 2 (with its SwiGLU pass), down 14.0
+# split 2 vs 15.5 split 4 and more unsplit; before that one split 2 for both (0.0567 vs 0.0597 ms unsplit).
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
     block_n=64,
@@ -238,8 +247,10 @@ WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     num_stages=3,
     scaled_dot=False,
     swap_ab=True,
-    split_k=2,
+    split_k=1,
     scale_words=True,
+    down_split_k=2,
+    pair_blocks=True,
 )
 WORDS_DECODE_CONFIG = KernelConfig(
     block_m=16,
@@ -582,6 +593,7 @@ if HAVE_TRITON:
         ASM: tl.constexpr,
         X_BY_PAIR: tl.constexpr,
         COLUMNS_FIRST: tl.constexpr,
+        PAIR_BLOCKS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -605,7 +617,10 @@ if HAVE_TRITON:
         if expert < 0:
             return
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pairs = tl.load(sorted_pairs_ptr + offs_m)
+        if PAIR_BLOCKS:  # row block b holds pair b alone (its expert: the router's id)
+            pairs = tl.where(tl.arange(0, BLOCK_M) == 0, pid_m, num_pairs)
+        else:
+            pairs = tl.load(sorted_pairs_ptr + offs_m)
         valid = pairs < num_pairs
         if GATE_UP:
             x_rows = pairs // TOP_K
@@ -788,6 +803,7 @@ def _launch(
         ASM=not _INTERPRETED,
         X_BY_PAIR=x_by_pair,
         COLUMNS_FIRST=cfg.columns_first,
+        PAIR_BLOCKS=cfg.pair_blocks,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -811,34 +827,59 @@ def experts_mxfp4(
     """The routed experts' summed output ``[T, hidden]`` through the two Triton kernels (CUDA; bf16 activations
     on the tensor cores, or fp32 ones in full fp32 products). No host sync; shapes fixed by ``h.shape``:
     capturable in a CUDA graph."""
+    parts = experts_mxfp4_partials(
+        h, weights, ids, gate_up, gate_up_bias, down, down_bias, limit, alpha, config
+    )
+    summed = parts[0].sum(dim=1) if parts.shape[0] == 1 else parts.sum(dim=(0, 2))
+    return summed.to(h.dtype)
+
+
+def experts_mxfp4_partials(
+    h: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: Mxfp4Experts,
+    gate_up_bias: torch.Tensor,
+    down: Mxfp4Experts,
+    down_bias: torch.Tensor,
+    limit: float,
+    alpha: float,
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """``experts_mxfp4`` before its sum: each routed pair's output, weighted by the router, in fp32 as
+    ``[split_k slices, T, k, hidden]`` (``residual_norm.moe_add_rms_norm`` sums them with the residual add)."""
     num_tokens, top_k = ids.shape
     num_experts = gate_up.num_experts
     cfg = config or pick_config(num_tokens * top_k, num_experts, gate_up.words)
-    sorted_pairs, block_expert, num_pairs = _align(ids, num_experts, cfg.block_m)
+    if cfg.pair_blocks:
+        block_expert = ids.reshape(-1).contiguous()
+        sorted_pairs, num_pairs = block_expert, block_expert.shape[0]  # the kernels don't read sorted_pairs
+        padded = num_pairs * cfg.block_m
+    else:
+        sorted_pairs, block_expert, num_pairs = _align(ids, num_experts, cfg.block_m)
+        padded = sorted_pairs.shape[0]
+    down_cfg = cfg if cfg.down_split_k is None else dataclasses.replace(cfg, split_k=cfg.down_split_k)
     inter = gate_up.out_features // 2
     x = h.contiguous()
     route_w = weights.reshape(-1).contiguous()
     if cfg.split_k > 1:
-        split = cfg.split_k
-        part = torch.empty(split, num_pairs, 2 * inter, dtype=torch.float32, device=h.device)
+        part = torch.empty(cfg.split_k, num_pairs, 2 * inter, dtype=torch.float32, device=h.device)
         _launch(x, gate_up, gate_up_bias, part, sorted_pairs, block_expert, route_w, num_pairs, top_k, True,
                 limit, alpha, cfg)  # fmt: skip
-        act = torch.empty(num_pairs, inter, dtype=h.dtype, device=h.device)
+        act = torch.empty(num_pairs, inter, dtype=h.dtype, device=h.device)  # by pair
         act_block = min(1024, triton.next_power_of_2(inter))
         _swiglu_split_kernel[(num_pairs, triton.cdiv(inter, act_block))](
-            part, act, num_pairs, limit, alpha, N=2 * inter, SPLIT_K=split, BLOCK=act_block
+            part, act, num_pairs, limit, alpha, N=2 * inter, SPLIT_K=cfg.split_k, BLOCK=act_block
         )
-        out = torch.empty(split, num_pairs, down.out_features, dtype=torch.float32, device=h.device)
-        _launch(act, down, down_bias, out, sorted_pairs, block_expert, route_w, num_pairs, top_k, False,
-                limit, alpha, cfg, x_by_pair=True)  # fmt: skip
-        return out.view(split, num_tokens, top_k, -1).sum(dim=(0, 2)).to(h.dtype)
-    act = torch.empty(sorted_pairs.shape[0], inter, dtype=h.dtype, device=h.device)
-    _launch(x, gate_up, gate_up_bias, act, sorted_pairs, block_expert, route_w, num_pairs, top_k, True,
-            limit, alpha, cfg)  # fmt: skip
-    out = torch.empty(num_pairs, down.out_features, dtype=torch.float32, device=h.device)
-    _launch(act, down, down_bias, out, sorted_pairs, block_expert, route_w, num_pairs, top_k, False,
-            limit, alpha, cfg)  # fmt: skip
-    return out.view(num_tokens, top_k, -1).sum(dim=1).to(h.dtype)
+    else:
+        act = torch.empty(padded, inter, dtype=h.dtype, device=h.device)  # by padded position
+        _launch(x, gate_up, gate_up_bias, act, sorted_pairs, block_expert, route_w, num_pairs, top_k, True,
+                limit, alpha, cfg)  # fmt: skip
+    split = down_cfg.split_k
+    out = torch.empty(split, num_pairs, down.out_features, dtype=torch.float32, device=h.device)
+    _launch(act, down, down_bias, out if split > 1 else out[0], sorted_pairs, block_expert, route_w, num_pairs,
+            top_k, False, limit, alpha, down_cfg, x_by_pair=cfg.split_k > 1)  # fmt: skip
+    return out.view(split, num_tokens, top_k, -1)
 
 
 # How the kernels want the packed weights stored on CUDA: "k" keeps the checkpoint's order (each output row's

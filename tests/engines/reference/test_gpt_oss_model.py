@@ -171,3 +171,24 @@ def test_the_three_expert_paths_compute_the_same(ours) -> None:  # noqa: ANN001
     assert plan.graph_safe == (plan.name == "grouped_mm")
     torch.testing.assert_close(plan.fn(h, *args), loop, atol=1e-5, rtol=1e-5)
     assert len(set(ids.flatten().tolist())) == cfg.num_experts  # every expert had rows
+
+
+def test_decode_forward_equals_a_decode_step_of_forward(ours) -> None:  # noqa: ANN001
+    """The decode-only step CUDA graphs capture (each residual add with the norm after it, K/V stored by the rope
+    call) gives the general step's logits and cache bit for bit; rows past the window wrap the ring."""
+    seqs = {0: ids_of(9, 11), 3: ids_of(2 * WINDOW + 3, 12), 1: ids_of(WINDOW, 13)}
+    caches = [new_cache(ours), new_cache(ours)]
+    for cache in caches:
+        for slot, ids in seqs.items():
+            ours.forward(build_step([], [(slot, 0, ids[:-1])], [len(ids) - 2], CPU), cache)
+    decode = sorted((slot, len(ids) - 1, ids[-1]) for slot, ids in seqs.items())
+    with torch.inference_mode():
+        general = ours.forward(build_step(decode, [], list(range(len(decode))), CPU), caches[0])
+        step = ours.decode_forward(
+            torch.tensor([tok for _, _, tok in decode]),
+            torch.tensor([pos for _, pos, _ in decode]),
+            torch.tensor([slot for slot, _, _ in decode]),
+            caches[1],
+        )
+    assert torch.equal(step, general)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0].groups, caches[1].groups, strict=True))

@@ -94,7 +94,11 @@ for seed, shape, dtype, tol in (
     ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
     split = mx.KernelConfig(16, 32, 32, 4, 1, split_k=3)  # inputs in 3 slices, summed after (decode sizes)
     columns_first = mx.KernelConfig(16, 32, 32, 4, 1, columns_first=True)  # prefill's launch order
-    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split, columns_first):
+    # one-token steps' form: a pair a row block (no grouping program), the down kernel alone split
+    pairs = mx.KernelConfig(16, 32, 32, 4, 1, down_split_k=2, pair_blocks=True)
+    gate_up_split = mx.KernelConfig(16, 32, 64, 4, 1, split_k=2, down_split_k=1)  # down reads SwiGLU by pair
+    few = (pairs, gate_up_split) if shape[3] <= 9 else ()
+    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split, columns_first, *few):
         # Either byte order read by strides, and the words pre-arranged for the kernels (``mxfp4_words``).
         for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major()), (gu.as_words(), dn.as_words())):
             got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
@@ -143,7 +147,7 @@ def test_triton_kernels_equal_the_reference_in_the_interpreter() -> None:
     executed by Triton's CPU interpreter: fp32 activations within 1e-5, bf16 within bf16 rounding, with an expert
     that gets no rows and one that gets a single row, three tile shapes (one splitting the inputs), the weights stored
     K- or N-innermost or as ``mxfp4_words`` (unpacked by Triton's integer ops here, by PTX on a GPU); the
-    grouping equal to torch's."""
+    grouping equal to torch's; a routed pair a row block without the grouping, and the two kernels split apart."""
     pytest.importorskip("triton")
     env = project_env(TRITON_INTERPRET="1")
     env["PYTHONPATH"] += os.pathsep + str(Path(__file__).parent)  # the script imports this module

@@ -25,20 +25,43 @@ def check(device, dtype, tokens, heads, extra, head_dim=64):
     angles = torch.rand(tokens, head_dim // 2, generator=gen) * 6.3
     cos = torch.cat([angles.cos(), angles.cos()], -1).to(device=device, dtype=dtype)[:, None]
     sin = torch.cat([-angles.sin(), angles.sin()], -1).to(device=device, dtype=dtype)[:, None]
+    # the last `extra` of the rotated heads are k heads, followed by as many v heads (gpt-oss's q|k|v)
+    index = torch.randperm(3 * tokens * 2 * extra, generator=gen)[: tokens * 2 * extra].to(device)
     expected = qkv.clone()
     rope.rope_torch_(expected[:, : heads * head_dim].view(tokens, heads, head_dim), cos, sin)
-    got = qkv.clone()
-    view = got[:, : heads * head_dim].view(tokens, heads, head_dim)  # rows strided by the whole qkv
-    assert tokens == 1 or view.stride(0) != heads * head_dim
-    rope._rope_kernel[(tokens,)](view, view.stride(0), cos, sin, cos.stride(0), HEADS=heads, HEAD_DIM=head_dim,
-                                 BLOCK_H=16, num_warps=4,
-                                 enable_fp_fusion=False)
-    if dtype == torch.float32 or device != "cpu":
-        bits = torch.int32 if dtype == torch.float32 else torch.int16
-        assert torch.equal(got.view(bits), expected.view(bits)), (dtype, heads)
-    else:
-        torch.testing.assert_close(got, expected, atol=2**-4, rtol=2**-7)  # a rounding of either product
+    expected_rows = torch.zeros(3 * tokens * 2 * extra, head_dim, dtype=dtype, device=device)
+    expected_rows.index_copy_(0, index, expected[:, (heads - extra) * head_dim :].reshape(-1, head_dim))
+    for store in (False, True):
+        got = qkv.clone()
+        rows = torch.zeros_like(expected_rows)
+        view = got[:, : heads * head_dim].view(tokens, heads, head_dim)  # rows strided by the whole qkv
+        assert tokens == 1 or view.stride(0) != heads * head_dim
+        rope._rope_kernel[(tokens,)](view, view.stride(0), cos, sin, cos.stride(0), rows, index, HEADS=heads,
+                                     HEAD_DIM=head_dim, BLOCK_H=16, KV_HEADS=extra if store else 0,
+                                     num_warps=4, enable_fp_fusion=False)
+        if dtype == torch.float32 or device != "cpu":
+            bits = torch.int32 if dtype == torch.float32 else torch.int16
+            assert torch.equal(got.view(bits), expected.view(bits)), (dtype, heads)
+            if store:  # the cache rows hold the rotated k heads and the v heads, bit for bit
+                assert torch.equal(rows.view(bits), expected_rows.view(bits)), (dtype, heads)
+        else:
+            torch.testing.assert_close(got, expected, atol=2**-4, rtol=2**-7)  # a rounding of either product
+            if store:
+                torch.testing.assert_close(rows, expected_rows, atol=2**-4, rtol=2**-7)
+                assert torch.equal(rows[index].view(tokens, -1), got[:, (heads - extra) * head_dim :])
         assert torch.equal(got[:, heads * head_dim :], qkv[:, heads * head_dim :])  # v untouched
+        if not store:
+            assert not rows.any()
+
+    # rope_ with a store on this device: the kernel on CUDA, the torch form + index_copy_ elsewhere
+    got = qkv.clone()
+    rows = torch.zeros_like(expected_rows)
+    view = got[:, : heads * head_dim].view(tokens, heads, head_dim)
+    store = (got[:, (heads - extra) * head_dim :], rows, index)
+    assert rope.kernel_applies(view, cos, sin, store) == (DEVICE != "cpu")  # one row too (any stride(0))
+    rope.rope_(view, cos, sin, store)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(bits), expected.view(bits)) and torch.equal(rows.view(bits), expected_rows.view(bits))
 
 for dtype in (torch.bfloat16, torch.float32):
     for tokens, heads, extra in ((5, 72, 8), (3, 12, 4), (1, 20, 2)):
