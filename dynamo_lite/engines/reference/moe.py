@@ -184,7 +184,10 @@ def route(
     h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weights [T, k], expert ids [T, k])``: the top-k router logits, softmaxed among themselves."""
-    logits = F.linear(h, weight, bias)
+    if route_topk.small_router_applies(h, weight):
+        logits = route_topk.router_logits(h, weight, bias)
+    else:
+        logits = F.linear(h, weight, bias)
     if route_topk.fused_topk_applies(logits):
         return route_topk.topk_softmax(logits, top_k)
     top, ids = torch.topk(logits, top_k, dim=-1)

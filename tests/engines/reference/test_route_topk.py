@@ -30,6 +30,16 @@ for tokens, experts, top_k, dtype in ((1, 128, 4, torch.bfloat16), (37, 32, 4, t
     # numpy's expf here, not CUDA's: the rounding to bf16/fp16 may land one unit apart (on CUDA: equal)
     assert torch.allclose(weights.float(), want.float(), rtol=2**-7, atol=0), (weights - want).abs().max()
 assert not route_topk.fused_topk_applies(torch.zeros(2, 8, dtype=torch.bfloat16))  # CPUs keep torch's ops
+
+# the small steps' router product: fp32 sums of each expert's row, bias added, rounded once
+for tokens, experts, hidden in ((1, 128, 2880), (3, 10, 96)):
+    h = torch.randn(tokens, hidden, generator=gen).bfloat16()
+    w = (torch.randn(experts, hidden, generator=gen) * hidden**-0.5).bfloat16()
+    b = torch.randn(experts, generator=gen).bfloat16()
+    got = route_topk.router_logits(h, w, b)
+    want = (h.float() @ w.float().T + b.float()).bfloat16()
+    assert got.dtype == torch.bfloat16 and got.shape == (tokens, experts)
+    torch.testing.assert_close(got.float(), want.float(), atol=2**-7, rtol=2**-7)  # the interpreter rounds half-up
 """
 
 
@@ -53,3 +63,10 @@ def test_fused_topk_softmax_matches_torch_on_cuda() -> None:
         top, want_ids = torch.topk(logits, 4, dim=-1)
         assert torch.equal(ids, want_ids) or torch.equal(logits.gather(1, ids), top)
         assert torch.equal(weights, torch.softmax(top, dim=1, dtype=top.dtype))
+    for tokens in (1, 8):  # the small steps' router product against cuBLAS's (fp32 sums in another order)
+        h = torch.randn(tokens, 2880, generator=gen, device="cuda").bfloat16()
+        w = (torch.randn(128, 2880, generator=gen, device="cuda") * 2880**-0.5).bfloat16()
+        b = torch.randn(128, generator=gen, device="cuda").bfloat16()
+        assert route_topk.small_router_applies(h, w)
+        got = route_topk.router_logits(h, w, b)
+        torch.testing.assert_close(got, torch.nn.functional.linear(h, w, b), atol=2**-7, rtol=2**-8)
