@@ -1,6 +1,6 @@
 """dynamo_lite's embedded server vs vLLM's CPU build and llama.cpp's server, one after the other, same client.
 
-    python -m benchmarks.compare_vllm_cpu --lock /tmp/bench.lock            # issue 29's table, 2 rounds (~25 min)
+    python -m benchmarks.compare_vllm_cpu --lock /tmp/bench.lock            # issue 29's table, 2 rounds (~15 min)
     python -m benchmarks.compare_vllm_cpu --systems lite-bf16,vllm-2t --rounds 3
 
 The default systems are issue 29's table (``lite``, ``lite-bf16``, ``vllm``, ``lite-llamacpp``,
@@ -8,7 +8,8 @@ The default systems are issue 29's table (``lite``, ``lite-bf16``, ``vllm``, ``l
 bf16 against vLLM (long-prompt TTFT, c=8 tok/s), the GGUF's own quantization against llama.cpp (c=1 ITL, c=8
 tok/s).
 
-Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 layers for small steps):
+Systems (SmolLM2-135M-Instruct; bf16 but for ``lite``, which keeps the GGUF's int4 layers for small steps, and
+the llama.cpp rows, which run the GGUF's own Q4_1 layers):
 
 - ``lite``: ``python -m dynamo_lite serve`` with its defaults (dtype/quantization auto: bf16 activations with the
   GGUF's int4 weights on a CPU with AVX512-BF16 or AMX; prefill and decode workers in one process, the cores
@@ -29,7 +30,7 @@ Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 
   the flags of the ``llamacpp`` extra (AVX2, not native: the same kernels ``--engine llamacpp`` loads), on the
   same GGUF, every core (``-t``/``-tb``), 8 slots (``-np 8``: c=8 decodes in one batch), its defaults otherwise
   (flash attention auto, prompt cache on). Built once into ``~/.cache/dynamo_lite/llama-server-VERSION-avx2``
-  (``cmake``/``ninja`` and a C++ compiler; ~15 min on 2 cores), or given with ``--llama-server PATH``.
+  (``cmake``/``ninja`` and a C++ compiler; ~8 min on 2 cores), or given with ``--llama-server PATH``.
 
 vLLM reads the dequantized fp32 safetensors dynamo_lite converted from the GGUF (bf16 on load, as ours), through
 a folder of links made from our cached model files. vLLM is installed into its own venv
@@ -230,7 +231,7 @@ def ensure_llama_server(dst: Path, version: str = LLAMA_CPP_VERSION, timeout_s: 
     marker = dst / ".dynamo_lite_ready"
     if binary.exists() and marker.exists() and marker.read_text().strip() == version:
         return binary
-    print(f"building llama-server from llama-cpp-python=={version} into {dst} (~15 min on 2 cores) ...")
+    print(f"building llama-server from llama-cpp-python=={version} into {dst} (~8 min on 2 cores) ...")
     work = dst / "src"
     work.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "download", "--no-deps"]
