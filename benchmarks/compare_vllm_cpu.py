@@ -415,12 +415,13 @@ ACCEPTANCE = (
 
 def verdicts(results: Sequence[RunResult]) -> list[str]:
     """Each criterion whose two systems ran: the medians, and in how many rounds ours was at least level."""
+
+    def by_round(system: str, column: str) -> dict[int, float]:
+        return {r.round: r.figures[column] for r in results if r.system == system and column in r.figures}
+
     lines = []
     for c in ACCEPTANCE:
-        ours = {r.round: r.figures[c.column] for r in results if r.system == c.ours and c.column in r.figures}
-        theirs = {
-            r.round: r.figures[c.column] for r in results if r.system == c.theirs and c.column in r.figures
-        }
+        ours, theirs = by_round(c.ours, c.column), by_round(c.theirs, c.column)
         rounds = sorted(ours.keys() & theirs.keys())
         if not rounds:
             continue

@@ -22,6 +22,7 @@ against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -812,6 +813,12 @@ def _launch(
     )
 
 
+@functools.cache
+def _down_config(cfg: KernelConfig) -> KernelConfig:
+    """The down kernel's tiles: ``cfg`` with its own split (made once per config, not per step)."""
+    return cfg if cfg.down_split_k is None else dataclasses.replace(cfg, split_k=cfg.down_split_k)
+
+
 def experts_mxfp4(
     h: torch.Tensor,
     weights: torch.Tensor,
@@ -858,7 +865,7 @@ def experts_mxfp4_partials(
     else:
         sorted_pairs, block_expert, num_pairs = _align(ids, num_experts, cfg.block_m)
         padded = sorted_pairs.shape[0]
-    down_cfg = cfg if cfg.down_split_k is None else dataclasses.replace(cfg, split_k=cfg.down_split_k)
+    down_cfg = _down_config(cfg)
     inter = gate_up.out_features // 2
     x = h.contiguous()
     route_w = weights.reshape(-1).contiguous()

@@ -39,7 +39,7 @@ def add_rms_norm(
     if not fused_applies(x):
         x = x + delta
         return x, F.rms_norm(x, (x.shape[1],), weight, eps)
-    return _launch(x, delta, weight, eps, slices=0, top_k=0)
+    return _launch(x, delta.contiguous(), weight, eps, slices=0, top_k=0)
 
 
 def moe_add_rms_norm(
@@ -47,7 +47,7 @@ def moe_add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + y, rms_norm(x + y) * weight)`` where ``y = parts.sum((0, 2)).to(x.dtype)``: ``parts`` the routed
     experts' fp32 outputs ``[slices, T, k, hidden]`` (already weighted by the router)."""
-    slices, tokens, top_k, hidden = parts.shape
+    slices, _, top_k, _ = parts.shape
     if not fused_applies(x):
         return add_rms_norm(x, parts.sum(dim=(0, 2)).to(x.dtype), weight, eps)
     return _launch(x, parts.contiguous(), weight, eps, slices=slices, top_k=top_k)
@@ -64,7 +64,7 @@ def _launch(
         block = triton.next_power_of_2(hidden)
         _add_rms_norm_kernel[(tokens,)](
             x,
-            delta if slices else delta.contiguous(),
+            delta,
             weight,
             summed,
             normed,
