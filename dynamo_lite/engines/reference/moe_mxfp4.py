@@ -243,9 +243,9 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
     block_n=64,
-    block_k=256,
+    block_k=128,
     num_warps=4,
-    num_stages=3,
+    num_stages=4,
     scaled_dot=False,
     swap_ab=True,
     split_k=1,
@@ -258,7 +258,7 @@ WORDS_DECODE_CONFIG = KernelConfig(
     block_n=64,
     block_k=128,
     num_warps=4,
-    num_stages=4,
+    num_stages=8,
     scaled_dot=False,
     swap_ab=True,
     scale_words=True,
@@ -529,11 +529,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _unpack_words(words, sc, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-        """[BLOCK_N, BLOCK_K] bf16 weights from [BLOCK_N, BLOCK_K / 8] ``mxfp4_words`` words and their [BLOCK_N,
-        BLOCK_K / 32] scales. ``ASM``: the PTX unpacking; else the same bits by Triton's integer ops and an fp32
-        multiply (the interpreter's path)."""
-        G: tl.constexpr = BLOCK_K // 32
-        e = tl.reshape(tl.broadcast_to(sc.to(tl.int32)[:, :, None], [BLOCK_N, G, 4]), [BLOCK_N, BLOCK_K // 8])
+        """[BLOCK_N, BLOCK_K] bf16 weights, inputs in order, from [BLOCK_N, BLOCK_K / 8] ``mxfp4_words`` words
+        (inputs in ``mxfp4_words.input_order``) and their [BLOCK_N, BLOCK_K / 32] scales. ``ASM``: the PTX
+        unpacking; else the same bits by Triton's integer ops and an fp32 multiply (the interpreter's path)."""
+        U: tl.constexpr = BLOCK_K // 128
+        # Word 16u + 4t + c of a step holds inputs of group 4u + c (and of no other).
+        e = tl.broadcast_to(tl.reshape(sc.to(tl.int32), [BLOCK_N, U, 1, 4]), [BLOCK_N, U, 4, 4])
+        return _unpack_exponents(words, tl.reshape(e, [BLOCK_N, BLOCK_K // 8]), BLOCK_N, BLOCK_K, ASM)
+
+    @triton.jit
+    def _unpack_exponents(words, e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+        """``_unpack_words`` with each word's scale exponent ``e`` [BLOCK_N, BLOCK_K / 8] given."""
+        U: tl.constexpr = BLOCK_K // 128
         if ASM:
             f = (e + 126) << 7
             p0, p1, p2, p3 = _word_pairs_asm(words, f | (f << 16))
@@ -555,7 +562,89 @@ if HAVE_TRITON:
         # Inputs 0..7 of each word: the last join's axis is the fastest, so it splits even from odd inputs.
         even = tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3))
         odd = tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3))
-        return tl.reshape(tl.join(even, odd), [BLOCK_N, BLOCK_K])
+        # [rows, u, t, c, h, b, i] -> inputs 128u + 32c + 16h + 8b + 2t + i: reshapes and a permute, which move no
+        # data where each thread's words are its MMA operand's (lanes along t, as the kernel loads them).
+        w = tl.reshape(tl.join(even, odd), [BLOCK_N, U, 4, 4, 2, 2, 2])
+        return tl.reshape(tl.permute(w, 0, 1, 3, 4, 5, 2, 6), [BLOCK_N, BLOCK_K])
+
+    @triton.jit
+    def _words_tile(
+        w_base,
+        s_rows,
+        stride_wk,
+        stride_sk,
+        n_ok,
+        k0,
+        K_STEPS: tl.constexpr,
+        K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SCALE_WORDS: tl.constexpr,
+        ASM: tl.constexpr,
+        ROWS_MMA: tl.constexpr,
+        LAST: tl.constexpr,
+    ):
+        """The [BLOCK_N, BLOCK_K] bf16 weights of inputs ``k0..`` from ``mxfp4_words`` (``w_base``, ``s_rows``: the
+        rows' starts). Steps within the whole steps' ``K_STEPS`` inputs read each 128-input block's 16 words as one
+        contiguous run; ``LAST``, the step past them, reads a short last block's ``g`` groups as words ``g t + c``.
+        ``ROWS_MMA`` (the warps, 0 for none): the rows were loaded in the order ``_mma_rows`` gives; put them back
+        in order."""
+        j = tl.arange(0, BLOCK_K // 8)
+        k_end = K if LAST else K_STEPS
+        if LAST:
+            c = j % 4
+            block = k0 // 128 + j // 16
+            groups = tl.minimum((K - 128 * block) // 32, 4)  # 4, fewer in a short block, <= 0 past K
+            offs_kw = 16 * block + (j % 16) // 4 * groups + c
+            k_ok = c < groups
+        else:
+            offs_kw = k0 // 8 + j
+            k_ok = offs_kw < K_STEPS // 8
+        words = tl.load(w_base + offs_kw[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if SCALE_WORDS and BLOCK_K == 128:
+            # One scale word a row (the step's 4 groups), loaded as a vector of rows so that each thread's copy
+            # of it is already where its words are: byte c is the exponent of words 4t + c. Past K it reads 127s
+            # (whose words are masked to zeros).
+            sw = tl.load(
+                (s_rows + k0 // 32).to(tl.pointer_type(tl.int32), bitcast=True),
+                mask=n_ok & (k0 < k_end),
+                other=0x7F7F7F7F,
+            )
+            e = (sw[:, None] >> ((j % 4) * 8)[None, :]) & 0xFF
+            w = _unpack_exponents(words, e, BLOCK_N, BLOCK_K, ASM)
+        else:
+            groups_k = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+            sc = _load_scales(s_rows[:, None], stride_sk, n_ok, groups_k, k_end, SCALE_WORDS)
+            w = _unpack_words(words, sc, BLOCK_N, BLOCK_K, ASM)
+        if ROWS_MMA:
+            w = tl.reshape(
+                tl.permute(
+                    tl.reshape(w, [BLOCK_N // (16 * ROWS_MMA), 2, ROWS_MMA, 8, BLOCK_K]), 0, 2, 1, 3, 4
+                ),
+                [BLOCK_N, BLOCK_K],
+            )
+        return w
+
+    @triton.jit
+    def _dot_step(acc, acc_t, x, w, DOT_FP32: tl.constexpr, SWAP_AB: tl.constexpr):
+        """One K step's products: ``x`` [rows, K] times unpacked weights ``w`` [cols, K] into ``acc`` [rows, cols]
+        or, ``SWAP_AB`` (the weights on the MMA's left side, in registers), ``acc_t`` [cols, rows]. fp32 models
+        (exact checks against fp32 references) and the interpreter take full fp32 products."""
+        if DOT_FP32:
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        elif SWAP_AB:
+            acc_t += tl.dot(w, tl.trans(x))
+        else:
+            acc += tl.dot(x, tl.trans(w))
+        return acc, acc_t
+
+    @triton.jit
+    def _mma_rows(rows, WARPS: tl.constexpr):
+        """Row ``s`` of a tile as the row a Hopper warp group's MMA operand holds in its place: the compiler gives
+        each warp 8 rows of 16 words, ``8 WARPS`` rows a pass, where warp ``w``'s MMA operand is rows ``16 w..16 w +
+        15`` of each ``16 WARPS``."""
+        span: tl.constexpr = 16 * WARPS
+        return rows // span * span + (rows // 8) % WARPS * 16 + (rows // (8 * WARPS)) % 2 * 8 + rows % 8
 
     # Sizes that change from step to step are not specialized on (Triton would compile a kernel for each of their
     # divisibility classes, on first use, in the middle of serving).
@@ -595,6 +684,7 @@ if HAVE_TRITON:
         X_BY_PAIR: tl.constexpr,
         COLUMNS_FIRST: tl.constexpr,
         PAIR_BLOCKS: tl.constexpr,
+        ROWS_MMA: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -640,56 +730,66 @@ if HAVE_TRITON:
         offs_kb = tl.arange(0, BLOCK_K // 2)
         offs_ks = tl.arange(0, BLOCK_K // 2) // (32 // 2)
         x_ptrs = x_ptr + x_rows[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        w_base = w_ptr + expert.to(tl.int64) * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+        offs_w = pid_n * BLOCK_N + _mma_rows(tl.arange(0, BLOCK_N), ROWS_MMA) if ROWS_MMA else offs_n
+        w_ok = offs_w < N
+        w_base = w_ptr + expert.to(tl.int64) * stride_we + offs_w[:, None].to(tl.int64) * stride_wn
         w_base_t = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
-        s_base = s_ptr + expert.to(tl.int64) * stride_se + offs_n[:, None].to(tl.int64) * stride_sn
+        s_rows = s_ptr + expert.to(tl.int64) * stride_se + offs_w.to(tl.int64) * stride_sn
+        s_base = s_rows[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        steps: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K  # a slice's K steps
         groups: tl.constexpr = BLOCK_K // 32  # scales per row and K step
-        for step in range(steps):
-            k0 = (pid_k * steps + step) * BLOCK_K  # past K (the last slice's tail), every load is masked
-            k_ok = (k0 + offs_k) < K
-            x = tl.load(x_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
-            kb_ok = (k0 // 2 + offs_kb) < K // 2
-            kb = k0 // 2 + offs_kb
-            if PACKED_WORDS:
-                offs_kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-                words = tl.load(
-                    w_base + offs_kw[None, :] * stride_wk,
-                    mask=n_ok[:, None] & (offs_kw < K // 8)[None, :],
-                    other=0,
-                )
-                sc = _load_scales(s_base, stride_sk, n_ok, k0 // 32 + tl.arange(0, groups), K, SCALE_WORDS)
-                w = _unpack_words(words, sc, BLOCK_N, BLOCK_K, ASM)
-                if DOT_FP32:
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-                elif SWAP_AB:
-                    acc_t += tl.dot(w, tl.trans(x))
+        if PACKED_WORDS:
+            # Whole steps split over the slices, then the last slice takes the inputs past them (a short block
+            # whose words are stored in their own order).
+            K_STEPS: tl.constexpr = K // BLOCK_K * BLOCK_K
+            wsteps: tl.constexpr = (K // BLOCK_K + SPLIT_K - 1) // SPLIT_K
+            for step in range(wsteps):
+                k0 = (pid_k * wsteps + step) * BLOCK_K
+                x = tl.load(x_ptrs + k0, mask=valid[:, None] & ((k0 + offs_k) < K_STEPS)[None, :], other=0.0)
+                w = _words_tile(w_base, s_rows, stride_wk, stride_sk, w_ok, k0, K_STEPS, K, BLOCK_N, BLOCK_K,
+                                SCALE_WORDS, ASM, ROWS_MMA, False)  # fmt: skip
+                acc, acc_t = _dot_step(acc, acc_t, x, w, DOT_FP32, SWAP_AB)
+            if K_STEPS < K:
+                if pid_k == SPLIT_K - 1:
+                    x = tl.load(
+                        x_ptrs + K_STEPS, mask=valid[:, None] & ((K_STEPS + offs_k) < K)[None, :], other=0.0
+                    )
+                    w = _words_tile(w_base, s_rows, stride_wk, stride_sk, w_ok, K_STEPS, K_STEPS, K, BLOCK_N,
+                                    BLOCK_K, SCALE_WORDS, ASM, ROWS_MMA, True)  # fmt: skip
+                    acc, acc_t = _dot_step(acc, acc_t, x, w, DOT_FP32, SWAP_AB)
+        else:
+            steps: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K  # a slice's K steps
+            for step in range(steps):
+                k0 = (pid_k * steps + step) * BLOCK_K  # past K (the last slice's tail), every load is masked
+                k_ok = (k0 + offs_k) < K
+                x = tl.load(x_ptrs + k0, mask=valid[:, None] & k_ok[None, :], other=0.0)
+                kb_ok = (k0 // 2 + offs_kb) < K // 2
+                kb = k0 // 2 + offs_kb
+                if SCALED_DOT:
+                    sc = _load_scales(
+                        s_base, stride_sk, n_ok, k0 // 32 + tl.arange(0, groups), K, SCALE_WORDS
+                    )
+                if SCALED_DOT and SWAP_AB:
+                    # The weights as the product's left side ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows]): for decode's
+                    # few rows the wide side fills the MMA, and the compiler unpacks e2m1 (with the scales) in
+                    # registers.
+                    wb = tl.load(
+                        w_base + kb[None, :] * stride_wk, mask=n_ok[:, None] & kb_ok[None, :], other=0
+                    )
+                    acc_t = tl.dot_scaled(wb, sc, "e2m1", tl.trans(x), None, "bf16", acc_t)
+                elif SCALED_DOT:
+                    # The compiler unpacks the e2m1 right side [BLOCK_K / 2, BLOCK_N] and applies the scales.
+                    wb = tl.load(
+                        w_base_t + kb[:, None] * stride_wk, mask=kb_ok[:, None] & n_ok[None, :], other=0
+                    )
+                    acc = tl.dot_scaled(x, None, "bf16", wb, sc, "e2m1", acc)
                 else:
-                    acc += tl.dot(x, tl.trans(w))
-            elif SCALED_DOT:
-                sc = _load_scales(s_base, stride_sk, n_ok, k0 // 32 + tl.arange(0, groups), K, SCALE_WORDS)
-            if SCALED_DOT and SWAP_AB and not PACKED_WORDS:
-                # The weights as the product's left side ([BLOCK_N, BLOCK_K] x [BLOCK_K, rows]): for decode's few
-                # rows the wide side fills the MMA, and the compiler unpacks e2m1 (with the scales) in registers.
-                wb = tl.load(w_base + kb[None, :] * stride_wk, mask=n_ok[:, None] & kb_ok[None, :], other=0)
-                acc_t = tl.dot_scaled(wb, sc, "e2m1", tl.trans(x), None, "bf16", acc_t)
-            elif SCALED_DOT and not PACKED_WORDS:
-                # The compiler unpacks the e2m1 right side [BLOCK_K / 2, BLOCK_N] and applies the scales.
-                wb = tl.load(w_base_t + kb[:, None] * stride_wk, mask=kb_ok[:, None] & n_ok[None, :], other=0)
-                acc = tl.dot_scaled(x, None, "bf16", wb, sc, "e2m1", acc)
-            elif not PACKED_WORDS:
-                w_mask = n_ok[:, None] & kb_ok[None, :]
-                w_ptrs = w_base + kb[None, :] * stride_wk
-                s_ptrs = s_base + (k0 // 32 + offs_ks[None, :]) * stride_sk
-                w = _dequant_tile(w_ptrs, s_ptrs, w_mask, BLOCK_N, BLOCK_K)
-                if DOT_FP32:  # fp32 models (exact checks against fp32 references), and the interpreter
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
-                elif SWAP_AB:  # the unpacked weights stay in registers as the MMA's left operand
-                    acc_t += tl.dot(w, tl.trans(x))
-                else:
-                    acc += tl.dot(x, tl.trans(w))
+                    w_mask = n_ok[:, None] & kb_ok[None, :]
+                    w_ptrs = w_base + kb[None, :] * stride_wk
+                    s_ptrs = s_base + (k0 // 32 + offs_ks[None, :]) * stride_sk
+                    w = _dequant_tile(w_ptrs, s_ptrs, w_mask, BLOCK_N, BLOCK_K)
+                    acc, acc_t = _dot_step(acc, acc_t, x, w, DOT_FP32, SWAP_AB)
         if SWAP_AB and not DOT_FP32:
             acc = tl.trans(acc_t)
         if pid_k == 0:
@@ -767,6 +867,10 @@ def _launch(
         raise ValueError(
             "MXFP4 weights stored output-rows-innermost need block_k % 128 == 0 and aligned scales"
         )
+    if w.words and cfg.block_k % mxfp4_words.ORDER_BLOCK:
+        raise ValueError(
+            f"MXFP4 words are read {mxfp4_words.ORDER_BLOCK} inputs a step or more, not {cfg.block_k}"
+        )
     if w.words and w.blocks.stride(1) % 4:
         raise ValueError(f"MXFP4 words need rows of a multiple of 4 words, not {w.blocks.stride(1)}")
     grid = (block_expert.shape[0], triton.cdiv(n, cfg.block_n), cfg.split_k)
@@ -805,11 +909,24 @@ def _launch(
         X_BY_PAIR=x_by_pair,
         COLUMNS_FIRST=cfg.columns_first,
         PAIR_BLOCKS=cfg.pair_blocks,
+        ROWS_MMA=cfg.num_warps if w.words and mma_rows_apply(cfg) else 0,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+    )
+
+
+def mma_rows_apply(cfg: KernelConfig) -> bool:
+    """Whether the words' rows are loaded in ``_mma_rows``' order: where the compiler gives each thread whole
+    128-input runs of words as the weights' MMA operand wants them (4 or 8 warps, 16 rows each, 128 inputs a step,
+    the weights on the MMA's left side), so the unpacked tile needs no trip through shared memory."""
+    return (
+        cfg.swap_ab
+        and cfg.num_warps in (4, 8)
+        and cfg.block_k == 128
+        and cfg.block_n % (16 * cfg.num_warps) == 0
     )
 
 

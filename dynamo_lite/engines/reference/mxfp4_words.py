@@ -8,6 +8,12 @@ last pair): an e2m1 nibble ``s e1 e0 m`` lands with ``m`` at bf16 bit 6, ``e1 e0
 1`` a subnormal), so one bf16x2 multiply by ``2^(scale - 1)`` gives the weight exactly. ``2^(scale - 1)`` is a
 normal bf16 for scales up to 128 (weights of magnitude up to 2^1 * 6 a block): checkpoints with larger scales keep
 the checkpoint's layout (``words_fit``).
+
+The inputs are also reordered within each block of 128 (``input_order``): word ``4t + c`` of a block holds the
+inputs ``32c + 16h + 8b + 2t + {0, 1}`` (``h, b`` in 0..1), the values one thread of a Hopper warp group holds
+as the MMA's left operand (``t``: its lane within a group of four). A thread's words then unpack straight into
+its operand registers; in the checkpoint's order the unpacked tile went through shared memory to be redistributed.
+A block of fewer than 128 inputs (the row's last) holds its ``g`` groups of 32 as words ``g t + c``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,19 @@ PAIR_PIECES: tuple[tuple[tuple[int, int], ...], ...] = (
     ((30, 0x80C080C0), (6, 0x01000100)),
 )
 MAX_SCALE = 128  # 2^(scale - 1) must be a normal bf16 (exponent field scale + 126 <= 254)
+ORDER_BLOCK = 128  # inputs a block of 16 words reorders among themselves
+
+
+def input_order(k: int) -> torch.Tensor:
+    """``[k]``: the input each stored position holds (position ``8 w + i`` is input ``i`` of word ``w``)."""
+    if k % 32:
+        raise ValueError(f"MXFP4 rows of {k} inputs: not whole blocks of 32")
+    p = torch.arange(k)
+    block = p // ORDER_BLOCK
+    groups = ((k - ORDER_BLOCK * block) // 32).clamp(max=ORDER_BLOCK // 32)  # 4, or fewer in the last block
+    word, i = (p % ORDER_BLOCK) // 8, p % 8
+    t, c = word // groups, word % groups
+    return ORDER_BLOCK * block + 32 * c + 16 * (i // 4) + 8 * ((i // 2) % 2) + 2 * t + i % 2
 
 
 def _word_bits() -> tuple[tuple[int, ...], ...]:
@@ -80,18 +99,33 @@ def _convert(blocks: torch.Tensor, moves: list[tuple[int, int]], out_dtype: torc
     return out.view(words.shape).view(out_dtype)
 
 
+def _reorder_inputs(blocks: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Packed bytes ``[*prefix, K / 2]`` whose nibble ``p`` is nibble ``order[p]`` of ``blocks``."""
+    flat = blocks.contiguous().reshape(-1, blocks.shape[-1])
+    out = torch.empty_like(flat)
+    order = order.to(blocks.device)
+    for r0 in range(0, flat.shape[0], _ROWS_PER_CHUNK):
+        chunk = flat[r0 : r0 + _ROWS_PER_CHUNK]
+        nibbles = torch.stack((chunk & 0xF, chunk >> 4), dim=-1).reshape(chunk.shape[0], -1)[:, order]
+        out[r0 : r0 + _ROWS_PER_CHUNK] = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    return out.view(blocks.shape)
+
+
 def to_words(blocks: torch.Tensor) -> torch.Tensor:
     """A checkpoint's packed bytes ``[*prefix, K / 2]`` uint8 -> the kernels' words ``[*prefix, K / 8]`` int32."""
-    if blocks.dtype != torch.uint8 or blocks.shape[-1] % 4:
-        raise ValueError(f"MXFP4 blocks {blocks.dtype} {tuple(blocks.shape)}: need uint8 bytes, 4 to a word")
+    if blocks.dtype != torch.uint8 or blocks.shape[-1] % 16:
+        raise ValueError(
+            f"MXFP4 blocks {blocks.dtype} {tuple(blocks.shape)}: need uint8 bytes, 32 inputs a block"
+        )
     moves = [(4 * j + b, WORD_BITS[j][b]) for j in range(8) for b in range(4)]
-    return _convert(blocks, moves, torch.int32)
+    return _convert(_reorder_inputs(blocks, input_order(2 * blocks.shape[-1])), moves, torch.int32)
 
 
 def from_words(words: torch.Tensor) -> torch.Tensor:
     """``to_words`` undone: ``[*prefix, K / 8]`` int32 -> ``[*prefix, K / 2]`` uint8 in the checkpoint's order."""
     moves = [(WORD_BITS[j][b], 4 * j + b) for j in range(8) for b in range(4)]
-    return _convert(words, moves, torch.uint8)
+    stored = _convert(words, moves, torch.uint8)
+    return _reorder_inputs(stored, torch.argsort(input_order(2 * stored.shape[-1])))
 
 
 def words_fit(scales: torch.Tensor) -> bool:
@@ -103,7 +137,11 @@ def unpack_words(words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """What the kernels' unpacking computes, in torch (fp32): ``[*prefix, K / 8]`` words and ``[*prefix, K / 32]``
     scales -> ``[*prefix, K]`` weights. The reference the kernels' assembly is checked against."""
     w = words.to(torch.int64) & 0xFFFFFFFF
-    factor = torch.exp2(scales.to(torch.float64) - 1).repeat_interleave(4, dim=-1)  # one a word
+    k = words.shape[-1] * 8
+    order = input_order(k).to(words.device)
+    factor = torch.exp2(scales.to(torch.float64) - 1).repeat_interleave(32, dim=-1)[
+        ..., order
+    ]  # stored order
     values = []
     for pieces in PAIR_PIECES:
         pair = torch.zeros_like(w)
@@ -113,6 +151,7 @@ def unpack_words(words: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
             bf16 = (
                 (half.to(torch.int32) << 16).view(torch.float32).to(torch.float64)
             )  # bf16 = fp32's upper half
-            values.append(bf16 * factor)
+            values.append(bf16)
     # values: [pair0 lo, pair0 hi, pair1 lo, ...] = inputs 0..7 of each word
-    return torch.stack(values, dim=-1).reshape(*words.shape[:-1], words.shape[-1] * 8).to(torch.float32)
+    stored = torch.stack(values, dim=-1).reshape(*words.shape[:-1], k) * factor
+    return stored[..., torch.argsort(order)].to(torch.float32)

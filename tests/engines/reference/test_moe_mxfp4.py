@@ -89,6 +89,7 @@ for seed, shape, dtype, tol in (
     (2, (8, 96, 64, 9, 2), torch.float32, 1e-5),
     (3, (6, 128, 96, 40, 4), torch.bfloat16, 2e-2),
     (4, (8, 64, 64, 70, 2), torch.bfloat16, 2e-2),
+    (5, (6, 288, 160, 9, 2), torch.float32, 1e-5),  # whole 128-input blocks, then a short one
 ):
     h, w, ids, gu, gub, dn, dnb = experts_and_routing(seed, *shape, dtype)
     ref = mx.experts_mxfp4_reference(h.float(), w.float(), ids, gu, gub.float(), dn, dnb.float(), 7.0, 1.702)
@@ -98,13 +99,28 @@ for seed, shape, dtype, tol in (
     pairs = mx.KernelConfig(16, 32, 32, 4, 1, down_split_k=2, pair_blocks=True)
     gate_up_split = mx.KernelConfig(16, 32, 64, 4, 1, split_k=2, down_split_k=1)  # down reads SwiGLU by pair
     few = (pairs, gate_up_split) if shape[3] <= 9 else ()
-    for cfg in (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split, columns_first, *few):
-        # Either byte order read by strides, and the words pre-arranged for the kernels (``mxfp4_words``).
-        for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major()), (gu.as_words(), dn.as_words())):
-            got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
-            assert got.dtype == dtype and got.shape == ref.shape
-            error = float((got.float() - ref).norm() / ref.norm())
-            assert error < tol, (seed, cfg, gu_w.blocks.stride(), error)
+    byte_configs = (mx.KernelConfig(16, 32, 64, 4, 1), mx.KernelConfig(32, 64, 32, 4, 1), split, columns_first, *few)
+    # The words (``mxfp4_words``) take 128 inputs a step or more; with the weights on the MMA's left side and 4 or 8
+    # warps their rows load in ``_mma_rows``' order (64 and 128 rows a tile), split or not.
+    swap = dict(scaled_dot=False, swap_ab=True, scale_words=True)  # as the engine's: scales read as words
+    word_configs = (
+        mx.KernelConfig(16, 32, 128, 4, 1),
+        mx.KernelConfig(16, 64, 128, 4, 1, **swap),
+        mx.KernelConfig(16, 64, 128, 4, 1, split_k=2, **swap),
+        mx.KernelConfig(32, 128, 128, 4, 1, columns_first=True, **swap),
+        mx.KernelConfig(16, 128, 128, 8, 1, **swap),
+        mx.KernelConfig(16, 64, 256, 4, 1, down_split_k=2, pair_blocks=shape[3] <= 9, **swap),
+    )
+    assert all(mx.mma_rows_apply(cfg) for cfg in word_configs[1:5])
+    # Either byte order read by strides, and the words pre-arranged for the kernels.
+    runs = [(cfg, gu_w, dn_w) for cfg in byte_configs for gu_w, dn_w in ((gu, dn), (gu.n_major(), dn.n_major()))]
+    gu_words, dn_words = gu.with_aligned_scales().as_words(), dn.with_aligned_scales().as_words()
+    runs += [(cfg, gu_words, dn_words) for cfg in word_configs]
+    for cfg, gu_w, dn_w in runs:
+        got = mx.experts_mxfp4(h, w, ids, gu_w, gub, dn_w, dnb, 7.0, 1.702, config=cfg)
+        assert got.dtype == dtype and got.shape == ref.shape
+        error = float((got.float() - ref).norm() / ref.norm())
+        assert error < tol, (seed, cfg, gu_w.blocks.stride(), error)
 gen = torch.Generator().manual_seed(3)
 for tokens, top_k, experts, block in ((1, 4, 32, 16), (7, 2, 8, 4), (64, 4, 128, 16), (300, 4, 8, 64)):
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])

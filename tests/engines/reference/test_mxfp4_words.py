@@ -41,6 +41,29 @@ def test_words_round_trip_and_unpack_to_the_checkpoint_values_exactly() -> None:
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))  # bit for bit, -0.0 included
 
 
+def test_the_input_order_gives_each_thread_its_mma_operand_and_covers_every_input_once() -> None:
+    order = mxfp4_words.input_order(2880)  # gpt-oss: 22 blocks of 128 inputs, then one of 64
+    assert torch.equal(order.sort().values, torch.arange(2880))
+    # Word 4t + c of a block: the inputs 16m + 2t + {0, 1, 8, 9} of the two 16-input MMA steps m = 2c, 2c + 1.
+    assert order[:8].tolist() == [0, 1, 8, 9, 16, 17, 24, 25]
+    assert order[8 * 5 : 8 * 6].tolist() == [34, 35, 42, 43, 50, 51, 58, 59]  # t = 1, c = 1
+    # The short last block's 2 groups as words 2t + c: every word within one group of 32 (one scale).
+    tail = order[2816:].reshape(8, 8)
+    assert tail[1].tolist() == [2848, 2849, 2856, 2857, 2864, 2865, 2872, 2873]  # t = 0, c = 1
+    assert bool((tail // 32 == tail[:, :1] // 32).all())
+
+
+@pytest.mark.parametrize("k", [32, 96, 288])
+def test_rows_ending_in_a_short_block_round_trip_and_unpack_exactly(k: int) -> None:
+    gen = torch.Generator().manual_seed(k)
+    blocks = torch.randint(0, 256, (5, k // 2), generator=gen, dtype=torch.uint8)
+    scales = torch.randint(0, mxfp4_words.MAX_SCALE + 1, (5, k // 32), generator=gen, dtype=torch.uint8)
+    words = mxfp4_words.to_words(blocks)
+    assert torch.equal(mxfp4_words.from_words(words), blocks)
+    expected = dequantize_mxfp4(blocks.reshape(5, -1, 16), scales, torch.float32).reshape(5, k)
+    assert torch.equal(mxfp4_words.unpack_words(words, scales).view(torch.int32), expected.view(torch.int32))
+
+
 def test_experts_as_words_keep_their_values_and_only_when_the_scales_allow() -> None:
     gen = torch.Generator().manual_seed(2)
     experts = random_mxfp4(3, 16, 96, 0.05, gen, torch.device("cpu"))
