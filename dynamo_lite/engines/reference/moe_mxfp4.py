@@ -240,6 +240,9 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 # One token: gate_up unsplit, down split-K 2, no grouping program. The kernels timed apart (120b layer, H100,
 # 2026-12-07, µs, 10 launches a graph): gate_up 25.8 unsplit vs 28.5 split 2 (with its SwiGLU pass), down 14.0
 # split 2 vs 15.5 split 4 and more unsplit; before that one split 2 for both (0.0567 vs 0.0597 ms unsplit).
+# Since the words are stored in the MMA operand's order (session 8, same H100; `_mma_rows`), tiles of 128 inputs
+# a step feed the MMA from registers: 1 token 0.0425 ms (128 inputs, 4 stages) vs 0.0561 (256 inputs); 64 tokens
+# 0.724 ms with 8 stages (1.70 TB/s... 2.05 TB/s of MXFP4 bytes) vs 0.747 (6) and 0.778 (4); 0.881 before the order.
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
     block_n=64,
@@ -516,6 +519,26 @@ if HAVE_TRITON:
         )
 
     @triton.jit
+    def _byte_factors_asm(biased, select):
+        """Byte ``select`` of ``biased`` (scale + 126, four to a word) as a bf16 exponent field in both halves: one
+        byte permute and a shift."""
+        return tl.inline_asm_elementwise(
+            asm="""
+            {
+            .reg .b32 z;
+            mov.b32 z, 0;
+            prmt.b32 $0, $1, z, $2;
+            shl.b32 $0, $0, 7;
+            }
+            """,
+            constraints="=r,r,r",
+            args=[biased, select],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+
+    @triton.jit
     def _bf16_halves(pair):
         lo = (pair & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
         hi = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -540,16 +563,21 @@ if HAVE_TRITON:
     @triton.jit
     def _unpack_exponents(words, e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
         """``_unpack_words`` with each word's scale exponent ``e`` [BLOCK_N, BLOCK_K / 8] given."""
+        f = (e + 126) << 7
+        return _unpack_factors(words, f | (f << 16), BLOCK_N, BLOCK_K, ASM)
+
+    @triton.jit
+    def _unpack_factors(words, fac, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
+        """``_unpack_words`` with each word's factor ``fac`` (``2^(scale - 1)`` as a bf16 in both halves) given."""
         U: tl.constexpr = BLOCK_K // 128
         if ASM:
-            f = (e + 126) << 7
-            p0, p1, p2, p3 = _word_pairs_asm(words, f | (f << 16))
+            p0, p1, p2, p3 = _word_pairs_asm(words, fac)
             lo0, hi0 = _bf16_halves(p0)
             lo1, hi1 = _bf16_halves(p1)
             lo2, hi2 = _bf16_halves(p2)
             lo3, hi3 = _bf16_halves(p3)
         else:
-            factor = ((e + 126) << 23).to(tl.float32, bitcast=True)
+            factor = (fac << 16).to(tl.float32, bitcast=True)  # the bf16 as an fp32's upper half
             u = words.to(tl.uint32, bitcast=True)
             p0 = u & 0x81C081C0
             p1 = _rotr(u, 4) & 0x81C081C0
@@ -583,12 +611,13 @@ if HAVE_TRITON:
         ASM: tl.constexpr,
         ROWS_MMA: tl.constexpr,
         LAST: tl.constexpr,
+        UNMASKED: tl.constexpr,
     ):
         """The [BLOCK_N, BLOCK_K] bf16 weights of inputs ``k0..`` from ``mxfp4_words`` (``w_base``, ``s_rows``: the
         rows' starts). Steps within the whole steps' ``K_STEPS`` inputs read each 128-input block's 16 words as one
         contiguous run; ``LAST``, the step past them, reads a short last block's ``g`` groups as words ``g t + c``.
         ``ROWS_MMA`` (the warps, 0 for none): the rows were loaded in the order ``_mma_rows`` gives; put them back
-        in order."""
+        in order. ``UNMASKED``: every row and input of the tile exists (no masks to compute)."""
         j = tl.arange(0, BLOCK_K // 8)
         k_end = K if LAST else K_STEPS
         if LAST:
@@ -600,18 +629,30 @@ if HAVE_TRITON:
         else:
             offs_kw = k0 // 8 + j
             k_ok = offs_kw < K_STEPS // 8
-        words = tl.load(w_base + offs_kw[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        if UNMASKED:  # every row and input there (the common case: fewer instructions a step)
+            words = tl.load(w_base + offs_kw[None, :] * stride_wk)
+        else:
+            words = tl.load(
+                w_base + offs_kw[None, :] * stride_wk, mask=n_ok[:, None] & k_ok[None, :], other=0
+            )
         if SCALE_WORDS and BLOCK_K == 128:
             # One scale word a row (the step's 4 groups), loaded as a vector of rows so that each thread's copy
             # of it is already where its words are: byte c is the exponent of words 4t + c. Past K it reads 127s
             # (whose words are masked to zeros).
-            sw = tl.load(
-                (s_rows + k0 // 32).to(tl.pointer_type(tl.int32), bitcast=True),
-                mask=n_ok & (k0 < k_end),
-                other=0x7F7F7F7F,
-            )
-            e = (sw[:, None] >> ((j % 4) * 8)[None, :]) & 0xFF
-            w = _unpack_exponents(words, e, BLOCK_N, BLOCK_K, ASM)
+            sw_ptrs = (s_rows + k0 // 32).to(tl.pointer_type(tl.int32), bitcast=True)
+            if UNMASKED:
+                sw = tl.load(sw_ptrs)
+            else:
+                sw = tl.load(sw_ptrs, mask=n_ok & (k0 < k_end), other=0x7F7F7F7F)
+            # + 126 on each byte at once: scales are at most 128 (``mxfp4_words.MAX_SCALE``), so no byte carries.
+            biased = tl.broadcast_to((sw + 0x7E7E7E7E)[:, None], [BLOCK_N, BLOCK_K // 8])
+            c = tl.broadcast_to((j % 4)[None, :], [BLOCK_N, BLOCK_K // 8])
+            if ASM:
+                fac = _byte_factors_asm(biased, 0x4040 + 0x0101 * c)
+            else:
+                f = ((biased >> (c * 8)) & 0xFF) << 7
+                fac = f | (f << 16)
+            w = _unpack_factors(words, fac, BLOCK_N, BLOCK_K, ASM)
         else:
             groups_k = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             sc = _load_scales(s_rows[:, None], stride_sk, n_ok, groups_k, k_end, SCALE_WORDS)
@@ -713,8 +754,8 @@ if HAVE_TRITON:
         else:
             pairs = tl.load(sorted_pairs_ptr + offs_m)
         valid = pairs < num_pairs
-        if GATE_UP:
-            x_rows = pairs // TOP_K
+        if GATE_UP:  # padding reads token 0 (its rows are computed, never stored)
+            x_rows = tl.where(valid, pairs // TOP_K, 0)
         elif X_BY_PAIR:
             x_rows = tl.where(valid, pairs, 0)
         else:
@@ -744,11 +785,19 @@ if HAVE_TRITON:
             # whose words are stored in their own order).
             K_STEPS: tl.constexpr = K // BLOCK_K * BLOCK_K
             wsteps: tl.constexpr = (K // BLOCK_K + SPLIT_K - 1) // SPLIT_K
+            # One slice over columns that all exist: no masks in the loop (row blocks' padding reads real rows
+            # whose results are never stored).
+            UNMASKED: tl.constexpr = SPLIT_K == 1 and N % BLOCK_N == 0
             for step in range(wsteps):
                 k0 = (pid_k * wsteps + step) * BLOCK_K
-                x = tl.load(x_ptrs + k0, mask=valid[:, None] & ((k0 + offs_k) < K_STEPS)[None, :], other=0.0)
+                if UNMASKED:
+                    x = tl.load(x_ptrs + k0)
+                else:
+                    x = tl.load(
+                        x_ptrs + k0, mask=valid[:, None] & ((k0 + offs_k) < K_STEPS)[None, :], other=0.0
+                    )
                 w = _words_tile(w_base, s_rows, stride_wk, stride_sk, w_ok, k0, K_STEPS, K, BLOCK_N, BLOCK_K,
-                                SCALE_WORDS, ASM, ROWS_MMA, False)  # fmt: skip
+                                SCALE_WORDS, ASM, ROWS_MMA, False, UNMASKED)  # fmt: skip
                 acc, acc_t = _dot_step(acc, acc_t, x, w, DOT_FP32, SWAP_AB)
             if K_STEPS < K:
                 if pid_k == SPLIT_K - 1:
@@ -756,7 +805,7 @@ if HAVE_TRITON:
                         x_ptrs + K_STEPS, mask=valid[:, None] & ((K_STEPS + offs_k) < K)[None, :], other=0.0
                     )
                     w = _words_tile(w_base, s_rows, stride_wk, stride_sk, w_ok, K_STEPS, K_STEPS, K, BLOCK_N,
-                                    BLOCK_K, SCALE_WORDS, ASM, ROWS_MMA, True)  # fmt: skip
+                                    BLOCK_K, SCALE_WORDS, ASM, ROWS_MMA, True, False)  # fmt: skip
                     acc, acc_t = _dot_step(acc, acc_t, x, w, DOT_FP32, SWAP_AB)
         else:
             steps: tl.constexpr = ((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K  # a slice's K steps

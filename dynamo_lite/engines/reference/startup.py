@@ -355,6 +355,9 @@ class EngineSetup:
         slot_bytes = slot_nbytes(
             cfg.layer_windows, cfg.num_kv_heads, cfg.head_dim, self.max_seq_len, itemsize
         )
+        # Blocks the caching allocator kept from loading (the weights' conversions, chunk by chunk) count as used
+        # to the driver: hand them back first, or the KV cache gets that much less.
+        torch.cuda.empty_cache()
         free, _ = torch.cuda.mem_get_info(self.device)
         fits = int(free * self.config.free_gpu_memory_fraction) // slot_bytes
         if fits < 1 + extra:
