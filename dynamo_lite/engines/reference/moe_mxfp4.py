@@ -240,9 +240,10 @@ PREFILL_FROM_ROWS_PER_EXPERT = 24
 # One token: gate_up unsplit, down split-K 2, no grouping program. The kernels timed apart (120b layer, H100,
 # 2026-12-07, µs, 10 launches a graph): gate_up 25.8 unsplit vs 28.5 split 2 (with its SwiGLU pass), down 14.0
 # split 2 vs 15.5 split 4 and more unsplit; before that one split 2 for both (0.0567 vs 0.0597 ms unsplit).
-# Since the words are stored in the MMA operand's order (session 8, same H100; `_mma_rows`), tiles of 128 inputs
-# a step feed the MMA from registers: 1 token 0.0425 ms (128 inputs, 4 stages) vs 0.0561 (256 inputs); 64 tokens
-# 0.724 ms with 8 stages (1.70 TB/s... 2.05 TB/s of MXFP4 bytes) vs 0.747 (6) and 0.778 (4); 0.881 before the order.
+# Since the words are stored in the MMA operand's order (``mxfp4_words.input_order``, ``_mma_rows``; an H100,
+# 2026-12-07), tiles of 128 inputs a step feed the MMA from registers: 1 token 0.0425 ms (128 inputs, 4 stages) vs
+# 0.0561 (256 inputs); 64 tokens 0.724 ms with 8 stages (2.05 TB/s of MXFP4 bytes) vs 0.747 (6 stages) and 0.778
+# (4), 0.881 before the order; 8 and 256 tokens 8 stages too (0.213 / 0.990 ms).
 WORDS_SMALL_DECODE_CONFIG = KernelConfig(
     block_m=16,
     block_n=64,
@@ -519,26 +520,6 @@ if HAVE_TRITON:
         )
 
     @triton.jit
-    def _byte_factors_asm(biased, select):
-        """Byte ``select`` of ``biased`` (scale + 126, four to a word) as a bf16 exponent field in both halves: one
-        byte permute and a shift."""
-        return tl.inline_asm_elementwise(
-            asm="""
-            {
-            .reg .b32 z;
-            mov.b32 z, 0;
-            prmt.b32 $0, $1, z, $2;
-            shl.b32 $0, $0, 7;
-            }
-            """,
-            constraints="=r,r,r",
-            args=[biased, select],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-
-    @triton.jit
     def _bf16_halves(pair):
         lo = (pair & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True)
         hi = (pair >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -645,14 +626,8 @@ if HAVE_TRITON:
             else:
                 sw = tl.load(sw_ptrs, mask=n_ok & (k0 < k_end), other=0x7F7F7F7F)
             # + 126 on each byte at once: scales are at most 128 (``mxfp4_words.MAX_SCALE``), so no byte carries.
-            biased = tl.broadcast_to((sw + 0x7E7E7E7E)[:, None], [BLOCK_N, BLOCK_K // 8])
-            c = tl.broadcast_to((j % 4)[None, :], [BLOCK_N, BLOCK_K // 8])
-            if ASM:
-                fac = _byte_factors_asm(biased, 0x4040 + 0x0101 * c)
-            else:
-                f = ((biased >> (c * 8)) & 0xFF) << 7
-                fac = f | (f << 16)
-            w = _unpack_factors(words, fac, BLOCK_N, BLOCK_K, ASM)
+            f = (((sw + 0x7E7E7E7E)[:, None] >> ((j % 4) * 8)[None, :]) & 0xFF) << 7
+            w = _unpack_factors(words, f | (f << 16), BLOCK_N, BLOCK_K, ASM)
         else:
             groups_k = k0 // 32 + tl.arange(0, BLOCK_K // 32)
             sc = _load_scales(s_rows[:, None], stride_sk, n_ok, groups_k, k_end, SCALE_WORDS)
