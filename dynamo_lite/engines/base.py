@@ -302,7 +302,8 @@ class EngineSettings:
     quantization: str = "auto"
     device: str = "cpu"
     threads: int = 0  # 0: leave the library default
-    # torch engine on CPU: threads of a prefill step while no other engine of the process has work (0: threads)
+    # CPU: threads a step may take while no other engine of the process has work (0: threads); which steps is the
+    # engine's choice (torch: prefill steps; llamacpp: every step)
     alone_threads: int = 0
     max_batch_size: int = 16
     max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)
