@@ -69,11 +69,17 @@ class SeqSlots:
     its mask hides (other sequences'). No KV events: the kv router does not see what is held here.
     """
 
-    def __init__(self, lib: LlamaCpp, n_seq: int, max_seq_len: int, prefix_caching: bool = False) -> None:
+    def __init__(
+        self, lib: LlamaCpp, n_seq: int, max_seq_len: int, prefix_caching: bool = False, max_held: int = 0
+    ) -> None:
         self._lib = lib
         self.max_slots = n_seq
         self.max_seq_len = max_seq_len
         self.prefix_caching = prefix_caching
+        # Held cells are not free to attend past: every query row of a step walks its mask over them (a
+        # 104-token chunk beside ~2,400 held cells took as long as 128 tokens without, served). So free slots
+        # hold at most ``max_held`` tokens together (0: any), the ones freed longest ago dropped first.
+        self.max_held = max_held
         self._free = list(range(n_seq - 1, -1, -1))  # the last one is given out first; freed ones appended
         self._held: dict[int, list[int]] = {}  # free slot -> the tokens whose KV its cells still hold
 
@@ -116,11 +122,19 @@ class SeqSlots:
         if not 0 <= slot < self.max_slots or slot in self._free:
             raise ValueError(f"slot {slot} is not allocated")
         if self.prefix_caching and tokens:
-            self._lib.drop(slot, keep=len(tokens))  # nothing past them (a step that failed midway)
-            self._held[slot] = list(tokens)
+            keep = tokens[: self.max_held] if self.max_held else tokens
+            self._lib.drop(slot, keep=len(keep))  # nothing past them (nor a step that failed midway)
+            self._held[slot] = list(keep)
         else:
             self._lib.drop(slot)
         self._free.append(slot)
+        if self.max_held:
+            held = sum(map(len, self._held.values()))
+            for victim in [s for s in self._free if s in self._held and s != slot]:  # oldest first
+                if held <= self.max_held:
+                    break
+                held -= len(self._held.pop(victim))
+                self._lib.drop(victim)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -227,7 +241,8 @@ class LlamaCppEngine(TorchEngine):
         threads = conf.threads or default_threads()
         # While the process's other engines have no work (``engines/reference/cores.py``), a step may take the
         # cores they were given: ``_timed_step``.
-        alone = conf.alone_threads if self._activity is not None and conf.alone_threads > threads else 0
+        borrows = self._activity is not None and conf.role is not Role.DECODE  # ``_timed_step`` says why
+        alone = conf.alone_threads if borrows and conf.alone_threads > threads else 0
         self._own_threads = StepThreads(threads, self.adaptive_threads)
         self._alone_threads = StepThreads(alone, self.adaptive_threads) if alone else None
         shape = ContextShape(
@@ -246,7 +261,7 @@ class LlamaCppEngine(TorchEngine):
                 f"llama.cpp reads {lib.n_layer} layers, {lib.n_head_kv} KV heads, {lib.n_vocab} tokens; the "
                 f"model's config says {cfg.num_layers}, {cfg.num_kv_heads}, {cfg.vocab_size}"
             )
-        slots = SeqSlots(lib, shape.n_seq, self.max_seq_len, prefix_caching)
+        slots = SeqSlots(lib, shape.n_seq, self.max_seq_len, prefix_caching, max_held=conf.max_num_tokens)
         self._runner = LlamaCppRunner(lib, slots, cfg, self._k_permuted, self._own_threads)
         self._scheduler = Scheduler(slots, conf.max_num_tokens)
         if conf.warmup:  # the first decode allocates llama.cpp's compute buffers
@@ -270,11 +285,12 @@ class LlamaCppEngine(TorchEngine):
 
     def _timed_step(self, plan: StepPlan) -> None:
         """The step on this engine's threads, or, while no other engine of the process has work, on the cores
-        they were given too (``alone_threads``; ``serve`` gives its two workers half the cores each). Unlike the
-        torch engine, decode steps borrow as well: a 1-row llama.cpp step on this box took 8-11 ms on 2 threads
-        against 13-15 on one (benchmarks/README.md, issue 29 session 8), and an engine that gets work during a
-        borrowed step shares the cores with it for that one step. ``StepThreads`` (one per case) keeps the
-        borrowed cores only while they measure faster."""
+        they were given too (``alone_threads``; ``serve`` gives its two workers half the cores each): a prefill
+        worker's 104-token chunk took 493 ms on 2 threads against 589 on one, served (benchmarks/README.md,
+        issue 29 session 8). ``StepThreads`` (one per case) keeps the borrowed cores only while they measure
+        faster. A decode worker never borrows: served at c=1 its 1-row steps took 18.9 ms on 2 threads against
+        11.4 on one (the event loop's wake-up per token takes a core from the step), though alone 2 threads
+        were faster (8-11 against 13-15 ms)."""
         runner, activity = self._runner, self._activity
         assert isinstance(runner, LlamaCppRunner) and self._own_threads is not None
         alone = self._alone_threads is not None and activity is not None and activity.alone()
