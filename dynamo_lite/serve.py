@@ -99,10 +99,9 @@ def settings_from(args: argparse.Namespace) -> ServeProcess:
     roles = [Role.PREFILL, Role.DECODE] if args.topology == "disagg" else [Role.AGGREGATED]
     cores = os.cpu_count() or 2
     threads = args.threads or max(1, cores // len(roles))
-    # With the cores split (no --threads), a worker's steps may take the other's cores while that one has no work
-    # (``engines/reference/cores.py``): a long prompt alone prefills on the whole machine. Which steps do is the
-    # engine's choice (the torch engine: prefill steps only; llamacpp: decode steps too).
-    alone_threads = cores if not args.threads and len(roles) > 1 else 0
+    # With the cores split (no --threads), the prefill worker's steps take the decode worker's cores while it has
+    # no work (``engines/reference/cores.py``): a long prompt alone prefills on the whole machine.
+    alone_threads = {Role.PREFILL: cores} if not args.threads and len(roles) > 1 else {}
     workers = [
         WorkerSettings(
             role=role,
@@ -116,7 +115,7 @@ def settings_from(args: argparse.Namespace) -> ServeProcess:
                 quantization=args.quantization,
                 device=args.device,
                 threads=threads,
-                alone_threads=alone_threads,
+                alone_threads=alone_threads.get(role, 0),
                 max_batch_size=args.max_batch_size,
                 max_seq_len=args.max_seq_len,
                 speedup_ratio=args.speedup_ratio,

@@ -139,8 +139,9 @@ def test_serve_without_flags_differs_from_the_settings_defaults_only_where_it_sa
             role=role,
             engine=serve.SERVE_ENGINE,
             stream_interval_s=serve.SERVE_STREAM_INTERVAL_S,
-            # Either worker's steps may take the other's cores while it has none (``engines/reference/cores.py``).
-            engine_settings=EngineSettings(role=role, threads=threads, alone_threads=os.cpu_count() or 2),
+            engine_settings=EngineSettings(
+                role=role, threads=threads, alone_threads=(os.cpu_count() or 2) if role == Role.PREFILL else 0
+            ),
             runtime=RuntimeSettings.embedded(timeouts=timeouts),
         )
         for role in (Role.PREFILL, Role.DECODE)

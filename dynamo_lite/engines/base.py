@@ -302,8 +302,7 @@ class EngineSettings:
     quantization: str = "auto"
     device: str = "cpu"
     threads: int = 0  # 0: leave the library default
-    # CPU: threads a step may take while no other engine of the process has work (0: threads); which steps is the
-    # engine's choice (torch: prefill steps; llamacpp: every step)
+    # torch engine on CPU: threads of a prefill step while no other engine of the process has work (0: threads)
     alone_threads: int = 0
     max_batch_size: int = 16
     max_num_tokens: int = 512  # prefill tokens per engine step (chunked prefill bound)

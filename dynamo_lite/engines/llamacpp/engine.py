@@ -64,9 +64,9 @@ class SeqSlots:
     A prompt's prefix is shared, not moved: ``llama_memory_seq_cp`` adds the new sequence's id to the held cells
     (no copy of the data; llama.cpp frees a cell when no sequence has it any more), so the slot that held it
     keeps its whole KV for the next prompt like it, e.g. the next turn of its chat. A reused prefix is whole
-    tokens, not blocks (llama.cpp's cells are per position). Kept cells cost nothing to compute with: the cache
-    is sized for every slot's ``max_seq_len`` whether used or not, and llama.cpp's CPU attention skips the cells
-    its mask hides (other sequences'). No KV events: the kv router does not see what is held here.
+    tokens, not blocks (llama.cpp's cells are per position). The cache is sized for every slot's
+    ``max_seq_len`` whether used or not, so kept cells take no room a sequence needs; but a step's attention
+    walks its mask over them, hence ``max_held``. No KV events: the kv router does not see what is held here.
     """
 
     def __init__(
@@ -239,10 +239,9 @@ class LlamaCppEngine(TorchEngine):
         prefix_caching = conf.enable_prefix_caching and conf.role is not Role.DECODE
         started = time.perf_counter()
         threads = conf.threads or default_threads()
-        # While the process's other engines have no work (``engines/reference/cores.py``), a step may take the
-        # cores they were given: ``_timed_step``.
-        borrows = self._activity is not None and conf.role is not Role.DECODE  # ``_timed_step`` says why
-        alone = conf.alone_threads if borrows and conf.alone_threads > threads else 0
+        # While the process's other engines have no work (``engines/reference/cores.py``), a prefill step may
+        # take the cores they were given: ``_timed_step``.
+        alone = conf.alone_threads if self._activity is not None and conf.alone_threads > threads else 0
         self._own_threads = StepThreads(threads, self.adaptive_threads)
         self._alone_threads = StepThreads(alone, self.adaptive_threads) if alone else None
         shape = ContextShape(
@@ -284,16 +283,18 @@ class LlamaCppEngine(TorchEngine):
         )
 
     def _timed_step(self, plan: StepPlan) -> None:
-        """The step on this engine's threads, or, while no other engine of the process has work, on the cores
-        they were given too (``alone_threads``; ``serve`` gives its two workers half the cores each): a prefill
-        worker's 104-token chunk took 493 ms on 2 threads against 589 on one, served (benchmarks/README.md,
-        issue 29 session 8). ``StepThreads`` (one per case) keeps the borrowed cores only while they measure
-        faster. A decode worker never borrows: served at c=1 its 1-row steps took 18.9 ms on 2 threads against
-        11.4 on one (the event loop's wake-up per token takes a core from the step), though alone 2 threads
-        were faster (8-11 against 13-15 ms)."""
+        """The step on this engine's threads, or, for a prefill step while no other engine of the process has
+        work, on the cores they were given too (``alone_threads``; ``serve`` gives them to its prefill worker),
+        as the torch engine's prefill steps do: served, a 104-token chunk took 493 ms on 2 threads against 589
+        on one (benchmarks/README.md, issue 29 session 8). ``StepThreads`` (one per case) keeps the borrowed
+        cores only while they measure faster. Decode steps never borrow: served at c=1 a decode worker's 1-row
+        steps took 18.9 ms on 2 threads against 11.4 on one (the event loop's work for each token takes a core
+        from the step), though alone 2 threads were faster (8-11 against 13-15 ms)."""
         runner, activity = self._runner, self._activity
         assert isinstance(runner, LlamaCppRunner) and self._own_threads is not None
-        alone = self._alone_threads is not None and activity is not None and activity.alone()
+        alone = (
+            self._alone_threads is not None and not plan.decode and activity is not None and activity.alone()
+        )
         runner.step_threads = self._alone_threads if alone else self._own_threads  # type: ignore[assignment]
         self._step(plan)
 

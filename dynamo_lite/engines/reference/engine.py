@@ -128,8 +128,7 @@ class TorchEngine:
         cpu_alone = self.device.type == "cpu" and not self.plan.ranked
         self._activity: ActivityLease | None = PROCESS_ENGINES.lease() if cpu_alone else None
         self._borrow: StepThreads | None = None
-        # Only prefill steps borrow (``cores``), and a decode worker's are rare (a failed KV pull's recompute).
-        if cpu_alone and 0 < config.threads < config.alone_threads and config.role is not Role.DECODE:
+        if cpu_alone and 0 < config.threads < config.alone_threads:
             self._borrow = StepThreads(config.alone_threads, favor_fewer=True)
         self._threads_now = config.threads
 

@@ -322,34 +322,37 @@ async def test_a_reused_prefix_is_not_computed_again_and_follows_llama_cpp(promp
 
 
 async def test_prefill_steps_take_the_process_s_idle_cores_and_decode_steps_never(prompts) -> None:
-    """``alone_threads`` (``serve`` gives it to both workers): a prefill worker's steps run on those threads
-    while no other engine of the process has work, on its own otherwise; a decode worker keeps its own."""
+    """``alone_threads`` (``serve`` gives it to its prefill worker): a step without decode rows runs on those
+    threads while no other engine of the process has work, on the engine's own otherwise; a decode step always
+    on its own."""
     from dynamo_lite.engines.llamacpp import build_engine
     from dynamo_lite.engines.reference.cores import PROCESS_ENGINES
 
-    def shape(mode: str) -> EngineSettings:
-        return EngineSettings(role=mode, threads=1, alone_threads=2, max_batch_size=2, max_seq_len=512)
+    engine = build_engine(
+        EngineSettings(role="agg", threads=1, alone_threads=2, max_batch_size=2, max_seq_len=512)
+    )
+    await engine.start()
+    runner = engine._runner  # type: ignore[attr-defined]
+    own, alone = engine._own_threads, engine._alone_threads  # type: ignore[attr-defined]
+    chosen: list[tuple[bool, object]] = []  # (decode rows?, the step's threads) per step
+    step = engine._step  # type: ignore[attr-defined]
 
-    prefill, decode = build_engine(shape("prefill")), build_engine(shape("decode"))
-    await prefill.start()
-    await decode.start()
+    def noted(plan) -> None:  # noqa: ANN001
+        chosen.append((bool(plan.decode), runner.step_threads))
+        step(plan)
+
+    engine._step = noted  # type: ignore[attr-defined]
     try:
-        assert decode._alone_threads is None and prefill._alone_threads is not None  # type: ignore[attr-defined]
-        runner = prefill._runner  # type: ignore[attr-defined]
-        assert runner.lib.shape.threads == 2
-        req = request(prompts["france"], "alone", max_tokens=2)
-        req.phase = Phase.PREFILL
-        await collect(prefill, req)
-        assert runner.step_threads is prefill._alone_threads  # type: ignore[attr-defined]
+        assert runner.lib.shape.threads == 2 and alone is not None and alone is not own
+        await collect(engine, request(prompts["france"], "alone", max_tokens=3))
+        assert [t for d, t in chosen if not d] == [alone] and {t for d, t in chosen if d} == {own}
+        chosen.clear()
         other = PROCESS_ENGINES.lease()
         other.working()  # another engine of the process has work now
         try:
-            req = request(prompts["haiku"], "shared", max_tokens=2)
-            req.phase = Phase.PREFILL
-            await collect(prefill, req)
-            assert runner.step_threads is prefill._own_threads  # type: ignore[attr-defined]
+            await collect(engine, request(prompts["haiku"], "busy", max_tokens=3))
         finally:
             other.idle()
+        assert {t for _, t in chosen} == {own}
     finally:
-        await prefill.stop()
-        await decode.stop()
+        await engine.stop()
