@@ -3,13 +3,16 @@
     python -m benchmarks.served_steps                        # c=8, 48 requests (~128 prompt / 64 output tokens)
     python -m benchmarks.served_steps --concurrency 1 --requests 16 -- --dtype bfloat16 --quantization none
     python -m benchmarks.served_steps --sampling             # sample_batch alone: 8 rows, temperature 1.0
+    python -m benchmarks.served_steps -- --engine llamacpp   # llama.cpp's steps, each llama_decode timed too
 
 The server is ``python -m dynamo_lite serve`` (arguments after ``--``; default ``--dtype bfloat16 --quantization
-none``) with ``TorchEngine._timed_step`` wrapped: each step's wall time and its engine thread's CPU time
-(``time.thread_time``), decode rows, prefill tokens and torch threads. A step whose CPU time is close to its wall
-time was not waiting (for the GIL, for a core); one whose CPU time is above the same step run alone costs more
-work. Printed per engine and step kind: steps, mean wall and CPU ms; then each engine's busy share, the server's
-and the load client's CPU seconds, and the phase's output tok/s (issue 29, ``benchmarks/README.md``).
+none``) with the engine's ``_timed_step`` wrapped: each step's wall time and its engine thread's CPU time
+(``time.thread_time``), decode rows, prefill tokens and threads (torch's, or llama.cpp's that step), and with
+``--engine llamacpp`` the runner's forward (one ``llama_decode``) alone. A step whose CPU time is close to its
+wall time was not waiting (for the GIL, for a core); one whose CPU time is above the same step run alone costs
+more work. Printed per engine and step kind: steps, mean wall, CPU and forward ms; the decode engine's median gap
+between steps; then each engine's busy share, the server's and the load client's CPU seconds, and the phase's
+output tok/s and ITL p50 (issue 29, ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ Step = tuple[str, float, float, float, int, int, int, float]
 
 
 def child(log_path: str, serve_args: list[str]) -> int:
-    """Run ``serve`` with every torch engine step logged; the log is written on SIGUSR1 and at exit."""
+    """Run ``serve`` with every engine step logged; the log is written on SIGUSR1 and at exit."""
     from dynamo_lite.openmp import configure_openmp
 
     engine_name = serve_args[serve_args.index("--engine") + 1] if "--engine" in serve_args else "torch"
