@@ -3,18 +3,22 @@
     python -m benchmarks.served_steps                        # c=8, 48 requests (~128 prompt / 64 output tokens)
     python -m benchmarks.served_steps --concurrency 1 --requests 16 -- --dtype bfloat16 --quantization none
     python -m benchmarks.served_steps --sampling             # sample_batch alone: 8 rows, temperature 1.0
+    python -m benchmarks.served_steps -- --engine llamacpp   # llama.cpp's steps, each llama_decode timed too
 
 The server is ``python -m dynamo_lite serve`` (arguments after ``--``; default ``--dtype bfloat16 --quantization
-none``) with ``TorchEngine._timed_step`` wrapped: each step's wall time and its engine thread's CPU time
-(``time.thread_time``), decode rows, prefill tokens and torch threads. A step whose CPU time is close to its wall
-time was not waiting (for the GIL, for a core); one whose CPU time is above the same step run alone costs more
-work. Printed per engine and step kind: steps, mean wall and CPU ms; then each engine's busy share, the server's
-and the load client's CPU seconds, and the phase's output tok/s (issue 29, ``benchmarks/README.md``).
+none``) with the engine's ``_timed_step`` wrapped: each step's wall time and its engine thread's CPU time
+(``time.thread_time``), decode rows, prefill tokens and threads (torch's, or llama.cpp's that step), and with
+``--engine llamacpp`` the runner's forward (one ``llama_decode``) alone. A step whose CPU time is close to its
+wall time was not waiting (for the GIL, for a core); one whose CPU time is above the same step run alone costs
+more work. Printed per engine and step kind: steps, mean wall, CPU and forward ms; the decode engine's median gap
+between steps; then each engine's busy share, the server's and the load client's CPU seconds, and the phase's
+output tok/s and ITL p50 (issue 29, ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -23,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -31,25 +36,44 @@ from pathlib import Path
 
 MODEL = "SmolLM2-135M-Instruct"
 DEFAULT_SERVE_ARGS = ("--dtype", "bfloat16", "--quantization", "none")
-Step = tuple[
-    str, float, float, float, int, int, int
-]  # role, start, wall s, CPU s, decode rows, prefill, threads
+# role, start, wall s, CPU s, decode rows, prefill, threads, forward s (the runner's: e.g. one llama_decode)
+Step = tuple[str, float, float, float, int, int, int, float]
 
 
 def child(log_path: str, serve_args: list[str]) -> int:
-    """Run ``serve`` with every torch engine step logged; the log is written on SIGUSR1 and at exit."""
+    """Run ``serve`` with every engine step logged; the log is written on SIGUSR1 and at exit."""
     from dynamo_lite.openmp import configure_openmp
 
-    configure_openmp("torch")  # as ``serve`` would, before torch loads
+    engine_name = serve_args[serve_args.index("--engine") + 1] if "--engine" in serve_args else "torch"
+    configure_openmp(engine_name)  # as ``serve`` would, before torch loads
     from dynamo_lite.engines.reference import engine
 
     steps: list[Step] = []
-    timed_step = engine.TorchEngine._timed_step
+    forward_s: dict[int, float] = {}  # engine thread -> its last step's runner.forward seconds
+    engine_class: type[engine.TorchEngine] = engine.TorchEngine
+    if engine_name == "llamacpp":
+        from dynamo_lite.engines.llamacpp.engine import LlamaCppEngine, LlamaCppRunner
+
+        engine_class = LlamaCppEngine  # its own ``_timed_step`` (threads per step)
+        forward = LlamaCppRunner.forward
+
+        def timed_forward(self: LlamaCppRunner, *args: object) -> object:
+            started = time.perf_counter()
+            try:
+                return forward(self, *args)  # type: ignore[arg-type]
+            finally:
+                forward_s[threading.get_ident()] = time.perf_counter() - started
+
+        LlamaCppRunner.forward = timed_forward  # type: ignore[method-assign,assignment]
+    timed_step = engine_class._timed_step
 
     def logged(self: engine.TorchEngine, plan: engine.StepPlan) -> None:
         wall, cpu = time.perf_counter(), time.thread_time()
+        forward_s.pop(threading.get_ident(), None)
         timed_step(self, plan)
         prefill = sum(n for _, _, n in plan.prefill)
+        lib = getattr(self, "_lib", None)  # llama.cpp's threads this step, else torch's
+        threads = lib._n_threads if lib is not None else self._threads_now
         steps.append(
             (
                 self.config.role.value,
@@ -58,11 +82,12 @@ def child(log_path: str, serve_args: list[str]) -> int:
                 time.thread_time() - cpu,
                 len(plan.decode),
                 prefill,
-                self._threads_now,
+                threads,
+                forward_s.get(threading.get_ident(), 0.0),
             )
         )
 
-    engine.TorchEngine._timed_step = logged  # type: ignore[method-assign]
+    engine_class._timed_step = logged  # type: ignore[method-assign]
 
     def dump(*_: object) -> None:
         Path(log_path).write_text(json.dumps(steps))
@@ -86,12 +111,19 @@ def report(steps: list[Step]) -> None:
     for s in steps:
         kind = f"prefill {s[5]:>4} tok" if s[5] else f"decode {s[4]} rows"
         groups[(s[0], kind, s[6])].append(s)
-    print("| engine | step | threads | steps | wall ms (mean) | thread CPU ms (mean) |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | step | threads | steps | wall ms (mean) | thread CPU ms (mean) | forward ms (mean) |")
+    print("|---|---|---|---|---|---|---|")
     for (role, kind, threads), group in sorted(groups.items()):
         wall = 1000 * statistics.fmean(s[2] for s in group)
         cpu = 1000 * statistics.fmean(s[3] for s in group)
-        print(f"| {role} | {kind} | {threads} | {len(group)} | {wall:.1f} | {cpu:.1f} |")
+        fwd = 1000 * statistics.fmean(s[7] for s in group)
+        print(f"| {role} | {kind} | {threads} | {len(group)} | {wall:.1f} | {cpu:.1f} | {fwd:.1f} |")
+    # Between one decode step's end and the next one's start: the engine thread's loop (inbox, admission,
+    # planning), not the step; a gap that long on every token is serving overhead outside the step.
+    decode = sorted((s for s in steps if s[0] == "decode" and not s[5]), key=lambda s: s[1])
+    gaps = [b[1] - (a[1] + a[2]) for a, b in itertools.pairwise(decode) if b[1] - (a[1] + a[2]) < 0.05]
+    if gaps:
+        print(f"decode engine, between consecutive steps: median {1000 * statistics.median(gaps):.2f} ms")
     if steps:
         span = max(s[1] + s[2] for s in steps) - min(s[1] for s in steps)
         for role in sorted({s[0] for s in steps}):
@@ -193,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.sleep(1.0)
         report(json.loads(Path(log_path).read_text()))
         print(
-            f"c={args.concurrency}: {summary.output_token_throughput:.1f} output tok/s; {wall:.1f} s, server CPU "
+            f"c={args.concurrency}: {summary.output_token_throughput:.1f} output tok/s, ITL p50 "
+            f"{summary.metrics['inter_token_latency_ms'].p50:.2f} ms; {wall:.1f} s, server CPU "
             f"{server_cpu:.1f} s, load client CPU {client_cpu:.1f} s; load average {os.getloadavg()[0]:.2f}"
         )
     finally:

@@ -80,7 +80,7 @@ class LlamaCppError(RuntimeError):
 class ContextShape:
     """What a context is created with."""
 
-    threads: int  # the most a step uses
+    threads: int  # the most a step uses (the context's threads)
     n_seq: int  # sequences (the engine's batch slots)
     n_ctx: int  # KV cells over all sequences (one unified cache)
     n_batch: int  # rows one ``decode`` may take
@@ -112,7 +112,7 @@ class LlamaCpp:
             cparams.n_ubatch = min(shape.n_batch, 512)
             cparams.n_seq_max = shape.n_seq
             cparams.n_threads = shape.threads
-            cparams.n_threads_batch = shape.threads
+            cparams.n_threads_batch = shape.threads  # per step: ``decode``'s ``threads``
             cparams.flash_attn_type = (
                 L.LLAMA_FLASH_ATTN_TYPE_ENABLED if shape.flash_attn else L.LLAMA_FLASH_ATTN_TYPE_DISABLED
             )
@@ -142,7 +142,7 @@ class LlamaCpp:
         self._batch.n_seq_id = self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
         self._batch.seq_id = self._seq_ptrs
         self._batch.logits = self._logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
-        self._threads = StepThreads(shape.threads, shape.adaptive_threads)
+        self._threads = StepThreads(shape.threads, shape.adaptive_threads)  # unless ``decode`` is given one
         self._n_threads = shape.threads
 
     @property
@@ -150,11 +150,17 @@ class LlamaCpp:
         return self.L.llama_print_system_info().decode(errors="replace").strip()
 
     def decode(
-        self, tokens: np.ndarray, positions: np.ndarray, seqs: np.ndarray, want: np.ndarray
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        seqs: np.ndarray,
+        want: np.ndarray,
+        threads: StepThreads | None = None,
     ) -> np.ndarray:
         """One ``llama_decode`` over rows ``(tokens[i], positions[i], seqs[i])``; returns the logits of the rows
         where ``want`` is set, in row order, as a ``(rows, n_vocab)`` float32 view of llama.cpp's buffer (valid
-        until the next call)."""
+        until the next call). ``threads`` picks the step's threads (at most the context's) and is told how long
+        it took; None: every thread of the context, or one less, as measured."""
         n = len(tokens)
         if not 0 < n <= self.shape.n_batch:
             raise LlamaCppError(f"a batch of {n} rows (1..{self.shape.n_batch})")
@@ -163,26 +169,31 @@ class LlamaCpp:
         self._seq[:n] = seqs
         self._logits[:n] = want
         self._batch.n_tokens = n
-        threads = self._threads.choose(n)
-        if threads != self._n_threads:
-            self.L.llama_set_n_threads(self.ctx, threads, threads)
-            self._n_threads = threads
+        chooser = threads or self._threads
+        chosen = min(chooser.choose(n), self.shape.threads)
+        if chosen != self._n_threads:
+            self.L.llama_set_n_threads(self.ctx, chosen, chosen)
+            self._n_threads = chosen
         started = time.perf_counter()
         rc = self.L.llama_decode(self.ctx, self._batch)
         if rc != 0:
             raise LlamaCppError(
                 f"llama_decode returned {rc}" + (" (no room in the KV cache)" if rc == 1 else "")
             )
-        self._threads.record(n, threads, time.perf_counter() - started)
+        chooser.record(n, chosen, time.perf_counter() - started)
         rows = int(np.count_nonzero(want))
         if not rows:
             return np.empty((0, self.n_vocab), np.float32)
         ptr = self.L.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, (rows, self.n_vocab))
 
-    def drop(self, seq: int) -> None:
-        """Forget sequence ``seq``'s KV (its cells are free again)."""
-        self.L.llama_memory_seq_rm(self.memory, seq, -1, -1)
+    def drop(self, seq: int, keep: int = 0) -> None:
+        """Forget sequence ``seq``'s KV from position ``keep`` on (cells no other sequence has are free again)."""
+        self.L.llama_memory_seq_rm(self.memory, seq, keep if keep > 0 else -1, -1)
+
+    def share(self, src: int, dst: int, n: int) -> None:
+        """Sequence ``dst`` (empty) gets ``src``'s KV of positions ``0..n-1``: the same cells, no data copied."""
+        self.L.llama_memory_seq_cp(self.memory, src, dst, 0, n)
 
     def state_of(self, seq: int) -> bytes:
         """Sequence ``seq``'s KV state, in llama.cpp's format (``kv_state`` reads it)."""

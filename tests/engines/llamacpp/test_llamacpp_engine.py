@@ -68,7 +68,9 @@ async def started(*modes: str, **extra: object) -> AsyncIterator[dict[str, Engin
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engines():
-    async with started("agg", "prefill", "decode") as built:
+    # Prefix caching off: these tests compare with llama.cpp's own run of each prompt, which a reused prefix
+    # (computed in another batch shape) follows only up to rounding (``test_a_reused_prefix_...`` below).
+    async with started("agg", "prefill", "decode", enable_prefix_caching=False) as built:
         yield built
 
 
@@ -292,3 +294,65 @@ async def test_closing_the_consumer_frees_the_sequence(engines, prompts, referen
     # Its KV cells are free and its sequence id reused cleanly: the next request is unaffected.
     chunks = await collect(agg, request(prompts["france"], "after", max_tokens=QUESTIONS["france"][1]))
     assert tokens(chunks) == reference["france"][0]
+
+
+async def test_a_reused_prefix_is_not_computed_again_and_follows_llama_cpp(prompts, reference) -> None:
+    """Prefix caching (the default): a prompt that starts like an earlier one (SmolLM2's system prompt, or the
+    same prompt again) computes only the rest, aggregated and on a prefill worker; the output follows llama.cpp's
+    run of the whole prompt up to rounding. A decode worker keeps no prefixes (its KV comes with the request)."""
+    async with started("agg", "prefill", "decode") as built:
+        agg = built["agg"]
+        shared = len(os.path.commonprefix([prompts["france"], prompts["haiku"]]))
+        assert shared > 10  # the system prompt and the user turn's opening
+        for name, cached in (("france", 0), ("haiku", shared), ("france", len(prompts["france"]) - 1)):
+            ids = prompts[name]
+            chunks = await collect(agg, request(ids, name, max_tokens=QUESTIONS[name][1], logprobs=1))
+            assert chunks[-1].cached_tokens == cached, name
+            assert_follows(chunks, *reference[name], name)
+        first, rest = await disaggregated(built, prompts["haiku"], QUESTIONS["haiku"][1], "h1")
+        first, rest = await disaggregated(built, prompts["france"], QUESTIONS["france"][1], "f1")
+        assert first.kv is not None and first.kv.num_tokens == len(prompts["france"])  # the whole prompt's KV
+        assert rest[-1].cached_tokens == len(prompts["france"])
+        expected, rows = reference["france"]
+        out = first.token_ids + tokens(rest)
+        parted = next((i for i, (a, b) in enumerate(zip(out, expected, strict=False)) if a != b), None)
+        assert parted is None or abs(float(rows[parted][out[parted]] - rows[parted][expected[parted]])) < 0.3
+        assert built["decode"]._runner.slots.prefix_caching is False  # type: ignore[attr-defined]
+        assert built["prefill"]._runner.slots.prefix_caching is True  # type: ignore[attr-defined]
+
+
+async def test_prefill_steps_take_the_process_s_idle_cores_and_decode_steps_never(prompts) -> None:
+    """``alone_threads`` (``serve`` gives it to its prefill worker): a step without decode rows runs on those
+    threads while no other engine of the process has work, on the engine's own otherwise; a decode step always
+    on its own."""
+    from dynamo_lite.engines.llamacpp import build_engine
+    from dynamo_lite.engines.reference.cores import PROCESS_ENGINES
+
+    engine = build_engine(
+        EngineSettings(role="agg", threads=1, alone_threads=2, max_batch_size=2, max_seq_len=512)
+    )
+    await engine.start()
+    runner = engine._runner  # type: ignore[attr-defined]
+    own, alone = engine._own_threads, engine._alone_threads  # type: ignore[attr-defined]
+    chosen: list[tuple[bool, object]] = []  # (decode rows?, the step's threads) per step
+    step = engine._step  # type: ignore[attr-defined]
+
+    def noted(plan) -> None:  # noqa: ANN001
+        chosen.append((bool(plan.decode), runner.step_threads))
+        step(plan)
+
+    engine._step = noted  # type: ignore[attr-defined]
+    try:
+        assert runner.lib.shape.threads == 2 and alone is not None and alone is not own
+        await collect(engine, request(prompts["france"], "alone", max_tokens=3))
+        assert [t for d, t in chosen if not d] == [alone] and {t for d, t in chosen if d} == {own}
+        chosen.clear()
+        other = PROCESS_ENGINES.lease()
+        other.working()  # another engine of the process has work now
+        try:
+            await collect(engine, request(prompts["haiku"], "busy", max_tokens=3))
+        finally:
+            other.idle()
+        assert {t for _, t in chosen} == {own}
+    finally:
+        await engine.stop()
