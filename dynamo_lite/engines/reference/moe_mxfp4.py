@@ -5,7 +5,8 @@ K / 2]`` uint8 (two e2m1 values a byte, low nibble first: input ``2j`` then ``2j
 K / 32]`` uint8 (a power-of-two exponent per 32 inputs, biased by 127), ``N`` output rows like
 ``nn.Linear.weight``. 4.25 bits a weight: gpt-oss-120b's experts are 60.9 GB instead of 229 GB in bf16. On CUDA
 the packed values are stored as ``mxfp4_words`` instead (the same bits permuted within 32-bit words at load, so
-the kernels unpack them in ~1.6 instructions a weight; ``for_kernels``).
+the kernels unpack them in ~1.6 instructions a weight, and the inputs ordered as Hopper's MMA takes them from
+registers; ``for_kernels``).
 
 ``experts_mxfp4`` is an ``moe.ExpertsFn``: the (token, expert) pairs are sorted by expert and each expert's rows
 padded to the kernel's row block (``align_pairs``: torch ops with shapes fixed by the token count, no host sync,
