@@ -540,12 +540,7 @@ if HAVE_TRITON:
         U: tl.constexpr = BLOCK_K // 128
         # Word 16u + 4t + c of a step holds inputs of group 4u + c (and of no other).
         e = tl.broadcast_to(tl.reshape(sc.to(tl.int32), [BLOCK_N, U, 1, 4]), [BLOCK_N, U, 4, 4])
-        return _unpack_exponents(words, tl.reshape(e, [BLOCK_N, BLOCK_K // 8]), BLOCK_N, BLOCK_K, ASM)
-
-    @triton.jit
-    def _unpack_exponents(words, e, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ASM: tl.constexpr):
-        """``_unpack_words`` with each word's scale exponent ``e`` [BLOCK_N, BLOCK_K / 8] given."""
-        f = (e + 126) << 7
+        f = (tl.reshape(e, [BLOCK_N, BLOCK_K // 8]) + 126) << 7
         return _unpack_factors(words, f | (f << 16), BLOCK_N, BLOCK_K, ASM)
 
     @triton.jit
